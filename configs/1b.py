@@ -1,0 +1,18 @@
+"""A 1.08B-parameter Qwen2 with sliding-window attention (window 4096) on layers 8-15.
+
+1,083,033,600 parameters. Trained in bf16 with fp32 master weights at seq_len 8192.
+"""
+
+from qwenjax.config import base_config, model_section
+
+
+def get_config():
+  config = base_config()
+  config.model = model_section(
+      vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=16,
+      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=32768,
+      rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+      use_sliding_window=True, sliding_window=4096, max_window_layers=8,
+      dtype='bfloat16', param_dtype='float32', scan_layers=True,
+      remat_policy='dots_with_no_batch_dims_saveable')
+  return config

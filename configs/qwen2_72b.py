@@ -1,0 +1,14 @@
+"""Qwen2-72B (Qwen/Qwen2-72B): 72,706,203,648 parameters."""
+
+from qwenjax.config import base_config, model_section
+
+
+def get_config():
+  config = base_config()
+  config.model = model_section(
+      vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+      num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072,
+      rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+      use_sliding_window=False, sliding_window=131072, max_window_layers=80,
+      dtype='bfloat16', scan_layers=True, remat_policy='dots_with_no_batch_dims_saveable')
+  return config

@@ -1,0 +1,302 @@
+"""The Qwen2 decoder in Flax Linen, computing exactly what `transformers.Qwen2ForCausalLM` computes.
+
+Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`,
+and `layers` when scanned); activations carry `activation_*` names. `qwenjax.sharding` maps both to mesh
+axes in one place, so nothing here knows about devices.
+
+Parameter tree (unscanned; with `scan_layers=True` the `layers_{i}` subtrees become one `layers` subtree whose
+leaves have a leading layer axis, see `stack_layers` / `unstack_layers`):
+
+    embed_tokens                          [vocab, embed]
+    layers_{i}/input_layernorm/scale      [embed]
+    layers_{i}/self_attn/{q,k,v}_proj/kernel, bias   [embed, (kv_)heads, head_dim], [(kv_)heads, head_dim]
+    layers_{i}/self_attn/o_proj/kernel    [heads, head_dim, embed]
+    layers_{i}/post_attention_layernorm/scale
+    layers_{i}/mlp/{gate,up}_proj/kernel  [embed, mlp];  mlp/down_proj/kernel [mlp, embed]
+    norm/scale                            [embed]
+    lm_head                               [embed, vocab]   (only when tie_word_embeddings is False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwenjax import attention
+
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'nothing_saveable', 'everything_saveable')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model shape and numerics. Field names follow Hugging Face's `Qwen2Config`; the last block is ours."""
+  vocab_size: int = 151936
+  hidden_size: int = 896
+  intermediate_size: int = 4864
+  num_hidden_layers: int = 24
+  num_attention_heads: int = 14
+  num_key_value_heads: int = 2
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads
+  max_position_embeddings: int = 32768
+  rope_theta: float = 1_000_000.0
+  rms_norm_eps: float = 1e-6
+  initializer_range: float = 0.02
+  tie_word_embeddings: bool = False
+  use_sliding_window: bool = False
+  sliding_window: int | None = 4096
+  max_window_layers: int = 28
+  # Ours.
+  dtype: str = 'float32'  # activations / compute
+  param_dtype: str = 'float32'  # stored parameters
+  remat_policy: str = 'none'  # one of REMAT_POLICIES
+  scan_layers: bool = False  # nn.scan over layers: one compiled layer, params stacked on a `layers` axis
+  attention_impl: str = 'xla'  # see qwenjax.attention.IMPLEMENTATIONS
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      object.__setattr__(self, 'head_dim', self.hidden_size // self.num_attention_heads)
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f'num_attention_heads ({self.num_attention_heads}) must be a multiple of '
+                       f'num_key_value_heads ({self.num_key_value_heads})')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}')
+    if self.attention_impl not in attention.IMPLEMENTATIONS:
+      raise ValueError(f'unknown attention_impl {self.attention_impl!r}; '
+                       f'choose one of {attention.IMPLEMENTATIONS}')
+    for name in ('dtype', 'param_dtype'):
+      jnp.dtype(getattr(self, name))  # raises TypeError on a bad name
+    if self.use_sliding_window and not self.sliding_window:
+      raise ValueError('use_sliding_window=True needs a positive sliding_window')
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':
+    """Builds a config from a dict or ConfigDict, naming any key that is not a field."""
+    values = dict(values)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f'unknown model config key(s) {unknown}; valid keys: {sorted(fields)}')
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def is_sliding(self, layer: int) -> bool:
+    """Hugging Face's rule: layer i uses the window iff use_sliding_window and i >= max_window_layers."""
+    return bool(self.use_sliding_window and layer >= self.max_window_layers)
+
+  @property
+  def has_mixed_layers(self) -> bool:
+    kinds = {self.is_sliding(i) for i in range(self.num_hidden_layers)}
+    return len(kinds) > 1
+
+
+def _init(config: ModelConfig, *names: str):
+  return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+
+
+def _constrain(x, *names: str):
+  return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm, computed in float32 like Hugging Face's Qwen2RMSNorm."""
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def apply_rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the `rotate_half` layout. x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention: Q/K/V with bias, O without, rotary positions."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, sliding):
+    cfg = self.config
+    dense = functools.partial(nn.DenseGeneral, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+    def qkv(name, heads, heads_axis):
+      return dense(
+          features=(heads, cfg.head_dim), use_bias=True, name=name,
+          kernel_init=_init(cfg, 'embed', heads_axis, 'head_dim'),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, 'head_dim')))(x)
+
+    q = qkv('q_proj', cfg.num_attention_heads, 'heads')
+    k = qkv('k_proj', cfg.num_key_value_heads, 'kv_heads')
+    v = qkv('v_proj', cfg.num_key_value_heads, 'kv_heads')
+    q = apply_rotary_embedding(q, positions, cfg.rope_theta)
+    k = apply_rotary_embedding(k, positions, cfg.rope_theta)
+    q = _constrain(q, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
+    k = _constrain(k, 'activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
+    v = _constrain(v, 'activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
+
+    def attend(window):
+      return attention.dot_product_attention(
+          q, k, v, sliding_window=window, segment_ids=segment_ids, impl=cfg.attention_impl)
+
+    if isinstance(sliding, bool):  # unrolled layers know their kind at trace time
+      out = attend(cfg.sliding_window if sliding else None)
+    else:  # scanned layers of mixed kinds: pick the kernel at run time
+      out = jax.lax.cond(sliding, lambda: attend(cfg.sliding_window), lambda: attend(None))
+    out = _constrain(out, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
+    return dense(features=cfg.hidden_size, axis=(-2, -1), use_bias=False, name='o_proj',
+                 kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  config: ModelConfig
+  intermediate_size: int | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    size = self.intermediate_size or cfg.intermediate_size
+    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    gate = dense(size, name='gate_proj', kernel_init=_init(cfg, 'embed', 'mlp'))(x)
+    up = dense(size, name='up_proj', kernel_init=_init(cfg, 'embed', 'mlp'))(x)
+    hidden = _constrain(nn.silu(gate) * up, 'activation_batch', 'activation_length', 'activation_mlp')
+    return dense(cfg.hidden_size, name='down_proj', kernel_init=_init(cfg, 'mlp', 'embed'))(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  `sliding` is this layer's kind when known at trace time; scanned layers pass it per layer as
+  `sliding_flag` (a traced bool) instead.
+  """
+  config: ModelConfig
+  sliding: bool | None = None
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, sliding_flag=None):
+    cfg = self.config
+    norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    sliding = self.sliding if self.sliding is not None else sliding_flag
+    h = Attention(cfg, name='self_attn')(norm(name='input_layernorm')(x), positions, segment_ids, sliding)
+    x = x + h
+    x = x + MLP(cfg, name='mlp')(norm(name='post_attention_layernorm')(x))
+    return _constrain(x, 'activation_batch', 'activation_length', 'activation_embed')
+
+
+class ScannedDecoderLayer(DecoderLayer):
+  """DecoderLayer in nn.scan's carry form."""
+
+  def __call__(self, x, positions, segment_ids, sliding_flag):
+    return super().__call__(x, positions, segment_ids, sliding_flag), None
+
+
+def _remat(cls, config: ModelConfig):
+  if config.remat_policy == 'none':
+    return cls
+  policy = None if config.remat_policy == 'full' else getattr(jax.checkpoint_policies, config.remat_policy)
+  return nn.remat(cls, policy=policy, prevent_cse=not config.scan_layers)
+
+
+class Qwen2(nn.Module):
+  """Qwen2 causal language model. `apply` returns float32 logits `[batch, seq, vocab]`."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    batch, seq_len = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+
+    embedding = self.param('embed_tokens', _init(cfg, 'vocab', 'embed'),
+                           (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
+    x = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
+    x = _constrain(x, 'activation_batch', 'activation_length', 'activation_embed')
+
+    if cfg.scan_layers:
+      sliding = cfg.is_sliding(0) if not cfg.has_mixed_layers else None
+      flags = jnp.array([cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)])
+      stack = nn.scan(
+          _remat(ScannedDecoderLayer, cfg),
+          variable_axes={'params': 0}, split_rngs={'params': True},
+          in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(cfg, sliding, name='layers')(x, positions, segment_ids, flags)
+    else:
+      layer_cls = _remat(DecoderLayer, cfg)
+      for i in range(cfg.num_hidden_layers):
+        x = layer_cls(cfg, cfg.is_sliding(i), name=f'layers_{i}')(x, positions, segment_ids)
+
+    x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(x)
+    if cfg.tie_word_embeddings:
+      head = embedding.T
+    else:
+      head = self.param('lm_head', _init(cfg, 'embed', 'vocab'), (cfg.hidden_size, cfg.vocab_size),
+                        cfg.param_dtype)
+    logits = jnp.einsum('bse,ev->bsv', x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    return _constrain(logits, 'activation_batch', 'activation_length', 'activation_vocab')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter utilities.
+
+def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
+  """Random parameters (boxed with logical axis names stripped)."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return nn.unbox(Qwen2(config).init(rng, ids)['params'])
+
+
+def abstract_params(config: ModelConfig):
+  """Parameter shapes and dtypes as `jax.ShapeDtypeStruct`s, with nothing allocated.
+
+  Leaves stay boxed in `nn.LogicallyPartitioned` so their logical axis names can be read.
+  """
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return jax.eval_shape(lambda: Qwen2(config).init(jax.random.key(0), ids))['params']
+
+
+def count_params(config: ModelConfig) -> int:
+  """Total number of parameters, computed from shapes alone."""
+  leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
+  return sum(int(x.size) for x in leaves)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Unscanned tree (`layers_0` .. `layers_{n-1}`) -> scanned tree (`layers` with a leading layer axis)."""
+  params = dict(params)
+  layers = [params.pop(f'layers_{i}') for i in range(num_layers)]
+  params['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return params
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scanned tree -> unscanned tree; the inverse of `stack_layers`."""
+  params = dict(params)
+  stacked = params.pop('layers')
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    params[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='qwenjax',
+    version='0.1.0',
+    description='Qwen2 and Qwen2-MoE language models in JAX/Flax: Hugging Face-exact, sharded, resumable training.',
+    packages=find_packages(include=['qwenjax', 'qwenjax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.10',
+        'flax>=0.12',
+        'optax',
+        'orbax-checkpoint',
+        'grain',
+        'sentencepiece',
+        'ml-collections',
+        'absl-py',
+        'safetensors',
+        'numpy',
+        'ml-dtypes',
+        'tensorboardX',
+    ],
+    extras_require={
+        # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+        'test': ['pytest', 'transformers>=4.45', 'torch==2.13.0'],
+        'cuda': ['jax[cuda13]'],
+        'tpu': ['jax[tpu]'],
+    },
+)
