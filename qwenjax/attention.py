@@ -4,6 +4,13 @@ One entry point, `dot_product_attention`, picks an implementation:
 
 * `'xla'`: the reference, plain einsums and an explicit mask. Runs everywhere.
 * `'cudnn'`: `jax.nn.dot_product_attention(implementation='cudnn')`, fused on NVIDIA GPUs.
+* `'pallas_tpu'`: JAX's splash attention kernel (`qwenjax.kernels.splash_tpu`).
+* `'pallas_gpu'`: our Mosaic GPU flash attention (`qwenjax.kernels.flash_gpu`).
+* `'pallas'`: the Pallas kernel of the current backend; `'auto'`: Pallas on TPU and GPU, XLA elsewhere.
+
+`interpret=True` runs a Pallas kernel in its interpreter, so both run on a CPU (slowly; for tests).
+Pallas calls cannot be partitioned by XLA, so under a multi-device mesh (`jax.set_mesh`) they run inside a
+`jax.shard_map` over the mesh axes that the active Flax logical axis rules give to batch and heads.
 
 Masking follows Hugging Face: a query at position q sees keys k with
 `q - sliding_window < k <= q` (no window: `k <= q`), and only keys of its own document
@@ -12,10 +19,18 @@ when `segment_ids` are given.
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ('xla', 'cudnn')
+IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'pallas_tpu', 'pallas_gpu', 'auto')
+# Logical axis names the model gives attention's inputs (see qwenjax.model.Attention).
+Q_AXES = ('activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
+KV_AXES = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
 
 
 def attention_mask(
@@ -60,12 +75,127 @@ def cudnn_attention(q, k, v, *, sliding_window=None, segment_ids=None):
   if segment_ids is not None:
     raise ValueError(
         "attention impl 'cudnn' cannot mask packed documents (segment_ids): jax has no public "
-        "cuDNN path for them. Use attention_impl='xla' (or 'pallas' once available), or feed "
+        "cuDNN path for them. Use attention_impl='xla' or 'pallas', or feed "
         'unpacked rows without segment_ids.')
   # A window without is_causal=True silently attends to the future (see docs): always causal.
   window = None if sliding_window is None else (sliding_window - 1, 0)
   return jax.nn.dot_product_attention(
       q, k, v, is_causal=True, local_window_size=window, implementation='cudnn')
+
+
+def resolve_impl(impl: str, interpret: bool = False) -> str:
+  """The concrete kernel ('xla', 'cudnn', 'pallas_tpu' or 'pallas_gpu') that `impl` means on this backend."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}')
+  backend = jax.default_backend()
+  pallas_kernel = {'tpu': 'pallas_tpu', 'gpu': 'pallas_gpu'}.get(backend)
+  if impl == 'auto':
+    return pallas_kernel or 'xla'
+  if impl == 'pallas':
+    if pallas_kernel:
+      return pallas_kernel
+    if interpret:
+      return 'pallas_tpu'  # the CPU stand-in: splash runs fine in the interpreter
+    raise ValueError(
+        f"attention impl 'pallas' has no kernel for the {backend!r} backend. Pass interpret=True (model: "
+        "attention_interpret=True) to run a Pallas kernel in its interpreter, or use 'xla' or 'auto'.")
+  if impl in ('pallas_tpu', 'pallas_gpu') and not interpret and backend != impl.split('_')[1]:
+    raise ValueError(
+        f'attention impl {impl!r} needs a {impl.split("_")[1].upper()} but the backend is {backend!r}. '
+        "Pass interpret=True to run it in the Pallas interpreter, or use 'auto'.")
+  return impl
+
+
+def _pallas_kernel(impl: str, sliding_window, interpret) -> Callable:
+  """kernel(q, k, v, segment_ids) for one device; imports lazily so one backend's kernel never breaks another."""
+  if impl == 'pallas_tpu':
+    from qwenjax.kernels import splash_tpu  # pylint: disable=g-import-not-at-top
+    fn = splash_tpu.splash_attention
+  else:
+    from qwenjax.kernels import flash_gpu  # pylint: disable=g-import-not-at-top
+    fn = flash_gpu.flash_attention
+  return lambda q, k, v, ids: fn(q, k, v, sliding_window=sliding_window, segment_ids=ids, interpret=interpret)
+
+
+def _mesh_axes(logical: tuple[str, ...], mesh) -> list[tuple[str, ...]]:
+  """Per dimension, the (non-manual) mesh axes that the active logical axis rules map `logical` to."""
+  spec = nn.logical_to_mesh_axes(logical, nn.get_logical_axis_rules())
+  manual = set(mesh.manual_axes)
+  out = []
+  for entry in tuple(spec) + (None,) * (len(logical) - len(spec)):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    out.append(tuple(a for a in names if a in mesh.axis_names and a not in manual))
+  return out
+
+
+def _size(mesh, axes: tuple[str, ...]) -> int:
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def shard_kernel(kernel: Callable, q, k, v, segment_ids):
+  """Runs `kernel(q, k, v, segment_ids)` per device under the active mesh, split over batch and heads.
+
+  With no mesh (or one device) the kernel runs as is. Otherwise batch and query heads are split over the mesh
+  axes the logical rules give `activation_batch` and `activation_heads`; k and v follow the query heads when
+  `activation_kv_heads` maps to the same axes and divides evenly, else they are replicated and each device
+  takes the kv heads its query heads use. Sequence and head_dim must stay whole.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  free = [a for a in mesh.axis_names if a not in set(mesh.manual_axes)] if not mesh.empty else []
+  if not free or _size(mesh, tuple(free)) == 1:
+    return kernel(q, k, v, segment_ids)
+  batch_axes, length_axes, head_axes, dim_axes = _mesh_axes(Q_AXES, mesh)
+  kv_head_axes = _mesh_axes(KV_AXES, mesh)[2]
+  for name, axes in (('activation_length', length_axes), ('activation_head_dim', dim_axes)):
+    if _size(mesh, axes) > 1:
+      raise ValueError(
+          f'Pallas attention needs whole sequences and head dims on each device, but the logical axis rules '
+          f'shard {name} over mesh axes {axes}. Map {name} to None in the rules (or use attention_impl="xla").')
+  batch, _, q_heads, _ = q.shape
+  kv_heads = k.shape[2]
+  n_batch, n_heads = _size(mesh, batch_axes), _size(mesh, head_axes)
+  if batch % n_batch or q_heads % n_heads:
+    raise ValueError(
+        f'Pallas attention splits batch ({batch}) over mesh axes {batch_axes} (size {n_batch}) and query heads '
+        f'({q_heads}) over {head_axes} (size {n_heads}); both must divide evenly. Change the mesh or the rules '
+        'for activation_batch / activation_heads.')
+  kv_split = kv_head_axes == head_axes and kv_heads % n_heads == 0
+  local_heads = q_heads // n_heads
+  groups = q_heads // kv_heads
+
+  def body(q, k, v, ids):
+    if not kv_split and n_heads > 1:
+      first = jax.lax.axis_index(head_axes) * local_heads  # first global query head on this device
+      if local_heads % groups == 0 or groups % local_heads == 0:  # whole kv heads (or one) serve this device
+        k, v = (jax.lax.dynamic_slice_in_dim(x, first // groups, max(1, local_heads // groups), axis=2)
+                for x in (k, v))
+      else:  # query heads straddle kv heads: give each query head its own copy
+        index = (first + jnp.arange(local_heads)) // groups
+        k, v = (jnp.take(x, index, axis=2) for x in (k, v))
+    return kernel(q, k, v, ids)
+
+  batch_spec = batch_axes or None
+  head_spec = head_axes or None
+  q_spec = P(batch_spec, None, head_spec, None)
+  kv_spec = P(batch_spec, None, head_spec if kv_split else None, None)
+  ids_spec = None if segment_ids is None else P(batch_spec, None)
+  in_specs = (q_spec, kv_spec, kv_spec, ids_spec)
+  args = [_reshard_explicit(x, spec, mesh) for x, spec in zip((q, k, v, segment_ids), in_specs)]
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=q_spec, axis_names=set(free),
+                       check_vma=False)(*args)
+
+
+def _reshard_explicit(x, spec, mesh):
+  """Moves x to `spec` along the mesh's Explicit axes; shard_map reshards Auto axes itself but only checks
+  Explicit ones."""
+  explicit = set(mesh.explicit_axes)
+  if x is None or not explicit:
+    return x
+  entries = []
+  for entry in spec:
+    axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in explicit)
+    entries.append(axes or None)
+  return jax.reshard(x, P(*entries))
 
 
 def dot_product_attention(
@@ -76,6 +206,7 @@ def dot_product_attention(
     sliding_window: int | None = None,
     segment_ids: jax.Array | None = None,
     impl: str = 'xla',
+    interpret: bool = False,
 ) -> jax.Array:
   """Causal grouped-query attention.
 
@@ -85,6 +216,7 @@ def dot_product_attention(
     sliding_window: if set, a query sees only the last `sliding_window` keys (itself included).
     segment_ids: `[batch, seq]` int document ids of packed rows; attention stays inside a document.
     impl: one of `IMPLEMENTATIONS`.
+    interpret: run a Pallas kernel in the Pallas interpreter (CPU tests); ignored by 'xla' and 'cudnn'.
 
   Returns:
     `[batch, seq, q_heads, head_dim]` in q's dtype.
@@ -95,8 +227,11 @@ def dot_product_attention(
     raise ValueError(f'q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})')
   if sliding_window is not None and sliding_window < 1:
     raise ValueError(f'sliding_window must be a positive int or None, got {sliding_window}')
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f'segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}')
+  impl = resolve_impl(impl, interpret)
   if impl == 'xla':
     return xla_attention(q, k, v, sliding_window=sliding_window, segment_ids=segment_ids)
   if impl == 'cudnn':
     return cudnn_attention(q, k, v, sliding_window=sliding_window, segment_ids=segment_ids)
-  raise ValueError(f'unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}')
+  return shard_kernel(_pallas_kernel(impl, sliding_window, interpret), q, k, v, segment_ids)

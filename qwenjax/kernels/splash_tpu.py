@@ -1,0 +1,119 @@
+"""Causal and sliding-window attention on TPU through JAX's splash attention kernel.
+
+`jax.experimental.pallas.ops.tpu.splash_attention` already has what we need: a flash-attention forward and a
+custom_vjp backward (separate dq and dk/dv kernels), grouped-query heads (k, v `[kv_heads, seq, head_dim]`),
+segment ids, and block-sparse masks whose fully-masked blocks are never loaded or computed. This module only
+adapts it to the model's layout and semantics:
+
+* layout: the model's `[batch, seq, heads, head_dim]` becomes splash's `[heads, seq, head_dim]`, vmapped over batch;
+* scale: splash does not scale q, so q is multiplied by 1/sqrt(head_dim) first;
+* mask: `CausalMask`, or `LocalMask((S, S), (window - 1, 0))` for Hugging Face's `q - window < k <= q`;
+* lengths: the sequence is padded to a multiple of the block size. Causality keeps every real query away from
+  the padding keys, and every padded query row keeps at least its own key (an empty row would be 0/0 in the
+  softmax); with segment ids the padding gets an id of its own;
+* caching: building a mask's block metadata is host-side numpy work, so kernels are cached by
+  (heads, padded length, window, block sizes, interpret).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+# Splash's kv blocks must be multiples of the TPU lane width.
+LANES = 128
+# Largest block used by default: big enough to keep the MXU busy, small enough that a 4096-token window still
+# skips most blocks. Not tuned on a TPU (none was available): see docs/attention_tpu.md.
+MAX_BLOCK = 512
+
+
+def default_block_sizes(seq_len: int) -> splash.BlockSizes:
+  """One square block size for the forward and both backward kernels: min(512, seq_len rounded up to 128)."""
+  block = min(MAX_BLOCK, _round_up(seq_len, LANES))
+  return splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block,
+      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+      block_q_dq=block, block_kv_dq=block)
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _block_multiple(block_sizes: splash.BlockSizes) -> int:
+  sizes = [block_sizes.block_q, block_sizes.block_kv, block_sizes.block_q_dkv, block_sizes.block_kv_dkv,
+           block_sizes.block_q_dq, block_sizes.block_kv_dq]
+  return math.lcm(*[s for s in sizes if s])
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel(num_heads: int, seq_len: int, sliding_window: int | None, block_sizes: splash.BlockSizes,
+            interpret: bool) -> splash.splash_attention_kernel.SplashAttentionKernel:
+  """Splash kernel for `num_heads` query heads sharing one causal (or local) mask over `seq_len` positions."""
+  shape = (seq_len, seq_len)
+  if sliding_window is None or sliding_window >= seq_len:
+    mask = splash.CausalMask(shape)
+  else:
+    mask = splash.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
+  # The kernel's mask metadata becomes jnp arrays: build them concretely even when called under jit, so the
+  # cached kernel never holds a tracer.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(
+        splash.MultiHeadMask([mask] * num_heads), block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
+        interpret=interpret)
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    segment_ids: jax.Array | None = None,
+    interpret: bool = False,
+    block_sizes: splash.BlockSizes | None = None,
+) -> jax.Array:
+  """Causal grouped-query attention with the semantics of `qwenjax.attention.xla_attention`.
+
+  Args:
+    q: `[batch, seq, q_heads, head_dim]`.
+    k, v: `[batch, seq, kv_heads, head_dim]`; q_heads must be a multiple of kv_heads.
+    sliding_window: a query sees the last `sliding_window` keys, itself included (None: all earlier keys).
+    segment_ids: `[batch, seq]` int document ids; attention stays inside a document.
+    interpret: run the Pallas kernels in the interpreter (on CPU, for tests).
+    block_sizes: splash block sizes (all set, backward included); default `default_block_sizes(seq)`.
+
+  Returns:
+    `[batch, seq, q_heads, head_dim]` in q's dtype.
+  """
+  _, seq_len, num_heads, head_dim = q.shape
+  if k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f'splash attention needs q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}')
+  block_sizes = block_sizes or default_block_sizes(seq_len)
+  if not block_sizes.has_backward_blocks:
+    raise ValueError('block_sizes must set the backward blocks (block_q_dkv, block_kv_dkv, block_q_dq, ...): '
+                     'splash cannot differentiate without them; see default_block_sizes')
+  padded = _round_up(seq_len, _block_multiple(block_sizes))
+  pad = padded - seq_len
+
+  # Splash takes q unscaled; scale in float32, then back to q's dtype.
+  q = (q.astype(jnp.float32) * head_dim**-0.5).astype(q.dtype)
+  # [batch, seq, heads, dim] -> [batch, heads, seq, dim], padded along seq.
+  q, k, v = (jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q, k, v))
+  if segment_ids is not None:
+    # Padding is its own document: real queries never reach it anyway (it lies in their future), and each
+    # padded query keeps at least itself. Without segment ids causality alone does both.
+    segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)),
+                          constant_values=jnp.iinfo(jnp.int32).min)
+
+  kernel = _kernel(num_heads, padded, sliding_window, block_sizes, interpret)
+
+  def one_row(q, k, v, ids):
+    return kernel(q, k, v, segment_ids=None if ids is None else splash.SegmentIds(q=ids, kv=ids))
+
+  out = jax.vmap(one_row)(q, k, v, segment_ids)
+  return out[:, :, :seq_len].transpose(0, 2, 1, 3)
