@@ -56,7 +56,8 @@ class ModelConfig:
   param_dtype: str = 'float32'  # stored parameters
   remat_policy: str = 'none'  # one of REMAT_POLICIES
   scan_layers: bool = False  # nn.scan over layers: one compiled layer, params stacked on a `layers` axis
-  attention_impl: str = 'xla'  # see qwenjax.attention.IMPLEMENTATIONS
+  attention_impl: str = 'auto'  # see qwenjax.attention.IMPLEMENTATIONS
+  attention_interpret: bool = False  # run a Pallas attention kernel in its interpreter (CPU tests)
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -158,7 +159,8 @@ class Attention(nn.Module):
 
     def attend(window):
       return attention.dot_product_attention(
-          q, k, v, sliding_window=window, segment_ids=segment_ids, impl=cfg.attention_impl)
+          q, k, v, sliding_window=window, segment_ids=segment_ids, impl=cfg.attention_impl,
+          interpret=cfg.attention_interpret)
 
     if isinstance(sliding, bool):  # unrolled layers know their kind at trace time
       out = attend(cfg.sliding_window if sliding else None)
