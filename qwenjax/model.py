@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwenjax import attention
 
@@ -287,10 +288,14 @@ def count_params(config: ModelConfig) -> int:
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:
-  """Unscanned tree (`layers_0` .. `layers_{n-1}`) -> scanned tree (`layers` with a leading layer axis)."""
+  """Unscanned tree (`layers_0` .. `layers_{n-1}`) -> scanned tree (`layers` with a leading layer axis).
+
+  Host (numpy) trees stay on the host, so a large checkpoint never lands whole on one device.
+  """
   params = dict(params)
   layers = [params.pop(f'layers_{i}') for i in range(num_layers)]
-  params['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  stack = np.stack if isinstance(jax.tree.leaves(layers[0])[0], np.ndarray) else jnp.stack
+  params['layers'] = jax.tree.map(lambda *xs: stack(xs), *layers)
   return params
 
 

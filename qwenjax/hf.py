@@ -1,0 +1,271 @@
+"""Hugging Face checkpoints: load `transformers` Qwen2 directories into qwenjax and write them back.
+
+Only `config.json` and safetensors files are read or written (one file, or shards with
+`model.safetensors.index.json`), so nothing needs torch. Tensors stay on the host as numpy arrays; bf16 tensors
+stay bf16 (`ml_dtypes.bfloat16`) unless `dtype` asks otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from qwenjax.model import ModelConfig, abstract_params, stack_layers, unstack_layers
+
+SUPPORTED_ARCHITECTURES = ('Qwen2ForCausalLM',)
+_INDEX = 'model.safetensors.index.json'
+_SINGLE = 'model.safetensors'
+# Tensors a checkpoint may hold that the model does not use.
+_IGNORED = re.compile(r'.*rotary_emb\.inv_freq$')
+
+# ---------------------------------------------------------------------------------------------------------
+# Config.
+
+_SHARED_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+                  'num_key_value_heads', 'head_dim', 'max_position_embeddings', 'rms_norm_eps',
+                  'initializer_range', 'tie_word_embeddings', 'max_window_layers')
+
+
+def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
+  """ModelConfig from a parsed `config.json`, accepting what transformers 4 and 5 both write."""
+  architectures = hf.get('architectures') or []
+  if hf.get('model_type') != 'qwen2' and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+    raise ValueError(f'unsupported checkpoint: model_type={hf.get("model_type")!r}, architectures={architectures}; '
+                     f'qwenjax.hf reads {SUPPORTED_ARCHITECTURES}')
+  values = {k: hf[k] for k in _SHARED_FIELDS if hf.get(k) is not None}
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  if rope.get('rope_type', rope.get('type', 'default')) != 'default':
+    raise ValueError(f'unsupported rope type {rope}: only the default rotary embedding is implemented')
+  theta = rope.get('rope_theta', hf.get('rope_theta'))
+  if theta is not None:
+    values['rope_theta'] = float(theta)
+
+  # Sliding window: transformers 5 stores per-layer `layer_types`; older files only use_sliding_window and
+  # max_window_layers. A null or 0 window means no window.
+  window = hf.get('sliding_window') or None
+  use_window = bool(hf.get('use_sliding_window', False)) and window is not None
+  layer_types = hf.get('layer_types')
+  if layer_types:
+    sliding = [t == 'sliding_attention' for t in layer_types]
+    if any(sliding):
+      first = sliding.index(True)
+      if not all(sliding[first:]) or window is None:
+        raise ValueError(f'unsupported layer_types {layer_types} (sliding_window={window}): qwenjax supports '
+                         'full attention below max_window_layers and sliding windows from there up')
+      use_window, values['max_window_layers'] = True, first
+    else:
+      use_window = False
+  values['use_sliding_window'] = use_window
+  if window is not None:
+    values['sliding_window'] = int(window)
+  values.update(overrides)
+  return ModelConfig(**values)
+
+
+def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+  """A `config.json` dict that transformers 4.4x and 5 both read as the same model."""
+  out = {k: getattr(config, k) for k in _SHARED_FIELDS}
+  layer_types = ['sliding_attention' if config.is_sliding(i) else 'full_attention'
+                 for i in range(config.num_hidden_layers)]
+  out.update(
+      architectures=['Qwen2ForCausalLM'], model_type='qwen2', hidden_act='silu', attention_dropout=0.0,
+      rope_theta=config.rope_theta, rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
+      use_sliding_window=config.use_sliding_window,
+      sliding_window=config.sliding_window if config.use_sliding_window else None,
+      layer_types=layer_types, torch_dtype=torch_dtype, dtype=torch_dtype, use_cache=True)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor names and layouts. Each rule: (HF name, our path in an unscanned tree, HF -> ours, ours -> HF).
+
+def _tensor_rules(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable]]:
+  e, h, kv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+  def linear(*shape):  # torch Linear weight [out, in] <-> our kernel [in, *out]
+    return (lambda w: w.T.reshape(shape)), (lambda k: k.reshape(shape[0], -1).T)
+
+  def out_linear(*shape):  # o_proj: torch [embed, heads*head_dim] <-> ours [heads, head_dim, embed]
+    return (lambda w: w.T.reshape(shape)), (lambda k: k.reshape(-1, shape[-1]).T)
+
+  def reshape(*shape):
+    return (lambda w: w.reshape(shape)), (lambda k: k.reshape(-1))
+
+  same = (lambda w: w), (lambda k: k)
+  rules = [('model.embed_tokens.weight', ('embed_tokens',), *same),
+           ('model.norm.weight', ('norm', 'scale'), *same)]
+  if not config.tie_word_embeddings:
+    rules.append(('lm_head.weight', ('lm_head',), (lambda w: w.T), (lambda k: k.T)))
+  for i in range(config.num_hidden_layers):
+    hf, ours = f'model.layers.{i}.', (f'layers_{i}',)
+    rules += [
+        (hf + 'input_layernorm.weight', ours + ('input_layernorm', 'scale'), *same),
+        (hf + 'post_attention_layernorm.weight', ours + ('post_attention_layernorm', 'scale'), *same),
+        (hf + 'self_attn.q_proj.weight', ours + ('self_attn', 'q_proj', 'kernel'), *linear(e, h, d)),
+        (hf + 'self_attn.q_proj.bias', ours + ('self_attn', 'q_proj', 'bias'), *reshape(h, d)),
+        (hf + 'self_attn.k_proj.weight', ours + ('self_attn', 'k_proj', 'kernel'), *linear(e, kv, d)),
+        (hf + 'self_attn.k_proj.bias', ours + ('self_attn', 'k_proj', 'bias'), *reshape(kv, d)),
+        (hf + 'self_attn.v_proj.weight', ours + ('self_attn', 'v_proj', 'kernel'), *linear(e, kv, d)),
+        (hf + 'self_attn.v_proj.bias', ours + ('self_attn', 'v_proj', 'bias'), *reshape(kv, d)),
+        (hf + 'self_attn.o_proj.weight', ours + ('self_attn', 'o_proj', 'kernel'), *out_linear(h, d, e)),
+        (hf + 'mlp.gate_proj.weight', ours + ('mlp', 'gate_proj', 'kernel'), *linear(e, config.intermediate_size)),
+        (hf + 'mlp.up_proj.weight', ours + ('mlp', 'up_proj', 'kernel'), *linear(e, config.intermediate_size)),
+        (hf + 'mlp.down_proj.weight', ours + ('mlp', 'down_proj', 'kernel'), *linear(config.intermediate_size, e)),
+    ]
+  return rules
+
+
+def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The tensor shapes a Hugging Face checkpoint of this config must have."""
+  flat = _flatten(nn.unbox(abstract_params(dataclasses.replace(config, scan_layers=False))))
+  return {name: jax.eval_shape(to_hf, flat[path]).shape for name, path, _, to_hf in _tensor_rules(config)}
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, prefix + (key,)))
+    else:
+      out[prefix + (key,)] = value
+  return out
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading and writing.
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  index = os.path.join(path, _INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)['weight_map'].values()))
+  elif os.path.exists(os.path.join(path, _SINGLE)):
+    files = [_SINGLE]
+  else:
+    raise FileNotFoundError(f'no {_SINGLE} or {_INDEX} in {path}: is it a transformers checkpoint directory '
+                            '(saved with safe_serialization=True)?')
+  tensors = {}
+  for name in files:
+    tensors.update(load_file(os.path.join(path, name)))
+  return tensors
+
+
+def from_pretrained(path: str, dtype: str | None = None, **config_overrides) -> tuple[ModelConfig, dict]:
+  """Loads a Hugging Face Qwen2 checkpoint directory.
+
+  Args:
+    path: a directory with `config.json` and `model.safetensors` (or shards plus their index).
+    dtype: cast parameters to this dtype and compute in it (e.g. 'bfloat16'). None keeps the stored parameter
+      dtype and computes in float32.
+    **config_overrides: ModelConfig fields to set on the returned config (e.g. scan_layers=True).
+
+  Returns:
+    (config, params): params are host numpy arrays in the layout `config.scan_layers` selects.
+  """
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'no config.json in {path}: expected a transformers checkpoint directory')
+  with open(config_path) as f:
+    hf_config = json.load(f)
+  tensors = _read_tensors(path)
+  stored = {str(t.dtype) for t in tensors.values()}
+  param_dtype = dtype or (stored.pop() if len(stored) == 1 else 'float32')
+  config = config_from_hf(hf_config, **{'param_dtype': param_dtype, 'dtype': dtype or 'float32',
+                                        **config_overrides})
+
+  rules = _tensor_rules(config)
+  expected = _hf_shapes(config)
+  missing = [name for name, *_ in rules if name not in tensors]
+  if missing:
+    raise ValueError(f'checkpoint {path} lacks {len(missing)} tensor(s) the config needs: {missing[:8]}'
+                     f'{" ..." if len(missing) > 8 else ""}')
+  known = {name for name, *_ in rules} | ({'lm_head.weight'} if config.tie_word_embeddings else set())
+  unexpected = sorted(n for n in tensors if n not in known and not _IGNORED.match(n))
+  if unexpected:
+    raise ValueError(f'checkpoint {path} has tensor(s) a Qwen2 model of this config does not: {unexpected[:8]}')
+  for name, shape in expected.items():
+    if tuple(tensors[name].shape) != shape:
+      raise ValueError(f'tensor {name} has shape {tuple(tensors[name].shape)} but config.json implies {shape}')
+
+  np_dtype = np.dtype(ml_dtypes.bfloat16) if param_dtype == 'bfloat16' else np.dtype(param_dtype)
+  flat = {ours: np.ascontiguousarray(to_ours(tensors[name])).astype(np_dtype, copy=False)
+          for name, ours, to_ours, _ in rules}
+  params = _unflatten(flat)
+  if config.scan_layers:
+    params = stack_layers(params, config.num_hidden_layers)
+  return config, params
+
+
+def _parse_size(size: int | str) -> int:
+  if isinstance(size, int):
+    return size
+  match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*', size.upper())
+  if not match:
+    raise ValueError(f'cannot parse max_shard_size {size!r}; use e.g. "5GB", "500MB" or a byte count')
+  units = {'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30}
+  return int(float(match[1]) * units[match[2]])
+
+
+def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size: int | str = '5GB') -> None:
+  """Writes `config.json` and safetensors files that `transformers.Qwen2ForCausalLM.from_pretrained` loads.
+
+  Parameters keep their dtype (fp32 or bf16). Shards larger than `max_shard_size` are split, with an index.
+  """
+  params = jax.device_get(params)
+  if 'layers' in params:
+    params = unstack_layers(params)
+  flat = _flatten(params)
+  tensors: dict[str, np.ndarray] = {}
+  for name, ours, _, to_hf in _tensor_rules(config):
+    if ours not in flat:
+      raise ValueError(f'params lack {"/".join(ours)} (needed for {name}); do they belong to this config?')
+    tensors[name] = np.ascontiguousarray(to_hf(np.asarray(flat[ours])))
+  for name, shape in _hf_shapes(config).items():
+    if tensors[name].shape != shape:
+      raise ValueError(f'parameter for {name} has shape {tensors[name].shape}, config implies {shape}')
+
+  dtypes = {str(t.dtype) for t in tensors.values()}
+  torch_dtype = dtypes.pop() if len(dtypes) == 1 else 'float32'
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(config_to_hf(config, torch_dtype), f, indent=2)
+
+  limit = _parse_size(max_shard_size)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, tensor in tensors.items():
+    if shards[-1] and size + tensor.nbytes > limit:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensor
+    size += tensor.nbytes
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(path, _SINGLE), metadata={'format': 'pt'})
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    name = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+    save_file(shard, os.path.join(path, name), metadata={'format': 'pt'})
+    weight_map.update(dict.fromkeys(shard, name))
+  total = sum(t.nbytes for t in tensors.values())
+  with open(os.path.join(path, _INDEX), 'w') as f:
+    json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)

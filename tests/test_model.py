@@ -1,0 +1,126 @@
+"""The model on its own: packing, precision, scan/remat equivalence, parameter counts, axis names."""
+
+import dataclasses
+import importlib.util
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwenjax import model
+
+CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
+
+# Layers 0-1 full attention, 2-3 a 5-key window; GQA 4/2.
+SMALL = model.ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0,
+                          use_sliding_window=True, sliding_window=5, max_window_layers=2)
+
+
+@pytest.fixture(scope='module')
+def params():
+  return model.init_params(SMALL, jax.random.key(0))
+
+
+def logits_of(config, params, ids, **kwargs):
+  return np.asarray(model.Qwen2(config).apply({'params': params}, ids, **kwargs))
+
+
+def test_packed_documents_equal_documents_alone(params):
+  lengths = (7, 4, 9)
+  docs = [np.random.RandomState(i).randint(0, SMALL.vocab_size, n) for i, n in enumerate(lengths)]
+  ids = np.concatenate(docs)[None]
+  segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None]
+  positions = np.concatenate([np.arange(n) for n in lengths])[None]
+  packed = logits_of(SMALL, params, ids, positions=positions, segment_ids=segment_ids)
+  start = 0
+  for doc in docs:
+    alone = logits_of(SMALL, params, doc[None])
+    np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], rtol=2e-5, atol=2e-5)
+    start += len(doc)
+  # Without segment ids the later documents see the earlier ones: the check above is not vacuous.
+  unmasked = logits_of(SMALL, params, ids, positions=positions)
+  assert np.abs(unmasked[0, lengths[0]:] - packed[0, lengths[0]:]).max() > 1e-3
+
+
+def test_bf16_forward_close_to_fp32(params):
+  ids = np.random.RandomState(1).randint(0, SMALL.vocab_size, (2, 16))
+  fp32 = logits_of(SMALL, params, ids)
+  bf16_config = dataclasses.replace(SMALL, dtype='bfloat16', param_dtype='bfloat16')
+  bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  bf16 = logits_of(bf16_config, bf16_params, ids)
+  assert bf16.dtype == np.float32
+  error = np.abs(bf16 - fp32).max() / np.abs(fp32).max()
+  assert 0 < error < 3e-2, error  # bf16 did run in bf16, and stayed close
+
+
+@pytest.mark.parametrize('scan_layers,remat_policy', [
+    (True, 'none'), (False, 'full'), (True, 'dots_with_no_batch_dims_saveable')])
+def test_scan_and_remat_match_plain_model(params, scan_layers, remat_policy):
+  config = dataclasses.replace(SMALL, scan_layers=scan_layers, remat_policy=remat_policy)
+  variant_params = model.stack_layers(params, SMALL.num_hidden_layers) if scan_layers else params
+  ids = np.random.RandomState(2).randint(0, SMALL.vocab_size, (2, 12))
+  np.testing.assert_allclose(logits_of(config, variant_params, ids), logits_of(SMALL, params, ids),
+                             rtol=1e-5, atol=1e-5)
+
+  def loss(p, cfg):
+    return jnp.mean(model.Qwen2(cfg).apply({'params': p}, ids) ** 2)
+
+  grads = jax.grad(loss)(variant_params, config)
+  if scan_layers:
+    grads = model.unstack_layers(grads)
+  expected = jax.grad(loss)(params, SMALL)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, expected)
+
+
+def test_stack_unstack_round_trip(params):
+  stacked = model.stack_layers(params, SMALL.num_hidden_layers)
+  assert stacked['layers']['mlp']['up_proj']['kernel'].shape == (4, 64, 128)
+  jax.tree.map(np.testing.assert_array_equal, model.unstack_layers(stacked), params)
+  scanned_init = model.init_params(dataclasses.replace(SMALL, scan_layers=True), jax.random.key(0))
+  assert jax.tree.structure(scanned_init) == jax.tree.structure(stacked)
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize('name,count', [
+    ('1b', 1_083_033_600), ('qwen2_0_5b', 494_032_768), ('qwen2_1_5b', 1_543_714_304),
+    ('qwen2_7b', 7_615_616_512), ('qwen2_72b', 72_706_203_648)])
+def test_parameter_counts(name, count):
+  assert model.count_params(model.ModelConfig.from_dict(load_config(name).model)) == count
+
+
+def test_1b_shape():
+  config = model.ModelConfig.from_dict(load_config('1b').model)
+  assert [config.is_sliding(i) for i in range(16)] == [False] * 8 + [True] * 8
+  assert (config.hidden_size, config.num_key_value_heads, config.head_dim) == (2048, 4, 128)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_every_parameter_has_logical_axis_names(scan_layers):
+  boxed = model.abstract_params(dataclasses.replace(SMALL, scan_layers=scan_layers))
+  with_paths = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  leaves = [leaf for _, leaf in with_paths]
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  for path, leaf in with_paths:
+    assert len(leaf.names) == leaf.value.ndim
+    assert (leaf.names[0] == 'layers') == (path[0].key == 'layers')
+  names = {name for leaf in leaves for name in leaf.names}
+  assert {'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm'} <= names
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="unknown model config key.*'hiden_size'"):
+    model.ModelConfig.from_dict({'hiden_size': 8})
+  with pytest.raises(ValueError, match='remat_policy'):
+    model.ModelConfig(remat_policy='sometimes')
+  with pytest.raises(ValueError, match='multiple of num_key_value_heads'):
+    model.ModelConfig(num_attention_heads=6, num_key_value_heads=4)
