@@ -1,0 +1,268 @@
+"""Flash attention for NVIDIA GPUs in Pallas: causal, sliding window, grouped-query, packed documents.
+
+`flash_attention(q, k, v, sliding_window=..., segment_ids=...)` computes what `qwenjax.attention.xla_attention`
+computes, with a `jax.custom_vjp` whose backward pass is also a set of kernels. A query at position q sees keys
+k with `q - sliding_window < k <= q` (Hugging Face semantics) inside its own document.
+
+Two kernel families share one blocked algorithm and the block-range arithmetic below:
+
+* `flash_gpu_mosaic`: Hopper (H100) kernels on the Mosaic GPU backend (TMA, wgmma, one producer warpgroup
+  feeding two consumer warpgroups). Used for bf16/fp16 on compute capability 9.x.
+* `flash_gpu_triton`: the same algorithm as plain `pallas_call`s that lower through the Triton backend (fp32
+  inputs, other GPUs) and run in the generic Pallas interpreter on CPU (`interpret=True`). The Mosaic GPU
+  interpreter of jax 0.10 cannot run these kernels (no transposed wgmma operands, no `run_state`), so CPU tests
+  exercise the tiling, masking and block skipping through this family; see docs/attention_gpu.md.
+
+Block skipping: for each query block only the key blocks that intersect the causal band (and the window) are
+loaded and computed, so at a fixed window the cost grows linearly in the sequence length. Blocks entirely inside
+the band run without a mask. The softmax works in base 2: the saved logsumexp is `log2(sum(exp2(s * c)))` with
+`c = log2(e) / sqrt(head_dim)`.
+
+Grouped-query attention never repeats K/V in memory: each query head's kernel instance reads its KV head, and the
+dK/dV kernels loop over the query heads of a group, accumulating in registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = math.log2(math.e)
+# Finite mask value: a row that sees no key in a block gets exp2(0) garbage that the first visible key wipes
+# (alpha = exp2(MASK - m) = 0); every row sees at least its own diagonal key, so the result stays exact.
+MASK_VALUE = -1e30
+
+BACKENDS = ('mosaic', 'triton')
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes. Mosaic: `block_q` rows per consumer warpgroup (two per CTA); must be 64 there."""
+  block_q: int = 64  # forward and dQ: query rows per warpgroup / program
+  block_kv: int = 128  # forward: keys per pipeline step
+  block_kv_dq: int = 64  # dQ: keys per pipeline step
+  block_q_dkv: int = 64  # dK/dV: query rows per pipeline step
+  block_kv_dkv: int = 64  # dK/dV: keys per warpgroup / program
+  stages: int = 2  # Mosaic: pipeline depth of the producer warpgroup
+
+  def seq_multiple(self, backend: str) -> int:
+    """Sequence lengths are padded to a multiple of this."""
+    if backend == 'mosaic':
+      blocks = (2 * self.block_q, self.block_kv, self.block_kv_dq, self.block_q_dkv, 2 * self.block_kv_dkv)
+    else:
+      blocks = (self.block_q, self.block_kv, self.block_kv_dq, self.block_q_dkv, self.block_kv_dkv)
+    return math.lcm(*blocks)
+
+
+INTERPRET_BLOCK_SIZES = BlockSizes(block_q=16, block_kv=16, block_kv_dq=16, block_q_dkv=16, block_kv_dkv=16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block ranges. All arguments are non-negative int32 scalars (traced inside kernels) or Python ints.
+# `window=None` means plain causal. Sequence length is a multiple of every block size.
+
+
+def _cdiv(a, b):
+  return lax.div(a + (b - 1), b)
+
+
+def _clip(x, lo, hi):
+  return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def kv_block_range(q_start, q_rows: int, block_kv: int, window: int | None):
+  """Key blocks [lo, hi) holding any key that query rows [q_start, q_start + q_rows) may see."""
+  q_start = jnp.asarray(q_start, jnp.int32)
+  lo = 0 if window is None else lax.div(jnp.maximum(q_start - (window - 1), 0), block_kv)
+  hi = _cdiv(q_start + q_rows, block_kv)
+  return jnp.asarray(lo, jnp.int32), hi
+
+
+def kv_full_range(q_start, q_rows: int, block_kv: int, window: int | None, lo, hi):
+  """Sub-range [f_lo, f_hi) of [lo, hi) whose every (query, key) pair is visible: no mask needed."""
+  q_start = jnp.asarray(q_start, jnp.int32)
+  if window is None:
+    f_lo = lo
+  else:
+    f_lo = _clip(_cdiv(jnp.maximum(q_start + q_rows - window, 0), block_kv), lo, hi)
+  f_hi = _clip(lax.div(q_start + 1, block_kv), f_lo, hi)
+  return f_lo, f_hi
+
+
+def q_block_range(k_start, k_rows: int, block_q: int, window: int | None, num_q_blocks: int):
+  """Query blocks [lo, hi) holding any query that sees a key in [k_start, k_start + k_rows)."""
+  k_start = jnp.asarray(k_start, jnp.int32)
+  lo = lax.div(k_start, block_q)
+  if window is None:
+    hi = jnp.asarray(num_q_blocks, jnp.int32)
+  else:
+    hi = jnp.minimum(lax.div(k_start + (k_rows - 1) + (window - 1), block_q) + 1, num_q_blocks)
+  return lo, hi
+
+
+def q_full_range(k_start, k_rows: int, block_q: int, window: int | None, lo, hi):
+  """Sub-range [f_lo, f_hi) of [lo, hi) whose every (query, key) pair is visible."""
+  k_start = jnp.asarray(k_start, jnp.int32)
+  f_lo = _clip(_cdiv(k_start + (k_rows - 1), block_q), lo, hi)
+  if window is None:
+    f_hi = hi
+  else:
+    f_hi = _clip(lax.div(k_start + window, block_q), f_lo, hi)
+  return f_lo, f_hi
+
+
+def visible(q_pos, k_pos, window: int | None, q_seg=None, k_seg=None):
+  """Boolean mask of visible pairs (broadcasting positions and segment ids)."""
+  mask = k_pos <= q_pos
+  if window is not None:
+    mask = mask & (k_pos > q_pos - window)
+  if q_seg is not None:
+    mask = mask & (q_seg == k_seg)
+  return mask
+
+
+def band_pairs(seq_len: int, window: int | None) -> int:
+  """Number of visible (query, key) pairs of one head without documents: the useful work."""
+  if window is None or window >= seq_len:
+    return seq_len * (seq_len + 1) // 2
+  return window * (window + 1) // 2 + (seq_len - window) * window
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def _default_backend(dtype, head_dim: int) -> str:
+  devices = jax.devices()
+  if devices[0].platform != 'gpu':
+    raise ValueError(
+        f'flash_gpu kernels need an NVIDIA GPU, but the default device is {devices[0].platform}. '
+        'Pass interpret=True to run them in the Pallas interpreter on CPU, or use another attention impl.')
+  capability = getattr(devices[0], 'compute_capability', '0.0')
+  hopper = str(capability).split('.')[0] == '9'
+  if hopper and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 64 == 0:
+    return 'mosaic'
+  return 'triton'
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    segment_ids: jax.Array | None = None,
+    interpret: bool = False,
+    backend: str | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+  """Causal grouped-query flash attention with an optional sliding window and packed documents.
+
+  Args:
+    q: `[batch, seq, q_heads, head_dim]`, bf16, fp16 or fp32.
+    k, v: `[batch, seq, kv_heads, head_dim]`, q's dtype; q_heads a multiple of kv_heads.
+    sliding_window: a query sees the last `sliding_window` keys, itself included; None: all earlier keys.
+    segment_ids: `[batch, seq]` int document ids; attention stays inside a document.
+    interpret: run the blocked algorithm in the Pallas interpreter (CPU tests).
+    backend: 'mosaic' (Hopper, bf16/fp16) or 'triton'; None picks by device and dtype.
+    block_sizes: tile sizes; defaults suit the backend.
+
+  Returns:
+    `[batch, seq, q_heads, head_dim]` in q's dtype. Softmax scale is `1/sqrt(head_dim)`.
+  """
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    raise ValueError(f'expected q [b, s, h, d] and k, v [b, s, kv_h, d]; got {q.shape}, {k.shape}, {v.shape}')
+  batch, seq_len, q_heads, head_dim = q.shape
+  if q_heads % k.shape[2]:
+    raise ValueError(f'q heads ({q_heads}) must be a multiple of kv heads ({k.shape[2]})')
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f'q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}. Cast them first.')
+  if jnp.dtype(q.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
+    raise ValueError(f'flash_attention supports bf16, fp16 and fp32 inputs, got {q.dtype}')
+  if head_dim not in (64, 128):
+    raise ValueError(f'flash_attention supports head_dim 64 and 128, got {head_dim}; use impl="xla" instead')
+  if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
+    raise ValueError(f'sliding_window must be a positive int or None, got {sliding_window}')
+  if sliding_window is not None:
+    sliding_window = int(sliding_window)
+    if sliding_window >= seq_len:
+      sliding_window = None  # the window covers the whole causal band
+  if segment_ids is not None and segment_ids.shape != (batch, seq_len):
+    raise ValueError(f'segment_ids must be [batch, seq] = {(batch, seq_len)}, got {segment_ids.shape}')
+
+  if interpret:
+    backend = 'triton'
+  elif backend is None:
+    backend = _default_backend(q.dtype, head_dim)
+  if backend not in BACKENDS:
+    raise ValueError(f'unknown flash_gpu backend {backend!r}; choose one of {BACKENDS}')
+  if backend == 'mosaic' and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
+    raise ValueError("backend='mosaic' needs bf16/fp16 inputs; fp32 runs on backend='triton'")
+  if block_sizes is None:
+    block_sizes = INTERPRET_BLOCK_SIZES if interpret else BlockSizes()
+
+  multiple = block_sizes.seq_multiple(backend)
+  padded = -(-seq_len // multiple) * multiple
+  if segment_ids is not None:
+    segment_ids = segment_ids.astype(jnp.int32)
+  if padded != seq_len:
+    # Padded keys sit after every real query, so causality already hides them; padded queries are dropped.
+    pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    if segment_ids is not None:
+      segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - seq_len)), constant_values=-1)
+  config = _Config(backend=backend, window=sliding_window, blocks=block_sizes, interpret=bool(interpret))
+  out = _attention(q, k, v, segment_ids, config)
+  return out[:, :seq_len]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  backend: str
+  window: int | None
+  blocks: BlockSizes
+  interpret: bool
+
+
+def _kernels(config: _Config):
+  if config.backend == 'mosaic':
+    from qwenjax.kernels import flash_gpu_mosaic as impl  # pylint: disable=g-import-not-at-top
+  else:
+    from qwenjax.kernels import flash_gpu_triton as impl  # pylint: disable=g-import-not-at-top
+  return impl
+
+
+def _forward(q, k, v, segment_ids, config: _Config):
+  impl = _kernels(config)
+  return impl.forward(q, k, v, segment_ids, window=config.window, blocks=config.blocks,
+                      interpret=config.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, segment_ids, config: _Config):
+  out, _ = _forward(q, k, v, segment_ids, config)
+  return out
+
+
+def _attention_fwd(q, k, v, segment_ids, config: _Config):
+  out, lse = _forward(q, k, v, segment_ids, config)
+  return out, (q, k, v, segment_ids, out, lse)
+
+
+def _attention_bwd(config: _Config, residuals, d_out):
+  q, k, v, segment_ids, out, lse = residuals
+  # delta = rowsum(dO * O): one fused XLA pass, laid out [batch, heads, seq] like lse.
+  delta = jnp.einsum('bshd,bshd->bhs', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  impl = _kernels(config)
+  dq, dk, dv = impl.backward(q, k, v, segment_ids, d_out.astype(q.dtype), lse, delta,
+                             window=config.window, blocks=config.blocks, interpret=config.interpret)
+  d_seg = None
+  return dq, dk, dv, d_seg
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
