@@ -1,0 +1,207 @@
+"""Attention: the XLA reference against float64 numpy, and the Pallas TPU (splash) kernel, run in the Pallas
+interpreter on CPU, against the XLA reference: outputs and q/k/v gradients, alone, sharded, and in the model.
+
+Interpreted splash is slow (seconds per compiled case), so each kernel case combines several features.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from qwenjax import attention, model
+from qwenjax.kernels import splash_tpu
+
+
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
+def random_qkv(batch, seq, heads, kv_heads, head_dim, dtype=jnp.float32, seed=0):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (batch, seq, heads, head_dim), dtype),
+          jax.random.normal(kk, (batch, seq, kv_heads, head_dim), dtype),
+          jax.random.normal(kv, (batch, seq, kv_heads, head_dim), dtype))
+
+
+def segments(batch, seq, boundaries):
+  """[batch, seq] document ids that change at `boundaries` (row b shifts them by b, so rows differ)."""
+  pos = np.arange(seq)
+  return jnp.asarray(np.stack([sum((pos >= max(1, x - b)).astype(np.int32) for x in boundaries)
+                               for b in range(batch)]))
+
+
+def numpy_attention(q, k, v, window, segment_ids):
+  """Float64 attention, written independently of qwenjax: K/V repeated per query head, explicit loops."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, seq, heads, dim = q.shape
+  k = np.repeat(k, heads // k.shape[2], axis=2)
+  v = np.repeat(v, heads // v.shape[2], axis=2)
+  out = np.zeros_like(q)
+  for b in range(batch):
+    for i in range(seq):
+      visible = [j for j in range(seq) if j <= i and (window is None or j > i - window)
+                 and (segment_ids is None or segment_ids[b, j] == segment_ids[b, i])]
+      for h in range(heads):
+        scores = np.array([q[b, i, h] @ k[b, j, h] for j in visible]) / np.sqrt(dim)
+        p = np.exp(scores - scores.max())
+        out[b, i, h] = (p / p.sum()) @ v[b, visible, h]
+  return out
+
+
+@pytest.mark.parametrize('heads,kv_heads,window,with_segments', [
+    (2, 2, None, False),  # plain causal MHA
+    (4, 2, 3, True),  # GQA 2, window, documents
+    (7, 1, 20, True),  # GQA 7, window longer than the sequence
+])
+def test_xla_reference_matches_float64_numpy(heads, kv_heads, window, with_segments):
+  q, k, v = random_qkv(2, 13, heads, kv_heads, 8)
+  ids = segments(2, 13, [4, 9]) if with_segments else None
+  out = attention.dot_product_attention(q, k, v, sliding_window=window, segment_ids=ids, impl='xla')
+  expected = numpy_attention(q, k, v, window, None if ids is None else np.asarray(ids))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(fn, q, k, v, cotangent):
+  def loss(q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+def _assert_matches_reference(fn, q, k, v, window, ids, atol):
+  """fn's output and q/k/v gradients equal the XLA reference's (computed in float32)."""
+  cotangent = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+  ref = lambda q, k, v: attention.xla_attention(q, k, v, sliding_window=window, segment_ids=ids)
+  out, grads = _loss_and_grads(fn, q, k, v, cotangent)
+  q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+  ref_out, ref_grads = _loss_and_grads(ref, q32, k32, v32, cotangent)
+  assert out.dtype == q.dtype and out.shape == q.shape
+  np.testing.assert_allclose(out.astype(jnp.float32), ref_out, rtol=atol, atol=atol, err_msg='output')
+  for name, g, ref_g in zip('qkv', grads, ref_grads):
+    assert g.dtype == q.dtype and g.shape == ref_g.shape
+    np.testing.assert_allclose(g.astype(jnp.float32), ref_g, rtol=atol, atol=atol, err_msg=f'd{name}')
+
+
+def _blocks(size):
+  return splash.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
+                           block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size)
+
+
+# Each case: (batch, seq, heads, kv_heads, head_dim, window, document boundaries, block size, dtype).
+SPLASH_CASES = {
+    # 3 blocks of 128 (300 = 2.3 blocks, padded), window 16 < block: most blocks skipped, documents
+    # changing inside blocks, GQA 2, head_dim 64.
+    'window_lt_block_gqa2_docs': (1, 300, 4, 2, 64, 16, [45, 170, 200], 128, jnp.float32),
+    # odd length in one padded block, window longer than the sequence, GQA 7, head_dim 128, documents.
+    'window_gt_seq_gqa7_d128_docs': (1, 77, 7, 1, 128, 200, [30], None, jnp.float32),
+    # window spanning block edges (150 over 128-blocks), MHA (GQA 1), batch 2, no documents, head_dim 128.
+    'window_across_blocks_mha_batch2': (2, 260, 2, 2, 128, 150, None, 128, jnp.float32),
+    # bf16 inputs (float32 accumulation inside), full causal, GQA 4, documents, default blocks.
+    'bf16_causal_gqa4_docs': (1, 130, 4, 1, 64, None, [60], None, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize('case', sorted(SPLASH_CASES))
+def test_splash_matches_xla_reference(case):
+  batch, seq, heads, kv_heads, dim, window, boundaries, block, dtype = SPLASH_CASES[case]
+  q, k, v = random_qkv(batch, seq, heads, kv_heads, dim, dtype, seed=len(case))
+  ids = None if boundaries is None else segments(batch, seq, boundaries)
+  fn = lambda q, k, v: splash_tpu.splash_attention(
+      q, k, v, sliding_window=window, segment_ids=ids, interpret=True,
+      block_sizes=None if block is None else _blocks(block))
+  _assert_matches_reference(fn, q, k, v, window, ids, atol=2e-5 if dtype == jnp.float32 else 3e-2)
+
+
+def test_splash_mask_cache_and_block_skipping():
+  """Kernels (and their host-built mask metadata) are cached, and a short window skips most blocks."""
+  splash_tpu._kernel.cache_clear()
+  first = splash_tpu._kernel(2, 1024, 64, _blocks(128), True)
+  assert splash_tpu._kernel(2, 1024, 64, _blocks(128), True) is first
+  assert splash_tpu._kernel(2, 1024, None, _blocks(128), True) is not first
+  # 8x8 blocks; a 64-key window touches only the diagonal block and the one before it.
+  assert int(np.sum(np.asarray(first.fwd_mask_info.block_mask) > 0)) == 8 + 7
+  causal = splash_tpu._kernel(2, 1024, None, _blocks(128), True)
+  assert int(np.sum(np.asarray(causal.fwd_mask_info.block_mask) > 0)) == 8 * 9 // 2
+
+
+def test_default_block_sizes():
+  assert splash_tpu.default_block_sizes(77).block_q == 128
+  assert splash_tpu.default_block_sizes(300).block_kv == 384
+  sizes = splash_tpu.default_block_sizes(32768)
+  assert sizes.block_q == sizes.block_kv_dkv == sizes.block_q_dq == 512 and sizes.has_backward_blocks
+
+
+MESH_RULES = (('activation_batch', ('data', 'fsdp')), ('activation_heads', 'tensor'),
+              ('activation_kv_heads', 'tensor'), ('activation_length', None), ('activation_head_dim', None))
+
+
+@pytest.mark.parametrize('heads,kv_heads,axis_type', [
+    (4, 2, 'Auto'),  # kv heads split over 'tensor' with the query heads
+    # 3 kv heads cannot split over tensor=2: replicated; each device gathers its query heads' kv heads
+    (6, 3, 'Explicit'),
+    (4, 1, 'Auto'),  # one kv head, replicated: each device slices the one its query heads use
+])
+def test_pallas_under_mesh_matches_xla(heads, kv_heads, axis_type):
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
+                       axis_types=(getattr(jax.sharding.AxisType, axis_type),) * 3)
+  q, k, v = random_qkv(4, 100, heads, kv_heads, 64, seed=heads)
+  ids = segments(4, 100, [33, 70])
+  fn = lambda q, k, v: attention.dot_product_attention(
+      q, k, v, sliding_window=24, segment_ids=ids, impl='pallas_tpu', interpret=True)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(MESH_RULES):
+    assert 'shard_map' in str(jax.make_jaxpr(fn)(q, k, v))
+    _assert_matches_reference(fn, q, k, v, 24, ids, atol=2e-5)
+
+
+def test_pallas_under_mesh_rejects_sharded_length():
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
+  q, k, v = random_qkv(2, 16, 2, 2, 64)
+  rules = (('activation_batch', 'data'), ('activation_length', 'fsdp'))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with pytest.raises(ValueError, match='activation_length'):
+      attention.dot_product_attention(q, k, v, impl='pallas_tpu', interpret=True)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])  # scanned mixed layers pick the kernel in a lax.cond
+def test_model_with_pallas_tpu_equals_xla_model(scan_layers):
+  cfg = model.ModelConfig(
+      vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, use_sliding_window=True, sliding_window=9, max_window_layers=1,
+      attention_impl='xla', scan_layers=scan_layers)  # layer 0 full causal, layer 1 windowed
+  params = model.init_params(cfg, jax.random.key(0))
+  ids = jax.random.randint(jax.random.key(1), (2, 37), 0, cfg.vocab_size)
+  docs = segments(2, 37, [20])
+  pallas_cfg = dataclasses.replace(cfg, attention_impl='pallas', attention_interpret=True)
+  expected = model.Qwen2(cfg).apply({'params': params}, ids, segment_ids=docs)
+  logits = jax.jit(lambda p: model.Qwen2(pallas_cfg).apply({'params': p}, ids, segment_ids=docs))(params)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_impl_resolution_and_errors():
+  assert jax.default_backend() == 'cpu'
+  assert attention.resolve_impl('auto') == 'xla'
+  assert attention.resolve_impl('pallas', interpret=True) == 'pallas_tpu'
+  assert model.ModelConfig().attention_impl == 'auto'
+  q, k, v = random_qkv(1, 8, 2, 1, 64)
+  with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+    attention.dot_product_attention(q, k, v, impl='flash')
+  with pytest.raises(ValueError, match='interpret=True'):
+    attention.dot_product_attention(q, k, v, impl='pallas')
+  with pytest.raises(ValueError, match='needs a TPU'):
+    attention.dot_product_attention(q, k, v, impl='pallas_tpu')
+  with pytest.raises(ValueError, match='needs a GPU'):
+    attention.dot_product_attention(q, k, v, impl='pallas_gpu')
+  with pytest.raises(ValueError, match='segment_ids must be'):
+    attention.dot_product_attention(q, k, v, segment_ids=jnp.zeros((1, 7), jnp.int32))
+  with pytest.raises(ValueError, match='unknown attention_impl'):
+    model.ModelConfig(attention_impl='splash')
+  with pytest.raises(ValueError, match='backward blocks'):
+    splash_tpu.splash_attention(q, k, v, interpret=True, block_sizes=splash.BlockSizes(128, 128))
