@@ -141,11 +141,13 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, sliding):
     cfg = self.config
-    dense = functools.partial(nn.DenseGeneral, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    # nn.Einsum, not nn.DenseGeneral: DenseGeneral initializes a flattened 2-d kernel and applies the 3-d
+    # kernel's logical constraint to it (also in apply's shape check), which fails under jax.set_mesh.
+    einsum = functools.partial(nn.Einsum, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def qkv(name, heads, heads_axis):
-      return dense(
-          features=(heads, cfg.head_dim), use_bias=True, name=name,
+      return einsum(
+          (cfg.hidden_size, heads, cfg.head_dim), 'bse,ehd->bshd', use_bias=True, name=name,
           kernel_init=_init(cfg, 'embed', heads_axis, 'head_dim'),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, 'head_dim')))(x)
 
@@ -168,8 +170,8 @@ class Attention(nn.Module):
     else:  # scanned layers of mixed kinds: pick the kernel at run time
       out = jax.lax.cond(sliding, lambda: attend(cfg.sliding_window), lambda: attend(None))
     out = _constrain(out, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
-    return dense(features=cfg.hidden_size, axis=(-2, -1), use_bias=False, name='o_proj',
-                 kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+    return einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
+                  name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
 
 
 class MLP(nn.Module):
