@@ -132,6 +132,23 @@ def test_splash_mask_cache_and_block_skipping():
   assert int(np.sum(np.asarray(causal.fwd_mask_info.block_mask) > 0)) == 8 * 9 // 2
 
 
+@pytest.mark.parametrize('seq,window,block', [(1024, 64, 128), (1024, 129, 128), (1024, 128, 128),
+                                              (1536, 300, 256), (640, None, 128), (640, 1000, 128)])
+def test_band_mask_metadata_equals_stock_masks(seq, window, block):
+  """BandMask's fast host path builds exactly the block metadata of splash's own LocalMask / CausalMask."""
+  stock_mask = (splash.CausalMask((seq, seq)) if window is None or window >= seq
+                else splash.LocalMask((seq, seq), (window - 1, 0), 0))
+  stock = splash.make_splash_mha(splash.MultiHeadMask([stock_mask] * 2), block_sizes=_blocks(block),
+                                 head_shards=1, q_seq_shards=1, interpret=True)
+  ours = splash_tpu._kernel(2, seq, window, _blocks(block), True)
+  for info in ('fwd_mask_info', 'dq_mask_info', 'dkv_mask_info'):
+    for field, mine in getattr(ours, info)._asdict().items():
+      theirs = getattr(getattr(stock, info), field)
+      assert (mine is None) == (theirs is None), (info, field)
+      if mine is not None:
+        np.testing.assert_array_equal(mine, theirs, err_msg=f'{info}.{field}')
+
+
 def test_default_block_sizes():
   assert splash_tpu.default_block_sizes(77).block_q == 128
   assert splash_tpu.default_block_sizes(300).block_kv == 384
