@@ -5,6 +5,7 @@ Interpreted splash is slow (seconds per compiled case), so each kernel case comb
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from qwenjax import attention, model
+from qwenjax import attention, model, sharding
 from qwenjax.kernels import splash_tpu
 
 
@@ -187,19 +188,38 @@ def test_pallas_under_mesh_rejects_sharded_length():
       attention.dot_product_attention(q, k, v, impl='pallas_tpu', interpret=True)
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])  # scanned mixed layers pick the kernel in a lax.cond
-def test_model_with_pallas_tpu_equals_xla_model(scan_layers):
+@pytest.mark.parametrize('scan_layers,sharded', [
+    (False, False),
+    # Scanned mixed layers pick the kernel in a lax.cond; on the 8-device mesh with the project's rules, as the
+    # train step runs it (gradients checked too).
+    (True, True),
+])
+def test_model_with_pallas_tpu_equals_xla_model(scan_layers, sharded):
   cfg = model.ModelConfig(
       vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, use_sliding_window=True, sliding_window=9, max_window_layers=1,
       attention_impl='xla', scan_layers=scan_layers)  # layer 0 full causal, layer 1 windowed
   params = model.init_params(cfg, jax.random.key(0))
-  ids = jax.random.randint(jax.random.key(1), (2, 37), 0, cfg.vocab_size)
-  docs = segments(2, 37, [20])
+  ids = jax.random.randint(jax.random.key(1), (4, 37), 0, cfg.vocab_size)
+  docs = segments(4, 37, [20])
   pallas_cfg = dataclasses.replace(cfg, attention_impl='pallas', attention_interpret=True)
-  expected = model.Qwen2(cfg).apply({'params': params}, ids, segment_ids=docs)
-  logits = jax.jit(lambda p: model.Qwen2(pallas_cfg).apply({'params': p}, ids, segment_ids=docs))(params)
+
+  def loss(config, p):
+    logits = model.Qwen2(config).apply({'params': p}, ids, segment_ids=docs)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+  if not sharded:
+    logits = jax.jit(lambda p: loss(pallas_cfg, p)[1])(params)
+    np.testing.assert_allclose(logits, loss(cfg, params)[1], rtol=1e-4, atol=1e-4)
+    return
+  (_, expected), expected_grads = jax.value_and_grad(functools.partial(loss, cfg), has_aux=True)(params)
+  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, cfg)):
+    step = jax.jit(jax.value_and_grad(functools.partial(loss, pallas_cfg), has_aux=True))
+    assert 'shard_map' in str(jax.make_jaxpr(step)(params))
+    (_, logits), grads = step(params)
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6), grads, expected_grads)
 
 
 def test_impl_resolution_and_errors():
