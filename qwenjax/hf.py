@@ -1,8 +1,15 @@
-"""Hugging Face checkpoints: load `transformers` Qwen2 directories into qwenjax and write them back.
+"""Hugging Face checkpoints: load `transformers` Qwen2 and Qwen2-MoE directories into qwenjax and write them back.
 
 Only `config.json` and safetensors files are read or written (one file, or shards with
 `model.safetensors.index.json`), so nothing needs torch. Tensors stay on the host as numpy arrays; bf16 tensors
 stay bf16 (`ml_dtypes.bfloat16`) unless `dtype` asks otherwise.
+
+Qwen2-MoE experts come in two layouts: the hub layout, one tensor per expert
+(`mlp.experts.{j}.{gate,up,down}_proj.weight`, what the released checkpoints and transformers 5's default
+`save_pretrained` write), and the fused layout transformers 5 keeps in memory and writes with
+`save_pretrained(..., save_original_format=False)` (`mlp.experts.gate_up_proj` `[experts, 2 * mlp, embed]`,
+`mlp.experts.down_proj` `[experts, embed, mlp]`). `from_pretrained` reads either; `save_pretrained` writes
+the hub layout unless `expert_layout='fused'`.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from safetensors.numpy import load_file, save_file
 
 from qwenjax.model import ModelConfig, abstract_params, stack_layers, unstack_layers
 
-SUPPORTED_ARCHITECTURES = ('Qwen2ForCausalLM',)
+SUPPORTED_ARCHITECTURES = ('Qwen2ForCausalLM', 'Qwen2MoeForCausalLM')
+_MODEL_TYPES = ('qwen2', 'qwen2_moe')
+EXPERT_LAYOUTS = ('hub', 'fused')
 _INDEX = 'model.safetensors.index.json'
 _SINGLE = 'model.safetensors'
 # Tensors a checkpoint may hold that the model does not use.
@@ -33,15 +42,28 @@ _IGNORED = re.compile(r'.*rotary_emb\.inv_freq$')
 _SHARED_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
                   'num_key_value_heads', 'head_dim', 'max_position_embeddings', 'rms_norm_eps',
                   'initializer_range', 'tie_word_embeddings', 'max_window_layers')
+_MOE_FIELDS = ('num_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'shared_expert_intermediate_size',
+               'norm_topk_prob', 'decoder_sparse_step', 'mlp_only_layers', 'router_aux_loss_coef',
+               'output_router_logits')
 
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
   """ModelConfig from a parsed `config.json`, accepting what transformers 4 and 5 both write."""
   architectures = hf.get('architectures') or []
-  if hf.get('model_type') != 'qwen2' and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+  if hf.get('model_type') not in _MODEL_TYPES and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
     raise ValueError(f'unsupported checkpoint: model_type={hf.get("model_type")!r}, architectures={architectures}; '
                      f'qwenjax.hf reads {SUPPORTED_ARCHITECTURES}')
   values = {k: hf[k] for k in _SHARED_FIELDS if hf.get(k) is not None}
+  is_moe = hf.get('model_type') == 'qwen2_moe' or 'Qwen2MoeForCausalLM' in architectures
+  if is_moe:
+    values.update({k: hf[k] for k in _MOE_FIELDS if hf.get(k) is not None})
+    values['mlp_only_layers'] = tuple(hf.get('mlp_only_layers') or ())
+    if not hf.get('qkv_bias', True):
+      raise ValueError('unsupported Qwen2-MoE checkpoint: qkv_bias=False (qwenjax always has q/k/v biases)')
+    if hf.get('hidden_act', 'silu') != 'silu':
+      raise ValueError(f'unsupported hidden_act {hf["hidden_act"]!r}: qwenjax implements SwiGLU (silu) only')
+    if not values.get('num_experts'):
+      raise ValueError('Qwen2-MoE checkpoint with num_experts=0; qwenjax expects num_experts > 0')
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
   if rope.get('rope_type', rope.get('type', 'default')) != 'default':
     raise ValueError(f'unsupported rope type {rope}: only the default rotary embedding is implemented')
@@ -54,6 +76,9 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
   window = hf.get('sliding_window') or None
   use_window = bool(hf.get('use_sliding_window', False)) and window is not None
   layer_types = hf.get('layer_types')
+  if is_moe and use_window and not layer_types:
+    raise ValueError('Qwen2-MoE config with use_sliding_window=True but no layer_types: transformers derives an '
+                     'alternating window pattern qwenjax does not implement')
   if layer_types:
     sliding = [t == 'sliding_attention' for t in layer_types]
     if any(sliding):
@@ -76,8 +101,16 @@ def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
   out = {k: getattr(config, k) for k in _SHARED_FIELDS}
   layer_types = ['sliding_attention' if config.is_sliding(i) else 'full_attention'
                  for i in range(config.num_hidden_layers)]
+  if config.num_experts:
+    if not config.shared_expert_intermediate_size:
+      raise ValueError('shared_expert_intermediate_size=0 has no Hugging Face Qwen2-MoE equivalent (every '
+                       'Qwen2MoeSparseMoeBlock has a shared expert)')
+    out.update({k: getattr(config, k) for k in _MOE_FIELDS}, mlp_only_layers=list(config.mlp_only_layers),
+               qkv_bias=True, architectures=['Qwen2MoeForCausalLM'], model_type='qwen2_moe')
+  else:
+    out.update(architectures=['Qwen2ForCausalLM'], model_type='qwen2')
   out.update(
-      architectures=['Qwen2ForCausalLM'], model_type='qwen2', hidden_act='silu', attention_dropout=0.0,
+      hidden_act='silu', attention_dropout=0.0,
       rope_theta=config.rope_theta, rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
       use_sliding_window=config.use_sliding_window,
       sliding_window=config.sliding_window if config.use_sliding_window else None,
@@ -87,6 +120,7 @@ def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Tensor names and layouts. Each rule: (HF name, our path in an unscanned tree, HF -> ours, ours -> HF).
+# A path ending in an int j names slice j of our tensor's leading axis (one expert of a stacked tensor).
 
 def _tensor_rules(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable]]:
   e, h, kv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -117,17 +151,101 @@ def _tensor_rules(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Calla
         (hf + 'self_attn.v_proj.weight', ours + ('self_attn', 'v_proj', 'kernel'), *linear(e, kv, d)),
         (hf + 'self_attn.v_proj.bias', ours + ('self_attn', 'v_proj', 'bias'), *reshape(kv, d)),
         (hf + 'self_attn.o_proj.weight', ours + ('self_attn', 'o_proj', 'kernel'), *out_linear(h, d, e)),
-        (hf + 'mlp.gate_proj.weight', ours + ('mlp', 'gate_proj', 'kernel'), *linear(e, config.intermediate_size)),
-        (hf + 'mlp.up_proj.weight', ours + ('mlp', 'up_proj', 'kernel'), *linear(e, config.intermediate_size)),
-        (hf + 'mlp.down_proj.weight', ours + ('mlp', 'down_proj', 'kernel'), *linear(config.intermediate_size, e)),
     ]
+    if config.is_moe(i):
+      rules += _moe_rules(config, hf + 'mlp.', ours + ('mlp',), linear)
+    else:
+      rules += _mlp_rules(config.intermediate_size, hf + 'mlp.', ours + ('mlp',), linear, e)
   return rules
+
+
+def _mlp_rules(size, hf, ours, linear, e):
+  return [(hf + 'gate_proj.weight', ours + ('gate_proj', 'kernel'), *linear(e, size)),
+          (hf + 'up_proj.weight', ours + ('up_proj', 'kernel'), *linear(e, size)),
+          (hf + 'down_proj.weight', ours + ('down_proj', 'kernel'), *linear(size, e))]
+
+
+def _moe_rules(config: ModelConfig, hf: str, ours: tuple[str, ...], linear) -> list:
+  """A Qwen2MoeSparseMoeBlock in the hub layout: router, one tensor per expert, shared expert and its gate."""
+  e, size = config.hidden_size, config.moe_intermediate_size
+  rules = [(hf + 'gate.weight', ours + ('gate', 'kernel'), *linear(e, config.num_experts))]
+  for j in range(config.num_experts):
+    rules += [(hf + f'experts.{j}.gate_proj.weight', ours + ('experts', 'gate_proj', j), *linear(e, size)),
+              (hf + f'experts.{j}.up_proj.weight', ours + ('experts', 'up_proj', j), *linear(e, size)),
+              (hf + f'experts.{j}.down_proj.weight', ours + ('experts', 'down_proj', j), *linear(size, e))]
+  rules += _mlp_rules(config.shared_expert_intermediate_size, hf + 'shared_expert.', ours + ('shared_expert',),
+                      linear, e)
+  rules.append((hf + 'shared_expert_gate.weight', ours + ('shared_expert_gate', 'kernel'), *linear(e, 1)))
+  return rules
+
+
+def _lookup(flat: dict, path: tuple):
+  """Our tensor (or its slice, for a path ending in an int) in a flat tree; None if absent."""
+  if isinstance(path[-1], int):
+    stacked = flat.get(path[:-1])
+    return None if stacked is None else stacked[path[-1]]
+  return flat.get(path)
+
+
+def _stack_slices(flat: dict) -> dict:
+  """Folds entries whose path ends in an int (per-expert slices) into one stacked tensor per path."""
+  out, slices = {}, {}
+  for path, value in flat.items():
+    if isinstance(path[-1], int):
+      slices.setdefault(path[:-1], {})[path[-1]] = value
+    else:
+      out[path] = value
+  for path, parts in slices.items():
+    out[path] = np.stack([parts[j] for j in range(len(parts))])
+  return out
+
+
+_FUSED = re.compile(r'^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$')
+
+
+def _unfuse_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Fused-layout expert tensors -> the hub layout's per-expert tensors; other tensors pass through."""
+  out = {}
+  for name, tensor in tensors.items():
+    match = _FUSED.match(name)
+    if not match:
+      out[name] = tensor
+      continue
+    prefix, kind = match.groups()
+    for j in range(tensor.shape[0]):
+      if kind == 'down_proj':
+        out[f'{prefix}.{j}.down_proj.weight'] = tensor[j]
+      else:
+        gate, up = np.split(tensor[j], 2, axis=0)
+        out[f'{prefix}.{j}.gate_proj.weight'], out[f'{prefix}.{j}.up_proj.weight'] = gate, up
+  return out
+
+
+def _fuse_experts(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+  """Hub-layout per-expert tensors -> transformers 5's fused `gate_up_proj` / `down_proj`."""
+  out = dict(tensors)
+  for i in range(config.num_hidden_layers):
+    if not config.is_moe(i):
+      continue
+    prefix = f'model.layers.{i}.mlp.experts'
+    parts = {kind: [out.pop(f'{prefix}.{j}.{kind}.weight') for j in range(config.num_experts)]
+             for kind in ('gate_proj', 'up_proj', 'down_proj')}
+    out[f'{prefix}.gate_up_proj'] = np.stack(
+        [np.concatenate([g, u], axis=0) for g, u in zip(parts['gate_proj'], parts['up_proj'])])
+    out[f'{prefix}.down_proj'] = np.stack(parts['down_proj'])
+  return out
 
 
 def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """The tensor shapes a Hugging Face checkpoint of this config must have."""
   flat = _flatten(nn.unbox(abstract_params(dataclasses.replace(config, scan_layers=False))))
-  return {name: jax.eval_shape(to_hf, flat[path]).shape for name, path, _, to_hf in _tensor_rules(config)}
+
+  def shape(path, to_hf):
+    if isinstance(path[-1], int):
+      return jax.eval_shape(lambda x: to_hf(x[path[-1]]), flat[path[:-1]]).shape
+    return jax.eval_shape(to_hf, flat[path]).shape
+
+  return {name: shape(path, to_hf) for name, path, _, to_hf in _tensor_rules(config)}
 
 
 def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -186,7 +304,7 @@ def from_pretrained(path: str, dtype: str | None = None, **config_overrides) -> 
     raise FileNotFoundError(f'no config.json in {path}: expected a transformers checkpoint directory')
   with open(config_path) as f:
     hf_config = json.load(f)
-  tensors = _read_tensors(path)
+  tensors = _unfuse_experts(_read_tensors(path))
   stored = {str(t.dtype) for t in tensors.values()}
   param_dtype = dtype or (stored.pop() if len(stored) == 1 else 'float32')
   config = config_from_hf(hf_config, **{'param_dtype': param_dtype, 'dtype': dtype or 'float32',
@@ -209,7 +327,7 @@ def from_pretrained(path: str, dtype: str | None = None, **config_overrides) -> 
   np_dtype = np.dtype(ml_dtypes.bfloat16) if param_dtype == 'bfloat16' else np.dtype(param_dtype)
   flat = {ours: np.ascontiguousarray(to_ours(tensors[name])).astype(np_dtype, copy=False)
           for name, ours, to_ours, _ in rules}
-  params = _unflatten(flat)
+  params = _unflatten(_stack_slices(flat))
   if config.scan_layers:
     params = stack_layers(params, config.num_hidden_layers)
   return config, params
@@ -225,23 +343,33 @@ def _parse_size(size: int | str) -> int:
   return int(float(match[1]) * units[match[2]])
 
 
-def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size: int | str = '5GB') -> None:
-  """Writes `config.json` and safetensors files that `transformers.Qwen2ForCausalLM.from_pretrained` loads.
+def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size: int | str = '5GB',
+                    expert_layout: str = 'hub') -> None:
+  """Writes `config.json` and safetensors files that `transformers.Qwen2ForCausalLM.from_pretrained` (or
+  `Qwen2MoeForCausalLM`) loads.
 
   Parameters keep their dtype (fp32 or bf16). Shards larger than `max_shard_size` are split, with an index.
+  MoE experts are written in `expert_layout`: 'hub' (one tensor per expert) or 'fused' (transformers 5's
+  in-memory layout).
   """
+  if expert_layout not in EXPERT_LAYOUTS:
+    raise ValueError(f'unknown expert_layout {expert_layout!r}; choose one of {EXPERT_LAYOUTS}')
   params = jax.device_get(params)
   if 'layers' in params:
     params = unstack_layers(params)
   flat = _flatten(params)
   tensors: dict[str, np.ndarray] = {}
   for name, ours, _, to_hf in _tensor_rules(config):
-    if ours not in flat:
-      raise ValueError(f'params lack {"/".join(ours)} (needed for {name}); do they belong to this config?')
-    tensors[name] = np.ascontiguousarray(to_hf(np.asarray(flat[ours])))
+    value = _lookup(flat, ours)
+    if value is None:
+      raise ValueError(f'params lack {"/".join(map(str, ours))} (needed for {name}); do they belong to this '
+                       'config?')
+    tensors[name] = np.ascontiguousarray(to_hf(np.asarray(value)))
   for name, shape in _hf_shapes(config).items():
     if tensors[name].shape != shape:
       raise ValueError(f'parameter for {name} has shape {tensors[name].shape}, config implies {shape}')
+  if expert_layout == 'fused':
+    tensors = _fuse_experts(tensors, config)
 
   dtypes = {str(t.dtype) for t in tensors.values()}
   torch_dtype = dtypes.pop() if len(dtypes) == 1 else 'float32'

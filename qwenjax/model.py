@@ -15,6 +15,16 @@ leaves have a leading layer axis, see `stack_layers` / `unstack_layers`):
     layers_{i}/mlp/{gate,up}_proj/kernel  [embed, mlp];  mlp/down_proj/kernel [mlp, embed]
     norm/scale                            [embed]
     lm_head                               [embed, vocab]   (only when tie_word_embeddings is False)
+
+MoE layers (`config.is_moe(i)`, Qwen2-MoE) replace `layers_{i}/mlp` with:
+
+    mlp/gate/kernel                       [embed, expert_router]     the router
+    mlp/experts/{gate,up}_proj            [expert, embed, mlp];  mlp/experts/down_proj [expert, mlp, embed]
+    mlp/shared_expert/{gate,up,down}_proj/kernel   as the dense mlp, width shared_expert_intermediate_size
+    mlp/shared_expert_gate/kernel         [embed, None]
+
+and sow router statistics into the `moe_stats` collection (a plain `apply` drops them); `apply_with_aux`
+returns (logits, auxiliary losses). The experts' math and sharding live in `qwenjax.moe`.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax import attention
+from qwenjax import moe
+from qwenjax.kernels import gmm
 
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
                   'nothing_saveable', 'everything_saveable')
@@ -52,6 +64,16 @@ class ModelConfig:
   use_sliding_window: bool = False
   sliding_window: int | None = 4096
   max_window_layers: int = 28
+  # Mixture of experts (Hugging Face's `Qwen2MoeConfig` names); num_experts=0 is a dense model.
+  num_experts: int = 0
+  num_experts_per_tok: int = 4
+  moe_intermediate_size: int = 1408
+  shared_expert_intermediate_size: int = 5632  # 0: no shared expert (not a Hugging Face Qwen2-MoE)
+  norm_topk_prob: bool = False
+  decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % decoder_sparse_step == 0 ...
+  mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (a list in Hugging Face's config)
+  router_aux_loss_coef: float = 0.001
+  output_router_logits: bool = False  # as in Hugging Face: the load-balancing loss is added only if True
   # Ours.
   dtype: str = 'float32'  # activations / compute
   param_dtype: str = 'float32'  # stored parameters
@@ -59,6 +81,10 @@ class ModelConfig:
   scan_layers: bool = False  # nn.scan over layers: one compiled layer, params stacked on a `layers` axis
   attention_impl: str = 'auto'  # see qwenjax.attention.IMPLEMENTATIONS
   attention_interpret: bool = False  # run a Pallas attention kernel in its interpreter (CPU tests)
+  router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE) in moe_aux_loss
+  moe_capacity_factor: float = 0.0  # 0: dropless; c > 0: each expert takes ceil(c * tokens * k / experts)
+  moe_impl: str = 'auto'  # grouped-matmul backend, see qwenjax.kernels.gmm.IMPLEMENTATIONS
+  moe_interpret: bool = False  # run a Pallas grouped-matmul kernel in its interpreter (CPU tests)
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -75,6 +101,25 @@ class ModelConfig:
       jnp.dtype(getattr(self, name))  # raises TypeError on a bad name
     if self.use_sliding_window and not self.sliding_window:
       raise ValueError('use_sliding_window=True needs a positive sliding_window')
+    object.__setattr__(self, 'mlp_only_layers', tuple(int(i) for i in self.mlp_only_layers or ()))
+    if self.num_experts:
+      self._check_moe()
+
+  def _check_moe(self):
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(f'num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts '
+                       f'({self.num_experts})')
+    if self.decoder_sparse_step < 1:
+      raise ValueError(f'decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}')
+    if self.moe_capacity_factor < 0:
+      raise ValueError(f'moe_capacity_factor must be 0 (dropless) or positive, got {self.moe_capacity_factor}')
+    if self.moe_impl not in gmm.IMPLEMENTATIONS:
+      raise ValueError(f'unknown moe_impl {self.moe_impl!r}; choose one of {gmm.IMPLEMENTATIONS}')
+    kinds = {self.is_moe(i) for i in range(self.num_hidden_layers)}
+    if self.scan_layers and len(kinds) > 1:
+      raise ValueError('scan_layers=True needs every layer to be the same kind, but mlp_only_layers='
+                       f'{self.mlp_only_layers} / decoder_sparse_step={self.decoder_sparse_step} mix dense and '
+                       'MoE layers; set scan_layers=False')
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> 'ModelConfig':
@@ -92,6 +137,12 @@ class ModelConfig:
   def is_sliding(self, layer: int) -> bool:
     """Hugging Face's rule: layer i uses the window iff use_sliding_window and i >= max_window_layers."""
     return bool(self.use_sliding_window and layer >= self.max_window_layers)
+
+  def is_moe(self, layer: int) -> bool:
+    """Hugging Face's rule: layer i is a sparse MoE block iff num_experts > 0, i is not in mlp_only_layers and
+    (i + 1) % decoder_sparse_step == 0."""
+    return bool(self.num_experts and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
   @property
   def has_mixed_layers(self) -> bool:
@@ -190,14 +241,57 @@ class MLP(nn.Module):
     return dense(cfg.hidden_size, name='down_proj', kernel_init=_init(cfg, 'mlp', 'embed'))(hidden)
 
 
+class Experts(nn.Module):
+  """The routed SwiGLU experts, stacked: gate/up `[expert, embed, mlp]`, down `[expert, mlp, embed]`."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, expert_ids, weights):
+    cfg = self.config
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    gate = self.param('gate_proj', _init(cfg, 'expert', 'embed', 'mlp'), (e, h, i), cfg.param_dtype)
+    up = self.param('up_proj', _init(cfg, 'expert', 'embed', 'mlp'), (e, h, i), cfg.param_dtype)
+    down = self.param('down_proj', _init(cfg, 'expert', 'mlp', 'embed'), (e, i, h), cfg.param_dtype)
+    return moe.experts_ffn(x, expert_ids, weights, gate.astype(cfg.dtype), up.astype(cfg.dtype),
+                           down.astype(cfg.dtype), capacity_factor=cfg.moe_capacity_factor, impl=cfg.moe_impl,
+                           interpret=cfg.moe_interpret)
+
+
+class SparseMoeBlock(nn.Module):
+  """Qwen2-MoE feed-forward: top-k routed experts plus a shared expert scaled by sigmoid(shared_expert_gate(x)).
+
+  The router runs in float32; its statistics are sown into the `moe.MOE_STATS` collection (kept only when
+  that collection is mutable, see `apply_with_aux`).
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    router = nn.Dense(cfg.num_experts, use_bias=False, dtype=jnp.float32, param_dtype=cfg.param_dtype,
+                      name='gate', kernel_init=_init(cfg, 'embed', 'expert_router'))
+    logits = router(x)
+    weights, expert_ids = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    for name, value in moe.router_stats(logits, expert_ids).items():
+      self.sow(moe.MOE_STATS, name, value)
+    out = Experts(cfg, name='experts')(x, expert_ids, weights)
+    if cfg.shared_expert_intermediate_size:
+      shared = MLP(cfg, cfg.shared_expert_intermediate_size, name='shared_expert')(x)
+      gate = nn.Dense(1, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name='shared_expert_gate',
+                      kernel_init=_init(cfg, 'embed', None))(x)
+      out = out + nn.sigmoid(gate) * shared
+    return out
+
+
 class DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 
   `sliding` is this layer's kind when known at trace time; scanned layers pass it per layer as
-  `sliding_flag` (a traced bool) instead.
+  `sliding_flag` (a traced bool) instead. `moe` selects the sparse MoE block for the feed-forward.
   """
   config: ModelConfig
   sliding: bool | None = None
+  moe: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, sliding_flag=None):
@@ -206,7 +300,8 @@ class DecoderLayer(nn.Module):
     sliding = self.sliding if self.sliding is not None else sliding_flag
     h = Attention(cfg, name='self_attn')(norm(name='input_layernorm')(x), positions, segment_ids, sliding)
     x = x + h
-    x = x + MLP(cfg, name='mlp')(norm(name='post_attention_layernorm')(x))
+    feed_forward = SparseMoeBlock(cfg, name='mlp') if self.moe else MLP(cfg, name='mlp')
+    x = x + feed_forward(norm(name='post_attention_layernorm')(x))
     return _constrain(x, 'activation_batch', 'activation_length', 'activation_embed')
 
 
@@ -225,7 +320,11 @@ def _remat(cls, config: ModelConfig):
 
 
 class Qwen2(nn.Module):
-  """Qwen2 causal language model. `apply` returns float32 logits `[batch, seq, vocab]`."""
+  """Qwen2 causal language model. `apply` returns float32 logits `[batch, seq, vocab]`.
+
+  With `num_experts > 0` it is Qwen2-MoE. MoE layers sow router statistics into the `moe.MOE_STATS`
+  collection; a plain `apply` drops them, and `apply_with_aux` returns (logits, auxiliary losses).
+  """
   config: ModelConfig
 
   @nn.compact
@@ -246,14 +345,14 @@ class Qwen2(nn.Module):
       flags = jnp.array([cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)])
       stack = nn.scan(
           _remat(ScannedDecoderLayer, cfg),
-          variable_axes={'params': 0}, split_rngs={'params': True},
+          variable_axes={'params': 0, moe.MOE_STATS: 0}, split_rngs={'params': True},
           in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, sliding, name='layers')(x, positions, segment_ids, flags)
+      x, _ = stack(cfg, sliding, cfg.is_moe(0), name='layers')(x, positions, segment_ids, flags)
     else:
       layer_cls = _remat(DecoderLayer, cfg)
       for i in range(cfg.num_hidden_layers):
-        x = layer_cls(cfg, cfg.is_sliding(i), name=f'layers_{i}')(x, positions, segment_ids)
+        x = layer_cls(cfg, cfg.is_sliding(i), cfg.is_moe(i), name=f'layers_{i}')(x, positions, segment_ids)
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(x)
     if cfg.tie_word_embeddings:
@@ -263,6 +362,18 @@ class Qwen2(nn.Module):
                         cfg.param_dtype)
     logits = jnp.einsum('bse,ev->bsv', x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
     return _constrain(logits, 'activation_batch', 'activation_length', 'activation_vocab')
+
+
+def apply_with_aux(config: ModelConfig, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(float32 logits, auxiliary losses): the one call a train step needs, dense or MoE.
+
+  `aux['moe_aux_loss']` is the scalar to add to the mean token loss (0 for dense models); MoE models also
+  return the unweighted `moe_load_balancing_loss` and `moe_router_z_loss` for logging. See `moe.aux_losses`.
+  """
+  logits, state = Qwen2(config).apply({'params': params}, input_ids, positions, segment_ids,
+                                      mutable=[moe.MOE_STATS])
+  return logits, moe.aux_losses(config, state.get(moe.MOE_STATS))
 
 
 # ---------------------------------------------------------------------------------------------------------
