@@ -186,8 +186,7 @@ def shard_kernel(kernel: Callable, q, k, v, segment_ids):
 
 
 def _reshard_explicit(x, spec, mesh):
-  """Moves x to `spec` along the mesh's Explicit axes; shard_map reshards Auto axes itself but only checks
-  Explicit ones."""
+  """Moves x to `spec` along the mesh's Explicit axes (shard_map reshards Auto axes itself, Explicit ones not)."""
   explicit = set(mesh.explicit_axes)
   if x is None or not explicit:
     return x
