@@ -16,6 +16,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from qwenjax import sharding
 from qwenjax.model import ModelConfig
 
 # Fields whose default is None get a typed placeholder so the command line can still set them.
@@ -35,8 +36,60 @@ def model_section(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+def data_section() -> ml_collections.ConfigDict:
+  """Input pipeline (`qwenjax.data`). Empty `train_files` trains on the built-in corpus (Python's stdlib)."""
+  return ml_collections.ConfigDict(dict(
+      train_files='',  # glob, or comma-separated globs, of .jsonl / .txt / ArrayRecord files
+      eval_files='',  # likewise; empty: the built-in corpus's held-out split, or no eval for your own files
+      text_key='text',  # field holding the document in .jsonl lines and JSON ArrayRecord records
+      seq_len=2048,  # tokens per packed row
+      tokenizer='train',  # path of a sentencepiece .model, or 'train': BPE trained on train_files at first run
+      vocab_size=32000,  # pieces of the tokenizer trained when tokenizer='train'
+      tokenizer_sentences=200_000,  # at most this many lines feed tokenizer training (keeps it to seconds)
+      shuffle_window=256,  # packed rows shuffled together so a batch mixes documents; 0: off
+      read_threads=2,  # threads reading and tokenizing documents ahead of the step
+  ))
+
+
+def train_section() -> ml_collections.ConfigDict:
+  """Optimizer and loop (`qwenjax.train`, `qwenjax.train_step`)."""
+  return ml_collections.ConfigDict(dict(
+      steps=10_000,
+      batch_size=64,  # global, in sequences of data.seq_len tokens
+      lr=3e-4,
+      warmup_steps=500,
+      lr_schedule='cosine',  # 'cosine' (to lr * lr_final_fraction) or 'constant' (after warmup)
+      lr_final_fraction=0.1,
+      adam_b1=0.9,
+      adam_b2=0.95,
+      adam_eps=1e-8,
+      weight_decay=0.1,  # AdamW, not applied to norm scales and biases
+      grad_clip=1.0,  # global-norm clipping; 0: off
+      grad_accum_steps=1,  # micro-batches of batch_size / grad_accum_steps per step
+      z_loss=1e-4,  # weight of mean(logsumexp(logits)^2); 0: off
+      seed=0,  # parameter init and data order
+      log_every=50,
+      eval_every=1000,  # 0: only at the end
+      eval_steps=20,  # eval batches (of batch_size sequences) per evaluation
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      peak_tflops=0.0,  # per-device peak for MFU; 0: look up the device kind (unknown kinds: no MFU)
+  ))
+
+
+def mesh_section() -> ml_collections.ConfigDict:
+  """Device mesh (`qwenjax.sharding`): one size may be -1 (the remaining devices)."""
+  return ml_collections.ConfigDict(dict(
+      data=1, fsdp=-1, tensor=1,
+      rules=sharding.DEFAULT_RULES,  # (logical axis name, mesh axis / axes / None) pairs
+  ))
+
+
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = model_section()
+  config.data = data_section()
+  config.train = train_section()
+  config.mesh = mesh_section()
   config.init_from_hf = ''
   return config

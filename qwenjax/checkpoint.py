@@ -1,0 +1,136 @@
+"""Checkpoints of the train state and the data iterator, with orbax, in `workdir/checkpoints/<step>`.
+
+Saves are asynchronous (training continues while the files are written). Restoring takes the latest step; if
+that one cannot be read (a partial or corrupt write), it is moved to `workdir/checkpoints_corrupt/` with a
+warning and the previous one is tried. A checkpoint whose parameter shapes differ from the model being trained
+is an error naming the first parameter that differs, never a fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+
+class ShapeMismatchError(ValueError):
+  """The checkpoint holds a differently shaped (or differently structured) train state."""
+
+
+class _IteratorSnapshot:
+  """The data iterator's state at save time, in the form grain's orbax handler writes.
+
+  Saving a snapshot rather than the live iterator keeps the saved state right even if the handler runs after
+  the training loop has read further batches.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._state = json.dumps(iterator.get_state(), indent=1).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+def _path(key_path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in key_path)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
+  return {_path(p): tuple(x.shape) for p, x in leaves if hasattr(x, 'shape')}
+
+
+def check_shapes(saved: Any, expected: Any, where: str) -> None:
+  """Raises ShapeMismatchError naming the first array whose presence or shape differs."""
+  saved, expected = _shapes(saved), _shapes(expected)
+  for name in sorted(set(saved) | set(expected)):
+    if name not in saved:
+      raise ShapeMismatchError(f'{where} has no {name}, which the model being trained needs: the checkpoint was '
+                               'written for a different model config')
+    if name not in expected:
+      raise ShapeMismatchError(f'{where} holds {name}, which the model being trained does not have: the '
+                               'checkpoint was written for a different model config')
+    if saved[name] != expected[name]:
+      raise ShapeMismatchError(
+          f'{where} has {name} of shape {saved[name]} but the model config gives {expected[name]}. Train with '
+          'the config the checkpoint was written with, or use a new --workdir.')
+
+
+class Checkpointer:
+  """Async orbax CheckpointManager for `{'state': train state, 'data': grain iterator}`."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self._corrupt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints_corrupt')
+    self._keep = keep
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
+    """Starts writing step `step`; returns once the arrays are copied off the devices."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator)))
+    self._manager.save(step, args=args, force=True)
+
+  def restore(self, abstract_state: Any, data_iterator: grain.DatasetIterator) -> tuple[Any, int] | None:
+    """(state, step) from the newest readable checkpoint, or None if there is none.
+
+    `abstract_state` holds ShapeDtypeStructs with shardings: arrays come back directly in those shardings.
+    `data_iterator` is set to the saved position.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      where = f'checkpoint {os.path.join(self.directory, str(step))}'
+      try:
+        saved = self._manager.item_metadata(step)['state']
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      check_shapes(saved, abstract_state, where)  # a mismatch is the user's config, not corruption: raise
+      try:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+        restored = self._manager.restore(step, args=args)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      return restored['state'], step
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    """Moves an unreadable checkpoint out of the way (kept for inspection) and reopens the manager."""
+    os.makedirs(self._corrupt_dir, exist_ok=True)
+    target = os.path.join(self._corrupt_dir, str(step))
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    logging.warning('checkpoint at step %d cannot be read (%s: %s); moving it to %s and trying the previous one',
+                    step, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else '', target)
+    if jax.process_index() == 0:
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'qwenjax checkpoint {step} set aside')
+    self._manager.close()
+    self._manager = self._open()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when jax's multi-host preemption service says all hosts should checkpoint and stop now."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

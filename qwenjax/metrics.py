@@ -1,0 +1,114 @@
+"""Training metrics: model FLOPs and MFU, and where numbers are written (metrics.jsonl, TensorBoard, the log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+
+from qwenjax.model import ModelConfig, count_params
+
+# Dense bf16 peak FLOP/s per device, from the vendors' datasheets (no sparsity).
+PEAK_FLOPS = {
+    'H100': 989e12,  # SXM; 'NVIDIA H100 80GB HBM3'
+    'H200': 989e12,
+    'A100': 312e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,  # v5e
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium)
+    'TPU v6e': 918e12,
+}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs (forward + backward) per token of a `seq_len`-token row, as MFU counts them.
+
+  `6 * N` for every weight a token multiplies: all parameters except the embedding lookup (a gather, no
+  FLOPs); with tied embeddings the table is counted once, as the LM head. Plus attention's two matmuls
+  (scores and weighted values), `2 * 2 * heads * head_dim` FLOPs per (query, visible key) pair forward and
+  3x that for forward + backward, counting only the keys a query sees: causal (position i sees i + 1 keys)
+  and capped by the sliding window on the layers that use one. Recomputation (remat) is not counted.
+  """
+  params = count_params(config)
+  if not config.tie_word_embeddings:
+    params -= config.vocab_size * config.hidden_size  # the input embedding is a lookup
+  attention = 0.0
+  for layer in range(config.num_hidden_layers):
+    window = config.sliding_window if config.is_sliding(layer) else None
+    if window is None or window >= seq_len:
+      visible = (seq_len + 1) / 2  # mean over positions of i + 1
+    else:  # positions < window see i + 1 keys, the rest see `window`
+      visible = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+    attention += 12 * config.num_attention_heads * config.head_dim * visible
+  return 6 * params + attention
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  """The device's dense bf16 peak FLOP/s from `PEAK_FLOPS`, or None for unknown kinds (e.g. CPUs)."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # 'TPU v5 lite' before 'TPU v5'
+    if name.lower() in kind.lower():
+      return PEAK_FLOPS[name]
+  return None
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s' if m else f'{s}s'
+
+
+def progress_line(step: int, steps: int, metrics: Mapping[str, float], eta_seconds: float | None) -> str:
+  """One human-readable line: step, loss, lr, grad norm, throughput, MFU, ETA."""
+  parts = [f'step {step}/{steps}', f'loss {metrics["loss"]:.4f}']
+  if 'lr' in metrics:
+    parts.append(f'lr {metrics["lr"]:.2e}')
+  if 'grad_norm' in metrics:
+    parts.append(f'grad_norm {metrics["grad_norm"]:.3f}')
+  if 'tokens_per_sec' in metrics:
+    parts.append(f'{metrics["tokens_per_sec"]:,.0f} tok/s')
+  if 'step_time' in metrics:
+    parts.append(f'{metrics["step_time"]:.3f} s/step')
+  if 'mfu' in metrics:
+    parts.append(f'MFU {100 * metrics["mfu"]:.1f}%')
+  if eta_seconds is not None:
+    parts.append(f'ETA {format_duration(eta_seconds)}')
+  return ' | '.join(parts)
+
+
+class MetricWriter:
+  """Appends `{'step': n, ...}` lines to `workdir/metrics.jsonl` and scalars to TensorBoard event files.
+
+  Only process 0 writes. A resumed run appends; steps it repeats after its last checkpoint appear twice,
+  the later line being the one that counts.
+  """
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    import tensorboardX  # pylint: disable=g-import-not-at-top  (only the process that writes needs it)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
+
+  def write(self, step: int, values: Mapping[str, Any]) -> None:
+    if not self._active:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
+    self._jsonl.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, int(step))
+
+  def close(self) -> None:
+    if self._active:
+      self._jsonl.close()
+      self._tb.close()

@@ -1,0 +1,178 @@
+"""The device mesh, and where every parameter and activation lives on it: decided here and nowhere else.
+
+The model names the axes of its parameters (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`,
+`layers`) and of its activations (`activation_batch`, `activation_length`, ...). `DEFAULT_RULES` maps those
+names to the axes of a mesh over all devices:
+
+* `data`: data parallelism, parameters replicated;
+* `fsdp`: data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style);
+* `tensor`: tensor parallelism over attention heads, MLP width and vocabulary.
+
+The train step is traced under `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):`, so the model's
+`nn.with_logical_constraint` calls and the Pallas attention wrapper (which reads
+`jax.sharding.get_abstract_mesh()` and `nn.get_logical_axis_rules()`) see the same mesh and rules.
+
+To add a mesh axis (e.g. `expert`), append it to `MESH_AXES`, give it a size in the config's `mesh` section and
+map logical names to it in the rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qwenjax.model import ModelConfig
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+# Logical axes of a batch of token ids `[batch, seq]`.
+BATCH_AXES = ('activation_batch', 'activation_length')
+
+# (logical axis name, mesh axis / tuple of mesh axes / None). flax applies the first rule whose mesh axes are
+# still free in the array, so order matters only when two names compete for one mesh axis.
+DEFAULT_RULES = (
+    # Activations.
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_head_dim', None),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
+    # Parameters.
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('layers', None),
+)
+
+Rules = tuple[tuple[str, Any], ...]
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Sizes of `MESH_AXES` from the config's `mesh` section, resolving one -1 to the remaining devices."""
+  sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+  described = ' x '.join(f'{axis}={size}' for axis, size in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh sizes {described}: each must be a positive int, and at most one may be -1 '
+                     '(the remaining devices)')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh sizes {described}: {known} does not divide the {num_devices} devices, so -1 '
+                       'cannot take the rest. Set sizes whose product divides the device count.')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f'mesh sizes {described} multiply to {math.prod(sizes)} but there are {num_devices} devices. Set '
+        f'--config.mesh.data/fsdp/tensor so that their product is {num_devices}, or set one of them to -1 '
+        '(the remaining devices).')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A mesh over `MESH_AXES` with Auto axes: XLA propagates shardings from the constraints we place."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def _axes_tuple(axes) -> tuple[str, ...]:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _axes_size(mesh: jax.sharding.Mesh, axes) -> int:
+  return math.prod(mesh.shape[a] for a in _axes_tuple(axes))
+
+
+def _logical_sizes(config: ModelConfig) -> dict[str, int]:
+  """The length of each named model dimension, for checking that a mesh axis divides it."""
+  sizes = {
+      'vocab': config.vocab_size, 'embed': config.hidden_size, 'heads': config.num_attention_heads,
+      'kv_heads': config.num_key_value_heads, 'head_dim': config.head_dim, 'mlp': config.intermediate_size,
+      'norm': config.hidden_size, 'layers': config.num_hidden_layers,
+  }
+  for name in ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp'):
+    sizes['activation_' + name] = sizes[name]
+  return sizes
+
+
+def logical_axis_rules(rules: Sequence[Sequence[Any]], mesh: jax.sharding.Mesh,
+                       model_config: ModelConfig | None = None) -> Rules:
+  """The rules to trace under: normalized to tuples, checked against the mesh, and fitted to the model.
+
+  A rule whose mesh axes do not divide the model dimension it shards (e.g. 2 KV heads over tensor=4) keeps
+  only the leading mesh axes that do (often none: that dimension is then replicated), with a log line.
+  """
+  out = []
+  sizes = _logical_sizes(model_config) if model_config is not None else {}
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f'bad logical axis rule {rule!r}: expected (logical_name, mesh_axes)')
+    name, axes = rule[0], _axes_tuple(rule[1])
+    unknown = [a for a in axes if a not in mesh.axis_names]
+    if unknown:
+      raise ValueError(f'logical axis rule {rule!r} names mesh axes {unknown}; the mesh has {mesh.axis_names}')
+    size = sizes.get(name)
+    if size is not None:
+      kept = axes
+      while kept and size % _axes_size(mesh, kept):
+        kept = kept[:-1]
+      if kept != axes:
+        logging.info('sharding: %s (%d) does not divide over mesh axes %s (size %d); using %s', name, size,
+                     axes, _axes_size(mesh, axes), kept or 'no sharding')
+      axes = kept
+    out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(out)
+
+
+def _fit_spec(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
+  """Drops trailing mesh axes from any dimension they do not divide, so jit accepts the sharding."""
+  entries = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = _axes_tuple(entry)
+    while axes and dim % _axes_size(mesh, axes):
+      axes = axes[:-1]
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*entries)
+
+
+def strip_boxes(tree: Any) -> Any:
+  """Unboxes `nn.LogicallyPartitioned` leaves without placing sharding constraints (works on abstract trees)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def param_shardings(abstract_params: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+  """NamedShardings for a tree of boxed (`nn.LogicallyPartitioned`) abstract parameters, unboxed."""
+  specs = nn.get_partition_spec(abstract_params)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = strip_boxes(abstract_params)
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)), mesh_specs, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
+  """Token batches `[batch, seq]`: batch split over the mesh axes of `activation_batch`."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules))
+
+
+def batch_shards(mesh: jax.sharding.Mesh, rules: Rules) -> int:
+  """How many ways the batch is split (data x fsdp with the default rules)."""
+  return _axes_size(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules)[0])
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

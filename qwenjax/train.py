@@ -1,0 +1,272 @@
+r"""Trains a Qwen2 model: `python -m qwenjax.train --config=configs/tiny.py --workdir=/tmp/run`.
+
+Every config value can be overridden on the command line, e.g. `--config.train.steps=2000
+--config.data.train_files='data/*.jsonl' --config.mesh.tensor=4`. Running the same command again resumes
+from the latest checkpoint in `workdir`.
+
+The workdir holds `checkpoints/`, `metrics.jsonl` (one JSON object per line, each with a `step`), TensorBoard
+event files, `config.json` and, with `data.tokenizer='train'`, `tokenizer.model`.
+
+Read top to bottom: set up the mesh, data and tokenizer; create or restore the sharded train state; then the
+loop: step, log, evaluate, checkpoint. The step itself is `qwenjax.train_step`; sharding is
+`qwenjax.sharding`.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from qwenjax import checkpoint
+from qwenjax import data
+from qwenjax import metrics as metrics_lib
+from qwenjax import sharding
+from qwenjax import train_step
+from qwenjax.model import ModelConfig
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, TensorBoard files and the '
+                               'tokenizer. Running again with the same workdir resumes.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host TPU '
+                               'slices, GPU clusters).')
+
+# Fields that fix parameter shapes: a Hugging Face checkpoint must agree with the config on these.
+_SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+                 'num_key_value_heads', 'head_dim', 'tie_word_embeddings')
+# Fields that change what the model computes without changing shapes: a difference is only warned about.
+_ARCH_FIELDS = ('rope_theta', 'rms_norm_eps', 'use_sliding_window', 'sliding_window', 'max_window_layers')
+
+
+def check_workdir(workdir: str | None) -> str:
+  if workdir is None or not str(workdir).strip():
+    raise ValueError('the workdir is empty: pass --workdir=DIR, a directory for checkpoints, metrics and the '
+                     'tokenizer (e.g. --workdir=/tmp/qwenjax-run); the same DIR later resumes the run')
+  return os.path.abspath(os.path.expanduser(str(workdir)))
+
+
+def check_batch(train: ml_collections.ConfigDict, batch_shards: int, mesh: jax.sharding.Mesh) -> int:
+  """Checks that the global batch splits into micro-batches and over devices and hosts; returns the per-host
+  batch."""
+  batch, accum = int(train.batch_size), int(train.grad_accum_steps)
+  if accum < 1 or batch % accum:
+    raise ValueError(f'train.batch_size={batch} must be a positive multiple of train.grad_accum_steps={accum}')
+  micro = batch // accum
+  if micro % batch_shards:
+    mesh_desc = ' x '.join(f'{a}={n}' for a, n in mesh.shape.items())
+    raise ValueError(
+        f'the global batch (train.batch_size={batch}, micro-batches of {micro} with grad_accum_steps={accum}) '
+        f'does not divide over the {batch_shards} data-parallel shards (data x fsdp of the mesh {mesh_desc}). '
+        f'Use a batch_size that is a multiple of {batch_shards * accum}, or change the mesh.')
+  if batch % jax.process_count():
+    raise ValueError(f'train.batch_size={batch} must divide over the {jax.process_count()} processes')
+  return batch // jax.process_count()
+
+
+def load_hf_params(path: str, model_config: ModelConfig) -> Any:
+  """Parameters of a Hugging Face checkpoint, after checking it has the shapes of the run's model config."""
+  from qwenjax import hf  # pylint: disable=g-import-not-at-top
+  hf_config, params = hf.from_pretrained(path, scan_layers=model_config.scan_layers)
+  for name in _SHAPE_FIELDS:
+    ours, theirs = getattr(model_config, name), getattr(hf_config, name)
+    if ours != theirs:
+      raise ValueError(
+          f'init_from_hf={path} has {name}={theirs} but the config has model.{name}={ours}. The model section '
+          f'must match the checkpoint: set --config.model.{name}={theirs} (or use the matching configs/ file).')
+  for name in _ARCH_FIELDS:
+    if getattr(model_config, name) != getattr(hf_config, name):
+      logging.warning('init_from_hf: checkpoint has %s=%s, the config %s; training with the config\'s value',
+                      name, getattr(hf_config, name), getattr(model_config, name))
+  return params
+
+
+class _StopSignal:
+  """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint after this step, then stopping')
+    self.received = True
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(eval_fn, params, batches, batch_sharding) -> dict[str, float]:
+  nll, count = 0.0, 0.0
+  for batch in batches:
+    n, c = eval_fn(params, _global_batch(batch, batch_sharding))
+    nll, count = nll + float(n), count + float(c)
+  loss = nll / max(count, 1.0)
+  return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))), 'eval_tokens': count}
+
+
+def _global_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over the batch axes of the mesh."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: int | None = None) -> dict[str, float]:
+  """Trains (or resumes) to `config.train.steps`; returns the last logged metrics.
+
+  `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs).
+  """
+  workdir = check_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  tc, seq_len = config.train, int(config.data.seq_len)
+  model_config = ModelConfig.from_dict(config.model)
+  if seq_len > model_config.max_position_embeddings:
+    raise ValueError(f'data.seq_len={seq_len} exceeds model.max_position_embeddings='
+                     f'{model_config.max_position_embeddings}')
+
+  # Devices.
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model_config)
+  local_batch = check_batch(tc, sharding.batch_shards(mesh, rules), mesh)
+  logging.info('mesh %s over %d %s device(s), %d process(es)', dict(mesh.shape), mesh.size,
+               jax.devices()[0].device_kind, jax.process_count())
+
+  # Data.
+  train_source, eval_source = data.sources(config.data)
+  tokenizer = data.get_tokenizer(config.data, workdir, train_source, model_config.vocab_size, int(tc.seed))
+  train_iter = iter(data.train_dataset(
+      train_source, tokenizer, seq_len=seq_len, batch_size=local_batch, seed=int(tc.seed),
+      shuffle_window=int(config.data.shuffle_window), read_threads=int(config.data.read_threads),
+      process_index=jax.process_index(), process_count=jax.process_count()))
+  eval_data = []
+  if eval_source is not None and int(tc.eval_steps) > 0:
+    eval_data = data.eval_batches(
+        eval_source, tokenizer, seq_len=seq_len, batch_size=local_batch, num_batches=int(tc.eval_steps),
+        read_threads=int(config.data.read_threads), process_index=jax.process_index(),
+        process_count=jax.process_count())
+  if not eval_data:
+    logging.info('no eval data (set data.eval_files): eval loss is not computed')
+
+  # Train state: restored, or from a Hugging Face checkpoint, or random; created sharded.
+  tx = train_step.make_optimizer(tc)
+  shardings = train_step.state_shardings(model_config, tx, mesh, rules)
+  ckpt = checkpoint.Checkpointer(workdir, int(tc.keep_checkpoints))
+  restored = ckpt.restore(train_step.abstract_state(model_config, tx, shardings), train_iter)
+  if restored is not None:
+    state, start = restored
+    logging.info('resumed from %s/%d', ckpt.directory, start)
+  elif config.init_from_hf:
+    state, start = train_step.create_state(model_config, tx, shardings,
+                                           params=load_hf_params(config.init_from_hf, model_config)), 0
+    logging.info('initialized from the Hugging Face checkpoint %s', config.init_from_hf)
+  else:
+    state, start = train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(tc.seed))), 0
+  steps = int(tc.steps)
+  logging.info('model: %s parameters, %.3g training FLOPs per token at seq_len %d',
+               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}',
+               metrics_lib.flops_per_token(model_config, seq_len), seq_len)
+
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  writer = metrics_lib.MetricWriter(workdir)
+  flops = metrics_lib.flops_per_token(model_config, seq_len)
+  peak = float(tc.peak_tflops) * 1e12 or metrics_lib.peak_flops_per_device()
+  tokens_per_step = int(tc.batch_size) * seq_len
+  log_every, eval_every = max(int(tc.log_every), 1), int(tc.eval_every)
+  stop = _StopSignal()
+  last: dict[str, float] = {}
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step_fn = jax.jit(train_step.make_train_step(model_config, tx, tc),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                      donate_argnums=(0,))
+    eval_fn = jax.jit(train_step.make_eval_step(model_config), in_shardings=(shardings.params, batch_sharding))
+
+    pending, timed_from, timer = [], start, time.time()
+    for step in range(start, steps):
+      state, step_metrics = step_fn(state, _global_batch(next(train_iter), batch_sharding))
+      done = step + 1
+      pending.append(step_metrics)
+      if done == start + 1:  # the first step compiles: keep it out of the timings
+        jax.block_until_ready(step_metrics)
+        logging.info('first step (compilation included) took %.1f s', time.time() - timer)
+        timed_from, timer = done, time.time()
+      stopping = stop.received or done == stop_after or ckpt.reached_preemption(done)
+
+      if done % log_every == 0 or done == steps or stopping:
+        values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+        pending = []
+        eta = None
+        if done > timed_from:
+          step_time = (time.time() - timer) / (done - timed_from)
+          values.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
+          if peak:
+            values['mfu'] = tokens_per_step * flops / step_time / (peak * jax.device_count())
+          eta = (steps - done) * step_time
+          timed_from, timer = done, time.time()
+        writer.write(done, values)
+        logging.info(metrics_lib.progress_line(done, steps, values, eta))
+        last.update(values)
+
+      if eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
+        values = evaluate(eval_fn, state.params, eval_data, batch_sharding)
+        writer.write(done, values)
+        logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
+                     values['eval_perplexity'])
+        last.update(values)
+        timed_from, timer = done, time.time()  # keep eval time out of the step timings
+
+      if done % int(tc.checkpoint_every) == 0 or done == steps or stopping:
+        ckpt.save(done, state, train_iter)
+      if stopping:
+        logging.info('stopping at step %d (checkpoint saved)', done)
+        break
+
+  ckpt.close()
+  writer.close()
+  stop.close()
+  return last
+
+
+class _LibraryInfoFilter(pylogging.Filter):
+  """Drops INFO lines from orbax and grain (dozens per checkpoint); their warnings and errors still show."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    quiet = f'{os.sep}orbax{os.sep}' in record.pathname or f'{os.sep}grain{os.sep}' in record.pathname
+    return record.levelno >= pylogging.WARNING or not quiet
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; config values are set as --config.SECTION.KEY=VALUE')
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+  try:
+    workdir = check_workdir(_WORKDIR.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  train_and_evaluate(_CONFIG.value, workdir)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,207 @@
+"""One optimizer step: the loss, AdamW, gradient accumulation, and the sharded train state.
+
+Kept apart from the loop in `qwenjax.train` so benchmarks run the very same step with synthetic batches.
+
+A batch is a dict of `[batch, seq]` arrays: `inputs` and `targets` (int32 token ids), `weights` (float32, 0
+where the target is padding or belongs to another document), and optionally `positions` and `segment_ids`
+(packed documents; without them every row is one document starting at position 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qwenjax import model as model_lib
+from qwenjax import sharding
+
+Batch = Mapping[str, jax.Array]
+
+# Parameters that get no weight decay: norm scales and biases.
+_NO_DECAY = ('scale', 'bias')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine decay to `lr * lr_final_fraction` at `steps` (or constant)."""
+  lr, warmup, steps = float(train['lr']), int(train['warmup_steps']), int(train['steps'])
+  if train['lr_schedule'] == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
+  if train['lr_schedule'] != 'cosine':
+    raise ValueError(f"unknown train.lr_schedule {train['lr_schedule']!r}; choose 'cosine' or 'constant'")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
+      end_value=lr * float(train['lr_final_fraction']))
+
+
+def decay_mask(params: Any) -> Any:
+  """True for parameters that get weight decay: everything except norm scales and biases."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], 'key', None) not in _NO_DECAY, params)
+
+
+def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (decoupled weight decay, masked off norms and biases)."""
+  adamw = optax.adamw(
+      learning_rate_schedule(train), b1=float(train['adam_b1']), b2=float(train['adam_b2']),
+      eps=float(train['adam_eps']), weight_decay=float(train['weight_decay']), mask=decay_mask)
+  if float(train['grad_clip']) > 0:
+    return optax.chain(optax.clip_by_global_norm(float(train['grad_clip'])), adamw)
+  return adamw
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token negative log-likelihood and summed logsumexp^2 (for z-loss), in float32.
+
+  `logsumexp - logit[target]` is log-softmax at the target without materializing the whole log-softmax;
+  the one-hot product lets XLA fuse the target pick into one pass over vocab-sharded logits.
+  """
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum((lse - target_logit) * weights), jnp.sum(jnp.square(lse) * weights)
+
+
+def _sums(model: nn.Module, params: Any, batch: Batch, z_loss: float):
+  """(objective to differentiate, (nll sum, z sum, target count)) for one (micro-)batch."""
+  logits = model.apply({'params': params}, batch['inputs'], batch.get('positions'), batch.get('segment_ids'))
+  nll, z = cross_entropy(logits, batch['targets'], batch['weights'])
+  count = jnp.sum(batch['weights'].astype(jnp.float32))
+  return nll + z_loss * z, (nll, z, count)
+
+
+def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+                    train: Mapping[str, Any]) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """`train_step(state, batch) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
+
+  With `grad_accum_steps = A`, the batch is cut into A micro-batches (row i goes to micro-batch i % A, so each
+  device keeps its own rows) and their gradients are summed in a `lax.scan`. Loss and gradient are normalized
+  by the number of target tokens in the whole batch, so any A gives the same update.
+  """
+  model = model_lib.Qwen2(model_config)
+  accum = int(train['grad_accum_steps'])
+  z_loss = float(train['z_loss'])
+  schedule = learning_rate_schedule(train)
+  grad_fn = jax.value_and_grad(lambda p, b: _sums(model, p, b, z_loss), has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    if accum == 1:
+      (_, sums), grads = grad_fn(state.params, batch)
+    else:
+      def split(x):
+        rows = x.shape[0]
+        if rows % accum:
+          raise ValueError(f'batch of {rows} rows does not split into grad_accum_steps={accum} micro-batches')
+        x = x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None,) + sharding.BATCH_AXES + (None,) * (x.ndim - 3))
+
+      def body(carry, micro):
+        (_, sums), grads = grad_fn(state.params, micro)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 3)
+      (grads, sums), _ = jax.lax.scan(body, zeros, jax.tree.map(split, dict(batch)))
+    nll, z, count = sums
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': nll / denom,
+        'z_loss': z / denom,
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),
+        'lr': schedule(state.step),
+        'target_tokens': count,
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model_config: model_lib.ModelConfig) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+  """`eval_step(params, batch) -> (nll sum, target count)`."""
+  model = model_lib.Qwen2(model_config)
+
+  def eval_step(params, batch):
+    _, (nll, _, count) = _sums(model, params, batch, 0.0)
+    return nll, count
+
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sharded train state.
+#
+# Parameters are initialized with the logical axis rules switched off: under `jax.set_mesh`, flax's
+# DenseGeneral applies its 3-d kernel's constraint to the 2-d array it initializes and fails. Placement comes
+# from `out_shardings` instead.
+
+def _abstract_params(model_config: model_lib.ModelConfig):
+  with nn.logical_axis_rules(()):
+    return model_lib.abstract_params(model_config)
+
+
+def state_shardings(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, rules: sharding.Rules) -> TrainState:
+  """NamedShardings of every leaf of the train state: optimizer moments follow their parameters."""
+  boxed = _abstract_params(model_config)
+  params = sharding.param_shardings(boxed, mesh, rules)
+  abstract_opt = jax.eval_shape(tx.init, sharding.strip_boxes(boxed))
+  replicated = sharding.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+                              transform_non_params=lambda _: replicated,
+                              is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  return TrainState(step=replicated, params=params, opt_state=opt)
+
+
+def abstract_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+                   shardings: TrainState) -> TrainState:
+  """The train state as ShapeDtypeStructs carrying their shardings (what checkpoint restore fills in)."""
+  params = sharding.strip_boxes(_abstract_params(model_config))
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(tx.init, params))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def create_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
+                 rng: jax.Array | None = None, params: Any = None) -> TrainState:
+  """A new train state, each array created directly in its sharding (never whole on one device).
+
+  Random parameters from `rng`, or `params` (host numpy arrays, e.g. from a Hugging Face checkpoint), which
+  are cast to `model_config.param_dtype` and placed shard by shard.
+  """
+  if params is None:
+    model = model_lib.Qwen2(model_config)
+
+    def init(rng):
+      ids = jnp.zeros((1, 8), jnp.int32)
+      with nn.logical_axis_rules(()):
+        p = nn.unbox(model.init(rng, ids)['params'])
+      return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+  dtype = jnp.dtype(model_config.param_dtype)
+
+  def place(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x[index], dtype=dtype))
+
+  params = jax.tree.map(place, params, shardings.params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step=step, params=params, opt_state=opt_state)

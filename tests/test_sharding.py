@@ -1,0 +1,138 @@
+"""Mesh construction, logical axis rules, and the same training numbers on every mesh (8 fake CPU devices)."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from qwenjax import config as config_lib
+from qwenjax import model as model_lib
+from qwenjax import sharding
+from qwenjax import train_step
+
+MODEL = model_lib.ModelConfig(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, use_sliding_window=True, sliding_window=12, max_window_layers=1,
+    attention_impl='xla')
+BATCH, SEQ = 8, 32
+
+
+def mesh_config(data, fsdp, tensor):
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=sharding.DEFAULT_RULES))
+
+
+def test_mesh_sizes_resolve_and_errors_name_the_device_count():
+  assert sharding.mesh_shape(mesh_config(2, -1, 2), 8) == (2, 2, 2)
+  assert sharding.make_mesh(mesh_config(1, -1, 1)).shape == {'data': 1, 'fsdp': 8, 'tensor': 1}
+  with pytest.raises(ValueError, match=r'multiply to 4 but there are 8 devices.*product is 8'):
+    sharding.make_mesh(mesh_config(2, 2, 1))
+  with pytest.raises(ValueError, match='does not divide the 8 devices'):
+    sharding.mesh_shape(mesh_config(3, -1, 1), 8)
+  with pytest.raises(ValueError, match='at most one may be -1'):
+    sharding.mesh_shape(mesh_config(-1, -1, 1), 8)
+
+
+def test_rules_leave_unsharded_what_the_mesh_does_not_divide():
+  mesh = sharding.make_mesh(mesh_config(1, 2, 4))
+  rules = dict(sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, MODEL))  # 2 kv heads, tensor=4
+  assert rules['kv_heads'] is None and rules['activation_kv_heads'] is None
+  assert rules['heads'] == 'tensor' and rules['activation_batch'] == ('data', 'fsdp')
+  with pytest.raises(ValueError, match='names mesh axes'):
+    sharding.logical_axis_rules((('embed', 'model'),), mesh, MODEL)
+
+
+def test_param_shardings_follow_logical_names():
+  mesh = sharding.make_mesh(mesh_config(2, 2, 2))
+  rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, MODEL)
+  tx = train_step.make_optimizer(config_lib.train_section())
+  shardings = train_step.state_shardings(dataclasses.replace(MODEL, scan_layers=True), tx, mesh, rules)
+  specs = jax.tree.map(lambda s: tuple(s.spec), shardings.params)
+  assert specs['embed_tokens'] == ('tensor', 'fsdp')
+  assert specs['layers']['self_attn']['q_proj']['kernel'] == (None, 'fsdp', 'tensor', None)
+  assert specs['layers']['mlp']['down_proj']['kernel'] == (None, 'tensor', 'fsdp')
+  assert specs['norm']['scale'] in ((), (None,))
+  # Adam moments are sharded like their parameters.
+  mu = shardings.opt_state[1][0].mu
+  assert tuple(mu['layers']['mlp']['up_proj']['kernel'].spec) == (None, 'fsdp', 'tensor')
+  assert sharding.batch_shards(mesh, rules) == 4
+
+
+def _batch(rng):
+  """Two documents per row (boundary at a random place) so segment masking matters."""
+  tokens = rng.integers(0, MODEL.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+  cut = rng.integers(5, SEQ - 5, (BATCH, 1))
+  col = np.arange(SEQ + 1)[None]
+  segments = np.where(col < cut, 1, 2).astype(np.int32)
+  positions = np.where(col < cut, col, col - cut).astype(np.int32)
+  weights = (segments[:, 1:] == segments[:, :-1]).astype(np.float32)
+  weights[-1, -7:] = 0  # some padding
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'positions': positions[:, :-1],
+          'segment_ids': segments[:, :-1], 'weights': weights}
+
+
+@pytest.fixture(scope='module')
+def setup():
+  params = jax.device_get(model_lib.init_params(MODEL, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  first, second = _batch(rng), _batch(rng)
+  return params, [first, second, first]
+
+
+def run_steps(params, batches, mesh_sizes, grad_accum_steps=1):
+  """Three train steps from the given host params on a mesh; returns the losses and grad norms."""
+  train = config_lib.train_section()
+  train.update(lr=1e-3, warmup_steps=1, steps=10, grad_accum_steps=grad_accum_steps, z_loss=1e-4)
+  mesh = sharding.make_mesh(mesh_config(*mesh_sizes))
+  rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, MODEL)
+  tx = train_step.make_optimizer(train)
+  shardings = train_step.state_shardings(MODEL, tx, mesh, rules)
+  state = train_step.create_state(MODEL, tx, shardings, params=params)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  out = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(train_step.make_train_step(MODEL, tx, train), in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
+    for batch in batches:
+      state, metrics = step(state, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()})
+      out.append((float(metrics['loss']), float(metrics['grad_norm'])))
+  # The state stayed in its shardings across steps (donation + out_shardings).
+  assert state.params['embed_tokens'].sharding == shardings.params['embed_tokens']
+  return np.array(out)
+
+
+@pytest.fixture(scope='module')
+def reference(setup):
+  return run_steps(*setup, (8, 1, 1))
+
+
+@pytest.mark.parametrize('mesh_sizes,accum', [((1, 8, 1), 1), ((2, 2, 2), 1), ((1, 4, 2), 1), ((8, 1, 1), 2)])
+def test_same_losses_on_every_mesh(setup, reference, mesh_sizes, accum):
+  losses = run_steps(*setup, mesh_sizes, grad_accum_steps=accum)
+  assert reference[0, 0] > 5.0  # random init on 256 tokens: about ln(256) = 5.5
+  assert reference[2, 0] < reference[0, 0]  # step 3 sees step 1's batch again: the updates fit it
+  np.testing.assert_allclose(losses[:, 0], reference[:, 0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(losses[:, 1], reference[:, 1], rtol=1e-4)
+
+
+def test_loss_ignores_masked_targets():
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 11))
+  targets = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+  weights = jnp.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 1]], jnp.float32)
+  nll, _ = train_step.cross_entropy(logits, targets, weights)
+  logp = jax.nn.log_softmax(logits)
+  expected = -sum(float(logp[b, s, targets[b, s]]) for b in range(2) for s in range(5) if weights[b, s])
+  np.testing.assert_allclose(float(nll), expected, rtol=1e-6)
+  changed = logits.at[0, 2].set(100.0).at[1, 0].set(-50.0)  # masked positions: no effect
+  np.testing.assert_allclose(float(train_step.cross_entropy(changed, targets, weights)[0]), expected, rtol=1e-6)
+
+
+def test_weight_decay_skips_norms_and_biases():
+  params = jax.device_get(model_lib.init_params(MODEL, jax.random.key(0)))
+  mask = train_step.decay_mask(params)
+  assert mask['layers_0']['mlp']['up_proj']['kernel'] and mask['embed_tokens']
+  assert not mask['norm']['scale'] and not mask['layers_1']['self_attn']['q_proj']['bias']
+  assert not mask['layers_0']['input_layernorm']['scale']
