@@ -1,0 +1,23 @@
+"""Qwen2-57B-A14B (Qwen/Qwen2-57B-A14B): 57,408,658,944 parameters.
+
+64 routed experts (top-8) plus a shared expert in every layer.
+
+The count matches `transformers.Qwen2MoeForCausalLM` built from the same config (tests/test_moe.py).
+`output_router_logits=True` turns on the load-balancing loss for training (the hub config has it off).
+"""
+
+from qwenjax.config import base_config, model_section
+
+
+def get_config():
+  config = base_config()
+  config.model = model_section(
+      vocab_size=151936, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+      rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+      use_sliding_window=False, sliding_window=131072, max_window_layers=28,
+      num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560, shared_expert_intermediate_size=20480,
+      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=(),
+      router_aux_loss_coef=0.001, output_router_logits=True,
+      dtype='bfloat16', scan_layers=True, remat_policy='dots_with_no_batch_dims_saveable')
+  return config
