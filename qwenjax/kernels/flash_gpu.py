@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from jax import lax
 
 LOG2E = math.log2(math.e)
-# Finite mask value: a row that sees no key in a block gets exp2(0) garbage that the first visible key wipes
-# (alpha = exp2(MASK - m) = 0); every row sees at least its own diagonal key, so the result stays exact.
-MASK_VALUE = -1e30
+# Masked scores are -inf. A row with no visible key in a block keeps a running max of -inf; kernels then
+# subtract 0 instead (`safe_max`), so exp2 gives exact zeros. A large finite mask value is not safe: with
+# the scale folded into an FMA, exp2(s * c - m) sees the rounding error of MASK * c, which can overflow.
+MASK_VALUE = -math.inf
 
 BACKENDS = ('mosaic', 'triton')
 
@@ -48,7 +49,9 @@ class BlockSizes:
   block_kv_dq: int = 64  # dQ: keys per pipeline step
   block_q_dkv: int = 64  # dK/dV: query rows per pipeline step
   block_kv_dkv: int = 64  # dK/dV: keys per warpgroup / program
-  stages: int = 2  # Mosaic: pipeline depth of the producer warpgroup
+  stages: int = 2  # Mosaic forward: pipeline depth (K/V slots) of the producer warpgroup
+  stages_bwd: int = 2  # Mosaic dQ and dK/dV: pipeline depth
+  pingpong_bwd: bool = False  # Mosaic dQ and dK/dV: alternate the two warpgroups' matmuls (as the forward)
 
   def seq_multiple(self, backend: str) -> int:
     """Sequence lengths are padded to a multiple of this."""
@@ -63,8 +66,9 @@ INTERPRET_BLOCK_SIZES = BlockSizes(block_q=16, block_kv=16, block_kv_dq=16, bloc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Block ranges. All arguments are non-negative int32 scalars (traced inside kernels) or Python ints.
-# `window=None` means plain causal. Sequence length is a multiple of every block size.
+# Block ranges. Arguments are non-negative int32 scalars traced inside kernels; bounds that do not depend on
+# them stay Python ints (see `fori`). `window=None` means plain causal. Sequence length is a multiple of
+# every block size.
 
 
 def _cdiv(a, b):
@@ -75,17 +79,31 @@ def _clip(x, lo, hi):
   return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
+def is_static(x) -> bool:
+  return isinstance(x, int)
+
+
+def fori(lo, hi, body, carry):
+  """`lax.fori_loop` that drops loops with static, empty bounds (Mosaic GPU cannot lower empty scans)."""
+  if is_static(lo) and is_static(hi) and lo >= hi:
+    return carry
+  return lax.fori_loop(lo, hi, body, carry)
+
+
+def safe_max(m):
+  """Running max to subtract inside exp2: 0 for rows that have seen no visible key yet (m = -inf)."""
+  return jnp.where(m == -jnp.inf, 0.0, m)
+
+
 def kv_block_range(q_start, q_rows: int, block_kv: int, window: int | None):
   """Key blocks [lo, hi) holding any key that query rows [q_start, q_start + q_rows) may see."""
-  q_start = jnp.asarray(q_start, jnp.int32)
   lo = 0 if window is None else lax.div(jnp.maximum(q_start - (window - 1), 0), block_kv)
   hi = _cdiv(q_start + q_rows, block_kv)
-  return jnp.asarray(lo, jnp.int32), hi
+  return lo, hi
 
 
 def kv_full_range(q_start, q_rows: int, block_kv: int, window: int | None, lo, hi):
   """Sub-range [f_lo, f_hi) of [lo, hi) whose every (query, key) pair is visible: no mask needed."""
-  q_start = jnp.asarray(q_start, jnp.int32)
   if window is None:
     f_lo = lo
   else:
@@ -96,10 +114,9 @@ def kv_full_range(q_start, q_rows: int, block_kv: int, window: int | None, lo, h
 
 def q_block_range(k_start, k_rows: int, block_q: int, window: int | None, num_q_blocks: int):
   """Query blocks [lo, hi) holding any query that sees a key in [k_start, k_start + k_rows)."""
-  k_start = jnp.asarray(k_start, jnp.int32)
   lo = lax.div(k_start, block_q)
   if window is None:
-    hi = jnp.asarray(num_q_blocks, jnp.int32)
+    hi = num_q_blocks
   else:
     hi = jnp.minimum(lax.div(k_start + (k_rows - 1) + (window - 1), block_q) + 1, num_q_blocks)
   return lo, hi
@@ -107,7 +124,6 @@ def q_block_range(k_start, k_rows: int, block_q: int, window: int | None, num_q_
 
 def q_full_range(k_start, k_rows: int, block_q: int, window: int | None, lo, hi):
   """Sub-range [f_lo, f_hi) of [lo, hi) whose every (query, key) pair is visible."""
-  k_start = jnp.asarray(k_start, jnp.int32)
   f_lo = _clip(_cdiv(k_start + (k_rows - 1), block_q), lo, hi)
   if window is None:
     f_hi = hi

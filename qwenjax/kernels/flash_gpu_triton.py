@@ -70,17 +70,18 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
         k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if has_seg else None
         s = jnp.where(fg.visible(q_pos, k_pos, window, q_seg, k_seg), s, fg.MASK_VALUE)
       m_new = jnp.maximum(m, s.max(axis=1))
-      alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s - m_new[:, None])
+      m_use = fg.safe_max(m_new) if masked else m_new
+      alpha = jnp.exp2(m - m_use)
+      p = jnp.exp2(s - m_use[:, None])
       l = l * alpha + p.sum(axis=1)
       pv = _dot(p.astype(v_ref.dtype), v_ref[pl.ds(start, bkv), :], _NN, precision)
       return acc * alpha[:, None] + pv, m_new, l
 
     carry = (jnp.zeros((bq, head_dim), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    carry = lax.fori_loop(lo, f_lo, lambda j, c: step(j, c, True), carry)
-    carry = lax.fori_loop(f_lo, f_hi, lambda j, c: step(j, c, False), carry)
-    acc, m, l = lax.fori_loop(f_hi, hi, lambda j, c: step(j, c, True), carry)
+    carry = fg.fori(lo, f_lo, lambda j, c: step(j, c, True), carry)
+    carry = fg.fori(f_lo, f_hi, lambda j, c: step(j, c, False), carry)
+    acc, m, l = fg.fori(f_hi, hi, lambda j, c: step(j, c, True), carry)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log2(l)
 
@@ -145,9 +146,9 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
       return dq + _dot(ds.astype(ks.dtype), ks, _NN, precision)
 
     dq = jnp.zeros((bq, head_dim), jnp.float32)
-    dq = lax.fori_loop(lo, f_lo, lambda j, c: step(j, c, True), dq)
-    dq = lax.fori_loop(f_lo, f_hi, lambda j, c: step(j, c, False), dq)
-    dq = lax.fori_loop(f_hi, hi, lambda j, c: step(j, c, True), dq)
+    dq = fg.fori(lo, f_lo, lambda j, c: step(j, c, True), dq)
+    dq = fg.fori(f_lo, f_hi, lambda j, c: step(j, c, False), dq)
+    dq = fg.fori(f_hi, hi, lambda j, c: step(j, c, True), dq)
     dq_ref[...] = (dq * (1 / math.sqrt(head_dim))).astype(dq_ref.dtype)
 
   row_spec = pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0))
@@ -205,12 +206,12 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
 
     def head_loop(g, carry):
       head = kv_head * groups + g
-      carry = lax.fori_loop(lo, f_lo, lambda i, c: step(i, c, head, True), carry)
-      carry = lax.fori_loop(f_lo, f_hi, lambda i, c: step(i, c, head, False), carry)
-      return lax.fori_loop(f_hi, hi, lambda i, c: step(i, c, head, True), carry)
+      carry = fg.fori(lo, f_lo, lambda i, c: step(i, c, head, True), carry)
+      carry = fg.fori(f_lo, f_hi, lambda i, c: step(i, c, head, False), carry)
+      return fg.fori(f_hi, hi, lambda i, c: step(i, c, head, True), carry)
 
     zeros = jnp.zeros((bkv, head_dim), jnp.float32)
-    dk, dv = lax.fori_loop(0, groups, head_loop, (zeros, zeros))
+    dk, dv = fg.fori(0, groups, head_loop, (zeros, zeros))
     dk_ref[...] = (dk * (1 / math.sqrt(head_dim))).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 

@@ -1,0 +1,247 @@
+"""Checks and times qwenjax's Pallas GPU flash attention against cuDNN, XLA and JAX's stock Pallas kernel.
+
+Run on an H100 (jax with CUDA):
+
+    python benchmarks/attention_gpu.py --check            # correctness on fresh random bf16/fp32 inputs
+    python benchmarks/attention_gpu.py --bench --out DIR  # the issue-5 timing table (markdown, last)
+
+Shape of the table: B=1, 28 query heads, 4 KV heads, head_dim 128, window 4096, bf16, seq 8k/16k/32k. Useful
+TFLOP/s count only the visible band: fwd = 4 * B * Hq * D * band_pairs, fwd+bwd = 3.5 x fwd. Times are medians
+of `--iters` calls after warm-up, each ended by `jax.block_until_ready`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qwenjax.attention import xla_attention  # pylint: disable=g-import-not-at-top
+from qwenjax.kernels import flash_gpu  # pylint: disable=g-import-not-at-top
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _inputs(key, batch, seq, q_heads, kv_heads, head_dim, dtype, segments=False):
+  ks = jax.random.split(key, 5)
+  q = jax.random.normal(ks[0], (batch, seq, q_heads, head_dim), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (batch, seq, kv_heads, head_dim), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (batch, seq, kv_heads, head_dim), jnp.float32).astype(dtype)
+  do = jax.random.normal(ks[3], (batch, seq, q_heads, head_dim), jnp.float32).astype(dtype)
+  seg = None
+  if segments:  # documents of random lengths, boundaries anywhere (also inside blocks)
+    seg = jnp.cumsum(jax.random.bernoulli(ks[4], 4.0 / seq, (batch, seq)), axis=1).astype(jnp.int32)
+  return q, k, v, do, seg
+
+
+def _blocks(args) -> flash_gpu.BlockSizes:
+  return flash_gpu.BlockSizes(**json.loads(args.blocks)) if args.blocks else flash_gpu.BlockSizes()
+
+
+def check(args) -> bool:
+  """Kernel vs the XLA reference on fp32-upcast inputs: outputs and q/k/v gradients."""
+  cases = [
+      # batch, seq, q_heads, kv_heads, head_dim, window, segments, dtype, backend
+      (1, 2048, 28, 4, 128, 4096, False, jnp.bfloat16, 'mosaic'),  # window > seq
+      (2, 1000, 14, 2, 128, 300, False, jnp.bfloat16, 'mosaic'),  # odd length, window
+      (1, 1536, 7, 7, 64, 37, False, jnp.bfloat16, 'mosaic'),  # window < block, GQA 1, d=64
+      (2, 777, 14, 2, 128, 200, True, jnp.bfloat16, 'mosaic'),  # packed documents
+      (1, 1024, 8, 4, 64, None, True, jnp.float16, 'mosaic'),  # causal, fp16, documents
+      (1, 1000, 4, 2, 128, 100, True, jnp.float32, 'triton'),  # fp32 path
+      (1, 512, 4, 2, 64, 70, False, jnp.bfloat16, 'triton'),
+  ]
+  ok = True
+  results = []
+  for i, (b, s, hq, hkv, d, w, segs, dtype, backend) in enumerate(cases):
+    if args.cases and i not in args.cases:
+      continue
+    t0 = time.perf_counter()
+    q, k, v, do, seg = _inputs(jax.random.key(1000 + i + int(time.time())), b, s, hq, hkv, d, dtype, segs)
+    try:
+      fn = functools.partial(flash_gpu.flash_attention, sliding_window=w, segment_ids=seg, backend=backend,
+                             block_sizes=_blocks(args) if backend == 'mosaic' else None)
+      ref_fn = functools.partial(xla_attention, sliding_window=w, segment_ids=seg)
+
+      @jax.jit
+      def ours(q, k, v, do):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(do)
+
+      @jax.jit
+      def reference(q, k, v, do):
+        up = lambda x: x.astype(jnp.float32)
+        with jax.default_matmul_precision('highest'):
+          out, vjp = jax.vjp(ref_fn, up(q), up(k), up(v))
+          return out, vjp(up(do))
+
+      out, grads = jax.block_until_ready(ours(q, k, v, do))
+      ref, ref_grads = reference(q, k, v, do)
+      errs = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+      finite = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (out, *grads))
+      tol = 1e-4 if dtype == jnp.float32 else 2e-2
+      passed = finite and max(errs) < tol
+    except Exception as e:  # pylint: disable=broad-except
+      errs, passed = [repr(e)[:400]], False
+    ok &= passed
+    line = dict(case=i, blocks=args.blocks, b=b, s=s, hq=hq, hkv=hkv, d=d, window=w, segments=segs, dtype=jnp.dtype(dtype).name,
+                backend=backend, errors_out_dq_dk_dv=errs, passed=passed,
+                seconds=round(time.perf_counter() - t0, 1))
+    results.append(line)
+    print(json.dumps(line), flush=True)
+  if args.out:
+    with open(os.path.join(args.out, 'check.json'), 'w') as f:
+      json.dump(results, f, indent=1)
+  print('CHECK', 'PASSED' if ok else 'FAILED', flush=True)
+  return ok
+
+
+def _time(fn, *args, iters: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _impls(window, blocks):
+  """name -> attention(q, k, v) over [b, s, h, d] inputs (K/V with kv_heads)."""
+  def ours(q, k, v):
+    return flash_gpu.flash_attention(q, k, v, sliding_window=window, block_sizes=blocks)
+
+  def cudnn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window - 1, 0),
+                                        implementation='cudnn')
+
+  def xla(q, k, v):
+    return xla_attention(q, k, v, sliding_window=window)
+
+  def stock(q, k, v):
+    from jax.experimental.pallas.ops.gpu import attention as stock_attention  # pylint: disable=g-import-not-at-top
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    return stock_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True)
+
+  return {'ours (Pallas Mosaic GPU)': ours, 'cuDNN': cudnn, 'XLA masked reference': xla,
+          'stock Pallas mha (Triton, causal only, no window)': stock}
+
+
+VARIANTS = (
+    {},
+    {'stages_bwd': 3},
+    {'pingpong_bwd': True},
+    {'pingpong_bwd': True, 'stages_bwd': 3},
+)
+
+
+def tune(args) -> flash_gpu.BlockSizes:
+  """Times our fwd+bwd at the longest sequence for a few block configurations; returns the fastest."""
+  batch, q_heads, kv_heads, head_dim, window = 1, 28, 4, 128, 4096
+  seq = max(args.seqs)
+  q, k, v, do, _ = _inputs(jax.random.key(7), batch, seq, q_heads, kv_heads, head_dim, jnp.bfloat16)
+  best, best_t, log = None, float('inf'), []
+  for variant in VARIANTS:
+    if args.safe and variant.get('pingpong_bwd'):
+      continue
+    blocks = flash_gpu.BlockSizes(**variant)
+    fn = functools.partial(flash_gpu.flash_attention, sliding_window=window, block_sizes=blocks)
+    f = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
+    try:
+      t = _time(f, q, k, v, do, iters=args.iters)
+    except Exception as e:  # pylint: disable=broad-except
+      print('variant', variant, 'failed:', repr(e)[:300], flush=True)
+      continue
+    log.append(dict(variant=variant, seq=seq, fwd_bwd_ms=t * 1e3))
+    print(json.dumps(log[-1]), flush=True)
+    if t < best_t:
+      best, best_t = blocks, t
+  if args.out:
+    with open(os.path.join(args.out, 'tune.json'), 'w') as f:
+      json.dump(log, f, indent=1)
+  return best
+
+
+def bench(args, blocks=None):
+  batch, q_heads, kv_heads, head_dim, window = 1, 28, 4, 128, 4096
+  if blocks is None:
+    blocks = _blocks(args)
+  rows, results = [], []
+  for seq in args.seqs:
+    q, k, v, do, _ = _inputs(jax.random.key(seq), batch, seq, q_heads, kv_heads, head_dim, jnp.bfloat16)
+    fwd_flops = 4 * batch * q_heads * head_dim * flash_gpu.band_pairs(seq, window)
+    for name, fn in _impls(window, blocks).items():
+      if args.only and not any(o in name for o in args.only):
+        continue
+      entry = dict(seq=seq, impl=name)
+      fwd = jax.jit(fn)
+      fwd_bwd = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
+      for label, f, a, flops in (('fwd', fwd, (q, k, v), fwd_flops),
+                                 ('fwd+bwd', fwd_bwd, (q, k, v, do), 3.5 * fwd_flops)):
+        try:
+          t = _time(f, *a, iters=args.iters)
+          entry[label + '_ms'] = t * 1e3
+          entry[label + '_tflops'] = flops / t / 1e12
+        except Exception as e:  # pylint: disable=broad-except
+          msg = repr(e)
+          entry[label + '_error'] = 'OOM' if 'RESOURCE_EXHAUSTED' in msg or 'out of memory' in msg else msg[:300]
+      print(json.dumps(entry), flush=True)
+      results.append(entry)
+  if args.out:
+    with open(os.path.join(args.out, 'bench.json'), 'w') as f:
+      json.dump(dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind), blocks=str(blocks),
+                     results=results), f, indent=1)
+
+  def cell(e, label):
+    if label + '_ms' in e:
+      return f"{e[label + '_ms']:.2f} ms / {e[label + '_tflops']:.0f}"
+    return e.get(label + '_error', '-')[:40]
+
+  print(f'\njax {jax.__version__}, {jax.devices()[0].device_kind}, blocks {blocks}')
+  print('| seq | implementation | fwd (ms / useful TF/s) | fwd+bwd (ms / useful TF/s) |')
+  print('| --- | --- | --- | --- |')
+  for e in results:
+    rows.append(f"| {e['seq']} | {e['impl']} | {cell(e, 'fwd')} | {cell(e, 'fwd+bwd')} |")
+  print('\n'.join(rows), flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--check', action='store_true')
+  parser.add_argument('--bench', action='store_true')
+  parser.add_argument('--tune', action='store_true', help='pick our block sizes first (fwd+bwd, longest seq)')
+  parser.add_argument('--safe', action='store_true', help='tune without the ping-pong variants')
+  parser.add_argument('--cases', type=int, nargs='*', help='check only these case indices')
+  parser.add_argument('--seqs', type=int, nargs='+', default=[8192, 16384, 32768])
+  parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--only', nargs='*', help='substrings of implementation names to time')
+  parser.add_argument('--blocks', help='JSON of flash_gpu.BlockSizes fields for ours')
+  parser.add_argument('--out', default=os.environ.get('OUT'))
+  args = parser.parse_args()
+  print('jax', jax.__version__, jax.devices(), flush=True)
+  ok = True
+  if args.check:
+    ok = check(args)
+  blocks = tune(args) if args.tune else None
+  if args.bench:
+    bench(args, blocks)
+  sys.exit(0 if ok else 1)
+
+
+if __name__ == '__main__':
+  main()
