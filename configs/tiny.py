@@ -18,6 +18,7 @@ def get_config():
   config.data.seq_len = 256
   config.data.vocab_size = 4096
   config.data.tokenizer_sentences = 100_000
+  config.data.shuffle_window = 4096  # rows: ~1M tokens, so batches mix ~100 stdlib files
   config.train.steps = 600
   config.train.batch_size = 8
   config.train.lr = 2e-3

@@ -38,6 +38,33 @@ class _IteratorSnapshot:
     return self._state
 
 
+class _IteratorRestorer:
+  """Receives the saved iterator state from grain's orbax handler and sets it on the real iterator.
+
+  grain 0.2.18's ConcatThenSplit packer keeps `remainder_slices` as tuples and compares them with a tuple
+  sentinel; the JSON round trip turns them into lists, so a restored packer mistakes "no remainder" for an
+  empty one and drops a document. The tuples are put back here.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._iterator = iterator
+
+  def set_state(self, state: bytes) -> None:
+    self._iterator.set_state(_slices_as_tuples(json.loads(state)))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def _slices_as_tuples(state: Any) -> Any:
+  if isinstance(state, dict):
+    return {k: ({n: tuple(s) for n, s in v.items()} if k == 'remainder_slices' and isinstance(v, dict)
+                else _slices_as_tuples(v)) for k, v in state.items()}
+  if isinstance(state, list):
+    return [_slices_as_tuples(v) for v in state]
+  return state
+
+
 def _path(key_path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in key_path)
 
@@ -74,7 +101,8 @@ class Checkpointer:
 
   def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(self.directory, options=options)
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -95,13 +123,15 @@ class Checkpointer:
       where = f'checkpoint {os.path.join(self.directory, str(step))}'
       try:
         saved = self._manager.item_metadata(step)['state']
+        if saved is None:
+          raise ValueError('no metadata for the train state')
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
         continue
       check_shapes(saved, abstract_state, where)  # a mismatch is the user's config, not corruption: raise
       try:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+                                  data=grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iterator)))
         restored = self._manager.restore(step, args=args)
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)

@@ -12,6 +12,7 @@ Files under `configs/` call `base_config()` and override what differs, e.g. `con
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import ml_collections
 from ml_collections import config_dict
@@ -46,7 +47,7 @@ def data_section() -> ml_collections.ConfigDict:
       tokenizer='train',  # path of a sentencepiece .model, or 'train': BPE trained on train_files at first run
       vocab_size=32000,  # pieces of the tokenizer trained when tokenizer='train'
       tokenizer_sentences=200_000,  # at most this many lines feed tokenizer training (keeps it to seconds)
-      shuffle_window=256,  # packed rows shuffled together so a batch mixes documents; 0: off
+      shuffle_window=512,  # packed rows shuffled together so batches mix documents (aim for ~1M tokens); 0: off
       read_threads=2,  # threads reading and tokenizing documents ahead of the step
   ))
 
@@ -83,6 +84,14 @@ def mesh_section() -> ml_collections.ConfigDict:
       data=1, fsdp=-1, tensor=1,
       rules=sharding.DEFAULT_RULES,  # (logical axis name, mesh axis / axes / None) pairs
   ))
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file such as `configs/tiny.py` (what `--config=PATH` loads)."""
+  spec = importlib.util.spec_from_file_location(f'_qwenjax_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def base_config() -> ml_collections.ConfigDict:

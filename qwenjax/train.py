@@ -14,9 +14,11 @@ loop: step, log, evaluate, checkpoint. The step itself is `qwenjax.train_step`; 
 
 from __future__ import annotations
 
+import difflib
 import logging as pylogging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -31,6 +33,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from qwenjax import checkpoint
+from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import metrics as metrics_lib
 from qwenjax import sharding
@@ -246,6 +249,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return last
 
 
+def config_override_error(argv: list[str]) -> str | None:
+  """A clear message if a `--config.KEY=VALUE` argument names a key the config file does not have.
+
+  ml_collections would raise a bare AttributeError deep in flag parsing; this check runs first.
+  """
+  config_path = None
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      config_path = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      config_path = argv[i + 1]
+  if not config_path:
+    return None
+  if not os.path.exists(config_path) and ':' in config_path:
+    config_path = config_path.split(':', 1)[0]
+  if not os.path.exists(config_path):
+    return f'--config={config_path}: no such file (give a config file such as configs/tiny.py)'
+  config = config_lib.load(config_path)
+  for arg in argv:
+    name = arg.lstrip('-').split('=', 1)[0]
+    if name.startswith('noconfig.'):
+      name = name[2:]
+    if not name.startswith('config.'):
+      continue
+    node, parts = config, name.split('.')[1:]
+    for depth, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict):
+        break  # indexing into a tuple or a value: left to ml_collections
+      if part not in node:
+        section = '.'.join(['config'] + parts[:depth])
+        keys = sorted(node.keys())
+        close = difflib.get_close_matches(part, keys, n=1)
+        hint = f' Did you mean {section}.{close[0]}?' if close else ''
+        return (f'unknown config key in {arg}: {section} has no key {part!r}.{hint} Its keys are: '
+                f'{", ".join(keys)}.')
+      node = node[part]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a clear error for unknown config keys."""
+  error = config_override_error(argv)
+  if error:
+    sys.stderr.write(f'error: {error}\n')
+    sys.exit(2)
+  return app.parse_flags_with_usage(argv)
+
+
 class _LibraryInfoFilter(pylogging.Filter):
   """Drops INFO lines from orbax and grain (dozens per checkpoint); their warnings and errors still show."""
 
@@ -269,4 +320,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

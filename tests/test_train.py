@@ -1,0 +1,201 @@
+"""The training job end to end on 8 fake CPU devices: learning, exact resume, checkpoint fallback, errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from qwenjax import checkpoint
+from qwenjax import config as config_lib
+from qwenjax import data
+from qwenjax import train
+
+TINY = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
+
+
+def small_config(**train_overrides):
+  """configs/tiny.py shrunk so a step takes milliseconds: 2 layers of width 128, 512-token vocabulary."""
+  config = config_lib.load(TINY)
+  config.model.update(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, sliding_window=16, max_window_layers=1)
+  config.data.update(seq_len=64, vocab_size=512, tokenizer_sentences=20_000, shuffle_window=4096)
+  config.train.update(batch_size=16, lr=3e-3, warmup_steps=20, steps=300, log_every=50, eval_every=0,
+                      eval_steps=4, checkpoint_every=1000)
+  config.train.update(train_overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def tokenizer_file(tmp_path_factory):
+  """A 512-piece tokenizer trained once on the built-in corpus, shared by the runs below."""
+  path = str(tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model')
+  source, _ = data.sources({'train_files': '', 'eval_files': '', 'text_key': 'text'})
+  data.train_tokenizer(source, path, vocab_size=512, max_sentences=20_000)
+  return path
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def losses(records):
+  """{step: loss}; later lines win (a resumed run repeats steps after its last checkpoint)."""
+  return {r['step']: r['loss'] for r in records if 'loss' in r}
+
+
+def test_training_on_the_default_corpus_beats_the_unigram_entropy(tmp_path):
+  config = small_config()  # tokenizer='train': trained on the stdlib files into the workdir
+  workdir = str(tmp_path / 'run')
+  final = train.train_and_evaluate(config, workdir)
+
+  # The unigram entropy of the eval targets: the loss of the best model that ignores context.
+  tokenizer = data.load_tokenizer(os.path.join(workdir, 'tokenizer.model'), 512)
+  _, eval_source = data.sources(config.data)
+  batches = data.eval_batches(eval_source, tokenizer, seq_len=64, batch_size=16, num_batches=4)
+  targets = np.concatenate([b['targets'][b['weights'] > 0] for b in batches])
+  p = np.bincount(targets, minlength=512) / len(targets)
+  unigram_entropy = float(-np.sum(p[p > 0] * np.log(p[p > 0])))
+
+  records = read_metrics(workdir)
+  print(f'eval loss {final["eval_loss"]:.3f}, unigram entropy {unigram_entropy:.3f}, train losses '
+        f'{[round(r["loss"], 3) for r in records if "loss" in r]}')
+  assert records[0]['loss'] > records[-2]['loss'] + 1.0  # steps 1-50 vs 251-300
+  assert final['eval_tokens'] == len(targets)
+  assert final['eval_loss'] < unigram_entropy - 0.6, (final['eval_loss'], unigram_entropy)
+  assert abs(final['eval_perplexity'] - np.exp(final['eval_loss'])) < 1e-3 * final['eval_perplexity']
+  # Logged fields, a TensorBoard event file, the final checkpoint.
+  assert {'step', 'loss', 'lr', 'grad_norm', 'tokens_per_sec', 'step_time'} <= set(records[-2])
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  assert checkpoint.Checkpointer(workdir, 3).all_steps() == [300]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, tokenizer_file):
+  """Six steps straight through, checkpoints at 2, 4, 6."""
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  config = small_config(steps=6, log_every=1, checkpoint_every=2, warmup_steps=2)
+  config.data.tokenizer = tokenizer_file
+  train.train_and_evaluate(config, workdir)
+  return config, workdir, losses(read_metrics(workdir))
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, uninterrupted):
+  config, _, expected = uninterrupted
+  workdir = str(tmp_path)
+  train.train_and_evaluate(config, workdir, stop_after=3)  # as if preempted after step 3
+  assert checkpoint.Checkpointer(workdir, 3).all_steps() == [2, 3]
+  train.train_and_evaluate(config, workdir)
+  got = losses(read_metrics(workdir))
+  assert sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in range(4, 7)], [expected[s] for s in range(4, 7)], rtol=0,
+                             atol=1e-6)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted, caplog):
+  config, source_dir, expected = uninterrupted
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(source_dir, workdir)
+  os.remove(os.path.join(workdir, 'metrics.jsonl'))
+  data_dir = os.path.join(workdir, 'checkpoints', '6', 'state', 'ocdbt.process_0', 'd')
+  for name in os.listdir(data_dir):  # a write that never finished: the array data is gone
+    os.remove(os.path.join(data_dir, name))
+  train.train_and_evaluate(config, workdir)
+  assert 'checkpoint at step 6 cannot be read' in caplog.text
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_corrupt', '6'))
+  got = losses(read_metrics(workdir))
+  assert sorted(got) == [5, 6]  # resumed from step 4
+  np.testing.assert_allclose([got[5], got[6]], [expected[5], expected[6]], rtol=0, atol=1e-6)
+
+
+def test_checkpoint_of_another_model_shape_names_the_parameter(uninterrupted):
+  config, workdir, _ = uninterrupted
+  config = config.copy_and_resolve_references()
+  config.model.intermediate_size = 256
+  with pytest.raises(checkpoint.ShapeMismatchError, match=r'mlp/down_proj/kernel of shape \(384, 128\) but the '
+                     r'model config gives \(256, 128\)'):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
+  import jax  # pylint: disable=g-import-not-at-top
+  from qwenjax import hf, model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
+  config = small_config()
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  params = jax.device_get(model_lib.init_params(model_config, jax.random.key(3)))
+  hf.save_pretrained(str(tmp_path / 'hf'), model_config, params)
+  loaded = train.load_hf_params(str(tmp_path / 'hf'), model_config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model_config)
+  tx = train_step.make_optimizer(config.train)
+  state = train_step.create_state(model_config, tx, train_step.state_shardings(model_config, tx, mesh, rules),
+                                  params=loaded)
+  np.testing.assert_array_equal(np.asarray(state.params['layers_1']['mlp']['up_proj']['kernel']),
+                                params['layers_1']['mlp']['up_proj']['kernel'])
+  other = model_lib.ModelConfig.from_dict({**config.model, 'hidden_size': 64})
+  with pytest.raises(ValueError, match=r'hidden_size=128 but the config has model.hidden_size=64'):
+    train.load_hf_params(str(tmp_path / 'hf'), other)
+
+
+@pytest.mark.parametrize('change,error,message', [
+    (lambda c: None, ValueError, 'the workdir is empty'),
+    (lambda c: c.train.update(batch_size=12), ValueError,
+     r'batch_size=12.*does not divide over the 8 data-parallel shards'),
+    (lambda c: c.train.update(batch_size=16, grad_accum_steps=4), ValueError,
+     r'micro-batches of 4.*multiple of 32'),
+    (lambda c: c.mesh.update(data=3, fsdp=1, tensor=1), ValueError, 'multiply to 3 but there are 8 devices'),
+    (lambda c: c.data.update(train_files='/nonexistent/*.jsonl'), FileNotFoundError,
+     r"no files match data.train_files='/nonexistent/\*.jsonl'"),
+    (lambda c: c.model.update(vocab_size=256), ValueError, r'512 pieces but model.vocab_size is 256'),
+])
+def test_clear_errors(tmp_path, tokenizer_file, change, error, message):
+  config = small_config()
+  config.data.tokenizer = tokenizer_file
+  change(config)
+  workdir = '' if message.startswith('the workdir') else str(tmp_path)
+  with pytest.raises(error, match=message):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_unknown_config_key_on_the_command_line():
+  argv = ['train', f'--config={TINY}', '--workdir=/tmp/x', '--config.train.steps=5', '--config.train.lr_shedule=x']
+  message = train.config_override_error(argv)
+  assert "config.train has no key 'lr_shedule'. Did you mean config.train.lr_schedule?" in message
+  assert train.config_override_error(argv[:-1]) is None
+  assert "config has no key 'trian'" in train.config_override_error(argv[:2] + ['--config.trian.steps=1'])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tokenizer_file):
+  """`python -m qwenjax.train` as users run it; SIGTERM (preemption) mid-run."""
+  workdir = str(tmp_path / 'run')
+  overrides = {
+      'model.vocab_size': 512, 'model.hidden_size': 64, 'model.intermediate_size': 128,
+      'model.num_hidden_layers': 1, 'data.seq_len': 32, 'data.tokenizer': tokenizer_file,
+      'data.shuffle_window': 0, 'train.batch_size': 8, 'train.steps': 100_000, 'train.log_every': 1,
+      'train.eval_steps': 0, 'train.checkpoint_every': 100_000,
+  }
+  command = [sys.executable, '-m', 'qwenjax.train', f'--config={TINY}', f'--workdir={workdir}']
+  command += [f'--config.{k}={v}' for k, v in overrides.items()]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+  process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  metrics_file = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics_file) and len(read_metrics(metrics_file.rsplit('/', 1)[0])) >= 3:
+      break
+    time.sleep(0.5)
+  assert process.poll() is None, process.stdout.read().decode()[-3000:]
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0].decode()
+  assert process.returncode == 0, output[-3000:]
+  assert 'SIGTERM received' in output
+  last = max(r['step'] for r in read_metrics(workdir))
+  assert 3 <= last < 100_000
+  assert checkpoint.Checkpointer(workdir, 3).all_steps() == [last]

@@ -1,0 +1,63 @@
+"""FLOPs per token (the MFU numerator), the learning-rate schedule, and the metric files."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from qwenjax import config as config_lib
+from qwenjax import metrics
+from qwenjax import model as model_lib
+from qwenjax import train_step
+
+
+def brute_force_flops(config, seq_len):
+  """Counts matmul FLOPs weight by weight and attention pairs position by position."""
+  h, d, e = config.num_attention_heads, config.head_dim, config.hidden_size
+  kv, m, v, layers = config.num_key_value_heads, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+  per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m  # q, k, v, o, gate/up/down
+  forward = 2 * (layers * per_layer + e * v)  # + the LM head; the embedding lookup is free
+  for layer in range(layers):
+    window = config.sliding_window if config.is_sliding(layer) else seq_len
+    pairs = sum(min(i + 1, window) for i in range(seq_len))
+    forward += 2 * 2 * h * d * pairs / seq_len  # scores and weighted values
+  return 3 * forward  # backward = 2x forward
+
+
+def test_flops_per_token_counts_weights_and_the_window():
+  config = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', '1b.py'))
+  model = model_lib.ModelConfig.from_dict(config.model)
+  expected = brute_force_flops(model, 8192)
+  # Biases and norm scales are in the parameter count but not in the brute-force matmuls: within 0.01%.
+  np.testing.assert_allclose(metrics.flops_per_token(model, 8192), expected, rtol=1e-4)
+  untied = dataclasses.replace(model, tie_word_embeddings=False)  # a separate LM head, lookup still free
+  np.testing.assert_allclose(metrics.flops_per_token(untied, 8192), expected, rtol=1e-4)
+  no_window = dataclasses.replace(model, use_sliding_window=False)
+  assert metrics.flops_per_token(no_window, 8192) > metrics.flops_per_token(model, 8192)
+  assert metrics.flops_per_token(model, 1024) == metrics.flops_per_token(no_window, 1024)  # window >= seq
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+  train = config_lib.train_section()
+  train.update(lr=1e-3, warmup_steps=10, steps=100, lr_final_fraction=0.1)
+  schedule = train_step.learning_rate_schedule(train)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(100)), 1e-4, rtol=1e-5)
+  values = [float(schedule(s)) for s in range(10, 101)]
+  assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_metric_writer_writes_jsonl_and_tensorboard(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write(5, {'loss': np.float32(2.5), 'lr': 1e-3})
+  writer.write(10, {'eval_loss': 2.25})
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl') as f:
+    lines = [json.loads(line) for line in f]
+  assert lines == [{'step': 5, 'loss': 2.5, 'lr': 1e-3}, {'step': 10, 'eval_loss': 2.25}]
+  events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
+  assert events and os.path.getsize(tmp_path / events[0]) > 0
+  line = metrics.progress_line(10, 100, {'loss': 2.0, 'lr': 1e-3, 'tokens_per_sec': 1234.0}, 75.0)
+  assert 'step 10/100' in line and '1,234 tok/s' in line and 'ETA 1m15s' in line
