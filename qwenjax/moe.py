@@ -37,6 +37,7 @@ the router z-loss. `qwenjax.model.apply_with_aux` does both steps.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -126,6 +127,32 @@ def _inverse(permutation: jax.Array) -> jax.Array:
   return jnp.zeros_like(permutation).at[permutation].set(jnp.arange(permutation.shape[0], dtype=permutation.dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute_rows(x: jax.Array, order: jax.Array, inverse: jax.Array, copies: int) -> jax.Array:
+  """Row i of the output is x[order[i] // copies]: each row of x, `copies` times, in the given order.
+
+  `inverse` is the inverse permutation of `order`. The gradient gathers with it and sums the copies, instead of
+  the scatter-add (atomics on GPUs) that differentiating a plain gather would give.
+  """
+  del inverse
+  return jnp.take(x, order // copies, axis=0)
+
+
+def _permute_rows_fwd(x, order, inverse, copies):
+  return _permute_rows(x, order, inverse, copies), (order, inverse)
+
+
+def _permute_rows_bwd(copies, residuals, g):
+  order, inverse = residuals
+  rows = jnp.take(g, inverse, axis=0)
+  if copies > 1:
+    rows = jnp.sum(rows.reshape(-1, copies, g.shape[-1]).astype(jnp.float32), axis=1)
+  return rows.astype(g.dtype), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def _combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
   """`[tokens, k, hidden]` expert outputs weighted by `[tokens, k]` routing weights -> `[tokens, hidden]`."""
   return jnp.einsum('tkh,tk->th', y, weights.astype(y.dtype), preferred_element_type=jnp.float32).astype(dtype)
@@ -155,8 +182,9 @@ def _sort_by_expert(ids: jax.Array, num_experts: int):
 def _dropless(x, ids, weights, w_gate, w_up, w_down, impl, interpret):
   tokens, k = ids.shape
   order, _, group_sizes = _sort_by_expert(ids, w_gate.shape[0])
-  y = _grouped_swiglu(jnp.take(x, order // k, axis=0), group_sizes, w_gate, w_up, w_down, impl, interpret)
-  y = jnp.take(y, _inverse(order), axis=0).reshape(tokens, k, -1)
+  inverse = _inverse(order)
+  y = _grouped_swiglu(_permute_rows(x, order, inverse, k), group_sizes, w_gate, w_up, w_down, impl, interpret)
+  y = _permute_rows(y, inverse, order, 1).reshape(tokens, k, -1)
   return _combine(y, weights, x.dtype)
 
 
@@ -197,7 +225,8 @@ def _ep_dropless(x, ids, weights, w_gate, w_up, w_down, num_experts, impl, inter
   ep = num_experts // local
   hidden = x.shape[-1]
   order, sorted_ids, group_sizes = _sort_by_expert(ids, num_experts)
-  xs = jnp.take(x, order // k, axis=0)
+  inverse = _inverse(order)
+  xs = _permute_rows(x, order, inverse, k)
   # Rows for device p are the sorted rows of its experts, a contiguous run.
   per_device = jnp.sum(group_sizes.reshape(ep, local), axis=1)
   device_start = jnp.cumsum(per_device) - per_device
@@ -216,7 +245,7 @@ def _ep_dropless(x, ids, weights, w_gate, w_up, w_down, num_experts, impl, inter
   back = back.reshape(ep, width, hidden)
   device = sorted_ids // local
   ys = back[device, jnp.arange(tokens * k) - jnp.take(device_start, device)]
-  y = jnp.take(ys, _inverse(order), axis=0).reshape(tokens, k, hidden)
+  y = _permute_rows(ys, inverse, order, 1).reshape(tokens, k, hidden)
   return _combine(y, weights, x.dtype)
 
 

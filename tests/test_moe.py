@@ -182,7 +182,8 @@ def test_scan_remat_and_aux_plumbing():
   # A plain apply returns only the logits, the same ones.
   np.testing.assert_allclose(model.Qwen2(SMALL).apply({'params': params}, ids), logits, rtol=1e-5, atol=1e-5)
   # Scanned and rematerialized layers sow the same statistics.
-  for variant in (dict(scan_layers=True, remat_policy='full'), dict(remat_policy='dots_with_no_batch_dims_saveable')):
+  variants = (dict(scan_layers=True, remat_policy='full'), dict(remat_policy='dots_with_no_batch_dims_saveable'))
+  for variant in variants:
     config = dataclasses.replace(SMALL, **variant)
     p = model.stack_layers(params, 2) if config.scan_layers else params
     logits2, aux2 = apply_with_aux(config, p, ids)

@@ -73,7 +73,8 @@ def test_load_transformers_checkpoint(tmp_path, case):
   assert any('.mlp.experts.0.gate_proj.weight' in k for k in saved)  # transformers 5 saves the hub layout
   config, params = hf.from_pretrained(str(tmp_path))
   assert config.num_experts == 8 and config.mlp_only_layers == tuple(CASES[case].get('mlp_only_layers', ()))
-  assert [config.is_moe(i) for i in range(3)] == [hasattr(layer.mlp, 'experts') for layer in torch_model.model.layers]
+  moe_layers = [hasattr(layer.mlp, 'experts') for layer in torch_model.model.layers]
+  assert [config.is_moe(i) for i in range(3)] == moe_layers
   check_parity(config, params, torch_model, random_ids((2, 11)))
 
 

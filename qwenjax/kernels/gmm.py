@@ -24,7 +24,10 @@ IMPLEMENTATIONS = ('auto', 'ragged_dot', 'mgpu', 'megablox')
 
 def _is_hopper() -> bool:
   device = jax.devices()[0]
-  return device.platform == 'gpu' and str(getattr(device, 'compute_capability', '')).startswith('9')
+  if device.platform != 'gpu':
+    return False
+  capability = str(getattr(device, 'compute_capability', ''))
+  return capability.startswith('9') or any(name in device.device_kind for name in ('H100', 'H200', 'H800'))
 
 
 def resolve_impl(impl: str, lhs: jax.ShapeDtypeStruct | jax.Array, rhs: jax.ShapeDtypeStruct | jax.Array,
