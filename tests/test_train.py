@@ -98,6 +98,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, uninterr
                              atol=1e-6)
 
 
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # orbax's failed reads
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted, caplog):
   config, source_dir, expected = uninterrupted
   workdir = str(tmp_path / 'run')

@@ -1,0 +1,157 @@
+r"""Times the peer: Hugging Face transformers `Qwen2ForCausalLM` training steps with the shape of configs/1b.py.
+
+Same model shape (built from our ModelConfig by `qwenjax.hf.config_to_hf`, sliding window on layers 8-15),
+same global batch of random token ids at seq_len 8192, fp32 master weights with bf16 autocast, `torch.compile`
+on the model, fused AdamW with global-norm clipping, gradient accumulation over micro-batches (one sequence of
+8192 tokens fits; the eager model does not fit even that). Run it after benchmarks/train_1b.py in the same
+command, so both use the same GPU; with `--out` shared, the last lines compare the two.
+
+    python benchmarks/hf_peer_1b.py --attn sdpa,flex_attention --batch 4 --micro-batch 1 --out /tmp/bench
+
+Results: one JSON object per attention implementation in OUT/hf_peer_1b.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # jax (for the FLOP count) must not take GPU memory from torch
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import torch  # pylint: disable=g-import-not-at-top
+import transformers  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
+from qwenjax import hf  # pylint: disable=g-import-not-at-top
+from qwenjax import metrics  # pylint: disable=g-import-not-at-top
+from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12}
+
+
+def run(attn: str, args) -> dict:
+  model_config = ModelConfig.from_dict(config_lib.load(args.config).model)
+  seq_len = args.seq_len or int(config_lib.load(args.config).data.seq_len)
+  values = hf.config_to_hf(model_config, 'float32')
+  values.pop('torch_dtype', None)
+  values.pop('dtype', None)
+  hf_config = transformers.Qwen2Config(**values)
+  hf_config._attn_implementation = attn  # pylint: disable=protected-access
+  device = torch.device(args.device)
+  torch.manual_seed(0)
+  with device:
+    model = transformers.Qwen2ForCausalLM(hf_config)  # fp32 parameters (master weights)
+  model.train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                fused=device.type == 'cuda')
+  forward = torch.compile(model) if args.compile else model
+  accum = args.batch // args.micro_batch
+  generator = torch.Generator().manual_seed(0)
+  batches = [torch.randint(0, model_config.vocab_size, (accum, args.micro_batch, seq_len), generator=generator)
+             .to(device) for _ in range(2)]
+  dtype = torch.bfloat16
+
+  def step(batch):
+    for ids in batch:
+      with torch.autocast(device.type, dtype=dtype):
+        loss = forward(input_ids=ids, labels=ids).loss
+      (loss / accum).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+  sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+  start = time.perf_counter()
+  for i in range(args.warmup):
+    loss = step(batches[i % 2])
+  sync()
+  warmup_s = time.perf_counter() - start
+  times = []
+  for i in range(args.steps):
+    start = time.perf_counter()
+    loss = step(batches[i % 2])
+    sync()
+    times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  tokens = args.batch * seq_len
+  flops = metrics.flops_per_token(model_config, seq_len)
+  name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
+  peak = next((v for k, v in PEAK_FLOPS.items() if k in name), float('nan'))
+  return {
+      'peer': f'transformers Qwen2ForCausalLM ({attn})', 'attn': attn, 'batch': args.batch,
+      'micro_batch': args.micro_batch, 'seq_len': seq_len, 'step_s': step_s, 'tokens_per_s': tokens / step_s,
+      'mfu': tokens * flops / step_s / peak, 'warmup_s': warmup_s, 'loss': float(loss),
+      'peak_gib': torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0.0,
+      'device': name, 'torch': torch.__version__, 'transformers': transformers.__version__,
+      'compiled': args.compile,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--attn', default='sdpa,flex_attention')
+  parser.add_argument('--batch', type=int, default=4, help='global batch (sequences per optimizer step)')
+  parser.add_argument('--micro-batch', type=int, default=1)
+  parser.add_argument('--seq-len', type=int, default=0, help='0: the config\'s data.seq_len')
+  parser.add_argument('--steps', type=int, default=6)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
+  parser.add_argument('--device', default='cuda')
+  parser.add_argument('--no-compile', dest='compile', action='store_false')
+  parser.add_argument('--out', default='.')
+  parser.add_argument('--summary', action='store_true', help='only print the table of results already in OUT')
+  args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  peers = []
+  for attn in ([] if args.summary else args.attn.split(',')):
+    print(f'--- {attn}', flush=True)
+    try:
+      result = run(attn, args)
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc(limit=4)
+      result = {'attn': attn, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+      torch.cuda.reset_peak_memory_stats()
+    print(json.dumps(result), flush=True)
+    with open(os.path.join(args.out, 'hf_peer_1b.jsonl'), 'a') as f:
+      f.write(json.dumps(result) + '\n')
+  peers_file = os.path.join(args.out, 'hf_peer_1b.jsonl')
+  if os.path.exists(peers_file):
+    with open(peers_file) as f:
+      peers = [r for r in map(json.loads, f) if r.get('batch', args.batch) == args.batch]
+
+  ours_file = os.path.join(args.out, 'train_1b.jsonl')
+  ours = []
+  if os.path.exists(ours_file):
+    with open(ours_file) as f:
+      ours = [r for r in map(json.loads, f) if 'error' not in r and r['batch'] == args.batch]
+  print('\n| run | batch x seq | micro-batch | step s | tokens/s | MFU |')
+  print('| --- | --- | --- | --- | --- | --- |')
+  for r in ours:
+    print(f'| qwenjax {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["step_s"]:.3f} | '
+          f'{r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% |')
+  for r in peers:
+    if 'error' in r:
+      print(f'| peer {r["attn"]} | failed: {r["error"][:100]} |')
+    else:
+      print(f'| {r["peer"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["step_s"]:.3f} | '
+            f'{r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% |')
+  good = [r for r in peers if 'error' not in r]
+  if ours and good:
+    best, peer = max(ours, key=lambda r: r['tokens_per_s']), max(good, key=lambda r: r['tokens_per_s'])
+    print(f'\nqwenjax {best["variant"]} / {peer["peer"]}: {best["tokens_per_s"] / peer["tokens_per_s"]:.2f}x '
+          'tokens/s')
+
+
+if __name__ == '__main__':
+  main()

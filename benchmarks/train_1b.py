@@ -1,0 +1,154 @@
+r"""Times qwenjax train steps of configs/1b.py (seq_len 8192) on one GPU with synthetic tokens.
+
+The step is `qwenjax.train_step.make_train_step`, the one `python -m qwenjax.train` runs (AdamW with fp32
+master weights, bf16 compute, clipping, z-loss, gradient accumulation), jitted with the same shardings and
+donation. Batches are random token ids without packing (cuDNN attention cannot mask packed documents), so no
+grain is needed. Each variant fixes the global batch, the micro-batch (grad accumulation), the remat policy
+and the attention kernel; MFU counts `qwenjax.metrics.flops_per_token` against the device's bf16 peak
+(989 TFLOP/s on an H100).
+
+    python benchmarks/train_1b.py --out /tmp/bench            # all VARIANTS, a table at the end
+    python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # some of them
+
+Results: one JSON object per variant in OUT/train_1b.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
+from qwenjax import metrics  # pylint: disable=g-import-not-at-top
+from qwenjax import sharding  # pylint: disable=g-import-not-at-top
+from qwenjax import train_step  # pylint: disable=g-import-not-at-top
+from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+
+# name: (global batch, micro-batch, remat policy, attention impl, scan_layers)
+VARIANTS = {
+    'b4_m1_none_cudnn': (4, 1, 'none', 'cudnn', True),
+    'b4_m1_none_pallas': (4, 1, 'none', 'pallas_gpu', True),
+    'b4_m2_dots_cudnn': (4, 2, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
+    'b4_m4_dots_cudnn': (4, 4, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
+    'b4_m2_none_cudnn': (4, 2, 'none', 'cudnn', True),
+    'cpu_smoke': (2, 1, 'none', 'xla', True),  # with --config configs/tiny.py: checks the script on a CPU
+}
+
+
+def run_variant(name: str, steps: int, warmup: int, config_path: str) -> dict:
+  batch, micro, remat, impl, scan = VARIANTS[name]
+  config = config_lib.load(config_path)
+  config.model.update(remat_policy=remat, attention_impl=impl, scan_layers=scan)
+  config.train.update(batch_size=batch, grad_accum_steps=batch // micro, steps=10_000, warmup_steps=100)
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  seq_len = int(config.data.seq_len)
+  model = ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model)
+  tx = train_step.make_optimizer(config.train)
+  shardings = train_step.state_shardings(model, tx, mesh, rules)
+  state = train_step.create_state(model, tx, shardings, rng=jax.random.key(0))
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+
+  rng = np.random.default_rng(0)
+  def make_batch():
+    tokens = rng.integers(0, model.vocab_size, (batch, seq_len + 1), dtype=np.int32)
+    host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': np.ones((batch, seq_len), np.float32)}
+    return {k: jax.device_put(v, batch_sharding) for k, v in host.items()}
+  batches = [make_batch() for _ in range(2)]  # alternate, never the same input twice in a row
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step_fn = jax.jit(train_step.make_train_step(model, tx, config.train), in_shardings=(shardings, batch_sharding),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    for i in range(warmup):
+      state, m = compiled(state, batches[i % 2])
+    jax.block_until_ready(m)
+    times = []
+    for i in range(steps):
+      start = time.perf_counter()
+      state, m = compiled(state, batches[i % 2])
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - start)
+  step_s = float(np.median(times))
+  tokens = batch * seq_len
+  flops = metrics.flops_per_token(model, seq_len)
+  peak = metrics.peak_flops_per_device() or float('nan')
+  memory = jax.devices()[0].memory_stats() or {}
+  result = {
+      'variant': name, 'batch': batch, 'micro_batch': micro, 'remat': remat, 'attention': impl,
+      'scan_layers': scan, 'seq_len': seq_len, 'step_s': step_s, 'step_s_min': float(min(times)),
+      'tokens_per_s': tokens / step_s, 'mfu': tokens * flops / step_s / peak, 'gflop_per_token': flops / 1e9,
+      'compile_s': compile_s, 'loss': float(m['loss']), 'peak_gib': memory.get('peak_bytes_in_use', 0) / 2**30,
+      'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
+  }
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--variants', default=','.join(v for v in VARIANTS if v != 'cpu_smoke'),
+                      help=f'comma-separated, from {list(VARIANTS)}')
+  parser.add_argument('--steps', type=int, default=6, help='timed steps per variant (median reported)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
+  parser.add_argument('--out', default='.')
+  parser.add_argument('--one', help='run this variant in this process (the parent runs each in its own)')
+  parser.add_argument('--timeout', type=float, default=300, help='seconds per variant')
+  args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  results_file = os.path.join(args.out, 'train_1b.jsonl')
+  if args.one:
+    try:
+      result = run_variant(args.one, args.steps, args.warmup, args.config)
+    except Exception as e:  # pylint: disable=broad-except  (an OOM or a kernel failure ends one variant only)
+      traceback.print_exc(limit=4)
+      result = {'variant': args.one, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+    print(json.dumps(result), flush=True)
+    with open(results_file, 'a') as f:
+      f.write(json.dumps(result) + '\n')
+    return
+
+  # Each variant in a fresh process: a clean peak-memory reading, and an OOM cannot affect the next one.
+  names = args.variants.split(',')
+  for name in names:
+    print(f'--- {name}', flush=True)
+    command = [sys.executable, os.path.abspath(__file__), '--one', name, '--steps', str(args.steps),
+               '--warmup', str(args.warmup), '--config', args.config, '--out', args.out]
+    try:
+      failed = subprocess.run(command, check=False, timeout=args.timeout).returncode
+    except subprocess.TimeoutExpired:
+      failed = f'timed out after {args.timeout:.0f} s'
+    if failed:
+      with open(results_file, 'a') as f:
+        f.write(json.dumps({'variant': name, 'error': f'process failed: {failed}'}) + '\n')
+  with open(results_file) as f:
+    results = [r for r in map(json.loads, f) if r['variant'] in names]
+  print('\n| variant | batch x seq | micro-batch | remat | attention | step s | tokens/s | MFU | peak GiB |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  for r in results:
+    if 'error' in r:
+      print(f'| {r["variant"]} | failed: {r["error"][:100]} |')
+    else:
+      print(f'| {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["remat"]} | '
+            f'{r["attention"]} | {r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% | '
+            f'{r["peak_gib"]:.1f} |')
+
+
+if __name__ == '__main__':
+  main()
