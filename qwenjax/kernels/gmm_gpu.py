@@ -32,7 +32,7 @@ from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
 # Tile sizes (rows, columns, contraction), software-pipeline depth and column-block swizzle. Chosen by
 # benchmarks/moe_gpu.py on the H100 (see docs/moe.md).
-FORWARD_CONFIG = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=2)
+FORWARD_CONFIG = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=8)
 TRANSPOSED_CONFIG = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 _ALIGN = 128  # k and n must be multiples of this (covers every block size above)
 
