@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints: load `transformers` Qwen2 and Qwen2-MoE directories into qwenjax and write them back.
+"""Hugging Face checkpoints: load `transformers` Qwen2 and Qwen2-MoE directories into qwenjax and write them
+back.
 
 Only `config.json` and safetensors files are read or written (one file, or shards with
 `model.safetensors.index.json`), so nothing needs torch. Tensors stay on the host as numpy arrays; bf16 tensors
