@@ -39,11 +39,13 @@ from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
 
 # name: (global batch, micro-batch, remat policy, attention impl, scan_layers)
 VARIANTS = {
-    'b4_m1_none_cudnn': (4, 1, 'none', 'cudnn', True),
-    'b4_m1_none_pallas': (4, 1, 'none', 'pallas_gpu', True),
-    'b4_m2_dots_cudnn': (4, 2, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
-    'b4_m4_dots_cudnn': (4, 4, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
+    'b4_m4_none_cudnn': (4, 4, 'none', 'cudnn', True),
     'b4_m2_none_cudnn': (4, 2, 'none', 'cudnn', True),
+    'b4_m1_none_cudnn': (4, 1, 'none', 'cudnn', True),
+    'b4_m4_dots_cudnn': (4, 4, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
+    'b4_m2_dots_cudnn': (4, 2, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
+    'b4_m4_none_pallas': (4, 4, 'none', 'pallas_gpu', True),
+    'b4_m2_none_pallas': (4, 2, 'none', 'pallas_gpu', True),
     'cpu_smoke': (2, 1, 'none', 'xla', True),  # with --config configs/tiny.py: checks the script on a CPU
 }
 

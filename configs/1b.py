@@ -15,4 +15,15 @@ def get_config():
       use_sliding_window=True, sliding_window=4096, max_window_layers=8,
       dtype='bfloat16', param_dtype='float32', scan_layers=True,
       remat_policy='dots_with_no_batch_dims_saveable')
+  config.data.seq_len = 8192
+  config.data.shuffle_window = 128  # rows: ~1M tokens
+  # 64 x 8192 = 524k tokens per step. One H100 fits 4 sequences per micro-batch (docs/training.md):
+  # --config.train.grad_accum_steps=16 there; on a pod slice the batch splits over data x fsdp instead.
+  config.train.batch_size = 64
+  config.train.steps = 100_000
+  config.train.lr = 3e-4
+  config.train.warmup_steps = 2000
+  config.train.log_every = 10
+  config.train.eval_every = 1000
+  config.train.checkpoint_every = 1000
   return config

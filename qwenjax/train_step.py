@@ -9,6 +9,7 @@ where the target is padding or belongs to another document), and optionally `pos
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax
@@ -18,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
+from qwenjax import moe
 from qwenjax import sharding
 
 Batch = Mapping[str, jax.Array]
@@ -63,11 +66,8 @@ def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token negative log-likelihood and summed logsumexp^2 (for z-loss), in float32.
-
-  `logsumexp - logit[target]` is log-softmax at the target without materializing the whole log-softmax;
-  the one-hot product lets XLA fuse the target pick into one pass over vocab-sharded logits.
-  """
+  """Summed next-token NLL and summed logsumexp^2 from full logits, in float32 (the reference for
+  `qwenjax.loss.cross_entropy`, which the step uses)."""
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
@@ -75,12 +75,41 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
   return jnp.sum((lse - target_logit) * weights), jnp.sum(jnp.square(lse) * weights)
 
 
-def _sums(model: nn.Module, params: Any, batch: Batch, z_loss: float):
-  """(objective to differentiate, (nll sum, z sum, target count)) for one (micro-)batch."""
-  logits = model.apply({'params': params}, batch['inputs'], batch.get('positions'), batch.get('segment_ids'))
-  nll, z = cross_entropy(logits, batch['targets'], batch['weights'])
+def _is_final_norm(module: nn.Module, method: str) -> bool:
+  return method == '__call__' and module.scope is not None and tuple(module.scope.path) == ('norm',)
+
+
+def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch):
+  """(final hidden states, output head, MoE auxiliary loss) of one forward pass.
+
+  The model's own logits are left unused, so jit removes their computation; the loss builds logits chunk by
+  chunk instead (`qwenjax.loss`). This reads the model's documented layout: the final norm is the module
+  `norm`, and the head is `embed_tokens.T` (tied) or `lm_head`, used in `model_config.dtype`.
+  """
+  model = model_lib.Qwen2(model_config)
+  _, state = model.apply({'params': params}, batch['inputs'], batch.get('positions'), batch.get('segment_ids'),
+                         mutable=[moe.MOE_STATS], capture_intermediates=_is_final_norm)
+  captured = state.get('intermediates', {}).get('norm', {}).get('__call__')
+  if not captured:
+    raise ValueError("qwenjax.model.Qwen2 has no final norm module named 'norm': train_step.hidden_states "
+                     'must follow the model')
+  head = params['embed_tokens'].T if model_config.tie_word_embeddings else params['lm_head']
+  aux = moe.aux_losses(model_config, state.get(moe.MOE_STATS))['moe_aux_loss']
+  return captured[0], head.astype(model_config.dtype), aux
+
+
+def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss: float,
+          chunk: int = loss_lib.DEFAULT_CHUNK):
+  """(objective to differentiate, (nll sum, z sum, target count, count-weighted MoE aux)) of a (micro-)batch.
+
+  Everything is a sum over target tokens, so micro-batches add up and one division by the total count gives
+  the mean loss; the MoE auxiliary loss (a per-pass mean) is weighted by the pass's token count to match.
+  """
+  hidden, head, moe_aux = hidden_states(model_config, params, batch)
+  total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
+                                         chunk=chunk)
   count = jnp.sum(batch['weights'].astype(jnp.float32))
-  return nll + z_loss * z, (nll, z, count)
+  return total + moe_aux * count, (nll, z, count, jax.lax.stop_gradient(moe_aux) * count)
 
 
 def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
@@ -91,11 +120,11 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
   device keeps its own rows) and their gradients are summed in a `lax.scan`. Loss and gradient are normalized
   by the number of target tokens in the whole batch, so any A gives the same update.
   """
-  model = model_lib.Qwen2(model_config)
   accum = int(train['grad_accum_steps'])
   z_loss = float(train['z_loss'])
   schedule = learning_rate_schedule(train)
-  grad_fn = jax.value_and_grad(lambda p, b: _sums(model, p, b, z_loss), has_aux=True)
+  chunk = int(train.get('loss_chunk', loss_lib.DEFAULT_CHUNK))
+  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, z_loss, chunk), has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
     if accum == 1:
@@ -112,9 +141,9 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
         (_, sums), grads = grad_fn(state.params, micro)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 3)
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 4)
       (grads, sums), _ = jax.lax.scan(body, zeros, jax.tree.map(split, dict(batch)))
-    nll, z, count = sums
+    nll, z, count, moe_aux = sums
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -127,6 +156,8 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
         'lr': schedule(state.step),
         'target_tokens': count,
     }
+    if model_config.num_experts:
+      metrics['moe_aux_loss'] = moe_aux / denom
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -134,10 +165,8 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
 
 def make_eval_step(model_config: model_lib.ModelConfig) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """`eval_step(params, batch) -> (nll sum, target count)`."""
-  model = model_lib.Qwen2(model_config)
-
   def eval_step(params, batch):
-    _, (nll, _, count) = _sums(model, params, batch, 0.0)
+    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0)
     return nll, count
 
   return eval_step
@@ -146,13 +175,17 @@ def make_eval_step(model_config: model_lib.ModelConfig) -> Callable[[Any, Batch]
 # ---------------------------------------------------------------------------------------------------------
 # The sharded train state.
 #
-# Parameters are initialized with the logical axis rules switched off: under `jax.set_mesh`, flax's
-# DenseGeneral applies its 3-d kernel's constraint to the 2-d array it initializes and fails. Placement comes
-# from `out_shardings` instead.
+# Parameters are initialized by tracing the model on a tiny input with the XLA attention (parameters do not
+# depend on the kernel, and a Pallas kernel need not accept an 8-token sequence) and with the logical axis
+# rules switched off (placement comes from `out_shardings`, not from constraints inside the model).
+
+def _for_init(model_config: model_lib.ModelConfig) -> model_lib.ModelConfig:
+  return dataclasses.replace(model_config, attention_impl='xla', attention_interpret=False)
+
 
 def _abstract_params(model_config: model_lib.ModelConfig):
   with nn.logical_axis_rules(()):
-    return model_lib.abstract_params(model_config)
+    return model_lib.abstract_params(_for_init(model_config))
 
 
 def state_shardings(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
@@ -185,7 +218,7 @@ def create_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransfor
   are cast to `model_config.param_dtype` and placed shard by shard.
   """
   if params is None:
-    model = model_lib.Qwen2(model_config)
+    model = model_lib.Qwen2(_for_init(model_config))
 
     def init(rng):
       ids = jnp.zeros((1, 8), jnp.int32)

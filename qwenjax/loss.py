@@ -1,0 +1,121 @@
+"""Next-token cross-entropy computed from the final hidden states, chunk by chunk over the sequence.
+
+A `[batch, seq, vocab]` float32 logits tensor is the largest thing in a training step (5 GB per 8192-token row
+at Qwen2's 151,936-token vocabulary, and autodiff keeps two or three of them), so the loss never builds it:
+for each chunk of the sequence it computes the chunk's logits (operands in the compute dtype, float32
+accumulation and softmax, exactly as the model's head), the loss terms, and at once their gradients with
+respect to the hidden states and the head (the softmax gradient is known in the forward pass). The backward
+pass only scales those by the incoming cotangent: the FLOPs of autodiff through full logits, the memory of one
+chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LOGITS_AXES = ('activation_batch', 'activation_length', 'activation_vocab')
+DEFAULT_CHUNK = 1024  # sequence positions per chunk
+
+
+def _chunk_len(seq_len: int, chunk: int) -> int:
+  """The largest divisor of seq_len that is at most `chunk`."""
+  chunk = max(1, min(chunk, seq_len))
+  while seq_len % chunk:
+    chunk -= 1
+  return chunk
+
+
+def _split(x: jax.Array, chunk: int) -> jax.Array:
+  """[batch, seq, ...] -> [seq / chunk, batch, chunk, ...]."""
+  batch, seq = x.shape[:2]
+  return jnp.moveaxis(x.reshape(batch, seq // chunk, chunk, *x.shape[2:]), 1, 0)
+
+
+def _merge(x: jax.Array) -> jax.Array:
+  """The inverse of `_split`."""
+  chunks, batch, chunk = x.shape[:3]
+  return jnp.moveaxis(x, 0, 1).reshape(batch, chunks * chunk, *x.shape[3:])
+
+
+def _chunk_terms(x, head, targets, weights):
+  """One chunk's logits, logsumexp, one-hot targets, summed NLL and summed logsumexp^2 (float32)."""
+  logits = jnp.einsum('bce,ev->bcv', x, head, preferred_element_type=jnp.float32)
+  logits = nn.with_logical_constraint(logits, LOGITS_AXES)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+  target_logit = jnp.sum(logits * onehot, axis=-1)
+  w = weights.astype(jnp.float32)
+  return logits, lse, onehot, jnp.sum((lse - target_logit) * w), jnp.sum(jnp.square(lse) * w)
+
+
+def _sums(hidden, head, targets, weights, z_coef, chunk):
+  """(NLL + z_coef * z, NLL, z) summed over weighted targets, without gradients."""
+  c = _chunk_len(hidden.shape[1], chunk)
+
+  def body(carry, xs):
+    _, _, _, nll, z = _chunk_terms(xs[0], head, xs[1], xs[2])
+    return (carry[0] + nll, carry[1] + z), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (nll, z), _ = jax.lax.scan(body, (zero, zero), (_split(hidden, c), _split(targets, c), _split(weights, c)))
+  return nll + z_coef * z, nll, z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(hidden, head, targets, weights, z_coef, chunk):
+  return _sums(hidden, head, targets, weights, z_coef, chunk)
+
+
+def _fused_fwd(hidden, head, targets, weights, z_coef, chunk):
+  c = _chunk_len(hidden.shape[1], chunk)
+
+  def body(carry, xs):
+    x, t, w = xs
+    nll_sum, z_sum, dhead = carry
+    logits, lse, onehot, nll, z = _chunk_terms(x, head, t, w)
+    w = w.astype(jnp.float32)[..., None]
+    # d(nll + z_coef * lse^2) / d logits = softmax * (1 + 2 z_coef lse) - onehot, per weighted target.
+    probs = jnp.exp(logits - lse[..., None])
+    dlogits = (w * (probs * (1.0 + 2.0 * z_coef * lse[..., None]) - onehot)).astype(head.dtype)
+    dlogits = nn.with_logical_constraint(dlogits, LOGITS_AXES)
+    dx = jnp.einsum('bcv,ev->bce', dlogits, head, preferred_element_type=jnp.float32).astype(x.dtype)
+    dhead = dhead + jnp.einsum('bce,bcv->ev', x, dlogits, preferred_element_type=jnp.float32)
+    return (nll_sum + nll, z_sum + z, dhead), dx
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (zero, zero, jnp.zeros(head.shape, jnp.float32))
+  (nll, z, dhead), dx = jax.lax.scan(body, init, (_split(hidden, c), _split(targets, c), _split(weights, c)))
+  return (nll + z_coef * z, nll, z), (_merge(dx), dhead.astype(head.dtype))
+
+
+def _fused_bwd(z_coef, chunk, residuals, cotangents):
+  del z_coef, chunk
+  dx, dhead = residuals
+  g = cotangents[0]  # the NLL and z outputs leave `cross_entropy` under stop_gradient: their cotangents are 0
+  return (g * dx).astype(dx.dtype), (g * dhead).astype(dhead.dtype), None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                  z_coef: float = 0.0, chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Weighted next-token losses of `logits = hidden @ head`, summed over positions.
+
+  Args:
+    hidden: `[batch, seq, embed]` final hidden states (after the final norm), in the compute dtype.
+    head: `[embed, vocab]` output projection in the compute dtype (the tied embedding's transpose, or lm_head).
+    targets: `[batch, seq]` int target ids. weights: `[batch, seq]`, 0 where a target does not count.
+    z_coef: weight of the z-loss term in the differentiable total.
+    chunk: sequence positions per chunk (rounded down to a divisor of seq).
+
+  Returns:
+    (total, nll, z): `total = nll + z_coef * z` is differentiable; `nll` (summed negative log-likelihood) and
+    `z` (summed logsumexp^2) are for logging and carry no gradient.
+  """
+  total, nll, z = _fused(hidden, head, targets, weights, float(z_coef), int(chunk))
+  return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)

@@ -1,0 +1,78 @@
+"""The chunked loss: same values and gradients as full logits, and the train step never holds full logits."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from qwenjax import config as config_lib
+from qwenjax import loss
+from qwenjax import model as model_lib
+from qwenjax import sharding
+from qwenjax import train_step
+
+MODEL = model_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, attention_impl='xla')
+
+
+def _inputs(seed, batch=2, seq=12, embed=16, vocab=37):
+  k = jax.random.split(jax.random.key(seed), 4)
+  hidden = jax.random.normal(k[0], (batch, seq, embed))
+  head = 0.3 * jax.random.normal(k[1], (embed, vocab))
+  targets = jax.random.randint(k[2], (batch, seq), 0, vocab)
+  weights = (jax.random.uniform(k[3], (batch, seq)) > 0.3).astype(jnp.float32)
+  return hidden, head, targets, weights
+
+
+@pytest.mark.parametrize('chunk,z_coef', [(12, 0.0), (5, 1e-2), (1, 1e-2)])
+def test_chunked_loss_matches_full_logits(chunk, z_coef):
+  hidden, head, targets, weights = _inputs(chunk)
+
+  def reference(hidden, head):
+    nll, z = train_step.cross_entropy(hidden @ head, targets, weights)
+    return nll + z_coef * z, (nll, z)
+
+  def chunked(hidden, head):
+    total, nll, z = loss.cross_entropy(hidden, head, targets, weights, z_coef=z_coef, chunk=chunk)
+    return 3.0 * total, (nll, z)  # a scaled cotangent reaches the backward
+
+  (want, (want_nll, want_z)), want_grads = jax.value_and_grad(reference, (0, 1), has_aux=True)(hidden, head)
+  (got, (nll, z)), grads = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(hidden, head)
+  np.testing.assert_allclose(got, 3.0 * want, rtol=1e-6)
+  np.testing.assert_allclose([nll, z], [want_nll, want_z], rtol=1e-6)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g, 3.0 * w, atol=2e-6)
+
+
+def test_step_loss_matches_the_models_logits():
+  params = model_lib.init_params(MODEL, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {'inputs': rng.integers(0, 512, (2, 24)), 'targets': rng.integers(0, 512, (2, 24)),
+           'weights': np.ones((2, 24), np.float32)}
+  logits = model_lib.Qwen2(MODEL).apply({'params': params}, batch['inputs'])
+  want_nll, want_z = train_step.cross_entropy(logits, batch['targets'], batch['weights'])
+  total, (nll, z, count, _) = train_step._sums(MODEL, params, batch, z_loss=0.5, chunk=8)  # pylint: disable=protected-access
+  np.testing.assert_allclose([nll, z, count], [want_nll, want_z, 48.0], rtol=2e-6)
+  np.testing.assert_allclose(total, want_nll + 0.5 * want_z, rtol=2e-6)
+
+
+def test_compiled_train_step_never_holds_full_logits():
+  model = model_lib.ModelConfig(**{**MODEL.to_dict(), 'dtype': 'bfloat16'})
+  train = config_lib.train_section()
+  train.update(loss_chunk=16)
+  mesh_config = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
+  mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:1])
+  rules = sharding.logical_axis_rules(mesh_config.rules, mesh, model)
+  tx = train_step.make_optimizer(train)
+  state = train_step.abstract_state(model, tx, train_step.state_shardings(model, tx, mesh, rules))
+  batch = {k: jax.ShapeDtypeStruct((8, 64), jnp.float32 if k == 'weights' else jnp.int32)
+           for k in ('inputs', 'targets', 'weights')}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    hlo = jax.jit(train_step.make_train_step(model, tx, train)).lower(state, batch).compile().as_text()
+  vocab_shapes = set(re.findall(r'(?:f32|bf16)\[[0-9,]*,512\]', hlo))
+  assert 'f32[8,16,512]' in vocab_shapes  # one chunk of logits
+  assert not {s for s in vocab_shapes if s.endswith('[8,64,512]')}, vocab_shapes  # never the whole sequence
