@@ -138,8 +138,8 @@ def main():
   print('\n| run | batch x seq | micro-batch | step s | tokens/s | MFU |')
   print('| --- | --- | --- | --- | --- | --- |')
   for r in ours:
-    print(f'| qwenjax {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["step_s"]:.3f} | '
-          f'{r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% |')
+    print(f'| qwenjax {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | '
+          f'{r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% |')
   for r in peers:
     if 'error' in r:
       print(f'| peer {r["attn"]} | failed: {r["error"][:100]} |')

@@ -25,7 +25,6 @@ import traceback
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +44,7 @@ VARIANTS = {
     'b4_m4_dots_cudnn': (4, 4, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
     'b4_m2_dots_cudnn': (4, 2, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
     'b4_m4_none_pallas': (4, 4, 'none', 'pallas_gpu', True),
+    'b4_m4_dots_pallas': (4, 4, 'dots_with_no_batch_dims_saveable', 'pallas_gpu', True),
     'b4_m2_none_pallas': (4, 2, 'none', 'pallas_gpu', True),
     'cpu_smoke': (2, 1, 'none', 'xla', True),  # with --config configs/tiny.py: checks the script on a CPU
 }
@@ -68,13 +68,15 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str) -> dict:
   rng = np.random.default_rng(0)
   def make_batch():
     tokens = rng.integers(0, model.vocab_size, (batch, seq_len + 1), dtype=np.int32)
-    host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': np.ones((batch, seq_len), np.float32)}
+    host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+            'weights': np.ones((batch, seq_len), np.float32)}
     return {k: jax.device_put(v, batch_sharding) for k, v in host.items()}
   batches = [make_batch() for _ in range(2)]  # alternate, never the same input twice in a row
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(train_step.make_train_step(model, tx, config.train), in_shardings=(shardings, batch_sharding),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    step_fn = jax.jit(train_step.make_train_step(model, tx, config.train),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                      donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step_fn.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start

@@ -79,8 +79,8 @@ def check_shapes(saved: Any, expected: Any, where: str) -> None:
   saved, expected = _shapes(saved), _shapes(expected)
   for name in sorted(set(saved) | set(expected)):
     if name not in saved:
-      raise ShapeMismatchError(f'{where} has no {name}, which the model being trained needs: the checkpoint was '
-                               'written for a different model config')
+      raise ShapeMismatchError(f'{where} has no {name}, which the model being trained needs: the checkpoint '
+                               'was written for a different model config')
     if name not in expected:
       raise ShapeMismatchError(f'{where} holds {name}, which the model being trained does not have: the '
                                'checkpoint was written for a different model config')
@@ -145,8 +145,9 @@ class Checkpointer:
     target = os.path.join(self._corrupt_dir, str(step))
     if os.path.exists(target):
       shutil.rmtree(target)
-    logging.warning('checkpoint at step %d cannot be read (%s: %s); moving it to %s and trying the previous one',
-                    step, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else '', target)
+    first_line = str(error).splitlines()[0][:300] if str(error) else ''
+    logging.warning('checkpoint at step %d cannot be read (%s: %s); moving it to %s and trying the previous '
+                    'one', step, type(error).__name__, first_line, target)
     if jax.process_index() == 0:
       shutil.move(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:

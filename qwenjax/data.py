@@ -58,7 +58,8 @@ def stdlib_files() -> tuple[list[str], list[str]]:
 def expand_files(patterns: str, what: str = 'data.train_files') -> list[str]:
   """Sorted files matching a glob or comma-separated globs; an error naming the patterns if none match."""
   globs = [p.strip() for p in str(patterns).split(',') if p.strip()]
-  files = sorted({f for p in globs for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f)})
+  files = sorted({f for p in globs for f in glob.glob(os.path.expanduser(p), recursive=True)
+                  if os.path.isfile(f)})
   if not files:
     raise FileNotFoundError(
         f'no files match {what}={patterns!r} (from {os.getcwd()}). Give a glob or comma-separated globs of '
@@ -294,7 +295,8 @@ def to_model_batch(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _packed(ds: grain.MapDataset, tokenizer, seq_len: int, read_threads: int) -> grain.IterDataset:
   ds = ds.map(_Tokenize(tokenizer)).filter(lambda x: x['tokens'].size > 1)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * max(read_threads, 1)))
+  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * max(read_threads, 1))
+  it = ds.to_iter_dataset(options)
   return grain.experimental.ConcatThenSplitIterDataset(it, length_struct={'tokens': seq_len + 1})
 
 

@@ -184,68 +184,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     state, start = train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(tc.seed))), 0
   steps = int(tc.steps)
+  flops = metrics_lib.flops_per_token(model_config, seq_len)
   logging.info('model: %s parameters, %.3g training FLOPs per token at seq_len %d',
-               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}',
-               metrics_lib.flops_per_token(model_config, seq_len), seq_len)
+               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', flops, seq_len)
+  if start >= steps:
+    logging.info('already trained to step %d of train.steps=%d: nothing to do', start, steps)
 
   batch_sharding = sharding.batch_sharding(mesh, rules)
   writer = metrics_lib.MetricWriter(workdir)
-  flops = metrics_lib.flops_per_token(model_config, seq_len)
   peak = float(tc.peak_tflops) * 1e12 or metrics_lib.peak_flops_per_device()
   tokens_per_step = int(tc.batch_size) * seq_len
   log_every, eval_every = max(int(tc.log_every), 1), int(tc.eval_every)
   stop = _StopSignal()
   last: dict[str, float] = {}
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(train_step.make_train_step(model_config, tx, tc),
-                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                      donate_argnums=(0,))
-    eval_fn = jax.jit(train_step.make_eval_step(model_config), in_shardings=(shardings.params, batch_sharding))
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      step_fn = jax.jit(train_step.make_train_step(model_config, tx, tc),
+                        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                        donate_argnums=(0,))
+      eval_fn = jax.jit(train_step.make_eval_step(model_config),
+                        in_shardings=(shardings.params, batch_sharding))
 
-    pending, timed_from, timer = [], start, time.time()
-    for step in range(start, steps):
-      state, step_metrics = step_fn(state, _global_batch(next(train_iter), batch_sharding))
-      done = step + 1
-      pending.append(step_metrics)
-      if done == start + 1:  # the first step compiles: keep it out of the timings
-        jax.block_until_ready(step_metrics)
-        logging.info('first step (compilation included) took %.1f s', time.time() - timer)
-        timed_from, timer = done, time.time()
-      stopping = stop.received or done == stop_after or ckpt.reached_preemption(done)
-
-      if done % log_every == 0 or done == steps or stopping:
-        values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-        pending = []
-        eta = None
-        if done > timed_from:
-          step_time = (time.time() - timer) / (done - timed_from)
-          values.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
-          if peak:
-            values['mfu'] = tokens_per_step * flops / step_time / (peak * jax.device_count())
-          eta = (steps - done) * step_time
+      pending, timed_from, timer = [], start, time.time()
+      for step in range(start, steps):
+        state, step_metrics = step_fn(state, _global_batch(next(train_iter), batch_sharding))
+        done = step + 1
+        pending.append(step_metrics)
+        if done == start + 1:  # the first step compiles: keep it out of the timings
+          jax.block_until_ready(step_metrics)
+          logging.info('first step (compilation included) took %.1f s', time.time() - timer)
           timed_from, timer = done, time.time()
-        writer.write(done, values)
-        logging.info(metrics_lib.progress_line(done, steps, values, eta))
-        last.update(values)
+        stopping = stop.received or done == stop_after or ckpt.reached_preemption(done)
 
-      if eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
-        values = evaluate(eval_fn, state.params, eval_data, batch_sharding)
-        writer.write(done, values)
-        logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
-                     values['eval_perplexity'])
-        last.update(values)
-        timed_from, timer = done, time.time()  # keep eval time out of the step timings
+        if done % log_every == 0 or done == steps or stopping:
+          values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+          pending = []
+          eta = None
+          if done > timed_from:
+            step_time = (time.time() - timer) / (done - timed_from)
+            values.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
+            if peak:
+              values['mfu'] = tokens_per_step * flops / step_time / (peak * jax.device_count())
+            eta = (steps - done) * step_time
+            timed_from, timer = done, time.time()
+          writer.write(done, values)
+          logging.info(metrics_lib.progress_line(done, steps, values, eta))
+          last.update(values)
 
-      if done % int(tc.checkpoint_every) == 0 or done == steps or stopping:
-        ckpt.save(done, state, train_iter)
-      if stopping:
-        logging.info('stopping at step %d (checkpoint saved)', done)
-        break
+        if eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
+          values = evaluate(eval_fn, state.params, eval_data, batch_sharding)
+          writer.write(done, values)
+          logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
+                       values['eval_perplexity'])
+          last.update(values)
+          timed_from, timer = done, time.time()  # keep eval time out of the step timings
 
-  ckpt.close()
-  writer.close()
-  stop.close()
+        if done % int(tc.checkpoint_every) == 0 or done == steps or stopping:
+          ckpt.save(done, state, train_iter)
+        if stopping:
+          logging.info('stopping at step %d (checkpoint saved)', done)
+          break
+  finally:  # also on errors: finish the async checkpoint, close the files, give SIGTERM back
+    ckpt.close()
+    writer.close()
+    stop.close()
   return last
 
 
@@ -308,7 +311,7 @@ class _LibraryInfoFilter(pylogging.Filter):
 def main(argv):
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; config values are set as --config.SECTION.KEY=VALUE')
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; set config values as --config.SECTION.KEY=VALUE')
   if _MULTIHOST.value:
     jax.distributed.initialize()
   try:

@@ -52,7 +52,8 @@ def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
 
 def decay_mask(params: Any) -> Any:
   """True for parameters that get weight decay: everything except norm scales and biases."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], 'key', None) not in _NO_DECAY, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) not in _NO_DECAY, params)
 
 
 def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:

@@ -41,8 +41,8 @@ def test_sources_read_jsonl_txt_and_arrayrecord(tmp_path):
   writer.write(b'plain record')
   writer.write(json.dumps({'text': 'json record'}).encode())
   writer.close()
-  train, held_out = data.sources({'train_files': f'{tmp_path}/*.jsonl, {tmp_path}/*.txt, {tmp_path}/*.array_record',
-                                  'eval_files': '', 'text_key': 'text'})
+  patterns = f'{tmp_path}/*.jsonl, {tmp_path}/*.txt, {tmp_path}/*.array_record'
+  train, held_out = data.sources({'train_files': patterns, 'eval_files': '', 'text_key': 'text'})
   assert held_out is None
   assert [train[i] for i in range(len(train))] == [
       'first doc', 'second\ndoc', 'a whole\nfile', 'plain record', 'json record']

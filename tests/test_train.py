@@ -167,7 +167,8 @@ def test_clear_errors(tmp_path, tokenizer_file, change, error, message):
 
 
 def test_unknown_config_key_on_the_command_line():
-  argv = ['train', f'--config={TINY}', '--workdir=/tmp/x', '--config.train.steps=5', '--config.train.lr_shedule=x']
+  argv = ['train', f'--config={TINY}', '--workdir=/tmp/x', '--config.train.steps=5',
+          '--config.train.lr_shedule=x']
   message = train.config_override_error(argv)
   assert "config.train has no key 'lr_shedule'. Did you mean config.train.lr_schedule?" in message
   assert train.config_override_error(argv[:-1]) is None

@@ -55,7 +55,8 @@ def test_step_loss_matches_the_models_logits():
            'weights': np.ones((2, 24), np.float32)}
   logits = model_lib.Qwen2(MODEL).apply({'params': params}, batch['inputs'])
   want_nll, want_z = train_step.cross_entropy(logits, batch['targets'], batch['weights'])
-  total, (nll, z, count, _) = train_step._sums(MODEL, params, batch, z_loss=0.5, chunk=8)  # pylint: disable=protected-access
+  sums = train_step._sums  # pylint: disable=protected-access
+  total, (nll, z, count, _) = sums(MODEL, params, batch, z_loss=0.5, chunk=8)
   np.testing.assert_allclose([nll, z, count], [want_nll, want_z, 48.0], rtol=2e-6)
   np.testing.assert_allclose(total, want_nll + 0.5 * want_z, rtol=2e-6)
 

@@ -15,7 +15,8 @@ from qwenjax import train_step
 def brute_force_flops(config, seq_len):
   """Counts matmul FLOPs weight by weight and attention pairs position by position."""
   h, d, e = config.num_attention_heads, config.head_dim, config.hidden_size
-  kv, m, v, layers = config.num_key_value_heads, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+  kv, m, v = config.num_key_value_heads, config.intermediate_size, config.vocab_size
+  layers = config.num_hidden_layers
   per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m  # q, k, v, o, gate/up/down
   forward = 2 * (layers * per_layer + e * v)  # + the LM head; the embedding lookup is free
   for layer in range(layers):
