@@ -130,6 +130,19 @@ def test_mosaic_kernels_lower_for_cuda():
   assert text.count('mosaic_gpu') >= 3  # forward, dQ and dK/dV kernels
 
 
+@pytest.mark.parametrize('seq_len', [8, 128])
+def test_mosaic_kernels_lower_for_short_sequences(seq_len):
+  """One key block, fewer than the pipeline's slots: no load past the end may even be traced."""
+  q = jax.ShapeDtypeStruct((1, seq_len, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, seq_len, 2, 128), jnp.bfloat16)
+
+  def loss(q, k, v):
+    return flash_gpu.flash_attention(q, k, v, backend='mosaic').astype(jnp.float32).sum()
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=('cuda',))
+  assert lowered.as_text().count('mosaic_gpu') >= 3
+
+
 def test_mosaic_rejects_too_much_shared_memory():
   q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
   blocks = flash_gpu.BlockSizes(stages=3)  # 3 K/V slots of 128 x 128 do not fit next to Q

@@ -270,7 +270,8 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
           plgpu.barrier_wait(v_free.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
 
-      for i in range(stages):
+      # A short sequence has fewer key blocks than slots: never even trace a load past its end.
+      for i in range(min(stages, seq_len // bkv)):
         pl.when(i < n)(lambda i=i: load(i, i, False))
 
       @pl.loop(0, n - stages)
@@ -423,7 +424,8 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
         if has_seg:
           plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem.at[slot], kv_bar.at[slot])
 
-      for i in range(stages):
+      # A short sequence has fewer key blocks than slots: never even trace a load past its end.
+      for i in range(min(stages, seq_len // bkv)):
         pl.when(i < n)(lambda i=i: load(i, i, False))
 
       @pl.loop(0, n - stages)
