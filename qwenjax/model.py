@@ -379,10 +379,15 @@ def apply_with_aux(config: ModelConfig, params: Any, input_ids: jax.Array, posit
 # ---------------------------------------------------------------------------------------------------------
 # Parameter utilities.
 
+def _for_init(config: ModelConfig) -> ModelConfig:
+  """Parameters do not depend on the attention kernel; a Pallas kernel need not accept an 8-token input."""
+  return dataclasses.replace(config, attention_impl='xla', attention_interpret=False)
+
+
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
   """Random parameters (boxed with logical axis names stripped)."""
   ids = jnp.zeros((1, seq_len), jnp.int32)
-  return nn.unbox(Qwen2(config).init(rng, ids)['params'])
+  return nn.unbox(Qwen2(_for_init(config)).init(rng, ids)['params'])
 
 
 def abstract_params(config: ModelConfig):
@@ -391,7 +396,7 @@ def abstract_params(config: ModelConfig):
   Leaves stay boxed in `nn.LogicallyPartitioned` so their logical axis names can be read.
   """
   ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return jax.eval_shape(lambda: Qwen2(config).init(jax.random.key(0), ids))['params']
+  return jax.eval_shape(lambda: Qwen2(_for_init(config)).init(jax.random.key(0), ids))['params']
 
 
 def count_params(config: ModelConfig) -> int:
