@@ -46,6 +46,7 @@ VARIANTS = {
     'b4_m4_none_pallas': (4, 4, 'none', 'pallas_gpu', True),
     'b4_m4_dots_pallas': (4, 4, 'dots_with_no_batch_dims_saveable', 'pallas_gpu', True),
     'b4_m2_none_pallas': (4, 2, 'none', 'pallas_gpu', True),
+    'b4_m1_dots_xla': (4, 1, 'dots_with_no_batch_dims_saveable', 'xla', True),
     'cpu_smoke': (2, 1, 'none', 'xla', True),  # with --config configs/tiny.py: checks the script on a CPU
 }
 
