@@ -329,7 +329,9 @@ class Qwen2(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
+    """Logits, or with `return_hidden` the final normed hidden states `[batch, seq, embed]` for a loss that
+    applies the head (`output_head`) chunk by chunk and never holds `[batch, seq, vocab]` logits."""
     cfg = self.config
     batch, seq_len = input_ids.shape
     if positions is None:
@@ -355,6 +357,8 @@ class Qwen2(nn.Module):
         x = layer_cls(cfg, cfg.is_sliding(i), cfg.is_moe(i), name=f'layers_{i}')(x, positions, segment_ids)
 
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(x)
+    if return_hidden and not self.is_initializing():
+      return x
     if cfg.tie_word_embeddings:
       head = embedding.T
     else:
@@ -364,16 +368,23 @@ class Qwen2(nn.Module):
     return _constrain(logits, 'activation_batch', 'activation_length', 'activation_vocab')
 
 
+def output_head(config: ModelConfig, params: Any) -> jax.Array:
+  """The `[embed, vocab]` output projection: the tied embedding table, or `lm_head`."""
+  return params['embed_tokens'].T if config.tie_word_embeddings else params['lm_head']
+
+
 def apply_with_aux(config: ModelConfig, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
-                   segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   segment_ids: jax.Array | None = None,
+                   return_hidden: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(float32 logits, auxiliary losses): the one call a train step needs, dense or MoE.
 
+  With `return_hidden`, the final hidden states instead of logits (see `Qwen2.__call__`).
   `aux['moe_aux_loss']` is the scalar to add to the mean token loss (0 for dense models); MoE models also
   return the unweighted `moe_load_balancing_loss` and `moe_router_z_loss` for logging. See `moe.aux_losses`.
   """
-  logits, state = Qwen2(config).apply({'params': params}, input_ids, positions, segment_ids,
-                                      mutable=[moe.MOE_STATS])
-  return logits, moe.aux_losses(config, state.get(moe.MOE_STATS))
+  out, state = Qwen2(config).apply({'params': params}, input_ids, positions, segment_ids, return_hidden,
+                                   mutable=[moe.MOE_STATS])
+  return out, moe.aux_losses(config, state.get(moe.MOE_STATS))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ where the target is padding or belongs to another document), and optionally `pos
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax
@@ -76,27 +75,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
   return jnp.sum((lse - target_logit) * weights), jnp.sum(jnp.square(lse) * weights)
 
 
-def _is_final_norm(module: nn.Module, method: str) -> bool:
-  return method == '__call__' and module.scope is not None and tuple(module.scope.path) == ('norm',)
-
-
 def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch):
-  """(final hidden states, output head, MoE auxiliary loss) of one forward pass.
+  """(final hidden states, output head in the compute dtype, MoE auxiliary loss) of one forward pass.
 
-  The model's own logits are left unused, so jit removes their computation; the loss builds logits chunk by
-  chunk instead (`qwenjax.loss`). This reads the model's documented layout: the final norm is the module
-  `norm`, and the head is `embed_tokens.T` (tied) or `lm_head`, used in `model_config.dtype`.
+  The loss builds logits from these chunk by chunk (`qwenjax.loss`), never all at once.
   """
-  model = model_lib.Qwen2(model_config)
-  _, state = model.apply({'params': params}, batch['inputs'], batch.get('positions'), batch.get('segment_ids'),
-                         mutable=[moe.MOE_STATS], capture_intermediates=_is_final_norm)
-  captured = state.get('intermediates', {}).get('norm', {}).get('__call__')
-  if not captured:
-    raise ValueError("qwenjax.model.Qwen2 has no final norm module named 'norm': train_step.hidden_states "
-                     'must follow the model')
-  head = params['embed_tokens'].T if model_config.tie_word_embeddings else params['lm_head']
-  aux = moe.aux_losses(model_config, state.get(moe.MOE_STATS))['moe_aux_loss']
-  return captured[0], head.astype(model_config.dtype), aux
+  hidden, aux = model_lib.apply_with_aux(model_config, params, batch['inputs'], batch.get('positions'),
+                                         batch.get('segment_ids'), return_hidden=True)
+  head = model_lib.output_head(model_config, params).astype(model_config.dtype)
+  return hidden, head, aux['moe_aux_loss']
 
 
 def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss: float,
@@ -176,17 +163,12 @@ def make_eval_step(model_config: model_lib.ModelConfig) -> Callable[[Any, Batch]
 # ---------------------------------------------------------------------------------------------------------
 # The sharded train state.
 #
-# Parameters are initialized by tracing the model on a tiny input with the XLA attention (parameters do not
-# depend on the kernel, and a Pallas kernel need not accept an 8-token sequence) and with the logical axis
-# rules switched off (placement comes from `out_shardings`, not from constraints inside the model).
-
-def _for_init(model_config: model_lib.ModelConfig) -> model_lib.ModelConfig:
-  return dataclasses.replace(model_config, attention_impl='xla', attention_interpret=False)
-
+# Parameters are initialized with the logical axis rules switched off: placement comes from `out_shardings`,
+# not from constraints inside the model.
 
 def _abstract_params(model_config: model_lib.ModelConfig):
   with nn.logical_axis_rules(()):
-    return model_lib.abstract_params(_for_init(model_config))
+    return model_lib.abstract_params(model_config)
 
 
 def state_shardings(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
@@ -219,12 +201,9 @@ def create_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransfor
   are cast to `model_config.param_dtype` and placed shard by shard.
   """
   if params is None:
-    model = model_lib.Qwen2(_for_init(model_config))
-
     def init(rng):
-      ids = jnp.zeros((1, 8), jnp.int32)
       with nn.logical_axis_rules(()):
-        p = nn.unbox(model.init(rng, ids)['params'])
+        p = model_lib.init_params(model_config, rng)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
     return jax.jit(init, out_shardings=shardings)(rng)
