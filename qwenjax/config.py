@@ -82,7 +82,7 @@ def train_section() -> ml_collections.ConfigDict:
 def mesh_section() -> ml_collections.ConfigDict:
   """Device mesh (`qwenjax.sharding`): one size may be -1 (the remaining devices)."""
   return ml_collections.ConfigDict(dict(
-      data=1, fsdp=-1, tensor=1,
+      data=1, fsdp=-1, tensor=1, expert=1,  # expert > 1: expert parallelism for MoE models
       rules=sharding.DEFAULT_RULES,  # (logical axis name, mesh axis / axes / None) pairs
   ))
 

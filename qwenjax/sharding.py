@@ -6,14 +6,16 @@ names to the axes of a mesh over all devices:
 
 * `data`: data parallelism, parameters replicated;
 * `fsdp`: data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style);
-* `tensor`: tensor parallelism over attention heads, MLP width and vocabulary.
+* `tensor`: tensor parallelism over attention heads, MLP width and vocabulary;
+* `expert`: expert parallelism for Qwen2-MoE: routed experts split over it, tokens exchanged with all-to-all
+  (`qwenjax.moe`); outside the MoE blocks it is one more data-parallel axis.
 
 The train step is traced under `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):`, so the model's
 `nn.with_logical_constraint` calls and the Pallas attention wrapper (which reads
 `jax.sharding.get_abstract_mesh()` and `nn.get_logical_axis_rules()`) see the same mesh and rules.
 
-To add a mesh axis (e.g. `expert`), append it to `MESH_AXES`, give it a size in the config's `mesh` section and
-map logical names to it in the rules.
+To add a mesh axis, append it to `MESH_AXES`, give it a size in the config's `mesh` section and map logical
+names to it in the rules.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenjax.model import ModelConfig
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 # Logical axes of a batch of token ids `[batch, seq]`.
 BATCH_AXES = ('activation_batch', 'activation_length')
 
@@ -36,7 +38,7 @@ BATCH_AXES = ('activation_batch', 'activation_length')
 # still free in the array, so order matters only when two names compete for one mesh axis.
 DEFAULT_RULES = (
     # Activations.
-    ('activation_batch', ('data', 'fsdp')),
+    ('activation_batch', ('data', 'fsdp', 'expert')),
     ('activation_length', None),
     ('activation_embed', None),
     ('activation_heads', 'tensor'),
@@ -53,6 +55,8 @@ DEFAULT_RULES = (
     ('mlp', 'tensor'),
     ('norm', None),
     ('layers', None),
+    ('expert', 'expert'),
+    ('expert_router', None),
 )
 
 Rules = tuple[tuple[str, Any], ...]
@@ -74,7 +78,7 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
   if math.prod(sizes) != num_devices:
     raise ValueError(
         f'mesh sizes {described} multiply to {math.prod(sizes)} but there are {num_devices} devices. Set '
-        f'--config.mesh.data/fsdp/tensor so that their product is {num_devices}, or set one of them to -1 '
+        f'--config.mesh.data/fsdp/tensor/expert so that their product is {num_devices}, or set one of them to -1 '
         '(the remaining devices).')
   return tuple(sizes)
 
@@ -104,6 +108,10 @@ def _logical_sizes(config: ModelConfig) -> dict[str, int]:
       'kv_heads': config.num_key_value_heads, 'head_dim': config.head_dim, 'mlp': config.intermediate_size,
       'norm': config.hidden_size, 'layers': config.num_hidden_layers,
   }
+  if config.num_experts:  # `mlp` also names the routed and shared experts' widths: the rule must divide all
+    sizes['expert'] = config.num_experts
+    sizes['mlp'] = math.gcd(config.intermediate_size, config.moe_intermediate_size,
+                            config.shared_expert_intermediate_size)
   for name in ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp'):
     sizes['activation_' + name] = sizes[name]
   return sizes

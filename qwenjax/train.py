@@ -72,7 +72,7 @@ def check_batch(train: ml_collections.ConfigDict, batch_shards: int, mesh: jax.s
     mesh_desc = ' x '.join(f'{a}={n}' for a, n in mesh.shape.items())
     raise ValueError(
         f'the global batch (train.batch_size={batch}, micro-batches of {micro} with grad_accum_steps={accum}) '
-        f'does not divide over the {batch_shards} data-parallel shards (data x fsdp of the mesh {mesh_desc}). '
+        f'does not divide over the {batch_shards} data-parallel shards (data x fsdp x expert of the mesh {mesh_desc}). '
         f'Use a batch_size that is a multiple of {batch_shards * accum}, or change the mesh.')
   if batch % jax.process_count():
     raise ValueError(f'train.batch_size={batch} must divide over the {jax.process_count()} processes')

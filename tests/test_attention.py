@@ -213,7 +213,7 @@ def test_model_with_pallas_tpu_equals_xla_model(scan_layers, sharded):
     np.testing.assert_allclose(logits, loss(cfg, params)[1], rtol=1e-4, atol=1e-4)
     return
   (_, expected), expected_grads = jax.value_and_grad(functools.partial(loss, cfg), has_aux=True)(params)
-  mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, cfg)):
     step = jax.jit(jax.value_and_grad(functools.partial(loss, pallas_cfg), has_aux=True))
     assert 'shard_map' in str(jax.make_jaxpr(step)(params))

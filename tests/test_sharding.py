@@ -21,13 +21,20 @@ MODEL = model_lib.ModelConfig(
 BATCH, SEQ = 8, 32
 
 
-def mesh_config(data, fsdp, tensor):
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=sharding.DEFAULT_RULES))
+MOE_MODEL = dataclasses.replace(
+    MODEL, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+    output_router_logits=True, router_aux_loss_coef=0.01, router_z_loss_coef=1e-3)
+
+
+def mesh_config(data, fsdp, tensor, expert=1):
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, expert=expert,
+                                        rules=sharding.DEFAULT_RULES))
 
 
 def test_mesh_sizes_resolve_and_errors_name_the_device_count():
-  assert sharding.mesh_shape(mesh_config(2, -1, 2), 8) == (2, 2, 2)
-  assert sharding.make_mesh(mesh_config(1, -1, 1)).shape == {'data': 1, 'fsdp': 8, 'tensor': 1}
+  assert sharding.mesh_shape(mesh_config(2, -1, 2), 8) == (2, 2, 2, 1)
+  assert sharding.make_mesh(mesh_config(1, -1, 1)).shape == {'data': 1, 'fsdp': 8, 'tensor': 1, 'expert': 1}
+  assert sharding.mesh_shape(mesh_config(1, 2, 1, -1), 8) == (1, 2, 1, 4)
   with pytest.raises(ValueError, match=r'multiply to 4 but there are 8 devices.*product is 8'):
     sharding.make_mesh(mesh_config(2, 2, 1))
   with pytest.raises(ValueError, match='does not divide the 8 devices'):
@@ -40,7 +47,7 @@ def test_rules_leave_unsharded_what_the_mesh_does_not_divide():
   mesh = sharding.make_mesh(mesh_config(1, 2, 4))
   rules = dict(sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, MODEL))  # 2 kv heads, tensor=4
   assert rules['kv_heads'] is None and rules['activation_kv_heads'] is None
-  assert rules['heads'] == 'tensor' and rules['activation_batch'] == ('data', 'fsdp')
+  assert rules['heads'] == 'tensor' and rules['activation_batch'] == ('data', 'fsdp', 'expert')
   with pytest.raises(ValueError, match='names mesh axes'):
     sharding.logical_axis_rules((('embed', 'model'),), mesh, MODEL)
 
@@ -82,23 +89,23 @@ def setup():
   return params, [first, second, first]
 
 
-def run_steps(params, batches, mesh_sizes, grad_accum_steps=1):
-  """Three train steps from the given host params on a mesh; returns the losses and grad norms."""
+def run_steps(params, batches, mesh_sizes, grad_accum_steps=1, model=MODEL, metric_names=('loss', 'grad_norm')):
+  """Three train steps from the given host params on a mesh; returns the metrics per step."""
   train = config_lib.train_section()
   train.update(lr=1e-3, warmup_steps=1, steps=10, grad_accum_steps=grad_accum_steps, z_loss=1e-4)
   mesh = sharding.make_mesh(mesh_config(*mesh_sizes))
-  rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, MODEL)
+  rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, model)
   tx = train_step.make_optimizer(train)
-  shardings = train_step.state_shardings(MODEL, tx, mesh, rules)
-  state = train_step.create_state(MODEL, tx, shardings, params=params)
+  shardings = train_step.state_shardings(model, tx, mesh, rules)
+  state = train_step.create_state(model, tx, shardings, params=params)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   out = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(train_step.make_train_step(MODEL, tx, train), in_shardings=(shardings, batch_sharding),
+    step = jax.jit(train_step.make_train_step(model, tx, train), in_shardings=(shardings, batch_sharding),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     for batch in batches:
       state, metrics = step(state, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()})
-      out.append((float(metrics['loss']), float(metrics['grad_norm'])))
+      out.append([float(metrics[name]) for name in metric_names])
   # The state stayed in its shardings across steps (donation + out_shardings).
   assert state.params['embed_tokens'].sharding == shardings.params['embed_tokens']
   return np.array(out)
@@ -116,6 +123,34 @@ def test_same_losses_on_every_mesh(setup, reference, mesh_sizes, accum):
   assert reference[2, 0] < reference[0, 0]  # step 3 sees step 1's batch again: the updates fit it
   np.testing.assert_allclose(losses[:, 0], reference[:, 0], atol=1e-5, rtol=0)
   np.testing.assert_allclose(losses[:, 1], reference[:, 1], rtol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def moe_params():
+  return jax.device_get(model_lib.init_params(MOE_MODEL, jax.random.key(1)))
+
+
+def test_moe_train_step_is_the_same_on_expert_meshes(setup, moe_params):
+  """Qwen2-MoE through the real train step: expert parallelism (all-to-all) changes no number."""
+  batches = setup[1]
+  names = ('loss', 'grad_norm', 'moe_aux_loss')
+  runs = {sizes: run_steps(moe_params, batches, sizes, model=MOE_MODEL, metric_names=names)
+          for sizes in ((8, 1, 1, 1), (4, 1, 1, 2), (1, 2, 1, 4), (1, 1, 2, 4))}
+  reference = runs[(8, 1, 1, 1)]
+  assert reference[0, 2] > 0  # the router loss is on and reported
+  assert reference[2, 0] < reference[0, 0]
+  for sizes, metrics in runs.items():
+    np.testing.assert_allclose(metrics[:, 0], reference[:, 0], atol=1e-5, rtol=0, err_msg=str(sizes))
+    np.testing.assert_allclose(metrics[:, 1:], reference[:, 1:], rtol=1e-4, err_msg=str(sizes))
+
+
+def test_expert_axis_shards_experts_and_tokens():
+  mesh = sharding.make_mesh(mesh_config(1, 2, 1, 4))
+  rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, MOE_MODEL)
+  tx = train_step.make_optimizer(config_lib.train_section())
+  specs = jax.tree.map(lambda s: tuple(s.spec), train_step.state_shardings(MOE_MODEL, tx, mesh, rules).params)
+  assert specs['layers_0']['mlp']['experts']['gate_proj'] == ('expert', 'fsdp', 'tensor')  # tensor has size 1
+  assert sharding.batch_shards(mesh, rules) == 8
 
 
 def test_loss_ignores_masked_targets():

@@ -65,7 +65,7 @@ def test_compiled_train_step_never_holds_full_logits():
   model = model_lib.ModelConfig(**{**MODEL.to_dict(), 'dtype': 'bfloat16'})
   train = config_lib.train_section()
   train.update(loss_chunk=16)
-  mesh_config = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
+  mesh_config = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, expert=1, rules=sharding.DEFAULT_RULES))
   mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:1])
   rules = sharding.logical_axis_rules(mesh_config.rules, mesh, model)
   tx = train_step.make_optimizer(train)
