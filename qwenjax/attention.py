@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from qwenjax import sharding
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'pallas_tpu', 'pallas_gpu', 'auto')
 # Logical axis names the model gives attention's inputs (see qwenjax.model.Attention).
@@ -117,17 +118,6 @@ def _pallas_kernel(impl: str, sliding_window, interpret) -> Callable:
   return lambda q, k, v, ids: fn(q, k, v, sliding_window=sliding_window, segment_ids=ids, interpret=interpret)
 
 
-def _mesh_axes(logical: tuple[str, ...], mesh) -> list[tuple[str, ...]]:
-  """Per dimension, the (non-manual) mesh axes that the active logical axis rules map `logical` to."""
-  spec = nn.logical_to_mesh_axes(logical, nn.get_logical_axis_rules())
-  manual = set(mesh.manual_axes)
-  out = []
-  for entry in tuple(spec) + (None,) * (len(logical) - len(spec)):
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    out.append(tuple(a for a in names if a in mesh.axis_names and a not in manual))
-  return out
-
-
 def _size(mesh, axes: tuple[str, ...]) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
@@ -144,8 +134,8 @@ def shard_kernel(kernel: Callable, q, k, v, segment_ids):
   free = [a for a in mesh.axis_names if a not in set(mesh.manual_axes)] if not mesh.empty else []
   if not free or _size(mesh, tuple(free)) == 1:
     return kernel(q, k, v, segment_ids)
-  batch_axes, length_axes, head_axes, dim_axes = _mesh_axes(Q_AXES, mesh)
-  kv_head_axes = _mesh_axes(KV_AXES, mesh)[2]
+  batch_axes, length_axes, head_axes, dim_axes = sharding.active_mesh_axes(Q_AXES, mesh)
+  kv_head_axes = sharding.active_mesh_axes(KV_AXES, mesh)[2]
   for name, axes in (('activation_length', length_axes), ('activation_head_dim', dim_axes)):
     if _size(mesh, axes) > 1:
       raise ValueError(

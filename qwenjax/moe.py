@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from qwenjax import sharding
 from qwenjax.kernels import gmm
 
 MOE_STATS = 'moe_stats'  # the collection MoE layers sow router statistics into
@@ -266,17 +267,6 @@ def _ep_capacity(x, ids, weights, w_gate, w_up, w_down, num_experts, capacity_fa
 # Entry point.
 
 
-def _mesh_axes(logical: tuple[str, ...], mesh) -> list[tuple[str, ...]]:
-  """Per dimension, the non-manual mesh axes of size > 1 that the active rules map `logical` to."""
-  spec = nn.logical_to_mesh_axes(logical, nn.get_logical_axis_rules())
-  manual = set(mesh.manual_axes)
-  out = []
-  for entry in tuple(spec) + (None,) * (len(logical) - len(spec)):
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    out.append(tuple(a for a in names if a in mesh.axis_names and a not in manual and mesh.shape[a] > 1))
-  return out
-
-
 def experts_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                 w_down: jax.Array, *, capacity_factor: float = 0.0, impl: str = 'auto',
                 interpret: bool = False) -> jax.Array:
@@ -304,8 +294,8 @@ def experts_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate:
       y = _dropless(*flat, w_gate, w_up, w_down, impl, interpret)
     return y.reshape(x.shape)
 
-  batch_axes, length_axes = _mesh_axes(('activation_batch', 'activation_length'), mesh)
-  (mlp_axes,) = _mesh_axes(('mlp',), mesh)
+  batch_axes, length_axes = sharding.active_mesh_axes(('activation_batch', 'activation_length'), mesh)
+  (mlp_axes,) = sharding.active_mesh_axes(('mlp',), mesh)
   ep = mesh.shape[EXPERT_AXIS] if EXPERT_AXIS in free else 1
   token_axes = batch_axes + length_axes
   if set(mlp_axes) & (set(token_axes) | {EXPERT_AXIS}):

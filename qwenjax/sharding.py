@@ -21,14 +21,15 @@ names to it in the rules.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from absl import logging
 import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qwenjax.model import ModelConfig
+if TYPE_CHECKING:  # model imports attention and moe, which import this module
+  from qwenjax.model import ModelConfig
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 # Logical axes of a batch of token ids `[batch, seq]`.
@@ -180,6 +181,19 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
 def batch_shards(mesh: jax.sharding.Mesh, rules: Rules) -> int:
   """How many ways the batch is split (data x fsdp with the default rules)."""
   return _axes_size(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules)[0])
+
+
+def active_mesh_axes(logical: Sequence[str], mesh) -> list[tuple[str, ...]]:
+  """Per logical dimension, the mesh axes the active rules (`nn.logical_axis_rules`) split it over.
+
+  Only axes a kernel would really split over count: not manual (already inside a shard_map), size > 1. This
+  is how code that must shard_map itself (Pallas kernels, expert all-to-all) reads the placement the rules
+  decided, inside a step traced under `jax.set_mesh(mesh)`.
+  """
+  spec = nn.logical_to_mesh_axes(tuple(logical), nn.get_logical_axis_rules())
+  manual = set(mesh.manual_axes)
+  return [tuple(a for a in _axes_tuple(entry) if a in mesh.axis_names and a not in manual and mesh.shape[a] > 1)
+          for entry in tuple(spec) + (None,) * (len(logical) - len(spec))]
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -20,7 +20,6 @@ import optax
 
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
-from qwenjax import moe
 from qwenjax import sharding
 
 Batch = Mapping[str, jax.Array]
