@@ -75,28 +75,30 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
 
 
 def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch):
-  """(final hidden states, output head in the compute dtype, MoE auxiliary loss) of one forward pass.
+  """(final hidden states, output head in the compute dtype, auxiliary losses) of one forward pass.
 
   The loss builds logits from these chunk by chunk (`qwenjax.loss`), never all at once.
   """
   hidden, aux = model_lib.apply_with_aux(model_config, params, batch['inputs'], batch.get('positions'),
                                          batch.get('segment_ids'), return_hidden=True)
   head = model_lib.output_head(model_config, params).astype(model_config.dtype)
-  return hidden, head, aux['moe_aux_loss']
+  return hidden, head, aux
 
 
 def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss: float,
           chunk: int = loss_lib.DEFAULT_CHUNK):
-  """(objective to differentiate, (nll sum, z sum, target count, count-weighted MoE aux)) of a (micro-)batch.
+  """(objective to differentiate, (nll sum, z sum, target count, count-weighted aux losses)) of a (micro-)batch.
 
   Everything is a sum over target tokens, so micro-batches add up and one division by the total count gives
-  the mean loss; the MoE auxiliary loss (a per-pass mean) is weighted by the pass's token count to match.
+  the mean loss; the auxiliary losses (per-pass means, see `model.apply_with_aux`) are weighted by the pass's
+  token count to match. `moe_aux_loss` joins the objective; every entry is logged.
   """
-  hidden, head, moe_aux = hidden_states(model_config, params, batch)
+  hidden, head, aux = hidden_states(model_config, params, batch)
   total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
                                          chunk=chunk)
   count = jnp.sum(batch['weights'].astype(jnp.float32))
-  return total + moe_aux * count, (nll, z, count, jax.lax.stop_gradient(moe_aux) * count)
+  weighted_aux = {k: jax.lax.stop_gradient(v) * count for k, v in aux.items()}
+  return total + aux['moe_aux_loss'] * count, (nll, z, count, weighted_aux)
 
 
 def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
@@ -128,9 +130,12 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
         (_, sums), grads = grad_fn(state.params, micro)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 4)
-      (grads, sums), _ = jax.lax.scan(body, zeros, jax.tree.map(split, dict(batch)))
-    nll, z, count, moe_aux = sums
+      micro_batches = jax.tree.map(split, dict(batch))
+      sums_shape = jax.eval_shape(lambda p, b: grad_fn(p, b)[0][1], state.params,
+                                  jax.tree.map(lambda x: x[0], micro_batches))
+      zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
+      (grads, sums), _ = jax.lax.scan(body, zeros, micro_batches)
+    nll, z, count, aux = sums
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -144,7 +149,7 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
         'target_tokens': count,
     }
     if model_config.num_experts:
-      metrics['moe_aux_loss'] = moe_aux / denom
+      metrics.update({name: value / denom for name, value in aux.items()})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

@@ -133,7 +133,7 @@ def moe_params():
 def test_moe_train_step_is_the_same_on_expert_meshes(setup, moe_params):
   """Qwen2-MoE through the real train step: expert parallelism (all-to-all) changes no number."""
   batches = setup[1]
-  names = ('loss', 'grad_norm', 'moe_aux_loss')
+  names = ('loss', 'grad_norm', 'moe_aux_loss', 'moe_load_balancing_loss', 'moe_router_z_loss')
   runs = {sizes: run_steps(moe_params, batches, sizes, model=MOE_MODEL, metric_names=names)
           for sizes in ((8, 1, 1, 1), (4, 1, 1, 2), (1, 2, 1, 4), (1, 1, 2, 4))}
   reference = runs[(8, 1, 1, 1)]
