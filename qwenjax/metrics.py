@@ -30,7 +30,8 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Training FLOPs (forward + backward) per token of a `seq_len`-token row, as MFU counts them.
 
   `6 * N` for every weight a token multiplies: all parameters except the embedding lookup (a gather, no
-  FLOPs); with tied embeddings the table is counted once, as the LM head. Plus attention's two matmuls
+  FLOPs); with tied embeddings the table is counted once, as the LM head; in MoE layers only the
+  `num_experts_per_tok` experts a token is routed to. Plus attention's two matmuls
   (scores and weighted values), `2 * 2 * heads * head_dim` FLOPs per (query, visible key) pair forward and
   3x that for forward + backward, counting only the keys a query sees: causal (position i sees i + 1 keys)
   and capped by the sliding window on the layers that use one. Recomputation (remat) is not counted.
@@ -38,6 +39,10 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   params = count_params(config)
   if not config.tie_word_embeddings:
     params -= config.vocab_size * config.hidden_size  # the input embedding is a lookup
+  # Qwen2-MoE: a token multiplies only its top-k routed experts (router and shared expert count in full).
+  moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
+  idle_experts = config.num_experts - config.num_experts_per_tok if config.num_experts else 0
+  params -= moe_layers * idle_experts * 3 * config.hidden_size * config.moe_intermediate_size
   attention = 0.0
   for layer in range(config.num_hidden_layers):
     window = config.sliding_window if config.is_sliding(layer) else None

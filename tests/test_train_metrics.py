@@ -39,6 +39,18 @@ def test_flops_per_token_counts_weights_and_the_window():
   assert metrics.flops_per_token(model, 1024) == metrics.flops_per_token(no_window, 1024)  # window >= seq
 
 
+def test_moe_flops_count_only_the_active_experts():
+  config = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'moe_tiny.py'))
+  moe = model_lib.ModelConfig.from_dict(config.model)
+  e, i = moe.hidden_size, moe.moe_intermediate_size
+  # The same model with a dense MLP of the active width: k routed experts + shared expert, plus the router.
+  dense = dataclasses.replace(moe, num_experts=0, intermediate_size=moe.num_experts_per_tok * i +
+                              moe.shared_expert_intermediate_size)
+  router_and_gate = moe.num_hidden_layers * (e * moe.num_experts + e)
+  expected = metrics.flops_per_token(dense, 256) + 6 * router_and_gate
+  np.testing.assert_allclose(metrics.flops_per_token(moe, 256), expected, rtol=1e-12)
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor():
   train = config_lib.train_section()
   train.update(lr=1e-3, warmup_steps=10, steps=100, lr_final_fraction=0.1)
