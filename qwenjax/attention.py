@@ -84,6 +84,21 @@ def cudnn_attention(q, k, v, *, sliding_window=None, segment_ids=None):
       q, k, v, is_causal=True, local_window_size=window, implementation='cudnn')
 
 
+# Forward outputs a backward pass needs (output, logsumexp): cuDNN's fused-attention primitives by name, and
+# what our Pallas GPU kernel names with `checkpoint_name`.
+_CUDNN_FORWARD_PRIMITIVES = frozenset({'dot_product_attention_fwd', 'dot_product_attention_fwd_wrapper'})
+_SAVED_NAMES = frozenset({'attention_out', 'attention_lse'})
+
+
+def forward_saveable(prim, *_, **params) -> bool:
+  """Remat policy: keep the attention kernels' forward outputs, so a rematerialized layer's backward pass
+  does not run the attention forward a second time (costs one `[batch, seq, heads, head_dim]` output and a
+  float32 `[batch, heads, seq]` logsumexp per layer)."""
+  if prim.name in _CUDNN_FORWARD_PRIMITIVES:
+    return True
+  return prim.name == 'name' and params.get('name') in _SAVED_NAMES  # a `checkpoint_name` value
+
+
 def resolve_impl(impl: str, interpret: bool = False) -> str:
   """The concrete kernel ('xla', 'cudnn', 'pallas_tpu' or 'pallas_gpu') that `impl` means on this backend."""
   if impl not in IMPLEMENTATIONS:

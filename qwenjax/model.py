@@ -35,6 +35,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,8 +43,17 @@ from qwenjax import attention
 from qwenjax import moe
 from qwenjax.kernels import gmm
 
+# 'none' (no remat), 'full' (save nothing), `jax.checkpoint_policies` by name, and two of ours:
+# * 'dots_and_attention_saveable': what 'dots_with_no_batch_dims_saveable' keeps plus the attention kernels'
+#   outputs, so the backward pass recomputes only elementwise work (norms, rotary, SwiGLU).
+# * 'activations_saveable': every compute-dtype activation the backward pass reads (ACTIVATION_NAMES and the
+#   attention outputs), so it recomputes nothing, yet keeps none of the float32 temporaries that 'none' keeps.
+#   (The routed experts of an MoE block are not named: they are recomputed.)
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-                  'nothing_saveable', 'everything_saveable')
+                  'dots_and_attention_saveable', 'activations_saveable', 'nothing_saveable',
+                  'everything_saveable')
+# `checkpoint_name`s of a decoder layer's activations, for remat policies.
+ACTIVATION_NAMES = ('norm_out', 'query', 'key', 'value', 'residual', 'mlp_gate', 'mlp_up', 'mlp_hidden')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +180,7 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype) * normed.astype(self.dtype)
+    return checkpoint_name(scale.astype(self.dtype) * normed.astype(self.dtype), 'norm_out')
 
 
 def apply_rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -205,8 +215,9 @@ class Attention(nn.Module):
     q = qkv('q_proj', cfg.num_attention_heads, 'heads')
     k = qkv('k_proj', cfg.num_key_value_heads, 'kv_heads')
     v = qkv('v_proj', cfg.num_key_value_heads, 'kv_heads')
-    q = apply_rotary_embedding(q, positions, cfg.rope_theta)
-    k = apply_rotary_embedding(k, positions, cfg.rope_theta)
+    q = checkpoint_name(apply_rotary_embedding(q, positions, cfg.rope_theta), 'query')
+    k = checkpoint_name(apply_rotary_embedding(k, positions, cfg.rope_theta), 'key')
+    v = checkpoint_name(v, 'value')
     q = _constrain(q, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
     k = _constrain(k, 'activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
     v = _constrain(v, 'activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
@@ -235,9 +246,10 @@ class MLP(nn.Module):
     cfg = self.config
     size = self.intermediate_size or cfg.intermediate_size
     dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    gate = dense(size, name='gate_proj', kernel_init=_init(cfg, 'embed', 'mlp'))(x)
-    up = dense(size, name='up_proj', kernel_init=_init(cfg, 'embed', 'mlp'))(x)
-    hidden = _constrain(nn.silu(gate) * up, 'activation_batch', 'activation_length', 'activation_mlp')
+    gate = checkpoint_name(dense(size, name='gate_proj', kernel_init=_init(cfg, 'embed', 'mlp'))(x), 'mlp_gate')
+    up = checkpoint_name(dense(size, name='up_proj', kernel_init=_init(cfg, 'embed', 'mlp'))(x), 'mlp_up')
+    hidden = checkpoint_name(nn.silu(gate) * up, 'mlp_hidden')
+    hidden = _constrain(hidden, 'activation_batch', 'activation_length', 'activation_mlp')
     return dense(cfg.hidden_size, name='down_proj', kernel_init=_init(cfg, 'mlp', 'embed'))(hidden)
 
 
@@ -299,7 +311,7 @@ class DecoderLayer(nn.Module):
     norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     sliding = self.sliding if self.sliding is not None else sliding_flag
     h = Attention(cfg, name='self_attn')(norm(name='input_layernorm')(x), positions, segment_ids, sliding)
-    x = x + h
+    x = checkpoint_name(x + h, 'residual')
     feed_forward = SparseMoeBlock(cfg, name='mlp') if self.moe else MLP(cfg, name='mlp')
     x = x + feed_forward(norm(name='post_attention_layernorm')(x))
     return _constrain(x, 'activation_batch', 'activation_length', 'activation_embed')
@@ -315,7 +327,17 @@ class ScannedDecoderLayer(DecoderLayer):
 def _remat(cls, config: ModelConfig):
   if config.remat_policy == 'none':
     return cls
-  policy = None if config.remat_policy == 'full' else getattr(jax.checkpoint_policies, config.remat_policy)
+  policies = jax.checkpoint_policies
+  if config.remat_policy == 'full':
+    policy = None
+  elif config.remat_policy == 'dots_and_attention_saveable':
+    policy = policies.save_from_both_policies(policies.dots_with_no_batch_dims_saveable,
+                                              attention.forward_saveable)
+  elif config.remat_policy == 'activations_saveable':
+    policy = policies.save_from_both_policies(policies.save_only_these_names(*ACTIVATION_NAMES),
+                                              attention.forward_saveable)
+  else:
+    policy = getattr(jax.checkpoint_policies, config.remat_policy)
   return nn.remat(cls, policy=policy, prevent_cse=not config.scan_layers)
 
 

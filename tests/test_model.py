@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qwenjax import attention
 from qwenjax import model
 
 CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
@@ -58,7 +59,8 @@ def test_bf16_forward_close_to_fp32(params):
 
 
 @pytest.mark.parametrize('scan_layers,remat_policy', [
-    (True, 'none'), (False, 'full'), (True, 'dots_with_no_batch_dims_saveable')])
+    (True, 'none'), (False, 'full'), (True, 'dots_with_no_batch_dims_saveable'),
+    (True, 'dots_and_attention_saveable'), (False, 'activations_saveable')])
 def test_scan_and_remat_match_plain_model(params, scan_layers, remat_policy):
   config = dataclasses.replace(SMALL, scan_layers=scan_layers, remat_policy=remat_policy)
   variant_params = model.stack_layers(params, SMALL.num_hidden_layers) if scan_layers else params
@@ -74,6 +76,36 @@ def test_scan_and_remat_match_plain_model(params, scan_layers, remat_policy):
     grads = model.unstack_layers(grads)
   expected = jax.grad(loss)(params, SMALL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, expected)
+
+
+@pytest.mark.parametrize('policy', ['dots_with_no_batch_dims_saveable', 'dots_and_attention_saveable',
+                                    'activations_saveable'])
+def test_remat_policies_save_what_they_promise(policy, capsys):
+  """Our policies keep the attention kernel's output and logsumexp (no second attention forward in the backward
+  pass); 'activations_saveable' keeps every named activation and no matmul output besides."""
+  config = dataclasses.replace(SMALL, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                               dtype='bfloat16', attention_impl='pallas_gpu', attention_interpret=True,
+                               remat_policy=policy)
+  params = model.init_params(config, jax.random.key(0))
+  ids = jnp.zeros((1, 32), jnp.int32)
+  loss = lambda p: model.Qwen2(config).apply({'params': p}, ids, return_hidden=True).astype(jnp.float32).sum()
+  jax.ad_checkpoint.print_saved_residuals(loss, params)
+  saved = capsys.readouterr().out
+  keeps_attention = "named 'attention_out'" in saved and "named 'attention_lse'" in saved
+  assert keeps_attention == (policy != 'dots_with_no_batch_dims_saveable'), saved
+  if policy == 'activations_saveable':
+    assert all(f"named '{name}'" in saved for name in model.ACTIVATION_NAMES), saved
+    assert 'output of dot_general' not in saved, saved
+  else:
+    assert 'output of dot_general' in saved, saved
+
+
+def test_cudnn_forward_primitives_exist():
+  """forward_saveable recognizes cuDNN's attention forward by primitive name: the names must be jax's."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+  names = {cudnn._dot_product_attention_fwd_p.name, cudnn._dot_product_attention_fwd_p_wrapper.name}  # pylint: disable=protected-access
+  assert names == set(attention._CUDNN_FORWARD_PRIMITIVES)  # pylint: disable=protected-access
+  assert attention.forward_saveable(cudnn._dot_product_attention_fwd_p_wrapper)  # pylint: disable=protected-access
 
 
 def test_stack_unstack_round_trip(params):

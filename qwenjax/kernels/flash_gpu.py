@@ -29,6 +29,7 @@ import functools
 import math
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from jax import lax
 
@@ -253,6 +254,9 @@ def _kernels(config: _Config):
   return impl
 
 
+# The kernels sit behind jax.jit so that every layer's call site (unrolled layers, rematerialization) shares one
+# traced and lowered kernel instead of compiling its own copy.
+@functools.partial(jax.jit, static_argnums=(4,))
 def _forward(q, k, v, segment_ids, config: _Config):
   impl = _kernels(config)
   return impl.forward(q, k, v, segment_ids, window=config.window, blocks=config.blocks,
@@ -267,16 +271,23 @@ def _attention(q, k, v, segment_ids, config: _Config):
 
 def _attention_fwd(q, k, v, segment_ids, config: _Config):
   out, lse = _forward(q, k, v, segment_ids, config)
+  # Named so that a remat policy can keep them (qwenjax.attention.forward_saveable) instead of rerunning this.
+  out = checkpoint_name(out, 'attention_out')
+  lse = checkpoint_name(lse, 'attention_lse')
   return out, (q, k, v, segment_ids, out, lse)
+
+
+@functools.partial(jax.jit, static_argnums=(7,))
+def _backward(q, k, v, segment_ids, d_out, out, lse, config: _Config):
+  # delta = rowsum(dO * O): one fused XLA pass, laid out [batch, heads, seq] like lse.
+  delta = jnp.einsum('bshd,bshd->bhs', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  return _kernels(config).backward(q, k, v, segment_ids, d_out.astype(q.dtype), lse, delta, window=config.window,
+                                   blocks=config.blocks, interpret=config.interpret)
 
 
 def _attention_bwd(config: _Config, residuals, d_out):
   q, k, v, segment_ids, out, lse = residuals
-  # delta = rowsum(dO * O): one fused XLA pass, laid out [batch, heads, seq] like lse.
-  delta = jnp.einsum('bshd,bshd->bhs', d_out.astype(jnp.float32), out.astype(jnp.float32))
-  impl = _kernels(config)
-  dq, dk, dv = impl.backward(q, k, v, segment_ids, d_out.astype(q.dtype), lse, delta,
-                             window=config.window, blocks=config.blocks, interpret=config.interpret)
+  dq, dk, dv = _backward(q, k, v, segment_ids, d_out, out, lse, config)
   d_seg = None
   return dq, dk, dv, d_seg
 
