@@ -28,6 +28,16 @@ def _inputs(seed, batch=2, seq=12, embed=16, vocab=37):
   return hidden, head, targets, weights
 
 
+def test_one_pass_logsumexp_matches_jax():
+  logits = jnp.concatenate([
+      30.0 * jax.random.normal(jax.random.key(0), (3, 1000)),  # large spread: the running max must rescale
+      jnp.full((1, 1000), -jnp.inf).at[0, 7].set(2.0),  # one finite entry among masked ones
+  ])
+  got = loss._logsumexp(logits)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, jax.nn.logsumexp(logits, axis=-1), rtol=1e-6)
+  assert got[-1] == 2.0
+
+
 @pytest.mark.parametrize('chunk,z_coef', [(12, 0.0), (5, 1e-2), (1, 1e-2)])
 def test_chunked_loss_matches_full_logits(chunk, z_coef):
   hidden, head, targets, weights = _inputs(chunk)
