@@ -3,12 +3,16 @@ r"""Times qwenjax train steps of configs/1b.py (seq_len 8192) on one GPU with sy
 The step is `qwenjax.train_step.make_train_step`, the one `python -m qwenjax.train` runs (AdamW with fp32
 master weights, bf16 compute, clipping, z-loss, gradient accumulation), jitted with the same shardings and
 donation. Batches are random token ids without packing (cuDNN attention cannot mask packed documents), so no
-grain is needed. Each variant fixes the global batch, the micro-batch (grad accumulation), the remat policy
-and the attention kernel; MFU counts `qwenjax.metrics.flops_per_token` against the device's bf16 peak
+grain is needed. A variant's name fixes the global batch, the micro-batch (grad accumulation), the remat
+policy, the attention kernel and scanned or unrolled layers (`parse_variant`); MFU counts `qwenjax.metrics.flops_per_token` against the device's bf16 peak
 (989 TFLOP/s on an H100).
 
-    python benchmarks/train_1b.py --out /tmp/bench            # all VARIANTS, a table at the end
-    python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # some of them
+    python benchmarks/train_1b.py --out /tmp/bench            # DEFAULT_VARIANTS, a table at the end
+    python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # others
+    python benchmarks/train_1b.py --variants b4_m4_dots_cudnn --profile  # and where the GPU time goes
+    python benchmarks/train_1b.py --config configs/tiny.py --variants b2_m1_none_xla  # a CPU smoke run
+
+XLA flags (`XLA_FLAGS=...`) reach every variant's process and are recorded with its result.
 
 Results: one JSON object per variant in OUT/train_1b.jsonl.
 """
@@ -30,32 +34,41 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/profile_summary.py)
 from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
 from qwenjax import metrics  # pylint: disable=g-import-not-at-top
 from qwenjax import sharding  # pylint: disable=g-import-not-at-top
 from qwenjax import train_step  # pylint: disable=g-import-not-at-top
 from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
 
-# name: (global batch, micro-batch, remat policy, attention impl, scan_layers)
-VARIANTS = {
-    'b4_m4_none_cudnn': (4, 4, 'none', 'cudnn', True),
-    'b4_m2_none_cudnn': (4, 2, 'none', 'cudnn', True),
-    'b4_m1_none_cudnn': (4, 1, 'none', 'cudnn', True),
-    'b4_m4_dots_cudnn': (4, 4, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
-    'b4_m2_dots_cudnn': (4, 2, 'dots_with_no_batch_dims_saveable', 'cudnn', True),
-    'b4_m4_none_pallas': (4, 4, 'none', 'pallas_gpu', True),
-    'b4_m4_dots_pallas': (4, 4, 'dots_with_no_batch_dims_saveable', 'pallas_gpu', True),
-    'b4_m2_none_pallas': (4, 2, 'none', 'pallas_gpu', True),
-    'b4_m1_dots_xla': (4, 1, 'dots_with_no_batch_dims_saveable', 'xla', True),
-    'cpu_smoke': (2, 1, 'none', 'xla', True),  # with --config configs/tiny.py: checks the script on a CPU
-}
+REMAT = {'none': 'none', 'full': 'full', 'dots': 'dots_with_no_batch_dims_saveable',
+         'dotsattn': 'dots_and_attention_saveable', 'acts': 'activations_saveable'}
+ATTENTION = {'cudnn': 'cudnn', 'pallas': 'pallas_gpu', 'xla': 'xla'}
+DEFAULT_VARIANTS = ('b4_m4_acts_cudnn_unrolled', 'b4_m4_dotsattn_cudnn_unrolled', 'b4_m4_dots_cudnn')
 
 
-def run_variant(name: str, steps: int, warmup: int, config_path: str) -> dict:
-  batch, micro, remat, impl, scan = VARIANTS[name]
+def parse_variant(name: str) -> dict:
+  """'b{batch}_m{micro}_{remat}_{attention}[_unrolled]', e.g. b4_m4_dots_cudnn: global batch 4, micro-batch 4,
+  remat 'dots' (see REMAT), cuDNN attention (see ATTENTION), scanned layers unless '_unrolled'."""
+  parts = name.split('_')
+  try:
+    batch, micro = int(parts[0].removeprefix('b')), int(parts[1].removeprefix('m'))
+    remat, impl = REMAT[parts[2]], ATTENTION[parts[3]]
+    if parts[4:] not in ([], ['unrolled']) or batch % micro:
+      raise ValueError
+  except (IndexError, KeyError, ValueError):
+    raise SystemExit(f'bad variant {name!r}: expected b{{batch}}_m{{micro}}_{{{"|".join(REMAT)}}}_'
+                     f'{{{"|".join(ATTENTION)}}}[_unrolled], micro dividing batch') from None
+  return dict(batch=batch, micro=micro, remat=remat, attention=impl, scan_layers=parts[4:] != ['unrolled'])
+
+
+def build(name: str, config_path: str):
+  """The jitted-and-compiled train step of one variant, its initial state and two synthetic batches."""
+  v = parse_variant(name)
   config = config_lib.load(config_path)
-  config.model.update(remat_policy=remat, attention_impl=impl, scan_layers=scan)
-  config.train.update(batch_size=batch, grad_accum_steps=batch // micro, steps=10_000, warmup_steps=100)
+  config.model.update(remat_policy=v['remat'], attention_impl=v['attention'], scan_layers=v['scan_layers'])
+  config.train.update(batch_size=v['batch'], grad_accum_steps=v['batch'] // v['micro'], steps=10_000,
+                      warmup_steps=100)
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   seq_len = int(config.data.seq_len)
   model = ModelConfig.from_dict(config.model)
@@ -68,10 +81,10 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str) -> dict:
 
   rng = np.random.default_rng(0)
   def make_batch():
-    tokens = rng.integers(0, model.vocab_size, (batch, seq_len + 1), dtype=np.int32)
+    tokens = rng.integers(0, model.vocab_size, (v['batch'], seq_len + 1), dtype=np.int32)
     host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-            'weights': np.ones((batch, seq_len), np.float32)}
-    return {k: jax.device_put(v, batch_sharding) for k, v in host.items()}
+            'weights': np.ones((v['batch'], seq_len), np.float32)}
+    return {k: jax.device_put(x, batch_sharding) for k, x in host.items()}
   batches = [make_batch() for _ in range(2)]  # alternate, never the same input twice in a row
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -80,47 +93,68 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str) -> dict:
                       donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step_fn.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - start
-    for i in range(warmup):
-      state, m = compiled(state, batches[i % 2])
+  v.update(seq_len=seq_len, model=model, compile_s=time.perf_counter() - start)
+  return compiled, state, batches, v
+
+
+def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, profile: bool) -> dict:
+  compiled, state, batches, v = build(name, config_path)
+  for i in range(warmup):
+    state, m = compiled(state, batches[i % 2])
+  jax.block_until_ready(m)
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, m = compiled(state, batches[i % 2])
     jax.block_until_ready(m)
-    times = []
-    for i in range(steps):
-      start = time.perf_counter()
-      state, m = compiled(state, batches[i % 2])
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - start)
+    times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
-  tokens = batch * seq_len
-  flops = metrics.flops_per_token(model, seq_len)
+  tokens = v['batch'] * v['seq_len']
+  flops = metrics.flops_per_token(v['model'], v['seq_len'])
   peak = metrics.peak_flops_per_device() or float('nan')
   memory = jax.devices()[0].memory_stats() or {}
   result = {
-      'variant': name, 'batch': batch, 'micro_batch': micro, 'remat': remat, 'attention': impl,
-      'scan_layers': scan, 'seq_len': seq_len, 'step_s': step_s, 'step_s_min': float(min(times)),
-      'tokens_per_s': tokens / step_s, 'mfu': tokens * flops / step_s / peak, 'gflop_per_token': flops / 1e9,
-      'compile_s': compile_s, 'loss': float(m['loss']), 'peak_gib': memory.get('peak_bytes_in_use', 0) / 2**30,
-      'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
+      'variant': name, 'batch': v['batch'], 'micro_batch': v['micro'], 'remat': v['remat'],
+      'attention': v['attention'], 'scan_layers': v['scan_layers'], 'seq_len': v['seq_len'], 'step_s': step_s,
+      'step_s_min': float(min(times)), 'tokens_per_s': tokens / step_s, 'mfu': tokens * flops / step_s / peak,
+      'gflop_per_token': flops / 1e9, 'compile_s': v['compile_s'], 'loss': float(m['loss']),
+      'peak_gib': memory.get('peak_bytes_in_use', 0) / 2**30, 'device': jax.devices()[0].device_kind,
+      'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
+  if profile:
+    with open(os.path.join(out, f'{name}.hlo.txt'), 'w') as f:
+      f.write(compiled.as_text())
+    trace_dir = os.path.join('/tmp', f'trace_{name}')
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for i in range(2):
+        state, m = compiled(state, batches[i % 2])
+      jax.block_until_ready(m)
+    summary = profile_summary.summarize(trace_dir, steps=2)
+    with open(os.path.join(out, f'{name}.profile.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+    print(profile_summary.format_summary(summary), flush=True)
+    result['gpu_busy_ms_per_step'] = summary['busy_ms_per_step']
   return result
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--variants', default=','.join(v for v in VARIANTS if v != 'cpu_smoke'),
-                      help=f'comma-separated, from {list(VARIANTS)}')
+  parser.add_argument('--variants', default=','.join(DEFAULT_VARIANTS),
+                      help='comma-separated names, see parse_variant')
   parser.add_argument('--steps', type=int, default=6, help='timed steps per variant (median reported)')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
   parser.add_argument('--out', default='.')
   parser.add_argument('--one', help='run this variant in this process (the parent runs each in its own)')
   parser.add_argument('--timeout', type=float, default=300, help='seconds per variant')
+  parser.add_argument('--profile', action='store_true',
+                      help='also trace two steps: per-kernel GPU time in OUT/VARIANT.profile.json, HLO beside it')
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   results_file = os.path.join(args.out, 'train_1b.jsonl')
   if args.one:
     try:
-      result = run_variant(args.one, args.steps, args.warmup, args.config)
+      result = run_variant(args.one, args.steps, args.warmup, args.config, args.out, args.profile)
     except Exception as e:  # pylint: disable=broad-except  (an OOM or a kernel failure ends one variant only)
       traceback.print_exc(limit=4)
       result = {'variant': args.one, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
@@ -135,6 +169,7 @@ def main():
     print(f'--- {name}', flush=True)
     command = [sys.executable, os.path.abspath(__file__), '--one', name, '--steps', str(args.steps),
                '--warmup', str(args.warmup), '--config', args.config, '--out', args.out]
+    command += ['--profile'] if args.profile else []
     try:
       failed = subprocess.run(command, check=False, timeout=args.timeout).returncode
     except subprocess.TimeoutExpired:
