@@ -72,8 +72,11 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(step: int, steps: int, metrics: Mapping[str, float], eta_seconds: float | None) -> str:
-  """One human-readable line: step, loss, lr, grad norm, throughput, MFU, ETA."""
+  """One human-readable line: step, loss (and an MoE model's router losses), lr, grad norm, throughput, MFU, ETA."""
   parts = [f'step {step}/{steps}', f'loss {metrics["loss"]:.4f}']
+  if 'moe_load_balancing_loss' in metrics:  # MoE models only; dense models log moe_aux_loss = 0 alone
+    parts.append(f'load_balancing {metrics["moe_load_balancing_loss"]:.4f}')
+    parts.append(f'router_z {metrics["moe_router_z_loss"]:.4f}')
   if 'lr' in metrics:
     parts.append(f'lr {metrics["lr"]:.2e}')
   if 'grad_norm' in metrics:

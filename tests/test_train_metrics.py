@@ -74,3 +74,7 @@ def test_metric_writer_writes_jsonl_and_tensorboard(tmp_path):
   assert events and os.path.getsize(tmp_path / events[0]) > 0
   line = metrics.progress_line(10, 100, {'loss': 2.0, 'lr': 1e-3, 'tokens_per_sec': 1234.0}, 75.0)
   assert 'step 10/100' in line and '1,234 tok/s' in line and 'ETA 1m15s' in line
+  assert 'load_balancing' not in line
+  moe = metrics.progress_line(10, 100, {'loss': 2.0, 'moe_aux_loss': 0.004, 'moe_load_balancing_loss': 1.25,
+                                         'moe_router_z_loss': 0.5}, None)
+  assert 'load_balancing 1.2500' in moe and 'router_z 0.5000' in moe
