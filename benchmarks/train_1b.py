@@ -166,6 +166,8 @@ def main():
   # Each variant in a fresh process: a clean peak-memory reading, and an OOM cannot affect the next one.
   names = args.variants.split(',')
   for name in names:
+    parse_variant(name)  # a typo stops here, before any variant runs
+  for name in names:
     print(f'--- {name}', flush=True)
     command = [sys.executable, os.path.abspath(__file__), '--one', name, '--steps', str(args.steps),
                '--warmup', str(args.warmup), '--config', args.config, '--out', args.out]

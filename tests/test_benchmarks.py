@@ -1,0 +1,46 @@
+"""The GPU benchmark scripts still run: each on the tiny config on one CPU device, in a few seconds."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def _run(script, *args):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one device: the scripts time one accelerator
+  done = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / script), *args], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+  return done.stdout
+
+
+def test_train_benchmark_times_and_profiles_a_step(tmp_path):
+  out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m2_acts_xla_unrolled',
+             '--steps', '1', '--warmup', '1', '--profile', '--out', str(tmp_path))
+  [result] = [json.loads(line) for line in (tmp_path / 'train_1b.jsonl').read_text().splitlines()]
+  assert 'error' not in result, result
+  assert result['tokens_per_s'] > 0 and result['remat'] == 'activations_saveable' and not result['scan_layers']
+  profile = json.loads((tmp_path / 'b2_m2_acts_xla_unrolled.profile.json').read_text())
+  assert profile['busy_ms_per_step'] > 0 and profile['top_kernels']
+  assert (tmp_path / 'b2_m2_acts_xla_unrolled.hlo.txt').stat().st_size > 0
+  assert '| b2_m2_acts_xla_unrolled | 2 x 256 |' in out
+
+
+def test_train_benchmark_rejects_a_bad_variant_name(tmp_path):
+  with pytest.raises(AssertionError, match='bad variant'):
+    _run('train_1b.py', '--variants', 'b4_m4_dots_cudnn,b4_m3_dots_cudnn', '--out', str(tmp_path))
+  assert not (tmp_path / 'train_1b.jsonl').exists()  # nothing ran
+
+
+def test_peer_benchmark_runs_on_cpu(tmp_path):
+  _run('hf_peer_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--attn', 'sdpa', '--batch', '2',
+       '--micro-batch', '1', '--seq-len', '64', '--steps', '1', '--warmup', '1', '--device', 'cpu',
+       '--no-compile', '--out', str(tmp_path))
+  [result] = [json.loads(line) for line in (tmp_path / 'hf_peer_1b.jsonl').read_text().splitlines()]
+  assert 'error' not in result, result
+  assert result['tokens_per_s'] > 0 and result['batch'] == 2 and result['seq_len'] == 64
