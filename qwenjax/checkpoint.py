@@ -74,16 +74,27 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {_path(p): tuple(x.shape) for p, x in leaves if hasattr(x, 'shape')}
 
 
+def _layout_hint(saved: set[str], expected: set[str]) -> str:
+  """Names the likely cause when one tree has scanned layers (`.../layers/...`) and the other unrolled ones."""
+  stacked = lambda names: any('/layers/' in f'/{n}/' for n in names)
+  if stacked(saved) != stacked(expected):
+    written = 'True' if stacked(saved) else 'False'
+    return (f' (it was written with model.scan_layers={written}: pass --config.model.scan_layers={written}, '
+            'or convert with qwenjax.model.stack_layers / unstack_layers)')
+  return ''
+
+
 def check_shapes(saved: Any, expected: Any, where: str) -> None:
   """Raises ShapeMismatchError naming the first array whose presence or shape differs."""
   saved, expected = _shapes(saved), _shapes(expected)
+  hint = _layout_hint(set(saved), set(expected))
   for name in sorted(set(saved) | set(expected)):
     if name not in saved:
       raise ShapeMismatchError(f'{where} has no {name}, which the model being trained needs: the checkpoint '
-                               'was written for a different model config')
+                               f'was written for a different model config{hint}')
     if name not in expected:
       raise ShapeMismatchError(f'{where} holds {name}, which the model being trained does not have: the '
-                               'checkpoint was written for a different model config')
+                               f'checkpoint was written for a different model config{hint}')
     if saved[name] != expected[name]:
       raise ShapeMismatchError(
           f'{where} has {name} of shape {saved[name]} but the model config gives {expected[name]}. Train with '

@@ -134,6 +134,15 @@ def test_checkpoint_of_another_model_shape_names_the_parameter(uninterrupted):
     train.train_and_evaluate(config, workdir)
 
 
+def test_checkpoint_of_the_other_layer_layout_names_scan_layers():
+  stacked = {'params': {'layers': {'w': np.zeros((2, 3))}}}
+  unrolled = {'params': {'layers_0': {'w': np.zeros(3)}, 'layers_1': {'w': np.zeros(3)}}}
+  with pytest.raises(checkpoint.ShapeMismatchError, match=r'written with model.scan_layers=True'):
+    checkpoint.check_shapes(stacked, unrolled, 'checkpoint 4')
+  with pytest.raises(checkpoint.ShapeMismatchError, match=r'written with model.scan_layers=False'):
+    checkpoint.check_shapes(unrolled, stacked, 'checkpoint 4')
+
+
 def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
   import jax  # pylint: disable=g-import-not-at-top
   from qwenjax import hf, model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
