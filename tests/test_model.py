@@ -102,10 +102,11 @@ def test_remat_policies_save_what_they_promise(policy, capsys):
 
 def test_cudnn_forward_primitives_exist():
   """forward_saveable recognizes cuDNN's attention forward by primitive name: the names must be jax's."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
-  names = {cudnn._dot_product_attention_fwd_p.name, cudnn._dot_product_attention_fwd_p_wrapper.name}  # pylint: disable=protected-access
-  assert names == set(attention._CUDNN_FORWARD_PRIMITIVES)  # pylint: disable=protected-access
-  assert attention.forward_saveable(cudnn._dot_product_attention_fwd_p_wrapper)  # pylint: disable=protected-access
+  # pylint: disable=protected-access,g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  names = {cudnn._dot_product_attention_fwd_p.name, cudnn._dot_product_attention_fwd_p_wrapper.name}
+  assert names == set(attention._CUDNN_FORWARD_PRIMITIVES)
+  assert attention.forward_saveable(cudnn._dot_product_attention_fwd_p_wrapper)
 
 
 def test_stack_unstack_round_trip(params):
