@@ -337,7 +337,7 @@ def _remat(cls, config: ModelConfig):
     policy = policies.save_from_both_policies(policies.save_only_these_names(*ACTIVATION_NAMES),
                                               attention.forward_saveable)
   else:
-    policy = getattr(jax.checkpoint_policies, config.remat_policy)
+    policy = getattr(policies, config.remat_policy)
   return nn.remat(cls, policy=policy, prevent_cse=not config.scan_layers)
 
 
