@@ -19,7 +19,6 @@ when `segment_ids` are given.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -32,6 +31,18 @@ IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'pallas_tpu', 'pallas_gpu', 'auto')
 # Logical axis names the model gives attention's inputs (see qwenjax.model.Attention).
 Q_AXES = ('activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
 KV_AXES = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
+
+
+def check_inputs(q, k, v, sliding_window: int | None, segment_ids) -> None:
+  """Raises a ValueError naming the problem if the arguments are not those of a causal GQA attention."""
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    raise ValueError(f'expected q [b, s, h, d] and k, v [b, s, kv_h, d]; got {q.shape}, {k.shape}, {v.shape}')
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f'q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})')
+  if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
+    raise ValueError(f'sliding_window must be a positive int or None, got {sliding_window}')
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f'segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}')
 
 
 def attention_mask(
@@ -133,10 +144,6 @@ def _pallas_kernel(impl: str, sliding_window, interpret) -> Callable:
   return lambda q, k, v, ids: fn(q, k, v, sliding_window=sliding_window, segment_ids=ids, interpret=interpret)
 
 
-def _size(mesh, axes: tuple[str, ...]) -> int:
-  return math.prod(mesh.shape[a] for a in axes)
-
-
 def shard_kernel(kernel: Callable, q, k, v, segment_ids):
   """Runs `kernel(q, k, v, segment_ids)` per device under the active mesh, split over batch and heads.
 
@@ -146,19 +153,19 @@ def shard_kernel(kernel: Callable, q, k, v, segment_ids):
   takes the kv heads its query heads use. Sequence and head_dim must stay whole.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  free = [a for a in mesh.axis_names if a not in set(mesh.manual_axes)] if not mesh.empty else []
-  if not free or _size(mesh, tuple(free)) == 1:
+  free = sharding.free_axes(mesh)
+  if not free:
     return kernel(q, k, v, segment_ids)
   batch_axes, length_axes, head_axes, dim_axes = sharding.active_mesh_axes(Q_AXES, mesh)
   kv_head_axes = sharding.active_mesh_axes(KV_AXES, mesh)[2]
   for name, axes in (('activation_length', length_axes), ('activation_head_dim', dim_axes)):
-    if _size(mesh, axes) > 1:
+    if sharding.axes_size(mesh, axes) > 1:
       raise ValueError(
           f'Pallas attention needs whole sequences and head dims on each device, but the logical axis rules '
           f'shard {name} over mesh axes {axes}. Map {name} to None in the rules (or use attention_impl="xla").')
   batch, _, q_heads, _ = q.shape
   kv_heads = k.shape[2]
-  n_batch, n_heads = _size(mesh, batch_axes), _size(mesh, head_axes)
+  n_batch, n_heads = sharding.axes_size(mesh, batch_axes), sharding.axes_size(mesh, head_axes)
   if batch % n_batch or q_heads % n_heads:
     raise ValueError(
         f'Pallas attention splits batch ({batch}) over mesh axes {batch_axes} (size {n_batch}) and query heads '
@@ -225,14 +232,7 @@ def dot_product_attention(
   Returns:
     `[batch, seq, q_heads, head_dim]` in q's dtype.
   """
-  if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-    raise ValueError(f'expected q [b, s, h, d] and k, v [b, s, kv_h, d]; got {q.shape}, {k.shape}, {v.shape}')
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f'q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})')
-  if sliding_window is not None and sliding_window < 1:
-    raise ValueError(f'sliding_window must be a positive int or None, got {sliding_window}')
-  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f'segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}')
+  check_inputs(q, k, v, sliding_window, segment_ids)
   impl = resolve_impl(impl, interpret)
   if impl == 'xla':
     return xla_attention(q, k, v, sliding_window=sliding_window, segment_ids=segment_ids)

@@ -284,8 +284,8 @@ def experts_ffn(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_gate:
   """
   num_experts = w_gate.shape[0]
   mesh = jax.sharding.get_abstract_mesh()
-  free = [] if mesh.empty else [a for a in mesh.axis_names if a not in set(mesh.manual_axes)]
-  if not free or math.prod(mesh.shape[a] for a in free) == 1:
+  free = sharding.free_axes(mesh)
+  if not free:
     b, s, h = x.shape
     flat = (x.reshape(-1, h), expert_ids.reshape(b * s, -1), weights.reshape(b * s, -1))
     if capacity_factor:

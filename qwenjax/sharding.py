@@ -98,7 +98,8 @@ def _axes_tuple(axes) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def _axes_size(mesh: jax.sharding.Mesh, axes) -> int:
+def axes_size(mesh: jax.sharding.Mesh, axes) -> int:
+  """How many devices the mesh axes `axes` (a name, a tuple of names, or None) span together."""
   return math.prod(mesh.shape[a] for a in _axes_tuple(axes))
 
 
@@ -137,11 +138,11 @@ def logical_axis_rules(rules: Sequence[Sequence[Any]], mesh: jax.sharding.Mesh,
     size = sizes.get(name)
     if size is not None:
       kept = axes
-      while kept and size % _axes_size(mesh, kept):
+      while kept and size % axes_size(mesh, kept):
         kept = kept[:-1]
       if kept != axes:
         logging.info('sharding: %s (%d) does not divide over mesh axes %s (size %d); using %s', name, size,
-                     axes, _axes_size(mesh, axes), kept or 'no sharding')
+                     axes, axes_size(mesh, axes), kept or 'no sharding')
       axes = kept
     out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
   return tuple(out)
@@ -152,7 +153,7 @@ def _fit_spec(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> P:
   entries = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     axes = _axes_tuple(entry)
-    while axes and dim % _axes_size(mesh, axes):
+    while axes and dim % axes_size(mesh, axes):
       axes = axes[:-1]
     entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*entries)
@@ -180,7 +181,16 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
 
 def batch_shards(mesh: jax.sharding.Mesh, rules: Rules) -> int:
   """How many ways the batch is split (data x fsdp with the default rules)."""
-  return _axes_size(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules)[0])
+  return axes_size(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules)[0])
+
+
+def free_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes a kernel must still split over with `jax.shard_map` (not manual, i.e. not already inside
+  one); empty when there is no mesh or those axes span a single device."""
+  if mesh.empty:
+    return ()
+  free = tuple(a for a in mesh.axis_names if a not in set(mesh.manual_axes))
+  return free if axes_size(mesh, free) > 1 else ()
 
 
 def active_mesh_axes(logical: Sequence[str], mesh) -> list[tuple[str, ...]]:

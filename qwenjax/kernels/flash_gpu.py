@@ -33,6 +33,8 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from jax import lax
 
+from qwenjax import attention
+
 LOG2E = math.log2(math.e)
 # Masked scores are -inf. A row with no visible key in a block keeps a running max of -inf; kernels then
 # subtract 0 instead (`safe_max`), so exp2 gives exact zeros. A large finite mask value is not safe: with
@@ -192,25 +194,18 @@ def flash_attention(
   Returns:
     `[batch, seq, q_heads, head_dim]` in q's dtype. Softmax scale is `1/sqrt(head_dim)`.
   """
-  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-    raise ValueError(f'expected q [b, s, h, d] and k, v [b, s, kv_h, d]; got {q.shape}, {k.shape}, {v.shape}')
-  batch, seq_len, q_heads, head_dim = q.shape
-  if q_heads % k.shape[2]:
-    raise ValueError(f'q heads ({q_heads}) must be a multiple of kv heads ({k.shape[2]})')
+  attention.check_inputs(q, k, v, sliding_window, segment_ids)
+  seq_len, head_dim = q.shape[1], q.shape[3]
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}. Cast them first.')
   if jnp.dtype(q.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
     raise ValueError(f'flash_attention supports bf16, fp16 and fp32 inputs, got {q.dtype}')
   if head_dim not in (64, 128):
     raise ValueError(f'flash_attention supports head_dim 64 and 128, got {head_dim}; use impl="xla" instead')
-  if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
-    raise ValueError(f'sliding_window must be a positive int or None, got {sliding_window}')
   if sliding_window is not None:
     sliding_window = int(sliding_window)
     if sliding_window >= seq_len:
       sliding_window = None  # the window covers the whole causal band
-  if segment_ids is not None and segment_ids.shape != (batch, seq_len):
-    raise ValueError(f'segment_ids must be [batch, seq] = {(batch, seq_len)}, got {segment_ids.shape}')
 
   if interpret:
     backend = 'triton'
