@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qwenjax import attention
+from qwenjax.kernels import is_hopper
 
 LOG2E = math.log2(math.e)
 # Masked scores are -inf. A row with no visible key in a block keeps a running max of -inf; kernels then
@@ -162,9 +163,8 @@ def _default_backend(dtype, head_dim: int) -> str:
     raise ValueError(
         f'flash_gpu kernels need an NVIDIA GPU, but the default device is {devices[0].platform}. '
         'Pass interpret=True to run them in the Pallas interpreter on CPU, or use another attention impl.')
-  capability = getattr(devices[0], 'compute_capability', '0.0')
-  hopper = str(capability).split('.')[0] == '9'
-  if hopper and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 64 == 0:
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if is_hopper(devices[0]) and half and head_dim % 64 == 0:
     return 'mosaic'
   return 'triton'
 

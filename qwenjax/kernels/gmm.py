@@ -19,15 +19,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qwenjax.kernels import is_hopper
+
 IMPLEMENTATIONS = ('auto', 'ragged_dot', 'mgpu', 'megablox')
 
 
-def _is_hopper() -> bool:
-  device = jax.devices()[0]
-  if device.platform != 'gpu':
-    return False
-  capability = str(getattr(device, 'compute_capability', ''))
-  return capability.startswith('9') or any(name in device.device_kind for name in ('H100', 'H200', 'H800'))
+def mask_rows(x: jax.Array, total: jax.Array) -> jax.Array:
+  """x with its rows at or past `total` (the sum of the group sizes) set to zero."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  return jnp.where(rows < total, x, jnp.zeros((), x.dtype))
 
 
 def resolve_impl(impl: str, lhs: jax.ShapeDtypeStruct | jax.Array, rhs: jax.ShapeDtypeStruct | jax.Array,
@@ -39,13 +39,13 @@ def resolve_impl(impl: str, lhs: jax.ShapeDtypeStruct | jax.Array, rhs: jax.Shap
   if impl == 'auto':
     if backend == 'tpu':
       return 'megablox'
-    if backend == 'gpu' and _is_hopper():
+    if backend == 'gpu' and is_hopper():
       from qwenjax.kernels import gmm_gpu  # pylint: disable=g-import-not-at-top
       if gmm_gpu.unsupported_reason(lhs, rhs) is None:
         return 'mgpu'
     return 'ragged_dot'
   if impl == 'mgpu':
-    if not interpret and not (backend == 'gpu' and _is_hopper()):
+    if not interpret and not (backend == 'gpu' and is_hopper()):
       raise ValueError(f"grouped-matmul impl 'mgpu' needs a Hopper GPU (the backend is {backend!r}); pass "
                        "interpret=True (model: moe_interpret=True) to run it interpreted, or use 'auto'.")
     from qwenjax.kernels import gmm_gpu  # pylint: disable=g-import-not-at-top

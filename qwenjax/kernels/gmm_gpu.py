@@ -30,6 +30,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
+from qwenjax.kernels import gmm as gmm_lib
+
 # Tile sizes (rows, columns, contraction), software-pipeline depth and column-block swizzle. Chosen by
 # benchmarks/moe_gpu.py on the H100 (see docs/moe.md).
 FORWARD_CONFIG = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=8)
@@ -111,8 +113,7 @@ def _transposed(lhs, dout, group_sizes, interpret):
 
 
 def _mask(x, group_sizes):
-  rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  return jnp.where(rows < jnp.sum(group_sizes), x, jnp.zeros((), x.dtype))
+  return gmm_lib.mask_rows(x, jnp.sum(group_sizes))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

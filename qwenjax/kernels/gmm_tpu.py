@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
+from qwenjax.kernels import gmm as gmm_lib
+
 _TILE = 128  # row, contraction and column tile (clipped to the operand size)
 
 
@@ -26,15 +28,10 @@ def _mask_grad_fwd(x, total):
 
 
 def _mask_grad_bwd(total, g):
-  return _mask(g, total), None
+  return gmm_lib.mask_rows(g, total), None
 
 
 _mask_grad_rows.defvjp(_mask_grad_fwd, _mask_grad_bwd)
-
-
-def _mask(x, total):
-  rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  return jnp.where(rows < total, x, jnp.zeros((), x.dtype))
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, interpret: bool = False) -> jax.Array:
@@ -48,4 +45,4 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, interpret: bool 
   # Positional arguments: megablox's custom_vjp marks some of them non-differentiable by position.
   out = megablox.gmm(padded, rhs, group_sizes, lhs.dtype, (tm, min(_TILE, k), min(_TILE, n)), None, None,
                      False, interpret)[:m]
-  return _mask(out, total)
+  return gmm_lib.mask_rows(out, total)
