@@ -34,8 +34,6 @@ from qwenjax import hf  # pylint: disable=g-import-not-at-top
 from qwenjax import metrics  # pylint: disable=g-import-not-at-top
 from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
 
-PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12}
-
 
 def run(attn: str, args) -> dict:
   model_config = ModelConfig.from_dict(config_lib.load(args.config).model)
@@ -85,7 +83,7 @@ def run(attn: str, args) -> dict:
   tokens = args.batch * seq_len
   flops = metrics.flops_per_token(model_config, seq_len)
   name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
-  peak = next((v for k, v in PEAK_FLOPS.items() if k in name), float('nan'))
+  peak = metrics.peak_flops(name) or float('nan')
   return {
       'peer': f'transformers Qwen2ForCausalLM ({attn})', 'attn': attn, 'batch': args.batch,
       'micro_batch': args.micro_batch, 'seq_len': seq_len, 'step_s': step_s, 'tokens_per_s': tokens / step_s,

@@ -54,14 +54,18 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   return 6 * params + attention
 
 
-def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
-  """The device's dense bf16 peak FLOP/s from `PEAK_FLOPS`, or None for unknown kinds (e.g. CPUs)."""
-  device = device or jax.devices()[0]
-  kind = device.device_kind
+def peak_flops(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of a device named `device_kind` (jax's `device_kind`, or torch's device name) from
+  `PEAK_FLOPS`, or None for unknown kinds (e.g. CPUs)."""
   for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # 'TPU v5 lite' before 'TPU v5'
-    if name.lower() in kind.lower():
+    if name.lower() in device_kind.lower():
       return PEAK_FLOPS[name]
   return None
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  """`peak_flops` of a jax device (the first one by default)."""
+  return peak_flops((device or jax.devices()[0]).device_kind)
 
 
 def format_duration(seconds: float) -> str:
