@@ -136,3 +136,14 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weight
   """
   total, nll, z = _fused(hidden, head, targets, weights, float(z_coef), int(chunk))
   return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
+
+
+def full_logits_cross_entropy(logits: jax.Array, targets: jax.Array,
+                              weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(summed NLL, summed logsumexp^2) from logits you already hold, in float32: what `cross_entropy` computes
+  chunk by chunk (and the reference its tests compare against)."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum((lse - target_logit) * weights), jnp.sum(jnp.square(lse) * weights)

@@ -64,16 +64,6 @@ def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
   return adamw
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token NLL and summed logsumexp^2 from full logits, in float32 (the reference for
-  `qwenjax.loss.cross_entropy`, which the step uses)."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum((lse - target_logit) * weights), jnp.sum(jnp.square(lse) * weights)
-
-
 def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch):
   """(final hidden states, output head in the compute dtype, auxiliary losses) of one forward pass.
 

@@ -15,6 +15,7 @@ import pytest
 from qwenjax import checkpoint
 from qwenjax import config as config_lib
 from qwenjax import data
+from qwenjax import loss as loss_lib
 from qwenjax import train
 
 TINY = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
@@ -175,7 +176,7 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
                                        shuffle_window=int(config.data.shuffle_window))))
   logits = model_lib.Qwen2(model_config).apply({'params': params}, batch['inputs'], batch['positions'],
                                                batch['segment_ids'])
-  nll, _ = train_step.cross_entropy(logits, batch['targets'], batch['weights'])
+  nll, _ = loss_lib.full_logits_cross_entropy(logits, batch['targets'], batch['weights'])
   np.testing.assert_allclose(first['loss'], float(nll) / batch['weights'].sum(), rtol=1e-5)
 
 

@@ -43,7 +43,7 @@ def test_chunked_loss_matches_full_logits(chunk, z_coef):
   hidden, head, targets, weights = _inputs(chunk)
 
   def reference(hidden, head):
-    nll, z = train_step.cross_entropy(hidden @ head, targets, weights)
+    nll, z = loss.full_logits_cross_entropy(hidden @ head, targets, weights)
     return nll + z_coef * z, (nll, z)
 
   def chunked(hidden, head):
@@ -64,7 +64,7 @@ def test_step_loss_matches_the_models_logits():
   batch = {'inputs': rng.integers(0, 512, (2, 24)), 'targets': rng.integers(0, 512, (2, 24)),
            'weights': np.ones((2, 24), np.float32)}
   logits = model_lib.Qwen2(MODEL).apply({'params': params}, batch['inputs'])
-  want_nll, want_z = train_step.cross_entropy(logits, batch['targets'], batch['weights'])
+  want_nll, want_z = loss.full_logits_cross_entropy(logits, batch['targets'], batch['weights'])
   sums = train_step._sums  # pylint: disable=protected-access
   total, (nll, z, count, _) = sums(MODEL, params, batch, z_loss=0.5, chunk=8)
   np.testing.assert_allclose([nll, z, count], [want_nll, want_z, 48.0], rtol=2e-6)
