@@ -21,6 +21,7 @@ import os
 import re
 from typing import Any, Callable
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import ml_dtypes
@@ -239,7 +240,7 @@ def _fuse_experts(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[s
 
 def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """The tensor shapes a Hugging Face checkpoint of this config must have."""
-  flat = _flatten(nn.unbox(abstract_params(dataclasses.replace(config, scan_layers=False))))
+  flat = traverse_util.flatten_dict(nn.unbox(abstract_params(dataclasses.replace(config, scan_layers=False))))
 
   def shape(path, to_hf):
     if isinstance(path[-1], int):
@@ -247,26 +248,6 @@ def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return jax.eval_shape(to_hf, flat[path]).shape
 
   return {name: shape(path, to_hf) for name, path, _, to_hf in _tensor_rules(config)}
-
-
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,7 +309,7 @@ def from_pretrained(path: str, dtype: str | None = None, **config_overrides) -> 
   np_dtype = np.dtype(ml_dtypes.bfloat16) if param_dtype == 'bfloat16' else np.dtype(param_dtype)
   flat = {ours: np.ascontiguousarray(to_ours(tensors[name])).astype(np_dtype, copy=False)
           for name, ours, to_ours, _ in rules}
-  params = _unflatten(_stack_slices(flat))
+  params = traverse_util.unflatten_dict(_stack_slices(flat))
   if config.scan_layers:
     params = stack_layers(params, config.num_hidden_layers)
   return config, params
@@ -358,7 +339,7 @@ def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size
   params = jax.device_get(params)
   if 'layers' in params:
     params = unstack_layers(params)
-  flat = _flatten(params)
+  flat = traverse_util.flatten_dict(params)
   tensors: dict[str, np.ndarray] = {}
   for name, ours, _, to_hf in _tensor_rules(config):
     value = _lookup(flat, ours)
