@@ -16,23 +16,17 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qwenjax.attention import xla_attention  # pylint: disable=g-import-not-at-top
 from qwenjax.kernels import flash_gpu  # pylint: disable=g-import-not-at-top
-
-
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from timing import median_seconds, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
 
 
 def _inputs(key, batch, seq, q_heads, kv_heads, head_dim, dtype, segments=False):
@@ -89,7 +83,7 @@ def check(args) -> bool:
 
       out, grads = jax.block_until_ready(ours(q, k, v, do))
       ref, ref_grads = reference(q, k, v, do)
-      errs = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+      errs = [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
       finite = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (out, *grads))
       tol = 1e-4 if dtype == jnp.float32 else 2e-2
       passed = finite and max(errs) < tol
@@ -106,18 +100,6 @@ def check(args) -> bool:
       json.dump(results, f, indent=1)
   print('CHECK', 'PASSED' if ok else 'FAILED', flush=True)
   return ok
-
-
-def _time(fn, *args, iters: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def _impls(window, blocks):
@@ -163,7 +145,7 @@ def tune(args) -> flash_gpu.BlockSizes:
     fn = functools.partial(flash_gpu.flash_attention, sliding_window=window, block_sizes=blocks)
     f = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
     try:
-      t = _time(f, q, k, v, do, iters=args.iters)
+      t, _ = median_seconds(f, q, k, v, do, warmup=3, iters=args.iters)
     except Exception as e:  # pylint: disable=broad-except
       print('variant', variant, 'failed:', repr(e)[:300], flush=True)
       continue
@@ -194,7 +176,7 @@ def bench(args, blocks=None):
       for label, f, a, flops in (('fwd', fwd, (q, k, v), fwd_flops),
                                  ('fwd+bwd', fwd_bwd, (q, k, v, do), 3.5 * fwd_flops)):
         try:
-          t = _time(f, *a, iters=args.iters)
+          t, _ = median_seconds(f, *a, warmup=3, iters=args.iters)
           entry[label + '_ms'] = t * 1e3
           entry[label + '_tflops'] = flops / t / 1e12
         except Exception as e:  # pylint: disable=broad-except

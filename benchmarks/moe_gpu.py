@@ -22,9 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 
 import flax.linen as nn
@@ -35,28 +33,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qwenjax import model, moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 from qwenjax.kernels import gmm, gmm_gpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from timing import median_seconds, rel_err  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HIDDEN, EXPERTS, TOP_K, EXPERT_WIDTH, SHARED_WIDTH = 3584, 64, 8, 2560, 20480
 INTERPRET = False  # --cpu_smoke: tiny shapes, Pallas kernels interpreted
-
-
-def timed(fn, *args, warmup=2, iters=10):
-  """Median seconds per call after compiling and warming up."""
-  out = fn(*args)
-  jax.block_until_ready(out)
-  for _ in range(warmup - 1):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def moe_config(shared: bool, **overrides) -> model.ModelConfig:
@@ -118,8 +98,8 @@ def kernel_sweep(tokens, results, forward_sweep, transposed_sweep):
     lhs = jax.random.normal(jax.random.key(1), (rows, k), jnp.bfloat16)
     rhs = (jax.random.normal(jax.random.key(2), (EXPERTS, k, n)) / np.sqrt(k)).astype(jnp.bfloat16)
     flops = 2 * rows * k * n
-    t_ref, ref = timed(jax.jit(lambda a, b: jax.lax.ragged_dot(a, b, sizes)), lhs, rhs)
-    t_dense, _ = timed(jax.jit(lambda a, b: a @ b[0]), lhs, rhs)
+    t_ref, ref = median_seconds(jax.jit(lambda a, b: jax.lax.ragged_dot(a, b, sizes)), lhs, rhs)
+    t_dense, _ = median_seconds(jax.jit(lambda a, b: a @ b[0]), lhs, rhs)
     results['kernels'].append(dict(product=name, impl='ragged_dot', ms=t_ref * 1e3, tflops=flops / t_ref / 1e12))
     results['kernels'].append(dict(product=name, impl='dense matmul', ms=t_dense * 1e3,
                                    tflops=flops / t_dense / 1e12))
@@ -130,7 +110,7 @@ def kernel_sweep(tokens, results, forward_sweep, transposed_sweep):
         fn = jax.jit(lambda a, b, cfg=cfg: gmm_gpu.ragged_dot_mgpu.ragged_dot(
             a, b, group_sizes=sizes,
             **gmm_gpu._kwargs(gmm_gpu.ragged_dot_mgpu.ragged_dot, cfg)))  # pylint: disable=protected-access
-        t, out = timed(fn, lhs, rhs, iters=5)
+        t, out = median_seconds(fn, lhs, rhs, iters=5)
         row.update(ms=t * 1e3, tflops=flops / t / 1e12, rel_err=rel_err(out, ref))
         if row['rel_err'] < 2e-2 and t < best.get(name, (np.inf,))[0]:
           best[name] = (t, cfg)
@@ -142,7 +122,7 @@ def kernel_sweep(tokens, results, forward_sweep, transposed_sweep):
     dout = jax.random.normal(jax.random.key(3), (rows, n), jnp.bfloat16)
     dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
                                              lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    t_ref, ref = timed(jax.jit(lambda a, d: jax.lax.ragged_dot_general(a, d, sizes, dims)), lhs, dout, iters=5)
+    t_ref, ref = median_seconds(jax.jit(lambda a, d: jax.lax.ragged_dot_general(a, d, sizes, dims)), lhs, dout, iters=5)
     results['kernels'].append(dict(product=name + ' drhs', impl='ragged_dot_general', ms=t_ref * 1e3,
                                    tflops=flops / t_ref / 1e12))
     for bm, bn, bk, steps, gbn in transposed_sweep:
@@ -152,7 +132,7 @@ def kernel_sweep(tokens, results, forward_sweep, transposed_sweep):
         fn = jax.jit(lambda a, d, cfg=cfg: gmm_gpu.transposed_ragged_dot_mgpu.transposed_ragged_dot(
             a, d, group_sizes=sizes, **gmm_gpu._kwargs(  # pylint: disable=protected-access
                 gmm_gpu.transposed_ragged_dot_mgpu.transposed_ragged_dot, cfg)))
-        t, out = timed(fn, lhs, dout, iters=5)
+        t, out = median_seconds(fn, lhs, dout, iters=5)
         row.update(ms=t * 1e3, tflops=flops / t / 1e12, rel_err=rel_err(out, ref))
         if row['rel_err'] < 2e-2 and t < best.get(name + ' drhs', (np.inf,))[0]:
           best[name + ' drhs'] = (t, cfg)
@@ -257,7 +237,7 @@ def main():
     for label, apply, p in variants:
       row = dict(layer='with shared expert' if shared else 'routed only', variant=label)
       try:
-        t, (value, grads) = timed(fwd_bwd(apply), p, x, ct)
+        t, (value, grads) = median_seconds(fwd_bwd(apply), p, x, ct)
         dense_time = dense_time or t
         row.update(ms=t * 1e3, tflops=3 * active_flops / t / 1e12, fraction_of_dense=dense_time / t)
         if label in ('ragged_dot dropless', 'capacity 8, no drops (reference)'):

@@ -1,0 +1,29 @@
+"""Timing and error helpers shared by the GPU benchmark scripts."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def median_seconds(fn: Callable, *args, warmup: int = 2, iters: int = 10) -> tuple[float, Any]:
+  """(median seconds per call, the first call's output): `warmup` untimed calls first (the first compiles)."""
+  out = jax.block_until_ready(fn(*args))
+  for _ in range(warmup - 1):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), out
+
+
+def rel_err(a, b) -> float:
+  """||a - b|| / ||b||, in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
