@@ -1,5 +1,6 @@
 """Random tiny transformers Qwen2 models for parity tests (nothing downloaded)."""
 
+import numpy as np
 import torch
 import transformers
 
@@ -37,3 +38,8 @@ def hf_logits(model, input_ids, position_ids=None):
     ids = torch.tensor(input_ids, dtype=torch.long)
     pos = None if position_ids is None else torch.tensor(position_ids, dtype=torch.long)
     return model(input_ids=ids, position_ids=pos).logits.float().numpy()
+
+
+def relative_error(a, b) -> float:
+  """max |a - b| / max |b|, in float64."""
+  return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())

@@ -21,10 +21,6 @@ PARITY_CASES = {
 }
 
 
-def relative_error(a, b):
-  return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-
-
 def random_ids(shape, vocab, seed=0):
   return np.random.RandomState(seed).randint(0, vocab, shape)
 
@@ -42,7 +38,7 @@ def test_load_transformers_checkpoint_gives_same_logits(tmp_path, case, scan_lay
   expected = hf_utils.hf_logits(torch_model, ids)
   logits = model.Qwen2(config).apply({'params': params}, ids)
   assert logits.dtype == np.float32 and logits.shape == expected.shape
-  assert relative_error(logits, expected) < 1e-4
+  assert hf_utils.relative_error(logits, expected) < 1e-4
 
 
 def test_sliding_window_is_read_and_matters(tmp_path):
@@ -74,7 +70,7 @@ def test_saved_params_load_in_transformers(tmp_path, case):
   assert not info['unexpected_keys'] and not info['mismatched_keys'], info
   ids = random_ids((2, 9), config.vocab_size, seed=4)
   expected = hf_utils.hf_logits(torch_model.eval(), ids)
-  assert relative_error(model.Qwen2(config).apply({'params': params}, ids), expected) < 1e-4
+  assert hf_utils.relative_error(model.Qwen2(config).apply({'params': params}, ids), expected) < 1e-4
 
 
 def test_sharded_bf16_round_trip(tmp_path):
@@ -90,7 +86,7 @@ def test_sharded_bf16_round_trip(tmp_path):
   fp32_model = transformers.Qwen2ForCausalLM.from_pretrained(
       str(tmp_path / 'hf'), dtype=torch.float32, attn_implementation='eager')
   expected = hf_utils.hf_logits(fp32_model.eval(), ids)
-  assert relative_error(model.Qwen2(config).apply({'params': params}, ids), expected) < 1e-4
+  assert hf_utils.relative_error(model.Qwen2(config).apply({'params': params}, ids), expected) < 1e-4
 
   # Ours -> sharded files -> ours again: bit-identical, still bf16, several shards with an index.
   hf.save_pretrained(str(tmp_path / 'ours'), config, params, max_shard_size='40KB')

@@ -1,7 +1,6 @@
 """The model on its own: packing, precision, scan/remat equivalence, parameter counts, axis names."""
 
 import dataclasses
-import importlib.util
 import pathlib
 
 import flax.linen as nn
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from qwenjax import attention
+from qwenjax import config as config_lib
 from qwenjax import model
 
 CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
@@ -118,10 +118,7 @@ def test_stack_unstack_round_trip(params):
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load(str(CONFIGS / f'{name}.py'))
 
 
 @pytest.mark.parametrize('name,count', [

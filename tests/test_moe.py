@@ -1,7 +1,6 @@
 """Qwen2-MoE on its own: grouped-matmul backends, dispatch modes, expert-parallel meshes, configs, training."""
 
 import dataclasses
-import importlib.util
 import pathlib
 
 from absl import flags
@@ -15,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from qwenjax import config as config_lib
 from qwenjax import model, moe
 from qwenjax.kernels import gmm
 
@@ -27,10 +27,7 @@ SMALL = model.ModelConfig(
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load(str(CONFIGS / f'{name}.py'))
 
 
 # ---------------------------------------------------------------------------------------------------------

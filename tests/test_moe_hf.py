@@ -9,6 +9,8 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+import hf_utils
+
 from qwenjax import hf, model
 
 TINY_MOE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -44,10 +46,6 @@ def hf_outputs(torch_model, ids):
   return out.logits.float().numpy(), float(out.aux_loss), [x.float().numpy() for x in out.router_logits]
 
 
-def relative_error(a, b):
-  return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-
-
 def random_ids(shape, seed=0):
   return np.random.RandomState(seed).randint(0, TINY_MOE['vocab_size'], shape)
 
@@ -56,7 +54,7 @@ def check_parity(config, params, torch_model, ids):
   expected_logits, expected_aux, router_logits = hf_outputs(torch_model, ids)
   logits, aux = model.apply_with_aux(config, params, ids)
   assert logits.dtype == np.float32 and logits.shape == expected_logits.shape
-  assert relative_error(logits, expected_logits) < 1e-4
+  assert hf_utils.relative_error(logits, expected_logits) < 1e-4
   assert abs(float(aux['moe_load_balancing_loss']) - expected_aux) < 1e-4
   # z-loss: mean over MoE layers and tokens of logsumexp(router logits)^2, from transformers' router logits.
   lse = [np.log(np.exp(r.astype(np.float64)).sum(-1)) for r in router_logits]
