@@ -180,6 +180,13 @@ def _sort_by_expert(ids: jax.Array, num_experts: int):
   return order, flat[order], group_sizes
 
 
+def _runs(starts: jax.Array, sizes: jax.Array, width: int, rows: int) -> tuple[jax.Array, jax.Array]:
+  """For groups whose rows are the contiguous runs `[start, start + size)` of `rows` sorted rows: `[groups,
+  width]` row positions (clipped into range) and whether each is one of the group's rows."""
+  slot = jnp.arange(width)
+  return jnp.clip(starts[:, None] + slot[None], 0, rows - 1), slot[None] < sizes[:, None]
+
+
 def _dropless(x, ids, weights, w_gate, w_up, w_down, impl, interpret):
   tokens, k = ids.shape
   order, _, group_sizes = _sort_by_expert(ids, w_gate.shape[0])
@@ -195,9 +202,7 @@ def _capacity_dispatch(x, ids, num_experts, capacity_factor):
   cap = capacity(tokens, k, num_experts, capacity_factor)
   order, sorted_ids, group_sizes = _sort_by_expert(ids, num_experts)
   starts = jnp.cumsum(group_sizes) - group_sizes
-  slot = jnp.arange(cap)
-  source = jnp.clip(starts[:, None] + slot[None], 0, tokens * k - 1)  # [experts, capacity] sorted positions
-  filled = slot[None] < group_sizes[:, None]
+  source, filled = _runs(starts, group_sizes, cap, tokens * k)  # [experts, capacity] sorted positions
   buffer = jnp.where(filled[..., None], jnp.take(x, jnp.take(order, source) // k, axis=0), 0)
   rank = _inverse(order)  # sorted position of each assignment
   flat = ids.reshape(-1)
@@ -232,15 +237,12 @@ def _ep_dropless(x, ids, weights, w_gate, w_up, w_down, num_experts, impl, inter
   per_device = jnp.sum(group_sizes.reshape(ep, local), axis=1)
   device_start = jnp.cumsum(per_device) - per_device
   width = tokens * min(k, local)  # the most rows one device can send another
-  slot = jnp.arange(width)
-  source = jnp.clip(device_start[:, None] + slot[None], 0, tokens * k - 1)  # [ep, width]
-  filled = slot[None] < per_device[:, None]
+  source, filled = _runs(device_start, per_device, width, tokens * k)  # [ep, width]
   send_x = jnp.where(filled[..., None], jnp.take(xs, source, axis=0), 0).reshape(ep * width, hidden)
   send_e = jnp.where(filled, jnp.take(sorted_ids, source) % local, local).reshape(ep * width)
   recv_x = jax.lax.all_to_all(send_x, EXPERT_AXIS, 0, 0, tiled=True)  # block s: rows from device s
   recv_e = jax.lax.all_to_all(send_e, EXPERT_AXIS, 0, 0, tiled=True)  # local expert ids; `local` = empty
-  order2 = jnp.argsort(recv_e, stable=True)
-  local_sizes = jnp.sum(jax.nn.one_hot(recv_e, local, dtype=jnp.int32), axis=0)
+  order2, _, local_sizes = _sort_by_expert(recv_e, local)  # empty rows (id `local`) sort last, uncounted
   y2 = _grouped_swiglu(jnp.take(recv_x, order2, axis=0), local_sizes, w_gate, w_up, w_down, impl, interpret)
   back = jax.lax.all_to_all(jnp.take(y2, _inverse(order2), axis=0), EXPERT_AXIS, 0, 0, tiled=True)
   back = back.reshape(ep, width, hidden)
