@@ -5,7 +5,8 @@ Run on an H100 (jax with CUDA):
     python benchmarks/attention_gpu.py --check            # correctness on fresh random bf16/fp32 inputs
     python benchmarks/attention_gpu.py --bench --out DIR  # the issue-5 timing table (markdown, last)
 
-Shape of the table: B=1, 28 query heads, 4 KV heads, head_dim 128, window 4096, bf16, seq 8k/16k/32k. Useful
+Shape of the table: B=1, 28 query heads, 4 KV heads, head_dim 128, window 4096, bf16, seq 8k/16k/32k
+(`--batch 4 --q_heads 16 --seqs 8192` is a layer of configs/1b.py; `--window 0` its full-attention layers). Useful
 TFLOP/s count only the visible band: fwd = 4 * B * Hq * D * band_pairs, fwd+bwd = 3.5 x fwd. Times are medians
 of `--iters` calls after warm-up, each ended by `jax.block_until_ready`.
 """
@@ -108,8 +109,8 @@ def _impls(window, blocks):
     return flash_gpu.flash_attention(q, k, v, sliding_window=window, block_sizes=blocks)
 
   def cudnn(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window - 1, 0),
-                                        implementation='cudnn')
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation='cudnn')
 
   def xla(q, k, v):
     return xla_attention(q, k, v, sliding_window=window)
@@ -160,7 +161,8 @@ def tune(args) -> flash_gpu.BlockSizes:
 
 
 def bench(args, blocks=None):
-  batch, q_heads, kv_heads, head_dim, window = 1, 28, 4, 128, 4096
+  batch, q_heads, kv_heads, head_dim = args.batch, args.q_heads, 4, 128
+  window = args.window or None
   if blocks is None:
     blocks = _blocks(args)
   rows, results = [], []
@@ -210,11 +212,16 @@ def main():
   parser.add_argument('--safe', action='store_true', help='tune without the ping-pong variants')
   parser.add_argument('--cases', type=int, nargs='*', help='check only these case indices')
   parser.add_argument('--seqs', type=int, nargs='+', default=[8192, 16384, 32768])
+  parser.add_argument('--batch', type=int, default=1, help='--bench shape (configs/1b.py: --batch 4 --q_heads 16)')
+  parser.add_argument('--q_heads', type=int, default=28, help='--bench shape; 4 KV heads, head_dim 128')
+  parser.add_argument('--window', type=int, default=4096, help='--bench sliding window; 0: plain causal')
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--only', nargs='*', help='substrings of implementation names to time')
   parser.add_argument('--blocks', help='JSON of flash_gpu.BlockSizes fields for ours')
   parser.add_argument('--out', default=os.environ.get('OUT'))
   args = parser.parse_args()
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
   print('jax', jax.__version__, jax.devices(), flush=True)
   ok = True
   if args.check:
