@@ -183,6 +183,7 @@ def main():
   parser.add_argument('--quick', action='store_true',
                       help='sweep grid_block_n only; layers: dense, mgpu, and a no-drop capacity reference')
   args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
   if args.cpu_smoke:
     HIDDEN, EXPERTS, TOP_K, EXPERT_WIDTH, SHARED_WIDTH, INTERPRET = 128, 8, 2, 128, 256, True
     args.tokens, args.skip_sweep = 64, True
