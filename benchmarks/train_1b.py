@@ -10,6 +10,7 @@ policy, the attention kernel and scanned or unrolled layers (`parse_variant`); M
     python benchmarks/train_1b.py --out /tmp/bench            # DEFAULT_VARIANTS, a table at the end
     python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # others
     python benchmarks/train_1b.py --variants b4_m4_dots_cudnn --profile  # and where the GPU time goes
+    python benchmarks/train_1b.py --variants b4_m4_acts_cudnn_unrolled --loss_chunk 4096  # a config value
     python benchmarks/train_1b.py --config configs/tiny.py --variants b2_m1_none_xla  # a CPU smoke run
 
 XLA flags (`XLA_FLAGS=...`) reach every variant's process and are recorded with its result.
@@ -62,10 +63,12 @@ def parse_variant(name: str) -> dict:
   return dict(batch=batch, micro=micro, remat=remat, attention=impl, scan_layers=parts[4:] != ['unrolled'])
 
 
-def build(name: str, config_path: str):
+def build(name: str, config_path: str, loss_chunk: int = 0):
   """The jitted-and-compiled train step of one variant, its initial state and two synthetic batches."""
   v = parse_variant(name)
   config = config_lib.load(config_path)
+  if loss_chunk:
+    config.train.loss_chunk = loss_chunk
   config.model.update(remat_policy=v['remat'], attention_impl=v['attention'], scan_layers=v['scan_layers'])
   config.train.update(batch_size=v['batch'], grad_accum_steps=v['batch'] // v['micro'], steps=10_000,
                       warmup_steps=100)
@@ -93,12 +96,14 @@ def build(name: str, config_path: str):
                       donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step_fn.lower(state, batches[0]).compile()
-  v.update(seq_len=seq_len, model=model, compile_s=time.perf_counter() - start)
+  v.update(seq_len=seq_len, model=model, compile_s=time.perf_counter() - start,
+           loss_chunk=int(config.train.loss_chunk))
   return compiled, state, batches, v
 
 
-def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, profile: bool) -> dict:
-  compiled, state, batches, v = build(name, config_path)
+def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, profile: bool,
+                loss_chunk: int = 0) -> dict:
+  compiled, state, batches, v = build(name, config_path, loss_chunk)
   for i in range(warmup):
     state, m = compiled(state, batches[i % 2])
   jax.block_until_ready(m)
@@ -115,7 +120,8 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
   memory = jax.devices()[0].memory_stats() or {}
   result = {
       'variant': name, 'batch': v['batch'], 'micro_batch': v['micro'], 'remat': v['remat'],
-      'attention': v['attention'], 'scan_layers': v['scan_layers'], 'seq_len': v['seq_len'], 'step_s': step_s,
+      'attention': v['attention'], 'scan_layers': v['scan_layers'], 'seq_len': v['seq_len'],
+      'loss_chunk': v['loss_chunk'], 'step_s': step_s,
       'step_s_min': float(min(times)), 'tokens_per_s': tokens / step_s, 'mfu': tokens * flops / step_s / peak,
       'gflop_per_token': flops / 1e9, 'compile_s': v['compile_s'], 'loss': float(m['loss']),
       'peak_gib': memory.get('peak_bytes_in_use', 0) / 2**30, 'device': jax.devices()[0].device_kind,
@@ -144,6 +150,7 @@ def main():
   parser.add_argument('--steps', type=int, default=6, help='timed steps per variant (median reported)')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
+  parser.add_argument('--loss_chunk', type=int, default=0, help="train.loss_chunk; 0: the config's")
   parser.add_argument('--out', default='.')
   parser.add_argument('--one', help='run this variant in this process (the parent runs each in its own)')
   parser.add_argument('--timeout', type=float, default=300, help='seconds per variant')
@@ -154,7 +161,7 @@ def main():
   results_file = os.path.join(args.out, 'train_1b.jsonl')
   if args.one:
     try:
-      result = run_variant(args.one, args.steps, args.warmup, args.config, args.out, args.profile)
+      result = run_variant(args.one, args.steps, args.warmup, args.config, args.out, args.profile, args.loss_chunk)
     except Exception as e:  # pylint: disable=broad-except  (an OOM or a kernel failure ends one variant only)
       traceback.print_exc(limit=4)
       result = {'variant': args.one, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
@@ -170,7 +177,8 @@ def main():
   for name in names:
     print(f'--- {name}', flush=True)
     command = [sys.executable, os.path.abspath(__file__), '--one', name, '--steps', str(args.steps),
-               '--warmup', str(args.warmup), '--config', args.config, '--out', args.out]
+               '--warmup', str(args.warmup), '--config', args.config, '--out', args.out,
+               '--loss_chunk', str(args.loss_chunk)]
     command += ['--profile'] if args.profile else []
     try:
       failed = subprocess.run(command, check=False, timeout=args.timeout).returncode
@@ -181,14 +189,14 @@ def main():
         f.write(json.dumps({'variant': name, 'error': f'process failed: {failed}'}) + '\n')
   with open(results_file) as f:
     results = [r for r in map(json.loads, f) if r['variant'] in names]
-  print('\n| variant | batch x seq | micro-batch | remat | attention | step s | tokens/s | MFU | peak GiB |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  print('\n| variant | batch x seq | micro-batch | remat | attention | loss chunk | step s | tokens/s | MFU | peak GiB |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for r in results:
     if 'error' in r:
       print(f'| {r["variant"]} | failed: {r["error"][:100]} |')
     else:
       print(f'| {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["remat"]} | '
-            f'{r["attention"]} | {r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% | '
+            f'{r["attention"]} | {r.get("loss_chunk", "")} | {r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% | '
             f'{r["peak_gib"]:.1f} |')
 
 
