@@ -189,15 +189,16 @@ def main():
         f.write(json.dumps({'variant': name, 'error': f'process failed: {failed}'}) + '\n')
   with open(results_file) as f:
     results = [r for r in map(json.loads, f) if r['variant'] in names]
-  print('\n| variant | batch x seq | micro-batch | remat | attention | loss chunk | step s | tokens/s | MFU | peak GiB |')
+  print('\n| variant | batch x seq | micro-batch | remat | attention | loss chunk | step s | tokens/s | MFU |'
+        ' peak GiB |')
   print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for r in results:
     if 'error' in r:
       print(f'| {r["variant"]} | failed: {r["error"][:100]} |')
     else:
       print(f'| {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["remat"]} | '
-            f'{r["attention"]} | {r.get("loss_chunk", "")} | {r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% | '
-            f'{r["peak_gib"]:.1f} |')
+            f'{r["attention"]} | {r.get("loss_chunk", "")} | {r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | '
+            f'{100 * r["mfu"]:.1f}% | {r["peak_gib"]:.1f} |')
 
 
 if __name__ == '__main__':
