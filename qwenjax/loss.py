@@ -49,31 +49,36 @@ def _logsumexp(logits: jax.Array) -> jax.Array:
   """
   def combine(a, b):
     (m1, s1), (m2, s2) = a, b
-    m = jnp.maximum(m1, m2)
-    scale = lambda mi: jnp.where(mi == -jnp.inf, 0.0, jnp.exp(mi - m))  # an empty side adds nothing
-    return m, s1 * scale(m1) + s2 * scale(m2)
+    # One exp per element: the side with the smaller max is scaled by exp(-|m1 - m2|). Equal maxes (both
+    # -inf included, where the difference is NaN) need no scaling.
+    scale = jnp.exp(jnp.where(m1 == m2, 0.0, -jnp.abs(m1 - m2)))
+    return jnp.maximum(m1, m2), jnp.where(m1 >= m2, s1 + s2 * scale, s1 * scale + s2)
 
   init = (jnp.array(-jnp.inf, logits.dtype), jnp.array(0.0, logits.dtype))
   m, total = jax.lax.reduce((logits, jnp.ones_like(logits)), init, combine, (logits.ndim - 1,))
   return m + jnp.log(total)
 
 
-def _chunk_terms(x, head, targets, weights):
-  """One chunk's logits, logsumexp, summed NLL and summed logsumexp^2 (float32)."""
-  logits = jnp.einsum('bce,ev->bcv', x, head, preferred_element_type=jnp.float32)
-  logits = nn.with_logical_constraint(logits, LOGITS_AXES)
+def _chunk_terms(x, head, targets, weights, logits_dtype):
+  """One chunk's logits (float32), logsumexp, summed NLL and summed logsumexp^2 (float32).
+
+  The matmul accumulates in float32 and writes `logits_dtype`; everything after it is float32 (a bfloat16
+  matmul output is converted inside the passes that read it, so it is never stored as float32).
+  """
+  logits = jnp.einsum('bce,ev->bcv', x, head, preferred_element_type=logits_dtype)
+  logits = nn.with_logical_constraint(logits, LOGITS_AXES).astype(jnp.float32)
   lse = _logsumexp(logits)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # a gather, not a pass
   w = weights.astype(jnp.float32)
   return logits, lse, jnp.sum((lse - target_logit) * w), jnp.sum(jnp.square(lse) * w)
 
 
-def _sums(hidden, head, targets, weights, z_coef, chunk):
+def _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype):
   """(NLL + z_coef * z, NLL, z) summed over weighted targets, without gradients."""
   c = _chunk_len(hidden.shape[1], chunk)
 
   def body(carry, xs):
-    _, _, nll, z = _chunk_terms(xs[0], head, xs[1], xs[2])
+    _, _, nll, z = _chunk_terms(xs[0], head, xs[1], xs[2], logits_dtype)
     return (carry[0] + nll, carry[1] + z), None
 
   zero = jnp.zeros((), jnp.float32)
@@ -81,18 +86,18 @@ def _sums(hidden, head, targets, weights, z_coef, chunk):
   return nll + z_coef * z, nll, z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(hidden, head, targets, weights, z_coef, chunk):
-  return _sums(hidden, head, targets, weights, z_coef, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(hidden, head, targets, weights, z_coef, chunk, logits_dtype):
+  return _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype)
 
 
-def _fused_fwd(hidden, head, targets, weights, z_coef, chunk):
+def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype):
   c = _chunk_len(hidden.shape[1], chunk)
 
   def body(carry, xs):
     x, t, w = xs
     nll_sum, z_sum, dhead = carry
-    logits, lse, nll, z = _chunk_terms(x, head, t, w)
+    logits, lse, nll, z = _chunk_terms(x, head, t, w, logits_dtype)
     w = w.astype(jnp.float32)[..., None]
     # d(nll + z_coef * lse^2) / d logits = softmax * (1 + 2 z_coef lse) - onehot, per weighted target.
     onehot = jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)  # fuses into this pass; never stored
@@ -109,8 +114,8 @@ def _fused_fwd(hidden, head, targets, weights, z_coef, chunk):
   return (nll + z_coef * z, nll, z), (_merge(dx), dhead.astype(head.dtype))
 
 
-def _fused_bwd(z_coef, chunk, residuals, cotangents):
-  del z_coef, chunk
+def _fused_bwd(z_coef, chunk, logits_dtype, residuals, cotangents):
+  del z_coef, chunk, logits_dtype
   dx, dhead = residuals
   g = cotangents[0]  # the NLL and z outputs leave `cross_entropy` under stop_gradient: their cotangents are 0
   return (g * dx).astype(dx.dtype), (g * dhead).astype(dhead.dtype), None, None
@@ -120,7 +125,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
-                  z_coef: float = 0.0, chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  z_coef: float = 0.0, chunk: int = DEFAULT_CHUNK,
+                  logits_dtype: str = 'float32') -> tuple[jax.Array, jax.Array, jax.Array]:
   """Weighted next-token losses of `logits = hidden @ head`, summed over positions.
 
   Args:
@@ -129,12 +135,14 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weight
     targets: `[batch, seq]` int target ids. weights: `[batch, seq]`, 0 where a target does not count.
     z_coef: weight of the z-loss term in the differentiable total.
     chunk: sequence positions per chunk (rounded down to a divisor of seq).
+    logits_dtype: what the head matmul writes ('float32', or 'bfloat16' as under Hugging Face's bf16 autocast:
+      half the memory traffic, logits rounded to 8 bits of mantissa before the float32 softmax).
 
   Returns:
     (total, nll, z): `total = nll + z_coef * z` is differentiable; `nll` (summed negative log-likelihood) and
     `z` (summed logsumexp^2) are for logging and carry no gradient.
   """
-  total, nll, z = _fused(hidden, head, targets, weights, float(z_coef), int(chunk))
+  total, nll, z = _fused(hidden, head, targets, weights, float(z_coef), int(chunk), jnp.dtype(logits_dtype))
   return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
 
 

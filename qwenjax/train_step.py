@@ -76,7 +76,7 @@ def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch
 
 
 def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss: float,
-          chunk: int = loss_lib.DEFAULT_CHUNK):
+          chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32'):
   """(objective to differentiate, (nll sum, z sum, target count, count-weighted aux losses)) of a (micro-)batch.
 
   Everything is a sum over target tokens, so micro-batches add up and one division by the total count gives
@@ -85,7 +85,7 @@ def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss
   """
   hidden, head, aux = hidden_states(model_config, params, batch)
   total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
-                                         chunk=chunk)
+                                         chunk=chunk, logits_dtype=logits_dtype)
   count = jnp.sum(batch['weights'].astype(jnp.float32))
   weighted_aux = {k: jax.lax.stop_gradient(v) * count for k, v in aux.items()}
   return total + aux['moe_aux_loss'] * count, (nll, z, count, weighted_aux)
@@ -103,7 +103,11 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
   z_loss = float(train['z_loss'])
   schedule = learning_rate_schedule(train)
   chunk = int(train.get('loss_chunk', loss_lib.DEFAULT_CHUNK))
-  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, z_loss, chunk), has_aux=True)
+  logits_dtype = train.get('logits_dtype', 'float32')
+  if logits_dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {logits_dtype!r}")
+  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, z_loss, chunk, logits_dtype),
+                               has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
     if accum == 1:

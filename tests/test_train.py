@@ -190,6 +190,8 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
     (lambda c: c.data.update(train_files='/nonexistent/*.jsonl'), FileNotFoundError,
      r"no files match data.train_files='/nonexistent/\*.jsonl'"),
     (lambda c: c.model.update(vocab_size=256), ValueError, r'512 pieces but model.vocab_size is 256'),
+    (lambda c: c.train.update(logits_dtype='bf16'), ValueError,
+     r"train.logits_dtype must be 'float32' or 'bfloat16', got 'bf16'"),
 ])
 def test_clear_errors(tmp_path, tokenizer_file, change, error, message):
   config = small_config()

@@ -38,6 +38,29 @@ def test_one_pass_logsumexp_matches_jax():
   assert got[-1] == 2.0
 
 
+
+def test_bfloat16_logits_are_the_rounded_float32_logits():
+  """logits_dtype='bfloat16' computes the loss and gradients of the head's output rounded to bfloat16 (as
+  Hugging Face's bf16 autocast does), with the softmax still in float32."""
+  hidden, head, targets, weights = _inputs(3)
+  hidden, head = hidden.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
+
+  def reference(hidden, head):
+    logits = jnp.einsum('bse,ev->bsv', hidden, head, preferred_element_type=jnp.float32)
+    nll, z = loss.full_logits_cross_entropy(logits.astype(jnp.bfloat16), targets, weights)
+    return nll + 1e-2 * z
+
+  def chunked(hidden, head, logits_dtype):
+    return loss.cross_entropy(hidden, head, targets, weights, z_coef=1e-2, chunk=5, logits_dtype=logits_dtype)[0]
+
+  want, want_grads = jax.value_and_grad(reference, (0, 1))(hidden, head)
+  got, grads = jax.jit(jax.value_and_grad(chunked, (0, 1)), static_argnums=2)(hidden, head, 'bfloat16')
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g.astype(jnp.float32), w.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+  # float32 logits differ from the rounded ones: the option changes what is computed.
+  assert abs(float(jax.jit(chunked, static_argnums=2)(hidden, head, 'float32')) - float(want)) > 1e-4
+
 @pytest.mark.parametrize('chunk,z_coef', [(12, 0.0), (5, 1e-2), (1, 1e-2)])
 def test_chunked_loss_matches_full_logits(chunk, z_coef):
   hidden, head, targets, weights = _inputs(chunk)
