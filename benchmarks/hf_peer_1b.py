@@ -80,6 +80,11 @@ def run(attn: str, args) -> dict:
     sync()
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
+  start = time.perf_counter()  # back to back, one sync at the end: as train_1b.py's pipelined_step_s
+  for i in range(args.steps):
+    loss = step(batches[i % 2])
+  sync()
+  pipelined_s = (time.perf_counter() - start) / args.steps
   tokens = args.batch * seq_len
   flops = metrics.flops_per_token(model_config, seq_len)
   name = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
@@ -87,7 +92,8 @@ def run(attn: str, args) -> dict:
   return {
       'peer': f'transformers Qwen2ForCausalLM ({attn})', 'attn': attn, 'batch': args.batch,
       'micro_batch': args.micro_batch, 'seq_len': seq_len, 'step_s': step_s, 'tokens_per_s': tokens / step_s,
-      'mfu': tokens * flops / step_s / peak, 'warmup_s': warmup_s, 'loss': float(loss),
+      'mfu': tokens * flops / step_s / peak, 'pipelined_step_s': pipelined_s,
+      'pipelined_tokens_per_s': tokens / pipelined_s, 'warmup_s': warmup_s, 'loss': float(loss),
       'peak_gib': torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0.0,
       'device': name, 'torch': torch.__version__, 'transformers': transformers.__version__,
       'compiled': args.compile,
@@ -133,22 +139,25 @@ def main():
   if os.path.exists(ours_file):
     with open(ours_file) as f:
       ours = [r for r in map(json.loads, f) if 'error' not in r and r['batch'] == args.batch]
-  print('\n| run | batch x seq | micro-batch | step s | tokens/s | MFU |')
-  print('| --- | --- | --- | --- | --- | --- |')
+  print('\n| run | batch x seq | micro-batch | step s | tokens/s | MFU | back to back: step s, tokens/s |')
+  print('| --- | --- | --- | --- | --- | --- | --- |')
+  pipelined = lambda r: (f'{r["pipelined_step_s"]:.3f}, {r["pipelined_tokens_per_s"]:,.0f}'
+                         if 'pipelined_step_s' in r else '')
   for r in ours:
     print(f'| qwenjax {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | '
-          f'{r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% |')
+          f'{r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% | {pipelined(r)} |')
   for r in peers:
     if 'error' in r:
       print(f'| peer {r["attn"]} | failed: {r["error"][:100]} |')
     else:
       print(f'| {r["peer"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["step_s"]:.3f} | '
-            f'{r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% |')
+            f'{r["tokens_per_s"]:,.0f} | {100 * r["mfu"]:.1f}% | {pipelined(r)} |')
   good = [r for r in peers if 'error' not in r]
   if ours and good:
-    best, peer = max(ours, key=lambda r: r['tokens_per_s']), max(good, key=lambda r: r['tokens_per_s'])
-    print(f'\nqwenjax {best["variant"]} / {peer["peer"]}: {best["tokens_per_s"] / peer["tokens_per_s"]:.2f}x '
-          'tokens/s')
+    for key in ('tokens_per_s', 'pipelined_tokens_per_s'):
+      if all(key in r for r in ours + good):
+        best, peer = max(ours, key=lambda r: r[key]), max(good, key=lambda r: r[key])
+        print(f'\nqwenjax {best["variant"]} / {peer["peer"]}, {key}: {best[key] / peer[key]:.2f}x')
 
 
 if __name__ == '__main__':

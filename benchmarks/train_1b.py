@@ -10,7 +10,7 @@ policy, the attention kernel and scanned or unrolled layers (`parse_variant`); M
     python benchmarks/train_1b.py --out /tmp/bench            # DEFAULT_VARIANTS, a table at the end
     python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # others
     python benchmarks/train_1b.py --variants b4_m4_dots_cudnn --profile  # and where the GPU time goes
-    python benchmarks/train_1b.py --variants b4_m4_acts_cudnn_unrolled --loss_chunk 4096  # a config value
+    python benchmarks/train_1b.py --variants b4_m4_acts_cudnn_unrolled --set train.loss_chunk=4096  # config values
     python benchmarks/train_1b.py --config configs/tiny.py --variants b2_m1_none_xla  # a CPU smoke run
 
 XLA flags (`XLA_FLAGS=...`) reach every variant's process and are recorded with its result.
@@ -63,12 +63,25 @@ def parse_variant(name: str) -> dict:
   return dict(batch=batch, micro=micro, remat=remat, attention=impl, scan_layers=parts[4:] != ['unrolled'])
 
 
-def build(name: str, config_path: str, loss_chunk: int = 0):
+def apply_overrides(config, overrides: list[str]) -> dict:
+  """Sets 'section.key=value' strings on the config (value parsed as the current value's type)."""
+  applied = {}
+  for item in overrides:
+    path, _, text = item.partition('=')
+    section, _, key = path.partition('.')
+    if not text or key not in config.get(section, {}):
+      raise SystemExit(f'bad --set {item!r}: expected section.key=value with an existing key')
+    kind = type(config[section][key])
+    value = text.lower() in ('1', 'true') if kind is bool else kind(text)
+    config[section][key] = applied[path] = value
+  return applied
+
+
+def build(name: str, config_path: str, overrides: list[str] = ()):
   """The jitted-and-compiled train step of one variant, its initial state and two synthetic batches."""
   v = parse_variant(name)
   config = config_lib.load(config_path)
-  if loss_chunk:
-    config.train.loss_chunk = loss_chunk
+  v['overrides'] = apply_overrides(config, list(overrides))
   config.model.update(remat_policy=v['remat'], attention_impl=v['attention'], scan_layers=v['scan_layers'])
   config.train.update(batch_size=v['batch'], grad_accum_steps=v['batch'] // v['micro'], steps=10_000,
                       warmup_steps=100)
@@ -97,13 +110,13 @@ def build(name: str, config_path: str, loss_chunk: int = 0):
     start = time.perf_counter()
     compiled = step_fn.lower(state, batches[0]).compile()
   v.update(seq_len=seq_len, model=model, compile_s=time.perf_counter() - start,
-           loss_chunk=int(config.train.loss_chunk))
+           loss_chunk=int(config.train.loss_chunk), logits_dtype=config.train.logits_dtype)
   return compiled, state, batches, v
 
 
 def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, profile: bool,
-                loss_chunk: int = 0) -> dict:
-  compiled, state, batches, v = build(name, config_path, loss_chunk)
+                overrides: list[str] = ()) -> dict:
+  compiled, state, batches, v = build(name, config_path, overrides)
   for i in range(warmup):
     state, m = compiled(state, batches[i % 2])
   jax.block_until_ready(m)
@@ -114,6 +127,13 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
     jax.block_until_ready(m)
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
+  # The same number of steps dispatched back to back, one sync at the end, as a training loop runs them: the
+  # host enqueues the next step while the GPU runs this one.
+  start = time.perf_counter()
+  for i in range(steps):
+    state, m = compiled(state, batches[i % 2])
+  jax.block_until_ready(m)
+  pipelined_s = (time.perf_counter() - start) / steps
   tokens = v['batch'] * v['seq_len']
   flops = metrics.flops_per_token(v['model'], v['seq_len'])
   peak = metrics.peak_flops_per_device() or float('nan')
@@ -121,8 +141,10 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
   result = {
       'variant': name, 'batch': v['batch'], 'micro_batch': v['micro'], 'remat': v['remat'],
       'attention': v['attention'], 'scan_layers': v['scan_layers'], 'seq_len': v['seq_len'],
-      'loss_chunk': v['loss_chunk'], 'step_s': step_s,
+      'loss_chunk': v['loss_chunk'], 'logits_dtype': v['logits_dtype'], 'overrides': v['overrides'],
+      'step_s': step_s,
       'step_s_min': float(min(times)), 'tokens_per_s': tokens / step_s, 'mfu': tokens * flops / step_s / peak,
+      'pipelined_step_s': pipelined_s, 'pipelined_tokens_per_s': tokens / pipelined_s,
       'gflop_per_token': flops / 1e9, 'compile_s': v['compile_s'], 'loss': float(m['loss']),
       'peak_gib': memory.get('peak_bytes_in_use', 0) / 2**30, 'device': jax.devices()[0].device_kind,
       'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
@@ -150,7 +172,8 @@ def main():
   parser.add_argument('--steps', type=int, default=6, help='timed steps per variant (median reported)')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
-  parser.add_argument('--loss_chunk', type=int, default=0, help="train.loss_chunk; 0: the config's")
+  parser.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
+                      help='override a config value, e.g. --set train.loss_chunk=2048 (repeatable)')
   parser.add_argument('--out', default='.')
   parser.add_argument('--one', help='run this variant in this process (the parent runs each in its own)')
   parser.add_argument('--timeout', type=float, default=300, help='seconds per variant')
@@ -161,7 +184,7 @@ def main():
   results_file = os.path.join(args.out, 'train_1b.jsonl')
   if args.one:
     try:
-      result = run_variant(args.one, args.steps, args.warmup, args.config, args.out, args.profile, args.loss_chunk)
+      result = run_variant(args.one, args.steps, args.warmup, args.config, args.out, args.profile, args.set)
     except Exception as e:  # pylint: disable=broad-except  (an OOM or a kernel failure ends one variant only)
       traceback.print_exc(limit=4)
       result = {'variant': args.one, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
@@ -177,8 +200,8 @@ def main():
   for name in names:
     print(f'--- {name}', flush=True)
     command = [sys.executable, os.path.abspath(__file__), '--one', name, '--steps', str(args.steps),
-               '--warmup', str(args.warmup), '--config', args.config, '--out', args.out,
-               '--loss_chunk', str(args.loss_chunk)]
+               '--warmup', str(args.warmup), '--config', args.config, '--out', args.out]
+    command += [f'--set={item}' for item in args.set]
     command += ['--profile'] if args.profile else []
     try:
       failed = subprocess.run(command, check=False, timeout=args.timeout).returncode
@@ -189,16 +212,18 @@ def main():
         f.write(json.dumps({'variant': name, 'error': f'process failed: {failed}'}) + '\n')
   with open(results_file) as f:
     results = [r for r in map(json.loads, f) if r['variant'] in names]
-  print('\n| variant | batch x seq | micro-batch | remat | attention | loss chunk | step s | tokens/s | MFU |'
-        ' peak GiB |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  print('\n| variant | batch x seq | micro-batch | remat | attention | loss chunk, logits | step s | tokens/s | MFU |'
+        ' peak GiB | back to back: step s, tokens/s |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for r in results:
     if 'error' in r:
       print(f'| {r["variant"]} | failed: {r["error"][:100]} |')
     else:
       print(f'| {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["remat"]} | '
-            f'{r["attention"]} | {r.get("loss_chunk", "")} | {r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | '
-            f'{100 * r["mfu"]:.1f}% | {r["peak_gib"]:.1f} |')
+            f'{r["attention"]} | {r.get("loss_chunk", "")}, {r.get("logits_dtype", "float32")} | '
+            f'{r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | '
+            f'{100 * r["mfu"]:.1f}% | {r["peak_gib"]:.1f} | '
+            f'{r["pipelined_step_s"]:.3f}, {r["pipelined_tokens_per_s"]:,.0f} |')
 
 
 if __name__ == '__main__':

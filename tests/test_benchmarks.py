@@ -21,15 +21,17 @@ def _run(script, *args):
 
 def test_train_benchmark_times_and_profiles_a_step(tmp_path):
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m2_acts_xla_unrolled',
-             '--steps', '1', '--warmup', '1', '--loss_chunk', '64', '--profile', '--out', str(tmp_path))
+             '--steps', '1', '--warmup', '1', '--set', 'train.loss_chunk=64', '--set=train.logits_dtype=bfloat16', '--profile', '--out', str(tmp_path))
   [result] = [json.loads(line) for line in (tmp_path / 'train_1b.jsonl').read_text().splitlines()]
   assert 'error' not in result, result
   assert result['tokens_per_s'] > 0 and result['remat'] == 'activations_saveable' and not result['scan_layers']
-  assert result['loss_chunk'] == 64
+  assert result['pipelined_tokens_per_s'] > 0
+  assert result['loss_chunk'] == 64 and result['logits_dtype'] == 'bfloat16'
+  assert result['overrides'] == {'train.loss_chunk': 64, 'train.logits_dtype': 'bfloat16'}
   profile = json.loads((tmp_path / 'b2_m2_acts_xla_unrolled.profile.json').read_text())
   assert profile['busy_ms_per_step'] > 0 and profile['top_kernels']
   assert (tmp_path / 'b2_m2_acts_xla_unrolled.hlo.txt').stat().st_size > 0
-  assert '| b2_m2_acts_xla_unrolled | 2 x 256 | 2 | activations_saveable | xla | 64 |' in out
+  assert '| b2_m2_acts_xla_unrolled | 2 x 256 | 2 | activations_saveable | xla | 64, bfloat16 |' in out
 
 
 def test_train_benchmark_rejects_a_bad_variant_name(tmp_path):
@@ -45,3 +47,4 @@ def test_peer_benchmark_runs_on_cpu(tmp_path):
   [result] = [json.loads(line) for line in (tmp_path / 'hf_peer_1b.jsonl').read_text().splitlines()]
   assert 'error' not in result, result
   assert result['tokens_per_s'] > 0 and result['batch'] == 2 and result['seq_len'] == 64
+  assert result['pipelined_tokens_per_s'] > 0
