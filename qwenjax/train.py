@@ -210,6 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       for step in range(start, steps):
         state, step_metrics = step_fn(state, _global_batch(next(train_iter), batch_sharding))
         done = step + 1
+        if pending:  # with this step queued behind it, wait for the previous one: the host runs one step ahead
+          jax.block_until_ready(pending[-1])
         pending.append(step_metrics)
         if done == start + 1:  # the first step compiles: keep it out of the timings
           jax.block_until_ready(step_metrics)

@@ -48,3 +48,11 @@ def test_peer_benchmark_runs_on_cpu(tmp_path):
   assert 'error' not in result, result
   assert result['tokens_per_s'] > 0 and result['batch'] == 2 and result['seq_len'] == 64
   assert result['pipelined_tokens_per_s'] > 0
+
+
+def test_data_throughput_benchmark_reads_batches(tmp_path):
+  out = _run('data_throughput.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--batch_size', '2',
+             '--batches', '20', '--workdir', str(tmp_path))
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['tokens_per_s'] > 0 and result['batch_size'] == 2 and result['batches'] == 20
+  assert (tmp_path / 'tokenizer.model').exists()  # configs/tiny.py trains its tokenizer into the workdir

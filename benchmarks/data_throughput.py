@@ -1,0 +1,69 @@
+"""Tokens per second that the training input pipeline (`qwenjax.data.train_dataset`) delivers, no model.
+
+The pipeline of `python -m qwenjax.train` for a config: its documents (the built-in corpus unless
+`data.train_files` is set), its tokenizer (trained into --workdir if `data.tokenizer='train'`), packing,
+the row shuffle window and `read_threads`. Batches are `train.batch_size / grad_accum_steps` rows of
+`data.seq_len`, as one process reads them; compare the rate with what the train step consumes.
+
+    python benchmarks/data_throughput.py --config configs/1b.py --batch_size 4 --batches 300
+
+Prints one JSON line: the first batch's latency (it fills the first shuffle window), then tokens/s over
+`--batches` more batches (at least one window's worth, so window refills are counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from qwenjax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def measure(config, workdir: str, batch_size: int, batches: int) -> dict:
+  train_source, _ = data.sources(config.data)
+  start = time.perf_counter()
+  tokenizer = data.get_tokenizer(config.data, workdir, train_source, int(config.model.vocab_size))
+  tokenizer_s = time.perf_counter() - start
+  seq_len = int(config.data.seq_len)
+  it = iter(data.train_dataset(train_source, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                               seed=int(config.train.seed), shuffle_window=int(config.data.shuffle_window),
+                               read_threads=int(config.data.read_threads)))
+  start = time.perf_counter()
+  next(it)
+  first_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  seconds = time.perf_counter() - start
+  return {'seq_len': seq_len, 'batch_size': batch_size, 'batches': batches,
+          'shuffle_window': int(config.data.shuffle_window), 'read_threads': int(config.data.read_threads),
+          'tokenizer_s': tokenizer_s, 'first_batch_s': first_s,
+          'tokens_per_s': batches * batch_size * seq_len / seconds, 'cpus': os.cpu_count()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
+  parser.add_argument('--batch_size', type=int, default=0, help="rows per batch; 0: the config's micro-batch")
+  parser.add_argument('--batches', type=int, default=300)
+  parser.add_argument('--read_threads', type=int, default=0, help="0: the config's data.read_threads")
+  parser.add_argument('--workdir', default='', help="where a trained tokenizer goes (default: a temp dir)")
+  args = parser.parse_args()
+  config = config_lib.load(args.config)
+  if args.read_threads:
+    config.data.read_threads = args.read_threads
+  batch_size = args.batch_size or int(config.train.batch_size) // int(config.train.grad_accum_steps)
+  with tempfile.TemporaryDirectory() as tmp:
+    print(json.dumps(measure(config, args.workdir or tmp, batch_size, args.batches)), flush=True)
+
+
+if __name__ == '__main__':
+  main()
