@@ -8,7 +8,8 @@ the row shuffle window and `read_threads`. Batches are `train.batch_size / grad_
     python benchmarks/data_throughput.py --config configs/1b.py --batch_size 4 --batches 300
 
 Prints one JSON line: the first batch's latency (it fills the first shuffle window), then tokens/s over
-`--batches` more batches (at least one window's worth, so window refills are counted).
+`--batches` more batches. Give at least a window's worth (`shuffle_window / batch_size` batches), so that the
+rate counts window refills.
 """
 
 from __future__ import annotations
