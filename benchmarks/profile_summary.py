@@ -3,6 +3,10 @@
     summary = summarize(trace_dir, steps=2)   # after tracing two steps into trace_dir
     print(format_summary(summary))
 
+or from the command line, e.g. on the trace `python -m qwenjax.train ... --config.train.profile_steps=3` writes:
+
+    python benchmarks/profile_summary.py WORKDIR/profile --steps 3
+
 Kernels are grouped by name (a fusion's kernel is named after the HLO fusion, e.g. `loop_convert_fusion_3` is
 `%loop_convert_fusion.3` in the compiled HLO text) and sorted by total time; `busy` is the union of kernel
 intervals, so `wall - busy` is time the GPU sat idle (launch gaps, host syncs).
@@ -10,6 +14,7 @@ intervals, so `wall - busy` is time the GPU sat idle (launch gaps, host syncs).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import glob
 import gzip
@@ -84,3 +89,16 @@ def format_summary(s: dict) -> str:
   lines += [f'| {k["ms_per_step"]:.2f} | {k["launches_per_step"]:g} | {k["category"]} | {k["kernel"][:90]} |'
             for k in s['top_kernels']]
   return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('trace_dir')
+  parser.add_argument('--steps', type=int, required=True, help='steps the trace holds (times are per step)')
+  parser.add_argument('--top', type=int, default=60)
+  args = parser.parse_args()
+  print(format_summary(summarize(args.trace_dir, args.steps, args.top)))
+
+
+if __name__ == '__main__':
+  main()

@@ -77,6 +77,8 @@ def train_section() -> ml_collections.ConfigDict:
       checkpoint_every=1000,
       keep_checkpoints=3,
       peak_tflops=0.0,  # per-device peak for MFU; 0: look up the device kind (unknown kinds: no MFU)
+      profile_steps=0,  # trace this many steps with jax.profiler into workdir/profile (Perfetto); 0: off
+      profile_from=10,  # ... starting after this step, past compilation and warm-up
   ))
 
 

@@ -197,6 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log_every, eval_every = max(int(tc.log_every), 1), int(tc.eval_every)
   stop = _StopSignal()
   last: dict[str, float] = {}
+  profile_steps, profile_from = int(tc.profile_steps), int(tc.profile_from)
+  profile_dir, profiling = os.path.join(workdir, 'profile'), False
 
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -208,6 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
       pending, timed_from, timer = [], start, time.time()
       for step in range(start, steps):
+        if profile_steps and step == profile_from:
+          jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+          profiling = True
         state, step_metrics = step_fn(state, _global_batch(next(train_iter), batch_sharding))
         done = step + 1
         if pending:  # with this step queued behind it, wait for the previous one: the host runs one step ahead
@@ -217,6 +222,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           jax.block_until_ready(step_metrics)
           logging.info('first step (compilation included) took %.1f s', time.time() - timer)
           timed_from, timer = done, time.time()
+        if profiling and (done == profile_from + profile_steps or done == steps):
+          jax.block_until_ready(step_metrics)
+          jax.profiler.stop_trace()
+          profiling = False
+          logging.info('profile of steps %d-%d written to %s (python benchmarks/profile_summary.py %s --steps %d)',
+                       profile_from + 1, done, profile_dir, profile_dir, done - profile_from)
         stopping = stop.received or done == stop_after or ckpt.reached_preemption(done)
 
         if done % log_every == 0 or done == steps or stopping:
@@ -248,6 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           logging.info('stopping at step %d (checkpoint saved)', done)
           break
   finally:  # also on errors: finish the async checkpoint, close the files, give SIGTERM back
+    if profiling:
+      jax.profiler.stop_trace()
     ckpt.close()
     writer.close()
     stop.close()

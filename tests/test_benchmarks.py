@@ -21,7 +21,8 @@ def _run(script, *args):
 
 def test_train_benchmark_times_and_profiles_a_step(tmp_path):
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m2_acts_xla_unrolled',
-             '--steps', '1', '--warmup', '1', '--set', 'train.loss_chunk=64', '--set=train.logits_dtype=bfloat16', '--profile', '--out', str(tmp_path))
+             '--steps', '1', '--warmup', '1', '--set', 'train.loss_chunk=64', '--set=train.logits_dtype=bfloat16',
+             '--profile', '--out', str(tmp_path))
   [result] = [json.loads(line) for line in (tmp_path / 'train_1b.jsonl').read_text().splitlines()]
   assert 'error' not in result, result
   assert result['tokens_per_s'] > 0 and result['remat'] == 'activations_saveable' and not result['scan_layers']

@@ -90,9 +90,9 @@ def test_training_on_the_default_corpus_beats_the_unigram_entropy(tmp_path):
 
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, tokenizer_file):
-  """Six steps straight through, checkpoints at 2, 4, 6."""
+  """Six steps straight through, checkpoints at 2, 4, 6, steps 3-4 traced by the profiler."""
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
-  config = small_config(steps=6, log_every=1, checkpoint_every=2, warmup_steps=2)
+  config = small_config(steps=6, log_every=1, checkpoint_every=2, warmup_steps=2, profile_from=2, profile_steps=2)
   config.data.tokenizer = tokenizer_file
   train.train_and_evaluate(config, workdir)
   return config, workdir, losses(read_metrics(workdir))
@@ -108,6 +108,16 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, uninterr
   assert sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in range(4, 7)], [expected[s] for s in range(4, 7)], rtol=0,
                              atol=1e-6)
+
+
+def test_profile_steps_writes_a_trace_that_profile_summary_reads(uninterrupted):
+  _, workdir, _ = uninterrupted
+  profile_dir = os.path.join(workdir, 'profile')
+  script = os.path.join(os.path.dirname(TINY), '..', 'benchmarks', 'profile_summary.py')
+  done = subprocess.run([sys.executable, script, profile_dir, '--steps', '2'], capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.startswith('GPU: wall') and '| ms/step | launches |' in done.stdout
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted, caplog):
