@@ -10,6 +10,11 @@ the row shuffle window and `read_threads`. Batches are `train.batch_size / grad_
 Prints one JSON line: the first batch's latency (it fills the first shuffle window), then tokens/s over
 `--batches` more batches. Give at least a window's worth (`shuffle_window / batch_size` batches), so that the
 rate counts window refills.
+
+`--block 128` also reports, over those batches, how the packed documents meet attention's tiles: of the
+(query block, key block) pairs of the causal band (and of the band of a `--window`), the share where some
+query and key share a document (`blocks_needed`: what a kernel that skips by document must visit) and the
+share inside one document (`blocks_unmasked`: no mask needed).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -28,7 +35,22 @@ from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top,
 from qwenjax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def measure(config, workdir: str, batch_size: int, batches: int) -> dict:
+def block_shares(segment_ids: np.ndarray, block: int, window: int = 0) -> tuple[int, int, int]:
+  """(pairs in the band, pairs some query and key share a document, pairs inside one document) of
+  `block`-sized (query, key) tiles of `[rows, seq]` packed segment ids (increasing along each row)."""
+  rows, seq = segment_ids.shape
+  tiles = segment_ids.reshape(rows, seq // block, block)
+  first, last = tiles[:, :, 0], tiles[:, :, -1]
+  q, k = np.meshgrid(np.arange(seq // block), np.arange(seq // block), indexing='ij')
+  band = k <= q
+  if window:
+    band &= (q - k) * block < window + block  # a tile with any key in some query's window
+  shared = last[:, None, :] >= first[:, :, None]  # the key tile reaches the query tile's first document
+  one_doc = (first == last)[:, :, None] & (first == last)[:, None, :] & (first[:, :, None] == first[:, None, :])
+  return rows * int(band.sum()), int((shared & band).sum()), int((one_doc & band).sum())
+
+
+def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0, window: int = 0) -> dict:
   train_source, _ = data.sources(config.data)
   start = time.perf_counter()
   tokenizer = data.get_tokenizer(config.data, workdir, train_source, int(config.model.vocab_size))
@@ -40,14 +62,21 @@ def measure(config, workdir: str, batch_size: int, batches: int) -> dict:
   start = time.perf_counter()
   next(it)
   first_s = time.perf_counter() - start
-  start = time.perf_counter()
+  segment_ids, seconds = [], 0.0
   for _ in range(batches):
-    next(it)
-  seconds = time.perf_counter() - start
-  return {'seq_len': seq_len, 'batch_size': batch_size, 'batches': batches,
-          'shuffle_window': int(config.data.shuffle_window), 'read_threads': int(config.data.read_threads),
-          'tokenizer_s': tokenizer_s, 'first_batch_s': first_s,
-          'tokens_per_s': batches * batch_size * seq_len / seconds, 'cpus': os.cpu_count()}
+    start = time.perf_counter()
+    batch = next(it)
+    seconds += time.perf_counter() - start
+    if block:
+      segment_ids.append(batch['segment_ids'])
+  result = {'seq_len': seq_len, 'batch_size': batch_size, 'batches': batches,
+            'shuffle_window': int(config.data.shuffle_window), 'read_threads': int(config.data.read_threads),
+            'tokenizer_s': tokenizer_s, 'first_batch_s': first_s,
+            'tokens_per_s': batches * batch_size * seq_len / seconds, 'cpus': os.cpu_count()}
+  if block:
+    total, shared, one_doc = block_shares(np.concatenate(segment_ids), block, window)
+    result.update(block=block, window=window, blocks_needed=shared / total, blocks_unmasked=one_doc / total)
+  return result
 
 
 def main():
@@ -57,13 +86,16 @@ def main():
   parser.add_argument('--batches', type=int, default=300)
   parser.add_argument('--read_threads', type=int, default=0, help="0: the config's data.read_threads")
   parser.add_argument('--workdir', default='', help="where a trained tokenizer goes (default: a temp dir)")
+  parser.add_argument('--block', type=int, default=0, help='attention tile size for the document statistics')
+  parser.add_argument('--window', type=int, default=0, help='sliding window for the document statistics')
   args = parser.parse_args()
   config = config_lib.load(args.config)
   if args.read_threads:
     config.data.read_threads = args.read_threads
   batch_size = args.batch_size or int(config.train.batch_size) // int(config.train.grad_accum_steps)
   with tempfile.TemporaryDirectory() as tmp:
-    print(json.dumps(measure(config, args.workdir or tmp, batch_size, args.batches)), flush=True)
+    print(json.dumps(measure(config, args.workdir or tmp, batch_size, args.batches, args.block, args.window)),
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -53,7 +54,17 @@ def test_peer_benchmark_runs_on_cpu(tmp_path):
 
 def test_data_throughput_benchmark_reads_batches(tmp_path):
   out = _run('data_throughput.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--batch_size', '2',
-             '--batches', '20', '--workdir', str(tmp_path))
+             '--batches', '20', '--workdir', str(tmp_path), '--block', '32')
   result = json.loads(out.strip().splitlines()[-1])
   assert result['tokens_per_s'] > 0 and result['batch_size'] == 2 and result['batches'] == 20
+  assert 0 < result['blocks_unmasked'] <= result['blocks_needed'] <= 1
   assert (tmp_path / 'tokenizer.model').exists()  # configs/tiny.py trains its tokenizer into the workdir
+
+
+def test_block_shares_counts_tiles_by_document():
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import data_throughput  # pylint: disable=g-import-not-at-top
+  segments = np.array([[1, 1, 1, 2, 2, 2, 2, 2]])  # tiles of 2: (1,1) (1,2) (2,2) (2,2)
+  assert data_throughput.block_shares(segments, 2) == (10, 8, 4)
+  assert data_throughput.block_shares(segments, 2, window=2) == (7, 7, 4)  # 2-token window: tiles q-1..q
+  assert data_throughput.block_shares(np.ones((3, 8), np.int32), 4) == (9, 9, 9)  # one document
