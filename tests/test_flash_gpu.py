@@ -105,6 +105,61 @@ def test_block_ranges_cover_exactly_the_band(window):
       assert set(range(f_lo, f_hi)) == full
 
 
+def _document_layouts(seq):
+  """Segment ids: packed runs (boundaries on and off block edges, padding after), and ids that are not runs."""
+  rng = np.random.default_rng(0)
+  runs = [np.repeat(np.arange(1, 5), [16, 20, 45, seq - 81]),  # a boundary on a block edge, others not
+          np.cumsum(rng.random(seq) < 0.08) + 1,
+          np.concatenate([np.ones(70, int), np.full(seq - 70, -1)]),  # the wrapper's padding
+          np.concatenate([np.repeat([1, 2], [30, 50]), np.zeros(seq - 80, int)])]  # trailing 0s: not runs
+  return runs + [np.arange(seq) % 3]  # interleaved documents: not runs
+
+
+@pytest.mark.parametrize('window', [None, 5, 16, 40])
+def test_document_ranges_cover_every_visible_pair(window):
+  """With packed documents, the visited blocks still hold every visible pair, unmasked blocks hold only
+  visible pairs, and blocks outside the documents are skipped."""
+  seq, block_rows, block_cols = 96, 16, 16
+  skipped = 0
+  for seg in _document_layouts(seq):
+    doc_start, doc_end = (np.asarray(x)[0] for x in flash_gpu.document_bounds(jnp.asarray(seg)[None]))
+    vis = np.array([[bool(flash_gpu.visible(q, k, window, seg[q], seg[k])) for k in range(seq)]
+                    for q in range(seq)])
+    tiles = vis.reshape(seq // block_rows, block_rows, seq // block_cols, block_cols).transpose(0, 2, 1, 3)
+    any_pair, all_pairs = tiles.any(axis=(2, 3)), tiles.all(axis=(2, 3))
+    for i in range(seq // block_rows):
+      start, end = i * block_rows, (i + 1) * block_rows - 1
+      lo, hi, f_lo, f_hi = map(int, flash_gpu.kv_document_range(start, block_rows, block_cols, window,
+                                                                doc_start[start], doc_start[end]))
+      assert set(np.flatnonzero(any_pair[i])) <= set(range(lo, hi))
+      assert set(range(f_lo, f_hi)) <= set(np.flatnonzero(all_pairs[i]))
+      plain_lo, plain_hi = flash_gpu.kv_block_range(start, block_rows, block_cols, window)
+      skipped += (int(plain_hi) - int(plain_lo)) - (hi - lo)
+    for j in range(seq // block_cols):  # keys: the mirror image
+      start, end = j * block_cols, (j + 1) * block_cols - 1
+      lo, hi, f_lo, f_hi = map(int, flash_gpu.q_document_range(start, block_cols, block_rows, window,
+                                                               seq // block_rows, doc_end[start], doc_end[end]))
+      assert set(np.flatnonzero(any_pair[:, j])) <= set(range(lo, hi))
+      assert set(range(f_lo, f_hi)) <= set(np.flatnonzero(all_pairs[:, j]))
+  assert skipped > 0
+
+
+@pytest.mark.parametrize('layout', range(5))
+def test_matches_reference_for_each_document_layout(layout):
+  seq, window = 96, 40
+  seg = jnp.asarray(_document_layouts(seq)[layout])[None]
+  keys = jax.random.split(jax.random.key(layout), 4)
+  q = jax.random.normal(keys[0], (1, seq, 4, 64))
+  k, v = (jax.random.normal(key, (1, seq, 2, 64)) for key in keys[1:3])
+  d_out = jax.random.normal(keys[3], q.shape)
+  out, vjp = jax.vjp(functools.partial(flash_gpu.flash_attention, sliding_window=window, segment_ids=seg,
+                                       interpret=True), q, k, v)
+  expected, ref_vjp = jax.vjp(functools.partial(reference, window=window, segment_ids=seg), q, k, v)
+  assert _rel(out, expected) < 1e-5
+  for name, grad, expected_grad in zip('qkv', vjp(d_out), ref_vjp(d_out)):
+    assert _rel(grad, expected_grad) < 1e-5, name
+
+
 def test_work_is_linear_in_seq_len_at_fixed_window():
   """Visited key blocks per query block stay bounded by the window: cost ~ seq_len x window."""
   window, block = 64, 16

@@ -136,6 +136,52 @@ def q_full_range(k_start, k_rows: int, block_q: int, window: int | None, lo, hi)
   return f_lo, f_hi
 
 
+def document_bounds(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(doc_start, doc_end) `[batch, seq]` int32: the first position of each token's document and one past its
+  last, for rows whose documents are contiguous runs of non-decreasing ids (as packing gives, the kernel's
+  -1 padding after them included).
+
+  Other rows get bounds that skip nothing and put every block across documents: doc_start = -1 - position,
+  doc_end = seq + 1 + position, so no two tokens share bounds and the kernels mask every pair.
+  """
+  seq = segment_ids.shape[1]
+  ids = jnp.where(segment_ids < 0, jnp.iinfo(jnp.int32).max, segment_ids)  # padding: one last document
+  pos = lax.broadcasted_iota(jnp.int32, ids.shape, 1)
+  change = ids[:, 1:] != ids[:, :-1]
+  first = jnp.concatenate([jnp.ones_like(change[:, :1]), change], axis=1)
+  last = jnp.concatenate([change, jnp.ones_like(change[:, :1])], axis=1)
+  doc_start = lax.cummax(jnp.where(first, pos, 0), axis=1)
+  doc_end = lax.cummin(jnp.where(last, pos + 1, seq), axis=1, reverse=True)
+  runs = jnp.all(ids[:, 1:] >= ids[:, :-1], axis=1, keepdims=True)
+  return jnp.where(runs, doc_start, -1 - pos), jnp.where(runs, doc_end, seq + 1 + pos)
+
+
+def kv_document_range(q_start, q_rows: int, block_kv: int, window: int | None, first_start, last_start):
+  """(lo, hi, f_lo, f_hi) for query rows [q_start, q_start + q_rows) of packed documents, given the
+  `document_bounds` doc_start of the first and last row: key blocks before the first row's document are
+  skipped, and when all rows share one document, the fully visible blocks inside it need no mask."""
+  lo, hi = kv_block_range(q_start, q_rows, block_kv, window)
+  lo = jnp.maximum(lo, lax.div(jnp.maximum(first_start, 0), block_kv))
+  f_lo, f_hi = kv_full_range(q_start, q_rows, block_kv, window, lo, hi)
+  f_lo = _clip(jnp.maximum(f_lo, _cdiv(jnp.maximum(first_start, 0), block_kv)), lo, hi)
+  f_hi = _clip(f_hi, f_lo, hi)
+  one_doc = (first_start == last_start) & (first_start >= 0)  # negative: a row without contiguous documents
+  return lo, hi, jnp.where(one_doc, f_lo, hi), jnp.where(one_doc, f_hi, hi)
+
+
+def q_document_range(k_start, k_rows: int, block_q: int, window: int | None, num_q_blocks: int, first_end,
+                     last_end):
+  """(lo, hi, f_lo, f_hi) for keys [k_start, k_start + k_rows) of packed documents, given the
+  `document_bounds` doc_end of the first and last key: query blocks after the last key's document are
+  skipped, and when all keys share one document, the fully visible blocks inside it need no mask."""
+  lo, hi = q_block_range(k_start, k_rows, block_q, window, num_q_blocks)
+  hi = jnp.minimum(hi, _cdiv(last_end, block_q))
+  f_lo, f_hi = q_full_range(k_start, k_rows, block_q, window, lo, hi)
+  f_hi = _clip(jnp.minimum(f_hi, lax.div(first_end, block_q)), f_lo, hi)
+  one_doc = (first_end == last_end) & (first_end <= num_q_blocks * block_q)  # beyond seq: no contiguous documents
+  return lo, hi, jnp.where(one_doc, f_lo, hi), jnp.where(one_doc, f_hi, hi)
+
+
 def visible(q_pos, k_pos, window: int | None, q_seg=None, k_seg=None):
   """Boolean mask of visible pairs (broadcasting positions and segment ids)."""
   mask = k_pos <= q_pos

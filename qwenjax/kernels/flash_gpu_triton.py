@@ -6,6 +6,11 @@ unmasked middle; the dK/dV program of a key block walks the query blocks of its 
 its KV group. Used for fp32 inputs and non-Hopper GPUs, and with `interpret=True` as the CPU test of the
 algorithm. K/V (and Q/dO in dK/dV) are whole-sequence blocks left in GPU memory and sliced in the loop, so a
 program reads only the blocks it visits.
+
+With packed documents (`segment_ids` in contiguous runs), the ranges also skip key blocks before a query
+block's first document and query blocks after a key block's last document, and blocks inside one document run
+unmasked (`flash_gpu.kv_document_range`, `q_document_range`). The Mosaic kernels do not yet: they visit the
+whole band and mask every block when there are segment ids.
 """
 
 from __future__ import annotations
@@ -51,15 +56,18 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     if has_seg:
-      qseg_ref, kseg_ref, o_ref, lse_ref = refs
+      qseg_ref, kseg_ref, qdoc_ref, o_ref, lse_ref = refs
     else:
       o_ref, lse_ref = refs
     q_start = pl.program_id(2) * bq
     qs = q_ref[...]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
     q_seg = qseg_ref[...][:, None] if has_seg else None
-    lo, hi = fg.kv_block_range(q_start, bq, bkv, window)
-    f_lo, f_hi = (hi, hi) if has_seg else fg.kv_full_range(q_start, bq, bkv, window, lo, hi)
+    if has_seg:
+      lo, hi, f_lo, f_hi = fg.kv_document_range(q_start, bq, bkv, window, qdoc_ref[0], qdoc_ref[bq - 1])
+    else:
+      lo, hi = fg.kv_block_range(q_start, bq, bkv, window)
+      f_lo, f_hi = fg.kv_full_range(q_start, bq, bkv, window, lo, hi)
 
     def step(j, carry, masked):
       acc, m, l = carry
@@ -93,8 +101,9 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
   args = [q, k, v]
   if has_seg:
     in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                 pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0))]
-    args += [segment_ids, segment_ids]
+                 pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0)),
+                 pl.BlockSpec((None, bq), lambda b, h, i: (b, i))]
+    args += [segment_ids, segment_ids, fg.document_bounds(segment_ids)[0]]
   out_specs = [pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0)),
                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -121,7 +130,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
     if has_seg:
-      qseg_ref, kseg_ref, dq_ref = refs
+      qseg_ref, kseg_ref, qdoc_ref, dq_ref = refs
     else:
       (dq_ref,) = refs
     q_start = pl.program_id(2) * bq
@@ -129,8 +138,11 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
     lse_rows, delta_rows = lse_ref[...][:, None], delta_ref[...][:, None]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
     q_seg = qseg_ref[...][:, None] if has_seg else None
-    lo, hi = fg.kv_block_range(q_start, bq, bkv, window)
-    f_lo, f_hi = (hi, hi) if has_seg else fg.kv_full_range(q_start, bq, bkv, window, lo, hi)
+    if has_seg:
+      lo, hi, f_lo, f_hi = fg.kv_document_range(q_start, bq, bkv, window, qdoc_ref[0], qdoc_ref[bq - 1])
+    else:
+      lo, hi = fg.kv_block_range(q_start, bq, bkv, window)
+      f_lo, f_hi = fg.kv_full_range(q_start, bq, bkv, window, lo, hi)
 
     def step(j, dq, masked):
       start = pl.multiple_of(j * bkv, bkv)
@@ -158,8 +170,9 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
   args = [q, k, v, d_out, lse, delta]
   if has_seg:
     in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                 pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0))]
-    args += [segment_ids, segment_ids]
+                 pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0)),
+                 pl.BlockSpec((None, bq), lambda b, h, i: (b, i))]
+    args += [segment_ids, segment_ids, fg.document_bounds(segment_ids)[0]]
   return _call(kernel, (batch, q_heads, seq_len // bq), in_specs, row_spec,
                jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, 'flash_gpu_dq')(*args)
 
@@ -176,7 +189,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
     if has_seg:
-      qseg_ref, kseg_ref, dk_ref, dv_ref = refs
+      qseg_ref, kseg_ref, kdoc_ref, dk_ref, dv_ref = refs
     else:
       dk_ref, dv_ref = refs
     kv_head = pl.program_id(1)
@@ -184,8 +197,12 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
     ks, vs = k_ref[...], v_ref[...]
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bkv, bq), 0)
     k_seg = kseg_ref[...][:, None] if has_seg else None
-    lo, hi = fg.q_block_range(k_start, bkv, bq, window, num_q_blocks)
-    f_lo, f_hi = (hi, hi) if has_seg else fg.q_full_range(k_start, bkv, bq, window, lo, hi)
+    if has_seg:
+      lo, hi, f_lo, f_hi = fg.q_document_range(k_start, bkv, bq, window, num_q_blocks, kdoc_ref[0],
+                                               kdoc_ref[bkv - 1])
+    else:
+      lo, hi = fg.q_block_range(k_start, bkv, bq, window, num_q_blocks)
+      f_lo, f_hi = fg.q_full_range(k_start, bkv, bq, window, lo, hi)
 
     def step(i, carry, head, masked):
       dk, dv = carry
@@ -222,8 +239,9 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
   args = [q, k, v, d_out, lse, delta]
   if has_seg:
     in_specs += [pl.BlockSpec((None, seq_len), lambda b, h, j: (b, 0)),
+                 pl.BlockSpec((None, bkv), lambda b, h, j: (b, j)),
                  pl.BlockSpec((None, bkv), lambda b, h, j: (b, j))]
-    args += [segment_ids, segment_ids]
+    args += [segment_ids, segment_ids, fg.document_bounds(segment_ids)[1]]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   return _call(kernel, (batch, kv_heads, seq_len // bkv), in_specs, [kv_spec, kv_spec], out_shape, interpret,
                'flash_gpu_dkv')(*args)
