@@ -170,6 +170,19 @@ def test_work_is_linear_in_seq_len_at_fixed_window():
   assert flash_gpu.band_pairs(1024, 64) < 2.1 * flash_gpu.band_pairs(512, 64)
 
 
+def test_triton_kernels_with_documents_lower_for_cuda():
+  """The Triton-backend kernels (fp32), with the document ranges' scalar reads, lower for CUDA without a GPU."""
+  q = jax.ShapeDtypeStruct((2, 1000, 4, 64), jnp.float32)
+  k = jax.ShapeDtypeStruct((2, 1000, 2, 64), jnp.float32)
+  seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
+
+  def loss(q, k, v, seg):
+    return flash_gpu.flash_attention(q, k, v, sliding_window=300, segment_ids=seg, backend='triton').sum()
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=('cuda',))
+  assert lowered.as_text().count('__gpu$xla.gpu.triton') == 3  # forward, dQ and dK/dV kernels
+
+
 def test_mosaic_kernels_lower_for_cuda():
   """The Hopper kernels (forward, dQ, dK/dV) trace and lower to Mosaic GPU without a GPU."""
   q = jax.ShapeDtypeStruct((2, 1000, 14, 128), jnp.bfloat16)
