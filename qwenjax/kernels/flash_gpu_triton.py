@@ -45,6 +45,15 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, name):
                         interpret=interpret, name=name, **kwargs)
 
 
+def _kv_ranges(q_start, bq: int, bkv: int, window, qdoc_ref=None):
+  """(lo, hi, f_lo, f_hi) key blocks of a query block; with documents (`qdoc_ref`: the block's doc_start
+  values from `flash_gpu.document_bounds`) narrowed to them."""
+  if qdoc_ref is not None:
+    return fg.kv_document_range(q_start, bq, bkv, window, qdoc_ref[0], qdoc_ref[bq - 1])
+  lo, hi = fg.kv_block_range(q_start, bq, bkv, window)
+  return (lo, hi) + tuple(fg.kv_full_range(q_start, bq, bkv, window, lo, hi))
+
+
 def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: bool):
   """Returns (out [b, s, hq, d], lse [b, hq, s] fp32, base-2 logsumexp of the scaled scores)."""
   batch, seq_len, q_heads, head_dim = q.shape
@@ -63,11 +72,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
     qs = q_ref[...]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
     q_seg = qseg_ref[...][:, None] if has_seg else None
-    if has_seg:
-      lo, hi, f_lo, f_hi = fg.kv_document_range(q_start, bq, bkv, window, qdoc_ref[0], qdoc_ref[bq - 1])
-    else:
-      lo, hi = fg.kv_block_range(q_start, bq, bkv, window)
-      f_lo, f_hi = fg.kv_full_range(q_start, bq, bkv, window, lo, hi)
+    lo, hi, f_lo, f_hi = _kv_ranges(q_start, bq, bkv, window, qdoc_ref if has_seg else None)
 
     def step(j, carry, masked):
       acc, m, l = carry
@@ -138,11 +143,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
     lse_rows, delta_rows = lse_ref[...][:, None], delta_ref[...][:, None]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
     q_seg = qseg_ref[...][:, None] if has_seg else None
-    if has_seg:
-      lo, hi, f_lo, f_hi = fg.kv_document_range(q_start, bq, bkv, window, qdoc_ref[0], qdoc_ref[bq - 1])
-    else:
-      lo, hi = fg.kv_block_range(q_start, bq, bkv, window)
-      f_lo, f_hi = fg.kv_full_range(q_start, bq, bkv, window, lo, hi)
+    lo, hi, f_lo, f_hi = _kv_ranges(q_start, bq, bkv, window, qdoc_ref if has_seg else None)
 
     def step(j, dq, masked):
       start = pl.multiple_of(j * bkv, bkv)
