@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,15 +31,20 @@ from qwenjax.kernels import flash_gpu  # pylint: disable=g-import-not-at-top
 from timing import median_seconds, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
 
 
-def _inputs(key, batch, seq, q_heads, kv_heads, head_dim, dtype, segments=False):
+def _inputs(key, batch, seq, q_heads, kv_heads, head_dim, dtype, doc_len=0, descending=False):
+  """Random q, k, v, dO; with doc_len > 0 also segment ids of packed documents of that mean length (boundaries
+  anywhere, also inside blocks). `descending`: the same documents numbered in decreasing order, which the
+  kernels cannot tell are contiguous runs: they visit and mask the whole band, as before document ranges."""
   ks = jax.random.split(key, 5)
   q = jax.random.normal(ks[0], (batch, seq, q_heads, head_dim), jnp.float32).astype(dtype)
   k = jax.random.normal(ks[1], (batch, seq, kv_heads, head_dim), jnp.float32).astype(dtype)
   v = jax.random.normal(ks[2], (batch, seq, kv_heads, head_dim), jnp.float32).astype(dtype)
   do = jax.random.normal(ks[3], (batch, seq, q_heads, head_dim), jnp.float32).astype(dtype)
   seg = None
-  if segments:  # documents of random lengths, boundaries anywhere (also inside blocks)
-    seg = jnp.cumsum(jax.random.bernoulli(ks[4], 4.0 / seq, (batch, seq)), axis=1).astype(jnp.int32)
+  if doc_len:
+    seg = jnp.cumsum(jax.random.bernoulli(ks[4], 1.0 / doc_len, (batch, seq)), axis=1).astype(jnp.int32)
+    if descending:
+      seg = seq - seg
   return q, k, v, do, seg
 
 
@@ -49,22 +55,26 @@ def _blocks(args) -> flash_gpu.BlockSizes:
 def check(args) -> bool:
   """Kernel vs the XLA reference on fp32-upcast inputs: outputs and q/k/v gradients."""
   cases = [
-      # batch, seq, q_heads, kv_heads, head_dim, window, segments, dtype, backend
-      (1, 2048, 28, 4, 128, 4096, False, jnp.bfloat16, 'mosaic'),  # window > seq
-      (2, 1000, 14, 2, 128, 300, False, jnp.bfloat16, 'mosaic'),  # odd length, window
-      (1, 1536, 7, 7, 64, 37, False, jnp.bfloat16, 'mosaic'),  # window < block, GQA 1, d=64
-      (2, 777, 14, 2, 128, 200, True, jnp.bfloat16, 'mosaic'),  # packed documents
-      (1, 1024, 8, 4, 64, None, True, jnp.float16, 'mosaic'),  # causal, fp16, documents
-      (1, 1000, 4, 2, 128, 100, True, jnp.float32, 'triton'),  # fp32 path
-      (1, 512, 4, 2, 64, 70, False, jnp.bfloat16, 'triton'),
+      # batch, seq, q_heads, kv_heads, head_dim, window, mean document length (0: none), dtype, backend
+      (1, 2048, 28, 4, 128, 4096, 0, jnp.bfloat16, 'mosaic'),  # window > seq
+      (2, 1000, 14, 2, 128, 300, 0, jnp.bfloat16, 'mosaic'),  # odd length, window
+      (1, 1536, 7, 7, 64, 37, 0, jnp.bfloat16, 'mosaic'),  # window < block, GQA 1, d=64
+      (2, 777, 14, 2, 128, 200, 194, jnp.bfloat16, 'mosaic'),  # packed documents
+      (1, 1024, 8, 4, 64, None, 256, jnp.float16, 'mosaic'),  # causal, fp16, documents
+      (1, 1000, 4, 2, 128, 100, 250, jnp.float32, 'triton'),  # fp32 path
+      (1, 512, 4, 2, 64, 70, 0, jnp.bfloat16, 'triton'),
+      (2, 4096, 16, 4, 128, 1024, 900, jnp.bfloat16, 'mosaic'),  # long documents: one-document blocks unmasked
+      (2, 4096, 16, 4, 128, None, 600, jnp.bfloat16, 'mosaic'),  # the same, plain causal
+      (1, 2000, 8, 2, 128, 500, -300, jnp.bfloat16, 'mosaic'),  # ids not ascending: mask everything
   ]
   ok = True
   results = []
-  for i, (b, s, hq, hkv, d, w, segs, dtype, backend) in enumerate(cases):
+  for i, (b, s, hq, hkv, d, w, doc_len, dtype, backend) in enumerate(cases):
     if args.cases and i not in args.cases:
       continue
     t0 = time.perf_counter()
-    q, k, v, do, seg = _inputs(jax.random.key(1000 + i + int(time.time())), b, s, hq, hkv, d, dtype, segs)
+    q, k, v, do, seg = _inputs(jax.random.key(1000 + i + int(time.time())), b, s, hq, hkv, d, dtype, abs(doc_len),
+                               descending=doc_len < 0)
     try:
       fn = functools.partial(flash_gpu.flash_attention, sliding_window=w, segment_ids=seg, backend=backend,
                              block_sizes=_blocks(args) if backend == 'mosaic' else None)
@@ -91,7 +101,7 @@ def check(args) -> bool:
     except Exception as e:  # pylint: disable=broad-except
       errs, passed = [repr(e)[:400]], False
     ok &= passed
-    line = dict(case=i, blocks=args.blocks, b=b, s=s, hq=hq, hkv=hkv, d=d, window=w, segments=segs, dtype=jnp.dtype(dtype).name,
+    line = dict(case=i, blocks=args.blocks, b=b, s=s, hq=hq, hkv=hkv, d=d, window=w, doc_len=doc_len, dtype=jnp.dtype(dtype).name,
                 backend=backend, errors_out_dq_dk_dv=errs, passed=passed,
                 seconds=round(time.perf_counter() - t0, 1))
     results.append(line)
@@ -105,8 +115,8 @@ def check(args) -> bool:
 
 def _impls(window, blocks):
   """name -> attention(q, k, v) over [b, s, h, d] inputs (K/V with kv_heads)."""
-  def ours(q, k, v):
-    return flash_gpu.flash_attention(q, k, v, sliding_window=window, block_sizes=blocks)
+  def ours(q, k, v, segment_ids=None):
+    return flash_gpu.flash_attention(q, k, v, sliding_window=window, segment_ids=segment_ids, block_sizes=blocks)
 
   def cudnn(q, k, v):
     local = None if window is None else (window - 1, 0)
@@ -160,6 +170,12 @@ def tune(args) -> flash_gpu.BlockSizes:
   return best
 
 
+def _document_pairs(seg, window) -> int:
+  """Visible (query, key) pairs of one head over the batch with packed documents."""
+  ids = np.asarray(seg)
+  return sum(flash_gpu.band_pairs(int(n), window) for row in ids for n in np.unique(row, return_counts=True)[1])
+
+
 def bench(args, blocks=None):
   batch, q_heads, kv_heads, head_dim = args.batch, args.q_heads, 4, 128
   window = args.window or None
@@ -167,9 +183,19 @@ def bench(args, blocks=None):
     blocks = _blocks(args)
   rows, results = [], []
   for seq in args.seqs:
-    q, k, v, do, _ = _inputs(jax.random.key(seq), batch, seq, q_heads, kv_heads, head_dim, jnp.bfloat16)
-    fwd_flops = 4 * batch * q_heads * head_dim * flash_gpu.band_pairs(seq, window)
-    for name, fn in _impls(window, blocks).items():
+    key = jax.random.key(seq)
+    q, k, v, do, seg = _inputs(key, batch, seq, q_heads, kv_heads, head_dim, jnp.bfloat16, args.doc_len)
+    impls, pairs = _impls(window, blocks), {}  # useful TF/s count the visible pairs: the band, or the documents'
+    if args.doc_len:  # the same inputs in packed documents: ascending ids, then the same documents descending
+      seg_desc = _inputs(key, batch, seq, q_heads, kv_heads, head_dim, jnp.bfloat16, args.doc_len, True)[4]
+      ours = impls['ours (Pallas Mosaic GPU)']
+      impls = {
+          f'ours, documents of mean length {args.doc_len}': functools.partial(ours, segment_ids=seg),
+          'ours, the same documents, whole band masked': functools.partial(ours, segment_ids=seg_desc),
+          'ours, no documents (all of the band)': ours}
+      pairs = dict.fromkeys(list(impls)[:2], _document_pairs(seg, window))
+    for name, fn in impls.items():
+      fwd_flops = 4 * q_heads * head_dim * pairs.get(name, batch * flash_gpu.band_pairs(seq, window))
       if args.only and not any(o in name for o in args.only):
         continue
       entry = dict(seq=seq, impl=name)
@@ -215,6 +241,8 @@ def main():
   parser.add_argument('--batch', type=int, default=1, help='--bench shape (configs/1b.py: --batch 4 --q_heads 16)')
   parser.add_argument('--q_heads', type=int, default=28, help='--bench shape; 4 KV heads, head_dim 128')
   parser.add_argument('--window', type=int, default=4096, help='--bench sliding window; 0: plain causal')
+  parser.add_argument('--doc_len', type=int, default=0,
+                      help='--bench ours on packed documents of this mean length (useful TF/s count their pairs)')
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--only', nargs='*', help='substrings of implementation names to time')
   parser.add_argument('--blocks', help='JSON of flash_gpu.BlockSizes fields for ours')

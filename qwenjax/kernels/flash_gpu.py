@@ -182,6 +182,26 @@ def q_document_range(k_start, k_rows: int, block_q: int, window: int | None, num
   return lo, hi, jnp.where(one_doc, f_lo, hi), jnp.where(one_doc, f_hi, hi)
 
 
+def kv_ranges(q_start, q_rows: int, block_kv: int, window: int | None, doc_starts=None):
+  """(lo, hi, f_lo, f_hi): the key blocks of query rows [q_start, q_start + q_rows) and their unmasked middle.
+
+  `doc_starts`: with packed documents, the `document_bounds` doc_start of the first and last row."""
+  if doc_starts is not None:
+    return kv_document_range(q_start, q_rows, block_kv, window, *doc_starts)
+  lo, hi = kv_block_range(q_start, q_rows, block_kv, window)
+  return (lo, hi) + tuple(kv_full_range(q_start, q_rows, block_kv, window, lo, hi))
+
+
+def q_ranges(k_start, k_rows: int, block_q: int, window: int | None, num_q_blocks: int, doc_ends=None):
+  """(lo, hi, f_lo, f_hi): the query blocks that see keys [k_start, k_start + k_rows) and their unmasked middle.
+
+  `doc_ends`: with packed documents, the `document_bounds` doc_end of the first and last key."""
+  if doc_ends is not None:
+    return q_document_range(k_start, k_rows, block_q, window, num_q_blocks, *doc_ends)
+  lo, hi = q_block_range(k_start, k_rows, block_q, window, num_q_blocks)
+  return (lo, hi) + tuple(q_full_range(k_start, k_rows, block_q, window, lo, hi))
+
+
 def visible(q_pos, k_pos, window: int | None, q_seg=None, k_seg=None):
   """Boolean mask of visible pairs (broadcasting positions and segment ids)."""
   mask = k_pos <= q_pos

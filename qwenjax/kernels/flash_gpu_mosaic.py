@@ -6,6 +6,11 @@ the two consumers' block ranges (from `flash_gpu`'s range helpers); a consumer w
 steps outside its own band, only keeps the barrier protocol (waits on the data barriers so their phases stay
 in step, arrives on the "slot free" barriers). Inside its band, blocks fully visible run without a mask.
 
+With packed documents the ranges also follow the documents (`flash_gpu.kv_ranges` / `q_ranges` with
+`document_bounds`): key blocks before a query block's first document and query blocks after a key block's last
+document are skipped, and blocks inside one document run unmasked. Each warpgroup reads the two bounds of its
+rows (and the producer those of the CTA's rows) from global memory, so all three agree on the steps.
+
 * forward: CTA = 128 query rows of one query head; producer streams K/V blocks of its KV head. The two
   consumers ping-pong on a schedule barrier so one's softmax overlaps the other's matmuls (FlashAttention-3).
 * dQ: CTA = 128 query rows; producer streams K/V blocks; dQ accumulates in registers.
@@ -62,6 +67,12 @@ def _visible(shape, row_start, col_start, *, rows_are_queries: bool, window, row
   if row_seg is not None:
     mask = mask & (row_seg == col_seg)
   return mask
+
+
+def _doc_pair(doc_ref, b, start, rows: int):
+  """The `document_bounds` values of rows `start` and `start + rows - 1` of batch row b: two scalar reads from
+  global memory that the producer and both consumers make alike, so they walk the same block ranges."""
+  return doc_ref[b, start], doc_ref[b, start + (rows - 1)]
 
 
 class _PingPong:
@@ -139,7 +150,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
 
   def body(q_ref, k_ref, v_ref, *refs):
     if has_seg:
-      seg_ref, out_ref, lse_ref, smem, bars = refs
+      seg_ref, doc_ref, out_ref, lse_ref, smem, bars = refs
       qo_smem2, k_smem, v_smem, lse_smem2, qseg_smem2, kseg_smem = smem
     else:
       out_ref, lse_ref, smem, bars = refs
@@ -148,7 +159,11 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
     q0 = lax.axis_index('q_seq') * (_WGS * bq)
-    lo, hi = fg.kv_block_range(q0, _WGS * bq, bkv, window)
+
+    def ranges(start, rows):
+      return fg.kv_ranges(start, rows, bkv, window, _doc_pair(doc_ref, b, start, rows) if has_seg else None)
+
+    lo, hi, _, _ = ranges(q0, _WGS * bq)
 
     def slot_of(j):
       return lax.rem(j - lo, stages)
@@ -166,11 +181,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], qo_smem, q_bar.at[wg])
       if has_seg:
         plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem2.at[wg], q_bar.at[wg])
-      lo_w, hi_w = fg.kv_block_range(qw, bq, bkv, window)
-      if has_seg:
-        f_lo = f_hi = hi_w
-      else:
-        f_lo, f_hi = fg.kv_full_range(qw, bq, bkv, window, lo_w, hi_w)
+      lo_w, hi_w, f_lo, f_hi = ranges(qw, bq)
       plgpu.barrier_wait(q_bar.at[wg])
       q_seg = None
       if has_seg:
@@ -291,7 +302,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
       plgpu.Barrier(num_arrivals=_WGS),  # consumer ping-pong
   )
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, seq_len), jnp.float32))
-  args = (q, k, v) + ((segment_ids,) if has_seg else ())
+  args = (q, k, v) + ((segment_ids, fg.document_bounds(segment_ids)[0]) if has_seg else ())
   grid = (q_heads, seq_len // (_WGS * bq), batch)
   out, lse = _kernel(body, out_type, (tuple(smem), bars), grid, ('heads', 'q_seq', 'batch'))(*args)
   return out, lse
@@ -320,7 +331,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
     if has_seg:
-      seg_ref, dq_ref, smem, bars = refs
+      seg_ref, doc_ref, dq_ref, smem, bars = refs
       q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, qseg_smem2, kseg_smem = smem
     else:
       dq_ref, smem, bars = refs
@@ -330,7 +341,11 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
     wg = lax.axis_index('wg')
     pingpong = _PingPong(sched[0] if sched else None, wg)
     q0 = lax.axis_index('q_seq') * (_WGS * bq)
-    lo, hi = fg.kv_block_range(q0, _WGS * bq, bkv, window)
+
+    def ranges(start, rows):
+      return fg.kv_ranges(start, rows, bkv, window, _doc_pair(doc_ref, b, start, rows) if has_seg else None)
+
+    lo, hi, _, _ = ranges(q0, _WGS * bq)
 
     def slot_of(j):
       return lax.rem(j - lo, stages)
@@ -347,11 +362,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
       plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem2.at[wg], q_bar.at[wg])
       if has_seg:
         plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem2.at[wg], q_bar.at[wg])
-      lo_w, hi_w = fg.kv_block_range(qw, bq, bkv, window)
-      if has_seg:
-        f_lo = f_hi = hi_w
-      else:
-        f_lo, f_hi = fg.kv_full_range(qw, bq, bkv, window, lo_w, hi_w)
+      lo_w, hi_w, f_lo, f_hi = ranges(qw, bq)
       plgpu.barrier_wait(q_bar.at[wg])
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       lse_r = plgpu.load(lse_smem2.at[wg], (), layout=row_layout)
@@ -442,7 +453,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
       plgpu.Barrier(num_arrivals=2 + has_seg, num_barriers=stages),  # k, v loaded
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),  # slot free
   ) + ((plgpu.Barrier(num_arrivals=_WGS),) if blocks.pingpong_bwd else ())
-  args = (q, k, v, d_out, lse, delta) + ((segment_ids,) if has_seg else ())
+  args = (q, k, v, d_out, lse, delta) + ((segment_ids, fg.document_bounds(segment_ids)[0]) if has_seg else ())
   grid = (q_heads, seq_len // (_WGS * bq), batch)
   return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), (tuple(smem), bars), grid,
                  ('heads', 'q_seq', 'batch'))(*args)
@@ -460,7 +471,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
 
   def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
     if has_seg:
-      seg_ref, dk_ref, dv_ref, smem, bars = refs
+      seg_ref, doc_ref, dk_ref, dv_ref, smem, bars = refs
       k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, kseg_smem2, qseg_smem = smem
     else:
       dk_ref, dv_ref, smem, bars = refs
@@ -470,7 +481,12 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
     wg = lax.axis_index('wg')
     pingpong = _PingPong(sched[0] if sched else None, wg)
     k0 = lax.axis_index('kv_seq') * (_WGS * bkv)
-    lo, hi = fg.q_block_range(k0, _WGS * bkv, bq, window, num_q_blocks)
+
+    def ranges(start, rows):
+      doc_ends = _doc_pair(doc_ref, b, start, rows) if has_seg else None
+      return fg.q_ranges(start, rows, bq, window, num_q_blocks, doc_ends)
+
+    lo, hi, _, _ = ranges(k0, _WGS * bkv)
     nq = hi - lo
 
     @pl.when(wg < _WGS)
@@ -483,11 +499,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
       plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem, kv_bar.at[wg])
       if has_seg:
         plgpu.copy_gmem_to_smem(seg_ref.at[b, keys], kseg_smem2.at[wg], kv_bar.at[wg])
-      lo_w, hi_w = fg.q_block_range(kw, bkv, bq, window, num_q_blocks)
-      if has_seg:
-        f_lo = f_hi = hi_w
-      else:
-        f_lo, f_hi = fg.q_full_range(kw, bkv, bq, window, lo_w, hi_w)
+      lo_w, hi_w, f_lo, f_hi = ranges(kw, bkv)
       plgpu.barrier_wait(kv_bar.at[wg])
       col_layout = plgpu.Layout.WGMMA.reduce(0)
       k_seg = plgpu.load(kseg_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1)) if has_seg else None
@@ -591,7 +603,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
       plgpu.Barrier(num_arrivals=4 + has_seg, num_barriers=stages),  # q, dO, lse, delta loaded
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),  # slot free
   ) + ((plgpu.Barrier(num_arrivals=_WGS),) if blocks.pingpong_bwd else ())
-  args = (q, k, v, d_out, lse, delta) + ((segment_ids,) if has_seg else ())
+  args = (q, k, v, d_out, lse, delta) + ((segment_ids, fg.document_bounds(segment_ids)[1]) if has_seg else ())
   out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
   grid = (kv_heads, seq_len // (_WGS * bkv), batch)
   return _kernel(body, out_type, (tuple(smem), bars), grid, ('heads', 'kv_seq', 'batch'))(*args)

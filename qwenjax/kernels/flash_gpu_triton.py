@@ -9,8 +9,7 @@ program reads only the blocks it visits.
 
 With packed documents (`segment_ids` in contiguous runs), the ranges also skip key blocks before a query
 block's first document and query blocks after a key block's last document, and blocks inside one document run
-unmasked (`flash_gpu.kv_document_range`, `q_document_range`). The Mosaic kernels do not yet: they visit the
-whole band and mask every block when there are segment ids.
+unmasked (`flash_gpu.kv_ranges`, `q_ranges`), as in the Mosaic kernels.
 """
 
 from __future__ import annotations
@@ -45,15 +44,6 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, name):
                         interpret=interpret, name=name, **kwargs)
 
 
-def _kv_ranges(q_start, bq: int, bkv: int, window, qdoc_ref=None):
-  """(lo, hi, f_lo, f_hi) key blocks of a query block; with documents (`qdoc_ref`: the block's doc_start
-  values from `flash_gpu.document_bounds`) narrowed to them."""
-  if qdoc_ref is not None:
-    return fg.kv_document_range(q_start, bq, bkv, window, qdoc_ref[0], qdoc_ref[bq - 1])
-  lo, hi = fg.kv_block_range(q_start, bq, bkv, window)
-  return (lo, hi) + tuple(fg.kv_full_range(q_start, bq, bkv, window, lo, hi))
-
-
 def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: bool):
   """Returns (out [b, s, hq, d], lse [b, hq, s] fp32, base-2 logsumexp of the scaled scores)."""
   batch, seq_len, q_heads, head_dim = q.shape
@@ -72,7 +62,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
     qs = q_ref[...]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
     q_seg = qseg_ref[...][:, None] if has_seg else None
-    lo, hi, f_lo, f_hi = _kv_ranges(q_start, bq, bkv, window, qdoc_ref if has_seg else None)
+    lo, hi, f_lo, f_hi = fg.kv_ranges(q_start, bq, bkv, window, (qdoc_ref[0], qdoc_ref[bq - 1]) if has_seg else None)
 
     def step(j, carry, masked):
       acc, m, l = carry
@@ -143,7 +133,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
     lse_rows, delta_rows = lse_ref[...][:, None], delta_ref[...][:, None]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
     q_seg = qseg_ref[...][:, None] if has_seg else None
-    lo, hi, f_lo, f_hi = _kv_ranges(q_start, bq, bkv, window, qdoc_ref if has_seg else None)
+    lo, hi, f_lo, f_hi = fg.kv_ranges(q_start, bq, bkv, window, (qdoc_ref[0], qdoc_ref[bq - 1]) if has_seg else None)
 
     def step(j, dq, masked):
       start = pl.multiple_of(j * bkv, bkv)
@@ -198,12 +188,8 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
     ks, vs = k_ref[...], v_ref[...]
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bkv, bq), 0)
     k_seg = kseg_ref[...][:, None] if has_seg else None
-    if has_seg:
-      lo, hi, f_lo, f_hi = fg.q_document_range(k_start, bkv, bq, window, num_q_blocks, kdoc_ref[0],
-                                               kdoc_ref[bkv - 1])
-    else:
-      lo, hi = fg.q_block_range(k_start, bkv, bq, window, num_q_blocks)
-      f_lo, f_hi = fg.q_full_range(k_start, bkv, bq, window, lo, hi)
+    lo, hi, f_lo, f_hi = fg.q_ranges(k_start, bkv, bq, window, num_q_blocks,
+                                     (kdoc_ref[0], kdoc_ref[bkv - 1]) if has_seg else None)
 
     def step(i, carry, head, masked):
       dk, dv = carry
