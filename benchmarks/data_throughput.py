@@ -15,6 +15,11 @@ rate counts window refills.
 (query block, key block) pairs of the causal band (and of the band of a `--window`), the share where some
 query and key share a document (`blocks_needed`: what a kernel that skips by document must visit) and the
 share inside one document (`blocks_unmasked`: no mask needed).
+
+`--save FILE.npz` keeps those batches (inputs, targets, positions, segment_ids, weights; rows concatenated) for
+the step benchmarks' `--batches_file`, so qwenjax and the peer train on the same packed documents:
+
+    python benchmarks/data_throughput.py --batch_size 4 --batches 8 --save /tmp/docs.npz
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ def block_shares(segment_ids: np.ndarray, block: int, window: int = 0) -> tuple[
   return rows * int(band.sum()), int((shared & band).sum()), int((one_doc & band).sum())
 
 
-def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0, window: int = 0) -> dict:
+def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0, window: int = 0,
+            save: str = '') -> dict:
   train_source, _ = data.sources(config.data)
   start = time.perf_counter()
   tokenizer = data.get_tokenizer(config.data, workdir, train_source, int(config.model.vocab_size))
@@ -62,20 +68,23 @@ def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0,
   start = time.perf_counter()
   next(it)
   first_s = time.perf_counter() - start
-  segment_ids, seconds = [], 0.0
+  kept, seconds = [], 0.0
   for _ in range(batches):
     start = time.perf_counter()
     batch = next(it)
     seconds += time.perf_counter() - start
-    if block:
-      segment_ids.append(batch['segment_ids'])
+    if block or save:
+      kept.append(batch)
   result = {'seq_len': seq_len, 'batch_size': batch_size, 'batches': batches,
             'shuffle_window': int(config.data.shuffle_window), 'read_threads': int(config.data.read_threads),
             'tokenizer_s': tokenizer_s, 'first_batch_s': first_s,
             'tokens_per_s': batches * batch_size * seq_len / seconds, 'cpus': os.cpu_count()}
   if block:
-    total, shared, one_doc = block_shares(np.concatenate(segment_ids), block, window)
+    total, shared, one_doc = block_shares(np.concatenate([b['segment_ids'] for b in kept]), block, window)
     result.update(block=block, window=window, blocks_needed=shared / total, blocks_unmasked=one_doc / total)
+  if save:
+    np.savez(save, **{key: np.concatenate([b[key] for b in kept]) for key in kept[0]})
+    result['saved'] = save
   return result
 
 
@@ -88,13 +97,15 @@ def main():
   parser.add_argument('--workdir', default='', help="where a trained tokenizer goes (default: a temp dir)")
   parser.add_argument('--block', type=int, default=0, help='attention tile size for the document statistics')
   parser.add_argument('--window', type=int, default=0, help='sliding window for the document statistics')
+  parser.add_argument('--save', default='', help='write the measured batches to this .npz (--batches_file)')
   args = parser.parse_args()
   config = config_lib.load(args.config)
   if args.read_threads:
     config.data.read_threads = args.read_threads
   batch_size = args.batch_size or int(config.train.batch_size) // int(config.train.grad_accum_steps)
   with tempfile.TemporaryDirectory() as tmp:
-    print(json.dumps(measure(config, args.workdir or tmp, batch_size, args.batches, args.block, args.window)),
+    print(json.dumps(measure(config, args.workdir or tmp, batch_size, args.batches, args.block, args.window,
+                             args.save)),
           flush=True)
 
 

@@ -6,6 +6,11 @@ on the model, fused AdamW with global-norm clipping, gradient accumulation over 
 8192 tokens fits; the eager model does not fit even that). Run it after benchmarks/train_1b.py in the same
 command, so both use the same GPU; with `--out` shared, the last lines compare the two.
 
+With `--batches_file` (from `data_throughput.py --save`, the same file as train_1b.py's) it steps on packed
+documents of the main job's pipeline instead: `position_ids` restart at each document, from which transformers
+builds a document mask (with flex_attention, a block-sparse one), and labels that cross a document are ignored,
+as qwenjax's loss weights do.
+
     python benchmarks/hf_peer_1b.py --attn sdpa,flex_attention --batch 4 --micro-batch 1 --out /tmp/bench
 
 Results: one JSON object per attention implementation in OUT/hf_peer_1b.jsonl.
@@ -26,6 +31,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
+from timing import packed_batches  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -33,6 +40,20 @@ from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
 from qwenjax import hf  # pylint: disable=g-import-not-at-top
 from qwenjax import metrics  # pylint: disable=g-import-not-at-top
 from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+
+
+def packed_labels(inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """Labels for `Qwen2ForCausalLM`, which shifts them (labels[t + 1] is the target of position t): the inputs,
+  with -100 (ignored) where qwenjax's loss weight of position t is 0 (a target in another document)."""
+  labels = np.array(inputs, np.int64)
+  labels[:, 1:][weights[:, :-1] == 0] = -100
+  return labels
+
+
+def peer_loss(forward, ids, positions, labels):
+  """Mean token loss of a micro-batch. `positions` that restart at 0 mark packed documents; use_cache=False
+  as in training (with a KV cache, transformers also ignores the packing)."""
+  return forward(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
 
 
 def run(attn: str, args) -> dict:
@@ -52,15 +73,27 @@ def run(attn: str, args) -> dict:
                                 fused=device.type == 'cuda')
   forward = torch.compile(model) if args.compile else model
   accum = args.batch // args.micro_batch
-  generator = torch.Generator().manual_seed(0)
-  batches = [torch.randint(0, model_config.vocab_size, (accum, args.micro_batch, seq_len), generator=generator)
-             .to(device) for _ in range(2)]
+  shape = (accum, args.micro_batch, seq_len)
+  if args.batches_file:
+    batches = []
+    for b in packed_batches(args.batches_file, args.batch):
+      if b['inputs'].shape[1] != seq_len:
+        raise SystemExit(f'{args.batches_file} has rows of {b["inputs"].shape[1]} tokens, not {seq_len}')
+      batches.append([torch.from_numpy(np.asarray(x, np.int64).reshape(shape)).to(device)
+                      for x in (b['inputs'], b['positions'], packed_labels(b['inputs'], b['weights']))])
+  else:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+      ids = torch.randint(0, model_config.vocab_size, shape, generator=generator).to(device)
+      batches.append([ids, None, ids])
   dtype = torch.bfloat16
 
   def step(batch):
-    for ids in batch:
+    for i in range(accum):
+      ids, positions, labels = (None if x is None else x[i] for x in batch)
       with torch.autocast(device.type, dtype=dtype):
-        loss = forward(input_ids=ids, labels=ids).loss
+        loss = peer_loss(forward, ids, positions, labels)
       (loss / accum).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -70,19 +103,19 @@ def run(attn: str, args) -> dict:
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
   start = time.perf_counter()
   for i in range(args.warmup):
-    loss = step(batches[i % 2])
+    loss = step(batches[i % len(batches)])
   sync()
   warmup_s = time.perf_counter() - start
   times = []
   for i in range(args.steps):
     start = time.perf_counter()
-    loss = step(batches[i % 2])
+    loss = step(batches[i % len(batches)])
     sync()
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
   start = time.perf_counter()  # back to back, one sync at the end: as train_1b.py's pipelined_step_s
   for i in range(args.steps):
-    loss = step(batches[i % 2])
+    loss = step(batches[i % len(batches)])
   sync()
   pipelined_s = (time.perf_counter() - start) / args.steps
   tokens = args.batch * seq_len
@@ -96,7 +129,7 @@ def run(attn: str, args) -> dict:
       'pipelined_tokens_per_s': tokens / pipelined_s, 'warmup_s': warmup_s, 'loss': float(loss),
       'peak_gib': torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0.0,
       'device': name, 'torch': torch.__version__, 'transformers': transformers.__version__,
-      'compiled': args.compile,
+      'compiled': args.compile, 'data': args.batches_file or 'random',
   }
 
 
@@ -109,6 +142,8 @@ def main():
   parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
+  parser.add_argument('--batches_file', default='',
+                      help='packed documents from data_throughput.py --save instead of random tokens')
   parser.add_argument('--device', default='cuda')
   parser.add_argument('--no-compile', dest='compile', action='store_false')
   parser.add_argument('--out', default='.')
@@ -132,13 +167,15 @@ def main():
   peers_file = os.path.join(args.out, 'hf_peer_1b.jsonl')
   if os.path.exists(peers_file):
     with open(peers_file) as f:
-      peers = [r for r in map(json.loads, f) if r.get('batch', args.batch) == args.batch]
+      peers = [r for r in map(json.loads, f) if r.get('batch', args.batch) == args.batch
+               and r.get('data', 'random') == (args.batches_file or 'random')]
 
   ours_file = os.path.join(args.out, 'train_1b.jsonl')
   ours = []
   if os.path.exists(ours_file):
     with open(ours_file) as f:
-      ours = [r for r in map(json.loads, f) if 'error' not in r and r['batch'] == args.batch]
+      ours = [r for r in map(json.loads, f) if 'error' not in r and r['batch'] == args.batch
+              and r.get('data', 'random') == (args.batches_file or 'random')]
   print('\n| run | batch x seq | micro-batch | step s | tokens/s | MFU | back to back: step s, tokens/s |')
   print('| --- | --- | --- | --- | --- | --- | --- |')
   pipelined = lambda r: (f'{r["pipelined_step_s"]:.3f}, {r["pipelined_tokens_per_s"]:,.0f}'

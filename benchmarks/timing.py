@@ -1,4 +1,4 @@
-"""Timing and error helpers shared by the GPU benchmark scripts."""
+"""Timing, error and input helpers shared by the GPU benchmark scripts."""
 
 from __future__ import annotations
 
@@ -27,3 +27,15 @@ def rel_err(a, b) -> float:
   """||a - b|| / ||b||, in float64."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def packed_batches(path: str, rows: int) -> list[dict[str, np.ndarray]]:
+  """Every whole batch of `rows` rows of packed documents in a `data_throughput.py --save` file (inputs,
+  targets, positions, segment_ids, weights), so that qwenjax and the peer step on the same batches, in order."""
+  with np.load(path) as f:
+    arrays = {key: f[key] for key in f.files}
+  count = arrays['inputs'].shape[0] // rows
+  if count < 2:
+    raise SystemExit(f'{path} holds {arrays["inputs"].shape[0]} rows, less than two batches of {rows}: save '
+                     f'more with data_throughput.py --batches')
+  return [{key: x[i * rows:(i + 1) * rows] for key, x in arrays.items()} for i in range(count)]

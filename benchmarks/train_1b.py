@@ -3,7 +3,8 @@ r"""Times qwenjax train steps of configs/1b.py (seq_len 8192) on one GPU with sy
 The step is `qwenjax.train_step.make_train_step`, the one `python -m qwenjax.train` runs (AdamW with fp32
 master weights, bf16 compute, clipping, z-loss, gradient accumulation), jitted with the same shardings and
 donation. Batches are random token ids without packing (cuDNN attention cannot mask packed documents), so no
-grain is needed. A variant's name fixes the global batch, the micro-batch (grad accumulation), the remat
+grain is needed; or, with `--batches_file` (from `data_throughput.py --save`), packed documents of the main job's
+pipeline, with segment ids and positions, as `python -m qwenjax.train` trains on (use a `pallas` variant). A variant's name fixes the global batch, the micro-batch (grad accumulation), the remat
 policy, the attention kernel and scanned or unrolled layers (`parse_variant`); MFU counts
 `qwenjax.metrics.flops_per_token` against the device's bf16 peak (989 TFLOP/s on an H100).
 
@@ -12,6 +13,8 @@ policy, the attention kernel and scanned or unrolled layers (`parse_variant`); M
     python benchmarks/train_1b.py --variants b4_m4_dots_cudnn --profile  # and where the GPU time goes
     python benchmarks/train_1b.py --variants b4_m4_acts_cudnn_unrolled --set train.loss_chunk=4096  # config values
     python benchmarks/train_1b.py --config configs/tiny.py --variants b2_m1_none_xla  # a CPU smoke run
+    python benchmarks/data_throughput.py --batch_size 4 --batches 8 --save /tmp/docs.npz   # packed documents:
+    python benchmarks/train_1b.py --variants b4_m4_acts_pallas_unrolled --batches_file /tmp/docs.npz
 
 XLA flags (`XLA_FLAGS=...`) reach every variant's process and are recorded with its result.
 
@@ -36,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/profile_summary.py)
+from timing import packed_batches  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
 from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
 from qwenjax import metrics  # pylint: disable=g-import-not-at-top
 from qwenjax import sharding  # pylint: disable=g-import-not-at-top
@@ -77,8 +81,9 @@ def apply_overrides(config, overrides: list[str]) -> dict:
   return applied
 
 
-def build(name: str, config_path: str, overrides: list[str] = ()):
-  """The jitted-and-compiled train step of one variant, its initial state and two synthetic batches."""
+def build(name: str, config_path: str, overrides: list[str] = (), batches_file: str = ''):
+  """The jitted-and-compiled train step of one variant, its initial state and two batches: synthetic, or
+  packed documents from `batches_file`."""
   v = parse_variant(name)
   config = config_lib.load(config_path)
   v['overrides'] = apply_overrides(config, list(overrides))
@@ -96,12 +101,15 @@ def build(name: str, config_path: str, overrides: list[str] = ()):
   batch_sharding = sharding.batch_sharding(mesh, rules)
 
   rng = np.random.default_rng(0)
-  def make_batch():
+  def random_batch():
     tokens = rng.integers(0, model.vocab_size, (v['batch'], seq_len + 1), dtype=np.int32)
-    host = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+    return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
             'weights': np.ones((v['batch'], seq_len), np.float32)}
-    return {k: jax.device_put(x, batch_sharding) for k, x in host.items()}
-  batches = [make_batch() for _ in range(2)]  # alternate, never the same input twice in a row
+  # Taken in turn (two random batches, or every batch of the file): never the same input twice in a row.
+  host = packed_batches(batches_file, v['batch']) if batches_file else [random_batch() for _ in range(2)]
+  if host[0]['inputs'].shape[1] != seq_len:
+    raise SystemExit(f'{batches_file} has rows of {host[0]["inputs"].shape[1]} tokens, the config {seq_len}')
+  batches = [{k: jax.device_put(x, batch_sharding) for k, x in b.items()} for b in host]
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = jax.jit(train_step.make_train_step(model, tx, config.train),
@@ -109,21 +117,21 @@ def build(name: str, config_path: str, overrides: list[str] = ()):
                       donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step_fn.lower(state, batches[0]).compile()
-  v.update(seq_len=seq_len, model=model, compile_s=time.perf_counter() - start,
+  v.update(seq_len=seq_len, model=model, compile_s=time.perf_counter() - start, data=batches_file or 'random',
            loss_chunk=int(config.train.loss_chunk), logits_dtype=config.train.logits_dtype)
   return compiled, state, batches, v
 
 
 def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, profile: bool,
-                overrides: list[str] = ()) -> dict:
-  compiled, state, batches, v = build(name, config_path, overrides)
+                overrides: list[str] = (), batches_file: str = '') -> dict:
+  compiled, state, batches, v = build(name, config_path, overrides, batches_file)
   for i in range(warmup):
-    state, m = compiled(state, batches[i % 2])
+    state, m = compiled(state, batches[i % len(batches)])
   jax.block_until_ready(m)
   times = []
   for i in range(steps):
     start = time.perf_counter()
-    state, m = compiled(state, batches[i % 2])
+    state, m = compiled(state, batches[i % len(batches)])
     jax.block_until_ready(m)
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
@@ -131,7 +139,7 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
   # host enqueues the next step while the GPU runs this one.
   start = time.perf_counter()
   for i in range(steps):
-    state, m = compiled(state, batches[i % 2])
+    state, m = compiled(state, batches[i % len(batches)])
   jax.block_until_ready(m)
   pipelined_s = (time.perf_counter() - start) / steps
   tokens = v['batch'] * v['seq_len']
@@ -142,6 +150,7 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
       'variant': name, 'batch': v['batch'], 'micro_batch': v['micro'], 'remat': v['remat'],
       'attention': v['attention'], 'scan_layers': v['scan_layers'], 'seq_len': v['seq_len'],
       'loss_chunk': v['loss_chunk'], 'logits_dtype': v['logits_dtype'], 'overrides': v['overrides'],
+      'data': v['data'],
       'step_s': step_s,
       'step_s_min': float(min(times)), 'tokens_per_s': tokens / step_s, 'mfu': tokens * flops / step_s / peak,
       'pipelined_step_s': pipelined_s, 'pipelined_tokens_per_s': tokens / pipelined_s,
@@ -155,7 +164,7 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
     trace_dir = os.path.join('/tmp', f'trace_{name}')
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for i in range(2):
-        state, m = compiled(state, batches[i % 2])
+        state, m = compiled(state, batches[i % len(batches)])
       jax.block_until_ready(m)
     summary = profile_summary.summarize(trace_dir, steps=2)
     with open(os.path.join(out, f'{name}.profile.json'), 'w') as f:
@@ -163,6 +172,11 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
     print(profile_summary.format_summary(summary), flush=True)
     result['gpu_busy_ms_per_step'] = summary['busy_ms_per_step']
   return result
+
+
+def _data_label(result: dict) -> str:
+  data = result.get('data', 'random')
+  return '' if data == 'random' else f', packed documents ({os.path.basename(data)})'
 
 
 def main():
@@ -174,6 +188,8 @@ def main():
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
   parser.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
                       help='override a config value, e.g. --set train.loss_chunk=2048 (repeatable)')
+  parser.add_argument('--batches_file', default='',
+                      help='packed documents from data_throughput.py --save instead of random tokens')
   parser.add_argument('--out', default='.')
   parser.add_argument('--one', help='run this variant in this process (the parent runs each in its own)')
   parser.add_argument('--timeout', type=float, default=300, help='seconds per variant')
@@ -184,7 +200,8 @@ def main():
   results_file = os.path.join(args.out, 'train_1b.jsonl')
   if args.one:
     try:
-      result = run_variant(args.one, args.steps, args.warmup, args.config, args.out, args.profile, args.set)
+      result = run_variant(args.one, args.steps, args.warmup, args.config, args.out, args.profile, args.set,
+                           args.batches_file)
     except Exception as e:  # pylint: disable=broad-except  (an OOM or a kernel failure ends one variant only)
       traceback.print_exc(limit=4)
       result = {'variant': args.one, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
@@ -201,7 +218,7 @@ def main():
     print(f'--- {name}', flush=True)
     command = [sys.executable, os.path.abspath(__file__), '--one', name, '--steps', str(args.steps),
                '--warmup', str(args.warmup), '--config', args.config, '--out', args.out]
-    command += [f'--set={item}' for item in args.set]
+    command += [f'--set={item}' for item in args.set] + [f'--batches_file={args.batches_file}']
     command += ['--profile'] if args.profile else []
     try:
       failed = subprocess.run(command, check=False, timeout=args.timeout).returncode
@@ -220,7 +237,7 @@ def main():
       print(f'| {r["variant"]} | failed: {r["error"][:100]} |')
     else:
       print(f'| {r["variant"]} | {r["batch"]} x {r["seq_len"]} | {r["micro_batch"]} | {r["remat"]} | '
-            f'{r["attention"]} | {r.get("loss_chunk", "")}, {r.get("logits_dtype", "float32")} | '
+            f'{r["attention"]}{_data_label(r)} | {r.get("loss_chunk", "")}, {r.get("logits_dtype", "float32")} | '
             f'{r["step_s"]:.3f} | {r["tokens_per_s"]:,.0f} | '
             f'{100 * r["mfu"]:.1f}% | {r["peak_gib"]:.1f} | '
             f'{r["pipelined_step_s"]:.3f}, {r["pipelined_tokens_per_s"]:,.0f} |')

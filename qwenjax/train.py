@@ -154,6 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                jax.devices()[0].device_kind, jax.process_count())
 
   # Data.
+  setup_start = time.time()
   train_source, eval_source = data.sources(config.data)
   tokenizer = data.get_tokenizer(config.data, workdir, train_source, model_config.vocab_size, int(tc.seed))
   train_iter = iter(data.train_dataset(
@@ -168,6 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         process_count=jax.process_count())
   if not eval_data:
     logging.info('no eval data (set data.eval_files): eval loss is not computed')
+  logging.info('data: tokenizer, training pipeline and eval batches ready in %.1f s', time.time() - setup_start)
+  setup_start = time.time()
 
   # Train state: restored, or from a Hugging Face checkpoint, or random; created sharded.
   tx = train_step.make_optimizer(tc)
@@ -183,10 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('initialized from the Hugging Face checkpoint %s', config.init_from_hf)
   else:
     state, start = train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(tc.seed))), 0
+  state = jax.block_until_ready(state)
   steps = int(tc.steps)
   flops = metrics_lib.flops_per_token(model_config, seq_len)
-  logging.info('model: %s parameters, %.3g training FLOPs per token at seq_len %d',
-               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', flops, seq_len)
+  logging.info('model: %s parameters, %.3g training FLOPs per token at seq_len %d; train state ready in %.1f s',
+               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', flops, seq_len, time.time() - setup_start)
   if start >= steps:
     logging.info('already trained to step %d of train.steps=%d: nothing to do', start, steps)
 

@@ -68,3 +68,52 @@ def test_block_shares_counts_tiles_by_document():
   assert data_throughput.block_shares(segments, 2) == (10, 8, 4)
   assert data_throughput.block_shares(segments, 2, window=2) == (7, 7, 4)  # 2-token window: tiles q-1..q
   assert data_throughput.block_shares(np.ones((3, 8), np.int32), 4) == (9, 9, 9)  # one document
+
+
+def test_step_benchmarks_train_on_saved_packed_documents(tmp_path):
+  docs = tmp_path / 'docs.npz'
+  _run('data_throughput.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--batch_size', '2', '--batches', '4',
+       '--workdir', str(tmp_path), '--save', str(docs))
+  with np.load(docs) as saved:
+    assert {k: saved[k].shape for k in saved.files} == {
+        k: (8, 256) for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+  out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m1_acts_xla_unrolled',
+             '--steps', '1', '--warmup', '1', '--batches_file', str(docs), '--out', str(tmp_path))
+  assert 'xla, packed documents (docs.npz)' in out
+  _run('hf_peer_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--attn', 'sdpa', '--batch', '2',
+       '--micro-batch', '1', '--steps', '1', '--warmup', '1', '--device', 'cpu', '--no-compile',
+       '--batches_file', str(docs), '--out', str(tmp_path))
+  [ours] = [json.loads(line) for line in (tmp_path / 'train_1b.jsonl').read_text().splitlines()]
+  [peer] = [json.loads(line) for line in (tmp_path / 'hf_peer_1b.jsonl').read_text().splitlines()]
+  assert ours['data'] == peer['data'] == str(docs)
+  assert 'error' not in peer and np.isfinite(peer['loss']) and peer['tokens_per_s'] > 0
+
+
+def test_peer_loss_keeps_packed_documents_apart():
+  """The peer's loss on a packed row equals its loss on each document alone: transformers masks across
+  documents from the restarting positions, and the labels drop the targets that cross a boundary."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import hf_peer_1b  # pylint: disable=g-import-not-at-top
+  config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+  config._attn_implementation = 'sdpa'  # pylint: disable=protected-access
+  torch.manual_seed(0)
+  model = transformers.Qwen2ForCausalLM(config)
+  lengths = (7, 12, 5)
+  ids = torch.randint(0, 97, (1, sum(lengths)))
+  positions = torch.cat([torch.arange(n) for n in lengths])[None]
+  weights = np.ones((1, sum(lengths)), np.float32)
+  weights[0, np.cumsum(lengths)[:-1] - 1] = 0  # the last token of a document: its target is the next one's first
+  labels = torch.from_numpy(hf_peer_1b.packed_labels(ids.numpy(), weights))
+  with torch.no_grad():
+    packed = hf_peer_1b.peer_loss(model, ids, positions, labels)
+    total, count, start = 0.0, 0, 0
+    for n in lengths:
+      doc = ids[:, start:start + n]
+      total += float(hf_peer_1b.peer_loss(model, doc, None, doc)) * (n - 1)
+      count, start = count + n - 1, start + n
+  assert abs(float(packed) - total / count) < 1e-5
+  with torch.no_grad():  # without the positions the documents see each other: a different loss
+    assert abs(float(hf_peer_1b.peer_loss(model, ids, None, labels)) - total / count) > 1e-3
