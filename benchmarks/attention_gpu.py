@@ -101,8 +101,8 @@ def check(args) -> bool:
     except Exception as e:  # pylint: disable=broad-except
       errs, passed = [repr(e)[:400]], False
     ok &= passed
-    line = dict(case=i, blocks=args.blocks, b=b, s=s, hq=hq, hkv=hkv, d=d, window=w, doc_len=doc_len, dtype=jnp.dtype(dtype).name,
-                backend=backend, errors_out_dq_dk_dv=errs, passed=passed,
+    line = dict(case=i, blocks=args.blocks, b=b, s=s, hq=hq, hkv=hkv, d=d, window=w, doc_len=doc_len,
+                dtype=jnp.dtype(dtype).name, backend=backend, errors_out_dq_dk_dv=errs, passed=passed,
                 seconds=round(time.perf_counter() - t0, 1))
     results.append(line)
     print(json.dumps(line), flush=True)

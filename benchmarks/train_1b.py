@@ -4,9 +4,10 @@ The step is `qwenjax.train_step.make_train_step`, the one `python -m qwenjax.tra
 master weights, bf16 compute, clipping, z-loss, gradient accumulation), jitted with the same shardings and
 donation. Batches are random token ids without packing (cuDNN attention cannot mask packed documents), so no
 grain is needed; or, with `--batches_file` (from `data_throughput.py --save`), packed documents of the main job's
-pipeline, with segment ids and positions, as `python -m qwenjax.train` trains on (use a `pallas` variant). A variant's name fixes the global batch, the micro-batch (grad accumulation), the remat
-policy, the attention kernel and scanned or unrolled layers (`parse_variant`); MFU counts
-`qwenjax.metrics.flops_per_token` against the device's bf16 peak (989 TFLOP/s on an H100).
+pipeline, with segment ids and positions, as `python -m qwenjax.train` trains on (use a `pallas` variant).
+A variant's name fixes the global batch, the micro-batch (grad accumulation), the remat policy, the attention
+kernel and scanned or unrolled layers (`parse_variant`); MFU counts `qwenjax.metrics.flops_per_token` against
+the device's bf16 peak (989 TFLOP/s on an H100).
 
     python benchmarks/train_1b.py --out /tmp/bench            # DEFAULT_VARIANTS, a table at the end
     python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # others
