@@ -79,6 +79,9 @@ def train_section() -> ml_collections.ConfigDict:
       peak_tflops=0.0,  # per-device peak for MFU; 0: look up the device kind (unknown kinds: no MFU)
       profile_steps=0,  # trace this many steps with jax.profiler into workdir/profile (Perfetto); 0: off
       profile_from=10,  # ... starting after this step, past compilation and warm-up
+      # Compiled programs kept for the next run of the same shapes (a resumed run skips most compilation):
+      # 'workdir' (WORKDIR/compilation_cache), a directory runs share, or '' (off). Set by the command line only.
+      compilation_cache_dir='workdir',
   ))
 
 

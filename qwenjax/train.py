@@ -5,7 +5,8 @@ Every config value can be overridden on the command line, e.g. `--config.train.s
 from the latest checkpoint in `workdir`.
 
 The workdir holds `checkpoints/`, `metrics.jsonl` (one JSON object per line, each with a `step`), TensorBoard
-event files, `config.json` and, with `data.tokenizer='train'`, `tokenizer.model`.
+event files, `config.json`, `compilation_cache/` (compiled steps for the next run) and, with
+`data.tokenizer='train'`, `tokenizer.model`.
 
 Read top to bottom: set up the mesh, data and tokenizer; create or restore the sharded train state; then the
 loop: step, log, evaluate, checkpoint. The step itself is `qwenjax.train_step`; sharding is
@@ -59,6 +60,13 @@ def check_workdir(workdir: str | None) -> str:
     raise ValueError('the workdir is empty: pass --workdir=DIR, a directory for checkpoints, metrics and the '
                      'tokenizer (e.g. --workdir=/tmp/qwenjax-run); the same DIR later resumes the run')
   return os.path.abspath(os.path.expanduser(str(workdir)))
+
+
+def compilation_cache_dir(setting: str, workdir: str) -> str | None:
+  """Where jax's persistent compilation cache goes for `train.compilation_cache_dir`; None: off."""
+  if not setting:
+    return None
+  return os.path.join(workdir, 'compilation_cache') if setting == 'workdir' else os.path.expanduser(setting)
 
 
 def check_batch(train: ml_collections.ConfigDict, batch_shards: int, mesh: jax.sharding.Mesh) -> int:
@@ -337,6 +345,11 @@ def main(argv):
     workdir = check_workdir(_WORKDIR.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  # The cache is jax's process-wide setting, made once before anything compiles: here, not in
+  # train_and_evaluate, which tests and notebooks call in processes that configure jax themselves.
+  cache = compilation_cache_dir(str(_CONFIG.value.train.compilation_cache_dir), workdir)
+  if cache:
+    jax.config.update('jax_compilation_cache_dir', cache)
   train_and_evaluate(_CONFIG.value, workdir)
 
 

@@ -249,3 +249,6 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tokenizer_file):
   last = max(r['step'] for r in read_metrics(workdir))
   assert 3 <= last < 100_000
   assert checkpoint.Checkpointer(workdir, 3).all_steps() == [last]
+  # The compiled step is kept for the next run (train.compilation_cache_dir='workdir').
+  cached = os.listdir(os.path.join(workdir, 'compilation_cache'))
+  assert any(name.startswith('jit_train_step') for name in cached), cached
