@@ -75,12 +75,9 @@ def run(attn: str, args) -> dict:
   accum = args.batch // args.micro_batch
   shape = (accum, args.micro_batch, seq_len)
   if args.batches_file:
-    batches = []
-    for b in packed_batches(args.batches_file, args.batch):
-      if b['inputs'].shape[1] != seq_len:
-        raise SystemExit(f'{args.batches_file} has rows of {b["inputs"].shape[1]} tokens, not {seq_len}')
-      batches.append([torch.from_numpy(np.asarray(x, np.int64).reshape(shape)).to(device)
-                      for x in (b['inputs'], b['positions'], packed_labels(b['inputs'], b['weights']))])
+    batches = [[torch.from_numpy(np.asarray(x, np.int64).reshape(shape)).to(device)
+                for x in (b['inputs'], b['positions'], packed_labels(b['inputs'], b['weights']))]
+               for b in packed_batches(args.batches_file, args.batch, seq_len)]
   else:
     generator = torch.Generator().manual_seed(0)
     batches = []
@@ -157,25 +154,26 @@ def main():
       result = run(attn, args)
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc(limit=4)
-      result = {'attn': attn, 'error': f'{type(e).__name__}: {str(e)[:300]}'}
+      result = {'attn': attn, 'data': args.batches_file or 'random', 'error': f'{type(e).__name__}: {str(e)[:300]}'}
     if torch.cuda.is_available():
       torch.cuda.empty_cache()
       torch.cuda.reset_peak_memory_stats()
     print(json.dumps(result), flush=True)
     with open(os.path.join(args.out, 'hf_peer_1b.jsonl'), 'a') as f:
       f.write(json.dumps(result) + '\n')
+  data = args.batches_file or 'random'  # the table compares runs on the same data
   peers_file = os.path.join(args.out, 'hf_peer_1b.jsonl')
   if os.path.exists(peers_file):
     with open(peers_file) as f:
       peers = [r for r in map(json.loads, f) if r.get('batch', args.batch) == args.batch
-               and r.get('data', 'random') == (args.batches_file or 'random')]
+               and r.get('data', 'random') == data]
 
   ours_file = os.path.join(args.out, 'train_1b.jsonl')
   ours = []
   if os.path.exists(ours_file):
     with open(ours_file) as f:
       ours = [r for r in map(json.loads, f) if 'error' not in r and r['batch'] == args.batch
-              and r.get('data', 'random') == (args.batches_file or 'random')]
+              and r.get('data', 'random') == data]
   print('\n| run | batch x seq | micro-batch | step s | tokens/s | MFU | back to back: step s, tokens/s |')
   print('| --- | --- | --- | --- | --- | --- | --- |')
   pipelined = lambda r: (f'{r["pipelined_step_s"]:.3f}, {r["pipelined_tokens_per_s"]:,.0f}'

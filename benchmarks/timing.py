@@ -29,11 +29,13 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def packed_batches(path: str, rows: int) -> list[dict[str, np.ndarray]]:
+def packed_batches(path: str, rows: int, seq_len: int) -> list[dict[str, np.ndarray]]:
   """Every whole batch of `rows` rows of packed documents in a `data_throughput.py --save` file (inputs,
   targets, positions, segment_ids, weights), so that qwenjax and the peer step on the same batches, in order."""
   with np.load(path) as f:
     arrays = {key: f[key] for key in f.files}
+  if arrays['inputs'].shape[1] != seq_len:
+    raise SystemExit(f'{path} has rows of {arrays["inputs"].shape[1]} tokens, not the config\'s {seq_len}')
   count = arrays['inputs'].shape[0] // rows
   if count < 2:
     raise SystemExit(f'{path} holds {arrays["inputs"].shape[0]} rows, less than two batches of {rows}: save '

@@ -83,8 +83,8 @@ def apply_overrides(config, overrides: list[str]) -> dict:
 
 
 def build(name: str, config_path: str, overrides: list[str] = (), batches_file: str = ''):
-  """The jitted-and-compiled train step of one variant, its initial state and two batches: synthetic, or
-  packed documents from `batches_file`."""
+  """The jitted-and-compiled train step of one variant, its initial state and the batches it steps through:
+  two synthetic ones, or every batch of packed documents in `batches_file`."""
   v = parse_variant(name)
   config = config_lib.load(config_path)
   v['overrides'] = apply_overrides(config, list(overrides))
@@ -107,9 +107,7 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
     return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
             'weights': np.ones((v['batch'], seq_len), np.float32)}
   # Taken in turn (two random batches, or every batch of the file): never the same input twice in a row.
-  host = packed_batches(batches_file, v['batch']) if batches_file else [random_batch() for _ in range(2)]
-  if host[0]['inputs'].shape[1] != seq_len:
-    raise SystemExit(f'{batches_file} has rows of {host[0]["inputs"].shape[1]} tokens, the config {seq_len}')
+  host = packed_batches(batches_file, v['batch'], seq_len) if batches_file else [random_batch() for _ in range(2)]
   batches = [{k: jax.device_put(x, batch_sharding) for k, x in b.items()} for b in host]
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
