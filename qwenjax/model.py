@@ -125,8 +125,7 @@ class ModelConfig:
       raise ValueError(f'moe_capacity_factor must be 0 (dropless) or positive, got {self.moe_capacity_factor}')
     if self.moe_impl not in gmm.IMPLEMENTATIONS:
       raise ValueError(f'unknown moe_impl {self.moe_impl!r}; choose one of {gmm.IMPLEMENTATIONS}')
-    kinds = {self.is_moe(i) for i in range(self.num_hidden_layers)}
-    if self.scan_layers and len(kinds) > 1:
+    if self.scan_layers and self.mixes_dense_and_moe:
       raise ValueError('scan_layers=True needs every layer to be the same kind, but mlp_only_layers='
                        f'{self.mlp_only_layers} / decoder_sparse_step={self.decoder_sparse_step} mix dense and '
                        'MoE layers; set scan_layers=False')
@@ -153,6 +152,11 @@ class ModelConfig:
     (i + 1) % decoder_sparse_step == 0."""
     return bool(self.num_experts and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
+
+  @property
+  def mixes_dense_and_moe(self) -> bool:
+    """Dense and MoE layers in one model: their parameters differ, so the layers cannot be scanned."""
+    return len({self.is_moe(i) for i in range(self.num_hidden_layers)}) > 1
 
   @property
   def has_mixed_layers(self) -> bool:
@@ -426,8 +430,7 @@ def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
   """
   ids = jnp.zeros((1, seq_len), jnp.int32)
   init_config = _for_init(config)
-  one_kind = len({config.is_moe(i) for i in range(config.num_hidden_layers)}) == 1
-  if config.scan_layers or not one_kind:
+  if config.scan_layers or config.mixes_dense_and_moe:
     return nn.unbox(Qwen2(init_config).init(rng, ids)['params'])
   stacked = Qwen2(dataclasses.replace(init_config, scan_layers=True)).init(rng, ids)['params']
   return unstack_layers(nn.unbox(stacked))
