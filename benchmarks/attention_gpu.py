@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qwenjax.attention import xla_attention  # pylint: disable=g-import-not-at-top
 from qwenjax.kernels import flash_gpu  # pylint: disable=g-import-not-at-top
-from timing import median_seconds, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
+from timing import median_seconds, packed_batches, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/)
 
 
 def _inputs(key, batch, seq, q_heads, kv_heads, head_dim, dtype, doc_len=0, descending=False):
@@ -186,7 +186,13 @@ def bench(args, blocks=None):
     key = jax.random.key(seq)
     q, k, v, do, seg = _inputs(key, batch, seq, q_heads, kv_heads, head_dim, jnp.bfloat16, args.doc_len)
     impls, pairs = _impls(window, blocks), {}  # useful TF/s count the visible pairs: the band, or the documents'
-    if args.doc_len:  # the same inputs in packed documents: ascending ids, then the same documents descending
+    if args.batches_file:  # the documents of the first batch of a data_throughput.py --save file
+      seg = jnp.asarray(packed_batches(args.batches_file, batch, seq)[0]['segment_ids'])
+      ours = impls['ours (Pallas Mosaic GPU)']
+      name = f'ours, documents of {os.path.basename(args.batches_file)}'
+      impls = {name: functools.partial(ours, segment_ids=seg), 'ours, no documents (all of the band)': ours}
+      pairs = dict.fromkeys(list(impls)[:1], _document_pairs(seg, window))
+    elif args.doc_len:  # the same inputs in packed documents: ascending ids, then the same documents descending
       seg_desc = _inputs(key, batch, seq, q_heads, kv_heads, head_dim, jnp.bfloat16, args.doc_len, True)[4]
       ours = impls['ours (Pallas Mosaic GPU)']
       impls = {
@@ -243,6 +249,8 @@ def main():
   parser.add_argument('--window', type=int, default=4096, help='--bench sliding window; 0: plain causal')
   parser.add_argument('--doc_len', type=int, default=0,
                       help='--bench ours on packed documents of this mean length (useful TF/s count their pairs)')
+  parser.add_argument('--batches_file', default='',
+                      help="--bench ours on the documents of a data_throughput.py --save file's first batch")
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--only', nargs='*', help='substrings of implementation names to time')
   parser.add_argument('--blocks', help='JSON of flash_gpu.BlockSizes fields for ours')
