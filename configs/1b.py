@@ -24,6 +24,9 @@ def get_config():
   config.train.batch_size = 64
   config.train.steps = 100_000
   config.train.lr = 3e-4
+  # The head's matmul writes bfloat16 logits, as Hugging Face's bf16 autocast does; the softmax still runs in
+  # float32. Half the loss's memory traffic: 0.4-0.9% faster a step on an H200, 1.2 GiB less (docs/training.md).
+  config.train.logits_dtype = 'bfloat16'
   config.train.warmup_steps = 2000
   config.train.log_every = 10
   config.train.eval_every = 1000
