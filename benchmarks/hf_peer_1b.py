@@ -136,7 +136,7 @@ def main():
   parser.add_argument('--attn', default='sdpa,flex_attention')
   parser.add_argument('--batch', type=int, default=4, help='global batch (sequences per optimizer step)')
   parser.add_argument('--micro-batch', type=int, default=2,
-                      help='sequences per forward/backward (2 fits an 80 GB card and ran as fast as 4 on an H200)')
+                      help='sequences per forward/backward (2: 49.8 GiB at configs/1b.py, as fast as 4 on an H200)')
   parser.add_argument('--seq-len', type=int, default=0, help='0: the config\'s data.seq_len')
   parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--warmup', type=int, default=2)
