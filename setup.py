@@ -19,10 +19,14 @@ setup(
         'numpy',
         'ml-dtypes',
         'tensorboardX',
+        'tokenizers',  # Hugging Face tokenizer.json files (Qwen's own tokenizer)
+        'etils[epath]',  # workdirs that may be gs:// paths
+        'scipy',  # scaling-law fits
+        'matplotlib',  # scaling-law plots
     ],
     extras_require={
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-        'test': ['pytest', 'transformers>=4.45', 'torch==2.13.0'],
+        'test': ['pytest', 'transformers>=4.45', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel'],
         'cuda': ['jax[cuda13]'],
         'tpu': ['jax[tpu]'],
     },
