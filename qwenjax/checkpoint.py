@@ -17,6 +17,7 @@ from absl import logging
 import grain
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import orbax.checkpoint as ocp
 
 
@@ -176,3 +177,70 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_params(workdir: str, step: int | None = None,
+                   shardings: Any = None) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(the run's config, its parameters, the step) from a training workdir, for sampling, evaluation and export.
+
+  Reads only the `params` of the saved train state (an orbax partial restore): no optimizer state is read and
+  no data pipeline is needed. `step` None takes the latest checkpoint. Parameters come back as jax arrays
+  placed in `shardings` (a tree of shardings matching the parameters, e.g. from `sharding.param_shardings`),
+  or on the default device; they keep the dtype they were saved in.
+  """
+  workdir = os.path.abspath(os.path.expanduser(str(workdir)))
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'no config.json in {workdir}: give the --workdir of a training run (the directory '
+                            'python -m qwenjax.train wrote its checkpoints/ and config.json to)')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = []
+  if os.path.isdir(directory):
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(directory, options=options,
+                                    item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+    steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {directory}: the run has not saved one yet (train.checkpoint_every; '
+                            'a run also saves at its last step and when stopped)')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f'no checkpoint of step {step} in {directory}; its steps are {steps}')
+  where = f'checkpoint {os.path.join(directory, str(step))}'
+  try:
+    saved = manager.item_metadata(step)['state']
+    if saved is None or 'params' not in saved:
+      raise ValueError(f'{where} holds no train state parameters (state/params)')
+    saved = jax.tree.map(lambda x: x, dict(saved['params']))  # plain dicts of ArrayMetadata
+    if shardings is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, saved)
+    else:
+      shardings = _matching(saved, shardings, where)
+    target = {'params': jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), saved,
+                                     shardings)}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))
+  finally:
+    manager.close()
+  return config, restored['state']['params'], step
+
+
+def _matching(saved: Any, shardings: Any, where: str) -> Any:
+  """`shardings` rearranged into the saved parameters' tree, or an error naming the first parameter that is in
+  only one of them."""
+  leaves = lambda tree: {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  by_name = leaves(shardings)
+  names = leaves(saved)
+  for name in sorted(set(names) | set(by_name)):
+    if name not in by_name:
+      raise ShapeMismatchError(f'{where} holds {name}, which the shardings given do not place: the checkpoint '
+                               f'was written for a different model config{_layout_hint(set(names), set(by_name))}')
+    if name not in names:
+      raise ShapeMismatchError(f'{where} has no {name}, which the shardings given place: the checkpoint was '
+                               f'written for a different model config{_layout_hint(set(names), set(by_name))}')
+  return jax.tree_util.tree_map_with_path(lambda p, _: by_name[_path(p)], saved)

@@ -217,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       step_fn = jax.jit(train_step.make_train_step(model_config, tx, tc),
                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                         donate_argnums=(0,))
-      eval_fn = jax.jit(train_step.make_eval_step(model_config),
+      eval_fn = jax.jit(train_step.make_eval_step(model_config, tc),
                         in_shardings=(shardings.params, batch_sharding))
 
       pending, timed_from, timer = [], start, time.time()

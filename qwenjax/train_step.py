@@ -59,9 +59,9 @@ def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
   adamw = optax.adamw(
       learning_rate_schedule(train), b1=float(train['adam_b1']), b2=float(train['adam_b2']),
       eps=float(train['adam_eps']), weight_decay=float(train['weight_decay']), mask=decay_mask)
-  if float(train['grad_clip']) > 0:
-    return optax.chain(optax.clip_by_global_norm(float(train['grad_clip'])), adamw)
-  return adamw
+  # The same chain either way, so the optimizer state keeps its structure when grad_clip is turned on or off.
+  clip = float(train['grad_clip'])
+  return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
 
 
 def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch):
@@ -91,21 +91,43 @@ def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss
   return total + aux['moe_aux_loss'] * count, (nll, z, count, weighted_aux)
 
 
+def _loss_settings(train: Mapping[str, Any] | None) -> tuple[int, int, str]:
+  """(grad_accum_steps, loss_chunk, logits_dtype) of the `train` config section; None: 1, default, float32."""
+  train = train or {}
+  accum = int(train.get('grad_accum_steps', 1))
+  chunk = int(train.get('loss_chunk', loss_lib.DEFAULT_CHUNK))
+  logits_dtype = train.get('logits_dtype', 'float32')
+  if accum < 1:
+    raise ValueError(f'train.grad_accum_steps must be >= 1, got {accum}')
+  if logits_dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {logits_dtype!r}")
+  return accum, chunk, logits_dtype
+
+
+def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
+  """`[rows, ...]` arrays -> `[accum, rows / accum, ...]`: row i goes to micro-batch i % accum, so each device
+  keeps its own rows (no data moves between devices)."""
+  def split(x):
+    rows = x.shape[0]
+    if rows % accum:
+      raise ValueError(f'batch of {rows} rows does not split into grad_accum_steps={accum} micro-batches')
+    x = x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None,) + sharding.BATCH_AXES + (None,) * (x.ndim - 3))
+
+  return jax.tree.map(split, dict(batch))
+
+
 def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
                     train: Mapping[str, Any]) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """`train_step(state, batch) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
 
-  With `grad_accum_steps = A`, the batch is cut into A micro-batches (row i goes to micro-batch i % A, so each
-  device keeps its own rows) and their gradients are summed in a `lax.scan`. Loss and gradient are normalized
-  by the number of target tokens in the whole batch, so any A gives the same update.
+  With `grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
+  are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
+  batch, so any A gives the same update.
   """
-  accum = int(train['grad_accum_steps'])
+  accum, chunk, logits_dtype = _loss_settings(train)
   z_loss = float(train['z_loss'])
   schedule = learning_rate_schedule(train)
-  chunk = int(train.get('loss_chunk', loss_lib.DEFAULT_CHUNK))
-  logits_dtype = train.get('logits_dtype', 'float32')
-  if logits_dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {logits_dtype!r}")
   grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, z_loss, chunk, logits_dtype),
                                has_aux=True)
 
@@ -113,34 +135,34 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
     if accum == 1:
       (_, sums), grads = grad_fn(state.params, batch)
     else:
-      def split(x):
-        rows = x.shape[0]
-        if rows % accum:
-          raise ValueError(f'batch of {rows} rows does not split into grad_accum_steps={accum} micro-batches')
-        x = x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-        return nn.with_logical_constraint(x, (None,) + sharding.BATCH_AXES + (None,) * (x.ndim - 3))
-
       def body(carry, micro):
         (_, sums), grads = grad_fn(state.params, micro)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-      micro_batches = jax.tree.map(split, dict(batch))
+      micro = micro_batches(batch, accum)
       sums_shape = jax.eval_shape(lambda p, b: grad_fn(p, b)[0][1], state.params,
-                                  jax.tree.map(lambda x: x[0], micro_batches))
+                                  jax.tree.map(lambda x: x[0], micro))
       zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
-      (grads, sums), _ = jax.lax.scan(body, zeros, micro_batches)
+      (grads, sums), _ = jax.lax.scan(body, zeros, micro)
     nll, z, count, aux = sums
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient is not applied: parameters and optimizer state stay as they were, the step
+    # counter moves on (the loop counts skipped steps and stops the run after too many in a row).
+    finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                     (state.params, state.opt_state))
     metrics = {
         'loss': nll / denom,
         'z_loss': z / denom,
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         'param_norm': optax.tree.norm(params),
         'lr': schedule(state.step),
         'target_tokens': count,
+        'skipped': 1.0 - finite.astype(jnp.float32),
     }
     if model_config.num_experts:
       metrics.update({name: value / denom for name, value in aux.items()})
@@ -149,10 +171,29 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
   return train_step
 
 
-def make_eval_step(model_config: model_lib.ModelConfig) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-  """`eval_step(params, batch) -> (nll sum, target count)`."""
+def make_eval_step(model_config: model_lib.ModelConfig,
+                   train: Mapping[str, Any] | None = None) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+  """`eval_step(params, batch) -> (nll sum, target count)`, with the run's own memory settings.
+
+  Like the train step, the batch is evaluated in `train.grad_accum_steps` micro-batches (a `lax.scan`), with
+  `train.loss_chunk` positions of `train.logits_dtype` logits at a time, so evaluation never needs more
+  memory than a training step. `train` None: the whole batch at once, float32 logits.
+  """
+  accum, chunk, logits_dtype = _loss_settings(train)
+
+  def sums(params, batch):
+    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, chunk, logits_dtype)
+    return nll, count
+
   def eval_step(params, batch):
-    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0)
+    if accum == 1:
+      return sums(params, batch)
+
+    def body(carry, micro):
+      return jax.tree.map(jnp.add, carry, sums(params, micro)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (nll, count), _ = jax.lax.scan(body, (zero, zero), micro_batches(batch, accum))
     return nll, count
 
   return eval_step
