@@ -267,9 +267,10 @@ def train(texts: Iterable[str], directory: str, *, vocab_size: int, max_lines: i
           seed: int = 0) -> SentencePieceTokenizer:
   """Trains a sentencepiece BPE on lines of `texts`, writes `directory/tokenizer.model` and returns it.
 
-  At most `max_lines` lines are sampled, in a seeded order, so training takes seconds whatever the corpus
-  size: from a sequence of documents (a list, `data.DocumentSource`), whole documents in a seeded random order
-  until `max_lines`; from any other iterable, a seeded uniform sample of all its lines (read to the end).
+  At most `max_lines` lines are read, so training takes seconds whatever the corpus size: the lines of whole
+  documents until `max_lines`, the documents of a sequence (a list, `documents.DocumentSource`) in a random
+  order drawn from `seed`, those of any other iterable in its own order (give them shuffled: only as many are
+  read as needed).
 
   The pieces are the fixed ones (`<unk>`, `<s>`, `</s>`, '\\n' and the 256 bytes: no character is ever
   unknown), the characters, and merges. Characters are taken by frequency until they cover 99.95% of the
@@ -303,8 +304,7 @@ def train(texts: Iterable[str], directory: str, *, vocab_size: int, max_lines: i
 
 
 def _sample_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
-  """At most `max_lines` non-blank lines, in a seeded order; lines longer than _MAX_LINE_CHARS are cut."""
-  rng = np.random.default_rng(seed)
+  """At most `max_lines` non-blank lines of whole documents; lines longer than _MAX_LINE_CHARS are cut."""
 
   def lines_of(doc: str) -> Iterator[str]:
     for line in doc.split('\n'):
@@ -313,23 +313,16 @@ def _sample_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
         if part.strip():
           yield part
 
+  docs = texts
   if hasattr(texts, '__len__') and hasattr(texts, '__getitem__'):
-    out = []
-    for i in rng.permutation(len(texts)):
-      for line in lines_of(texts[int(i)]):
-        out.append(line)
-        if len(out) >= max_lines:
-          return out
-    return out
-  reservoir = []  # Algorithm R: every line of the stream is kept with the same probability.
-  for n, line in enumerate(line for doc in texts for line in lines_of(doc)):
-    if n < max_lines:
-      reservoir.append(line)
-    else:
-      j = int(rng.integers(n + 1))
-      if j < max_lines:
-        reservoir[j] = line
-  return reservoir
+    docs = (texts[int(i)] for i in np.random.default_rng(seed).permutation(len(texts)))
+  out = []
+  for doc in docs:
+    for line in lines_of(doc):
+      out.append(line)
+      if len(out) >= max_lines:
+        return out
+  return out
 
 
 def _cut_rare_characters(lines: list[str], max_characters: int) -> tuple[list[str], int, int, float]:

@@ -75,12 +75,21 @@ def test_train_on_mixed_scripts(corpus, tmp_path, vocab_size):
   assert loaded.encode(UNSEEN) == tok.encode(UNSEEN)
 
 
-def test_train_is_seeded_and_samples_any_iterable(corpus, tmp_path):
+def test_train_is_seeded_and_reads_what_it_needs(corpus, tmp_path):
   a = tokenizer.train(corpus, str(tmp_path / 'a'), vocab_size=400, max_lines=2000, seed=1)
   b = tokenizer.train(corpus, str(tmp_path / 'b'), vocab_size=400, max_lines=2000, seed=1)
   c = tokenizer.train(corpus, str(tmp_path / 'c'), vocab_size=400, max_lines=2000, seed=2)
   assert a.fingerprint == b.fingerprint != c.fingerprint
-  gen = tokenizer.train((doc for doc in corpus), str(tmp_path / 'd'), vocab_size=400, max_lines=2000, seed=1)
+  # Any other iterable is read in its own order, only as far as max_lines.
+  pulled = []
+  def stream(docs):
+    for doc in docs:
+      pulled.append(doc)
+      yield doc
+  gen = tokenizer.train(stream(corpus), str(tmp_path / 'd'), vocab_size=400, max_lines=2000)
+  assert 0 < len(pulled) < len(corpus) // 2
+  head = tokenizer.train(iter(corpus[:len(pulled)]), str(tmp_path / 'e'), vocab_size=400, max_lines=2000)
+  assert gen.fingerprint == head.fingerprint
   assert gen.decode(gen.encode(UNSEEN)) == UNSEEN
 
 
