@@ -210,6 +210,11 @@ def _abstract_params(model_config: model_lib.ModelConfig):
     return model_lib.abstract_params(model_config)
 
 
+def param_shardings(model_config: model_lib.ModelConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Any:
+  """NamedShardings of the parameters alone (for `checkpoint.restore_params`, evaluation and sampling)."""
+  return sharding.param_shardings(_abstract_params(model_config), mesh, rules)
+
+
 def state_shardings(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, rules: sharding.Rules) -> TrainState:
   """NamedShardings of every leaf of the train state: optimizer moments follow their parameters."""

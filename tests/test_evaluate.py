@@ -39,7 +39,7 @@ def _run_eval_step(train, params, batch):
   """The eval step as train.py runs it: jitted on an 8-device mesh, params and batch sharded."""
   mesh, rules = _mesh(MODEL, jax.devices())
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    shardings = sharding.param_shardings(train_step._abstract_params(MODEL), mesh, rules)  # pylint: disable=protected-access
+    shardings = train_step.param_shardings(MODEL, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     step = jax.jit(train_step.make_eval_step(MODEL, train), in_shardings=(shardings, batch_sharding))
     nll, count = step(jax.device_put(params, shardings), jax.device_put(batch, batch_sharding))

@@ -1,0 +1,120 @@
+r"""Exports a training checkpoint as a Hugging Face directory.
+
+    python -m qwenjax.export --workdir=DIR --out=PATH [--step=N] [--dtype=bfloat16]
+
+PATH gets `config.json` and safetensors (`qwenjax.hf.save_pretrained`), which
+`transformers.AutoModelForCausalLM.from_pretrained(PATH)` loads as `Qwen2ForCausalLM` (or `Qwen2MoeForCausalLM`)
+with our logits, a `generation_config.json` naming the tokenizer's end-of-text and stop ids, and the run's
+tokenizer files:
+
+- a Hugging Face tokenizer (`tokenizer.json`, with its `tokenizer_config.json` and `generation_config.json` when
+  the run had them) is copied as it is: `AutoTokenizer.from_pretrained(PATH)` loads it.
+- a sentencepiece tokenizer (`tokenizer.model`, what `data.tokenizer='train'` trains) is copied too, and
+  `qwenjax.tokenizer.load(PATH)` (so `python -m qwenjax.evaluate --hf=PATH` and `qwenjax.sample --hf=PATH`)
+  reads it, but transformers has no tokenizer class that reads it with the same ids (its sentencepiece
+  tokenizers add a BOS token and a leading space): transformers users encode with
+  `sentencepiece.SentencePieceProcessor(model_file=PATH + '/tokenizer.model')`. The export says so.
+
+The parameters are read without the optimizer state (`checkpoint.restore_params`) into host memory, so a
+checkpoint larger than one accelerator exports too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_dtypes
+import numpy as np
+
+from qwenjax import checkpoint
+from qwenjax import hf
+from qwenjax import tokenizer as tokenizer_lib
+from qwenjax import model as model_lib
+from qwenjax import sharding
+from qwenjax import workdir as workdir_lib
+
+DTYPES = ('float32', 'bfloat16')
+SENTENCEPIECE_NOTE = (
+    'the run\'s tokenizer is a sentencepiece model: tokenizer.model is copied, and qwenjax.tokenizer.load reads '
+    'it, but transformers\' AutoTokenizer does not read it with the same ids; encode with '
+    'sentencepiece.SentencePieceProcessor(model_file=".../tokenizer.model") (no BOS, no leading space)')
+
+
+def _host_shardings(model_config: model_lib.ModelConfig) -> Any:
+  """Every parameter on the host's CPU device: the export never needs accelerator memory."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+  return jax.tree.map(lambda _: cpu, sharding.strip_boxes(model_lib.abstract_params(model_config)))
+
+
+def _cast(params: Any, dtype: str) -> Any:
+  np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == 'bfloat16' else np.dtype(dtype)
+  return jax.tree.map(lambda x: np.asarray(x).astype(np_dtype, copy=False), params)
+
+
+def generation_config(tok: tokenizer_lib.Tokenizer) -> dict[str, Any]:
+  """What transformers' `generate` needs from the tokenizer: documents start after, and generation stops at,
+  the end-of-text token (Qwen2 base checkpoints write the same)."""
+  stops = list(tok.stop_ids)
+  return {'bos_token_id': tok.eos_id, 'eos_token_id': stops[0] if len(stops) == 1 else stops,
+          'pad_token_id': tok.eos_id}
+
+
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None) -> dict[str, Any]:
+  """Writes the Hugging Face directory `out` from `workdir`'s checkpoint; returns what it wrote."""
+  if dtype and dtype not in DTYPES:
+    raise ValueError(f'--dtype={dtype!r}: choose one of {DTYPES} (or leave it out to keep the trained dtype)')
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.isdir(out) and os.listdir(out):
+    raise ValueError(f'--out={out} is not empty: export into a new or empty directory')
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config = workdir_lib.read_config(workdir)
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  tok = workdir_lib.load_tokenizer(workdir, config)
+  if tok.vocab_size > model_config.vocab_size:
+    raise ValueError(f'the run\'s tokenizer has {tok.vocab_size} ids but model.vocab_size is '
+                     f'{model_config.vocab_size}: is the tokenizer in {workdir} the one it trained with?')
+  _, params, step = checkpoint.restore_params(workdir, step, _host_shardings(model_config))
+  params = jax.device_get(params)
+  if dtype:
+    params = _cast(params, dtype)
+
+  hf.save_pretrained(out, model_config, params)
+  tok.save(out)
+  if not os.path.exists(os.path.join(out, 'generation_config.json')):
+    with open(os.path.join(out, 'generation_config.json'), 'w') as f:
+      json.dump(generation_config(tok), f, indent=2)
+  note = SENTENCEPIECE_NOTE if isinstance(tok, tokenizer_lib.SentencePieceTokenizer) else None
+  if note:
+    logging.warning('%s', note)
+  dtypes = sorted({str(np.asarray(x).dtype) for x in jax.tree.leaves(params)})
+  return {'out': out, 'workdir': workdir, 'step': step, 'dtype': '/'.join(dtypes),
+          'files': sorted(os.listdir(out)), 'tokenizer': type(tok).__name__, 'note': note}
+
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s directory.')
+_OUT = flags.DEFINE_string('out', None, 'The Hugging Face directory to write (new or empty).')
+_STEP = flags.DEFINE_integer('step', None, 'The checkpoint step (default: the latest).')
+_DTYPE = flags.DEFINE_enum('dtype', None, DTYPES, 'Cast the parameters (default: keep the trained dtype).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  try:
+    summary = export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(2)
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main)

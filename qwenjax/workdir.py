@@ -1,0 +1,38 @@
+"""What a training run's workdir holds besides its checkpoints: the run's config and its tokenizer.
+
+Sampling, evaluation and export read a run through these and `checkpoint.restore_params`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from qwenjax import tokenizer as tokenizer_lib
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's full config, from WORKDIR/config.json."""
+  path = os.path.join(os.path.expanduser(workdir), 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no config.json in {workdir}: give the --workdir of a training run (the directory '
+                            'python -m qwenjax.train wrote its checkpoints/ and config.json to)')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_tokenizer(workdir: str, config: ml_collections.ConfigDict | None = None) -> tokenizer_lib.Tokenizer:
+  """The tokenizer the run trained with: WORKDIR/tokenizer/, else WORKDIR/tokenizer.model (runs before the
+  tokenizer directory), else the path its config's `data.tokenizer` names."""
+  workdir = os.path.expanduser(workdir)
+  for path in (os.path.join(workdir, 'tokenizer'), os.path.join(workdir, 'tokenizer.model')):
+    if os.path.exists(path):
+      return tokenizer_lib.load(path)
+  config = config if config is not None else read_config(workdir)
+  named = str(config.get('data', {}).get('tokenizer', '') or '')
+  if named and named != 'train' and os.path.exists(named):
+    return tokenizer_lib.load(named)
+  raise FileNotFoundError(f'no tokenizer in {workdir} (tokenizer/ or tokenizer.model) and none named by its '
+                          f'config (data.tokenizer={named!r}): is it the workdir of a training run?')
