@@ -11,12 +11,19 @@ Qwen2-MoE experts come in two layouts: the hub layout, one tensor per expert
 `save_pretrained(..., save_original_format=False)` (`mlp.experts.gate_up_proj` `[experts, 2 * mlp, embed]`,
 `mlp.experts.down_proj` `[experts, embed, mlp]`). `from_pretrained` reads either; `save_pretrained` writes
 the hub layout unless `expert_layout='fused'`.
+
+On many hosts, `from_pretrained(path, shardings=...)` places each tensor straight into its sharding, and each
+process reads only the blocks its own devices hold (safetensors `get_slice`, `jax.make_array_from_callback`):
+no host ever holds the whole checkpoint. docs/multihost.md has the memory this takes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
+import math
 import os
 import re
 from typing import Any, Callable
@@ -26,6 +33,7 @@ import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from qwenjax.model import ModelConfig, abstract_params, stack_layers, unstack_layers
@@ -121,38 +129,78 @@ def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tensor names and layouts. Each rule: (HF name, our path in an unscanned tree, HF -> ours, ours -> HF).
-# A path ending in an int j names slice j of our tensor's leading axis (one expert of a stacked tensor).
+# Tensor names and layouts. Each rule: (HF name, our path in an unscanned tree, layout). A path ending in an
+# int j names slice j of our tensor's leading axis (one expert of a stacked tensor).
 
-def _tensor_rules(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable]]:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one Hugging Face tensor becomes one of ours: transposed or not (torch's Linear is [out, in], our
+  kernels [in, *out]), then each axis split into a group of our axes (heads * head_dim -> heads, head_dim).
+
+  `groups` lists our axes' sizes grouped by the (transposed) HF axis they come from, so a block of ours maps
+  to a block of the HF tensor: what lets a process read only the slices its devices hold.
+  """
+  groups: tuple[tuple[int, ...], ...]
+  transpose: bool = False
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return sum(self.groups, ())
+
+  def to_ours(self, w: np.ndarray) -> np.ndarray:
+    return (w.T if self.transpose else w).reshape(self.shape)
+
+  def to_hf(self, k: np.ndarray) -> np.ndarray:
+    flat = k.reshape(tuple(math.prod(g) for g in self.groups))
+    return flat.T if self.transpose else flat
+
+  def read_block(self, read: Callable[[tuple[slice, ...]], np.ndarray], index: tuple[slice, ...]) -> np.ndarray:
+    """Our block `index` (one unit-step slice per axis of `shape`), reading only the HF rows and columns it
+    covers: for each group, the range of its outer axis (times the inner axes' sizes, which are read whole
+    and cut afterwards; no rule shards an inner axis such as head_dim)."""
+    hf_index, block_shape, cut, axis = [], [], [], 0
+    for group in self.groups:
+      slices = index[axis:axis + len(group)]
+      axis += len(group)
+      start, stop, step = slices[0].indices(group[0])
+      if step != 1:
+        raise ValueError(f'cannot read a strided block {index} of a Hugging Face tensor')
+      inner = math.prod(group[1:])
+      hf_index.append(slice(start * inner, stop * inner))
+      block_shape += [stop - start, *group[1:]]
+      cut += [slice(None), *slices[1:]]
+    w = read(tuple(hf_index[::-1] if self.transpose else hf_index))
+    return (w.T if self.transpose else w).reshape(block_shape)[tuple(cut)]
+
+
+def _tensor_rules(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Layout]]:
   e, h, kv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
   def linear(*shape):  # torch Linear weight [out, in] <-> our kernel [in, *out]
-    return (lambda w: w.T.reshape(shape)), (lambda k: k.reshape(shape[0], -1).T)
+    return Layout(((shape[0],), shape[1:]), transpose=True)
 
   def out_linear(*shape):  # o_proj: torch [embed, heads*head_dim] <-> ours [heads, head_dim, embed]
-    return (lambda w: w.T.reshape(shape)), (lambda k: k.reshape(-1, shape[-1]).T)
+    return Layout((shape[:-1], shape[-1:]), transpose=True)
 
-  def reshape(*shape):
-    return (lambda w: w.reshape(shape)), (lambda k: k.reshape(-1))
+  def same(*shape):
+    return Layout(tuple((n,) for n in shape))
 
-  same = (lambda w: w), (lambda k: k)
-  rules = [('model.embed_tokens.weight', ('embed_tokens',), *same),
-           ('model.norm.weight', ('norm', 'scale'), *same)]
+  rules = [('model.embed_tokens.weight', ('embed_tokens',), same(config.vocab_size, e)),
+           ('model.norm.weight', ('norm', 'scale'), same(e))]
   if not config.tie_word_embeddings:
-    rules.append(('lm_head.weight', ('lm_head',), (lambda w: w.T), (lambda k: k.T)))
+    rules.append(('lm_head.weight', ('lm_head',), linear(e, config.vocab_size)))
   for i in range(config.num_hidden_layers):
     hf, ours = f'model.layers.{i}.', (f'layers_{i}',)
     rules += [
-        (hf + 'input_layernorm.weight', ours + ('input_layernorm', 'scale'), *same),
-        (hf + 'post_attention_layernorm.weight', ours + ('post_attention_layernorm', 'scale'), *same),
-        (hf + 'self_attn.q_proj.weight', ours + ('self_attn', 'q_proj', 'kernel'), *linear(e, h, d)),
-        (hf + 'self_attn.q_proj.bias', ours + ('self_attn', 'q_proj', 'bias'), *reshape(h, d)),
-        (hf + 'self_attn.k_proj.weight', ours + ('self_attn', 'k_proj', 'kernel'), *linear(e, kv, d)),
-        (hf + 'self_attn.k_proj.bias', ours + ('self_attn', 'k_proj', 'bias'), *reshape(kv, d)),
-        (hf + 'self_attn.v_proj.weight', ours + ('self_attn', 'v_proj', 'kernel'), *linear(e, kv, d)),
-        (hf + 'self_attn.v_proj.bias', ours + ('self_attn', 'v_proj', 'bias'), *reshape(kv, d)),
-        (hf + 'self_attn.o_proj.weight', ours + ('self_attn', 'o_proj', 'kernel'), *out_linear(h, d, e)),
+        (hf + 'input_layernorm.weight', ours + ('input_layernorm', 'scale'), same(e)),
+        (hf + 'post_attention_layernorm.weight', ours + ('post_attention_layernorm', 'scale'), same(e)),
+        (hf + 'self_attn.q_proj.weight', ours + ('self_attn', 'q_proj', 'kernel'), linear(e, h, d)),
+        (hf + 'self_attn.q_proj.bias', ours + ('self_attn', 'q_proj', 'bias'), Layout(((h, d),))),
+        (hf + 'self_attn.k_proj.weight', ours + ('self_attn', 'k_proj', 'kernel'), linear(e, kv, d)),
+        (hf + 'self_attn.k_proj.bias', ours + ('self_attn', 'k_proj', 'bias'), Layout(((kv, d),))),
+        (hf + 'self_attn.v_proj.weight', ours + ('self_attn', 'v_proj', 'kernel'), linear(e, kv, d)),
+        (hf + 'self_attn.v_proj.bias', ours + ('self_attn', 'v_proj', 'bias'), Layout(((kv, d),))),
+        (hf + 'self_attn.o_proj.weight', ours + ('self_attn', 'o_proj', 'kernel'), out_linear(h, d, e)),
     ]
     if config.is_moe(i):
       rules += _moe_rules(config, hf + 'mlp.', ours + ('mlp',), linear)
@@ -162,22 +210,22 @@ def _tensor_rules(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Calla
 
 
 def _mlp_rules(size, hf, ours, linear, e):
-  return [(hf + 'gate_proj.weight', ours + ('gate_proj', 'kernel'), *linear(e, size)),
-          (hf + 'up_proj.weight', ours + ('up_proj', 'kernel'), *linear(e, size)),
-          (hf + 'down_proj.weight', ours + ('down_proj', 'kernel'), *linear(size, e))]
+  return [(hf + 'gate_proj.weight', ours + ('gate_proj', 'kernel'), linear(e, size)),
+          (hf + 'up_proj.weight', ours + ('up_proj', 'kernel'), linear(e, size)),
+          (hf + 'down_proj.weight', ours + ('down_proj', 'kernel'), linear(size, e))]
 
 
 def _moe_rules(config: ModelConfig, hf: str, ours: tuple[str, ...], linear) -> list:
   """A Qwen2MoeSparseMoeBlock in the hub layout: router, one tensor per expert, shared expert and its gate."""
   e, size = config.hidden_size, config.moe_intermediate_size
-  rules = [(hf + 'gate.weight', ours + ('gate', 'kernel'), *linear(e, config.num_experts))]
+  rules = [(hf + 'gate.weight', ours + ('gate', 'kernel'), linear(e, config.num_experts))]
   for j in range(config.num_experts):
-    rules += [(hf + f'experts.{j}.gate_proj.weight', ours + ('experts', 'gate_proj', j), *linear(e, size)),
-              (hf + f'experts.{j}.up_proj.weight', ours + ('experts', 'up_proj', j), *linear(e, size)),
-              (hf + f'experts.{j}.down_proj.weight', ours + ('experts', 'down_proj', j), *linear(size, e))]
+    rules += [(hf + f'experts.{j}.gate_proj.weight', ours + ('experts', 'gate_proj', j), linear(e, size)),
+              (hf + f'experts.{j}.up_proj.weight', ours + ('experts', 'up_proj', j), linear(e, size)),
+              (hf + f'experts.{j}.down_proj.weight', ours + ('experts', 'down_proj', j), linear(size, e))]
   rules += _mlp_rules(config.shared_expert_intermediate_size, hf + 'shared_expert.', ours + ('shared_expert',),
                       linear, e)
-  rules.append((hf + 'shared_expert_gate.weight', ours + ('shared_expert_gate', 'kernel'), *linear(e, 1)))
+  rules.append((hf + 'shared_expert_gate.weight', ours + ('shared_expert_gate', 'kernel'), linear(e, 1)))
   return rules
 
 
@@ -247,72 +295,209 @@ def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
       return jax.eval_shape(lambda x: to_hf(x[path[-1]]), flat[path[:-1]]).shape
     return jax.eval_shape(to_hf, flat[path]).shape
 
-  return {name: shape(path, to_hf) for name, path, _, to_hf in _tensor_rules(config)}
+  return {name: shape(path, layout.to_hf) for name, path, layout in _tensor_rules(config)}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading and writing.
 
-def _read_tensors(path: str) -> dict[str, np.ndarray]:
+def _files(path: str) -> list[str]:
+  """The safetensors files of a checkpoint directory: the shards its index names, or the single file."""
   index = os.path.join(path, _INDEX)
   if os.path.exists(index):
     with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
-  elif os.path.exists(os.path.join(path, _SINGLE)):
-    files = [_SINGLE]
-  else:
-    raise FileNotFoundError(f'no {_SINGLE} or {_INDEX} in {path}: is it a transformers checkpoint directory '
-                            '(saved with safe_serialization=True)?')
+      return sorted(set(json.load(f)['weight_map'].values()))
+  if os.path.exists(os.path.join(path, _SINGLE)):
+    return [_SINGLE]
+  raise FileNotFoundError(f'no {_SINGLE} or {_INDEX} in {path}: is it a transformers checkpoint directory '
+                          '(saved with safe_serialization=True)?')
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
   tensors = {}
-  for name in files:
+  for name in _files(path):
     tensors.update(load_file(os.path.join(path, name)))
   return tensors
 
 
-def from_pretrained(path: str, dtype: str | None = None, **config_overrides) -> tuple[ModelConfig, dict]:
+def _read_hf_config(path: str) -> dict[str, Any]:
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'no config.json in {path}: expected a transformers checkpoint directory')
+  with open(config_path) as f:
+    return json.load(f)
+
+
+def _make_config(hf_config: dict, stored_dtypes: set[str], dtype: str | None, overrides: dict) -> ModelConfig:
+  param_dtype = dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else 'float32')
+  return config_from_hf(hf_config, **{'param_dtype': param_dtype, 'dtype': dtype or 'float32', **overrides})
+
+
+def _check_tensors(path: str, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+  """Named errors for tensors the config needs but the checkpoint lacks, extra tensors, and wrong shapes."""
+  rules = _tensor_rules(config)
+  missing = [name for name, *_ in rules if name not in shapes]
+  if missing:
+    raise ValueError(f'checkpoint {path} lacks {len(missing)} tensor(s) the config needs: {missing[:8]}'
+                     f'{" ..." if len(missing) > 8 else ""}')
+  known = {name for name, *_ in rules} | ({'lm_head.weight'} if config.tie_word_embeddings else set())
+  unexpected = sorted(n for n in shapes if n not in known and not _IGNORED.match(n))
+  if unexpected:
+    raise ValueError(f'checkpoint {path} has tensor(s) a Qwen2 model of this config does not: {unexpected[:8]}')
+  for name, shape in _hf_shapes(config).items():
+    if tuple(shapes[name]) != shape:
+      raise ValueError(f'tensor {name} has shape {tuple(shapes[name])} but config.json implies {shape}')
+
+
+def from_pretrained(path: str, dtype: str | None = None, *, shardings: Any = None,
+                    **config_overrides) -> tuple[ModelConfig, dict]:
   """Loads a Hugging Face Qwen2 checkpoint directory.
 
   Args:
     path: a directory with `config.json` and `model.safetensors` (or shards plus their index).
     dtype: cast parameters to this dtype and compute in it (e.g. 'bfloat16'). None keeps the stored parameter
       dtype and computes in float32.
+    shardings: None, or a tree of `jax.sharding.NamedSharding` matching the params of the returned config
+      (build it from `load_config(path, ...)`, e.g. with `sharding.param_shardings`). Then each process reads
+      only the slices of each tensor its own devices hold, never a whole checkpoint: the way to load on many
+      hosts, or anything large on one.
     **config_overrides: ModelConfig fields to set on the returned config (e.g. scan_layers=True).
 
   Returns:
-    (config, params): params are host numpy arrays in the layout `config.scan_layers` selects.
+    (config, params): params are host numpy arrays in the layout `config.scan_layers` selects, or, with
+    `shardings`, `jax.Array`s placed in them.
   """
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'no config.json in {path}: expected a transformers checkpoint directory')
-  with open(config_path) as f:
-    hf_config = json.load(f)
+  if shardings is not None:
+    return _load_sharded(path, dtype, shardings, config_overrides)
+  hf_config = _read_hf_config(path)
   tensors = _unfuse_experts(_read_tensors(path))
-  stored = {str(t.dtype) for t in tensors.values()}
-  param_dtype = dtype or (stored.pop() if len(stored) == 1 else 'float32')
-  config = config_from_hf(hf_config, **{'param_dtype': param_dtype, 'dtype': dtype or 'float32',
-                                        **config_overrides})
+  config = _make_config(hf_config, {str(t.dtype) for t in tensors.values()}, dtype, config_overrides)
+  _check_tensors(path, config, {name: t.shape for name, t in tensors.items()})
 
-  rules = _tensor_rules(config)
-  expected = _hf_shapes(config)
-  missing = [name for name, *_ in rules if name not in tensors]
-  if missing:
-    raise ValueError(f'checkpoint {path} lacks {len(missing)} tensor(s) the config needs: {missing[:8]}'
-                     f'{" ..." if len(missing) > 8 else ""}')
-  known = {name for name, *_ in rules} | ({'lm_head.weight'} if config.tie_word_embeddings else set())
-  unexpected = sorted(n for n in tensors if n not in known and not _IGNORED.match(n))
-  if unexpected:
-    raise ValueError(f'checkpoint {path} has tensor(s) a Qwen2 model of this config does not: {unexpected[:8]}')
-  for name, shape in expected.items():
-    if tuple(tensors[name].shape) != shape:
-      raise ValueError(f'tensor {name} has shape {tuple(tensors[name].shape)} but config.json implies {shape}')
-
-  np_dtype = np.dtype(ml_dtypes.bfloat16) if param_dtype == 'bfloat16' else np.dtype(param_dtype)
-  flat = {ours: np.ascontiguousarray(to_ours(tensors[name])).astype(np_dtype, copy=False)
-          for name, ours, to_ours, _ in rules}
+  np_dtype = np.dtype(ml_dtypes.bfloat16) if config.param_dtype == 'bfloat16' else np.dtype(config.param_dtype)
+  flat = {ours: np.ascontiguousarray(layout.to_ours(tensors[name])).astype(np_dtype, copy=False)
+          for name, ours, layout in _tensor_rules(config)}
   params = traverse_util.unflatten_dict(_stack_slices(flat))
   if config.scan_layers:
     params = stack_layers(params, config.num_hidden_layers)
   return config, params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading slice by slice.
+
+# safetensors dtype names -> numpy's.
+_SAFETENSORS_DTYPES = {'BF16': 'bfloat16', 'F16': 'float16', 'F32': 'float32', 'F64': 'float64'}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """Where one hub-layout tensor lives: `tensor[lead][offset:offset + rows]` of a file (lead and offset pick
+  one expert's gate or up projection out of a fused `gate_up_proj`)."""
+  file: str
+  tensor: str
+  shape: tuple[int, ...]
+  dtype: str
+  lead: tuple[int, ...] = ()
+  offset: int = 0
+
+
+def _sources(path: str) -> dict[str, _Source]:
+  """Every tensor of a checkpoint by its hub-layout name, from the files' headers only (no tensor is read)."""
+  sources = {}
+  for file in _files(path):
+    with safe_open(os.path.join(path, file), 'numpy') as f:
+      for name in f.keys():
+        info = f.get_slice(name)
+        shape, dtype = tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype())
+        match = _FUSED.match(name)
+        if not match:
+          sources[name] = _Source(file, name, shape, dtype)
+          continue
+        prefix, kind = match.groups()
+        for j in range(shape[0]):
+          if kind == 'down_proj':
+            sources[f'{prefix}.{j}.down_proj.weight'] = _Source(file, name, shape[1:], dtype, (j,))
+          else:
+            half = (shape[1] // 2, *shape[2:])
+            sources[f'{prefix}.{j}.gate_proj.weight'] = _Source(file, name, half, dtype, (j,))
+            sources[f'{prefix}.{j}.up_proj.weight'] = _Source(file, name, half, dtype, (j,), half[0])
+  return sources
+
+
+def load_config(path: str, dtype: str | None = None, **config_overrides) -> ModelConfig:
+  """The config `from_pretrained(path, dtype, **config_overrides)` returns, read from `config.json` and the
+  safetensors headers alone: what to build `shardings` from before loading."""
+  hf_config = _read_hf_config(path)
+  sources = _sources(path)
+  return _make_config(hf_config, {s.dtype for s in sources.values()}, dtype, config_overrides)
+
+
+def read_slice(handle, source: _Source, index: tuple[slice, ...]) -> np.ndarray:
+  """`index` of one hub-layout tensor, read from an open safetensors file: only those bytes are copied."""
+  first, *rest = index
+  first = slice(first.start + source.offset, first.stop + source.offset)
+  lead = tuple(slice(i, i + 1) for i in source.lead)
+  block = handle.get_slice(source.tensor)[(*lead, first, *rest)]
+  return block.reshape(block.shape[len(lead):])
+
+
+def _leaves(config: ModelConfig) -> dict[tuple[str, ...], dict[tuple[int, ...], tuple[str, Layout]]]:
+  """For each leaf of the params tree: its HF tensors, keyed by the leaf's stacked indices (layer when
+  scanned, expert for routed experts)."""
+  leaves = {}
+  for name, path, layout in _tensor_rules(config):
+    key = ()
+    if isinstance(path[-1], int):
+      path, key = path[:-1], (path[-1],)
+    if config.scan_layers and path[0].startswith('layers_'):
+      path, key = ('layers',) + path[1:], (int(path[0][len('layers_'):]),) + key
+    leaves.setdefault(path, {})[key] = (name, layout)
+  return leaves
+
+
+def _load_sharded(path: str, dtype: str | None, shardings: Any,
+                  config_overrides: dict) -> tuple[ModelConfig, dict]:
+  hf_config = _read_hf_config(path)
+  sources = _sources(path)
+  config = _make_config(hf_config, {s.dtype for s in sources.values()}, dtype, config_overrides)
+  _check_tensors(path, config, {name: s.shape for name, s in sources.items()})
+  shapes = traverse_util.flatten_dict(nn.unbox(abstract_params(config)))
+  flat_shardings = traverse_util.flatten_dict(shardings)
+  if set(flat_shardings) != set(shapes):
+    extra, lacking = sorted(set(flat_shardings) - set(shapes)), sorted(set(shapes) - set(flat_shardings))
+    raise ValueError(f'shardings do not match the params of {path} (scan_layers={config.scan_layers}): '
+                     f'no params for {["/".join(p) for p in extra[:4]]}, no shardings for '
+                     f'{["/".join(p) for p in lacking[:4]]}. Build them from hf.load_config(path, ...) with '
+                     'the same config overrides.')
+  out_dtype = jax.numpy.dtype(config.param_dtype)
+  params = {}
+  for leaf, entries in _leaves(config).items():
+    stack_shape = tuple(n + 1 for n in max(entries))
+    layout = next(iter(entries.values()))[1]
+    shape = shapes[leaf].shape
+    if stack_shape + layout.shape != tuple(shape):
+      raise AssertionError(f'{leaf}: rules give {stack_shape + layout.shape}, the model {shape}')
+    with contextlib.ExitStack() as files:
+      handles = {}
+
+      def handle(file):
+        if file not in handles:  # opened lazily, closed after this leaf: mmapped pages do not pile up
+          handles[file] = files.enter_context(safe_open(os.path.join(path, file), 'numpy'))
+        return handles[file]
+
+      def block(index, entries=entries, layout=layout, stack_shape=stack_shape):
+        stacked = [range(*s.indices(n)) for s, n in zip(index, stack_shape)]
+        rest = index[len(stack_shape):]
+        own = [len(range(*s.indices(n))) for s, n in zip(rest, layout.shape)]
+        out = np.empty([len(r) for r in stacked] + own, out_dtype)
+        for pos, key in zip(itertools.product(*map(range, map(len, stacked))), itertools.product(*stacked)):
+          source = sources[entries[key][0]]
+          out[pos] = layout.read_block(lambda hf_index: read_slice(handle(source.file), source, hf_index), rest)
+        return out
+
+      params[leaf] = jax.make_array_from_callback(tuple(shape), flat_shardings[leaf], block)
+  return config, traverse_util.unflatten_dict(params)
 
 
 def _parse_size(size: int | str) -> int:
@@ -341,12 +526,12 @@ def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size
     params = unstack_layers(params)
   flat = traverse_util.flatten_dict(params)
   tensors: dict[str, np.ndarray] = {}
-  for name, ours, _, to_hf in _tensor_rules(config):
+  for name, ours, layout in _tensor_rules(config):
     value = _lookup(flat, ours)
     if value is None:
       raise ValueError(f'params lack {"/".join(map(str, ours))} (needed for {name}); do they belong to this '
                        'config?')
-    tensors[name] = np.ascontiguousarray(to_hf(np.asarray(value)))
+    tensors[name] = np.ascontiguousarray(layout.to_hf(np.asarray(value)))
   for name, shape in _hf_shapes(config).items():
     if tensors[name].shape != shape:
       raise ValueError(f'parameter for {name} has shape {tensors[name].shape}, config implies {shape}')

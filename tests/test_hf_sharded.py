@@ -1,0 +1,129 @@
+"""Hugging Face checkpoints loaded slice by slice into sharded arrays: the same params as the plain load, and
+each device's block read alone (what lets every host of a pod slice read only its own share)."""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import hf_utils
+import jax
+import numpy as np
+import pytest
+import transformers
+
+from qwenjax import hf, model, sharding
+
+# Dense: untied head, GQA 4/2, in several files. MoE: experts in transformers 5's fused layout.
+DENSE = dict(tie_word_embeddings=False)
+MOE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=128, num_experts=4, num_experts_per_tok=2,
+           moe_intermediate_size=32, shared_expert_intermediate_size=48)
+
+
+def _random_params(config, seed):
+  """Random numpy params of the config's shapes (every value distinct, so a mis-mapped tensor shows)."""
+  rng = np.random.RandomState(seed)
+  dtype = jax.numpy.dtype(config.param_dtype)
+  return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(dtype),
+                      nn.unbox(model.abstract_params(config)))
+
+
+@pytest.fixture(scope='module')
+def dense_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('dense')
+  config = dataclasses.replace(hf.config_from_hf(hf_utils.tiny_hf_config(**DENSE)), param_dtype='bfloat16')
+  hf.save_pretrained(str(path), config, _random_params(config, 0), max_shard_size='60KB')
+  assert (path / 'model.safetensors.index.json').exists()
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def moe_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp('moe')
+  config = hf.config_from_hf({'model_type': 'qwen2_moe', **transformers.Qwen2MoeConfig(**MOE).to_dict()})
+  hf.save_pretrained(str(path), config, _random_params(config, 1), expert_layout='fused')
+  return str(path)
+
+
+def _shardings(path, mesh_config, **overrides):
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_config)))
+  config = hf.load_config(path, **overrides)
+  rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, config)
+  return sharding.param_shardings(model.abstract_params(config), mesh, rules)
+
+
+def _assert_same(sharded, plain, shardings):
+  flat_sharded = jax.tree_util.tree_leaves_with_path(sharded)
+  flat_plain, flat_shardings = jax.tree.leaves(plain), jax.tree.leaves(shardings)
+  assert len(flat_sharded) == len(flat_plain) == len(flat_shardings)
+  for (path, x), y, s in zip(flat_sharded, flat_plain, flat_shardings):
+    assert isinstance(x, jax.Array) and x.sharding == s, path
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    np.testing.assert_array_equal(np.asarray(x), y, err_msg=str(path))
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_fsdp8_equals_plain_load(dense_dir, scan_layers, monkeypatch):
+  _, plain = hf.from_pretrained(dense_dir, scan_layers=scan_layers)
+  shardings = _shardings(dense_dir, (1, 8, 1, 1), scan_layers=scan_layers)
+  # The sharded path must never read whole files.
+  monkeypatch.setattr(hf, 'load_file', lambda *a, **k: pytest.fail('sharded load read a whole file'))
+  config, params = hf.from_pretrained(dense_dir, shardings=shardings, scan_layers=scan_layers)
+  assert config.param_dtype == 'bfloat16' and config.scan_layers == scan_layers
+  # fsdp=8 over embed (64): every kernel is split 8 ways.
+  assert params['embed_tokens'].sharding.shard_shape(params['embed_tokens'].shape) == (97, 8)
+  _assert_same(params, plain, shardings)
+
+
+def test_mesh_2x2x2_scanned_fused_moe_and_dtype(moe_dir):
+  """data x fsdp x tensor and fsdp x tensor x expert meshes; experts stacked per layer and split over `expert`,
+  read from fused gate_up_proj tensors; a dtype cast on the way."""
+  _, plain = hf.from_pretrained(moe_dir, scan_layers=True)
+  for mesh_config in ((2, 2, 2, 1), (1, 2, 2, 2)):
+    shardings = _shardings(moe_dir, mesh_config, scan_layers=True)
+    config, params = hf.from_pretrained(moe_dir, shardings=shardings, scan_layers=True)
+    gate = params['layers']['mlp']['experts']['gate_proj']
+    assert gate.shape == (2, 4, 64, 32)
+    if mesh_config[3] == 2:
+      assert gate.sharding.shard_shape(gate.shape) == (2, 2, 32, 16)  # expert, fsdp (embed), tensor (mlp)
+    _assert_same(params, plain, shardings)
+
+  shardings = _shardings(moe_dir, (2, 2, 2, 1), scan_layers=True)
+  config, params = hf.from_pretrained(moe_dir, 'float32', shardings=shardings, scan_layers=True)
+  assert config.param_dtype == 'float32'
+  _assert_same(params, jax.tree.map(lambda x: x.astype(np.float32), plain), shardings)
+
+
+def test_each_read_is_one_device_block(dense_dir, monkeypatch):
+  """Every read is exactly the HF rows/columns of one device's block: 1/8 of each tensor that fsdp=8 splits."""
+  reads = []
+  original = hf.read_slice
+
+  def counting(handle, source, index):
+    block = original(handle, source, index)
+    reads.append((source.tensor, block.nbytes, math.prod(source.shape) * block.itemsize))
+    return block
+
+  monkeypatch.setattr(hf, 'read_slice', counting)
+  shardings = _shardings(dense_dir, (1, 8, 1, 1), scan_layers=True)
+  _, params = hf.from_pretrained(dense_dir, shardings=shardings, scan_layers=True)
+
+  by_tensor = {}
+  for tensor, nbytes, total in reads:
+    by_tensor.setdefault(tensor, []).append((nbytes, total))
+  assert len(by_tensor) == 3 + 12 * 3  # embed, norm, lm_head; 12 tensors in each of 3 layers
+  flat_params = {'/'.join(k.key for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  q = flat_params['layers/self_attn/q_proj/kernel']
+  assert q.sharding.shard_shape(q.shape) == (3, 8, 4, 16)
+  for tensor, sizes in by_tensor.items():
+    split = 8 if tensor.endswith(('proj.weight', 'embed_tokens.weight', 'lm_head.weight')) else 1
+    # One read per distinct block (jax asks once for blocks that devices share); each is 1/split of the
+    # tensor, so together they read every tensor's bytes exactly once.
+    assert len(sizes) == split, tensor
+    assert all(nbytes * split == total for nbytes, total in sizes), (tensor, sizes)
+
+
+def test_bad_shardings_give_named_errors(dense_dir):
+  unscanned = _shardings(dense_dir, (1, 8, 1, 1), scan_layers=False)
+  with pytest.raises(ValueError, match=r'shardings do not match .*scan_layers=True.*hf\.load_config'):
+    hf.from_pretrained(dense_dir, shardings=unscanned, scan_layers=True)
