@@ -1,0 +1,280 @@
+r"""Train on a Cloud TPU pod slice: create it, install qwenjax on every host, run one job, survive preemption.
+
+    python tpu/pod.py COMMAND --name=NAME --zone=ZONE --accelerator=v5p-64 --workdir=gs://BUCKET/RUN [...]
+
+Commands (each prints the `gcloud` commands it runs; `--dry_run` prints them and runs nothing):
+
+    create   request the slice: a queued resource (default; spot with --spot) or, with --noqueued, `tpu-vm create`;
+             waits until it is ACTIVE
+    install  copy this checkout (`git archive HEAD`, through GCS) to every host and `pip install` it with jax[tpu]
+    train    run `python -m qwenjax.train` on every host at once, streaming their output here
+    logs     follow the training log of one host (--worker, default 0) from another terminal
+    stop     SIGTERM the job on every host (it saves a checkpoint and exits)
+    delete   delete the slice
+    run      all of it: create, install, train; when the slice is preempted, delete it, create it again and
+             relaunch (the job resumes from its latest checkpoint in --workdir); delete the slice at the end
+
+tpu/README.md walks through a run and gives the mesh for each slice shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+COMMANDS = ('create', 'install', 'train', 'logs', 'stop', 'delete', 'run')
+
+# TPU software versions for JAX (cloud.google.com/tpu/docs/runtimes), by accelerator type prefix.
+RUNTIME_VERSIONS = {'v4': 'tpu-ubuntu2204-base', 'v5litepod': 'v2-alpha-tpuv5-lite', 'v5p': 'v2-alpha-tpuv5',
+                    'v6e': 'v2-alpha-tpuv6e'}
+# Generations whose type counts TensorCores (two per chip, one JAX device per chip), not chips.
+_CORES_IN_NAME = ('v4', 'v5p')
+# What `describe` says of a slice that can run, and of one that was preempted or taken away.
+_READY = ('ACTIVE', 'READY')
+_GONE = ('SUSPENDING', 'SUSPENDED', 'PREEMPTED', 'TERMINATED', 'FAILED', 'NOT_FOUND')
+LOG = '~/qwenjax-train.log'
+
+NAME = flags.DEFINE_string('name', None, 'Queued resource and TPU node name.')
+ZONE = flags.DEFINE_string('zone', None, 'Zone, e.g. us-east5-a (v5p) or us-central2-b (v4).')
+PROJECT = flags.DEFINE_string('project', None, 'Google Cloud project (default: gcloud\'s configured one).')
+ACCELERATOR = flags.DEFINE_string('accelerator', None, 'Accelerator type: v4-32, v5litepod-16, v5p-64, v6e-32, ...')
+RUNTIME_VERSION = flags.DEFINE_string('runtime_version', None, 'TPU software version (default: by generation).')
+SPOT = flags.DEFINE_bool('spot', False, 'Spot capacity: cheaper, preemptible; `run` recreates it when taken.')
+QUEUED = flags.DEFINE_bool('queued', True, 'Request through a queued resource (needed for multi-slice); '
+                           '--noqueued uses `tpu-vm create`.')
+NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-center network (multi-slice).')
+WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s workdir on GCS (gs://BUCKET/PATH): checkpoints, logs, '
+                              'and the uploaded source.')
+CONFIG = flags.DEFINE_string('config', 'configs/1b.py', 'Config file, relative to the repository root.')
+MESH = flags.DEFINE_string('mesh', 'auto', 'Mesh sizes, e.g. "fsdp=-1,tensor=4"; "auto": fsdp over every chip '
+                           'of a slice and dcn_data over slices.')
+SET = flags.DEFINE_multi_string('set', [], 'More config overrides KEY=VALUE, passed as --config.KEY=VALUE.')
+WORKER = flags.DEFINE_string('worker', '0', 'Host whose log `logs` follows.')
+MAX_RESTARTS = flags.DEFINE_integer('max_restarts', 20, 'Preemptions `run` recovers from before giving up.')
+POLL_SECONDS = flags.DEFINE_float('poll_seconds', 60, 'Seconds between state checks while waiting for the slice.')
+KEEP_SLICE = flags.DEFINE_bool('keep_slice', False, '`run` leaves the slice up at the end.')
+DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the commands instead of running them (gcloud is never called).')
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """One TPU pod slice (or several, multi-slice) and the gcloud commands that manage it."""
+  name: str
+  zone: str
+  accelerator: str
+  runtime_version: str
+  spot: bool = False
+  queued: bool = True
+  num_slices: int = 1
+  project: str | None = None
+
+  @property
+  def generation(self) -> str:
+    return self.accelerator.rsplit('-', 1)[0]
+
+  @property
+  def chips(self) -> int:
+    """Chips (= JAX devices) in one slice."""
+    size = int(self.accelerator.rsplit('-', 1)[1])
+    return size // 2 if self.generation in _CORES_IN_NAME else size
+
+  @property
+  def hosts(self) -> int:
+    """Hosts (TPU VMs, one process each) in one slice: 4 chips a host, up to 8 on one-host v5e / v6e."""
+    single_host = 4 if self.generation in _CORES_IN_NAME else 8
+    return 1 if self.chips <= single_host else self.chips // 4
+
+  def _gcloud(self, *args: str) -> list[str]:
+    return ['gcloud', 'compute', 'tpus', *args, f'--zone={self.zone}'] + (
+        [f'--project={self.project}'] if self.project else [])
+
+  def create(self) -> list[str]:
+    spot = ['--spot'] if self.spot else []
+    if not self.queued:
+      return self._gcloud('tpu-vm', 'create', self.name, f'--accelerator-type={self.accelerator}',
+                          f'--version={self.runtime_version}', *spot)
+    nodes = ([f'--node-id={self.name}'] if self.num_slices == 1 else
+             [f'--node-count={self.num_slices}', f'--node-prefix={self.name}'])
+    return self._gcloud('queued-resources', 'create', self.name, f'--accelerator-type={self.accelerator}',
+                        f'--runtime-version={self.runtime_version}', *nodes, *spot)
+
+  def state(self) -> list[str]:
+    if not self.queued:
+      return self._gcloud('tpu-vm', 'describe', self.name, '--format=value(state)')
+    return self._gcloud('queued-resources', 'describe', self.name, '--format=value(state.state)')
+
+  def delete(self) -> list[str]:
+    if not self.queued:
+      return self._gcloud('tpu-vm', 'delete', self.name, '--quiet')
+    return self._gcloud('queued-resources', 'delete', self.name, '--force', '--quiet')
+
+  def ssh(self, command: str, worker: str = 'all') -> list[str]:
+    """`command` on every host (of every slice), or on one host of the first slice."""
+    if self.num_slices > 1:
+      node = '--node=all' if worker == 'all' else '--node=0'
+      return self._gcloud('queued-resources', 'ssh', self.name, f'--worker={worker}', node,
+                          f'--command={command}')
+    return self._gcloud('tpu-vm', 'ssh', self.name, f'--worker={worker}', f'--command={command}')
+
+
+def mesh_overrides(mesh: str, tpu: Slice) -> list[str]:
+  """`--config.mesh.*` flags: "auto" is fsdp over one slice's chips and dcn_data over slices."""
+  if mesh == 'auto':
+    sizes = {'data': '1', 'fsdp': str(tpu.chips), 'tensor': '1', 'expert': '1', 'dcn_data': str(tpu.num_slices)}
+  else:
+    sizes = dict(item.split('=', 1) for item in mesh.split(',') if item)
+    if tpu.num_slices > 1:
+      sizes.setdefault('dcn_data', str(tpu.num_slices))
+  return [f'--config.mesh.{axis}={size}' for axis, size in sizes.items()]
+
+
+def source_uri(workdir: str) -> str:
+  return workdir.rstrip('/') + '/source/qwenjax.tar.gz'
+
+
+def install_command(workdir: str) -> str:
+  """What each host runs: this checkout from GCS, installed with the TPU build of jax."""
+  return ('set -e; rm -rf ~/qwenjax && mkdir -p ~/qwenjax && '
+          f'gcloud storage cp {source_uri(workdir)} ~/qwenjax.tar.gz && tar -xzf ~/qwenjax.tar.gz -C ~/qwenjax && '
+          'python3 -m pip install -q -e ~/qwenjax "jax[tpu]" gcsfs')
+
+
+def train_command(config: str, workdir: str, overrides: Sequence[str], multihost: bool) -> str:
+  """What each host runs: the same training command everywhere (jax.distributed finds the other hosts),
+  its output shown and appended to a log file."""
+  args = ['python3', '-m', 'qwenjax.train', f'--config={config}', f'--workdir={workdir}', *overrides]
+  if multihost:
+    args.append('--multihost')
+  return f'set -o pipefail; cd ~/qwenjax && {shlex.join(args)} 2>&1 | tee -a {LOG}'
+
+
+class Runner:
+  """Runs commands, printing each first; a dry run prints them only."""
+
+  def __init__(self, dry_run: bool, poll_seconds: float):
+    self.dry_run, self.poll_seconds = dry_run, poll_seconds
+
+  def run(self, argv: Sequence[str]) -> int:
+    print(shlex.join(argv), flush=True)
+    return 0 if self.dry_run else subprocess.run(list(argv), check=False).returncode
+
+  def output(self, argv: Sequence[str], dry_run_answer: str) -> str:
+    print(shlex.join(argv), flush=True)
+    if self.dry_run:
+      return dry_run_answer
+    done = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else 'NOT_FOUND'
+
+  def sleep(self) -> None:
+    if not self.dry_run:
+      time.sleep(self.poll_seconds)
+
+
+def check(runner: Runner, argv: Sequence[str]) -> None:
+  code = runner.run(argv)
+  if code:
+    raise SystemExit(f'command failed (exit {code}): {shlex.join(argv)}')
+
+
+def create(tpu: Slice, runner: Runner) -> None:
+  """Requests the slice and waits until it can run (a spot request may queue for a long time)."""
+  check(runner, tpu.create())
+  while True:
+    state = runner.output(tpu.state(), dry_run_answer=_READY[0])
+    if state in _READY:
+      return
+    if state == 'FAILED':
+      raise SystemExit(f'{tpu.name} is {state}; see `gcloud compute tpus queued-resources describe {tpu.name}`')
+    print(f'# {tpu.name}: {state or "no state yet"}; waiting', flush=True)
+    runner.sleep()
+
+
+def upload(workdir: str, runner: Runner) -> None:
+  """This checkout's committed files (`git archive HEAD`) to GCS, where every host fetches them."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  archive = os.path.join(tempfile.gettempdir(), 'qwenjax-source.tar.gz')
+  check(runner, ['git', '-C', root, 'archive', '--format=tar.gz', f'--output={archive}', 'HEAD'])
+  check(runner, ['gcloud', 'storage', 'cp', archive, source_uri(workdir)])
+
+
+def run(tpu: Slice, runner: Runner, install: str, train: str, max_restarts: int, keep_slice: bool) -> None:
+  """Create, install, train; on preemption recreate and relaunch (the job resumes); delete at the end.
+
+  A failure on a slice that was not preempted stops the loop and keeps the slice, to read its logs.
+  """
+  create(tpu, runner)
+  for attempt in range(max_restarts + 1):
+    check(runner, tpu.ssh(install))
+    code = runner.run(tpu.ssh(train))
+    if code == 0:
+      print('# training finished', flush=True)
+      break
+    state = runner.output(tpu.state(), dry_run_answer=_READY[0])
+    if state not in _GONE:
+      raise SystemExit(f'training failed (exit {code}) on a slice that is still {state}, so not preempted. '
+                       'The slice is kept: read `python tpu/pod.py logs ...`, then `python tpu/pod.py delete ...`.')
+    runner.run(tpu.delete())
+    if attempt == max_restarts:
+      raise SystemExit(f'{tpu.name} was preempted {attempt + 1} times; giving up (--max_restarts)')
+    print(f'# {tpu.name} is {state}: recreating it (restart {attempt + 1} of at most {max_restarts})', flush=True)
+    create(tpu, runner)
+  if not keep_slice:
+    check(runner, tpu.delete())
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f'give one command: {" | ".join(COMMANDS)} (got {argv[1:]})')
+  command = argv[1]
+  missing = [f'--{f.name}' for f in (NAME, ZONE, ACCELERATOR) if not f.value]
+  if command in ('install', 'train', 'run') and not WORKDIR.value:
+    missing.append('--workdir')
+  if missing:
+    raise app.UsageError(f'`{command}` needs {", ".join(missing)}')
+  generation = ACCELERATOR.value.rsplit('-', 1)[0]
+  if generation not in RUNTIME_VERSIONS or not ACCELERATOR.value.rsplit('-', 1)[-1].isdigit():
+    raise app.UsageError(f'--accelerator={ACCELERATOR.value}: expected GENERATION-SIZE with GENERATION one of '
+                         f'{sorted(RUNTIME_VERSIONS)} (e.g. v5p-64, v5litepod-16, v6e-32, v4-32)')
+  if WORKDIR.value and not WORKDIR.value.startswith('gs://'):
+    raise app.UsageError(f'--workdir={WORKDIR.value}: every host must read and write it, so it must be on GCS '
+                         '(gs://BUCKET/PATH)')
+  if NUM_SLICES.value > 1 and not QUEUED.value:
+    raise app.UsageError('--num_slices > 1 needs a queued resource: drop --noqueued')
+  tpu = Slice(NAME.value, ZONE.value, ACCELERATOR.value, RUNTIME_VERSION.value or RUNTIME_VERSIONS[generation],
+              spot=SPOT.value, queued=QUEUED.value, num_slices=NUM_SLICES.value, project=PROJECT.value)
+  runner = Runner(DRY_RUN.value, POLL_SECONDS.value)
+  multihost = tpu.hosts > 1 or tpu.num_slices > 1
+  overrides = mesh_overrides(MESH.value, tpu) + [f'--config.{item}' for item in SET.value]
+  train = train_command(CONFIG.value, WORKDIR.value, overrides, multihost) if WORKDIR.value else ''
+  print(f'# {tpu.name}: {tpu.num_slices} x {tpu.accelerator} ({tpu.chips} chips, {tpu.hosts} hosts a slice), '
+        f'{"spot" if tpu.spot else "on-demand"}, runtime {tpu.runtime_version}', flush=True)
+
+  if command == 'create':
+    create(tpu, runner)
+  elif command == 'install':
+    upload(WORKDIR.value, runner)
+    check(runner, tpu.ssh(install_command(WORKDIR.value)))
+  elif command == 'train':
+    check(runner, tpu.ssh(train))
+  elif command == 'logs':
+    check(runner, tpu.ssh(f'tail -n 200 -F {LOG}', worker=WORKER.value))
+  elif command == 'stop':
+    check(runner, tpu.ssh('pkill -TERM -f "qwenjax.train" || true'))
+  elif command == 'delete':
+    check(runner, tpu.delete())
+  else:
+    upload(WORKDIR.value, runner)
+    run(tpu, runner, install_command(WORKDIR.value), train, MAX_RESTARTS.value, KEEP_SLICE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
