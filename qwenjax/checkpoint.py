@@ -1,23 +1,32 @@
-"""Checkpoints of the train state and the data iterator, with orbax, in `workdir/checkpoints/<step>`.
+"""Checkpoints of the train state, with orbax, in `workdir/checkpoints/<step>`.
 
-Saves are asynchronous (training continues while the files are written). Restoring takes the latest step; if
-that one cannot be read (a partial or corrupt write), it is moved to `workdir/checkpoints_corrupt/` with a
-warning and the previous one is tried. A checkpoint whose parameter shapes differ from the model being trained
-is an error naming the first parameter that differs, never a fallback.
+Saves are asynchronous (training continues while the files are written) and atomic (orbax writes a temporary
+directory and renames it when complete, so a killed save leaves no half checkpoint). Each checkpoint holds the
+train state (`state`) and a record of the data stream it was trained on (`data`, see `qwenjax.data`): the data
+position is the step itself.
+
+What survives what:
+- A checkpoint is moved aside, to `workdir/checkpoints_corrupt/`, only when it is proven corrupt: its files fail
+  to read as saved, or its parameters are not finite. Then the previous one is tried.
+- A checkpoint that reads but does not fit this run (another model config, optimizer settings, mesh, or an
+  out-of-memory or storage error) is left where it is, and `restore` raises an error saying what differs.
+- A state holding non-finite values is never saved (`NonFiniteError`), so rotation (`keep`) can never delete the
+  last good checkpoint for a bad one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 from absl import logging
-import grain
+from etils import epath
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -25,45 +34,12 @@ class ShapeMismatchError(ValueError):
   """The checkpoint holds a differently shaped (or differently structured) train state."""
 
 
-class _IteratorSnapshot:
-  """The data iterator's state at save time, in the form grain's orbax handler writes.
-
-  Saving a snapshot rather than the live iterator keeps the saved state right even if the handler runs after
-  the training loop has read further batches.
-  """
-
-  def __init__(self, iterator: grain.DatasetIterator):
-    self._state = json.dumps(iterator.get_state(), indent=1).encode()
-
-  def get_state(self) -> bytes:
-    return self._state
+class RestoreError(RuntimeError):
+  """A readable checkpoint could not be restored into this run; nothing was moved."""
 
 
-class _IteratorRestorer:
-  """Receives the saved iterator state from grain's orbax handler and sets it on the real iterator.
-
-  grain 0.2.18's ConcatThenSplit packer keeps `remainder_slices` as tuples and compares them with a tuple
-  sentinel; the JSON round trip turns them into lists, so a restored packer mistakes "no remainder" for an
-  empty one and drops a document. The tuples are put back here.
-  """
-
-  def __init__(self, iterator: grain.DatasetIterator):
-    self._iterator = iterator
-
-  def set_state(self, state: bytes) -> None:
-    self._iterator.set_state(_slices_as_tuples(json.loads(state)))
-
-  def start_prefetch(self) -> None:
-    pass
-
-
-def _slices_as_tuples(state: Any) -> Any:
-  if isinstance(state, dict):
-    return {k: ({n: tuple(s) for n, s in v.items()} if k == 'remainder_slices' and isinstance(v, dict)
-                else _slices_as_tuples(v)) for k, v in state.items()}
-  if isinstance(state, list):
-    return [_slices_as_tuples(v) for v in state]
-  return state
+class NonFiniteError(RuntimeError):
+  """The train state holds NaN or infinite values."""
 
 
 def _path(key_path) -> str:
@@ -85,83 +61,156 @@ def _layout_hint(saved: set[str], expected: set[str]) -> str:
   return ''
 
 
+def _cause(name: str, hint: str) -> str:
+  """What a difference in `name` means: model parameters come from the model config, the rest from train."""
+  if name.startswith('params/') or '/params/' in f'/{name}':
+    return f'the checkpoint was written for a different model config{hint}'
+  return ('the optimizer state differs: the checkpoint was written with different optimizer settings (train.*) '
+          'or a different model config')
+
+
 def check_shapes(saved: Any, expected: Any, where: str) -> None:
   """Raises ShapeMismatchError naming the first array whose presence or shape differs."""
   saved, expected = _shapes(saved), _shapes(expected)
   hint = _layout_hint(set(saved), set(expected))
   for name in sorted(set(saved) | set(expected)):
     if name not in saved:
-      raise ShapeMismatchError(f'{where} has no {name}, which the model being trained needs: the checkpoint '
-                               f'was written for a different model config{hint}')
+      raise ShapeMismatchError(f'{where} has no {name}, which the model being trained needs: {_cause(name, hint)}')
     if name not in expected:
-      raise ShapeMismatchError(f'{where} holds {name}, which the model being trained does not have: the '
-                               f'checkpoint was written for a different model config{hint}')
+      raise ShapeMismatchError(f'{where} holds {name}, which the model being trained does not have: '
+                               f'{_cause(name, hint)}')
     if saved[name] != expected[name]:
       raise ShapeMismatchError(
           f'{where} has {name} of shape {saved[name]} but the model config gives {expected[name]}. Train with '
           'the config the checkpoint was written with, or use a new --workdir.')
 
 
+@jax.jit
+def _finite(tree: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def all_finite(tree: Any) -> bool:
+  """True when every floating-point array of `tree` is finite (one reduction on the devices)."""
+  return bool(jax.device_get(_finite(tree)))
+
+
+# Errors of the machine or the storage rather than of the checkpoint's files: never a reason to move it.
+_ENVIRONMENT = ('RESOURCE_EXHAUSTED', 'out of memory', 'Out of memory', 'OOM', 'UNAVAILABLE', 'DEADLINE_EXCEEDED',
+                'Permission denied', 'No space left', 'Connection', 'timed out', 'Too many open files')
+
+
+def _is_environment(error: BaseException) -> bool:
+  return isinstance(error, (MemoryError, PermissionError, TimeoutError, ConnectionError)) or any(
+      s in f'{type(error).__name__}: {error}' for s in _ENVIRONMENT)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f'{type(error).__name__}: {text.splitlines()[0][:400] if text else ""}'
+
+
 class Checkpointer:
-  """Async orbax CheckpointManager for `{'state': train state, 'data': grain iterator}`."""
+  """Async orbax CheckpointManager for `{'state': train state, 'data': data stream record}`."""
 
   def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self._corrupt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints_corrupt')
+    workdir = epath.Path(workdir)
+    self.directory = workdir / 'checkpoints'
+    self.corrupt_directory = workdir / 'checkpoints_corrupt'
     self._keep = keep
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, enable_async_checkpointing=True)
-    handlers = {'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler()}
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
-    """Starts writing step `step`; returns once the arrays are copied off the devices."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator)))
+  def set_aside_steps(self) -> list[str]:
+    """Checkpoints an earlier run moved to checkpoints_corrupt/."""
+    return sorted(p.name for p in self.corrupt_directory.iterdir()) if self.corrupt_directory.exists() else []
+
+  def save(self, step: int, state: Any, data_record: dict[str, Any]) -> None:
+    """Starts writing step `step`; returns once the arrays are copied off the devices. Refuses (NonFiniteError)
+    a state with non-finite values: rotation must never delete a good checkpoint for a bad one."""
+    if not all_finite(state):
+      raise NonFiniteError(f'the train state at step {step} holds NaN or infinite values; it is not saved (the '
+                           f'checkpoints kept are {self.all_steps() or "none"})')
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_record))
     self._manager.save(step, args=args, force=True)
 
-  def restore(self, abstract_state: Any, data_iterator: grain.DatasetIterator) -> tuple[Any, int] | None:
-    """(state, step) from the newest readable checkpoint, or None if there is none.
+  def restore(self, abstract_state: Any) -> tuple[Any, int, dict[str, Any] | None] | None:
+    """(state, step, data record) from the newest readable checkpoint, or None if no checkpoint is readable.
 
     `abstract_state` holds ShapeDtypeStructs with shardings: arrays come back directly in those shardings.
-    `data_iterator` is set to the saved position.
+    Raises ShapeMismatchError or RestoreError (leaving every file where it is) when a readable checkpoint does
+    not fit this run.
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      where = f'checkpoint {os.path.join(self.directory, str(step))}'
+    for step in reversed(self.all_steps()):
+      where = f'checkpoint {self.directory / str(step)}'
       try:
         saved = self._manager.item_metadata(step)['state']
         if saved is None:
           raise ValueError('no metadata for the train state')
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+        self._unreadable(step, e, where)
         continue
       check_shapes(saved, abstract_state, where)  # a mismatch is the user's config, not corruption: raise
       try:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iterator)))
-        restored = self._manager.restore(step, args=args)
+        args = {'state': ocp.args.StandardRestore(abstract_state)}
+        if 'data' in self._manager.item_metadata(step).keys():
+          args['data'] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
+        if _is_environment(e) or self._readable_as_saved(step):
+          raise RestoreError(
+              f'{where} could not be restored into this run ({_first_line(e)}). Its files read correctly, so '
+              'it was left where it is: the cause is this run\'s settings or this machine (memory, storage). '
+              'Run again with the settings the checkpoint was written with (the workdir\'s config.json), or '
+              'use a new --workdir.') from e
         self._set_aside(step, e)
         continue
-      return restored['state'], step
+      if not all_finite(restored['state'].params):
+        self._set_aside(step, ValueError('its parameters hold NaN or infinite values'))
+        continue
+      return restored['state'], step, restored.get('data')
     return None
 
+  def _unreadable(self, step: int, error: Exception, where: str) -> None:
+    if _is_environment(error):
+      raise RestoreError(f'{where} could not be read ({_first_line(error)}): a problem of this machine or its '
+                         'storage, not of the checkpoint, which was left where it is. Fix it and run again.') from error
+    self._set_aside(step, error)
+
+  def _readable_as_saved(self, step: int) -> bool:
+    """Whether the state reads back as it was saved (as numpy on the host, no target): the test of corruption."""
+    path = self.directory / str(step) / 'state'
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        metadata = reader.metadata(path)
+        tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+      return True
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_environment(e):
+        raise
+      logging.warning('checkpoint %s does not read as saved: %s', path, _first_line(e))
+      return False
+
   def _set_aside(self, step: int, error: Exception) -> None:
-    """Moves an unreadable checkpoint out of the way (kept for inspection) and reopens the manager."""
-    os.makedirs(self._corrupt_dir, exist_ok=True)
-    target = os.path.join(self._corrupt_dir, str(step))
-    if os.path.exists(target):
-      shutil.rmtree(target)
-    first_line = str(error).splitlines()[0][:300] if str(error) else ''
-    logging.warning('checkpoint at step %d cannot be read (%s: %s); moving it to %s and trying the previous '
-                    'one', step, type(error).__name__, first_line, target)
+    """Moves a corrupt checkpoint out of the way (kept for inspection) and reopens the manager."""
+    target = self.corrupt_directory / str(step)
+    logging.warning('checkpoint at step %d is corrupt (%s); moving it to %s and trying the previous one', step,
+                    _first_line(error), target)
     if jax.process_index() == 0:
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      self.corrupt_directory.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target = self.corrupt_directory / f'{step}.{len(self.set_aside_steps())}'
+      (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'qwenjax checkpoint {step} set aside')
     self._manager.close()

@@ -44,11 +44,16 @@ def data_section() -> ml_collections.ConfigDict:
       eval_files='',  # likewise; empty: the built-in corpus's held-out split, or no eval for your own files
       text_key='text',  # field holding the document in .jsonl lines and JSON ArrayRecord records
       seq_len=2048,  # tokens per packed row
-      tokenizer='train',  # path of a sentencepiece .model, or 'train': BPE trained on train_files at first run
+      # '': the init_from_hf checkpoint's own tokenizer when it holds one, else 'train'; 'train': a BPE trained
+      # on train_files at first use; or a path: sentencepiece .model, tokenizer.json, or a directory holding one.
+      tokenizer='',
       vocab_size=32000,  # pieces of the tokenizer trained when tokenizer='train'
       tokenizer_sentences=200_000,  # at most this many lines feed tokenizer training (keeps it to seconds)
+      # Tokenized corpora (and trained tokenizers), kept and shared by every run: '' is $QWENJAX_CACHE or
+      # ~/.cache/qwenjax/prepared. On several hosts it must be a filesystem they all see.
+      prepared_dir='',
       shuffle_window=512,  # packed rows shuffled together so batches mix documents (aim for ~1M tokens); 0: off
-      read_threads=2,  # threads reading and tokenizing documents ahead of the step
+      read_threads=2,  # threads reading batches ahead of the step
   ))
 
 
@@ -74,8 +79,11 @@ def train_section() -> ml_collections.ConfigDict:
       log_every=50,
       eval_every=1000,  # 0: only at the end
       eval_steps=20,  # eval batches (of batch_size sequences) per evaluation
-      checkpoint_every=1000,
+      checkpoint_every=1000,  # 0: only at the end (and when stopped by SIGTERM / Ctrl-C)
       keep_checkpoints=3,
+      max_nonfinite_steps=20,  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+      # When checkpoints exist but none can be read, the run stops; True starts again from step 0 instead.
+      restart_if_unreadable=False,
       peak_tflops=0.0,  # per-device peak for MFU; 0: look up the device kind (unknown kinds: no MFU)
       profile_steps=0,  # trace this many steps with jax.profiler into workdir/profile (Perfetto); 0: off
       profile_from=10,  # ... starting after this step, past compilation and warm-up
@@ -89,6 +97,7 @@ def mesh_section() -> ml_collections.ConfigDict:
   """Device mesh (`qwenjax.sharding`): one size may be -1 (the remaining devices)."""
   return ml_collections.ConfigDict(dict(
       data=1, fsdp=-1, tensor=1, expert=1,  # expert > 1: expert parallelism for MoE models
+      dcn_data=1,  # slices (TPU) or hosts (GPU) the data axis spans; the sizes above are those of one slice
       rules=sharding.DEFAULT_RULES,  # (logical axis name, mesh axis / axes / None) pairs
   ))
 

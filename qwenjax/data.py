@@ -1,340 +1,289 @@
-"""The input pipeline: documents from files, a sentencepiece tokenizer, packed rows of `seq_len` tokens.
+"""The input pipeline: the run's tokenizer, prepared corpora, and the packed rows of every step.
 
-Sources: `.jsonl` (one JSON object per line, the document under `text_key`), `.txt` and `.py` (a whole file is
-one document), ArrayRecord (`*.array_record*`/`*.arrayrecord*`; each record UTF-8 text or a JSON object like a
-`.jsonl` line). With no `train_files`, the built-in corpus is the Python standard library's own `.py` files,
-with a deterministic 2% of them held out for eval, so a fresh machine trains with nothing downloaded.
+The batch of step k is a pure function of the prepared corpus, `train.seed`, `data.seq_len`, the global batch
+size and k, whatever the number of processes, devices or the mesh: resuming needs only the step, and a run
+resumed on another mesh or process count continues the same stream. Each process reads only the rows its
+devices hold.
 
-The training pipeline (grain): documents -> this process's shard -> shuffle (new order each epoch) ->
-tokenize + EOS -> concatenate and split into rows of `seq_len + 1` tokens with `segment_ids` and `positions`
-(a document may continue on the next row; only the very last row of a finite stream is padded) -> shuffle
-rows within a window -> batches. The iterator's state (`get_state`/`set_state`) is saved with each
-checkpoint, so a resumed run reads exactly the batches it would have read.
+The stream: epoch e lists the corpus's documents in a seeded random order (a new order each epoch), each document
+ending in EOS, one after another. Row r is the stream's tokens [r * seq_len, r * seq_len + seq_len + 1), so every
+token is a target exactly once and nothing is padded; a document longer than a row continues in the next one.
+Rows are then shuffled within windows of `data.shuffle_window` rows (seeded), so a batch mixes documents even when
+they are long. Each row carries `segment_ids` (1, 2, ... per document piece) and `positions` (restarting at each
+piece), and a target's weight is 0 where it starts another document.
 
-Batches hold `[rows, seq_len]` arrays `inputs`, `targets`, `positions`, `segment_ids` and `weights`; a
-weight is 0 where the target is padding or the first token of another document.
+Batches hold `[rows, seq_len]` arrays `inputs`, `targets`, `positions`, `segment_ids` and `weights`.
 """
 
 from __future__ import annotations
 
-import bisect
-import glob
-import io
+import hashlib
 import json
 import os
-import re
-import sysconfig
-import zlib
 from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 import grain
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
-import sentencepiece as spm
 
-# The built-in corpus: files whose path hashes to 0 modulo this are the eval split (2%).
-_EVAL_MODULUS = 50
-_ARRAY_RECORD = re.compile(r'\.array_?record', re.IGNORECASE)
+from qwenjax import documents
+from qwenjax import prepare
+from qwenjax import tokenizer as tokenizer_lib
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Files and documents.
-
-def stdlib_files() -> tuple[list[str], list[str]]:
-  """(train, eval) `.py` files of the running Python's standard library, split by a hash of the path."""
-  root = sysconfig.get_paths()['stdlib']
-  files = []
-  for directory, subdirs, names in os.walk(root):
-    subdirs[:] = sorted(d for d in subdirs if d not in ('site-packages', 'dist-packages', '__pycache__'))
-    files.extend(os.path.join(directory, n) for n in sorted(names) if n.endswith('.py'))
-  if not files:
-    raise FileNotFoundError(f'no .py files under the standard library directory {root}; set data.train_files')
-  is_eval = [zlib.crc32(os.path.relpath(f, root).encode()) % _EVAL_MODULUS == 0 for f in files]
-  return ([f for f, e in zip(files, is_eval) if not e], [f for f, e in zip(files, is_eval) if e])
-
-
-def expand_files(patterns: str, what: str = 'data.train_files') -> list[str]:
-  """Sorted files matching a glob or comma-separated globs; an error naming the patterns if none match."""
-  globs = [p.strip() for p in str(patterns).split(',') if p.strip()]
-  files = sorted({f for p in globs for f in glob.glob(os.path.expanduser(p), recursive=True)
-                  if os.path.isfile(f)})
-  if not files:
-    raise FileNotFoundError(
-        f'no files match {what}={patterns!r} (from {os.getcwd()}). Give a glob or comma-separated globs of '
-        '.jsonl, .txt or ArrayRecord files, e.g. --config.data.train_files="data/*.jsonl", or leave it empty '
-        'to train on the built-in corpus.')
-  return files
-
-
-class _JsonlFile:
-  """Random access to the non-blank lines of a .jsonl file through an index of line offsets."""
-
-  def __init__(self, path: str, text_key: str):
-    self.path, self.text_key = path, text_key
-    starts, ends, offset = [], [], 0
-    with open(path, 'rb') as f:
-      for line in f:
-        if line.strip():
-          starts.append(offset)
-          ends.append(offset + len(line))
-        offset += len(line)
-    self._starts = np.asarray(starts, np.int64)
-    self._ends = np.asarray(ends, np.int64)
-
-  def __len__(self) -> int:
-    return len(self._starts)
-
-  def __getitem__(self, i: int) -> str:
-    with open(self.path, 'rb') as f:
-      f.seek(int(self._starts[i]))
-      line = f.read(int(self._ends[i] - self._starts[i]))
-    return _text_of(json.loads(line), self.text_key, f'{self.path} (record {i})')
-
-
-class _WholeFile:
-  """A text file as one document."""
-
-  def __init__(self, path: str):
-    self.path = path
-
-  def __len__(self) -> int:
-    return 1
-
-  def __getitem__(self, i: int) -> str:
-    with open(self.path, encoding='utf-8', errors='replace') as f:
-      return f.read()
-
-
-class _ArrayRecordFile:
-  """ArrayRecord records: UTF-8 text, or JSON objects holding the text under `text_key`."""
-
-  def __init__(self, path: str, text_key: str):
-    self.path, self.text_key = path, text_key
-    self._source = grain.sources.ArrayRecordDataSource([path])
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, i: int) -> str:
-    record = self._source[i]
-    if record[:1] == b'{':
-      try:
-        return _text_of(json.loads(record), self.text_key, f'{self.path} (record {i})')
-      except json.JSONDecodeError:
-        pass
-    return record.decode('utf-8', errors='replace')
-
-
-def _text_of(obj: Any, key: str, where: str) -> str:
-  if not isinstance(obj, dict) or key not in obj:
-    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-    raise KeyError(f'{where} has no {key!r} field (it has {keys}); set --config.data.text_key to the field '
-                   'that holds the text')
-  return str(obj[key])
-
-
-class DocumentSource:
-  """All documents of a list of files, as one random-access sequence of strings (a grain data source)."""
-
-  def __init__(self, files: Sequence[str], text_key: str = 'text'):
-    self.files = list(files)
-    self._parts = []
-    for path in self.files:
-      name = os.path.basename(path)
-      if name.endswith('.jsonl'):
-        self._parts.append(_JsonlFile(path, text_key))
-      elif name.endswith(('.txt', '.py')):
-        self._parts.append(_WholeFile(path))
-      elif _ARRAY_RECORD.search(name):
-        self._parts.append(_ArrayRecordFile(path, text_key))
-      else:
-        raise ValueError(f'cannot read {path}: supported files are .jsonl, .txt, .py and ArrayRecord '
-                         '(*.array_record*)')
-    self._ends = np.cumsum([len(p) for p in self._parts]).tolist()
-
-  def __len__(self) -> int:
-    return self._ends[-1] if self._ends else 0
-
-  def __getitem__(self, i: int) -> str:
-    if not 0 <= i < len(self):
-      raise IndexError(f'document {i} out of range [0, {len(self)})')
-    part = bisect.bisect_right(self._ends, i)
-    start = self._ends[part - 1] if part else 0
-    return self._parts[part][i - start]
-
-
-def sources(data: Mapping[str, Any]) -> tuple[DocumentSource, DocumentSource | None]:
-  """(train, eval or None) document sources from the config's `data` section."""
-  if not data['train_files']:
-    train_files, eval_files = stdlib_files()
-    logging.info('data: built-in corpus, %d Python standard library files for training and %d held out for '
-                 'eval (%s)', len(train_files), len(eval_files), os.path.dirname(train_files[0]))
-    if data['eval_files']:
-      eval_files = expand_files(data['eval_files'], 'data.eval_files')
-  else:
-    train_files = expand_files(data['train_files'], 'data.train_files')
-    eval_files = expand_files(data['eval_files'], 'data.eval_files') if data['eval_files'] else []
-  train = DocumentSource(train_files, data['text_key'])
-  if not len(train):
-    raise ValueError(f'data.train_files={data["train_files"]!r} matched {len(train_files)} file(s) with no '
-                     'documents in them')
-  return train, (DocumentSource(eval_files, data['text_key']) if eval_files else None)
+# Re-exported: the file helpers live in `qwenjax.documents` (no jax there, for the tokenizing workers).
+DocumentSource = documents.DocumentSource
+expand_files = documents.expand_files
+stdlib_files = documents.stdlib_files
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tokenizer.
+# The run's tokenizer.
 
-def train_tokenizer(source: Sequence[str], path: str, vocab_size: int, max_sentences: int,
-                    seed: int = 0) -> None:
-  """Trains a sentencepiece BPE model with byte fallback on lines of `source` and writes it to `path`.
+def _holds_tokenizer(directory: str) -> bool:
+  return any(os.path.isfile(os.path.join(directory, name)) for name in ('tokenizer.model', 'tokenizer.json'))
 
-  Lines come from documents in a seeded random order, at most `max_sentences` of them, so training takes
-  seconds whatever the corpus size. The normalization keeps text exactly (indentation, newlines), so
-  decoding gives back the input.
+
+def prepared_root(data: Mapping[str, Any]) -> str:
+  return os.path.expanduser(data['prepared_dir']) if data['prepared_dir'] else prepare.default_dir()
+
+
+def tokenizer_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the run's tokenizer is to be, as recorded in WORKDIR/tokenizer/source.json.
+
+  `data.tokenizer`: '' (default) is the init_from_hf checkpoint's own tokenizer when it holds one, else
+  'train'; 'train' trains a BPE on the training files; anything else is a path for `qwenjax.tokenizer.load`.
   """
-  order = np.random.default_rng(seed).permutation(len(source))
-
-  def lines() -> Iterator[str]:
-    count = 0
-    for i in order:
-      for line in source[int(i)].split('\n'):
-        if line.strip():
-          yield line
-          count += 1
-          if count >= max_sentences:
-            return
-
-  model = io.BytesIO()
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type='bpe',
-        byte_fallback=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-        user_defined_symbols=['\n'], character_coverage=0.9995, max_sentence_length=16384,
-        num_threads=min(os.cpu_count() or 1, 16), minloglevel=2)
-  except RuntimeError as e:
-    raise ValueError(f'training a {vocab_size}-piece tokenizer failed: {e}. Lower data.vocab_size or give more '
-                     'text (data.train_files, data.tokenizer_sentences).') from e
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)
+  data, init_from_hf = config.data, config.init_from_hf
+  choice = data.tokenizer
+  if not choice:
+    choice = init_from_hf if init_from_hf and _holds_tokenizer(init_from_hf) else 'train'
+  if choice != 'train':
+    return {'kind': 'file', 'path': os.path.abspath(os.path.expanduser(choice))}
+  if init_from_hf:
+    logging.warning(
+        'data.tokenizer=train with init_from_hf=%s: the checkpoint was trained on another tokenizer\'s ids, so a '
+        'newly trained tokenizer makes its embeddings meaningless. Set --config.data.tokenizer=%s if it holds '
+        'tokenizer.json, or the tokenizer it was trained with.', init_from_hf, init_from_hf)
+  train_files, _ = documents.sources(data)
+  return {'kind': 'train', 'vocab_size': int(data.vocab_size), 'tokenizer_sentences': int(data.tokenizer_sentences),
+          'seed': int(config.train.seed), 'train_files': data.train_files or '(built-in corpus)',
+          'files': [os.path.abspath(f) for f in train_files]}
 
 
-def load_tokenizer(path: str, model_vocab_size: int) -> spm.SentencePieceProcessor:
-  """Loads a sentencepiece model, checking that its ids fit the model's embedding table."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'tokenizer {path!r} does not exist; set data.tokenizer to a sentencepiece .model '
-                            "file, or to 'train' to train one on the training files")
-  tokenizer = spm.SentencePieceProcessor(model_file=path)
-  pieces = tokenizer.get_piece_size()
-  if pieces > model_vocab_size:
-    raise ValueError(
-        f'tokenizer {path} has {pieces} pieces but model.vocab_size is {model_vocab_size}: token ids would '
-        f'index past the embedding table. Use a model with vocab_size >= {pieces} '
-        f'(--config.model.vocab_size={pieces}) or a smaller tokenizer (data.vocab_size).')
-  if tokenizer.eos_id() < 0:
-    raise ValueError(f'tokenizer {path} has no end-of-sequence piece; documents are separated by it')
+def _describe_change(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
+  if saved.get('kind') != wanted.get('kind'):
+    return f'it was {_describe(saved)}, this run asks for {_describe(wanted)}'
+  names = {'vocab_size': 'data.vocab_size', 'tokenizer_sentences': 'data.tokenizer_sentences',
+           'seed': 'train.seed', 'train_files': 'data.train_files', 'files': 'the files data.train_files matches',
+           'path': 'data.tokenizer', 'fingerprint': 'the contents of data.tokenizer'}
+  changed = [f'{names.get(k, k)} was {saved.get(k)!r}, now {wanted.get(k)!r}' if k != 'files' else
+             f'{names[k]} changed' for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+  return '; '.join(changed)
+
+
+def _describe(source: Mapping[str, Any]) -> str:
+  if source.get('kind') == 'train':
+    return f'a {source["vocab_size"]}-piece BPE trained on data.train_files={source["train_files"]!r}'
+  return f'the tokenizer of {source.get("path")}'
+
+
+def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
+  """Directory of a BPE trained on the training files with these settings, trained there at first use (process 0;
+  the others wait), so runs and sweep points with the same corpus and settings share one tokenizer."""
+  key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:20]
+  directory = os.path.join(prepared_root(data), 'tokenizers', key)
+  if not _holds_tokenizer(directory) and jax.process_index() == 0:
+    files = [f for f in source['files']]
+    texts = documents.DocumentSource(files, data['text_key'])
+    logging.info('data: training a %d-piece BPE tokenizer on up to %d lines of %d file(s) -> %s',
+                 source['vocab_size'], source['tokenizer_sentences'], len(files), directory)
+    tokenizer_lib.train(_readable_texts(texts, source['seed']), directory, vocab_size=source['vocab_size'],
+                        max_lines=source['tokenizer_sentences'], seed=source['seed'])
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'qwenjax tokenizer {key}')
+  return directory
+
+
+def _readable_texts(source: documents.DocumentSource, seed: int) -> Iterator[str]:
+  """Documents in a seeded random order, skipping (and counting) those that are not text."""
+  skipped = []
+  for i in np.random.default_rng(seed).permutation(len(source)):
+    try:
+      yield source[int(i)]
+    except documents.BadDocument as e:
+      skipped.append(e.where)
+      if len(skipped) in (1, 100):
+        logging.warning('data: skipping documents that are not UTF-8 text, e.g. %s', e)
+
+
+def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer. A workdir keeps its own copy in WORKDIR/tokenizer/, which later runs reuse only
+  while it matches what the config asks for; otherwise a clear error says what changed."""
+  wanted = tokenizer_source(config)
+  if wanted['kind'] == 'file':
+    found = tokenizer_lib.load(wanted['path'])
+    wanted['fingerprint'] = found.fingerprint
+  kept = os.path.join(workdir, 'tokenizer') if workdir else None
+  if kept and os.path.exists(os.path.join(kept, 'source.json')):
+    with open(os.path.join(kept, 'source.json')) as f:
+      saved = json.load(f)
+    if saved != wanted:
+      raise ValueError(
+          f'the workdir\'s tokenizer ({kept}) does not match this run: {_describe_change(saved, wanted)}. A model '
+          'trained on one tokenizer\'s ids cannot continue on another\'s: run with the settings the workdir was '
+          'started with, or use a new --workdir.')
+    tokenizer = tokenizer_lib.load(kept)
+  else:
+    tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, config.data))
+    if kept and jax.process_index() == 0:
+      tokenizer.save(kept)
+      with open(os.path.join(kept, 'source.json'), 'w') as f:
+        json.dump(wanted, f, indent=1)
+  check_fits(tokenizer, int(config.model.vocab_size), wanted)
   return tokenizer
 
 
-def tokenizer_path(data: Mapping[str, Any], workdir: str) -> str:
-  return os.path.join(workdir, 'tokenizer.model') if data['tokenizer'] == 'train' else data['tokenizer']
+def check_fits(tokenizer: tokenizer_lib.Tokenizer, model_vocab_size: int, source: Mapping[str, Any]) -> None:
+  if tokenizer.vocab_size > model_vocab_size:
+    fix = (f'set --config.data.vocab_size to at most {model_vocab_size}' if source['kind'] == 'train' else
+           f'use a model with --config.model.vocab_size={tokenizer.vocab_size} or more')
+    raise ValueError(
+        f'the tokenizer ({_describe(source)}) has {tokenizer.vocab_size} ids but model.vocab_size is '
+        f'{model_vocab_size}: token ids would index past the embedding table; {fix}.')
 
 
-def get_tokenizer(data: Mapping[str, Any], workdir: str, train_source: Sequence[str], model_vocab_size: int,
-                  seed: int = 0) -> spm.SentencePieceProcessor:
-  """The run's tokenizer: `data.tokenizer`, or with 'train' the one in the workdir, trained at first run."""
-  path = tokenizer_path(data, workdir)
-  if data['tokenizer'] == 'train':
-    if int(data['vocab_size']) > model_vocab_size:
-      raise ValueError(
-          f'data.vocab_size={data["vocab_size"]} (pieces of the tokenizer to train) is more than '
-          f'model.vocab_size={model_vocab_size}: token ids would index past the embedding table. Set '
-          f'--config.data.vocab_size to at most {model_vocab_size}.')
-    if not os.path.exists(path):
-      if jax.process_index() == 0:
-        logging.info('data: training a %d-piece BPE tokenizer on up to %d lines -> %s', data['vocab_size'],
-                     data['tokenizer_sentences'], path)
-        train_tokenizer(train_source, path, int(data['vocab_size']), int(data['tokenizer_sentences']), seed)
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices('qwenjax tokenizer trained')
-  return load_tokenizer(path, model_vocab_size)
-
-
-class _Tokenize(grain.transforms.Map):
-  """Document text -> {'tokens': int32 ids + EOS}."""
-
-  def __init__(self, tokenizer: spm.SentencePieceProcessor):
-    self._tokenizer = tokenizer
-    self._eos = tokenizer.eos_id()
-
-  def map(self, text: str) -> dict[str, np.ndarray]:
-    ids = self._tokenizer.encode(text)
-    ids.append(self._eos)
-    return {'tokens': np.asarray(ids, np.int32)}
+def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer
+                     ) -> tuple[prepare.Corpus, prepare.Corpus | None]:
+  """(train, eval or None) corpora, tokenized once into `data.prepared_dir` and reused while unchanged."""
+  data = config.data
+  train_files, eval_files = documents.sources(data)
+  if not data.train_files:
+    logging.info('data: built-in corpus, %d Python standard library files for training and %d held out for eval',
+                 len(train_files), len(eval_files))
+  root = prepared_root(data)
+  kwargs = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train = prepare.prepare(train_files, data.text_key, tokenizer, root, what='data.train_files', **kwargs)
+  held_out = (prepare.prepare(eval_files, data.text_key, tokenizer, root, what='data.eval_files', **kwargs)
+              if eval_files else None)
+  return train, held_out
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Packed batches.
+# Packed rows, by index.
+
+class PackedRows:
+  """Row r of a corpus's stream (see the module docstring), as `tokens`, `segment_ids` and `positions` of
+  `seq_len + 1` entries. `epochs=False`: one pass in corpus order, then empty rows (for eval)."""
+
+  def __init__(self, corpus: prepare.Corpus, seq_len: int, seed: int, shuffle_window: int = 0,
+               epochs: bool = True):
+    self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
+    self.shuffle_window, self.epochs = shuffle_window, epochs
+    self.epoch_tokens = int(corpus.lengths.sum())
+    self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._row_perms: dict[int, np.ndarray] = {}
+
+  def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(documents in epoch order, where each ends in the epoch's stream)."""
+    if epoch not in self._orders:
+      if len(self._orders) > 2:
+        self._orders.pop(min(self._orders))
+      docs = (np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus)) if self.epochs
+              else np.arange(len(self.corpus)))
+      self._orders[epoch] = docs, np.cumsum(self.corpus.lengths[docs])
+    return self._orders[epoch]
+
+  def _stream_row(self, row: int) -> int:
+    window = self.shuffle_window
+    if window <= 1:
+      return row
+    block, i = divmod(row, window)
+    if block not in self._row_perms:
+      if len(self._row_perms) > 4:
+        self._row_perms.pop(min(self._row_perms))
+      self._row_perms[block] = np.random.default_rng([self.seed, 1 << 30, block]).permutation(window)
+    return block * window + int(self._row_perms[block][i])
+
+  def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+    need = self.seq_len + 1
+    out = {k: np.zeros(need, np.int32) for k in ('tokens', 'segment_ids', 'positions')}
+    position = self._stream_row(int(row)) * self.seq_len
+    filled, segment = 0, 0
+    while filled < need:
+      epoch, offset = divmod(position, self.epoch_tokens)
+      if epoch and not self.epochs:
+        break
+      docs, ends = self._order(epoch)
+      j = int(np.searchsorted(ends, offset, side='right'))
+      doc = int(docs[j])
+      start = offset - (int(ends[j]) - int(self.corpus.lengths[doc]))
+      take = min(need - filled, int(self.corpus.lengths[doc]) - start)
+      segment += 1
+      piece = slice(filled, filled + take)
+      out['tokens'][piece] = self.corpus.tokens(doc, start, start + take)
+      out['segment_ids'][piece] = segment
+      out['positions'][piece] = np.arange(take)
+      filled, position = filled + take, position + take
+    return out
+
 
 def to_model_batch(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Packed rows of `seq_len + 1` tokens -> model inputs and next-token targets of `seq_len` tokens."""
-  tokens, segments = packed['tokens'], packed['tokens_segment_ids']
+  tokens, segments = packed['tokens'], packed['segment_ids']
   same_doc = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
   return {
       'inputs': tokens[:, :-1],
       'targets': tokens[:, 1:],
-      'positions': packed['tokens_positions'][:, :-1],
+      'positions': packed['positions'][:, :-1],
       'segment_ids': segments[:, :-1],
       'weights': same_doc.astype(np.float32),
   }
 
 
-def _packed(ds: grain.MapDataset, tokenizer, seq_len: int, read_threads: int) -> grain.IterDataset:
-  ds = ds.map(_Tokenize(tokenizer)).filter(lambda x: x['tokens'].size > 1)
-  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * max(read_threads, 1))
-  it = ds.to_iter_dataset(options)
-  return grain.experimental.ConcatThenSplitIterDataset(it, length_struct={'tokens': seq_len + 1})
+class StepBatches:
+  """This process's rows of the batch of step k: global rows [k * batch_size, (k + 1) * batch_size) of the
+  stream, restricted to `local_rows` (indices within the global batch)."""
+
+  def __init__(self, rows: PackedRows, batch_size: int, local_rows: Sequence[int]):
+    self.rows, self.batch_size, self.local_rows = rows, batch_size, list(local_rows)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    packed = [self.rows[step * self.batch_size + i] for i in self.local_rows]
+    return to_model_batch({k: np.stack([p[k] for p in packed]) for k in packed[0]})
 
 
-def train_dataset(source: Sequence[str], tokenizer: spm.SentencePieceProcessor, *, seq_len: int,
-                  batch_size: int, seed: int, shuffle_window: int = 0, read_threads: int = 2,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """Endless batches of `batch_size` packed rows (this process's share of the global batch)."""
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if not len(ds):
-    raise ValueError(f'process {process_index} of {process_count} got no training documents: the training '
-                     f'files hold {len(source)} documents; use more documents than processes')
-  ds = ds.shuffle(seed=seed).repeat()
-  it = _packed(ds, tokenizer, seq_len, read_threads)
-  if shuffle_window > 1:
-    it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seed)
-  return it.batch(batch_size, drop_remainder=True).map(to_model_batch)
+def train_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, seed: int, shuffle_window: int,
+                  local_rows: Sequence[int], start: int, steps: int, read_threads: int = 2
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of steps start, start + 1, ..., steps - 1, read ahead on `read_threads` threads (grain)."""
+  batch_of = StepBatches(PackedRows(corpus, seq_len, seed, shuffle_window), batch_size, local_rows)
+  ds = grain.MapDataset.range(start, max(steps, start)).map(batch_of)
+  options = grain.ReadOptions(num_threads=max(read_threads, 1), prefetch_buffer_size=2 * max(read_threads, 1))
+  return iter(ds.to_iter_dataset(options))
 
 
-def eval_batches(source: Sequence[str], tokenizer: spm.SentencePieceProcessor, *, seq_len: int, batch_size: int,
-                 num_batches: int, read_threads: int = 2, process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The first `num_batches` batches of the eval documents, in file order, read once and kept in memory.
+def eval_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, num_batches: int,
+                 local_rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+  """The first `num_batches` batches of the eval corpus in file order, read once and kept in memory; past the end
+  of the corpus, rows are empty (zero weight), so every process runs the same number of eval steps."""
+  batch_of = StepBatches(PackedRows(corpus, seq_len, seed=0, epochs=False), batch_size, local_rows)
+  rows_needed = -(-corpus.lengths.sum() // seq_len)
+  return [batch_of(k) for k in range(min(num_batches, -(-rows_needed // batch_size)))]
 
-  Short sets end in zero-weight padding rows and batches, so every process runs `num_batches` eval steps.
-  """
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  it = _packed(ds, tokenizer, seq_len, read_threads).batch(batch_size, drop_remainder=False)
-  out = []
-  for packed in it:
-    rows = len(packed['tokens'])
-    if rows < batch_size:  # pad the last batch with empty rows (segment 0: zero weight everywhere)
-      packed = {k: np.concatenate([v, np.zeros((batch_size - rows,) + v.shape[1:], v.dtype)])
-                for k, v in packed.items()}
-    out.append(to_model_batch(packed))
-    if len(out) == num_batches:
-      break
-  if not out and process_count == 1:
-    return []
-  empty = to_model_batch({k: np.zeros((batch_size, seq_len + 1), np.int32)
-                          for k in ('tokens', 'tokens_segment_ids', 'tokens_positions')})
-  return out + [empty] * (num_batches - len(out))
+
+def stream_record(config: ml_collections.ConfigDict, corpus: prepare.Corpus) -> dict[str, Any]:
+  """What fixes the training stream: saved with each checkpoint, compared when a run resumes."""
+  return {'corpus': corpus.fingerprint, 'tokenizer': corpus.meta['tokenizer'], 'seed': int(config.train.seed),
+          'seq_len': int(config.data.seq_len), 'batch_size': int(config.train.batch_size),
+          'shuffle_window': int(config.data.shuffle_window)}
+
+
+def stream_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """Human-readable differences between the stream a checkpoint was trained on and this run's."""
+  names = {'corpus': 'the training corpus (data.train_files or their contents)', 'tokenizer': 'the tokenizer',
+           'seed': 'train.seed', 'seq_len': 'data.seq_len', 'batch_size': 'train.batch_size',
+           'shuffle_window': 'data.shuffle_window'}
+  return [f'{names.get(k, k)}: {saved.get(k)!r} -> {current.get(k)!r}' for k in names if saved.get(k) != current.get(k)]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any, Mapping
 
+from etils import epath
 import jax
 
 from qwenjax.model import ModelConfig, count_params
@@ -99,28 +101,58 @@ def progress_line(step: int, steps: int, metrics: Mapping[str, float], eta_secon
 class MetricWriter:
   """Appends `{'step': n, ...}` lines to `workdir/metrics.jsonl` and scalars to TensorBoard event files.
 
-  Only process 0 writes. A resumed run appends; steps it repeats after its last checkpoint appear twice,
-  the later line being the one that counts.
+  Only process 0 writes. A run resumed at step `resume_step` first drops the lines of later steps (written by a run
+  that stopped before checkpointing them), so metrics.jsonl never holds a step twice. The workdir may be a URL
+  (gs://...): the file then goes through epath, rewritten whole at each write, and TensorBoard files are written
+  locally and copied there at the end.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int = 0):
     self._active = jax.process_index() == 0
     if not self._active:
       return
     import tensorboardX  # pylint: disable=g-import-not-at-top  (only the process that writes needs it)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self._tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
+    self._path = epath.Path(workdir) / 'metrics.jsonl'
+    self._local = '://' not in str(workdir)
+    lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+    kept = [line for line in lines if line.strip() and _step_of(line) <= resume_step]
+    if len(kept) != len(lines):
+      tmp = self._path.parent / f'.metrics.jsonl.{os.getpid()}'
+      tmp.write_text(''.join(kept))
+      tmp.replace(self._path)
+    self._lines = kept
+    self._jsonl = open(self._path, 'a') if self._local else None
+    self._tb_dir = workdir if self._local else tempfile.mkdtemp(prefix='qwenjax-tensorboard-')
+    self._workdir = workdir
+    self._tb = tensorboardX.SummaryWriter(logdir=self._tb_dir, flush_secs=30)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self._active:
       return
     values = {k: float(v) for k, v in values.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
-    self._jsonl.flush()
+    line = json.dumps({'step': int(step), **values}) + '\n'
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._lines.append(line)
+      self._path.write_text(''.join(self._lines))
     for name, value in values.items():
       self._tb.add_scalar(name, value, int(step))
 
   def close(self) -> None:
-    if self._active:
+    if not self._active:
+      return
+    if self._jsonl is not None:
       self._jsonl.close()
-      self._tb.close()
+    self._tb.close()
+    if not self._local:
+      for name in os.listdir(self._tb_dir):
+        epath.Path(self._tb_dir, name).copy(epath.Path(self._workdir) / name, overwrite=True)
+
+
+def _step_of(line: str) -> float:
+  try:
+    return json.loads(line).get('step', 0)
+  except json.JSONDecodeError:  # a line cut short by a kill: dropped
+    return float('inf')

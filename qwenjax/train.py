@@ -15,6 +15,8 @@ loop: step, log, evaluate, checkpoint. The step itself is `qwenjax.train_step`; 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import logging as pylogging
 import os
@@ -29,6 +31,7 @@ from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -36,17 +39,17 @@ import numpy as np
 from qwenjax import checkpoint
 from qwenjax import config as config_lib
 from qwenjax import data
+from qwenjax import distributed
 from qwenjax import metrics as metrics_lib
 from qwenjax import sharding
 from qwenjax import train_step
+from qwenjax import lock as workdir_lib
 from qwenjax.model import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, TensorBoard files and the '
                                'tokenizer. Running again with the same workdir resumes.')
-_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host TPU '
-                               'slices, GPU clusters).')
 
 # Fields that fix parameter shapes: a Hugging Face checkpoint must agree with the config on these.
 _SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
@@ -56,10 +59,18 @@ _ARCH_FIELDS = ('rope_theta', 'rms_norm_eps', 'use_sliding_window', 'sliding_win
 
 
 def check_workdir(workdir: str | None) -> str:
+  """The workdir as an absolute path (or a URL such as gs://bucket/run, read and written through epath)."""
   if workdir is None or not str(workdir).strip():
     raise ValueError('the workdir is empty: pass --workdir=DIR, a directory for checkpoints, metrics and the '
                      'tokenizer (e.g. --workdir=/tmp/qwenjax-run); the same DIR later resumes the run')
-  return os.path.abspath(os.path.expanduser(str(workdir)))
+  workdir = str(workdir)
+  if '://' in workdir:
+    return workdir
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir={workdir} is a file, not a directory: give a directory (new or of an earlier run)')
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
 
 
 def compilation_cache_dir(setting: str, workdir: str) -> str | None:
@@ -105,36 +116,166 @@ def load_hf_params(path: str, model_config: ModelConfig) -> Any:
 
 
 class _StopSignal:
-  """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+  """Turns SIGTERM (preemption) and Ctrl-C (SIGINT) into a flag the loop checks after each step: the run saves a
+  checkpoint and stops. A second Ctrl-C stops at once."""
 
   def __init__(self):
     self.received = False
-    self._previous = None
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint after this step, then stopping')
+    del frame
+    if self.received and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning('%s received: saving a checkpoint after this step, then stopping%s', signal.Signals(signum).name,
+                    ' (Ctrl-C again to stop at once, without saving)' if signum == signal.SIGINT else '')
     self.received = True
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
-def evaluate(eval_fn, params, batches, batch_sharding) -> dict[str, float]:
+def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], batch_sharding, rows: list[int],
+             batch_size: int) -> dict[str, float]:
   nll, count = 0.0, 0.0
   for batch in batches:
-    n, c = eval_fn(params, _global_batch(batch, batch_sharding))
+    n, c = eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size))
     nll, count = nll + float(n), count + float(c)
   loss = nll / max(count, 1.0)
   return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))), 'eval_tokens': count}
 
 
-def _global_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over the batch axes of the mesh."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+def _global_batch(batch: dict[str, np.ndarray], batch_sharding, rows: list[int], batch_size: int
+                  ) -> dict[str, jax.Array]:
+  """This process's rows (`rows` of the global batch, in that order) -> global arrays sharded over the batch axes
+  of the mesh; each device takes its rows from them."""
+  where = {row: i for i, row in enumerate(rows)}
+
+  def global_array(local: np.ndarray) -> jax.Array:
+    def shard(index):
+      return local[[where[r] for r in range(batch_size)[index[0]]]][(slice(None),) + tuple(index[1:])]
+    return jax.make_array_from_callback((batch_size,) + local.shape[1:], batch_sharding, shard)
+
+  return {k: global_array(v) for k, v in batch.items()}
+
+
+def local_rows(batch_sharding: jax.sharding.Sharding, batch_size: int) -> list[int]:
+  """The rows of the global batch that this process's devices hold, in order: the only rows it reads."""
+  rows = set()
+  for index in batch_sharding.addressable_devices_indices_map((batch_size, 1)).values():
+    rows.update(range(batch_size)[index[0]])
+  return sorted(rows)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the step loop needs, made by `setup`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model_config: ModelConfig
+  mesh: jax.sharding.Mesh
+  rules: Any
+  batch_sharding: jax.sharding.Sharding
+  shardings: train_step.TrainState
+  tx: Any
+  corpus: Any  # the prepared training corpus
+  rows: list[int]  # this process's rows of each global batch
+  eval_data: list[dict[str, np.ndarray]]
+  checkpointer: checkpoint.Checkpointer
+  state: train_step.TrainState
+  start: int
+  stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Mesh, tokenizer and prepared data, then the train state: restored, or new (config.json written only then)."""
+  tc, seq_len = config.train, int(config.data.seq_len)
+  model_config = ModelConfig.from_dict(config.model)
+  if seq_len > model_config.max_position_embeddings:
+    raise ValueError(f'data.seq_len={seq_len} exceeds model.max_position_embeddings='
+                     f'{model_config.max_position_embeddings}')
+  if int(tc.checkpoint_every) < 0:
+    raise ValueError(f'train.checkpoint_every={tc.checkpoint_every} must be >= 0 (0: only at the end)')
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model_config)
+  check_batch(tc, sharding.batch_shards(mesh, rules), mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  logging.info('mesh %s over %d %s device(s), %d process(es)', dict(mesh.shape), mesh.size,
+               jax.devices()[0].device_kind, jax.process_count())
+
+  setup_start = time.time()
+  tokenizer = data.get_tokenizer(config, workdir)
+  corpus, held_out = data.prepared_corpora(config, tokenizer)
+  rows = local_rows(batch_sharding, int(tc.batch_size))
+  logging.info('process %d of %d reads rows %s of each global batch', jax.process_index(), jax.process_count(),
+               rows)
+  eval_data = []
+  if held_out is not None and int(tc.eval_steps) > 0:
+    eval_data = data.eval_batches(held_out, seq_len=seq_len, batch_size=int(tc.batch_size),
+                                  num_batches=int(tc.eval_steps), local_rows=rows)
+  if not eval_data:
+    logging.info('no eval data (set data.eval_files): eval loss is not computed')
+  logging.info('data: tokenizer and prepared corpora ready in %.1f s', time.time() - setup_start)
+
+  setup_start = time.time()
+  tx = train_step.make_optimizer(tc)
+  shardings = train_step.state_shardings(model_config, tx, mesh, rules)
+  checkpointer = checkpoint.Checkpointer(workdir, int(tc.keep_checkpoints))
+  stream = data.stream_record(config, corpus)
+  state, start = _restore_or_init(config, workdir, model_config, tx, shardings, checkpointer, stream)
+  state = jax.block_until_ready(state)
+  if jax.process_index() == 0:
+    workdir_lib.write_config(workdir, config, start)
+  logging.info('model: %s parameters; train state ready in %.1f s',
+               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', time.time() - setup_start)
+  return Run(config, workdir, model_config, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
+             checkpointer, state, start, stream)
+
+
+def _restore_or_init(config, workdir, model_config, tx, shardings, checkpointer, stream):
+  """(state, first step): the latest readable checkpoint, else a Hugging Face checkpoint or random init.
+
+  Errors leave every file as it was and say which setting differs from the workdir's config.json."""
+  saved_steps = checkpointer.all_steps()
+  try:
+    restored = checkpointer.restore(train_step.abstract_state(model_config, tx, shardings))
+  except (checkpoint.ShapeMismatchError, checkpoint.RestoreError) as e:
+    changes = workdir_lib.config_changes(workdir_lib.saved_config(workdir) or {}, config)
+    differs = ('Settings that differ from the workdir\'s config.json: ' + '; '.join(changes) + '.') if changes else ''
+    raise type(e)(f'{e} {differs}'.strip()) from e
+  if restored is not None:
+    state, start, saved_stream = restored
+    changes = data.stream_changes(saved_stream or {}, stream)
+    if saved_stream and changes:
+      logging.warning('resuming at step %d with a different data stream than the checkpoint was trained on (%s): '
+                      'the batches from here on are not those the interrupted run would have seen', start,
+                      '; '.join(changes))
+    logging.info('resumed from %s/%d', checkpointer.directory, start)
+    return state, start
+  lost = saved_steps or checkpointer.set_aside_steps()
+  if lost and not config.train.restart_if_unreadable:
+    raise checkpoint.RestoreError(
+        f'no checkpoint in {checkpointer.directory} can be read (unreadable ones were moved to '
+        f'{checkpointer.corrupt_directory}: {", ".join(checkpointer.set_aside_steps())}). The run does not start '
+        'over by itself: pass --config.train.restart_if_unreadable=True to train again from step 0 in this '
+        'workdir, or use a new --workdir.')
+  if config.init_from_hf:
+    logging.info('initializing from the Hugging Face checkpoint %s', config.init_from_hf)
+    return train_step.create_state(model_config, tx, shardings,
+                                   params=load_hf_params(config.init_from_hf, model_config)), 0
+  return train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(config.train.seed))), 0
+
+
+def _save(run: Run, step: int, state) -> None:
+  try:
+    run.checkpointer.save(step, state, run.stream)
+  except checkpoint.NonFiniteError as e:
+    raise checkpoint.NonFiniteError(f'{e}. Stopping: lower train.lr or look for bad data before the last good '
+                                    'checkpoint; the run resumes from it.') from e
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -144,139 +285,182 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs).
   """
   workdir = check_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-  tc, seq_len = config.train, int(config.data.seq_len)
-  model_config = ModelConfig.from_dict(config.model)
-  if seq_len > model_config.max_position_embeddings:
-    raise ValueError(f'data.seq_len={seq_len} exceeds model.max_position_embeddings='
-                     f'{model_config.max_position_embeddings}')
+  with _workdir_lock(workdir):
+    run = setup(config, workdir)
+    return train_loop(run, stop_after=stop_after)
 
-  # Devices.
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model_config)
-  local_batch = check_batch(tc, sharding.batch_shards(mesh, rules), mesh)
-  logging.info('mesh %s over %d %s device(s), %d process(es)', dict(mesh.shape), mesh.size,
-               jax.devices()[0].device_kind, jax.process_count())
 
-  # Data.
-  setup_start = time.time()
-  train_source, eval_source = data.sources(config.data)
-  tokenizer = data.get_tokenizer(config.data, workdir, train_source, model_config.vocab_size, int(tc.seed))
-  train_iter = iter(data.train_dataset(
-      train_source, tokenizer, seq_len=seq_len, batch_size=local_batch, seed=int(tc.seed),
-      shuffle_window=int(config.data.shuffle_window), read_threads=int(config.data.read_threads),
-      process_index=jax.process_index(), process_count=jax.process_count()))
-  eval_data = []
-  if eval_source is not None and int(tc.eval_steps) > 0:
-    eval_data = data.eval_batches(
-        eval_source, tokenizer, seq_len=seq_len, batch_size=local_batch, num_batches=int(tc.eval_steps),
-        read_threads=int(config.data.read_threads), process_index=jax.process_index(),
-        process_count=jax.process_count())
-  if not eval_data:
-    logging.info('no eval data (set data.eval_files): eval loss is not computed')
-  logging.info('data: tokenizer, training pipeline and eval batches ready in %.1f s', time.time() - setup_start)
-  setup_start = time.time()
-
-  # Train state: restored, or from a Hugging Face checkpoint, or random; created sharded.
-  tx = train_step.make_optimizer(tc)
-  shardings = train_step.state_shardings(model_config, tx, mesh, rules)
-  ckpt = checkpoint.Checkpointer(workdir, int(tc.keep_checkpoints))
-  restored = ckpt.restore(train_step.abstract_state(model_config, tx, shardings), train_iter)
-  if restored is not None:
-    state, start = restored
-    logging.info('resumed from %s/%d', ckpt.directory, start)
-  elif config.init_from_hf:
-    state, start = train_step.create_state(model_config, tx, shardings,
-                                           params=load_hf_params(config.init_from_hf, model_config)), 0
-    logging.info('initialized from the Hugging Face checkpoint %s', config.init_from_hf)
-  else:
-    state, start = train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(tc.seed))), 0
-  state = jax.block_until_ready(state)
-  steps = int(tc.steps)
-  flops = metrics_lib.flops_per_token(model_config, seq_len)
-  logging.info('model: %s parameters, %.3g training FLOPs per token at seq_len %d; train state ready in %.1f s',
-               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', flops, seq_len, time.time() - setup_start)
-  if start >= steps:
-    logging.info('already trained to step %d of train.steps=%d: nothing to do', start, steps)
-
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  writer = metrics_lib.MetricWriter(workdir)
+def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
+  """Steps from `run.start` to `train.steps`: step, log, evaluate, checkpoint; stops early on SIGTERM / Ctrl-C."""
+  tc, steps, state, ckpt = run.config.train, int(run.config.train.steps), run.state, run.checkpointer
+  seq_len = int(run.config.data.seq_len)
+  if run.start >= steps:
+    logging.info('already trained to step %d of train.steps=%d: nothing to do', run.start, steps)
+  batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=int(tc.batch_size), seed=int(tc.seed),
+                               shuffle_window=int(run.config.data.shuffle_window), local_rows=run.rows,
+                               start=run.start, steps=steps, read_threads=int(run.config.data.read_threads))
+  flops = metrics_lib.flops_per_token(run.model_config, seq_len)
+  writer = metrics_lib.MetricWriter(run.workdir, resume_step=run.start)
   peak = float(tc.peak_tflops) * 1e12 or metrics_lib.peak_flops_per_device()
   tokens_per_step = int(tc.batch_size) * seq_len
-  log_every, eval_every = max(int(tc.log_every), 1), int(tc.eval_every)
-  stop = _StopSignal()
+  log_every, eval_every, checkpoint_every = max(int(tc.log_every), 1), int(tc.eval_every), int(tc.checkpoint_every)
+  stop, profiler = _StopSignal(), _Profiler(run.workdir, int(tc.profile_steps), int(tc.profile_from), steps)
+  nonfinite = _NonFiniteSteps(int(tc.max_nonfinite_steps))
   last: dict[str, float] = {}
-  profile_steps, profile_from = int(tc.profile_steps), int(tc.profile_from)
-  profile_dir, profiling = os.path.join(workdir, 'profile'), False
-
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      step_fn = jax.jit(train_step.make_train_step(model_config, tx, tc),
-                        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+      step_fn = jax.jit(train_step.make_train_step(run.model_config, run.tx, tc),
+                        in_shardings=(run.shardings, run.batch_sharding), out_shardings=(run.shardings, None),
                         donate_argnums=(0,))
-      eval_fn = jax.jit(train_step.make_eval_step(model_config, tc),
-                        in_shardings=(shardings.params, batch_sharding))
-
-      pending, timed_from, timer = [], start, time.time()
-      for step in range(start, steps):
-        if profile_steps and step == profile_from:
-          jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
-          profiling = True
-        state, step_metrics = step_fn(state, _global_batch(next(train_iter), batch_sharding))
+      eval_fn = jax.jit(train_step.make_eval_step(run.model_config, tc),
+                        in_shardings=(run.shardings.params, run.batch_sharding))
+      timer = _StepTimer(run.start)
+      for step in range(run.start, steps):
+        profiler.before(step)
+        state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
+                                                           int(tc.batch_size)))
         done = step + 1
-        if pending:  # with this step queued behind it, wait for the previous one: the host runs one step ahead
-          jax.block_until_ready(pending[-1])
-        pending.append(step_metrics)
-        if done == start + 1:  # the first step compiles: keep it out of the timings
-          jax.block_until_ready(step_metrics)
-          logging.info('first step (compilation included) took %.1f s', time.time() - timer)
-          timed_from, timer = done, time.time()
-        if profiling and (done == profile_from + profile_steps or done == steps):
-          jax.block_until_ready(step_metrics)
-          jax.profiler.stop_trace()
-          profiling = False
-          logging.info('profile of steps %d-%d written to %s (python benchmarks/profile_summary.py %s --steps %d)',
-                       profile_from + 1, done, profile_dir, profile_dir, done - profile_from)
+        timer.queued(step_metrics)  # waits for the previous step: the host runs one step ahead
+        nonfinite.check(timer.previous, done - 1)
+        profiler.after(done, step_metrics)
         stopping = stop.received or done == stop_after or ckpt.reached_preemption(done)
 
         if done % log_every == 0 or done == steps or stopping:
-          values = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-          pending = []
-          eta = None
-          if done > timed_from:
-            step_time = (time.time() - timer) / (done - timed_from)
-            values.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
-            if peak:
-              values['mfu'] = tokens_per_step * flops / step_time / (peak * jax.device_count())
-            eta = (steps - done) * step_time
-            timed_from, timer = done, time.time()
+          values = timer.collect(done, tokens_per_step, flops, peak)
+          nonfinite.check(values, done)
           writer.write(done, values)
-          logging.info(metrics_lib.progress_line(done, steps, values, eta))
+          logging.info(metrics_lib.progress_line(done, steps, values, timer.eta(done, steps)))
           last.update(values)
 
-        if eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
-          values = evaluate(eval_fn, state.params, eval_data, batch_sharding)
+        if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
+          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, int(tc.batch_size))
           writer.write(done, values)
           logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
                        values['eval_perplexity'])
           last.update(values)
-          timed_from, timer = done, time.time()  # keep eval time out of the step timings
+          timer.restart(done)  # keep eval time out of the step timings
 
-        if done % int(tc.checkpoint_every) == 0 or done == steps or stopping:
-          ckpt.save(done, state, train_iter)
+        if (checkpoint_every and done % checkpoint_every == 0) or done == steps or stopping:
+          _save(run, done, state)
         if stopping:
           logging.info('stopping at step %d (checkpoint saved)', done)
           break
-  finally:  # also on errors: finish the async checkpoint, close the files, give SIGTERM back
-    if profiling:
-      jax.profiler.stop_trace()
+  finally:  # also on errors: finish the async checkpoint, close the files, give the signals back
+    profiler.close()
     ckpt.close()
     writer.close()
     stop.close()
   return last
+
+
+class _StepTimer:
+  """Step times and throughput over the steps since the last log, leaving out the first (compiling) step."""
+
+  def __init__(self, start: int):
+    self.start, self.timed_from, self.time = start, start, time.time()
+    self.pending: list[dict[str, jax.Array]] = []
+    self.previous: dict[str, jax.Array] | None = None
+
+  def queued(self, step_metrics) -> None:
+    if self.pending:
+      jax.block_until_ready(self.pending[-1])
+      self.previous = self.pending[-1]
+    self.pending.append(step_metrics)
+    if len(self.pending) == 1 and self.timed_from == self.start:  # the first step compiles
+      jax.block_until_ready(step_metrics)
+      logging.info('first step (compilation included) took %.1f s', time.time() - self.time)
+      self.restart(self.start + 1)
+
+  def restart(self, done: int) -> None:
+    self.timed_from, self.time = done, time.time()
+
+  def collect(self, done: int, tokens_per_step: int, flops: float, peak: float | None) -> dict[str, float]:
+    values = {k: float(np.mean([jax.device_get(m[k]) for m in self.pending])) for k in self.pending[0]}
+    values['skipped'] = float(sum(jax.device_get(m['skipped']) for m in self.pending))
+    self.pending, self.previous = [], None
+    if done > self.timed_from:
+      step_time = (time.time() - self.time) / (done - self.timed_from)
+      values.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
+      if peak:
+        values['mfu'] = tokens_per_step * flops / step_time / (peak * jax.device_count())
+      self.last_step_time = step_time
+      self.restart(done)
+    return values
+
+  def eta(self, done: int, steps: int) -> float | None:
+    return (steps - done) * self.last_step_time if hasattr(self, 'last_step_time') else None
+
+
+class _NonFiniteSteps:
+  """Counts steps skipped for a non-finite loss or gradient; too many in a row stop the run."""
+
+  def __init__(self, limit: int):
+    self.limit, self.in_a_row, self.first, self.seen = max(limit, 1), 0, None, -1
+
+  def check(self, step_metrics, step: int) -> None:
+    if step_metrics is None or step <= self.seen:
+      return
+    self.seen = step
+    if not float(jax.device_get(step_metrics['skipped'])):
+      self.in_a_row, self.first = 0, None
+      return
+    self.in_a_row += 1
+    self.first = self.first or step
+    logging.warning('step %d: loss or gradient not finite (loss %s, grad_norm %s): update skipped (%d in a row)',
+                    step, float(step_metrics['loss']), float(step_metrics['grad_norm']), self.in_a_row)
+    if self.in_a_row >= self.limit:
+      raise checkpoint.NonFiniteError(
+          f'{self.in_a_row} steps in a row (steps {self.first}-{step}) had a non-finite loss or gradient, so their '
+          f'updates were skipped (train.max_nonfinite_steps={self.limit}). Stopping without saving: lower '
+          'train.lr, look at the data of those steps, or check the checkpoint the run resumed from.')
+
+
+class _Profiler:
+  """jax.profiler trace of steps profile_from + 1 ... profile_from + profile_steps into workdir/profile."""
+
+  def __init__(self, workdir: str, profile_steps: int, profile_from: int, steps: int):
+    self.dir, self.count, self.first, self.steps = os.path.join(workdir, 'profile'), profile_steps, profile_from, steps
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.count and step == self.first:
+      jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+      self.active = True
+
+  def after(self, done: int, step_metrics) -> None:
+    if self.active and (done == self.first + self.count or done == self.steps):
+      jax.block_until_ready(step_metrics)
+      self.close()
+      logging.info('profile of steps %d-%d written to %s (python benchmarks/profile_summary.py %s --steps %d)',
+                   self.first + 1, done, self.dir, self.dir, done - self.first)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """One run per workdir: process 0 takes the lock; every process stops if it cannot."""
+  lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+  error = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirBusyError as e:
+      error = e
+  if jax.process_count() > 1:
+    busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if busy and error is None:
+      raise workdir_lib.WorkdirBusyError(f'the workdir {workdir} is in use by another run (see process 0)')
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def config_override_error(argv: list[str]) -> str | None:
@@ -335,22 +519,28 @@ class _LibraryInfoFilter(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or not quiet
 
 
+# Errors that are about the run's input or state, and whose message says how to proceed.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, workdir_lib.WorkdirBusyError, checkpoint.RestoreError,
+               checkpoint.NonFiniteError)
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; set config values as --config.SECTION.KEY=VALUE')
-  if _MULTIHOST.value:
-    jax.distributed.initialize()
   try:
+    distributed.initialize()
     workdir = check_workdir(_WORKDIR.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  # The cache is jax's process-wide setting, made once before anything compiles: here, not in
-  # train_and_evaluate, which tests and notebooks call in processes that configure jax themselves.
-  cache = compilation_cache_dir(str(_CONFIG.value.train.compilation_cache_dir), workdir)
-  if cache:
-    jax.config.update('jax_compilation_cache_dir', cache)
-  train_and_evaluate(_CONFIG.value, workdir)
+    # The cache is jax's process-wide setting, made once before anything compiles: here, not in
+    # train_and_evaluate, which tests and notebooks call in processes that configure jax themselves.
+    cache = compilation_cache_dir(str(_CONFIG.value.train.compilation_cache_dir), workdir)
+    if cache:
+      jax.config.update('jax_compilation_cache_dir', cache)
+    train_and_evaluate(_CONFIG.value, workdir)
+  except USER_ERRORS as e:  # a message that says what to do, without a traceback through the library
+    logging.error('%s', e)
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(1)
 
 
 if __name__ == '__main__':

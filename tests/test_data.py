@@ -1,4 +1,4 @@
-"""The input pipeline: sources, tokenizer, packing, resumable iteration."""
+"""The input pipeline: documents, bad input, prepared corpora, and the packed rows of each step."""
 
 import json
 import os
@@ -7,21 +7,38 @@ import numpy as np
 import pytest
 
 from qwenjax import data
+from qwenjax import documents
+from qwenjax import prepare
 
 
 class ByteTokenizer:
-  """Stand-in for sentencepiece: one id per byte (+3), EOS = 2. Makes packing checks exact."""
+  """Stand-in for a real tokenizer: one id per byte (+3), EOS = 2. Makes packing checks exact."""
 
-  def encode(self, text):
-    return [b + 3 for b in text.encode()]
+  eos_id = 2
+  vocab_size = 259
+  fingerprint = 'bytes-v1'
 
-  def eos_id(self):
-    return 2
+  def __init__(self):
+    self.calls = 0
+
+  def encode_batch(self, texts):
+    self.calls += 1
+    return [[b + 3 for b in t.encode()] for t in texts]
 
 
 def _docs(n, seed=0):
   rng = np.random.default_rng(seed)
   return [''.join(rng.choice(list('abcdefgh '), size=int(rng.integers(1, 60)))) for _ in range(n)]
+
+
+def _corpus(tmp_path, docs, name='docs.jsonl', tokenizer=None):
+  path = tmp_path / name
+  path.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+  return prepare.prepare([str(path)], 'text', tokenizer or ByteTokenizer(), str(tmp_path / 'prepared'))
+
+
+def _text(tokens):
+  return bytes(int(t) - 3 if t > 2 else 10 for t in tokens).decode()
 
 
 def test_stdlib_corpus_split_is_deterministic_and_disjoint():
@@ -42,101 +59,117 @@ def test_sources_read_jsonl_txt_and_arrayrecord(tmp_path):
   writer.write(json.dumps({'text': 'json record'}).encode())
   writer.close()
   patterns = f'{tmp_path}/*.jsonl, {tmp_path}/*.txt, {tmp_path}/*.array_record'
-  train, held_out = data.sources({'train_files': patterns, 'eval_files': '', 'text_key': 'text'})
-  assert held_out is None
+  train_files, eval_files = documents.sources({'train_files': patterns, 'eval_files': '', 'text_key': 'text'})
+  assert eval_files == []
+  train = documents.DocumentSource(train_files)
   assert [train[i] for i in range(len(train))] == [
       'first doc', 'second\ndoc', 'a whole\nfile', 'plain record', 'json record']
-  with pytest.raises(KeyError, match="no 'body' field.*text_key"):
-    data.DocumentSource([str(tmp_path / 'a.jsonl')], text_key='body')[0]
+  with pytest.raises(KeyError, match=r"a.jsonl:3 has no 'body' field.*text_key"):
+    documents.DocumentSource([str(tmp_path / 'a.jsonl')], text_key='body')[1]
 
 
 def test_no_matching_files_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"no files match data.train_files=.*nothing\*.jsonl"):
-    data.sources({'train_files': f'{tmp_path}/nothing*.jsonl', 'eval_files': '', 'text_key': 'text'})
+    documents.sources({'train_files': f'{tmp_path}/nothing*.jsonl', 'eval_files': '', 'text_key': 'text'})
 
 
-def test_packing_keeps_every_token_and_masks_document_boundaries():
-  docs = _docs(40)
-  seq_len, rows = 16, 4
-  it = iter(data.train_dataset(docs, ByteTokenizer(), seq_len=seq_len, batch_size=rows, seed=3,
-                               shuffle_window=0, read_threads=1))
-  batches = [next(it) for _ in range(6)]
+def test_bad_input_names_the_file_and_line(tmp_path):
+  lines = [json.dumps({'text': f'document {i}'}) for i in range(5)]
+  lines[3] = '{"text": "cut short'
+  (tmp_path / 'bad.jsonl').write_text('\n'.join(lines) + '\n')
+  with pytest.raises(ValueError, match=r'bad.jsonl:4: malformed JSON .*fix or remove that line'):
+    prepare.prepare([str(tmp_path / 'bad.jsonl')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
+
+  # Binary files and lines with invalid UTF-8 are skipped and counted, never trained on.
+  (tmp_path / 'good.txt').write_text('plain text')
+  (tmp_path / 'image.txt').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR')
+  with open(tmp_path / 'mixed.jsonl', 'wb') as f:
+    f.write(json.dumps({'text': 'fine'}).encode() + b'\n' + b'{"text": "caf\xe9"}\n')
+  files = [str(tmp_path / n) for n in ('good.txt', 'image.txt', 'mixed.jsonl')]
+  corpus = prepare.prepare(files, 'text', ByteTokenizer(), str(tmp_path / 'p'))
+  assert corpus.meta['documents'] == 2 and corpus.meta['skipped'] == 2
+  assert any('image.txt: binary data' in w for w in corpus.meta['skipped_where'])
+  assert any('mixed.jsonl:2: not UTF-8 text' in w for w in corpus.meta['skipped_where'])
+  assert sorted(_text(corpus.tokens(d)) for d in range(2)) == ['fine\n', 'plain text\n']
+
+  (tmp_path / 'empty.txt').write_text('')
+  with pytest.raises(ValueError, match=r'data.train_files: no text to train on: every document is empty'):
+    prepare.prepare([str(tmp_path / 'empty.txt')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
+  with pytest.raises(ValueError, match=r'no text to train on: all 1 document\(s\) are not UTF-8 text'):
+    prepare.prepare([str(tmp_path / 'image.txt')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
+
+
+def test_prepared_corpus_is_reused_until_a_file_changes(tmp_path):
+  tokenizer = ByteTokenizer()
+  docs = _docs(1200)  # three shards
+  corpus = _corpus(tmp_path, docs, tokenizer=tokenizer)
+  assert tokenizer.calls == 3 and corpus.meta['shards'] == 3 and len(corpus) == 1200
+  assert [_text(corpus.tokens(d)) for d in (0, 700, 1199)] == [docs[0] + '\n', docs[700] + '\n', docs[1199] + '\n']
+  again = prepare.prepare([str(tmp_path / 'docs.jsonl')], 'text', tokenizer, str(tmp_path / 'prepared'))
+  assert tokenizer.calls == 3 and again.directory == corpus.directory  # not tokenized again
+  stat = os.stat(tmp_path / 'docs.jsonl')
+  os.utime(tmp_path / 'docs.jsonl', ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched
+  rebuilt = prepare.prepare([str(tmp_path / 'docs.jsonl')], 'text', tokenizer, str(tmp_path / 'prepared'))
+  assert tokenizer.calls == 6 and rebuilt.directory != corpus.directory
+
+
+def test_rows_pack_every_token_once_with_document_boundaries(tmp_path):
+  docs = _docs(60)
+  corpus = _corpus(tmp_path, docs)
+  seq_len, batch = 16, 4
+  batches = [data.StepBatches(data.PackedRows(corpus, seq_len, seed=3), batch, range(batch))(k) for k in range(8)]
   for b in batches:
-    assert b['inputs'].shape == (rows, seq_len) and b['weights'].dtype == np.float32
+    assert b['inputs'].shape == (batch, seq_len) and b['weights'].dtype == np.float32
     np.testing.assert_array_equal(b['inputs'][:, 1:], b['targets'][:, :-1])
-    # A target counts iff it continues the input's document.
-    seg_next = np.concatenate([b['segment_ids'][:, 1:], np.full((rows, 1), -1)], axis=1)
-    interior = b['weights'][:, :-1] == 1
-    np.testing.assert_array_equal(interior, b['segment_ids'][:, :-1] == seg_next[:, :-1])
-    assert (b['segment_ids'] > 0).all()  # an endless stream has no padding
+    assert (b['segment_ids'] > 0).all()  # the training stream has no padding at all
+    seg_next = np.concatenate([b['segment_ids'][:, 1:], np.full((batch, 1), -1)], axis=1)
+    np.testing.assert_array_equal(b['weights'][:, :-1] == 1, b['segment_ids'][:, :-1] == seg_next[:, :-1])
     starts = np.diff(b['segment_ids'], axis=1) != 0
     assert (b['positions'][:, 1:][starts] == 0).all()  # positions restart with each document
-  # Consecutive rows are consecutive pieces of one stream: shuffled documents, each followed by EOS (2).
-  stream = np.concatenate([np.concatenate([b['inputs'], b['targets'][:, -1:]], 1).ravel() for b in batches])
-  pieces = bytes(int(t) - 3 if t > 2 else 10 for t in stream).decode().split('\n')[:-1]
-  assert len(pieces) > 5 and all(p in docs for p in pieces)
-  assert len(set(pieces)) == len(pieces)  # within an epoch no document repeats
-  assert [docs.index(p) for p in pieces] != sorted(docs.index(p) for p in pieces)  # shuffled
+  # Rows overlap by one token: the inputs of consecutive rows, then the last target, are the stream itself,
+  # documents in a shuffled order, each once per epoch, each followed by EOS.
+  stream = np.concatenate([b['inputs'].ravel() for b in batches] + [batches[-1]['targets'][-1, -1:]])
+  pieces = _text(stream).split('\n')[1:-1]  # the first and last pieces may be cut
+  assert len(pieces) > 10 and all(p in docs for p in pieces)
+  assert len(set(pieces)) == len(pieces)
+  assert [docs.index(p) for p in pieces] != sorted(docs.index(p) for p in pieces)
 
 
-def test_iterator_state_restores_the_exact_next_batches():
-  docs = _docs(200, seed=1)
-  make = lambda: iter(data.train_dataset(docs, ByteTokenizer(), seq_len=32, batch_size=4, seed=7,
-                                         shuffle_window=16, read_threads=2))
-  it = make()
-  for _ in range(9):
-    next(it)
-  state = it.get_state()
-  expected = [next(it) for _ in range(12)]  # crosses a window boundary and an epoch
-  resumed = make()
-  resumed.set_state(json.loads(json.dumps(state)))  # as saved in a checkpoint
-  for want in expected:
-    got = next(resumed)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k])
+def test_a_step_is_the_same_batch_whoever_reads_it(tmp_path):
+  corpus = _corpus(tmp_path, _docs(300, seed=1))
+  make = lambda rows: data.StepBatches(data.PackedRows(corpus, 32, seed=7, shuffle_window=16), 8, rows)
+  whole = make(range(8))
+  # Read in another order, after other steps, by a new reader (a resumed run), or split between two processes.
+  later = [make(range(8))(k) for k in (40, 3, 17)]
+  halves = [make(range(0, 4)), make(range(4, 8))]
+  for k, got in zip((40, 3, 17), later):
+    want = whole(k)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+      np.testing.assert_array_equal(np.concatenate([h(k)[key] for h in halves]), want[key])
+  # Many epochs later rows still come from the corpus, in a new order.
+  epoch_rows = corpus.lengths.sum() // 32
+  assert not np.array_equal(whole(0)['inputs'], whole(int(epoch_rows) // 8 + 5)['inputs'])
 
 
-def test_process_shards_are_disjoint():
-  docs = [f'doc{i}' for i in range(30)]
-  seen = []
-  for index in range(3):
-    it = iter(data.train_dataset(docs, ByteTokenizer(), seq_len=8, batch_size=1, seed=0,
-                                 process_index=index, process_count=3, read_threads=1))
-    rows = [next(it) for _ in range(12)]
-    text = bytes(int(t) - 3 if t > 2 else 32 for b in rows
-                 for t in np.concatenate([b['inputs'][0], b['targets'][0, -1:]])).decode()
-    seen.append({w for w in text.split() if w.startswith('doc') and w[3:].isdigit()})
-  assert not seen[0] & seen[1] and not seen[1] & seen[2] and not seen[0] & seen[2]
+def test_train_batches_start_at_any_step(tmp_path):
+  corpus = _corpus(tmp_path, _docs(200, seed=2))
+  kwargs = dict(seq_len=16, batch_size=4, seed=0, shuffle_window=8, local_rows=range(4), steps=12, read_threads=2)
+  straight = list(data.train_batches(corpus, start=0, **kwargs))
+  resumed = list(data.train_batches(corpus, start=5, **kwargs))
+  assert len(straight) == 12 and len(resumed) == 7
+  for want, got in zip(straight[5:], resumed):
+    np.testing.assert_array_equal(got['inputs'], want['inputs'])
 
 
-def test_eval_batches_are_fixed_and_padded():
+def test_eval_batches_are_fixed_and_padded(tmp_path):
   docs = _docs(5)
-  batches = data.eval_batches(docs, ByteTokenizer(), seq_len=16, batch_size=4, num_batches=50, read_threads=1)
-  assert len(batches) == 50
-  # Targets that count: next tokens within one packed row of 17 and within one document (EOS included).
-  doc_of = np.concatenate([np.full(len(d) + 1, i) for i, d in enumerate(docs)])
-  rows = [doc_of[i:i + 17] for i in range(0, len(doc_of), 17)]
-  expected = sum(int((row[1:] == row[:-1]).sum()) for row in rows)
-  assert sum(b['weights'].sum() for b in batches) == expected
-  assert batches[-1]['weights'].sum() == 0  # padding batches
-  again = data.eval_batches(docs, ByteTokenizer(), seq_len=16, batch_size=4, num_batches=50, read_threads=1)
-  np.testing.assert_array_equal(again[0]['inputs'], batches[0]['inputs'])
-
-
-def test_trained_tokenizer_round_trips_and_is_checked_against_the_model(tmp_path):
-  train, _ = data.stdlib_files()
-  source = data.DocumentSource(train[:40])
-  path = str(tmp_path / 'tok.model')
-  data.train_tokenizer(source, path, vocab_size=400, max_sentences=3000)
-  tokenizer = data.load_tokenizer(path, model_vocab_size=400)
-  text = source[0][:500]
-  assert tokenizer.decode(tokenizer.encode(text)) == text  # indentation and newlines survive
-  assert tokenizer.encode('\u2603') and tokenizer.eos_id() == 2  # byte fallback, no unknowns
-  with pytest.raises(ValueError, match=r'400 pieces but model.vocab_size is 300.*vocab_size=400'):
-    data.load_tokenizer(path, model_vocab_size=300)
-  config = {'tokenizer': 'train', 'vocab_size': 512, 'tokenizer_sentences': 100}
-  with pytest.raises(ValueError, match=r'data.vocab_size=512 .* more than model.vocab_size=256'):
-    data.get_tokenizer(config, str(tmp_path), source, model_vocab_size=256)
-  with pytest.raises(FileNotFoundError, match='does not exist'):
-    data.get_tokenizer({'tokenizer': str(tmp_path / 'missing.model')}, str(tmp_path), source, 256)
-  assert not os.path.exists(tmp_path / 'tokenizer.model')
+  corpus = _corpus(tmp_path, docs)
+  batches = data.eval_batches(corpus, seq_len=16, batch_size=4, num_batches=50, local_rows=range(4))
+  # Every target within one document counts once, in file order; then zero-weight padding.
+  n = sum(len(d) + 1 for d in docs)
+  assert len(batches) == -(-(-(-n // 16)) // 4) < 50
+  assert sum(b['weights'].sum() for b in batches) == n - len(docs)
+  stream = np.concatenate([b['inputs'].ravel() for b in batches])[:n - 1]
+  assert _text(stream) == '\n'.join(docs)
+  assert batches[-1]['weights'][-1, -1] == 0 and batches[-1]['segment_ids'][-1, -1] == 0  # padding

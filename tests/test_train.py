@@ -1,7 +1,6 @@
 """The training job end to end on 8 fake CPU devices: learning, exact resume, checkpoint fallback, errors."""
 
 import gc
-import json
 import os
 import shutil
 import signal
@@ -13,12 +12,11 @@ import numpy as np
 import pytest
 
 from qwenjax import checkpoint
-from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import loss as loss_lib
+from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train
-
-TINY = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
+from train_utils import TINY, first_batches, losses, read_metrics, small_config, start_training, tiny_overrides
 
 # Reading the corrupt checkpoint below leaves orbax read coroutines that fail when garbage-collected; they are
 # collected at the end of this module (fixture below) and their "exception ignored" reports are not warnings.
@@ -31,46 +29,14 @@ def _collect_abandoned_reads():
   gc.collect()
 
 
-def small_config(**train_overrides):
-  """configs/tiny.py shrunk so a step takes milliseconds: 2 layers of width 128, 512-token vocabulary."""
-  config = config_lib.load(TINY)
-  config.model.update(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, sliding_window=16, max_window_layers=1)
-  config.data.update(seq_len=64, vocab_size=512, tokenizer_sentences=20_000, shuffle_window=4096)
-  config.train.update(batch_size=16, lr=3e-3, warmup_steps=20, steps=300, log_every=50, eval_every=0,
-                      eval_steps=4, checkpoint_every=1000)
-  config.train.update(train_overrides)
-  return config
-
-
-@pytest.fixture(scope='module')
-def tokenizer_file(tmp_path_factory):
-  """A 512-piece tokenizer trained once on the built-in corpus, shared by the runs below."""
-  path = str(tmp_path_factory.mktemp('tokenizer') / 'tokenizer.model')
-  source, _ = data.sources({'train_files': '', 'eval_files': '', 'text_key': 'text'})
-  data.train_tokenizer(source, path, vocab_size=512, max_sentences=20_000)
-  return path
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def losses(records):
-  """{step: loss}; later lines win (a resumed run repeats steps after its last checkpoint)."""
-  return {r['step']: r['loss'] for r in records if 'loss' in r}
-
-
 def test_training_on_the_default_corpus_beats_the_unigram_entropy(tmp_path):
   config = small_config()  # tokenizer='train': trained on the stdlib files into the workdir
   workdir = str(tmp_path / 'run')
   final = train.train_and_evaluate(config, workdir)
 
   # The unigram entropy of the eval targets: the loss of the best model that ignores context.
-  tokenizer = data.load_tokenizer(os.path.join(workdir, 'tokenizer.model'), 512)
-  _, eval_source = data.sources(config.data)
-  batches = data.eval_batches(eval_source, tokenizer, seq_len=64, batch_size=16, num_batches=4)
+  _, held_out = data.prepared_corpora(config, tokenizer_lib.load(os.path.join(workdir, 'tokenizer')))
+  batches = data.eval_batches(held_out, seq_len=64, batch_size=16, num_batches=4, local_rows=range(16))
   targets = np.concatenate([b['targets'][b['weights'] > 0] for b in batches])
   p = np.bincount(targets, minlength=512) / len(targets)
   unigram_entropy = float(-np.sum(p[p > 0] * np.log(p[p > 0])))
@@ -129,7 +95,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterr
   for name in os.listdir(data_dir):  # a write that never finished: the array data is gone
     os.remove(os.path.join(data_dir, name))
   train.train_and_evaluate(config, workdir)
-  assert 'checkpoint at step 6 cannot be read' in caplog.text
+  assert 'checkpoint at step 6 is corrupt' in caplog.text
   assert os.path.isdir(os.path.join(workdir, 'checkpoints_corrupt', '6'))
   got = losses(read_metrics(workdir))
   assert sorted(got) == [5, 6]  # resumed from step 4
@@ -180,10 +146,7 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
   first = read_metrics(workdir)[0]
-  tokenizer = data.load_tokenizer(tokenizer_file, 512)
-  source, _ = data.sources(config.data)
-  batch = next(iter(data.train_dataset(source, tokenizer, seq_len=64, batch_size=16, seed=0,
-                                       shuffle_window=int(config.data.shuffle_window))))
+  batch = first_batches(config, tokenizer_file, 1)[0]
   logits = model_lib.Qwen2(model_config).apply({'params': params}, batch['inputs'], batch['positions'],
                                                batch['segment_ids'])
   nll, _ = loss_lib.full_logits_cross_entropy(logits, batch['targets'], batch['weights'])
@@ -199,7 +162,7 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
     (lambda c: c.mesh.update(data=3, fsdp=1, tensor=1), ValueError, 'multiply to 3 but there are 8 devices'),
     (lambda c: c.data.update(train_files='/nonexistent/*.jsonl'), FileNotFoundError,
      r"no files match data.train_files='/nonexistent/\*.jsonl'"),
-    (lambda c: c.model.update(vocab_size=256), ValueError, r'512 pieces but model.vocab_size is 256'),
+    (lambda c: c.model.update(vocab_size=256), ValueError, r'has 512 ids but model.vocab_size is 256'),
     (lambda c: c.train.update(logits_dtype='bf16'), ValueError,
      r"train.logits_dtype must be 'float32' or 'bfloat16', got 'bf16'"),
 ])
@@ -221,34 +184,23 @@ def test_unknown_config_key_on_the_command_line():
   assert "config has no key 'trian'" in train.config_override_error(argv[:2] + ['--config.trian.steps=1'])
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tokenizer_file):
-  """`python -m qwenjax.train` as users run it; SIGTERM (preemption) mid-run."""
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, tokenizer_file, sig):
+  """`python -m qwenjax.train` as users run it; SIGTERM (preemption) or Ctrl-C mid-run."""
   workdir = str(tmp_path / 'run')
-  overrides = {
-      'model.vocab_size': 512, 'model.hidden_size': 64, 'model.intermediate_size': 128,
-      'model.num_hidden_layers': 1, 'data.seq_len': 32, 'data.tokenizer': tokenizer_file,
-      'data.shuffle_window': 0, 'train.batch_size': 8, 'train.steps': 100_000, 'train.log_every': 1,
-      'train.eval_steps': 0, 'train.checkpoint_every': 100_000,
-  }
-  command = [sys.executable, '-m', 'qwenjax.train', f'--config={TINY}', f'--workdir={workdir}']
-  command += [f'--config.{k}={v}' for k, v in overrides.items()]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
-  process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  metrics_file = os.path.join(workdir, 'metrics.jsonl')
+  process = start_training(workdir, tiny_overrides(tokenizer_file))
   deadline = time.time() + 240
-  while time.time() < deadline and process.poll() is None:
-    if os.path.exists(metrics_file) and len(read_metrics(metrics_file.rsplit('/', 1)[0])) >= 3:
-      break
+  while time.time() < deadline and process.poll() is None and len(read_metrics(workdir)) < 3:
     time.sleep(0.5)
   assert process.poll() is None, process.stdout.read().decode()[-3000:]
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(sig)
   output = process.communicate(timeout=120)[0].decode()
   assert process.returncode == 0, output[-3000:]
-  assert 'SIGTERM received' in output
+  assert f'{signal.Signals(sig).name} received' in output
   last = max(r['step'] for r in read_metrics(workdir))
   assert 3 <= last < 100_000
   assert checkpoint.Checkpointer(workdir, 3).all_steps() == [last]
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released
   # The compiled step is kept for the next run (train.compilation_cache_dir='workdir').
   cached = os.listdir(os.path.join(workdir, 'compilation_cache'))
   assert any(name.startswith('jit_train_step') for name in cached), cached
