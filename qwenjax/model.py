@@ -25,6 +25,11 @@ MoE layers (`config.is_moe(i)`, Qwen2-MoE) replace `layers_{i}/mlp` with:
 
 and sow router statistics into the `moe_stats` collection (a plain `apply` drops them); `apply_with_aux`
 returns (logits, auxiliary losses). The experts' math and sharding live in `qwenjax.moe`.
+
+Decoding (`qwenjax.generate`) passes a KV cache (`init_cache`, one `LayerCache` per layer, shaped like the
+parameter tree) and gets `(logits, new cache)` back: a prefill (`lengths` given) runs the training path's
+attention over right-padded prompts and stores each row's last keys; a decode step writes the new tokens' keys
+and attends over the cache. Without a cache nothing changes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
+from flax import struct
 import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
@@ -199,12 +205,106 @@ def apply_rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> 
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
+@struct.dataclass
+class LayerCache:
+  """One layer's keys and values for decoding, kept as a ring of `slots` entries.
+
+  Position p lives in slot `p % slots`, and `positions[b, s]` says which position slot s holds (-1: empty),
+  so one masking rule serves both kinds of layer: full-attention layers get as many slots as the longest
+  sequence (the ring never wraps), sliding-window layers `sliding_window` slots (their cache stays that size
+  however long the generation). Scanned layers stack these on a leading layer axis.
+  """
+  key: jax.Array  # [batch, slots, kv_heads, head_dim]
+  value: jax.Array  # [batch, slots, kv_heads, head_dim]
+  positions: jax.Array  # [batch, slots] int32
+
+  @property
+  def slots(self) -> int:
+    return self.key.shape[-3]
+
+  def constrained(self) -> 'LayerCache':
+    axes = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
+    return self.replace(key=_constrain(self.key, *axes), value=_constrain(self.value, *axes))
+
+  def fill(self, k: jax.Array, v: jax.Array, lengths: jax.Array) -> 'LayerCache':
+    """The cache after a prefill of right-padded rows `k, v [batch, seq, ...]` of `lengths` real tokens.
+
+    Slot s takes the last real position p < length with p % slots == s (none: -1), so a sliding-window ring
+    keeps each row's last `slots` keys whatever the prompt's length.
+    """
+    seq = k.shape[1]
+    s = jnp.arange(self.slots, dtype=jnp.int32)[None]
+    last = lengths.astype(jnp.int32)[:, None] - 1
+    held = jnp.where(s <= last, s + self.slots * ((last - s) // self.slots), -1)  # [batch, slots]
+    index = jnp.clip(held, 0, seq - 1)
+    take = lambda x: jnp.take_along_axis(x, index[:, :, None, None], axis=1).astype(self.key.dtype)
+    return LayerCache(take(k), take(v), held).constrained()
+
+  def append(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> 'LayerCache':
+    """Writes `k, v [batch, seq, ...]` at their `positions [batch, seq]` (seq <= slots: no slot twice)."""
+    rows = jnp.arange(k.shape[0])[:, None]
+    slot = positions % self.slots
+    return LayerCache(self.key.at[rows, slot].set(k.astype(self.key.dtype)),
+                      self.value.at[rows, slot].set(v.astype(self.value.dtype)),
+                      self.positions.at[rows, slot].set(positions.astype(jnp.int32))).constrained()
+
+  def attend(self, q: jax.Array, positions: jax.Array, window: int | None, sliding=True) -> jax.Array:
+    """Attention of queries `q [batch, seq, heads, head_dim]` at `positions` over the cached keys.
+
+    A key is seen if its position is in [q - window + 1, q] (no window: [0, q]); `sliding` (a traced bool for
+    scanned layers of mixed kinds) turns the window off. Softmax in float32, as `attention.xla_attention`.
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = self.key.shape[2]
+    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum('btkgd,bskd->bkgts', q, self.key.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores *= head_dim**-0.5
+    held = self.positions[:, None, :]  # [batch, 1, slots]
+    query = positions[:, :, None]  # [batch, seq, 1]
+    seen = (held >= 0) & (held <= query)
+    if window is not None:
+      seen &= (held > query - window) | jnp.logical_not(sliding)
+    scores = jnp.where(seen[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, self.value.astype(q.dtype))
+    return out.reshape(batch, seq, heads, head_dim)
+
+
+def cache_slots(config: ModelConfig, layer: int, max_length: int) -> int:
+  """Slots of layer `layer`'s cache for sequences of up to `max_length` tokens (see `LayerCache`)."""
+  if config.is_sliding(layer):
+    return min(config.sliding_window, max_length)
+  return max_length
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: Any = None) -> dict[str, LayerCache]:
+  """An empty cache for `batch` rows of up to `max_length` tokens, keyed like the parameters.
+
+  Unrolled layers: `layers_{i}` each, sized by `cache_slots`. Scanned layers: one `layers` stack; all its
+  layers need one size, so a scanned model that mixes window and full layers gives every layer `max_length`
+  slots (the window is still applied by masking).
+  """
+  dtype = jnp.dtype(dtype or config.dtype)
+  kv = lambda *lead, slots: jnp.zeros((*lead, batch, slots, config.num_key_value_heads, config.head_dim), dtype)
+  empty = lambda *lead, slots: jnp.full((*lead, batch, slots), -1, jnp.int32)
+  if config.scan_layers:
+    slots = max(cache_slots(config, i, max_length) for i in range(config.num_hidden_layers))
+    n = config.num_hidden_layers
+    return {'layers': LayerCache(kv(n, slots=slots), kv(n, slots=slots), empty(n, slots=slots))}
+  return {f'layers_{i}': LayerCache(kv(slots=s), kv(slots=s), empty(slots=s))
+          for i, s in ((i, cache_slots(config, i, max_length)) for i in range(config.num_hidden_layers))}
+
+
 class Attention(nn.Module):
-  """Grouped-query self-attention: Q/K/V with bias, O without, rotary positions."""
+  """Grouped-query self-attention: Q/K/V with bias, O without, rotary positions.
+
+  With a `cache` it returns (output, new cache): with `lengths` (a prefill of right-padded rows) it attends as
+  without a cache and fills the cache; without, it appends this step's keys and attends over the cache.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, sliding):
+  def __call__(self, x, positions, segment_ids, sliding, cache: LayerCache | None = None, lengths=None):
     cfg = self.config
     # nn.Einsum, not nn.DenseGeneral: DenseGeneral initializes a flattened 2-d kernel and applies the 3-d
     # kernel's logical constraint to it (also in apply's shape check), which fails under jax.set_mesh.
@@ -231,13 +331,20 @@ class Attention(nn.Module):
           q, k, v, sliding_window=window, segment_ids=segment_ids, impl=cfg.attention_impl,
           interpret=cfg.attention_interpret)
 
-    if isinstance(sliding, bool):  # unrolled layers know their kind at trace time
+    if cache is not None and lengths is None:  # a decode step
+      cache = cache.append(k, v, positions)
+      window = cfg.sliding_window if sliding is not False and cfg.use_sliding_window else None
+      out = cache.attend(q, positions, window, sliding)
+    elif isinstance(sliding, bool):  # unrolled layers know their kind at trace time
       out = attend(cfg.sliding_window if sliding else None)
     else:  # scanned layers of mixed kinds: pick the kernel at run time
       out = jax.lax.cond(sliding, lambda: attend(cfg.sliding_window), lambda: attend(None))
+    if cache is not None and lengths is not None:  # a prefill
+      cache = cache.fill(k, v, lengths)
     out = _constrain(out, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
-    return einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
-                  name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+    out = einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
+                 name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+    return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -310,22 +417,29 @@ class DecoderLayer(nn.Module):
   moe: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, sliding_flag=None):
+  def __call__(self, x, positions, segment_ids, sliding_flag=None, cache=None, lengths=None):
+    """The new hidden states; with a `cache` (see `Attention`), (hidden states, new cache)."""
     cfg = self.config
     norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     sliding = self.sliding if self.sliding is not None else sliding_flag
-    h = Attention(cfg, name='self_attn')(norm(name='input_layernorm')(x), positions, segment_ids, sliding)
+    h = Attention(cfg, name='self_attn')(norm(name='input_layernorm')(x), positions, segment_ids, sliding,
+                                         cache, lengths)
+    if cache is not None:
+      h, cache = h
     x = checkpoint_name(x + h, 'residual')
     feed_forward = SparseMoeBlock(cfg, name='mlp') if self.moe else MLP(cfg, name='mlp')
     x = x + feed_forward(norm(name='post_attention_layernorm')(x))
-    return _constrain(x, 'activation_batch', 'activation_length', 'activation_embed')
+    x = _constrain(x, 'activation_batch', 'activation_length', 'activation_embed')
+    return x if cache is None else (x, cache)
 
 
 class ScannedDecoderLayer(DecoderLayer):
-  """DecoderLayer in nn.scan's carry form."""
+  """DecoderLayer in nn.scan's carry form; with a cache, the layer's new cache is the scan's output."""
 
-  def __call__(self, x, positions, segment_ids, sliding_flag):
-    return super().__call__(x, positions, segment_ids, sliding_flag), None
+  def __call__(self, x, positions, segment_ids, sliding_flag, cache=None, lengths=None):
+    if cache is None:
+      return super().__call__(x, positions, segment_ids, sliding_flag), None
+    return super().__call__(x, positions, segment_ids, sliding_flag, cache, lengths)
 
 
 def _remat(cls, config: ModelConfig):
@@ -355,9 +469,15 @@ class Qwen2(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
+               segment_ids: jax.Array | None = None, return_hidden: bool = False,
+               cache: dict[str, LayerCache] | None = None, lengths: jax.Array | None = None):
     """Logits, or with `return_hidden` the final normed hidden states `[batch, seq, embed]` for a loss that
-    applies the head (`output_head`) chunk by chunk and never holds `[batch, seq, vocab]` logits."""
+    applies the head (`output_head`) chunk by chunk and never holds `[batch, seq, vocab]` logits.
+
+    Decoding: with a `cache` (`init_cache`) it returns (logits, new cache). With `lengths [batch]` it is a
+    prefill of right-padded rows (positions 0..length-1), and the logits are those of each row's last real
+    token, `[batch, 1, vocab]`; without, the tokens at `positions` are appended to the cache.
+    """
     cfg = self.config
     batch, seq_len = input_ids.shape
     if positions is None:
@@ -368,7 +488,9 @@ class Qwen2(nn.Module):
     x = jnp.take(embedding, input_ids, axis=0).astype(cfg.dtype)
     x = _constrain(x, 'activation_batch', 'activation_length', 'activation_embed')
 
-    if cfg.scan_layers:
+    if cache is not None:
+      x, cache = _cached_layers(cfg, x, positions, cache, lengths)
+    elif cfg.scan_layers:
       sliding = cfg.is_sliding(0) if not cfg.has_mixed_layers else None
       flags = jnp.array([cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)])
       stack = nn.scan(
@@ -382,16 +504,40 @@ class Qwen2(nn.Module):
       for i in range(cfg.num_hidden_layers):
         x = layer_cls(cfg, cfg.is_sliding(i), cfg.is_moe(i), name=f'layers_{i}')(x, positions, segment_ids)
 
+    if cache is not None and lengths is not None:  # a prefill: only each row's last token is needed
+      x = jnp.take_along_axis(x, (lengths.astype(jnp.int32) - 1)[:, None, None], axis=1)
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name='norm')(x)
     if return_hidden and not self.is_initializing():
-      return x
+      return x if cache is None else (x, cache)
     if cfg.tie_word_embeddings:
       head = embedding.T
     else:
       head = self.param('lm_head', _init(cfg, 'embed', 'vocab'), (cfg.hidden_size, cfg.vocab_size),
                         cfg.param_dtype)
     logits = jnp.einsum('bse,ev->bsv', x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
-    return _constrain(logits, 'activation_batch', 'activation_length', 'activation_vocab')
+    logits = _constrain(logits, 'activation_batch', 'activation_length', 'activation_vocab')
+    return logits if cache is None else (logits, cache)
+
+
+
+def _cached_layers(cfg: ModelConfig, x, positions, cache, lengths):
+  """The decoder layers with a KV cache (no remat: nothing is differentiated), inside `Qwen2.__call__`."""
+  if cfg.scan_layers:
+    sliding = cfg.is_sliding(0) if not cfg.has_mixed_layers else None
+    flags = jnp.array([cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)])
+    stack = nn.scan(
+        ScannedDecoderLayer, variable_axes={'params': 0, moe.MOE_STATS: 0}, split_rngs={'params': True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast), length=cfg.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, layers = stack(cfg, sliding, cfg.is_moe(0), name='layers')(x, positions, None, flags, cache['layers'],
+                                                                    lengths)
+    return x, {'layers': layers}
+  new_cache = {}
+  for i in range(cfg.num_hidden_layers):
+    name = f'layers_{i}'
+    x, new_cache[name] = DecoderLayer(cfg, cfg.is_sliding(i), cfg.is_moe(i), name=name)(
+        x, positions, None, None, cache[name], lengths)
+  return x, new_cache
 
 
 def output_head(config: ModelConfig, params: Any) -> jax.Array:
