@@ -1,0 +1,445 @@
+r"""Scaling-law fits of a sweep's results, with plots: `python -m qwenjax.scaling fit DIR`.
+
+Reads `DIR/results.jsonl` (one JSON object per finished point, written by `qwenjax.sweep`) and writes
+`DIR/fit.json` and PNG plots into `DIR`. N is the non-embedding parameter count (`params`), D the tokens trained
+on (`tokens`), C the compute budget of an IsoFLOP point (`budget`), L the final eval loss (`eval_loss`).
+
+* Approach 2 (Hoffmann et al. 2022): for each IsoFLOP budget a parabola in log N through the losses; its
+  vertex is N_opt(C) (and a parabola in log D gives D_opt(C)); then power laws N_opt = k_N C^a and
+  D_opt = k_D C^b by least squares in log-log.
+* Approach 3: L(N, D) = E + A / N^alpha + B / D^beta, fitted as Hoffmann et al. did and as Besiroglu et al.
+  (2024) repeated it: the Huber loss (delta 1e-3) between log L and its prediction
+  LSE(a - alpha log N, b - beta log D, e), with A = e^a, B = e^b, E = e^e, minimized by L-BFGS from the best
+  starts of a grid. Its compute-optimal N grows as C^(beta / (alpha + beta)) (`a`), D as C^(alpha / (alpha +
+  beta)) (`b`), under C = 6 N D.
+* Bootstrap: every key of both approaches gets a 95% percentile interval from refits on points resampled with
+  replacement (within each budget, so every budget keeps its number of points).
+
+`python -m qwenjax.scaling plot DIR1 DIR2 ... --out=FILE.png` puts several sweeps on one figure: loss against
+compute by default, or against any result field with `--x=lr --group=width` (a learning-rate sweep across
+widths, one panel per sweep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+# scipy's L-BFGS-B calls BLAS on 5-vectors; OpenBLAS threads then cost 50x the work on a busy machine (2 s
+# instead of 0.05 s a fit). Read when scipy's BLAS loads, so only if nothing imported scipy.optimize before.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+from scipy import optimize  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+HUBER_DELTA = 1e-3
+# Hoffmann et al.'s grid of starting points for approach 3 (a, b, e are the logs of A, B, E).
+START_GRID = dict(a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0), b=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+                  e=(-1.0, -0.5, 0.0, 0.5, 1.0), alpha=(0.0, 0.5, 1.0, 1.5, 2.0), beta=(0.0, 0.5, 1.0, 1.5, 2.0))
+APPROACH2_KEYS = ('a', 'b', 'k_N', 'k_D')
+APPROACH3_KEYS = ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b')
+
+
+def read_results(directory: str) -> list[dict[str, Any]]:
+  """The finished points of a sweep (`DIR/results.jsonl`); a later line for the same name wins."""
+  path = os.path.join(directory, 'results.jsonl')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: give the --workdir of a sweep run with python -m qwenjax.sweep')
+  by_name = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        record = json.loads(line)
+        by_name[record['name']] = record
+  return list(by_name.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Approach 2: IsoFLOP parabolas.
+
+@dataclasses.dataclass
+class Parabola:
+  """loss = c2 x^2 + c1 x + c0 with x = ln(N) (or ln(D)); the vertex is the optimum when c2 > 0."""
+  c2: float
+  c1: float
+  c0: float
+
+  @property
+  def has_minimum(self) -> bool:
+    return self.c2 > 0
+
+  @property
+  def argmin(self) -> float:
+    return float(np.exp(-self.c1 / (2 * self.c2)))
+
+  @property
+  def min_loss(self) -> float:
+    return float(self.c0 - self.c1**2 / (4 * self.c2))
+
+  def __call__(self, value):
+    x = np.log(value)
+    return self.c2 * x * x + self.c1 * x + self.c0
+
+
+def fit_parabola(values: np.ndarray, losses: np.ndarray) -> Parabola:
+  c2, c1, c0 = np.polyfit(np.log(values), losses, 2)
+  return Parabola(float(c2), float(c1), float(c0))
+
+
+def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+  """(exponent, coefficient) of y = coefficient * x^exponent, least squares in log-log."""
+  slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+  return float(slope), float(np.exp(intercept))
+
+
+def approach2(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray, losses: np.ndarray) -> dict[str, Any]:
+  """Per-budget parabolas in log N and log D, and power laws N_opt = k_N C^a, D_opt = k_D C^b.
+
+  Budgets with fewer than 3 points, or whose parabola opens downward (the optimum is outside the sizes tried),
+  give no minimum and are listed under `skipped`. Needs minima at 2 budgets or more.
+  """
+  minima, skipped = [], []
+  for budget in np.unique(budgets):
+    at = budgets == budget
+    if at.sum() < 3:
+      skipped.append(dict(budget=float(budget), reason=f'{int(at.sum())} point(s); a parabola needs 3'))
+      continue
+    by_n, by_d = fit_parabola(params[at], losses[at]), fit_parabola(tokens[at], losses[at])
+    if not (by_n.has_minimum and by_d.has_minimum):
+      skipped.append(dict(budget=float(budget), reason='the parabola has no minimum (opens downward)'))
+      continue
+    minima.append(dict(budget=float(budget), N_opt=by_n.argmin, D_opt=by_d.argmin, loss_opt=by_n.min_loss,
+                       parabola_N=dataclasses.asdict(by_n), parabola_D=dataclasses.asdict(by_d),
+                       points=int(at.sum())))
+  if len(minima) < 2:
+    raise ValueError(f'approach 2 needs IsoFLOP minima at 2 budgets or more, got {len(minima)} '
+                     f'(skipped: {skipped}); sweep more budgets, or sizes on both sides of each optimum')
+  c = np.array([m['budget'] for m in minima])
+  a, k_n = _power_law(c, np.array([m['N_opt'] for m in minima]))
+  b, k_d = _power_law(c, np.array([m['D_opt'] for m in minima]))
+  return dict(a=a, b=b, k_N=k_n, k_D=k_d, minima=minima, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Approach 3: the parametric loss.
+
+def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray,
+                     delta: float) -> tuple[float, np.ndarray]:
+  """Sum of Huber losses of log-loss residuals, and its gradient in theta = (a, b, e, alpha, beta)."""
+  a, b, e, alpha, beta = theta
+  term_n, term_d = a - alpha * log_n, b - beta * log_d
+  predicted = np.logaddexp(np.logaddexp(term_n, term_d), e)
+  # d predicted / d term: the softmax weights of the three terms.
+  w_n, w_d, w_e = np.exp(term_n - predicted), np.exp(term_d - predicted), np.exp(e - predicted)
+  r = predicted - log_loss
+  small = np.abs(r) <= delta
+  loss = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)).sum()
+  slope = np.where(small, r, delta * np.sign(r))
+  grad = np.array([slope @ w_n, slope @ w_d, slope @ w_e, -(slope * w_n) @ log_n, -(slope * w_d) @ log_d])
+  return float(loss), grad
+
+
+def _grid_objective(grid: np.ndarray, log_n, log_d, log_loss, delta) -> np.ndarray:
+  """The Huber objective at every row of `grid` ([starts, 5]) at once, to rank the starts."""
+  a, b, e, alpha, beta = (grid[:, i:i + 1] for i in range(5))
+  predicted = np.logaddexp(np.logaddexp(a - alpha * log_n, b - beta * log_d), e)
+  r = np.abs(predicted - log_loss)
+  return np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta)).sum(axis=1)
+
+
+def _start_grid() -> np.ndarray:
+  return np.array(list(itertools.product(*(START_GRID[k] for k in ('a', 'b', 'e', 'alpha', 'beta')))))
+
+
+def _lbfgs(theta0, args) -> optimize.OptimizeResult:
+  return optimize.minimize(_huber_objective, theta0, args=args, jac=True, method='L-BFGS-B',
+                           options=dict(maxiter=2000, ftol=1e-15, gtol=1e-10))
+
+
+def approach3(params: np.ndarray, tokens: np.ndarray, losses: np.ndarray, *, delta: float = HUBER_DELTA,
+              starts: int = 32, extra_starts: Sequence[np.ndarray] = ()) -> dict[str, Any]:
+  """L = E + A / N^alpha + B / D^beta by L-BFGS on the Huber loss of log-loss residuals.
+
+  The objective is evaluated at all 4500 points of Hoffmann et al.'s grid (`START_GRID`); L-BFGS runs from the
+  `starts` best of them (and from `extra_starts`), and the lowest optimum wins. Bootstrap refits start from
+  the full fit's optimum instead (`starts=0`).
+  """
+  if len(losses) < 5:
+    raise ValueError(f'approach 3 fits 5 parameters and needs at least 5 points, got {len(losses)}')
+  args = (np.log(params), np.log(tokens), np.log(losses), delta)
+  ranked = []
+  if starts:
+    grid = _start_grid()
+    ranked = grid[np.argsort(_grid_objective(grid, *args))[:starts]]
+  best = None
+  for theta0 in itertools.chain(ranked, extra_starts):
+    result = _lbfgs(np.asarray(theta0, float), args)
+    if best is None or result.fun < best.fun:
+      best = result
+  a, b, e, alpha, beta = best.x
+  return dict(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
+              a=float(beta / (alpha + beta)), b=float(alpha / (alpha + beta)), huber_loss=float(best.fun),
+              theta=[float(x) for x in best.x])
+
+
+def predicted_loss(fit: Mapping[str, float], params, tokens):
+  return fit['E'] + fit['A'] / np.power(params, fit['alpha']) + fit['B'] / np.power(tokens, fit['beta'])
+
+
+def compute_optimal(fit: Mapping[str, float], compute) -> tuple[np.ndarray, np.ndarray]:
+  """(N_opt, D_opt) of an approach-3 fit at compute C, under C = 6 N D (Hoffmann et al.'s eq. 4)."""
+  alpha, beta = fit['alpha'], fit['beta']
+  g = (alpha * fit['A'] / (beta * fit['B']))**(1 / (alpha + beta))
+  n_opt = g * (np.asarray(compute) / 6)**(beta / (alpha + beta))
+  return n_opt, np.asarray(compute) / (6 * n_opt)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole fit, with bootstrap intervals.
+
+def _columns(results: Sequence[Mapping[str, Any]]):
+  missing = [r.get('name') for r in results if r.get('eval_loss') is None]
+  if missing:
+    raise ValueError(f'points without eval_loss (no eval data?): {missing}; the fits need a final eval loss')
+  params = np.array([r['params'] for r in results], float)
+  tokens = np.array([r['tokens'] for r in results], float)
+  losses = np.array([r['eval_loss'] for r in results], float)
+  budgets = np.array([r.get('budget') or np.nan for r in results], float)
+  return params, tokens, losses, budgets
+
+
+def _interval(values: list[float]) -> list[float] | None:
+  values = [v for v in values if np.isfinite(v)]
+  if len(values) < 2:
+    return None
+  return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+  """Approaches 2 (when the points have IsoFLOP budgets) and 3, each key with a 95% bootstrap interval
+  under `ci` (`[low, high]`, or None when fewer than 2 resamples could be fitted)."""
+  params, tokens, losses, budgets = _columns(results)
+  out: dict[str, Any] = dict(points=len(losses), bootstrap=bootstrap,
+                             notes='N: non-embedding parameters; D: training tokens; C: IsoFLOP budget in FLOPs')
+  isoflop = bool(np.all(np.isfinite(budgets)))
+  rng = np.random.default_rng(seed)
+  if isoflop:
+    out['approach2'] = approach2(budgets, params, tokens, losses)
+  out['approach3'] = approach3(params, tokens, losses)
+  if bootstrap:
+    groups = [np.flatnonzero(budgets == b) for b in np.unique(budgets)] if isoflop else [np.arange(len(losses))]
+    samples2 = {k: [] for k in APPROACH2_KEYS}
+    samples3 = {k: [] for k in APPROACH3_KEYS}
+    theta = np.array(out['approach3']['theta'])
+    best = [theta, theta + np.array([1.0, 1.0, 0.0, 0.1, 0.1]), theta - np.array([1.0, 1.0, 0.0, 0.1, 0.1])]
+    for _ in range(bootstrap):
+      idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+      if isoflop:
+        try:
+          fit2 = approach2(budgets[idx], params[idx], tokens[idx], losses[idx])
+          for k in APPROACH2_KEYS:
+            samples2[k].append(fit2[k])
+        except (ValueError, np.linalg.LinAlgError):
+          pass  # a resample with too few distinct sizes at a budget: no parabola
+      fit3 = approach3(params[idx], tokens[idx], losses[idx], starts=0, extra_starts=best)
+      for k in APPROACH3_KEYS:
+        samples3[k].append(fit3[k])
+    if isoflop:
+      out['approach2']['ci'] = {k: _interval(v) for k, v in samples2.items()}
+      out['approach2']['bootstrap_fits'] = len(samples2['a'])
+    out['approach3']['ci'] = {k: _interval(v) for k, v in samples3.items()}
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots.
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _budget_colors(plt, budgets):
+  cmap = plt.get_cmap('viridis')
+  return {b: cmap(i / max(len(budgets) - 1, 1)) for i, b in enumerate(budgets)}
+
+
+def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], directory: str) -> list[str]:
+  """Writes isoflop.png, frontier.png and optimal.png (the last two need approach 2) into `directory`."""
+  plt = _pyplot()
+  params, tokens, losses, budgets = _columns(results)
+  flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
+  written = []
+  fit3 = fitted['approach3']
+  fit2 = fitted.get('approach2')
+
+  if fit2:
+    unique = sorted(np.unique(budgets))
+    colors = _budget_colors(plt, unique)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    minima = {m['budget']: m for m in fit2['minima']}
+    for budget in unique:
+      at = budgets == budget
+      ax.scatter(params[at], losses[at], color=colors[budget], label=f'C = {budget:.2g}')
+      if budget in minima:
+        m = minima[budget]
+        grid = np.geomspace(params[at].min() / 1.5, params[at].max() * 1.5, 100)
+        ax.plot(grid, Parabola(**m['parabola_N'])(grid), color=colors[budget], lw=1)
+        ax.scatter([m['N_opt']], [m['loss_opt']], color=colors[budget], marker='*', s=180, edgecolor='k', zorder=3)
+    ax.set(xscale='log', xlabel='non-embedding parameters N', ylabel='final eval loss',
+           title='IsoFLOP curves (stars: parabola minima)')
+    ax.legend(fontsize=8)
+    written.append(_save(fig, directory, 'isoflop.png'))
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.8))
+  sc = ax.scatter(flops, losses, c=np.log10(params), cmap='plasma', s=25)
+  fig.colorbar(sc, ax=ax, label='log10 N')
+  grid = np.geomspace(flops.min() / 2, flops.max() * 4, 100)
+  n_opt, d_opt = compute_optimal(fit3, grid)
+  ax.plot(grid, predicted_loss(fit3, n_opt, d_opt), 'k-', lw=1,
+          label=f'approach 3 frontier: E={fit3["E"]:.2f}, alpha={fit3["alpha"]:.2f}, beta={fit3["beta"]:.2f}')
+  order = np.argsort(flops)
+  ax.step(flops[order], np.minimum.accumulate(losses[order]), 'k:', where='post', lw=1, label='best so far')
+  if fit2:
+    ax.scatter([m['budget'] for m in fit2['minima']], [m['loss_opt'] for m in fit2['minima']], marker='*',
+               s=150, color='tab:red', edgecolor='k', zorder=3, label='approach 2 minima')
+  ax.set(xscale='log', yscale='log', xlabel='training FLOPs C', ylabel='final eval loss', title='loss against compute')
+  ax.legend(fontsize=7)
+  written.append(_save(fig, directory, 'frontier.png'))
+
+  if fit2:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    c = np.array([m['budget'] for m in fit2['minima']])
+    grid = np.geomspace(c.min() / 3, c.max() * 3, 50)
+    n3, d3 = compute_optimal(fit3, grid)
+    ci = fit2.get('ci', {})
+    for ax, key, exponent, coef, line3, label in (
+        (axes[0], 'N_opt', 'a', 'k_N', n3, 'N_opt (non-embedding parameters)'),
+        (axes[1], 'D_opt', 'b', 'k_D', d3, 'D_opt (tokens)')):
+      ax.scatter(c, [m[key] for m in fit2['minima']], color='tab:blue', zorder=3, label='IsoFLOP minima')
+      interval = ci.get(exponent)
+      span = f' [{interval[0]:.2f}, {interval[1]:.2f}]' if interval else ''
+      ax.plot(grid, fit2[coef] * grid**fit2[exponent], 'tab:blue', label=f'approach 2: C^{fit2[exponent]:.3f}{span}')
+      ax.plot(grid, line3, 'k--', lw=1, label=f'approach 3: C^{fit3[exponent]:.3f}')
+      ax.set(xscale='log', yscale='log', xlabel='training FLOPs C', ylabel=label)
+      ax.legend(fontsize=8)
+    written.append(_save(fig, directory, 'optimal.png'))
+  return written
+
+
+def _save(fig, directory: str, name: str) -> str:
+  path = os.path.join(directory, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  _pyplot().close(fig)
+  return path
+
+
+def _value(record: Mapping[str, Any], key: str):
+  """A result field, or a config override by its dotted name or last component (`lr` finds `train.lr`)."""
+  if key in record:
+    return record[key]
+  overrides = record.get('overrides', {})
+  if key in overrides:
+    return overrides[key]
+  matches = [v for k, v in overrides.items() if k.rsplit('.', 1)[-1] == key]
+  if len(matches) == 1:
+    return matches[0]
+  raise KeyError(f'{record.get("name")}: no result field or override {key!r} (fields: {sorted(record)}, '
+                 f'overrides: {sorted(overrides)})')
+
+
+def plot_compare(directories: Sequence[str], out: str, *, x: str = 'flops', y: str = 'eval_loss',
+                 group: str = '') -> str:
+  """Several sweeps on one figure: y against x, one series per sweep; with `group`, one panel per sweep and one
+  line per value of `group` (e.g. `--x=lr --group=width` for a learning-rate sweep across widths)."""
+  plt = _pyplot()
+  names = [os.path.basename(os.path.normpath(d)) for d in directories]
+  runs = [read_results(d) for d in directories]
+  if group:
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), sharey=True, squeeze=False)
+    for ax, name, results in zip(axes[0], names, runs):
+      values = sorted({_value(r, group) for r in results})
+      colors = _budget_colors(plt, values)
+      for value in values:
+        rows = sorted((float(_value(r, x)), float(_value(r, y))) for r in results if _value(r, group) == value)
+        xs, ys = zip(*rows)
+        ax.plot(xs, ys, 'o-', color=colors[value], label=f'{group} = {value}')
+        best = int(np.argmin(ys))
+        ax.scatter([xs[best]], [ys[best]], marker='*', s=160, color=colors[value], edgecolor='k', zorder=3)
+      ax.set(xscale='log', xlabel=x, title=name)
+      ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(y)
+  else:
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for name, results in zip(names, runs):
+      rows = sorted((float(_value(r, x)), float(_value(r, y))) for r in results)
+      xs, ys = np.array(rows).T
+      line = ax.scatter(xs, ys, s=18, label=name)
+      ax.step(xs, np.minimum.accumulate(ys), ':', where='post', color=line.get_facecolor()[0])
+    ax.set(xscale='log', yscale='log' if y == 'eval_loss' else 'linear', xlabel=x, ylabel=y)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+  """Fits `DIR/results.jsonl`, writes `DIR/fit.json` and the plots; returns the fit."""
+  results = read_results(directory)
+  fitted = fit(results, bootstrap=bootstrap, seed=seed)
+  fitted['plots'] = [os.path.basename(p) for p in plot_fit(results, fitted, directory)]
+  with open(os.path.join(directory, 'fit.json'), 'w') as f:
+    json.dump(fitted, f, indent=1)
+  return fitted
+
+
+def summary(fitted: Mapping[str, Any]) -> str:
+  lines = []
+  for approach, keys in (('approach2', APPROACH2_KEYS[:2]), ('approach3', APPROACH3_KEYS)):
+    if approach not in fitted:
+      continue
+    ci = fitted[approach].get('ci', {})
+    parts = []
+    for k in keys:
+      interval = ci.get(k)
+      parts.append(f'{k}={fitted[approach][k]:.4g}' + (f' [{interval[0]:.4g}, {interval[1]:.4g}]' if interval else ''))
+    lines.append(f'{approach}: ' + ', '.join(parts))
+  return '\n'.join(lines)
+
+
+_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples for the confidence intervals (0: none).')
+_SEED = flags.DEFINE_integer('seed', 0, 'fit: seed of the bootstrap resampling.')
+_OUT = flags.DEFINE_string('out', 'compare.png', 'plot: the PNG file to write.')
+_X = flags.DEFINE_string('x', 'flops', 'plot: result field (or config override, e.g. lr) on the x axis.')
+_Y = flags.DEFINE_string('y', 'eval_loss', 'plot: result field on the y axis.')
+_GROUP = flags.DEFINE_string('group', '', 'plot: one line per value of this field, one panel per sweep.')
+
+_USAGE = 'usage: python -m qwenjax.scaling fit DIR | python -m qwenjax.scaling plot DIR1 [DIR2 ...] --out=FILE.png'
+
+
+def main(argv):
+  if len(argv) < 3 or argv[1] not in ('fit', 'plot'):
+    raise app.UsageError(_USAGE)
+  if argv[1] == 'fit':
+    if len(argv) != 3:
+      raise app.UsageError(f'fit takes one sweep directory, got {argv[2:]}. {_USAGE}')
+    fitted = fit_directory(argv[2], bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
+    print(summary(fitted))
+    print(f'wrote {os.path.join(argv[2], "fit.json")} and {", ".join(fitted["plots"])}')
+  else:
+    out = plot_compare(argv[2:], _OUT.value, x=_X.value, y=_Y.value, group=_GROUP.value)
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  app.run(main)

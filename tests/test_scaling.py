@@ -1,0 +1,139 @@
+"""The scaling-law fitter on synthetic IsoFLOP data drawn from known laws with 0.5% noise."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qwenjax import scaling
+
+# (E, A, B, alpha, beta), budgets (FLOPs).
+CHINCHILLA = (1.69, 406.4, 410.7, 0.34, 0.28)  # Hoffmann et al. (2022), approach 3
+BESIROGLU = (1.82, 482.0, 2085.4, 0.35, 0.37)  # Besiroglu et al. (2024), their refit
+SMALL_DATA = (0.8, 30.0, 600.0, 0.25, 0.4)  # a data-hungry law at the scale of our sweeps
+LAWS = [(CHINCHILLA, (1e18, 1e21)), (BESIROGLU, (1e18, 1e21)), (SMALL_DATA, (1e14, 1e17))]
+
+
+def as_dict(law):
+  return dict(zip(('E', 'A', 'B', 'alpha', 'beta'), law))
+
+
+def isoflop_points(law, budget_range, budgets=5, sizes=9, noise=0.005, seed=0):
+  """IsoFLOP results: per budget, sizes from 1/8x to 8x the law's optimum, D = C / (6 N), loss x (1 + noise)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for c in np.geomspace(*budget_range, budgets):
+    n_opt, _ = scaling.compute_optimal(as_dict(law), c)
+    for n in n_opt * np.geomspace(1 / 8, 8, sizes):
+      d = c / (6 * n)
+      loss = scaling.predicted_loss(as_dict(law), n, d) * (1 + noise * rng.standard_normal())
+      rows.append(dict(name=f'C{c:.3g}-N{n:.3g}', params=float(n), params_total=float(n) * 1.1, tokens=float(d),
+                       flops=float(c), budget=float(c), eval_loss=float(loss)))
+  return rows
+
+
+def true_a(law):
+  return law[4] / (law[3] + law[4])
+
+
+@pytest.mark.parametrize('law,budget_range', LAWS, ids=['chinchilla', 'besiroglu', 'small'])
+def test_fits_recover_the_law(law, budget_range):
+  fitted = scaling.fit(isoflop_points(law, budget_range), bootstrap=0)
+  fit3, fit2 = fitted['approach3'], fitted['approach2']
+  # Tolerances: 0.5% noise on 45 points moves the exponents by about 0.01 (measured on these seeds: at most 0.008).
+  assert fit3['alpha'] == pytest.approx(law[3], abs=0.02)
+  assert fit3['beta'] == pytest.approx(law[4], abs=0.02)
+  assert fit3['E'] == pytest.approx(law[0], rel=0.02)
+  assert fit3['a'] == pytest.approx(true_a(law), abs=0.02)
+  assert fit2['a'] == pytest.approx(true_a(law), abs=0.02)
+  assert fit2['b'] == pytest.approx(1 - true_a(law), abs=0.02)
+  assert len(fit2['minima']) == 5 and not fit2['skipped']
+
+
+def test_bootstrap_intervals_contain_the_truth():
+  fitted = scaling.fit(isoflop_points(CHINCHILLA, (1e18, 1e21)), bootstrap=40, seed=1)
+  truth = dict(as_dict(CHINCHILLA), a=true_a(CHINCHILLA), b=1 - true_a(CHINCHILLA))
+  for key in ('E', 'alpha', 'beta', 'a', 'b'):
+    low, high = fitted['approach3']['ci'][key]
+    assert low <= truth[key] <= high, (key, low, high, truth[key])
+    assert low < fitted['approach3'][key] < high or key == 'E' and low <= fitted['approach3'][key] <= high
+  for key in ('a', 'b'):
+    low, high = fitted['approach2']['ci'][key]
+    assert low <= truth[key] <= high, (key, low, high, truth[key])
+    assert high - low < 0.1  # informative, not a blanket interval
+  assert fitted['approach2']['bootstrap_fits'] == 40
+
+
+def test_parabola_vertex_is_exact():
+  n = np.geomspace(1e6, 1e9, 7)
+  loss = 0.05 * (np.log(n) - np.log(3e7))**2 + 2.5
+  parabola = scaling.fit_parabola(n, loss)
+  assert parabola.argmin == pytest.approx(3e7, rel=1e-6)
+  assert parabola.min_loss == pytest.approx(2.5, abs=1e-9)
+
+
+def columns(rows):
+  return [np.array([r[k] for r in rows], float) for k in ('budget', 'params', 'tokens', 'eval_loss')]
+
+
+def test_approach2_skips_budgets_it_cannot_fit_and_names_the_problem():
+  rows = isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3)
+  budgets = sorted({r['budget'] for r in rows})
+  middle = [r for r in rows if r['budget'] == budgets[1]][:2]  # 2 points: no parabola
+  rows = [r for r in rows if r['budget'] != budgets[1]] + middle
+  fitted = scaling.approach2(*columns(rows))
+  assert [s['budget'] for s in fitted['skipped']] == [budgets[1]]
+  assert 'a parabola needs 3' in fitted['skipped'][0]['reason']
+  # Losses that only fall with N (all sizes far below the optimum): the parabola has no minimum.
+  falling = [dict(r, eval_loss=10.0 - np.log(r['params']) ** 1.5 / 10) for r in rows if r['budget'] == budgets[0]]
+  with pytest.raises(ValueError, match='needs IsoFLOP minima at 2 budgets'):
+    scaling.approach2(*columns(falling + [r for r in rows if r['budget'] == budgets[2]]))
+
+
+def write_results(directory, rows):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'results.jsonl'), 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+
+
+def test_fit_command_writes_fit_json_and_plots(tmp_path):
+  directory = str(tmp_path / 'sweep')
+  write_results(directory, isoflop_points(SMALL_DATA, (1e14, 1e17), budgets=3, sizes=5))
+  out = subprocess.run([sys.executable, '-m', 'qwenjax.scaling', 'fit', directory, '--bootstrap=5'],
+                       capture_output=True, text=True, check=True).stdout
+  assert 'approach2: a=' in out and 'approach3: E=' in out
+  with open(os.path.join(directory, 'fit.json')) as f:
+    on_disk = json.load(f)
+  assert on_disk['approach3']['alpha'] == pytest.approx(SMALL_DATA[3], abs=0.05)
+  assert on_disk['bootstrap'] == 5
+  assert set(on_disk['approach3']['ci']) == set(scaling.APPROACH3_KEYS)
+  assert set(on_disk['approach2']['ci']) == set(scaling.APPROACH2_KEYS)
+  for name in ('isoflop.png', 'frontier.png', 'optimal.png'):
+    with open(os.path.join(directory, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert on_disk['plots'] == ['isoflop.png', 'frontier.png', 'optimal.png']
+
+
+def test_plot_compares_sweeps_on_one_figure(tmp_path):
+  for name, law in (('sp', SMALL_DATA), ('mup', CHINCHILLA)):
+    rows = isoflop_points(law, (1e14, 1e17), budgets=2, sizes=3)
+    for i, row in enumerate(rows):
+      row['overrides'] = {'train.lr': [1e-3, 3e-3, 1e-2][i % 3], 'model.hidden_size': 64 * (1 + i // 3)}
+      row['width'] = row['overrides']['model.hidden_size']
+    write_results(str(tmp_path / name), rows)
+  dirs = [str(tmp_path / 'sp'), str(tmp_path / 'mup')]
+  out = scaling.plot_compare(dirs, str(tmp_path / 'compare.png'))
+  assert os.path.getsize(out) > 1000
+  out = scaling.plot_compare(dirs, str(tmp_path / 'lr.png'), x='lr', group='width')
+  assert os.path.getsize(out) > 1000
+  with pytest.raises(KeyError, match="no result field or override 'momentum'"):
+    scaling.plot_compare(dirs, str(tmp_path / 'bad.png'), x='momentum')
+
+
+def test_missing_results_file_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match='python -m qwenjax.sweep'):
+    scaling.read_results(str(tmp_path))
