@@ -30,6 +30,7 @@ sharded over every local device (FSDP), so checkpoints larger than one device's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -126,6 +127,22 @@ class Row:
   scored: int
 
 
+def _hashable(axes):
+  return tuple(axes) if isinstance(axes, list) else axes
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _row_nll(model_config: ModelConfig, rules: sharding.Rules, chunk: int, params: Any,
+             batch: dict[str, jax.Array]) -> jax.Array:
+  """`[rows]` summed NLL of the weighted targets: the training loss (`qwenjax.loss`, chunked logits) per row.
+
+  Module-level, so every Scorer of one model shares its compiled programs (one per bucket)."""
+  with nn.logical_axis_rules(rules):
+    hidden, head, _ = train_step.hidden_states(model_config, params, batch)
+    per_row = lambda h, t, w: loss_lib.cross_entropy(h[None], head, t[None], w[None], chunk=chunk)[1]
+    return jax.vmap(per_row)(hidden, batch['targets'], batch['weights'])
+
+
 class Scorer:
   """Sums of negative log-likelihoods of the scored targets of many rows, `batch_size` rows per jitted call."""
 
@@ -137,15 +154,7 @@ class Scorer:
     shards = sharding.batch_shards(ckpt.mesh, ckpt.rules)
     self.batch_size = -(-max(batch_size, 1) // shards) * shards  # rows split evenly over the devices
     self._batch_sharding = sharding.batch_sharding(ckpt.mesh, ckpt.rules)
-    model_config = ckpt.model_config
-
-    def row_nll(params, batch):
-      hidden, head, _ = train_step.hidden_states(model_config, params, batch)
-      per_row = lambda h, t, w: loss_lib.cross_entropy(h[None], head, t[None], w[None], chunk=chunk)[1]
-      return jax.vmap(per_row)(hidden, batch['targets'], batch['weights'])
-
-    shardings = jax.tree.map(lambda x: x.sharding, ckpt.params)
-    self._row_nll = jax.jit(row_nll, in_shardings=(shardings, self._batch_sharding))
+    self._static = (ckpt.model_config, tuple((name, _hashable(axes)) for name, axes in ckpt.rules), chunk)
 
   def buckets(self) -> list[int]:
     lengths, n = [], _SMALLEST_BUCKET
@@ -162,7 +171,7 @@ class Scorer:
     out = np.zeros(len(rows), np.float64)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
     buckets = self.buckets()
-    with jax.set_mesh(self.ckpt.mesh), nn.logical_axis_rules(self.ckpt.rules):
+    with jax.set_mesh(self.ckpt.mesh):
       for start in range(0, len(order), self.batch_size):
         group = order[start:start + self.batch_size]
         length = next(b for b in buckets if b >= len(rows[group[-1]].tokens) - 1)
@@ -175,7 +184,8 @@ class Scorer:
           batch['targets'][j, :n] = tokens[1:]
           batch['weights'][j, n - rows[i].scored:n] = 1.0
         batch = {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items()}
-        out[group] = np.asarray(jax.device_get(self._row_nll(self.ckpt.params, batch)))[:len(group)]
+        nll = _row_nll(*self._static, self.ckpt.params, batch)
+        out[group] = np.asarray(jax.device_get(nll), np.float64)[:len(group)]
     return out
 
 

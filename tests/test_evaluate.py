@@ -1,6 +1,8 @@
 """Evaluation: the in-job eval step by micro-batches, and `python -m qwenjax.evaluate` (loss, bits per byte,
 multiple-choice scoring) against values computed with `transformers`."""
 
+import json
+import math
 import re
 
 import flax.linen as nn
@@ -95,3 +97,163 @@ def test_eval_step_rejects_a_batch_that_does_not_split():
            for k in ('inputs', 'targets', 'weights')}
   with pytest.raises(ValueError, match='does not split into grad_accum_steps=3'):
     jax.eval_shape(train_step.make_eval_step(MODEL, train), params, batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# python -m qwenjax.evaluate against transformers, on a random tiny Qwen2 and a tiny Qwen2-style tokenizer.
+
+DOCUMENTS = [
+    'The quick brown fox jumps over the lazy dog. ' * 4,  # longer than seq_len below: several windows
+    '你好，世界！ emoji 😀🎉 and ✓ marks',  # multi-byte characters: bytes != characters
+    'x',
+    '    def forward(self, x):\n        return x\n',
+]
+
+
+@pytest.fixture(scope='module')
+def tiny_hf(tmp_path_factory):
+  """(directory, torch model, transformers tokenizer) of a random tiny Qwen2 with a Qwen2-style tokenizer."""
+  import hf_utils  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  directory = str(tmp_path_factory.mktemp('tiny_hf'))
+  hf_utils.save_tiny_qwen2_tokenizer(directory)
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+  model = hf_utils.random_qwen2(0, vocab_size=len(hf_tokenizer))
+  model.save_pretrained(directory)
+  return directory, model, hf_tokenizer
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tiny_hf):
+  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
+  return evaluate.load(hf=tiny_hf[0])
+
+
+def _torch_loglikelihood(model, inputs, targets):
+  """Summed log-probabilities of `targets` after `inputs` (the last len(targets) positions), in float64."""
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    logits = model(input_ids=torch.tensor([inputs])).logits[0].double()
+  logprobs = torch.log_softmax(logits[len(inputs) - len(targets):], dim=-1)
+  return float(sum(logprobs[i, t] for i, t in enumerate(targets)))
+
+
+@pytest.mark.parametrize('overlap', [0, 8])
+def test_bits_per_byte_equals_transformers(tmp_path, tiny_hf, tiny_checkpoint, overlap):
+  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
+  _, model, hf_tokenizer = tiny_hf
+  seq_len = 32
+  # What lm-evaluation-harness's loglikelihood_rolling computes, window by window, with transformers.
+  eos = hf_tokenizer.convert_tokens_to_ids('<|endoftext|>')
+  nll, tokens = 0.0, 0
+  for text in DOCUMENTS:
+    ids = hf_tokenizer(text, add_special_tokens=False)['input_ids']
+    full = [eos] + ids
+    start = 0
+    while start < len(ids):  # predict ids[start:end] from at most seq_len inputs ending at full[end - 1]
+      context = min(start, overlap)
+      end = min(len(ids), start + seq_len - context)
+      nll -= _torch_loglikelihood(model, full[start - context:end], ids[start:end])
+      tokens += end - start
+      start = end
+  total_bytes = sum(len(t.encode('utf-8')) for t in DOCUMENTS)
+  assert max(len(hf_tokenizer(t)['input_ids']) for t in DOCUMENTS) > seq_len  # windows are exercised
+
+  (tmp_path / 'a.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in DOCUMENTS[:3]))
+  (tmp_path / 'b.txt').write_text(DOCUMENTS[3])
+  got = evaluate.evaluate(tiny_checkpoint, files=f'{tmp_path}/a.jsonl,{tmp_path}/b.txt', seq_len=seq_len,
+                          overlap=overlap, batch_size=3)
+  assert (got['documents'], got['tokens'], got['bytes']) == (4, tokens, total_bytes)
+  np.testing.assert_allclose(got['bits_per_byte'], nll / (math.log(2) * total_bytes), rtol=1e-5)
+  np.testing.assert_allclose(got['loss'], nll / tokens, rtol=1e-5)
+  np.testing.assert_allclose(got['perplexity'], math.exp(nll / tokens), rtol=1e-5)
+
+
+def test_document_windows_score_every_token_once():
+  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
+  prefix, ids = 7, list(range(100, 171))
+  full = [prefix] + ids  # full[j] is the input that predicts ids[j]
+  for seq_len, overlap in ((16, 0), (16, 5), (71, 0), (200, 3)):
+    scored = []
+    for i, row in enumerate(evaluate.document_rows(ids, prefix, seq_len, overlap)):
+      start = len(scored)  # the first token this window scores is ids[start]
+      context = len(row.tokens) - 1 - row.scored  # inputs before full[start]
+      assert context == (min(overlap, start) if i else 0)
+      assert list(row.tokens) == full[start - context:start + row.scored + 1]
+      assert len(row.tokens) - 1 <= seq_len
+      scored += list(row.tokens[-row.scored:])
+    assert scored == ids, (seq_len, overlap)
+
+
+def _planted_examples(rng, words, n):
+  examples = []
+  for _ in range(n):
+    context = ' '.join(rng.choice(words, rng.integers(2, 5)))
+    choices = [' '.join(rng.choice(words, k)) for k in rng.permutation([1, 2, 3, 4])]
+    examples.append((context, choices))
+  return examples
+
+
+def test_multiple_choice_matches_transformers_and_finds_planted_answers(tmp_path, tiny_hf, tiny_checkpoint):
+  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
+  _, model, hf_tokenizer = tiny_hf
+  words = 'the quick brown fox jumps over lazy dog models 你好 emoji 😀 def return'.split()
+  raw = _planted_examples(np.random.default_rng(0), words, 12)
+  # The harness's scoring, with transformers: continuation = ' ' + choice, its tokens those of the whole text
+  # after the context's.
+  want = []
+  for context, choices in raw:
+    context_ids = hf_tokenizer(context, add_special_tokens=False)['input_ids']
+    lls = []
+    for choice in choices:
+      whole = hf_tokenizer(context + ' ' + choice, add_special_tokens=False)['input_ids']
+      assert len(whole) <= 33  # fits seq_len=32 below uncut
+      lls.append(_torch_loglikelihood(model, whole[:-1], whole[len(context_ids):]))
+    want.append(np.array(lls))
+  by_sum = [int(np.argmax(ll)) for ll in want]
+  by_byte = [int(np.argmax(ll / [len(c.encode()) for c in choices])) for ll, (_, choices) in zip(want, raw)]
+  assert by_sum != by_byte  # the two metrics disagree somewhere, so each planted task tells them apart
+
+  def task(name, answers):
+    path = tmp_path / f'{name}.jsonl'
+    path.write_text(''.join(json.dumps({'context': c, 'choices': ch, 'answer': a}) + '\n'
+                            for (c, ch), a in zip(raw, answers)))
+    return str(path)
+
+  scorer = evaluate.Scorer(tiny_checkpoint, seq_len=32, batch_size=5)
+  examples = evaluate.read_tasks(task('sum', by_sum))
+  assert [(e.context, e.choices, e.answer) for e in examples] == [(c, tuple(ch), a) for (c, ch), a in
+                                                                   zip(raw, by_sum)]
+  got = evaluate.choice_loglikelihoods(scorer, examples)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+  paths = [task('sum', by_sum), task('per_byte', by_byte)]
+  results = evaluate.evaluate(tiny_checkpoint, tasks=paths, seq_len=32)
+  agree = float(np.mean(np.array(by_sum) == np.array(by_byte)))
+  assert results['tasks'] == {'sum': {'file': paths[0], 'acc': 1.0, 'acc_norm': agree, 'examples': 12},
+                              'per_byte': {'file': paths[1], 'acc': agree, 'acc_norm': 1.0, 'examples': 12}}
+
+
+@pytest.mark.parametrize('line, message', [
+    ('{"context": "a", "choices": ["b", "c"], "answer": 2}', r'"answer" must be the index \(0..1\)'),
+    ('{"context": "a", "choices": ["b"], "answer": 0}', 'at least 2 non-empty strings'),
+    ('{"prompt": "a", "choices": ["b", "c"], "answer": 0}', r"it has \['answer', 'choices', 'prompt'\]"),
+    ('not json', 'line 1 is not JSON'),
+])
+def test_bad_task_files_get_clear_errors(tmp_path, line, message):
+  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'task.jsonl'
+  path.write_text(line + '\n')
+  with pytest.raises(ValueError, match=message):
+    evaluate.read_tasks(str(path))
+
+
+def test_evaluate_needs_one_checkpoint_and_something_to_score(tiny_checkpoint):
+  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match='exactly one of --workdir'):
+    evaluate.load()
+  with pytest.raises(ValueError, match='nothing to evaluate'):
+    evaluate.evaluate(tiny_checkpoint)
+  with pytest.raises(FileNotFoundError, match='no files match --files'):
+    evaluate.evaluate(tiny_checkpoint, files='/nonexistent/*.jsonl')
