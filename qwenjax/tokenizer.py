@@ -149,7 +149,7 @@ class SentencePieceTokenizer(Tokenizer):
       raise ValueError('the sentencepiece model has no end-of-sequence piece (</s>), which separates '
                        'documents; train one with qwenjax.tokenizer.train or with eos_id >= 0')
     self.stop_ids = (self.eos_id,)
-    self._threads = os.cpu_count() or 1
+    self._threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
   def encode(self, text: str) -> list[int]:
     return self._processor.encode(text)
