@@ -209,11 +209,12 @@ class HuggingFaceTokenizer(Tokenizer):
     return self._tokenizer.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+    # encode_batch_fast (newer tokenizers releases) skips the offsets that encode_batch computes.
+    encode = getattr(self._tokenizer, 'encode_batch_fast', self._tokenizer.encode_batch)
+    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tokenizer.decode(self._check_ids(ids), skip_special_tokens=False)
-
 
 
 def load(path: str) -> Tokenizer:
