@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import unicodedata
 
 import pytest
 import sentencepiece as spm
@@ -20,6 +21,14 @@ _WORDS = ('the of and to in is that for it as was with be by on not this are or 
 # Characters the training corpus never holds: CJK Extension A, Hangul, Devanagari, Arabic, other emoji.
 UNSEEN = ('\u3400\u3401\u4db5 한국어 텍스트 हिन्दी العربية \U0001F9FF\U0001FA90 mixed\twith\t\ttabs,  several   '
           'spaces,\r\nwindows lines\r\n and  a trailing space ')
+
+
+def random_unicode(count: int, seed: int = 0) -> list[str]:
+  """Strings of code points from all planes (ASCII controls included; no surrogates, no U+2581)."""
+  rng = random.Random(seed)
+  draw = lambda: rng.choice([rng.randrange(0x80), rng.randrange(0x80, 0xD800), rng.randrange(0xE000, 0x110000)])
+  return [''.join(chr(c) for c in (draw() for _ in range(rng.randint(0, 30))) if c != 0x2581)
+          for _ in range(count)]
 
 
 def mixed_corpus(docs: int, seed: int = 0) -> list[str]:
@@ -64,8 +73,8 @@ def test_train_on_mixed_scripts(corpus, tmp_path, vocab_size):
   assert tok.vocab_size == vocab_size
   assert tok.eos_id == 2 and tok.stop_ids == (2,)
   assert os.listdir(tmp_path) == ['tokenizer.model']
-  for text in (UNSEEN, corpus[0], '\n\n  indented\n\tx', '', ' ', '\x00'):
-    assert tok.decode(tok.encode(text)) == text
+  for text in (UNSEEN, corpus[0], '\n\n  indented\n\tx', '', ' ', '\x00', *random_unicode(200)):
+    assert tok.decode(tok.encode(text)) == text, ascii(text)
   # A character never seen is its UTF-8 bytes; frequent English words are merged into few pieces.
   assert len(tok.encode('\u3400')) == 3
   assert len(tok.encode('the model and the data')) <= 10
@@ -135,12 +144,12 @@ def test_hf_matches_transformers(tmp_path):
   assert tok.vocab_size == len(reference) == 353
   assert tok.eos_id == reference.convert_tokens_to_ids('<|endoftext|>') == 350
   assert tok.stop_ids == (350,)
-  for text in TEXTS:
-    assert tok.encode(text) == reference(text, add_special_tokens=False)['input_ids'], text
+  for text in TEXTS + tuple(random_unicode(200, seed=1)):
+    assert tok.encode(text) == reference(text, add_special_tokens=False)['input_ids'], ascii(text)
   assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
   assert tok.encode('<|endoftext|>') == [350]
-  for text in TEXTS[:5]:  # byte-level BPE gives the text back (after NFC normalization: not the last one)
-    assert tok.decode(tok.encode(text)) == text
+  for text in TEXTS + tuple(random_unicode(200)):  # byte-level BPE gives the text back, after NFC
+    assert tok.decode(tok.encode(text)) == unicodedata.normalize('NFC', text), ascii(text)
   assert tokenizer.load(os.path.join(directory, 'tokenizer.json')).fingerprint == tok.fingerprint
 
 
