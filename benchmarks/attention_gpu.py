@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qwenjax.attention import xla_attention  # pylint: disable=g-import-not-at-top
-from qwenjax.kernels import flash_gpu  # pylint: disable=g-import-not-at-top
+from qwenjax.kernels import attention_contract, flash_gpu  # pylint: disable=g-import-not-at-top
 from timing import median_seconds, packed_batches, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/)
 
 
@@ -173,7 +173,8 @@ def tune(args) -> flash_gpu.BlockSizes:
 def _document_pairs(seg, window) -> int:
   """Visible (query, key) pairs of one head over the batch with packed documents."""
   ids = np.asarray(seg)
-  return sum(flash_gpu.band_pairs(int(n), window) for row in ids for n in np.unique(row, return_counts=True)[1])
+  return sum(attention_contract.band_pairs(int(n), window)
+             for row in ids for n in np.unique(row, return_counts=True)[1])
 
 
 def bench(args, blocks=None):
@@ -201,7 +202,7 @@ def bench(args, blocks=None):
           'ours, no documents (all of the band)': ours}
       pairs = dict.fromkeys(list(impls)[:2], _document_pairs(seg, window))
     for name, fn in impls.items():
-      fwd_flops = 4 * q_heads * head_dim * pairs.get(name, batch * flash_gpu.band_pairs(seq, window))
+      fwd_flops = 4 * q_heads * head_dim * pairs.get(name, batch * attention_contract.band_pairs(seq, window))
       if args.only and not any(o in name for o in args.only):
         continue
       entry = dict(seq=seq, impl=name)

@@ -6,15 +6,18 @@ One entry point, `dot_product_attention`, picks an implementation:
 * `'cudnn'`: `jax.nn.dot_product_attention(implementation='cudnn')`, fused on NVIDIA GPUs.
 * `'pallas_tpu'`: JAX's splash attention kernel (`qwenjax.kernels.splash_tpu`).
 * `'pallas_gpu'`: our Mosaic GPU flash attention (`qwenjax.kernels.flash_gpu`).
-* `'pallas'`: the Pallas kernel of the current backend; `'auto'`: Pallas on TPU and GPU, XLA elsewhere.
+* `'pallas'`: the Pallas kernel of the target platform; `'auto'`: Pallas on TPU and GPU, XLA elsewhere.
 
 `interpret=True` runs a Pallas kernel in its interpreter, so both run on a CPU (slowly; for tests).
 Pallas calls cannot be partitioned by XLA, so under a multi-device mesh (`jax.set_mesh`) they run inside a
 `jax.shard_map` over the mesh axes that the active Flax logical axis rules give to batch and heads.
 
-Masking follows Hugging Face: a query at position q sees keys k with
-`q - sliding_window < k <= q` (no window: `k <= q`), and only keys of its own document
-when `segment_ids` are given.
+Masking follows Hugging Face: a query at position q sees keys k with `q - sliding_window < k <= q` (no
+window: `k <= q`), and only keys of its own document when `segment_ids` are given. That contract (mask, input
+checks, visible-pair count) is defined once, in `qwenjax.kernels.attention_contract`, for every kernel.
+
+Kernels are picked for `qwenjax.kernels.target_platform()`: this machine, or the platform named by
+`qwenjax.kernels.lowering_platform(...)` while tracing a program to export for another one.
 """
 
 from __future__ import annotations
@@ -25,42 +28,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from qwenjax import kernels
 from qwenjax import sharding
+from qwenjax.kernels import attention_contract
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'pallas_tpu', 'pallas_gpu', 'auto')
 # Logical axis names the model gives attention's inputs (see qwenjax.model.Attention).
 Q_AXES = ('activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
 KV_AXES = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
-
-
-def check_inputs(q, k, v, sliding_window: int | None, segment_ids) -> None:
-  """Raises a ValueError naming the problem if the arguments are not those of a causal GQA attention."""
-  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-    raise ValueError(f'expected q [b, s, h, d] and k, v [b, s, kv_h, d]; got {q.shape}, {k.shape}, {v.shape}')
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f'q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})')
-  if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
-    raise ValueError(f'sliding_window must be a positive int or None, got {sliding_window}')
-  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f'segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}')
-
-
-def attention_mask(
-    seq_len: int,
-    *,
-    sliding_window: int | None = None,
-    segment_ids: jax.Array | None = None,
-) -> jax.Array:
-  """Boolean mask `[batch or 1, seq, seq]`: True where query (row) may see key (column)."""
-  q = jnp.arange(seq_len)[:, None]
-  k = jnp.arange(seq_len)[None, :]
-  mask = k <= q
-  if sliding_window is not None:
-    mask &= k > q - sliding_window
-  mask = mask[None]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  return mask
 
 
 def xla_attention(q, k, v, *, sliding_window=None, segment_ids=None):
@@ -75,7 +50,7 @@ def xla_attention(q, k, v, *, sliding_window=None, segment_ids=None):
   q = q.reshape(batch, seq_len, kv_heads, groups, head_dim)
   scores = jnp.einsum('bqkgd,bskd->bkgqs', q, k, preferred_element_type=jnp.float32)
   scores *= head_dim**-0.5
-  mask = attention_mask(seq_len, sliding_window=sliding_window, segment_ids=segment_ids)
+  mask = attention_contract.mask(seq_len, sliding_window=sliding_window, segment_ids=segment_ids)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v)
@@ -111,11 +86,15 @@ def forward_saveable(prim, *_, **params) -> bool:
 
 
 def resolve_impl(impl: str, interpret: bool = False) -> str:
-  """The concrete kernel ('xla', 'cudnn', 'pallas_tpu' or 'pallas_gpu') that `impl` means on this backend."""
+  """The concrete kernel ('xla', 'cudnn', 'pallas_tpu' or 'pallas_gpu') that `impl` means on the target platform.
+
+  The target is `qwenjax.kernels.target_platform()`: this machine's backend, or the platform a program is being
+  traced for inside `qwenjax.kernels.lowering_platform(...)` (e.g. exporting the TPU kernels from a CPU host).
+  """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}')
-  backend = jax.default_backend()
-  pallas_kernel = {'tpu': 'pallas_tpu', 'gpu': 'pallas_gpu'}.get(backend)
+  platform = kernels.target_platform()
+  pallas_kernel = {'tpu': 'pallas_tpu', 'gpu': 'pallas_gpu'}.get(platform)
   if impl == 'auto':
     return pallas_kernel or 'xla'
   if impl == 'pallas':
@@ -124,12 +103,14 @@ def resolve_impl(impl: str, interpret: bool = False) -> str:
     if interpret:
       return 'pallas_tpu'  # the CPU stand-in: splash runs fine in the interpreter
     raise ValueError(
-        f"attention impl 'pallas' has no kernel for the {backend!r} backend. Pass interpret=True (model: "
+        f"attention impl 'pallas' has no kernel for the {platform!r} platform. Pass interpret=True (model: "
         "attention_interpret=True) to run a Pallas kernel in its interpreter, or use 'xla' or 'auto'.")
-  if impl in ('pallas_tpu', 'pallas_gpu') and not interpret and backend != impl.split('_')[1]:
+  needed = {'pallas_tpu': 'tpu', 'pallas_gpu': 'gpu'}.get(impl)
+  if needed and not interpret and platform != needed:
     raise ValueError(
-        f'attention impl {impl!r} needs a {impl.split("_")[1].upper()} but the backend is {backend!r}. '
-        "Pass interpret=True to run it in the Pallas interpreter, or use 'auto'.")
+        f'attention impl {impl!r} needs a {needed.upper()} but kernels are picked for {platform!r}. Pass '
+        f"interpret=True to run it in the Pallas interpreter, or use 'auto'; to lower it for a {needed.upper()} "
+        f"from this machine (jax.export), trace inside qwenjax.kernels.lowering_platform({needed!r}).")
   return impl
 
 
@@ -232,7 +213,7 @@ def dot_product_attention(
   Returns:
     `[batch, seq, q_heads, head_dim]` in q's dtype.
   """
-  check_inputs(q, k, v, sliding_window, segment_ids)
+  attention_contract.check_inputs(q, k, v, sliding_window, segment_ids)
   impl = resolve_impl(impl, interpret)
   if impl == 'xla':
     return xla_attention(q, k, v, sliding_window=sliding_window, segment_ids=segment_ids)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from qwenjax import attention, model, sharding
-from qwenjax.kernels import splash_tpu
+from qwenjax import attention, kernels, model, sharding
+from qwenjax.kernels import attention_contract, splash_tpu
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +67,44 @@ def test_xla_reference_matches_float64_numpy(heads, kv_heads, window, with_segme
   out = attention.dot_product_attention(q, k, v, sliding_window=window, segment_ids=ids, impl='xla')
   expected = numpy_attention(q, k, v, window, None if ids is None else np.asarray(ids))
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_contract_mask_definitions_agree():
+  """The one mask definition, in each of its forms: elementwise, by distance with a scalar offset (as the
+  Mosaic GPU kernels pass a tile and its blocks' offset), per block (splash's BandMask), dense, and counted."""
+  seq = 40
+  q, k = np.arange(seq)[:, None], np.arange(seq)[None, :]
+  for window in (None, 1, 7, 16, 40, 100):
+    expected = (k <= q) & ((window is None) | (k > q - (window or 0)))  # Hugging Face: q - window < k <= q
+    np.testing.assert_array_equal(attention_contract.visible(q, k, window), expected)
+    np.testing.assert_array_equal(attention_contract.mask(seq, sliding_window=window)[0], expected)
+    for offset in (-9, 0, 5):
+      np.testing.assert_array_equal(attention_contract.in_band(q - k - offset, window, offset), expected)
+    assert attention_contract.band_pairs(seq, window) == expected.sum()
+    for q0, k0, rows, cols in [(0, 0, 8, 8), (8, 0, 8, 8), (16, 0, 8, 4), (24, 20, 5, 16), (3, 30, 8, 8)]:
+      block = expected[q0:q0 + rows, k0:k0 + cols]
+      none, every = attention_contract.block_visibility(q0, q0 + rows - 1, k0, k0 + cols - 1, window)
+      assert (none, every) == (not block.any(), block.all()), (window, q0, k0)
+  ids = segments(2, seq, [10, 25])
+  dense = attention_contract.mask(seq, sliding_window=7, segment_ids=ids)
+  np.testing.assert_array_equal(dense, attention_contract.visible(q, k, 7, ids[:, :, None], ids[:, None, :]))
+
+
+def test_no_kernel_imports_upward():
+  """Kernels import only jax, numpy and qwenjax.kernels (the contract, each other): never qwenjax.attention."""
+  import ast, pathlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  for path in pathlib.Path(kernels.__file__).parent.glob('*.py'):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        imported = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module == 'qwenjax':
+        imported = ['qwenjax.' + a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        imported = [node.module or '']
+      else:
+        continue
+      for name in imported:
+        assert not name.startswith('qwenjax') or name.startswith('qwenjax.kernels'), f'{path.name}: {name}'
 
 
 def _loss_and_grads(fn, q, k, v, cotangent):
@@ -226,13 +264,26 @@ def test_impl_resolution_and_errors():
   assert jax.default_backend() == 'cpu'
   assert attention.resolve_impl('auto') == 'xla'
   assert attention.resolve_impl('pallas', interpret=True) == 'pallas_tpu'
+  # Tracing for another platform (jax.export from this CPU): kernels are picked for it, then for the CPU again.
+  with kernels.lowering_platform('tpu'):
+    assert kernels.target_platform() == 'tpu'
+    assert attention.resolve_impl('auto') == attention.resolve_impl('pallas') == 'pallas_tpu'
+    assert attention.resolve_impl('pallas_tpu') == 'pallas_tpu'
+    with pytest.raises(ValueError, match="needs a GPU but kernels are picked for 'tpu'"):
+      attention.resolve_impl('pallas_gpu')
+  with kernels.lowering_platform('cuda'):
+    assert attention.resolve_impl('auto') == 'pallas_gpu'
+  assert kernels.target_platform() == 'cpu'
+  with pytest.raises(ValueError, match="unknown platform 'tpu7'"):
+    with kernels.lowering_platform('tpu7'):
+      pass
   assert model.ModelConfig().attention_impl == 'auto'
   q, k, v = random_qkv(1, 8, 2, 1, 64)
   with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
     attention.dot_product_attention(q, k, v, impl='flash')
   with pytest.raises(ValueError, match='interpret=True'):
     attention.dot_product_attention(q, k, v, impl='pallas')
-  with pytest.raises(ValueError, match='needs a TPU'):
+  with pytest.raises(ValueError, match=r"needs a TPU.*lowering_platform\('tpu'\)"):
     attention.dot_product_attention(q, k, v, impl='pallas_tpu')
   with pytest.raises(ValueError, match='needs a GPU'):
     attention.dot_product_attention(q, k, v, impl='pallas_gpu')

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax.kernels import flash_gpu
+from qwenjax.kernels import attention_contract, flash_gpu
 
 
 def reference(q, k, v, *, window=None, segment_ids=None):
@@ -78,7 +78,7 @@ def _brute_force_blocks(seq, rows, cols, block_rows, block_cols, window, queries
     for r in range(rows, rows + block_rows):
       for c in range(j * block_cols, (j + 1) * block_cols):
         qpos, kpos = (r, c) if queries_are_rows else (c, r)
-        pairs.append(bool(flash_gpu.visible(qpos, kpos, window)))
+        pairs.append(bool(attention_contract.visible(qpos, kpos, window)))
     if any(pairs):
       visited.add(j)
     if all(pairs):
@@ -123,7 +123,7 @@ def test_document_ranges_cover_every_visible_pair(window):
   skipped = 0
   for seg in _document_layouts(seq):
     doc_start, doc_end = (np.asarray(x)[0] for x in flash_gpu.document_bounds(jnp.asarray(seg)[None]))
-    vis = np.array([[bool(flash_gpu.visible(q, k, window, seg[q], seg[k])) for k in range(seq)]
+    vis = np.array([[bool(attention_contract.visible(q, k, window, seg[q], seg[k])) for k in range(seq)]
                     for q in range(seq)])
     tiles = vis.reshape(seq // block_rows, block_rows, seq // block_cols, block_cols).transpose(0, 2, 1, 3)
     any_pair, all_pairs = tiles.any(axis=(2, 3)), tiles.all(axis=(2, 3))
@@ -167,7 +167,7 @@ def test_work_is_linear_in_seq_len_at_fixed_window():
     counts = [int(hi - lo) for lo, hi in
               (flash_gpu.kv_block_range(s, block, block, window) for s in range(0, seq, block))]
     assert max(counts) <= window // block + 1
-  assert flash_gpu.band_pairs(1024, 64) < 2.1 * flash_gpu.band_pairs(512, 64)
+  assert attention_contract.band_pairs(1024, 64) < 2.1 * attention_contract.band_pairs(512, 64)
 
 
 def test_triton_kernels_with_documents_lower_for_cuda():

@@ -1,8 +1,8 @@
 """Flash attention for NVIDIA GPUs in Pallas: causal, sliding window, grouped-query, packed documents.
 
-`flash_attention(q, k, v, sliding_window=..., segment_ids=...)` computes what `qwenjax.attention.xla_attention`
-computes, with a `jax.custom_vjp` whose backward pass is also a set of kernels. A query at position q sees keys
-k with `q - sliding_window < k <= q` (Hugging Face semantics) inside its own document.
+`flash_attention(q, k, v, sliding_window=..., segment_ids=...)` computes the attention `attention_contract`
+defines (a query at position q sees keys k with `q - sliding_window < k <= q`, inside its own document), with a
+`jax.custom_vjp` whose backward pass is also a set of kernels.
 
 Two kernel families share one blocked algorithm and the block-range arithmetic below:
 
@@ -33,8 +33,8 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from jax import lax
 
-from qwenjax import attention
-from qwenjax.kernels import is_hopper
+from qwenjax import kernels
+from qwenjax.kernels import attention_contract
 
 LOG2E = math.log2(math.e)
 # Masked scores are -inf. A row with no visible key in a block keeps a running max of -inf; kernels then
@@ -202,35 +202,20 @@ def q_ranges(k_start, k_rows: int, block_q: int, window: int | None, num_q_block
   return (lo, hi) + tuple(q_full_range(k_start, k_rows, block_q, window, lo, hi))
 
 
-def visible(q_pos, k_pos, window: int | None, q_seg=None, k_seg=None):
-  """Boolean mask of visible pairs (broadcasting positions and segment ids)."""
-  mask = k_pos <= q_pos
-  if window is not None:
-    mask = mask & (k_pos > q_pos - window)
-  if q_seg is not None:
-    mask = mask & (q_seg == k_seg)
-  return mask
-
-
-def band_pairs(seq_len: int, window: int | None) -> int:
-  """Number of visible (query, key) pairs of one head without documents: the useful work."""
-  if window is None or window >= seq_len:
-    return seq_len * (seq_len + 1) // 2
-  return window * (window + 1) // 2 + (seq_len - window) * window
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Public entry point.
 
 
 def _default_backend(dtype, head_dim: int) -> str:
-  devices = jax.devices()
-  if devices[0].platform != 'gpu':
+  if kernels.target_platform() != 'gpu':
     raise ValueError(
-        f'flash_gpu kernels need an NVIDIA GPU, but the default device is {devices[0].platform}. '
+        f'flash_gpu kernels need an NVIDIA GPU, but kernels are picked for {kernels.target_platform()!r}. '
         'Pass interpret=True to run them in the Pallas interpreter on CPU, or use another attention impl.')
+  device = jax.devices()[0]
+  # Lowering for a GPU from a machine without one (kernels.lowering_platform): assume the Hopper they target.
+  hopper = kernels.is_hopper(device) if device.platform == 'gpu' else True
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if is_hopper(devices[0]) and half and head_dim % 64 == 0:
+  if hopper and half and head_dim % 64 == 0:
     return 'mosaic'
   return 'triton'
 
@@ -260,7 +245,7 @@ def flash_attention(
   Returns:
     `[batch, seq, q_heads, head_dim]` in q's dtype. Softmax scale is `1/sqrt(head_dim)`.
   """
-  attention.check_inputs(q, k, v, sliding_window, segment_ids)
+  attention_contract.check_inputs(q, k, v, sliding_window, segment_ids)
   seq_len, head_dim = q.shape[1], q.shape[3]
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}. Cast them first.')

@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from qwenjax.kernels import attention_contract
 from qwenjax.kernels import flash_gpu as fg
 
 _WGS = 2  # consumer warpgroups per CTA
@@ -56,14 +57,12 @@ def _visible(shape, row_start, col_start, *, rows_are_queries: bool, window, row
   """Mask of a [rows, cols] tile in WGMMA layout; seg arguments are already broadcast to the tile."""
   row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  # k - q for every element, as a tile iota difference plus one scalar offset.
+  # q - k for every element, as a tile iota difference plus one scalar offset.
   if rows_are_queries:
-    diff, offset = col - row, col_start - row_start
+    q_minus_k, offset = row - col, row_start - col_start
   else:
-    diff, offset = row - col, row_start - col_start
-  mask = diff <= -offset
-  if window is not None:
-    mask = mask & (diff > -offset - window)
+    q_minus_k, offset = col - row, col_start - row_start
+  mask = attention_contract.in_band(q_minus_k, window, offset)
   if row_seg is not None:
     mask = mask & (row_seg == col_seg)
   return mask

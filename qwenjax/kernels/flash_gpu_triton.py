@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from qwenjax.kernels import attention_contract
 from qwenjax.kernels import flash_gpu as fg
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -71,7 +72,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
       if masked:
         k_pos = start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 1)
         k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if has_seg else None
-        s = jnp.where(fg.visible(q_pos, k_pos, window, q_seg, k_seg), s, fg.MASK_VALUE)
+        s = jnp.where(attention_contract.visible(q_pos, k_pos, window, q_seg, k_seg), s, fg.MASK_VALUE)
       m_new = jnp.maximum(m, s.max(axis=1))
       m_use = fg.safe_max(m_new) if masked else m_new
       alpha = jnp.exp2(m - m_use)
@@ -142,7 +143,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
       if masked:
         k_pos = start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 1)
         k_seg = kseg_ref[pl.ds(start, bkv)][None, :] if has_seg else None
-        s = jnp.where(fg.visible(q_pos, k_pos, window, q_seg, k_seg), s, fg.MASK_VALUE)
+        s = jnp.where(attention_contract.visible(q_pos, k_pos, window, q_seg, k_seg), s, fg.MASK_VALUE)
       p = jnp.exp2(s - lse_rows)
       dp = _dot(dos, v_ref[pl.ds(start, bkv), :], _NT, precision)
       ds = p * (dp - delta_rows)
@@ -200,7 +201,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
       if masked:
         q_pos = start + lax.broadcasted_iota(jnp.int32, (bkv, bq), 1)
         q_seg = qseg_ref[pl.ds(start, bq)][None, :] if has_seg else None
-        s_t = jnp.where(fg.visible(q_pos, k_pos, window, q_seg, k_seg), s_t, fg.MASK_VALUE)
+        s_t = jnp.where(attention_contract.visible(q_pos, k_pos, window, q_seg, k_seg), s_t, fg.MASK_VALUE)
       p_t = jnp.exp2(s_t - lse_ref[head, pl.ds(start, bq)][None, :])
       dv = dv + _dot(p_t.astype(dos.dtype), dos, _NN, precision)
       dp_t = _dot(vs, dos, _NT, precision)

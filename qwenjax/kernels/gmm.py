@@ -4,14 +4,16 @@
 rows `[start_g, start_g + group_sizes[g])` by `rhs[g]`. Rows at or past `sum(group_sizes)` come out as zeros,
 so callers may pad `lhs` to a static size. Every backend is differentiable in `lhs` and `rhs`:
 
-* `ragged_dot`: `jax.lax.ragged_dot`, everywhere. Slow on GPUs (about a fifth of a dense matmul on the H100)
-  and expanded densely on the CPU, but the reference the others are tested against.
+* `ragged_dot`: `jax.lax.ragged_dot`, everywhere. Slow on GPUs (docs/moe.md has the H100 numbers) and
+  expanded densely on the CPU, but the reference the others are tested against.
 * `mgpu`: Hopper GPUs. JAX's Mosaic GPU ragged-dot kernels in a custom_vjp (`gmm_gpu`); bf16/f16 only.
 * `megablox`: TPUs. JAX's megablox `gmm` (`gmm_tpu`).
 * `auto`: `mgpu` on a Hopper GPU when dtype and shapes suit it, `megablox` on a TPU, else `ragged_dot`.
 
 `interpret=True` runs `mgpu` or `megablox` in the Pallas interpreter (CPU tests); `auto` then still picks
 `ragged_dot` on the CPU. Kernel modules are imported only when picked, so one backend never loads another's.
+The choice is made for `qwenjax.kernels.target_platform()`: inside `kernels.lowering_platform('tpu')`,
+`megablox` lowers for a TPU from a CPU host (for `jax.export`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qwenjax.kernels import is_hopper
+from qwenjax import kernels
 
 IMPLEMENTATIONS = ('auto', 'ragged_dot', 'mgpu', 'megablox')
 
@@ -35,26 +37,28 @@ def resolve_impl(impl: str, lhs: jax.ShapeDtypeStruct | jax.Array, rhs: jax.Shap
   """The backend `grouped_matmul` will use for these operands; raises if an explicit choice cannot run."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'unknown grouped-matmul impl {impl!r}; choose one of {IMPLEMENTATIONS}')
-  backend = jax.default_backend()
+  backend = kernels.target_platform()
   if impl == 'auto':
     if backend == 'tpu':
       return 'megablox'
-    if backend == 'gpu' and is_hopper():
+    if backend == 'gpu' and kernels.is_hopper():
       from qwenjax.kernels import gmm_gpu  # pylint: disable=g-import-not-at-top
       if gmm_gpu.unsupported_reason(lhs, rhs) is None:
         return 'mgpu'
     return 'ragged_dot'
   if impl == 'mgpu':
-    if not interpret and not (backend == 'gpu' and is_hopper()):
-      raise ValueError(f"grouped-matmul impl 'mgpu' needs a Hopper GPU (the backend is {backend!r}); pass "
+    if not interpret and not (backend == 'gpu' and kernels.is_hopper()):
+      raise ValueError(f"grouped-matmul impl 'mgpu' needs a Hopper GPU (kernels are picked for {backend!r}); pass "
                        "interpret=True (model: moe_interpret=True) to run it interpreted, or use 'auto'.")
     from qwenjax.kernels import gmm_gpu  # pylint: disable=g-import-not-at-top
     reason = gmm_gpu.unsupported_reason(lhs, rhs)
     if reason:
       raise ValueError(f"grouped-matmul impl 'mgpu' cannot run here: {reason}. Use 'auto' or 'ragged_dot'.")
   if impl == 'megablox' and not interpret and backend != 'tpu':
-    raise ValueError(f"grouped-matmul impl 'megablox' needs a TPU (the backend is {backend!r}); pass "
-                     "interpret=True (model: moe_interpret=True) to run it interpreted, or use 'auto'.")
+    raise ValueError(f"grouped-matmul impl 'megablox' needs a TPU (kernels are picked for {backend!r}); pass "
+                     "interpret=True (model: moe_interpret=True) to run it interpreted, or use 'auto'; to lower "
+                     "it for a TPU from this machine (jax.export), trace inside "
+                     "qwenjax.kernels.lowering_platform('tpu').")
   return impl
 
 

@@ -1,7 +1,7 @@
 """Grouped matmul for Hopper GPUs: JAX's Mosaic GPU ragged-dot kernels paired in a custom_vjp.
 
-`jax.lax.ragged_dot` runs at about a fifth of dense matmul speed on the H100. JAX ships two faster Pallas
-Mosaic GPU kernels without gradients; this module pairs them:
+`jax.lax.ragged_dot` is slow on Hopper GPUs (docs/moe.md). JAX ships two faster Pallas Mosaic GPU kernels
+without gradients; this module pairs them:
 
     forward   out[rows of g]  = lhs[rows of g] @ rhs[g]          ragged_dot_mgpu.ragged_dot
     d lhs     dlhs[rows of g] = dout[rows of g] @ rhs[g]^T       ragged_dot_mgpu.ragged_dot(transpose_rhs=True)

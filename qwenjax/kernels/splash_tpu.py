@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from qwenjax.kernels import attention_contract
+
 # Splash's kv blocks must be multiples of the TPU lane width.
 LANES = 128
 # Largest block used by default: big enough to keep the MXU busy, small enough that a 4096-token window still
@@ -56,15 +58,17 @@ class BandMask(splash.LocalMask):
   """Causal mask with an optional window (`q - window < k <= q`) that answers whole blocks in O(1).
 
   Splash builds its block metadata on the host by evaluating the mask on every (q block, kv block) pair, for
-  the forward, dq and dkv kernels: O(seq_len^2) numpy work. With the stock `LocalMask` (28 heads, window 4096,
-  512-blocks) that took 6.5 s at 32k tokens and 106 s at 128k on our CPU; with this class 0.3 s and 2.3 s, and
-  the metadata is identical (tests/test_attention.py). Blocks wholly inside or outside the band are constant,
-  so they come back as broadcast scalars with O(1) `any()`/`all()`; only the partial blocks along the band's
-  edges are evaluated. The kernel uses the inherited `mask_function`, so the TPU runs exactly `LocalMask`.
+  the forward, dq and dkv kernels: O(seq_len^2) numpy work, seconds to minutes at long sequences with the
+  stock `LocalMask` (timings in docs/attention_tpu.md). Blocks wholly inside or outside the band
+  (`attention_contract.block_visibility`) are constant, so they come back as broadcast scalars with O(1)
+  `any()`/`all()`; only the partial blocks along the band's edges are evaluated. The metadata is identical
+  (tests/test_attention.py), and the kernel uses the inherited `mask_function`, so the TPU runs exactly
+  `LocalMask`.
   """
 
   def __init__(self, seq_len: int, sliding_window: int | None):
-    left = None if sliding_window is None or sliding_window >= seq_len else sliding_window - 1
+    self.sliding_window = None if sliding_window is None or sliding_window >= seq_len else sliding_window
+    left = None if self.sliding_window is None else self.sliding_window - 1
     super().__init__((seq_len, seq_len), window_size=(left, 0), offset=0)
 
   def __getitem__(self, idx):
@@ -72,13 +76,11 @@ class BandMask(splash.LocalMask):
     if isinstance(q_slice, slice) and isinstance(kv_slice, slice):
       q0, q1, _ = q_slice.indices(self.shape[0])
       k0, k1, _ = kv_slice.indices(self.shape[1])
-      left = self.window_size[0]
       shape = (q1 - q0, k1 - k0)
       if q1 > q0 and k1 > k0:
-        if k0 > q1 - 1 or (left is not None and k1 - 1 < q0 - left):  # all in the future or all too old
-          return _ConstantBlock.of(False, shape)
-        if k1 - 1 <= q0 and (left is None or k0 >= q1 - 1 - left):  # all visible
-          return _ConstantBlock.of(True, shape)
+        none, every = attention_contract.block_visibility(q0, q1 - 1, k0, k1 - 1, self.sliding_window)
+        if none or every:
+          return _ConstantBlock.of(bool(every), shape)
     return super().__getitem__(idx)
 
 
@@ -123,7 +125,7 @@ def splash_attention(
     interpret: bool = False,
     block_sizes: splash.BlockSizes | None = None,
 ) -> jax.Array:
-  """Causal grouped-query attention with the semantics of `qwenjax.attention.xla_attention`.
+  """Causal grouped-query attention as `attention_contract` defines it.
 
   Args:
     q: `[batch, seq, q_heads, head_dim]`.
@@ -136,6 +138,7 @@ def splash_attention(
   Returns:
     `[batch, seq, q_heads, head_dim]` in q's dtype.
   """
+  attention_contract.check_inputs(q, k, v, sliding_window, segment_ids)
   _, seq_len, num_heads, head_dim = q.shape
   if k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f'splash attention needs q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}')

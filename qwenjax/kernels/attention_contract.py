@@ -1,0 +1,79 @@
+"""What every attention kernel computes and accepts: the input checks, the mask, and the count of visible pairs.
+
+The mask, written once here and used by the XLA reference (`qwenjax.attention`), the splash wrapper
+(`splash_tpu`) and the GPU kernels (`flash_gpu*`): a query at position q sees a key at position k when
+
+    0 <= q - k < sliding_window        (no window: 0 <= q - k)
+
+which is Hugging Face's `q - sliding_window < k <= q`, and, with packed documents, when both carry the same
+segment id. The functions take Python ints, numpy arrays, jax arrays or values traced inside a kernel alike.
+
+A leaf module: it imports nothing from qwenjax, so every kernel and `qwenjax.attention` can import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def check_inputs(q, k, v, sliding_window: int | None, segment_ids) -> None:
+  """Raises a ValueError naming the problem if the arguments are not those of a causal GQA attention."""
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    raise ValueError(f'expected q [b, s, h, d] and k, v [b, s, kv_h, d]; got {q.shape}, {k.shape}, {v.shape}')
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f'q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})')
+  if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
+    raise ValueError(f'sliding_window must be a positive int or None, got {sliding_window}')
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f'segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}')
+
+
+def in_band(q_minus_k, window: int | None, offset=0):
+  """True where `0 <= q_minus_k + offset < window`: the causal band, by distance from query to key.
+
+  `offset` is a scalar added to every element of `q_minus_k` without materializing the sum, so a kernel can
+  pass a tile's iota difference and its blocks' start difference (two scalar compares per element).
+  """
+  mask = q_minus_k >= -offset
+  if window is not None:
+    mask = mask & (q_minus_k < window - offset)
+  return mask
+
+
+def visible(q_pos, k_pos, window: int | None, q_seg=None, k_seg=None):
+  """Whether query position `q_pos` sees key position `k_pos` (arrays broadcast, ids compared when given)."""
+  mask = in_band(q_pos - k_pos, window)
+  if q_seg is not None:
+    mask = mask & (q_seg == k_seg)
+  return mask
+
+
+def block_visibility(q_first, q_last, k_first, k_last, window: int | None) -> tuple[Any, Any]:
+  """(no pair visible, every pair visible) in the block of queries q_first..q_last and keys k_first..k_last
+  (inclusive), ignoring documents: only its corners decide, so a blocked kernel skips or leaves unmasked
+  whole blocks without evaluating them."""
+  none = k_first > q_last  # every key after every query
+  every = k_last <= q_first
+  if window is not None:
+    none = none | (q_first - k_last >= window)  # every key too old for every query
+    every = every & (q_last - k_first < window)
+  return none, every
+
+
+def mask(seq_len: int, *, sliding_window: int | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+  """Boolean mask `[batch or 1, seq, seq]`: True where query (row) may see key (column)."""
+  pos = jnp.arange(seq_len)
+  dense = visible(pos[:, None], pos[None, :], sliding_window)[None]
+  if segment_ids is not None:
+    dense = dense & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return dense
+
+
+def band_pairs(seq_len: int, window: int | None) -> int:
+  """Visible (query, key) pairs of one head over one document of `seq_len` tokens: the useful work."""
+  if window is None or window >= seq_len:
+    return seq_len * (seq_len + 1) // 2
+  return window * (window + 1) // 2 + (seq_len - window) * window
