@@ -295,9 +295,10 @@ def train(texts: Iterable[str], directory: str, *, vocab_size: int, max_lines: i
   lines = _sample_lines(texts, max_lines, seed)
   if not lines:
     raise ValueError('no text to train the tokenizer on: the documents hold no non-blank line')
+  sampled = len(lines)
   lines, kept, seen, coverage = _cut_rare_characters(lines, max_characters=(vocab_size - _FIXED_PIECES) // 2)
-  logging.info('tokenizer: training a %d-piece BPE on %d lines; %d of %d characters are pieces (%.3f%% of the '
-               'text), the others bytes', vocab_size, len(lines), kept, seen, 100 * coverage)
+  logging.info('tokenizer: training a %d-piece BPE on %d lines; %d of their %d characters are pieces (%.3f%% '
+               'of the text), the others bytes', vocab_size, sampled, kept, seen, 100 * coverage)
   model = _train_sentencepiece(lines, vocab_size)
   os.makedirs(directory, exist_ok=True)
   _write_atomically(os.path.join(directory, SENTENCEPIECE_FILE), model)
