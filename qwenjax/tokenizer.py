@@ -363,7 +363,8 @@ def _train_sentencepiece(lines: list[str], vocab_size: int) -> bytes:
     if too_high:
       most = int(too_high.group(1))
       raise ValueError(
-          f'the sampled text ({len(lines)} lines) is too little for a {vocab_size}-piece tokenizer: it yields '
+          f'the sampled text ({len(lines)} lines and pieces of lines) is too little for a {vocab_size}-piece '
+          'tokenizer: it yields '
           f'at most {most} pieces. Give more text (more documents, or a larger max_lines) or use '
           f'vocab_size <= {most}.') from e
     raise ValueError(f'training a {vocab_size}-piece tokenizer on {len(lines)} lines failed: {e}') from e
