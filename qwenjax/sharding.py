@@ -14,6 +14,11 @@ The train step is traced under `with jax.set_mesh(mesh), nn.logical_axis_rules(r
 `nn.with_logical_constraint` calls and the Pallas attention wrapper (which reads
 `jax.sharding.get_abstract_mesh()` and `nn.get_logical_axis_rules()`) see the same mesh and rules.
 
+Multi-slice (several TPU slices joined by the data-center network, DCN, or several GPU hosts): the config's
+`mesh.dcn_data` is the number of slices, and the `data` axis spans them (`dcn_data` x `data` devices long);
+`fsdp`, `tensor` and `expert` stay inside a slice, on the fast interconnect (ICI), sized as for one slice.
+Only data parallelism, whose one gradient all-reduce per step tolerates the slower network, crosses slices.
+
 To add a mesh axis, append it to `MESH_AXES`, give it a size in the config's `mesh` section and map logical
 names to it in the rules.
 """
@@ -26,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 if TYPE_CHECKING:  # model imports attention and moe, which import this module
@@ -64,32 +70,84 @@ Rules = tuple[tuple[str, Any], ...]
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-  """Sizes of `MESH_AXES` from the config's `mesh` section, resolving one -1 to the remaining devices."""
+  """Sizes of `MESH_AXES` over all `num_devices`: one slice's sizes with `data` times `mesh.dcn_data`."""
+  ici, dcn = hybrid_mesh_shapes(mesh_config, num_devices)
+  return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def hybrid_mesh_shapes(mesh_config: Mapping[str, int], num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(sizes within one slice, sizes across slices) of `MESH_AXES`, as `create_hybrid_device_mesh` takes them.
+
+  The config's data/fsdp/tensor/expert sizes are those of one slice of `num_devices / mesh.dcn_data` devices,
+  one of them possibly -1 (the rest of the slice); across slices only `data` is longer than 1.
+  """
+  slices = mesh_config.get('dcn_data', 1)
+  if int(slices) != slices or slices < 1:
+    raise ValueError(f'mesh.dcn_data must be a positive int (the number of slices), got {slices!r}')
+  slices = int(slices)
+  if num_devices % slices:
+    raise ValueError(f'mesh.dcn_data={slices} slices do not divide the {num_devices} devices evenly. Set '
+                     'mesh.dcn_data to the number of slices (TPU) or hosts (GPU) the job runs on.')
+  ici = _slice_mesh_shape(mesh_config, num_devices // slices, slices)
+  dcn = tuple(slices if axis == 'data' else 1 for axis in MESH_AXES)
+  return ici, dcn
+
+
+def _slice_mesh_shape(mesh_config: Mapping[str, int], num_devices: int, slices: int) -> tuple[int, ...]:
+  """Sizes of `MESH_AXES` within one slice of `num_devices`, resolving one -1 to the remaining devices."""
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   described = ' x '.join(f'{axis}={size}' for axis, size in zip(MESH_AXES, sizes))
+  devices = f'{num_devices} devices' + (f' of each of the {slices} slices (mesh.dcn_data)' if slices > 1 else '')
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f'mesh sizes {described}: each must be a positive int, and at most one may be -1 '
                      '(the remaining devices)')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'mesh sizes {described}: {known} does not divide the {num_devices} devices, so -1 '
+      raise ValueError(f'mesh sizes {described}: {known} does not divide the {devices}, so -1 '
                        'cannot take the rest. Set sizes whose product divides the device count.')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise ValueError(
-        f'mesh sizes {described} multiply to {math.prod(sizes)} but there are {num_devices} devices. Set '
+        f'mesh sizes {described} multiply to {math.prod(sizes)} but there are {devices}. Set '
         f'--config.mesh.data/fsdp/tensor/expert so that their product is {num_devices}, or set one of them to -1 '
         '(the remaining devices).')
   return tuple(sizes)
 
 
+def slice_attribute(devices: Sequence[Any]) -> str:
+  """What tells the slices apart: TPUs' `slice_index`; on devices without one (GPUs, CPUs), `process_index`,
+  so that each host is a slice."""
+  return 'slice_index' if all(hasattr(d, 'slice_index') for d in devices) else 'process_index'
+
+
+def hybrid_device_array(mesh_config: Mapping[str, int], devices: Sequence[Any]):
+  """The devices as an array of `MESH_AXES`' sizes, the `data` axis running over the `mesh.dcn_data` slices."""
+  ici, dcn = hybrid_mesh_shapes(mesh_config, len(devices))
+  attribute = slice_attribute(devices)
+  found = len({getattr(d, attribute) for d in devices})
+  if found != dcn[MESH_AXES.index('data')]:
+    raise ValueError(
+        f'mesh.dcn_data={dcn[MESH_AXES.index("data")]} but the {len(devices)} devices are in {found} slice(s) '
+        f'(told apart by {attribute}). Set mesh.dcn_data to {found}.')
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=attribute == 'process_index')
+
+
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A mesh over `MESH_AXES` with Auto axes: XLA propagates shardings from the constraints we place."""
+  """A mesh over `MESH_AXES` with Auto axes: XLA propagates shardings from the constraints we place.
+
+  With `mesh.dcn_data` > 1 the devices are laid out by `mesh_utils.create_hybrid_device_mesh`: each slice is
+  a contiguous block of the `data` axis.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if int(mesh_config.get('dcn_data', 1)) > 1:
+    return jax.sharding.Mesh(hybrid_device_array(mesh_config, devices), MESH_AXES, axis_types=axis_types)
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:
+    logging.warning('sharding: the devices are in %d slices but mesh.dcn_data=1, so fsdp/tensor/expert may '
+                    'cross the slow network between slices; set mesh.dcn_data=%d.', slices, slices)
+  return jax.make_mesh(mesh_shape(mesh_config, len(devices)), MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def _axes_tuple(axes) -> tuple[str, ...]:

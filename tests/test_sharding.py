@@ -1,6 +1,7 @@
 """Mesh construction, logical axis rules, and the same training numbers on every mesh (8 fake CPU devices)."""
 
 import dataclasses
+import types
 
 import flax.linen as nn
 import jax
@@ -42,6 +43,44 @@ def test_mesh_sizes_resolve_and_errors_name_the_device_count():
     sharding.mesh_shape(mesh_config(3, -1, 1), 8)
   with pytest.raises(ValueError, match='at most one may be -1'):
     sharding.mesh_shape(mesh_config(-1, -1, 1), 8)
+
+
+def test_multi_slice_shapes_put_only_data_across_slices():
+  """mesh.dcn_data slices: the ICI sizes are one slice's, and the data axis runs over the slices."""
+  two_slices = mesh_config(1, -1, 2)
+  two_slices.dcn_data = 2
+  assert sharding.hybrid_mesh_shapes(two_slices, 16) == ((1, 4, 2, 1), (2, 1, 1, 1))
+  assert sharding.mesh_shape(two_slices, 16) == (2, 4, 2, 1)
+  assert sharding.hybrid_mesh_shapes(mesh_config(2, -1, 1), 8) == ((2, 4, 1, 1), (1, 1, 1, 1))  # no dcn_data
+  # Fake devices of 2 slices (numbered so the slices interleave): each slice is one contiguous half of `data`.
+  devices = [types.SimpleNamespace(id=i, slice_index=i % 2, process_index=i // 8, platform='fake',
+                                   device_kind='fake') for i in range(16)]
+  array = sharding.hybrid_device_array(two_slices, devices)
+  assert array.shape == (2, 4, 2, 1)
+  assert [{d.slice_index for d in array[i].flat} for i in range(2)] == [{0}, {1}]
+  # Without slice_index (GPUs), hosts are the slices.
+  for d in devices:
+    del d.slice_index
+  assert [{d.process_index for d in sharding.hybrid_device_array(two_slices, devices)[i].flat}
+          for i in range(2)] == [{0}, {1}]
+
+
+def test_multi_slice_errors_name_the_fix():
+  config = mesh_config(1, -1, 1)
+  config.dcn_data = 2
+  with pytest.raises(ValueError, match=r'dcn_data=2 but the 8 devices are in 1 slice\(s\).*Set mesh.dcn_data to 1'):
+    sharding.make_mesh(config)  # 8 fake CPU devices of one process
+  config.dcn_data = 3
+  with pytest.raises(ValueError, match='dcn_data=3 slices do not divide the 8 devices'):
+    sharding.make_mesh(config)
+  config.dcn_data = 0
+  with pytest.raises(ValueError, match='positive int'):
+    sharding.mesh_shape(config, 8)
+  config = mesh_config(2, 2, 1)
+  config.dcn_data = 2
+  with pytest.raises(ValueError, match='multiply to 4 but there are 8 devices of each of the 2 slices'):
+    sharding.mesh_shape(config, 16)
+  assert sharding.make_mesh(mesh_config(1, -1, 1)).shape['data'] == 1  # dcn_data=1: one slice, as before
 
 
 def test_rules_leave_unsharded_what_the_mesh_does_not_divide():
