@@ -8,7 +8,7 @@ Text: the first `--mb` MiB of `--files` (read whole, in sorted order), by defaul
 by default the two kinds built here from the other files: sentencepiece BPEs trained with `tokenizer.train`
 (`--vocab_sizes`, by default 4096 and 32000 pieces: configs/tiny.py and configs/1b.py), and a byte-level BPE with
 Qwen2's pipeline (NFC, its split pattern) of the last of those sizes, trained with the `tokenizers` package.
-Prints one JSON line per tokenizer: tokens, MiB and the best of `--repeats` rates. Measured: docs/ (not yet).
+Prints one JSON line per tokenizer: tokens, MiB and the best of `--repeats` rates.
 """
 
 from __future__ import annotations
