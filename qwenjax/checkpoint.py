@@ -245,12 +245,7 @@ def restore_params(workdir: str, step: int | None = None,
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   directory = os.path.join(workdir, 'checkpoints')
-  steps = []
-  if os.path.isdir(directory):
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager(directory, options=options,
-                                    item_handlers={'state': ocp.PyTreeCheckpointHandler()})
-    steps = sorted(manager.all_steps())
+  steps = sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
   if not steps:
     raise FileNotFoundError(f'no checkpoint in {directory}: the run has not saved one yet (train.checkpoint_every; '
                             'a run also saves at its last step and when stopped)')
@@ -258,10 +253,13 @@ def restore_params(workdir: str, step: int | None = None,
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f'no checkpoint of step {step} in {directory}; its steps are {steps}')
+  path = os.path.join(directory, str(step), 'state')
   where = f'checkpoint {os.path.join(directory, str(step))}'
+  reader = ocp.PyTreeCheckpointHandler()
   try:
-    saved = manager.item_metadata(step)['state']
-    if saved is None or 'params' not in saved:
+    saved = reader.metadata(epath.Path(path))
+    saved = getattr(saved, 'tree', saved)  # a TreeMetadata in recent orbax
+    if not saved or 'params' not in saved:
       raise ValueError(f'{where} holds no train state parameters (state/params)')
     saved = jax.tree.map(lambda x: x, dict(saved['params']))  # plain dicts of ArrayMetadata
     if shardings is None:
@@ -273,10 +271,10 @@ def restore_params(workdir: str, step: int | None = None,
                                      shardings)}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    restored = reader.restore(epath.Path(path), args=args)
   finally:
-    manager.close()
-  return config, restored['state']['params'], step
+    reader.close()
+  return config, restored['params'], step
 
 
 def _matching(saved: Any, shardings: Any, where: str) -> Any:

@@ -300,24 +300,6 @@ def choice_metrics(examples: Sequence[Example], loglikelihoods: Sequence[np.ndar
 # ---------------------------------------------------------------------------------------------------------
 # The command line.
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run\'s directory: evaluates its latest checkpoint.')
-_HF = flags.DEFINE_string('hf', None, 'A Hugging Face checkpoint directory (config.json, safetensors, tokenizer).')
-_STEP = flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the latest).')
-_FILES = flags.DEFINE_string('files', None, 'Glob, or comma-separated globs, of .jsonl / .txt files to score.')
-_TEXT_KEY = flags.DEFINE_string('text_key', 'text', 'The field of a .jsonl line that holds the document.')
-_MAX_DOCUMENTS = flags.DEFINE_integer('max_documents', 0, 'Score only the first N documents (0: all).')
-_TASKS = flags.DEFINE_list('tasks', [], 'Multiple-choice .jsonl files of {"context", "choices", "answer"}.')
-_CHOICE_DELIMITER = flags.DEFINE_string('choice_delimiter', ' ', 'Put between the context and each choice.')
-_SEQ_LEN = flags.DEFINE_integer('seq_len', 0, 'Tokens per window (0: the run\'s data.seq_len; with --hf 2048, '
-                                'at most max_position_embeddings).')
-_OVERLAP = flags.DEFINE_integer('overlap', 0, 'Earlier tokens each window after the first sees, unscored.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Rows per call (rounded up to a multiple of the devices).')
-_DTYPE = flags.DEFINE_string('dtype', '', 'Compute dtype (float32, bfloat16); default: the run\'s model.dtype, '
-                             'float32 for --hf.')
-_ATTENTION = flags.DEFINE_string('attention_impl', '', 'Attention kernel (default: the run\'s model.attention_impl).')
-_OUT = flags.DEFINE_string('out', None, 'Also write the results here, as JSON.')
-
-
 def evaluate(ckpt: Checkpoint, *, files: str | None = None, tasks: Sequence[str] = (), seq_len: int = 0,
              overlap: int = 0, batch_size: int = 8, text_key: str = 'text', max_documents: int = 0,
              choice_delimiter: str = ' ') -> dict[str, Any]:
@@ -344,25 +326,47 @@ def evaluate(ckpt: Checkpoint, *, files: str | None = None, tasks: Sequence[str]
   return results
 
 
+def _define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so importing this module (tests, notebooks,
+  other tools) adds no global flags."""
+  flags.DEFINE_string('workdir', None, 'A training run\'s directory: evaluates its latest checkpoint.')
+  flags.DEFINE_string('hf', None, 'A Hugging Face checkpoint directory (config.json, safetensors, tokenizer).')
+  flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the latest).')
+  flags.DEFINE_string('files', None, 'Glob, or comma-separated globs, of .jsonl / .txt files to score.')
+  flags.DEFINE_string('text_key', 'text', 'The field of a .jsonl line that holds the document.')
+  flags.DEFINE_integer('max_documents', 0, 'Score only the first N documents (0: all).')
+  flags.DEFINE_list('tasks', [], 'Multiple-choice .jsonl files of {"context", "choices", "answer"}.')
+  flags.DEFINE_string('choice_delimiter', ' ', 'Put between the context and each choice.')
+  flags.DEFINE_integer('seq_len', 0, 'Tokens per window (0: the run\'s data.seq_len; with --hf 2048, at most '
+                       'max_position_embeddings).')
+  flags.DEFINE_integer('overlap', 0, 'Earlier tokens each window after the first sees, unscored.')
+  flags.DEFINE_integer('batch_size', 8, 'Rows per call (rounded up to a multiple of the devices).')
+  flags.DEFINE_string('dtype', '', 'Compute dtype (float32, bfloat16); default: the run\'s model.dtype, float32 '
+                      'for --hf.')
+  flags.DEFINE_string('attention_impl', '', 'Attention kernel (default: the run\'s model.attention_impl).')
+  flags.DEFINE_string('out', None, 'Also write the results here, as JSON.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
   try:
-    ckpt = load(_WORKDIR.value, _HF.value, step=_STEP.value, dtype=_DTYPE.value or None,
-                attention_impl=_ATTENTION.value or None)
-    results = evaluate(ckpt, files=_FILES.value, tasks=_TASKS.value, seq_len=_SEQ_LEN.value,
-                       overlap=_OVERLAP.value, batch_size=_BATCH_SIZE.value, text_key=_TEXT_KEY.value,
-                       max_documents=_MAX_DOCUMENTS.value, choice_delimiter=_CHOICE_DELIMITER.value)
+    ckpt = load(f.workdir, f.hf, step=f.step, dtype=f.dtype or None, attention_impl=f.attention_impl or None)
+    results = evaluate(ckpt, files=f.files, tasks=f.tasks, seq_len=f.seq_len, overlap=f.overlap,
+                       batch_size=f.batch_size, text_key=f.text_key, max_documents=f.max_documents,
+                       choice_delimiter=f.choice_delimiter)
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f'error: {e}\n')
     sys.exit(2)
   text = json.dumps(results, indent=2)
   print(text)
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, 'w') as f:
-      f.write(text + '\n')
+  if f.out:
+    os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+    with open(f.out, 'w') as out:
+      out.write(text + '\n')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -98,17 +98,21 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
           'files': sorted(os.listdir(out)), 'tokenizer': type(tok).__name__, 'note': note}
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s directory.')
-_OUT = flags.DEFINE_string('out', None, 'The Hugging Face directory to write (new or empty).')
-_STEP = flags.DEFINE_integer('step', None, 'The checkpoint step (default: the latest).')
-_DTYPE = flags.DEFINE_enum('dtype', None, DTYPES, 'Cast the parameters (default: keep the trained dtype).')
+def _define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so importing this module adds none."""
+  flags.DEFINE_string('workdir', None, 'The training run\'s directory.')
+  flags.DEFINE_string('out', None, 'The Hugging Face directory to write (new or empty).')
+  flags.DEFINE_integer('step', None, 'The checkpoint step (default: the latest).')
+  flags.DEFINE_enum('dtype', None, DTYPES, 'Cast the parameters (default: keep the trained dtype).')
+  flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
   try:
-    summary = export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
+    summary = export(f.workdir, f.out, step=f.step, dtype=f.dtype)
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f'error: {e}\n')
     sys.exit(2)
@@ -116,5 +120,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir', 'out'])
+  _define_flags()
   app.run(main)
