@@ -70,8 +70,8 @@ def test_xla_reference_matches_float64_numpy(heads, kv_heads, window, with_segme
 
 
 def test_contract_mask_definitions_agree():
-  """The one mask definition, in each of its forms: elementwise, by distance with a scalar offset (as the
-  Mosaic GPU kernels pass a tile and its blocks' offset), per block (splash's BandMask), dense, and counted."""
+  """The one mask definition, in each of its forms: elementwise, by distance with a scalar offset, over a
+  kernel's tile (as the Mosaic GPU kernels mask), per block (splash's BandMask), dense, and counted."""
   seq = 40
   q, k = np.arange(seq)[:, None], np.arange(seq)[None, :]
   for window in (None, 1, 7, 16, 40, 100):
@@ -80,6 +80,12 @@ def test_contract_mask_definitions_agree():
     np.testing.assert_array_equal(attention_contract.mask(seq, sliding_window=window)[0], expected)
     for offset in (-9, 0, 5):
       np.testing.assert_array_equal(attention_contract.in_band(q - k - offset, window, offset), expected)
+    for q0, k0 in [(0, 0), (16, 8), (8, 24)]:  # a blocked kernel's 16 x 8 tile, keys along rows or columns
+      rows, cols = np.arange(16)[:, None], np.arange(8)[None, :]
+      tile = attention_contract.tile_visible(rows, cols, q0, k0, rows_are_queries=True, window=window)
+      np.testing.assert_array_equal(tile, expected[q0:q0 + 16, k0:k0 + 8])
+      tile = attention_contract.tile_visible(rows, cols, k0, q0, rows_are_queries=False, window=window)
+      np.testing.assert_array_equal(tile, expected[q0:q0 + 8, k0:k0 + 16].T)
     assert attention_contract.band_pairs(seq, window) == expected.sum()
     for q0, k0, rows, cols in [(0, 0, 8, 8), (8, 0, 8, 8), (16, 0, 8, 4), (24, 20, 5, 16), (3, 30, 8, 8)]:
       block = expected[q0:q0 + rows, k0:k0 + cols]

@@ -51,6 +51,15 @@ def visible(q_pos, k_pos, window: int | None, q_seg=None, k_seg=None):
   return mask
 
 
+def tile_visible(row, col, row_start, col_start, *, rows_are_queries: bool, window: int | None):
+  """`visible` over a tile of a blocked kernel, from the tile's local row and column iotas and the first
+  positions of its blocks; rows are queries, or keys in a backward kernel's transposed tile. Costs one iota
+  difference and two scalar compares per element: positions are never materialized."""
+  if rows_are_queries:
+    return in_band(row - col, window, row_start - col_start)
+  return in_band(col - row, window, col_start - row_start)
+
+
 def block_visibility(q_first, q_last, k_first, k_last, window: int | None) -> tuple[Any, Any]:
   """(no pair visible, every pair visible) in the block of queries q_first..q_last and keys k_first..k_last
   (inclusive), ignoring documents: only its corners decide, so a blocked kernel skips or leaves unmasked

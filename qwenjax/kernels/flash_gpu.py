@@ -54,7 +54,7 @@ class BlockSizes:
   block_q_dkv: int = 64  # dK/dV: query rows per pipeline step
   block_kv_dkv: int = 64  # dK/dV: keys per warpgroup / program
   stages: int = 2  # Mosaic forward: pipeline depth (K/V slots) of the producer warpgroup
-  stages_bwd: int = 3  # Mosaic dQ and dK/dV: pipeline depth (3 measured best on the H100)
+  stages_bwd: int = 3  # Mosaic dQ and dK/dV: pipeline depth (tuned on the H100: docs/attention_gpu.md)
   pingpong_bwd: bool = False  # Mosaic dQ and dK/dV: alternate the two warpgroups' matmuls (as the forward)
 
   def seq_multiple(self, backend: str) -> int:

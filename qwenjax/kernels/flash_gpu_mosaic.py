@@ -57,12 +57,8 @@ def _visible(shape, row_start, col_start, *, rows_are_queries: bool, window, row
   """Mask of a [rows, cols] tile in WGMMA layout; seg arguments are already broadcast to the tile."""
   row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  # q - k for every element, as a tile iota difference plus one scalar offset.
-  if rows_are_queries:
-    q_minus_k, offset = row - col, row_start - col_start
-  else:
-    q_minus_k, offset = col - row, col_start - row_start
-  mask = attention_contract.in_band(q_minus_k, window, offset)
+  mask = attention_contract.tile_visible(row, col, row_start, col_start, rows_are_queries=rows_are_queries,
+                                        window=window)
   if row_seg is not None:
     mask = mask & (row_seg == col_seg)
   return mask
