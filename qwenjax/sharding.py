@@ -116,9 +116,11 @@ def _slice_mesh_shape(mesh_config: Mapping[str, int], num_devices: int, slices: 
 
 
 def slice_attribute(devices: Sequence[Any]) -> str:
-  """What tells the slices apart: TPUs' `slice_index`; on devices without one (GPUs, CPUs), `process_index`,
-  so that each host is a slice."""
-  return 'slice_index' if all(hasattr(d, 'slice_index') for d in devices) else 'process_index'
+  """What tells the slices apart: `slice_index` on TPUs, and where a runtime numbers several slices; else
+  `process_index`, one slice per host (CPU devices of several processes all report slice 0)."""
+  if devices[0].platform == 'tpu' or len({getattr(d, 'slice_index', 0) for d in devices}) > 1:
+    return 'slice_index'
+  return 'process_index'
 
 
 def hybrid_device_array(mesh_config: Mapping[str, int], devices: Sequence[Any]):

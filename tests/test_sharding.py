@@ -1,6 +1,10 @@
 """Mesh construction, logical axis rules, and the same training numbers on every mesh (8 fake CPU devices)."""
 
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
 import types
 
 import flax.linen as nn
@@ -81,6 +85,40 @@ def test_multi_slice_errors_name_the_fix():
   with pytest.raises(ValueError, match='multiply to 4 but there are 8 devices of each of the 2 slices'):
     sharding.mesh_shape(config, 16)
   assert sharding.make_mesh(mesh_config(1, -1, 1)).shape['data'] == 1  # dcn_data=1: one slice, as before
+
+
+_TWO_HOSTS = """
+import sys
+import jax, jax.numpy as jnp, ml_collections, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from qwenjax import sharding
+port, process = sys.argv[1], int(sys.argv[2])
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=process)
+mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, dcn_data=2)))
+hosts = [sorted({d.process_index for d in mesh.devices[i].flat}) for i in range(mesh.shape['data'])]
+rows = jax.make_array_from_process_local_data(NamedSharding(mesh, P(('data', 'fsdp'))),
+                                              np.full((4,), process + 1, np.float32))
+total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(rows)
+print('RESULT', dict(mesh.shape), hosts, float(total))
+"""
+
+
+def test_two_hosts_as_two_slices():
+  """Two processes of 4 CPU devices with mesh.dcn_data=2: hosts are the slices (no slice_index), each one
+  half of the data axis, and a reduction across them is right."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  processes = [subprocess.Popen([sys.executable, '-c', _TWO_HOSTS, str(port), str(i)], cwd=root, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+    result = [line for line in out.splitlines() if line.startswith('RESULT')]
+    assert result == ["RESULT {'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1} [[0], [1]] 12.0"], out[-3000:]
 
 
 def test_rules_leave_unsharded_what_the_mesh_does_not_divide():
