@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from etils import epath
 import jax
 
+from qwenjax.kernels import attention_contract
 from qwenjax.model import ModelConfig, count_params
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (no sparsity).
@@ -48,10 +49,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   attention = 0.0
   for layer in range(config.num_hidden_layers):
     window = config.sliding_window if config.is_sliding(layer) else None
-    if window is None or window >= seq_len:
-      visible = (seq_len + 1) / 2  # mean over positions of i + 1
-    else:  # positions < window see i + 1 keys, the rest see `window`
-      visible = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+    visible = attention_contract.band_pairs(seq_len, window) / seq_len  # keys a query sees, on average
     attention += 12 * config.num_attention_heads * config.head_dim * visible
   return 6 * params + attention
 
