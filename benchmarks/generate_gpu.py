@@ -45,7 +45,8 @@ def parse_args(argv=None):
   parser.add_argument('--new_tokens', type=int, default=256)
   parser.add_argument('--iters', type=int, default=3)
   parser.add_argument('--attention_impl', default='', help="prefill kernel (default: 'cudnn' on GPU, 'xla' else)")
-  parser.add_argument('--copy_mib', type=int, default=4096, help='size of the bandwidth probe')
+  parser.add_argument('--copy_mib', type=int, default=2048,
+                      help='size of the bandwidth probe (below 4096: 2^31 bf16 elements need 64-bit indexing)')
   parser.add_argument('--peer', action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument('--peer_ways', default='loop,generate')
   parser.add_argument('--peer_compile', action=argparse.BooleanOptionalAction, default=True)
@@ -109,7 +110,7 @@ def run_ours(args) -> None:
     try:
       ids = prompts(args, batch, config.vocab_size)
       request = generate.make_request(config, ids.tolist(), args.new_tokens)
-      knobs = (1.0, 0, 1.0)
+      knobs = (1.0, 0, 1.0, config.vocab_size)
       key = jax.random.key(0)
       static = dict(config=config, sampling=generate.Sampling())
       prefill = lambda: generate.prefill(params, request.input_ids, request.lengths, request.active,

@@ -40,20 +40,25 @@ class Sampling:
   greedy: bool = True
   top_k: bool = False
   top_p: bool = False
+  vocab_limit: bool = False  # mask the ids past a limit
 
   @classmethod
-  def of(cls, temperature: float, top_k: int, top_p: float) -> 'Sampling':
+  def of(cls, temperature: float, top_k: int, top_p: float, vocab_limit: bool = False) -> 'Sampling':
     if temperature == 0:
-      return cls()
-    return cls(greedy=False, top_k=top_k > 0, top_p=top_p < 1.0)
+      return cls(vocab_limit=vocab_limit)
+    return cls(greedy=False, top_k=top_k > 0, top_p=top_p < 1.0, vocab_limit=vocab_limit)
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, sampling: Sampling) -> jax.Array:
-  """Next tokens `[batch]` from float32 logits `[batch, vocab]`.
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, sampling: Sampling,
+                  vocab_limit=0) -> jax.Array:
+  """Next tokens `[batch]` from float32 logits `[batch, vocab]` (never an id >= `vocab_limit` if
+  `sampling.vocab_limit`).
 
   Top-k keeps the k largest logits, top-p the smallest set of most likely tokens whose probability reaches p
   (at least one), both as in transformers' logits warpers; then a categorical draw at `temperature`.
   """
+  if sampling.vocab_limit:  # embedding tables are often padded past the tokenizer's last id
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
@@ -105,8 +110,8 @@ class _Both:
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'cache_len', 'sampling', 'rules', 'mesh'))
-def prefill(params, input_ids, lengths, active, stop_ids, key, temperature, top_k, top_p, *, config: ModelConfig,
-            cache_len: int, sampling: Sampling, rules=(), mesh=None) -> dict[str, Any]:
+def prefill(params, input_ids, lengths, active, stop_ids, key, temperature, top_k, top_p, vocab_limit, *,
+            config: ModelConfig, cache_len: int, sampling: Sampling, rules=(), mesh=None) -> dict[str, Any]:
   """Runs right-padded prompts `input_ids [batch, bucket]` of `lengths` real tokens through the model, fills a
   new cache of `cache_len` positions and draws each row's first new token. Returns the decoding state.
 
@@ -118,15 +123,16 @@ def prefill(params, input_ids, lengths, active, stop_ids, key, temperature, top_
     batch = input_ids.shape[0]
     cache = model_lib.init_cache(config, batch, cache_len)
     logits, cache = model_lib.Qwen2(config).apply({'params': params}, input_ids, cache=cache, lengths=lengths)
-    token = sample_tokens(logits[:, 0], jax.random.fold_in(key, 0), temperature, top_k, top_p, sampling)
+    token = sample_tokens(logits[:, 0], jax.random.fold_in(key, 0), temperature, top_k, top_p, sampling,
+                          vocab_limit)
     out = jnp.zeros((batch, cache_len), jnp.int32).at[:, 0].set(token)
     return dict(cache=cache, token=token, position=lengths.astype(jnp.int32), step=jnp.ones((), jnp.int32),
                 done=jnp.logical_not(active) | jnp.isin(token, stop_ids), out=out)
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'sampling', 'rules', 'mesh'), donate_argnames=('state',))
-def decode(params, state: dict[str, Any], until, stop_ids, key, temperature, top_k, top_p, *, config: ModelConfig,
-           sampling: Sampling, rules=(), mesh=None) -> dict[str, Any]:
+def decode(params, state: dict[str, Any], until, stop_ids, key, temperature, top_k, top_p, vocab_limit, *,
+           config: ModelConfig, sampling: Sampling, rules=(), mesh=None) -> dict[str, Any]:
   """Decodes from `state` (of `prefill` or `decode`) until step `until` or until every row is done.
 
   `until` is a traced value: any number of steps runs the same program. A row's tokens after its first stop
@@ -138,7 +144,8 @@ def decode(params, state: dict[str, Any], until, stop_ids, key, temperature, top
   def body(s):
     logits, cache = model_lib.Qwen2(config).apply({'params': params}, s['token'][:, None],
                                                   s['position'][:, None], cache=s['cache'])
-    token = sample_tokens(logits[:, 0], jax.random.fold_in(key, s['step']), temperature, top_k, top_p, sampling)
+    token = sample_tokens(logits[:, 0], jax.random.fold_in(key, s['step']), temperature, top_k, top_p, sampling,
+                          vocab_limit)
     out = jax.lax.dynamic_update_slice_in_dim(s['out'], token[:, None], s['step'], axis=1)
     return dict(cache=cache, token=token, position=s['position'] + 1, step=s['step'] + 1,
                 done=s['done'] | jnp.isin(token, stop_ids), out=out)
@@ -215,7 +222,7 @@ def make_request(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_
 def generate(model_config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_token_ids: Sequence[int] = (), mesh: jax.sharding.Mesh | None = None,
-             rules: Sequence[Sequence[Any]] | None = None,
+             rules: Sequence[Sequence[Any]] | None = None, vocab_limit: int | None = None,
              callback: Callable[[list[list[int]]], None] | None = None) -> list[list[int]]:
   """The new tokens of each prompt: up to `max_new_tokens`, ending with (and including) its first stop token.
 
@@ -231,6 +238,8 @@ def generate(model_config: ModelConfig, params: Any, prompts: Sequence[Sequence[
     stop_token_ids: tokens that end a row (e.g. the tokenizer's `stop_ids`).
     mesh: decode sharded over this mesh (`qwenjax.sharding.make_mesh`); None: the default device.
     rules: logical axis rules for `mesh` (default `qwenjax.sharding.DEFAULT_RULES`).
+    vocab_limit: never emit ids >= this (a tokenizer's `vocab_size` when the embedding table is padded past it,
+      as Qwen2's is); None: any id of the model.
     callback: called after each token with every row's tokens since the last call (empty once a row has
       stopped): streaming. Each token then costs one host round trip; without it the whole loop runs on device.
   """
@@ -245,9 +254,11 @@ def generate(model_config: ModelConfig, params: Any, prompts: Sequence[Sequence[
   if mesh is not None:
     with jax.set_mesh(mesh):
       params = place_params(model_config, params, mesh, fitted)
-  sampling = Sampling.of(temperature, top_k, top_p)
+  limited = vocab_limit is not None and vocab_limit < model_config.vocab_size
+  sampling = Sampling.of(temperature, top_k, top_p, limited)
   key = jax.random.key(seed)
-  knobs = (jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p))
+  knobs = (jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
+           jnp.int32(min(vocab_limit or model_config.vocab_size, model_config.vocab_size)))
   static = dict(config=model_config, sampling=sampling, rules=fitted, mesh=mesh)
   with _scope(mesh, fitted):
     inputs = [request.input_ids, request.lengths, request.active]

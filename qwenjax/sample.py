@@ -1,0 +1,118 @@
+r"""Sample text from a trained or imported model, printing it as it is generated.
+
+    python -m qwenjax.sample --workdir=/tmp/qwenjax-tiny --prompt='def main('        # latest checkpoint of a run
+    python -m qwenjax.sample --hf=/path/to/Qwen2-0.5B --prompt='The capital of France is' --temperature=0
+
+`--workdir` reads the run's config.json, the parameters of its latest checkpoint (or `--step`) and the run's
+tokenizer (`WORKDIR/tokenizer/`, or `WORKDIR/tokenizer.model` of older runs). `--hf` reads a Hugging Face
+directory (config.json, safetensors and its tokenizer.json). Generation stops at the tokenizer's stop tokens
+or after `--max_new_tokens`; `--temperature=0` is greedy. See `qwenjax.generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+
+from qwenjax import checkpoint
+from qwenjax import generate
+from qwenjax import tokenizer as tokenizer_lib
+from qwenjax.model import ModelConfig
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run\'s directory: samples its latest checkpoint.')
+_HF = flags.DEFINE_string('hf', None, 'A Hugging Face checkpoint directory (config.json, safetensors, tokenizer).')
+_STEP = flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the latest).')
+_PROMPT = flags.DEFINE_string('prompt', None, 'The text to continue.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 128, 'New tokens at most.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0: greedy; higher: more random.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only (0: all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens whose probability reaches p.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
+_DTYPE = flags.DEFINE_string('dtype', '', 'Compute dtype (float32, bfloat16); default: the model\'s.')
+_ATTENTION = flags.DEFINE_string('attention_impl', '', 'Attention kernel of the prefill (default: the model\'s).')
+
+
+def run_tokenizer(workdir: str, config: Any) -> tokenizer_lib.Tokenizer:
+  """The tokenizer a training run used: WORKDIR/tokenizer/, WORKDIR/tokenizer.model, or its data.tokenizer."""
+  for path in (os.path.join(workdir, 'tokenizer'), os.path.join(workdir, 'tokenizer.model')):
+    if os.path.exists(path):
+      return tokenizer_lib.load(path)
+  named = str(config.get('data', {}).get('tokenizer', '') or '')
+  if named and named != 'train' and os.path.exists(named):
+    return tokenizer_lib.load(named)
+  raise FileNotFoundError(f'no tokenizer in {workdir} (tokenizer/ or tokenizer.model) and none named by its '
+                          f'config (data.tokenizer={named!r}): is it the workdir of a training run?')
+
+
+def load(workdir: str | None, hf: str | None, step: int | None = None,
+         **overrides) -> tuple[ModelConfig, Any, tokenizer_lib.Tokenizer]:
+  """(model config, parameters, tokenizer) of a training run's checkpoint or a Hugging Face directory."""
+  if bool(workdir) == bool(hf):
+    raise ValueError('give exactly one of --workdir (a training run) and --hf (a Hugging Face checkpoint '
+                     'directory)')
+  overrides = {k: v for k, v in overrides.items() if v}
+  if workdir:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config, params, _ = checkpoint.restore_params(workdir, step)
+    model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
+    return model_config, params, run_tokenizer(workdir, config)
+  from qwenjax import hf as hf_lib  # pylint: disable=g-import-not-at-top  (safetensors only when needed)
+  path = os.path.abspath(os.path.expanduser(hf))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'--hf={hf}: no such directory (give a Hugging Face checkpoint directory)')
+  model_config, params = hf_lib.from_pretrained(path)
+  return dataclasses.replace(model_config, **overrides), params, tokenizer_lib.load(path)
+
+
+def sample(model_config: ModelConfig, params: Any, tok: tokenizer_lib.Tokenizer, prompt: str, *,
+           out=sys.stdout, **kwargs) -> str:
+  """Writes the prompt and then its continuation to `out` as the tokens come; returns the continuation."""
+  if not prompt:
+    raise ValueError('the prompt is empty: pass --prompt=TEXT')
+  ids = tok.encode(prompt)
+  if not ids:
+    raise ValueError(f'the prompt {prompt!r} encodes to no tokens')
+  if max(ids) >= model_config.vocab_size:
+    raise ValueError(f'the tokenizer gives id {max(ids)} but the model has only {model_config.vocab_size} '
+                     'embeddings: the tokenizer does not belong to this model')
+  out.write(prompt)
+  out.flush()
+  tokens, shown = [], ''
+
+  def stream(new):
+    nonlocal shown
+    tokens.extend(t for t in new[0] if t not in tok.stop_ids)
+    text = tok.decode(tokens)
+    if not text.endswith('\ufffd'):  # wait for the rest of a multi-byte character
+      out.write(text[len(shown):])
+      out.flush()
+      shown = text
+
+  generate.generate(model_config, params, [ids], stop_token_ids=tok.stop_ids, vocab_limit=tok.vocab_size,
+                    callback=stream, **kwargs)
+  text = tok.decode(tokens)
+  out.write(text[len(shown):] + '\n')
+  out.flush()
+  return text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  try:
+    model_config, params, tok = load(_WORKDIR.value, _HF.value, _STEP.value, dtype=_DTYPE.value,
+                                     attention_impl=_ATTENTION.value)
+    sample(model_config, params, tok, _PROMPT.value or '', max_new_tokens=_MAX_NEW_TOKENS.value,
+           temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.stderr.write(f'\nerror: {e}\n')
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,289 @@
+"""Generation with a KV cache: parity with transformers' greedy `generate`, the cache against a full forward,
+the sliding-window ring, sampling, stop tokens, errors, sharded decoding and the `qwenjax.sample` CLI."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_utils
+
+from qwenjax import generate, hf, model, sharding, tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT_LENGTHS = (3, 9, 14)
+NEW_TOKENS = 24
+
+TINY_MOE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, rope_theta=10_000.0, rms_norm_eps=1e-6,
+                num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                mlp_only_layers=[1], tie_word_embeddings=False)
+
+
+def random_qwen2_moe(seed=0):
+  torch.manual_seed(seed)
+  config = transformers.Qwen2MoeConfig(**TINY_MOE)
+  config._attn_implementation = 'eager'  # pylint: disable=protected-access
+  torch_model = transformers.Qwen2MoeForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, param in torch_model.named_parameters():
+      param.copy_(1.0 + 0.2 * torch.randn_like(param) if 'norm' in name else 0.1 * torch.randn_like(param))
+  return torch_model
+
+
+def prompts(vocab, lengths=PROMPT_LENGTHS, seed=0):
+  rng = np.random.RandomState(seed)
+  return [rng.randint(0, vocab, n).tolist() for n in lengths]
+
+
+def hf_greedy(torch_model, prompt, new_tokens):
+  """transformers' greedy continuation of one prompt (no padding, no early stop)."""
+  with torch.no_grad():
+    out = torch_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               eos_token_id=None, pad_token_id=0)
+  return out[0, len(prompt):].tolist()
+
+
+# dense: 3 layers, GQA 4/2, a 6-token window on layers 1 and 2 (shorter than every prompt + continuation)
+DENSE = dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize('kind', ['dense_sliding', 'moe'])
+def test_greedy_matches_transformers_generate(tmp_path, kind):
+  torch_model = hf_utils.random_qwen2(seed=3, **DENSE) if kind == 'dense_sliding' else random_qwen2_moe(seed=4)
+  torch_model.save_pretrained(tmp_path)
+  config, params = hf.from_pretrained(str(tmp_path))
+  assert kind == 'moe' or [config.is_sliding(i) for i in range(3)] == [False, True, True]
+  batch = prompts(config.vocab_size)
+  ours = generate.generate(config, params, batch, max_new_tokens=NEW_TOKENS)
+  expected = [hf_greedy(torch_model, p, NEW_TOKENS) for p in batch]
+  assert [len(r) for r in ours] == [NEW_TOKENS] * len(batch)
+  assert ours == expected
+
+
+def tiny_config(**overrides):
+  base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rope_theta=10_000.0, attention_impl='xla')
+  return model.ModelConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers):
+  """Prefill of right-padded rows, then one token at a time: each step's logits equal a full forward pass's."""
+  config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+  params = model.init_params(config, jax.random.key(0))
+  ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, 20))
+  full = jax.jit(lambda p, x: model.Qwen2(config).apply({'params': p}, x))(params, ids)
+  lengths = np.array([3, 7])
+
+  @jax.jit
+  def prefill(p, x, lengths):
+    return model.Qwen2(config).apply({'params': p}, x, cache=model.init_cache(config, 2, 32), lengths=lengths)
+
+  @jax.jit
+  def step(p, token, position, cache):
+    return model.Qwen2(config).apply({'params': p}, token[:, None], position[:, None], cache=cache)
+
+  padded = np.where(np.arange(8) < lengths[:, None], ids[:, :8], 0)
+  logits, cache = prefill(params, padded, lengths)
+  np.testing.assert_allclose(logits[:, 0], full[[0, 1], lengths - 1], rtol=1e-5, atol=1e-5)
+  position = lengths
+  for _ in range(12):
+    logits, cache = step(params, ids[[0, 1], position], position, cache)
+    np.testing.assert_allclose(logits[:, 0], full[[0, 1], position], rtol=1e-5, atol=1e-5)
+    position = position + 1
+  if scan_layers:  # one stack: every layer gets the full length, the window is applied by masking
+    assert cache['layers'].key.shape[:2] == (3, 2) and cache['layers'].key.shape[2] == 32
+  else:  # unrolled: the window layer's ring holds exactly `sliding_window` entries
+    assert cache['layers_2'].key.shape[1] == 4 and cache['layers_0'].key.shape[1] == 32
+
+
+def test_ring_buffer_never_grows_past_the_window():
+  config = tiny_config(use_sliding_window=True, sliding_window=5, max_window_layers=1)
+  params = model.init_params(config, jax.random.key(2))
+  batch = prompts(config.vocab_size, (2, 11))
+  generate.TRACES.clear()
+  seen = []
+  out = generate.generate(config, params, batch, max_new_tokens=40, callback=seen.append)
+  assert [len(r) for r in out] == [40, 40] and len(seen) == 40
+  assert [sum(len(s[i]) for s in seen) for i in range(2)] == [40, 40]  # streaming gave every token once
+  assert [[t for s in seen for t in s[i]] for i in range(2)] == out
+  request = generate.make_request(config, batch, 40)
+  state = generate.prefill(params, request.input_ids, request.lengths, request.active, request.stop_ids,
+                           jax.random.key(0), 1.0, 0, 1.0, 97, config=config, cache_len=request.cache_len,
+                           sampling=generate.Sampling())
+  state = generate.decode(params, state, 40, request.stop_ids, jax.random.key(0), 1.0, 0, 1.0, 97, config=config,
+                          sampling=generate.Sampling())
+  for i in range(3):
+    layer = state['cache'][f'layers_{i}']
+    assert layer.key.shape[1] == (5 if i else request.cache_len)
+  ring = np.asarray(state['cache']['layers_1'].positions)  # the last 5 positions of each row, each once
+  ends = np.asarray(state['position'])
+  assert [sorted(r) for r in ring] == [list(range(e - 5, e)) for e in ends]
+  # One trace of each for the whole run (streaming too): never one per token.
+  assert generate.TRACES == {'prefill': 2, 'decode': 2}  # generate's, then the explicit calls' (other statics)
+
+
+def test_compiles_once_per_bucket():
+  config = tiny_config()
+  params = model.init_params(config, jax.random.key(3))
+  generate.TRACES.clear()
+  first = generate.generate(config, params, prompts(config.vocab_size, (5, 9)), max_new_tokens=20)
+  generate.generate(config, params, prompts(config.vocab_size, (10, 16), seed=1), max_new_tokens=7)  # same buckets
+  assert generate.TRACES == {'prefill': 1, 'decode': 1}
+  generate.generate(config, params, prompts(config.vocab_size, (17, 3), seed=2), max_new_tokens=20)  # new bucket
+  assert generate.TRACES == {'prefill': 2, 'decode': 1}  # decode's shapes come from the cache: same bucket here
+  assert [len(r) for r in first] == [20, 20]
+
+
+def test_sampling_is_reproducible_from_its_seed():
+  config = tiny_config()
+  params = model.init_params(config, jax.random.key(4))
+  batch = prompts(config.vocab_size, (4, 6))
+  kwargs = dict(max_new_tokens=24, temperature=1.5, top_k=20, top_p=0.9)
+  a = generate.generate(config, params, batch, seed=7, **kwargs)
+  b = generate.generate(config, params, batch, seed=7, **kwargs)
+  c = generate.generate(config, params, batch, seed=8, **kwargs)
+  greedy = generate.generate(config, params, batch, max_new_tokens=24)
+  assert a == b
+  assert a != c and a != greedy
+
+
+def test_top_k_and_top_p_keep_the_likely_tokens():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  keys = jax.random.key(0)
+  draw = lambda k, p: np.asarray(generate.sample_tokens(
+      logits, keys, 1.0, k, p, generate.Sampling.of(1.0, k, p)))
+  assert set(draw(2, 1.0)) == {0, 1}
+  assert set(draw(0, 0.7)) == {0, 1}  # 0.5 + 0.3 reaches 0.7
+  assert set(draw(0, 0.4)) == {0}  # the most likely token always stays
+  assert set(draw(0, 1.0)) == {0, 1, 2, 3}
+
+
+def test_stop_tokens_end_a_row_inclusively():
+  config = tiny_config()
+  params = model.init_params(config, jax.random.key(5))
+  batch = prompts(config.vocab_size, (4, 6, 8))
+  free = generate.generate(config, params, batch, max_new_tokens=16)
+  stop = free[1][5]  # row 1's sixth token
+  out = generate.generate(config, params, batch, max_new_tokens=16, stop_token_ids=[stop])
+  for row, ref in zip(out, free):
+    end = ref.index(stop) + 1 if stop in ref else len(ref)
+    assert row == ref[:end]
+  assert out[1][-1] == stop and len(out[1]) <= 6
+
+
+def test_bad_prompts_get_clear_errors():
+  config = tiny_config(max_position_embeddings=32)
+  params = None  # the checks come before the parameters are touched
+  with pytest.raises(ValueError, match='prompt 1 is empty'):
+    generate.generate(config, params, [[1, 2], []], max_new_tokens=4)
+  with pytest.raises(ValueError, match='longer than the model.s max_position_embeddings'):
+    generate.generate(config, params, [[1] * 33], max_new_tokens=4)
+  with pytest.raises(ValueError, match='plus max_new_tokens'):
+    generate.generate(config, params, [[1] * 30], max_new_tokens=4)
+  with pytest.raises(ValueError, match='outside'):
+    generate.generate(config, params, [[1, 97]], max_new_tokens=4)
+  with pytest.raises(ValueError, match='non-empty list'):
+    generate.generate(config, params, [], max_new_tokens=4)
+
+
+@pytest.mark.parametrize('kind', ['dense', 'moe'])
+def test_tensor_parallel_decode_on_a_mesh_matches_one_device(kind):
+  extra = {} if kind == 'dense' else dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=48)
+  dtype = 'bfloat16' if kind == 'dense' else 'float32'  # bf16 MoE: the sharded partial sums can flip a near-tie
+  config = tiny_config(dtype=dtype, param_dtype=dtype, num_key_value_heads=4, vocab_size=96, **extra)
+  params = model.init_params(config, jax.random.key(7))
+  batch = prompts(config.vocab_size, (5, 8, 3))
+  single = generate.generate(config, params, batch, max_new_tokens=20)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4, expert=1))
+  sharded = generate.generate(config, params, batch, max_new_tokens=20, mesh=mesh)
+  assert sharded == single
+  placed = generate.place_params(config, params, mesh, sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh,
+                                                                                   config))
+  q = placed['layers_0']['self_attn']['q_proj']['kernel']
+  assert q.sharding.spec[1] == 'tensor' and q.addressable_shards[0].data.shape[1] == 1  # 4 heads over 4
+
+
+def _run_sample(*args):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'qwenjax.sample', *args], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+
+
+def test_sample_cli_on_a_hf_directory(tmp_path):
+  torch_model = hf_utils.random_qwen2(seed=8, vocab_size=353)  # the tiny tokenizer's size
+  torch_model.save_pretrained(tmp_path)
+  hf_utils.save_tiny_qwen2_tokenizer(str(tmp_path))
+  done = _run_sample(f'--hf={tmp_path}', '--prompt=The quick brown fox', '--max_new_tokens=12',
+                     '--temperature=0')
+  assert done.returncode == 0, done.stderr[-3000:]
+  tok = tokenizer.load(str(tmp_path))
+  ids = tok.encode('The quick brown fox')
+  expected = hf_greedy(torch_model, ids, 12)
+  stop = [i for i, t in enumerate(expected) if t in tok.stop_ids]
+  expected = expected[:stop[0]] if stop else expected
+  assert done.stdout == 'The quick brown fox' + tok.decode(expected) + '\n'
+  bad = _run_sample(f'--hf={tmp_path}', '--prompt=', '--max_new_tokens=8')
+  assert bad.returncode == 2 and 'prompt is empty' in bad.stderr
+  long = _run_sample(f'--hf={tmp_path}', '--prompt=' + 'fox ' * 200, '--max_new_tokens=8')
+  assert long.returncode == 2 and 'max_position_embeddings' in long.stderr
+
+
+def test_sample_cli_on_a_training_workdir(tmp_path):
+  """A workdir assembled as the trainer writes one: config.json, checkpoints/<step>/state, tokenizer/."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from qwenjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  missing = _run_sample(f'--workdir={tmp_path}', '--prompt=hi')
+  assert missing.returncode == 2 and 'config.json' in missing.stderr
+  config = config_lib.base_config()
+  config.model = config_lib.model_section(**{f.name: getattr(tiny_config(vocab_size=384), f.name)
+                                             for f in dataclasses.fields(model.ModelConfig)})
+  (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))
+  model_config = model.ModelConfig.from_dict(config.model)
+  params = model.init_params(model_config, jax.random.key(9))
+  hf_utils.save_tiny_qwen2_tokenizer(str(tmp_path / 'tokenizer'))
+  no_checkpoint = _run_sample(f'--workdir={tmp_path}', '--prompt=hi')
+  assert no_checkpoint.returncode == 2 and 'no checkpoint' in no_checkpoint.stderr
+  manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'), item_handlers={
+      'state': ocp.StandardCheckpointHandler()})
+  state = {'step': np.int32(5), 'params': params, 'opt_state': {'mu': params}}
+  manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.wait_until_finished()
+  done = _run_sample(f'--workdir={tmp_path}', '--prompt=Training language', '--max_new_tokens=10',
+                     '--temperature=0')
+  assert done.returncode == 0, done.stderr[-3000:]
+  tok = tokenizer.load(str(tmp_path / 'tokenizer'))
+  expected = generate.generate(model_config, params, [tok.encode('Training language')], max_new_tokens=10,
+                               stop_token_ids=tok.stop_ids, vocab_limit=tok.vocab_size)[0]
+  assert max(expected) < tok.vocab_size < model_config.vocab_size
+  expected = [t for t in expected if t not in tok.stop_ids]
+  assert done.stdout == 'Training language' + tok.decode(expected) + '\n'
+
+
+def test_decode_benchmark_runs_tiny_on_cpu(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  done = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'benchmarks', 'generate_gpu.py'), '--config',
+       os.path.join(ROOT, 'configs', 'tiny.py'), '--prompt_len', '8', '--new_tokens', '4', '--batches', '2',
+       '--iters', '1', '--device', 'cpu', '--no-peer_compile', '--peer_ways', 'loop', '--copy_mib', '8', '--out',
+       str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / 'generate_gpu.jsonl').read_text().splitlines()]
+  by_what = {(r['what'], r.get('way')): r for r in rows}
+  assert set(by_what) == {('peer', 'loop'), ('copy_bandwidth', None), ('ours', None)}, rows
+  ours, peer = by_what[('ours', None)], by_what[('peer', 'loop')]
+  assert 'error' not in ours and 'error' not in peer, rows
+  assert ours['decode_tokens_per_s'] > 0 and peer['decode_tokens_per_s'] > 0 and ours['prefill_tokens_per_s'] > 0
+  assert 0 < ours['fraction_of_bound'] and ours['traces'] == {'prefill': 1, 'decode': 1}
+  assert '| ours | 2 |' in done.stdout and '| peer (loop) | 2 |' in done.stdout
