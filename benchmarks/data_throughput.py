@@ -1,15 +1,16 @@
-"""Tokens per second that the training input pipeline (`qwenjax.data.train_dataset`) delivers, no model.
+"""Tokens per second of the training input pipeline, no model: tokenizing a corpus, then reading batches.
 
 The pipeline of `python -m qwenjax.train` for a config: its documents (the built-in corpus unless
-`data.train_files` is set), its tokenizer (trained into --workdir if `data.tokenizer='train'`), packing,
-the row shuffle window and `read_threads`. Batches are `train.batch_size / grad_accum_steps` rows of
-`data.seq_len`, as one process reads them; compare the rate with what the train step consumes.
+`data.train_files` is set), its tokenizer (trained into --workdir if `data.tokenizer` is 'train' or ''),
+tokenizing into a fresh prepared corpus under --workdir (`qwenjax.prepare`, timed: tokens/s, and per core),
+then reading packed batches by step (`qwenjax.data.train_batches`, with `read_threads`). Batches are
+`--batch_size` rows of `data.seq_len` (default: the config's global batch), as one process reads them;
+compare the rate with what the train step consumes.
 
-    python benchmarks/data_throughput.py --config configs/1b.py --batch_size 4 --batches 300
+    python benchmarks/data_throughput.py --config configs/1b.py --batches 50
 
-Prints one JSON line: the first batch's latency (it fills the first shuffle window), then tokens/s over
-`--batches` more batches. Give at least a window's worth (`shuffle_window / batch_size` batches), so that the
-rate counts window refills.
+Prints one JSON line: the tokenizer's and the tokenization's times, the first batch's latency, then tokens/s
+over `--batches` more batches.
 
 `--block 128` also reports, over those batches, how the packed documents meet attention's tiles: of the
 (query block, key block) pairs of the causal band (and of the band of a `--window`), the share where some
@@ -57,14 +58,17 @@ def block_shares(segment_ids: np.ndarray, block: int, window: int = 0) -> tuple[
 
 def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0, window: int = 0,
             save: str = '') -> dict:
-  train_source, _ = data.sources(config.data)
+  config.data.prepared_dir = os.path.join(workdir, 'prepared')  # tokenize afresh: that is measured too
   start = time.perf_counter()
-  tokenizer = data.get_tokenizer(config.data, workdir, train_source, int(config.model.vocab_size))
+  tokenizer = data.get_tokenizer(config, workdir)
   tokenizer_s = time.perf_counter() - start
+  start = time.perf_counter()
+  corpus, _ = data.prepared_corpora(config, tokenizer)
+  tokenize_s = time.perf_counter() - start
   seq_len = int(config.data.seq_len)
-  it = iter(data.train_dataset(train_source, tokenizer, seq_len=seq_len, batch_size=batch_size,
-                               seed=int(config.train.seed), shuffle_window=int(config.data.shuffle_window),
-                               read_threads=int(config.data.read_threads)))
+  it = data.train_batches(corpus, seq_len=seq_len, batch_size=batch_size, seed=int(config.train.seed),
+                          shuffle_window=int(config.data.shuffle_window), local_rows=range(batch_size), start=0,
+                          steps=batches + 1, read_threads=int(config.data.read_threads))
   start = time.perf_counter()
   next(it)
   first_s = time.perf_counter() - start
@@ -75,10 +79,13 @@ def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0,
     seconds += time.perf_counter() - start
     if block or save:
       kept.append(batch)
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   result = {'seq_len': seq_len, 'batch_size': batch_size, 'batches': batches,
             'shuffle_window': int(config.data.shuffle_window), 'read_threads': int(config.data.read_threads),
-            'tokenizer_s': tokenizer_s, 'first_batch_s': first_s,
-            'tokens_per_s': batches * batch_size * seq_len / seconds, 'cpus': os.cpu_count()}
+            'tokenizer_s': tokenizer_s, 'corpus_tokens': corpus.meta['tokens'], 'tokenize_s': tokenize_s,
+            'tokenize_tokens_per_s': corpus.meta['tokens'] / tokenize_s,
+            'tokenize_tokens_per_s_per_core': corpus.meta['tokens'] / tokenize_s / cpus,
+            'first_batch_s': first_s, 'tokens_per_s': batches * batch_size * seq_len / seconds, 'cpus': cpus}
   if block:
     total, shared, one_doc = block_shares(np.concatenate([b['segment_ids'] for b in kept]), block, window)
     result.update(block=block, window=window, blocks_needed=shared / total, blocks_unmasked=one_doc / total)
@@ -91,7 +98,7 @@ def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0,
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', '1b.py'))
-  parser.add_argument('--batch_size', type=int, default=0, help="rows per batch; 0: the config's micro-batch")
+  parser.add_argument('--batch_size', type=int, default=0, help="rows per batch; 0: the config's global batch")
   parser.add_argument('--batches', type=int, default=300)
   parser.add_argument('--read_threads', type=int, default=0, help="0: the config's data.read_threads")
   parser.add_argument('--workdir', default='', help="where a trained tokenizer goes (default: a temp dir)")
@@ -102,7 +109,7 @@ def main():
   config = config_lib.load(args.config)
   if args.read_threads:
     config.data.read_threads = args.read_threads
-  batch_size = args.batch_size or int(config.train.batch_size) // int(config.train.grad_accum_steps)
+  batch_size = args.batch_size or int(config.train.batch_size)
   with tempfile.TemporaryDirectory() as tmp:
     print(json.dumps(measure(config, args.workdir or tmp, batch_size, args.batches, args.block, args.window,
                              args.save)),

@@ -18,6 +18,10 @@ def get_config():
       # remat policy that recomputes nothing but keeps no float32 temporaries (48.7 GiB at 4 x 8192).
       scan_layers=False, remat_policy='activations_saveable')
   config.data.seq_len = 8192
+  # Qwen2's 151,936-row vocabulary: train with Qwen's own tokenizer, --config.data.tokenizer=DIR of any Qwen2
+  # checkpoint (its tokenizer.json, 151,665 ids). The default instead trains a data.vocab_size-piece BPE on the
+  # training files and warns that the other rows are never used (--config.model.vocab_size=32000 sizes the model
+  # for it).
   config.data.shuffle_window = 128  # rows: ~1M tokens
   # 64 x 8192 = 524k tokens per step. One H100 fits 4 sequences per micro-batch (docs/training.md):
   # --config.train.grad_accum_steps=16 there; on a pod slice the batch splits over data x fsdp instead.

@@ -108,15 +108,24 @@ def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
 
 
 def _readable_texts(source: documents.DocumentSource, seed: int) -> Iterator[str]:
-  """Documents in a seeded random order, skipping (and counting) those that are not text."""
-  skipped = []
+  """Documents in a seeded random order, skipping (and counting) those that are not text; an error naming the
+  files when none holds text."""
+  skipped, texts = [], 0
   for i in np.random.default_rng(seed).permutation(len(source)):
     try:
-      yield source[int(i)]
+      text = source[int(i)]
     except documents.BadDocument as e:
       skipped.append(e.where)
       if len(skipped) in (1, 100):
         logging.warning('data: skipping documents that are not UTF-8 text, e.g. %s', e)
+      continue
+    texts += bool(text.strip())
+    yield text
+  if not texts:
+    reason = (f'all {len(skipped)} document(s) are not UTF-8 text (e.g. {skipped[0]}: binary data or invalid '
+              'bytes)' if skipped and len(skipped) == len(source) else 'every document is empty')
+    raise ValueError(f'data.train_files: no text to train on: {reason}. Point data.train_files at .jsonl/.txt '
+                     'files with text.')
 
 
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tokenizer_lib.Tokenizer:
@@ -147,12 +156,21 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tok
 
 
 def check_fits(tokenizer: tokenizer_lib.Tokenizer, model_vocab_size: int, source: Mapping[str, Any]) -> None:
+  """An error when token ids would index past the embedding table; a warning when most rows would never train."""
   if tokenizer.vocab_size > model_vocab_size:
     fix = (f'set --config.data.vocab_size to at most {model_vocab_size}' if source['kind'] == 'train' else
            f'use a model with --config.model.vocab_size={tokenizer.vocab_size} or more')
     raise ValueError(
         f'the tokenizer ({_describe(source)}) has {tokenizer.vocab_size} ids but model.vocab_size is '
         f'{model_vocab_size}: token ids would index past the embedding table; {fix}.')
+  unused = model_vocab_size - tokenizer.vocab_size
+  if unused > max(256, model_vocab_size // 20):
+    padded = -(-tokenizer.vocab_size // 128) * 128
+    logging.warning(
+        'the tokenizer (%s) has %d ids but model.vocab_size is %d: %d embedding rows are never used. Set '
+        '--config.model.vocab_size=%d (the ids rounded up to a multiple of 128) for a model of this tokenizer, or '
+        'use the tokenizer the model is sized for (e.g. --config.data.tokenizer=DIR of a Qwen2 checkpoint).',
+        _describe(source), tokenizer.vocab_size, model_vocab_size, unused, padded)
 
 
 def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer

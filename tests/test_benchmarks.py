@@ -58,7 +58,8 @@ def test_data_throughput_benchmark_reads_batches(tmp_path):
   result = json.loads(out.strip().splitlines()[-1])
   assert result['tokens_per_s'] > 0 and result['batch_size'] == 2 and result['batches'] == 20
   assert 0 < result['blocks_unmasked'] <= result['blocks_needed'] <= 1
-  assert (tmp_path / 'tokenizer.model').exists()  # configs/tiny.py trains its tokenizer into the workdir
+  assert (tmp_path / 'tokenizer' / 'tokenizer.model').exists()  # configs/tiny.py trains its tokenizer there
+  assert result['corpus_tokens'] > 1e6 and result['tokenize_tokens_per_s_per_core'] > 0
 
 
 def test_block_shares_counts_tiles_by_document():

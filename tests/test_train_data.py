@@ -97,18 +97,18 @@ def test_init_from_hf_trains_with_the_checkpoints_own_tokenizer(tmp_path, caplog
   train.train_and_evaluate(config, workdir)
   kept = tokenizer_lib.load(os.path.join(workdir, 'tokenizer'))
   assert kept.fingerprint == hf_tokenizer.fingerprint and kept.eos_id == hf_tokenizer.encode('<|endoftext|>')[0]
-  # The batches hold the checkpoint tokenizer's ids of the corpus (ids equal transformers', tests/test_tokenizer.py),
-  # documents separated by its <|endoftext|>.
-  batch = first_batches(config, checkpoint_dir, 1)[0]
-  assert batch['inputs'].max() < hf_tokenizer.vocab_size and (batch['targets'] == kept.eos_id).any()
+  # The prepared corpus holds the checkpoint tokenizer's ids of each document (ids equal transformers',
+  # tests/test_tokenizer.py), each ended by its <|endoftext|>; the first batch reads from it.
+  corpus, _ = data.prepared_corpora(config, kept)
   with open(corpus_file) as f:
     documents = [json.loads(line)['text'] for line in f]
-  starts = [(r, s) for r in range(len(batch['inputs'])) for s in (2, 3) if (batch['segment_ids'][r] == s).any()]
-  assert starts
-  for r, s in starts:  # each piece after the first of a row starts a document
-    piece = hf_tokenizer.decode(batch['inputs'][r][batch['segment_ids'][r] == s].tolist())
-    piece = piece.removesuffix('<|endoftext|>').rstrip('\ufffd')
-    assert piece and any(d.startswith(piece) for d in documents), piece
+  assert corpus.meta['eos_id'] == kept.eos_id and len(corpus) == len(documents)
+  for d in (0, 17, len(documents) - 1):
+    ids = corpus.tokens(d)
+    assert ids[-1] == kept.eos_id and hf_tokenizer.decode(ids[:-1].tolist()) == documents[d]
+  batch = first_batches(config, checkpoint_dir, 1)[0]
+  assert 0 <= batch['inputs'].min() and batch['inputs'].max() < hf_tokenizer.vocab_size
+
   # A trained tokenizer with init_from_hf is warned about; a tokenizer larger than the model is an error.
   config.data.tokenizer = 'train'
   config.data.vocab_size = 384
