@@ -237,15 +237,13 @@ def restore_params(workdir: str, step: int | None = None,
   placed in `shardings` (a tree of shardings matching the parameters, e.g. from `sharding.param_shardings`),
   or on the default device; they keep the dtype they were saved in.
   """
-  workdir = os.path.abspath(os.path.expanduser(str(workdir)))
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
+  workdir = epath.Path(workdir if '://' in str(workdir) else os.path.abspath(os.path.expanduser(workdir)))
+  if not (workdir / 'config.json').exists():
     raise FileNotFoundError(f'no config.json in {workdir}: give the --workdir of a training run (the directory '
                             'python -m qwenjax.train wrote its checkpoints/ and config.json to)')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  directory = os.path.join(workdir, 'checkpoints')
-  steps = sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  directory = workdir / 'checkpoints'
+  steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
   if not steps:
     raise FileNotFoundError(f'no checkpoint in {directory}: the run has not saved one yet (train.checkpoint_every; '
                             'a run also saves at its last step and when stopped)')
@@ -253,11 +251,11 @@ def restore_params(workdir: str, step: int | None = None,
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f'no checkpoint of step {step} in {directory}; its steps are {steps}')
-  path = os.path.join(directory, str(step), 'state')
-  where = f'checkpoint {os.path.join(directory, str(step))}'
+  path = directory / str(step) / 'state'
+  where = f'checkpoint {directory / str(step)}'
   reader = ocp.PyTreeCheckpointHandler()
   try:
-    saved = reader.metadata(epath.Path(path))
+    saved = reader.metadata(path)
     saved = getattr(saved, 'tree', saved)  # a TreeMetadata in recent orbax
     if not saved or 'params' not in saved:
       raise ValueError(f'{where} holds no train state parameters (state/params)')
@@ -271,7 +269,7 @@ def restore_params(workdir: str, step: int | None = None,
                                      shardings)}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
-    restored = reader.restore(epath.Path(path), args=args)
+    restored = reader.restore(path, args=args)
   finally:
     reader.close()
   return config, restored['params'], step

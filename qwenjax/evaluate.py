@@ -94,7 +94,7 @@ def load(workdir: str | None = None, hf: str | None = None, *, step: int | None 
                      'directory)')
   overrides = {k: v for k, v in (('dtype', dtype), ('attention_impl', attention_impl)) if v}
   if workdir:
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = workdir_lib.resolve(workdir)
     config = workdir_lib.read_config(workdir)
     model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
     mesh, rules = _mesh(model_config)

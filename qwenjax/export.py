@@ -73,7 +73,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.isdir(out) and os.listdir(out):
     raise ValueError(f'--out={out} is not empty: export into a new or empty directory')
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = workdir_lib.resolve(workdir)
   config = workdir_lib.read_config(workdir)
   model_config = model_lib.ModelConfig.from_dict(config.model)
   tok = workdir_lib.load_tokenizer(workdir, config)

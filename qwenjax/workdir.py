@@ -8,25 +8,30 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
 import ml_collections
 
 from qwenjax import tokenizer as tokenizer_lib
 
 
+def resolve(workdir: str) -> str:
+  """An absolute local path, or a URL (gs://...) as given."""
+  return str(workdir) if '://' in str(workdir) else os.path.abspath(os.path.expanduser(str(workdir)))
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's full config, from WORKDIR/config.json."""
-  path = os.path.join(os.path.expanduser(workdir), 'config.json')
-  if not os.path.isfile(path):
+  """The run's full config, from WORKDIR/config.json (a local path or a gs:// URL)."""
+  path = epath.Path(resolve(workdir)) / 'config.json'
+  if not path.exists():
     raise FileNotFoundError(f'no config.json in {workdir}: give the --workdir of a training run (the directory '
                             'python -m qwenjax.train wrote its checkpoints/ and config.json to)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def load_tokenizer(workdir: str, config: ml_collections.ConfigDict | None = None) -> tokenizer_lib.Tokenizer:
   """The tokenizer the run trained with: WORKDIR/tokenizer/, else WORKDIR/tokenizer.model (runs before the
   tokenizer directory), else the path its config's `data.tokenizer` names."""
-  workdir = os.path.expanduser(workdir)
+  workdir = resolve(workdir)
   for path in (os.path.join(workdir, 'tokenizer'), os.path.join(workdir, 'tokenizer.model')):
     if os.path.exists(path):
       return tokenizer_lib.load(path)
