@@ -19,14 +19,14 @@ no host ever holds the whole checkpoint. docs/multihost.md has the memory this t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from flax import traverse_util
 import flax.linen as nn
@@ -157,8 +157,8 @@ class Layout:
   def read_block(self, read: Callable[[tuple[slice, ...]], np.ndarray], index: tuple[slice, ...]) -> np.ndarray:
     """Our block `index` (one unit-step slice per axis of `shape`), reading only the HF rows and columns it
     covers: for each group, the range of its outer axis (times the inner axes' sizes, which are read whole
-    and cut afterwards; no rule shards an inner axis such as head_dim)."""
-    hf_index, block_shape, cut, axis = [], [], [], 0
+    and cut afterwards; no rule shards an inner axis such as head_dim). Returns a view of what was read."""
+    hf_index, dims, cut, axis = [], [], [], 0
     for group in self.groups:
       slices = index[axis:axis + len(group)]
       axis += len(group)
@@ -167,10 +167,15 @@ class Layout:
         raise ValueError(f'cannot read a strided block {index} of a Hugging Face tensor')
       inner = math.prod(group[1:])
       hf_index.append(slice(start * inner, stop * inner))
-      block_shape += [stop - start, *group[1:]]
+      dims.append([stop - start, *group[1:]])
       cut += [slice(None), *slices[1:]]
-    w = read(tuple(hf_index[::-1] if self.transpose else hf_index))
-    return (w.T if self.transpose else w).reshape(block_shape)[tuple(cut)]
+    if not self.transpose:
+      return read(tuple(hf_index)).reshape(sum(dims, []))[tuple(cut)]
+    # The HF block holds the groups in reverse order: split its axes, then put the groups back in ours.
+    w = read(tuple(hf_index[::-1])).reshape(sum(dims[::-1], []))
+    starts = np.cumsum([0] + [len(d) for d in dims[::-1]])
+    order = [a for g in reversed(range(len(dims))) for a in range(starts[g], starts[g + 1])]
+    return w.transpose(order)[tuple(cut)]
 
 
 def _tensor_rules(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Layout]]:
@@ -286,7 +291,7 @@ def _fuse_experts(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[s
   return out
 
 
-def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """The tensor shapes a Hugging Face checkpoint of this config must have."""
   flat = traverse_util.flatten_dict(nn.unbox(abstract_params(dataclasses.replace(config, scan_layers=False))))
 
@@ -344,7 +349,7 @@ def _check_tensors(path: str, config: ModelConfig, shapes: dict[str, tuple[int, 
   unexpected = sorted(n for n in shapes if n not in known and not _IGNORED.match(n))
   if unexpected:
     raise ValueError(f'checkpoint {path} has tensor(s) a Qwen2 model of this config does not: {unexpected[:8]}')
-  for name, shape in _hf_shapes(config).items():
+  for name, shape in hf_tensor_shapes(config).items():
     if tuple(shapes[name]) != shape:
       raise ValueError(f'tensor {name} has shape {tuple(shapes[name])} but config.json implies {shape}')
 
@@ -433,13 +438,27 @@ def load_config(path: str, dtype: str | None = None, **config_overrides) -> Mode
   return _make_config(hf_config, {s.dtype for s in sources.values()}, dtype, config_overrides)
 
 
-def read_slice(handle, source: _Source, index: tuple[slice, ...]) -> np.ndarray:
-  """`index` of one hub-layout tensor, read from an open safetensors file: only those bytes are copied."""
+def read_slice(file: str, source: _Source, index: tuple[slice, ...]) -> np.ndarray:
+  """`index` of one hub-layout tensor: only those bytes are copied out of the file.
+
+  The file is opened (memory-mapped) for this read alone, so the pages a strided read touches are unmapped
+  right after it and do not add up in the process's resident memory over a whole load.
+  """
   first, *rest = index
   first = slice(first.start + source.offset, first.stop + source.offset)
   lead = tuple(slice(i, i + 1) for i in source.lead)
-  block = handle.get_slice(source.tensor)[(*lead, first, *rest)]
+  with safe_open(file, 'numpy') as f:
+    block = f.get_slice(source.tensor)[(*lead, first, *rest)]
   return block.reshape(block.shape[len(lead):])
+
+
+def _aligned_empty(shape: Sequence[int], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+  """`np.empty` whose data starts on a 64-byte boundary: jax's CPU client then adopts the buffer as the
+  device array instead of copying it, so a block is never held twice (on accelerators it is copied anyway)."""
+  nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+  buffer = np.empty(nbytes + alignment, np.uint8)
+  offset = -buffer.ctypes.data % alignment
+  return buffer[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _leaves(config: ModelConfig) -> dict[tuple[str, ...], dict[tuple[int, ...], tuple[str, Layout]]]:
@@ -478,25 +497,23 @@ def _load_sharded(path: str, dtype: str | None, shardings: Any,
     shape = shapes[leaf].shape
     if stack_shape + layout.shape != tuple(shape):
       raise AssertionError(f'{leaf}: rules give {stack_shape + layout.shape}, the model {shape}')
-    with contextlib.ExitStack() as files:
-      handles = {}
 
-      def handle(file):
-        if file not in handles:  # opened lazily, closed after this leaf: mmapped pages do not pile up
-          handles[file] = files.enter_context(safe_open(os.path.join(path, file), 'numpy'))
-        return handles[file]
+    def block(index, entries=entries, layout=layout, stack_shape=stack_shape):
+      stacked = [range(*s.indices(n)) for s, n in zip(index, stack_shape)]
+      rest = index[len(stack_shape):]
+      own = [len(range(*s.indices(n))) for s, n in zip(rest, layout.shape)]
+      out = _aligned_empty([len(r) for r in stacked] + own, out_dtype)
+      for pos, key in zip(itertools.product(*map(range, map(len, stacked))), itertools.product(*stacked)):
+        source = sources[entries[key][0]]
+        file = os.path.join(path, source.file)
+        out[pos] = layout.read_block(lambda hf_index: read_slice(file, source, hf_index), rest)
+      return out
 
-      def block(index, entries=entries, layout=layout, stack_shape=stack_shape):
-        stacked = [range(*s.indices(n)) for s, n in zip(index, stack_shape)]
-        rest = index[len(stack_shape):]
-        own = [len(range(*s.indices(n))) for s, n in zip(rest, layout.shape)]
-        out = np.empty([len(r) for r in stacked] + own, out_dtype)
-        for pos, key in zip(itertools.product(*map(range, map(len, stacked))), itertools.product(*stacked)):
-          source = sources[entries[key][0]]
-          out[pos] = layout.read_block(lambda hf_index: read_slice(handle(source.file), source, hf_index), rest)
-        return out
-
-      params[leaf] = jax.make_array_from_callback(tuple(shape), flat_shardings[leaf], block)
+    params[leaf] = jax.block_until_ready(
+        jax.make_array_from_callback(tuple(shape), flat_shardings[leaf], block))
+    # Once copied to the devices, the host blocks stay reachable from a reference cycle until the garbage
+    # collector runs (seen with jax 0.10): collected here, so that they do not pile up over the leaves.
+    gc.collect(1)
   return config, traverse_util.unflatten_dict(params)
 
 
@@ -532,7 +549,7 @@ def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size
       raise ValueError(f'params lack {"/".join(map(str, ours))} (needed for {name}); do they belong to this '
                        'config?')
     tensors[name] = np.ascontiguousarray(layout.to_hf(np.asarray(value)))
-  for name, shape in _hf_shapes(config).items():
+  for name, shape in hf_tensor_shapes(config).items():
     if tensors[name].shape != shape:
       raise ValueError(f'parameter for {name} has shape {tensors[name].shape}, config implies {shape}')
   if expert_layout == 'fused':

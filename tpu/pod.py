@@ -216,7 +216,8 @@ def run(tpu: Slice, runner: Runner, install: str, train: str, max_restarts: int,
     check(runner, tpu.ssh(install))
     code = runner.run(tpu.ssh(train))
     if code == 0:
-      print('# training finished', flush=True)
+      print('# dry run: the training command is taken to succeed' if runner.dry_run else '# training finished',
+            flush=True)
       break
     state = runner.output(tpu.state(), dry_run_answer=_READY[0])
     if state not in _GONE:
