@@ -1,0 +1,30 @@
+"""An IsoFLOP sweep that runs on a laptop CPU: 3 budgets x 4 sizes of configs/tiny.py on the built-in corpus.
+
+    python -m qwenjax.sweep --sweep=experiments/isoflop_small.py --workdir=/tmp/isoflop_small
+    python -m qwenjax.scaling fit /tmp/isoflop_small
+
+Sizes s = 1..4: s layers of width 64 s (head_dim 32, 2 query heads per KV head, MLP 3x), N from 50k to 1.6M
+non-embedding parameters; budgets 1e12-1e13 FLOPs at 4 x 256 tokens a step: 12 points of 25-1200 steps. The
+optimum moves from the smallest sizes to the middle of the ladder over the three budgets.
+"""
+
+import ml_collections
+
+
+def get_config():
+  sweep = ml_collections.ConfigDict()
+  sweep.base = 'configs/tiny.py'
+  sweep.overrides = ml_collections.ConfigDict(dict(
+      model=dict(vocab_size=1024, use_sliding_window=False),
+      data=dict(vocab_size=1024, seq_len=256),
+      train=dict(batch_size=4, lr=3e-3, log_every=50, eval_steps=8),
+  ))
+  sweep.ladder = ml_collections.ConfigDict(dict(sizes=(1, 2, 3, 4), width_per_size=64, depth=0, head_dim=32,
+                                                q_per_kv=2, mlp_ratio=3.0))
+  sweep.budgets = (1e12, 3e12, 1e13)
+  sweep.tokens = ()
+  sweep.tokens_per_param = ()
+  sweep.axes = ml_collections.ConfigDict()
+  sweep.warmup_fraction = 0.05
+  sweep.max_epochs = 1.0
+  return sweep

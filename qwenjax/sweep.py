@@ -1,0 +1,345 @@
+r"""Scaling-law sweeps: `python -m qwenjax.sweep --sweep=experiments/isoflop_small.py --workdir=DIR`.
+
+A sweep file's `get_config()` returns an ml-collections config with
+
+* `base`: the training config every point starts from (e.g. 'configs/tiny.py'; relative to the working
+  directory or to the repository).
+* `overrides`: nested sections (`overrides.train.batch_size = 32`) applied to every point.
+* `ladder`: model shapes from a size knob `s` in `ladder.sizes`, by these rules:
+    hidden_size         = ladder.width_per_size * s        (a multiple of ladder.head_dim)
+    num_hidden_layers   = ladder.depth, or when that is 0, ladder.depth_per_size * s rounded half up (default 1):
+                          a constant aspect ratio hidden / layers
+    num_attention_heads = hidden_size / ladder.head_dim     (head_dim fixed across the ladder)
+    num_key_value_heads = heads / ladder.q_per_kv, at least 1
+    intermediate_size   = ladder.mlp_ratio * hidden_size, rounded up to a multiple of 64
+* `budgets`: IsoFLOP compute budgets C in FLOPs. Each size then trains on D = C / flops_per_token tokens
+  (`qwenjax.metrics.flops_per_token`: 6 x the multiplied weights plus attention, as MFU counts them), rounded to
+  whole steps. `tokens_per_param = (lo, hi)` keeps, per budget, the sizes with lo <= D / N <= hi. Or `tokens`:
+  fixed token budgets D for every size (no IsoFLOP fit, but approach 3 still fits).
+* `axes`: any other config values to sweep (`axes.train.lr = (1e-3, 3e-3)`): every combination is a point.
+* `warmup_fraction`: the warmup as a fraction of each point's steps (0: the base's warmup_steps).
+* `max_epochs`: a point that would see the training corpus more often than this is an error at planning time.
+
+Every point is trained by `qwenjax.train.train_and_evaluate` (the code of `python -m qwenjax.train`) in
+`DIR/<name>/`, evaluated once at its end. All points share the tokenizer and the tokenized corpus
+(`data.prepared_dir`, by default `DIR/prepared`) and one compilation cache (`DIR/compilation_cache`). Each
+finished point appends one line to `DIR/results.jsonl`: `name`, `params` (non-embedding parameters: the N of the
+fits), `params_total`, `tokens` (D), `flops` (C spent: tokens x flops_per_token), `budget`, `eval_loss` (final),
+`overrides` (the point's config values), and `epochs`, `mfu`, `tokens_per_sec`, `seconds`. Running the same
+command again skips finished points and resumes an interrupted one from its last checkpoint.
+
+`--emit` prints one `python -m qwenjax.train ...` command per unfinished point instead (for a cluster queue),
+after preparing the shared tokenizer and corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Any, Iterator, Mapping
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from qwenjax import config as config_lib
+from qwenjax import data
+from qwenjax import metrics as metrics_lib
+from qwenjax import train
+from qwenjax.model import ModelConfig, count_params
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Point:
+  """One training run of a sweep."""
+  name: str
+  overrides: dict[str, Any]  # dotted config key -> value, on top of the base config
+  params: int  # non-embedding parameters
+  params_total: int
+  flops_per_token: float
+  tokens: int
+  budget: float | None
+  size: int
+  epochs: float | None = None
+
+  @property
+  def flops(self) -> float:
+    return self.tokens * self.flops_per_token
+
+
+def ladder_shape(size: int, ladder: Mapping[str, Any]) -> dict[str, int]:
+  """The model fields of ladder size `size` (rules in the module docstring)."""
+  head_dim, width = int(ladder['head_dim']), int(ladder['width_per_size']) * int(size)
+  if width % head_dim:
+    raise ValueError(f'ladder size {size}: hidden_size {width} (width_per_size x size) is not a multiple of '
+                     f'head_dim {head_dim}; pick sizes or width_per_size so that it is')
+  heads = width // head_dim
+  kv_heads = max(1, heads // int(ladder['q_per_kv']))
+  if heads % kv_heads:
+    raise ValueError(f'ladder size {size}: {heads} heads do not split into groups of q_per_kv={ladder["q_per_kv"]}')
+  depth = int(ladder['depth']) or max(1, math.floor(float(ladder.get('depth_per_size', 1.0)) * size + 0.5))
+  return dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+              num_key_value_heads=kv_heads, head_dim=head_dim,
+              intermediate_size=64 * math.ceil(float(ladder['mlp_ratio']) * width / 64))
+
+
+def non_embedding_params(model_config: ModelConfig) -> int:
+  """Parameters outside the embedding table and the output head (Kaplan et al.'s N)."""
+  tables = 1 if model_config.tie_word_embeddings else 2
+  return count_params(model_config) - tables * model_config.vocab_size * model_config.hidden_size
+
+
+def flatten(section: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
+  """Nested sections -> {'train.lr': value, ...}."""
+  out = {}
+  for key, value in section.items():
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys on a copy of `config`; an unknown key is an error naming the section's keys."""
+  config = config.copy_and_resolve_references()
+  for dotted, value in overrides.items():
+    node, parts = config, dotted.split('.')
+    for depth, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        section = '.'.join(parts[:depth]) or 'the config'
+        keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise KeyError(f'sweep override {dotted}: {section} has no key {part!r} (its keys: {", ".join(keys)})')
+      if depth < len(parts) - 1:
+        node = node[part]
+    node[parts[-1]] = value
+  return config
+
+
+def resolve_base(path: str) -> str:
+  for candidate in (path, os.path.join(_REPO, path)):
+    if os.path.isfile(candidate):
+      return candidate
+  raise FileNotFoundError(f'sweep base config {path!r} not found (looked in {os.getcwd()} and {_REPO}); set '
+                          'sweep.base to a config file such as configs/tiny.py')
+
+
+def _number(value: float) -> str:
+  """1e+15 -> '1e15', 3e-03 -> '0.003': short, filesystem-safe."""
+  text = f'{value:.3g}'
+  return text.replace('e+', 'e').replace('e0', 'e').replace('e-0', 'e-')
+
+
+def _axis_values(axes: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+  flat = flatten(axes)
+  for values in itertools.product(*(tuple(v) for v in flat.values())):
+    yield dict(zip(flat, values))
+
+
+def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
+  """Every point of the sweep, with its config overrides, size and token budget (no training)."""
+  base = config_lib.load(resolve_base(sweep.base))
+  common = flatten(sweep.get('overrides', {}))
+  common.setdefault('data.prepared_dir', base.data.prepared_dir or os.path.join(workdir, 'prepared'))
+  common.setdefault('train.compilation_cache_dir', os.path.join(workdir, 'compilation_cache'))
+  common.setdefault('train.eval_every', 0)  # the final eval alone
+  common.setdefault('train.checkpoint_every', 0)  # at the end (and when stopped)
+  budgets, token_budgets = tuple(sweep.get('budgets', ())), tuple(sweep.get('tokens', ()))
+  if bool(budgets) == bool(token_budgets):
+    raise ValueError('a sweep sets exactly one of budgets (IsoFLOP compute budgets in FLOPs) and tokens '
+                     f'(token budgets); got budgets={budgets}, tokens={token_budgets}')
+  ratio = tuple(sweep.get('tokens_per_param', ())) or (0.0, math.inf)
+  points = []
+  for axis in _axis_values(sweep.get('axes', {})):
+    for size in sweep.ladder.sizes:
+      overrides = dict(common)
+      overrides.update({f'model.{k}': v for k, v in ladder_shape(size, sweep.ladder).items()})
+      overrides.update(axis)
+      config = apply_overrides(base, overrides)
+      model_config = ModelConfig.from_dict(config.model)
+      seq_len, batch = int(config.data.seq_len), int(config.train.batch_size)
+      per_token = metrics_lib.flops_per_token(model_config, seq_len)
+      n = non_embedding_params(model_config)
+      for budget in budgets or token_budgets:
+        wanted = budget / per_token if budgets else budget
+        steps = max(1, round(wanted / (batch * seq_len)))
+        tokens = steps * batch * seq_len
+        if budgets and not ratio[0] <= tokens / n <= ratio[1]:
+          continue
+        warmup = (max(1, round(float(sweep.warmup_fraction) * steps)) if sweep.get('warmup_fraction')
+                  else min(int(config.train.warmup_steps), steps))
+        name = '-'.join([f'C{_number(budget)}' if budgets else f'D{_number(budget)}', f's{size}'] +
+                        [f'{k.rsplit(".", 1)[-1]}{_number(v) if isinstance(v, float) else v}' for k, v in axis.items()])
+        points.append(Point(name=name, overrides=dict(overrides, **{'train.steps': steps,
+                                                                      'train.warmup_steps': warmup}),
+                            params=n, params_total=count_params(model_config), flops_per_token=per_token,
+                            tokens=tokens, budget=float(budget) if budgets else None, size=int(size)))
+  names = [p.name for p in points]
+  if len(set(names)) != len(names):
+    raise ValueError(f'two points of the sweep have the same name: {sorted(n for n in names if names.count(n) > 1)}')
+  if not points:
+    raise ValueError(f'the sweep has no points: no size of ladder.sizes={tuple(sweep.ladder.sizes)} has '
+                     f'tokens_per_param in {ratio} at budgets {budgets}; widen the range or add sizes')
+  return points
+
+
+def point_config(sweep: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
+  return apply_overrides(config_lib.load(resolve_base(sweep.base)), point.overrides)
+
+
+def check_epochs(sweep: ml_collections.ConfigDict, points: list[Point]) -> int:
+  """Prepares the shared tokenizer and corpus (once for the whole sweep), sets each point's `epochs`, and raises
+  if a point would see the corpus more than `max_epochs` times. Returns the corpus's token count."""
+  config = point_config(sweep, points[0])
+  tokenizer = data.get_tokenizer(config, None)
+  corpus, _ = data.prepared_corpora(config, tokenizer)
+  corpus_tokens = int(corpus.meta['tokens'])
+  for point in points:
+    point.epochs = point.tokens / corpus_tokens
+  limit = float(sweep.get('max_epochs', 1.0))
+  over = [f'{p.name} ({p.epochs:.2f})' for p in points if p.epochs > limit]
+  if over:
+    raise ValueError(f'{len(over)} point(s) would see the {corpus_tokens:,}-token corpus more than max_epochs='
+                     f'{limit} times: {", ".join(over)}. Lower their budgets, raise tokens_per_param\'s lower '
+                     'bound, use a larger corpus, or raise sweep.max_epochs.')
+  return corpus_tokens
+
+
+def read_done(workdir: str) -> dict[str, dict[str, Any]]:
+  path = os.path.join(workdir, 'results.jsonl')
+  done = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          record = json.loads(line)
+          done[record['name']] = record
+  return done
+
+
+def _read_metrics(point_dir: str) -> list[dict[str, Any]]:
+  path = os.path.join(point_dir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def result(point: Point, point_dir: str, seconds: float) -> dict[str, Any]:
+  """The results.jsonl record of a finished point, from its metrics.jsonl (the final eval at the last step)."""
+  records = _read_metrics(point_dir)
+  steps = point.overrides['train.steps']
+  final = [r for r in records if r.get('step') == steps and 'eval_loss' in r]
+  if not final:
+    raise RuntimeError(f'{point.name}: trained to step {steps} but {point_dir}/metrics.jsonl has no eval_loss at '
+                       'that step (no eval data, or the run was stopped between training and evaluating). Check the '
+                       'data.eval_files of the sweep; to retrain the point, delete its directory.')
+  mfu = [r['mfu'] for r in records if 'mfu' in r]
+  speed = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
+  return dict(
+      name=point.name, params=point.params, params_total=point.params_total, tokens=point.tokens,
+      flops=point.flops, budget=point.budget, eval_loss=final[-1]['eval_loss'], overrides=point.overrides,
+      size=point.size, width=point.overrides['model.hidden_size'], depth=point.overrides['model.num_hidden_layers'],
+      steps=steps, flops_per_token=point.flops_per_token, epochs=point.epochs,
+      mfu=statistics.median(mfu) if mfu else None, tokens_per_sec=statistics.median(speed) if speed else None,
+      seconds=round(seconds, 1), device=jax.devices()[0].device_kind)
+
+
+def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+  """Trains every unfinished point (or those named in `only`), appending to DIR/results.jsonl; returns the
+  records of all finished points."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  points = plan(sweep, workdir)
+  unknown = sorted(set(only) - {p.name for p in points})
+  if unknown:
+    raise ValueError(f'--only names {unknown}, which are not points of the sweep: {[p.name for p in points]}')
+  corpus_tokens = check_epochs(sweep, points)
+  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
+    json.dump(dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens,
+                   points=[dataclasses.asdict(p) for p in points]), f, indent=1, default=str)
+  done = read_done(workdir)
+  todo = [p for p in points if p.name not in done and (not only or p.name in only)]
+  logging.info('sweep: %d points, %d finished, %d to run; corpus of %s tokens', len(points), len(done), len(todo),
+               f'{corpus_tokens:,}')
+  for i, point in enumerate(todo):
+    logging.info('sweep: point %d/%d %s: N=%s, D=%s, %.3g FLOPs, %.2f epochs', i + 1, len(todo), point.name,
+                 f'{point.params:,}', f'{point.tokens:,}', point.flops, point.epochs)
+    point_dir = os.path.join(workdir, point.name)
+    start = time.time()
+    train.train_and_evaluate(point_config(sweep, point), point_dir)
+    record = result(point, point_dir, time.time() - start)
+    with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    done[point.name] = record
+    logging.info('sweep: %s done: eval_loss %.4f in %.0f s%s', point.name, record['eval_loss'], record['seconds'],
+                 f', MFU {100 * record["mfu"]:.1f}%' if record['mfu'] else '')
+  return list(done.values())
+
+
+def _flag_value(value: Any) -> str:
+  return str(value) if not isinstance(value, float) else repr(value)
+
+
+def emit(sweep: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """One `python -m qwenjax.train` command per unfinished point (after preparing the shared corpus)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  points = plan(sweep, workdir)
+  check_epochs(sweep, points)
+  done = read_done(workdir)
+  base = resolve_base(sweep.base)
+  commands = []
+  for point in points:
+    if point.name in done:
+      continue
+    args = ['python', '-m', 'qwenjax.train', f'--config={base}', f'--workdir={os.path.join(workdir, point.name)}']
+    args += [f'--config.{k}={_flag_value(v)}' for k, v in point.overrides.items()]
+    commands.append(' '.join(shlex.quote(a) for a in args))
+  return commands
+
+
+_SWEEP = config_flags.DEFINE_config_file('sweep', None, 'Sweep file, e.g. experiments/isoflop_small.py.',
+                                         lock_config=False)
+_EMIT = flags.DEFINE_bool('emit', False, 'Print one python -m qwenjax.train command per unfinished point instead of '
+                          'running them.')
+_ONLY = flags.DEFINE_list('only', [], 'Run only these points (names as in DIR/sweep.json).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; set sweep values as --sweep.KEY=VALUE')
+  workdir = train.check_workdir(flags.FLAGS.workdir)  # --workdir is qwenjax.train's flag: the sweep's directory
+  try:
+    if _EMIT.value:
+      print('\n'.join(emit(_SWEEP.value, workdir)))
+      return
+    cache = train.compilation_cache_dir(
+        str(_SWEEP.value.get('overrides', {}).get('train', {}).get('compilation_cache_dir',
+                                                                    os.path.join(workdir, 'compilation_cache'))),
+        workdir)
+    if cache:  # jax's process-wide setting, before anything compiles: points of one shape compile once
+      jax.config.update('jax_compilation_cache_dir', cache)
+    records = run(_SWEEP.value, workdir, only=tuple(_ONLY.value))
+  except train.USER_ERRORS as e:
+    logging.error('%s', e)
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(1)
+  print(f'{len(records)} point(s) finished; results in {os.path.join(workdir, "results.jsonl")}. Fit them with: '
+        f'python -m qwenjax.scaling fit {workdir}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['sweep', 'workdir'])
+  app.run(main)
