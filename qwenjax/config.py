@@ -84,6 +84,9 @@ def train_section() -> ml_collections.ConfigDict:
       max_nonfinite_steps=20,  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
       # When checkpoints exist but none can be read, the run stops; True starts again from step 0 instead.
       restart_if_unreadable=False,
+      # μP (qwenjax/mup.py): the hidden size at which init and learning rates are the standard ones; at other
+      # widths they scale so that the tuned lr transfers. Needs untied embeddings. 0: off.
+      mup_base_width=0,
       peak_tflops=0.0,  # per-device peak for MFU; 0: look up the device kind (unknown kinds: no MFU)
       profile_steps=0,  # trace this many steps with jax.profiler into workdir/profile (Perfetto); 0: off
       profile_from=10,  # ... starting after this step, past compilation and warm-up

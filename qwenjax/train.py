@@ -267,7 +267,8 @@ def _restore_or_init(config, workdir, model_config, tx, shardings, checkpointer,
     logging.info('initializing from the Hugging Face checkpoint %s', config.init_from_hf)
     return train_step.create_state(model_config, tx, shardings,
                                    params=load_hf_params(config.init_from_hf, model_config)), 0
-  return train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(config.train.seed))), 0
+  return train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(config.train.seed)),
+                                 mup_base_width=int(config.train.get('mup_base_width', 0))), 0
 
 
 def _save(run: Run, step: int, state) -> None:

@@ -20,6 +20,7 @@ import optax
 
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
+from qwenjax import mup
 from qwenjax import sharding
 
 Batch = Mapping[str, jax.Array]
@@ -61,6 +62,9 @@ def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
       eps=float(train['adam_eps']), weight_decay=float(train['weight_decay']), mask=decay_mask)
   # The same chain either way, so the optimizer state keeps its structure when grad_clip is turned on or off.
   clip = float(train['grad_clip'])
+  if int(train.get('mup_base_width', 0)):  # μP: per-layer learning rates by width (qwenjax/mup.py)
+    return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw,
+                       mup.scale_learning_rates(int(train['mup_base_width'])))
   return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
 
 
@@ -238,16 +242,19 @@ def abstract_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransf
 
 
 def create_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
-                 rng: jax.Array | None = None, params: Any = None) -> TrainState:
+                 rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0) -> TrainState:
   """A new train state, each array created directly in its sharding (never whole on one device).
 
   Random parameters from `rng`, or `params` (host numpy arrays, e.g. from a Hugging Face checkpoint), which
-  are cast to `model_config.param_dtype` and placed shard by shard.
+  are cast to `model_config.param_dtype` and placed shard by shard. `mup_base_width` > 0: random parameters
+  scaled by width as μP does (`qwenjax.mup.scale_init`).
   """
   if params is None:
     def init(rng):
       with nn.logical_axis_rules(()):
         p = model_lib.init_params(model_config, rng)
+      if mup_base_width:
+        p = mup.scale_init(p, mup_base_width)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
     return jax.jit(init, out_shardings=shardings)(rng)
