@@ -24,7 +24,8 @@ divides by `len(choice)` in characters: the same for ASCII text).
 
 Rows of all documents or choices are sorted by length and scored `--batch_size` at a time, padded to a bucket
 of power-of-two lengths, in one jitted call per batch that compiles once per bucket. The parameters are
-sharded over every local device (FSDP), so checkpoints larger than one device's memory evaluate too.
+read straight into shards over every local device (FSDP), so checkpoints larger than one device's memory
+evaluate too.
 """
 
 from __future__ import annotations
@@ -103,18 +104,12 @@ def load(workdir: str | None = None, hf: str | None = None, *, step: int | None 
     tok = workdir_lib.load_tokenizer(workdir, config)
     return Checkpoint(model_config, params, tok, mesh, rules, workdir, step, seq_len=int(config.data.seq_len))
   path = os.path.abspath(os.path.expanduser(hf))
-  model_config, host_params = hf_lib.from_pretrained(path, dtype=overrides.pop('dtype', None), **overrides)
+  dtype = overrides.pop('dtype', None)
+  model_config = hf_lib.load_config(path, dtype, **overrides)
   mesh, rules = _mesh(model_config)
-  params = _place(host_params, train_step.param_shardings(model_config, mesh, rules))
+  shardings = train_step.param_shardings(model_config, mesh, rules)
+  _, params = hf_lib.from_pretrained(path, dtype, shardings=shardings, **overrides)  # each device's blocks only
   return Checkpoint(model_config, params, tokenizer_lib.load(path), mesh, rules, path)
-
-
-def _place(host_params: Any, shardings: Any) -> Any:
-  """Host arrays -> global arrays, each device given only its shard."""
-  def place(x, s):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
-  return jax.tree.map(place, host_params, shardings)
 
 
 # ---------------------------------------------------------------------------------------------------------
