@@ -10,14 +10,14 @@ rules while lowering it, which the interpreter the other tests use does not. The
 import dataclasses
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 import ml_collections
 import numpy as np
 import pytest
-from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-import flax.linen as nn
 from qwenjax import config as config_lib
 from qwenjax import kernels
 from qwenjax import model as model_lib
