@@ -163,7 +163,7 @@ class Scorer:
     for r in rows:
       if not 0 < r.scored < len(r.tokens) <= self.seq_len + 1:
         raise ValueError(f'a row of {len(r.tokens)} tokens scoring {r.scored} does not fit seq_len={self.seq_len}')
-    out = np.zeros(len(rows), np.float64)
+    out, pending = np.zeros(len(rows), np.float64), []
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
     buckets = self.buckets()
     with jax.set_mesh(self.ckpt.mesh):
@@ -179,8 +179,9 @@ class Scorer:
           batch['targets'][j, :n] = tokens[1:]
           batch['weights'][j, n - rows[i].scored:n] = 1.0
         batch = {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items()}
-        nll = _row_nll(*self._static, self.ckpt.params, batch)
-        out[group] = np.asarray(jax.device_get(nll), np.float64)[:len(group)]
+        pending.append((group, _row_nll(*self._static, self.ckpt.params, batch)))  # async: the host goes on
+    for group, nll in pending:
+      out[group] = np.asarray(jax.device_get(nll), np.float64)[:len(group)]
     return out
 
 
