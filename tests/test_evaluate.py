@@ -11,8 +11,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
+import transformers
 
+import hf_utils
 from qwenjax import config as config_lib
+from qwenjax import evaluate
 from qwenjax import model as model_lib
 from qwenjax import sharding
 from qwenjax import train_step
@@ -113,8 +117,6 @@ DOCUMENTS = [
 @pytest.fixture(scope='module')
 def tiny_hf(tmp_path_factory):
   """(directory, torch model, transformers tokenizer) of a random tiny Qwen2 with a Qwen2-style tokenizer."""
-  import hf_utils  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
   directory = str(tmp_path_factory.mktemp('tiny_hf'))
   hf_utils.save_tiny_qwen2_tokenizer(directory)
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -125,13 +127,11 @@ def tiny_hf(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tiny_checkpoint(tiny_hf):
-  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
   return evaluate.load(hf=tiny_hf[0])
 
 
 def _torch_loglikelihood(model, inputs, targets):
   """Summed log-probabilities of `targets` after `inputs` (the last len(targets) positions), in float64."""
-  import torch  # pylint: disable=import-outside-toplevel
   with torch.no_grad():
     logits = model(input_ids=torch.tensor([inputs])).logits[0].double()
   logprobs = torch.log_softmax(logits[len(inputs) - len(targets):], dim=-1)
@@ -140,7 +140,6 @@ def _torch_loglikelihood(model, inputs, targets):
 
 @pytest.mark.parametrize('overlap', [0, 8])
 def test_bits_per_byte_equals_transformers(tmp_path, tiny_hf, tiny_checkpoint, overlap):
-  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
   _, model, hf_tokenizer = tiny_hf
   seq_len = 32
   # What lm-evaluation-harness's loglikelihood_rolling computes, window by window, with transformers.
@@ -170,7 +169,6 @@ def test_bits_per_byte_equals_transformers(tmp_path, tiny_hf, tiny_checkpoint, o
 
 
 def test_document_windows_score_every_token_once():
-  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
   prefix, ids = 7, list(range(100, 171))
   full = [prefix] + ids  # full[j] is the input that predicts ids[j]
   for seq_len, overlap in ((16, 0), (16, 5), (71, 0), (200, 3)):
@@ -195,7 +193,6 @@ def _planted_examples(rng, words, n):
 
 
 def test_multiple_choice_matches_transformers_and_finds_planted_answers(tmp_path, tiny_hf, tiny_checkpoint):
-  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
   _, model, hf_tokenizer = tiny_hf
   words = 'the quick brown fox jumps over lazy dog models 你好 emoji 😀 def return'.split()
   raw = _planted_examples(np.random.default_rng(0), words, 12)
@@ -242,7 +239,6 @@ def test_multiple_choice_matches_transformers_and_finds_planted_answers(tmp_path
     ('not json', 'line 1 is not JSON'),
 ])
 def test_bad_task_files_get_clear_errors(tmp_path, line, message):
-  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
   path = tmp_path / 'task.jsonl'
   path.write_text(line + '\n')
   with pytest.raises(ValueError, match=message):
@@ -250,7 +246,6 @@ def test_bad_task_files_get_clear_errors(tmp_path, line, message):
 
 
 def test_evaluate_needs_one_checkpoint_and_something_to_score(tiny_checkpoint):
-  from qwenjax import evaluate  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match='exactly one of --workdir'):
     evaluate.load()
   with pytest.raises(ValueError, match='nothing to evaluate'):
