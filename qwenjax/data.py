@@ -23,6 +23,7 @@ import os
 from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -129,28 +130,31 @@ def _readable_texts(source: documents.DocumentSource, seed: int) -> Iterator[str
 
 
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer. A workdir keeps its own copy in WORKDIR/tokenizer/, which later runs reuse only
-  while it matches what the config asks for; otherwise a clear error says what changed."""
+  """The run's tokenizer. A workdir keeps its own copy in WORKDIR/tokenizer/ (through epath: it may be a gs://
+  path), which later runs reuse only while it matches what the config asks for; otherwise a clear error says
+  what changed."""
   wanted = tokenizer_source(config)
   if wanted['kind'] == 'file':
     found = tokenizer_lib.load(wanted['path'])
     wanted['fingerprint'] = found.fingerprint
-  kept = os.path.join(workdir, 'tokenizer') if workdir else None
-  if kept and os.path.exists(os.path.join(kept, 'source.json')):
-    with open(os.path.join(kept, 'source.json')) as f:
-      saved = json.load(f)
+  kept = epath.Path(workdir) / 'tokenizer' if workdir else None
+  if kept and (kept / 'source.json').exists():
+    saved = json.loads((kept / 'source.json').read_text())
     if saved != wanted:
       raise ValueError(
           f'the workdir\'s tokenizer ({kept}) does not match this run: {_describe_change(saved, wanted)}. A model '
           'trained on one tokenizer\'s ids cannot continue on another\'s: run with the settings the workdir was '
           'started with, or use a new --workdir.')
-    tokenizer = tokenizer_lib.load(kept)
+    tokenizer = tokenizer_lib.from_files({p.name: p.read_bytes() for p in kept.iterdir() if p.name != 'source.json'})
   else:
     tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, config.data))
     if kept and jax.process_index() == 0:
-      tokenizer.save(kept)
-      with open(os.path.join(kept, 'source.json'), 'w') as f:
-        json.dump(wanted, f, indent=1)
+      kept.mkdir(parents=True, exist_ok=True)
+      for name, content in tokenizer.files.items():
+        (kept / name).write_bytes(content)
+      (kept / 'source.json').write_text(json.dumps(wanted, indent=1))  # last: marks the copy complete
+  if kept and jax.process_count() > 1:  # the others read WORKDIR/tokenizer only once it is complete
+    multihost_utils.sync_global_devices('qwenjax workdir tokenizer')
   check_fits(tokenizer, int(config.model.vocab_size), wanted)
   return tokenizer
 

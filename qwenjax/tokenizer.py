@@ -261,6 +261,16 @@ def load(path: str) -> Tokenizer:
     raise ValueError(f'cannot load the tokenizer {path!r}: {e}') from e
 
 
+def from_files(files: dict[str, bytes]) -> Tokenizer:
+  """The tokenizer whose files (`Tokenizer.files`: name -> bytes) these are, e.g. read through epath from a
+  `gs://` workdir where `load`, which takes local paths, cannot read."""
+  if HF_FILE in files:
+    return HuggingFaceTokenizer(files)
+  if SENTENCEPIECE_FILE in files:
+    return SentencePieceTokenizer(files)
+  raise ValueError(f'no {HF_FILE} and no {SENTENCEPIECE_FILE} among the files {sorted(files)}')
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Training.
 
