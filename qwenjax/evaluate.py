@@ -98,18 +98,26 @@ def load(workdir: str | None = None, hf: str | None = None, *, step: int | None 
     workdir = workdir_lib.resolve(workdir)
     config = workdir_lib.read_config(workdir)
     model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
+    tok = _fitting(workdir_lib.load_tokenizer(workdir, config), model_config, workdir)
     mesh, rules = _mesh(model_config)
     shardings = train_step.param_shardings(model_config, mesh, rules)
     _, params, step = checkpoint.restore_params(workdir, step, shardings)
-    tok = workdir_lib.load_tokenizer(workdir, config)
     return Checkpoint(model_config, params, tok, mesh, rules, workdir, step, seq_len=int(config.data.seq_len))
   path = os.path.abspath(os.path.expanduser(hf))
   dtype = overrides.pop('dtype', None)
   model_config = hf_lib.load_config(path, dtype, **overrides)
+  tok = _fitting(tokenizer_lib.load(path), model_config, path)
   mesh, rules = _mesh(model_config)
   shardings = train_step.param_shardings(model_config, mesh, rules)
   _, params = hf_lib.from_pretrained(path, dtype, shardings=shardings, **overrides)  # each device's blocks only
-  return Checkpoint(model_config, params, tokenizer_lib.load(path), mesh, rules, path)
+  return Checkpoint(model_config, params, tok, mesh, rules, path)
+
+
+def _fitting(tok: tokenizer_lib.Tokenizer, model_config: ModelConfig, where: str) -> tokenizer_lib.Tokenizer:
+  if tok.vocab_size > model_config.vocab_size:
+    raise ValueError(f'the tokenizer of {where} has {tok.vocab_size} ids but the model\'s embedding table only '
+                     f'{model_config.vocab_size}: it is not the tokenizer this model was trained with')
+  return tok
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -245,6 +245,13 @@ def test_bad_task_files_get_clear_errors(tmp_path, line, message):
     evaluate.read_tasks(str(path))
 
 
+def test_a_tokenizer_larger_than_the_model_is_an_error(tmp_path):
+  hf_utils.save_tiny_qwen2_tokenizer(str(tmp_path))  # 353 ids
+  hf_utils.random_qwen2(0, vocab_size=300).save_pretrained(str(tmp_path))
+  with pytest.raises(ValueError, match="has 353 ids but the model's embedding table only 300"):
+    evaluate.load(hf=str(tmp_path))
+
+
 def test_evaluate_needs_one_checkpoint_and_something_to_score(tiny_checkpoint):
   with pytest.raises(ValueError, match='exactly one of --workdir'):
     evaluate.load()
