@@ -189,3 +189,20 @@ def test_two_processes_each_read_only_their_half(dense_dir, tmp_path):
     # (the norms, replicated, are read whole by both; they are under 1% of the bytes).
     assert result['read'] == result['blocks']
     assert 0.5 <= result['read'] / result['total'] < 0.51
+
+
+def test_memory_benchmark_runs(tmp_path):
+  """benchmarks/hf_load_memory.py on the tiny config: both methods load the whole model into 8 devices."""
+  out_dir = tmp_path / 'checkpoint'
+  done = subprocess.run(
+      [sys.executable, str(pathlib.Path(__file__).parent.parent / 'benchmarks' / 'hf_load_memory.py'),
+       '--config', str(pathlib.Path(__file__).parent.parent / 'configs' / 'tiny.py'), '--dir', str(out_dir),
+       '--shard_gb', '0.002'], capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
+  assert [r['method'] for r in results] == ['sharded', 'whole']
+  for result in results:
+    assert result['devices'] == 8 and result['peak_gib'] >= result['rss_before_gib']
+    assert abs(result['local_shards_gib'] - result['file_gib']) < 0.01 * result['file_gib']
+  assert '| sharded | 0 of 1 |' in done.stdout
+  assert not out_dir.exists()  # written, measured, deleted
