@@ -44,9 +44,9 @@ def data_section() -> ml_collections.ConfigDict:
       eval_files='',  # likewise; empty: the built-in corpus's held-out split, or no eval for your own files
       text_key='text',  # field holding the document in .jsonl lines and JSON ArrayRecord records
       seq_len=2048,  # tokens per packed row
-      # '': the init_from_hf checkpoint's own tokenizer when it holds one, else 'train'; 'train': a BPE trained
-      # on train_files at first use; or a path: sentencepiece .model, tokenizer.json, or a directory holding one.
-      tokenizer='',
+      # 'train': a BPE trained on train_files at first use, or with init_from_hf the checkpoint's own tokenizer
+      # when its directory holds one; or a path: sentencepiece .model, tokenizer.json, or a directory holding one.
+      tokenizer='train',
       vocab_size=32000,  # pieces of the tokenizer trained when tokenizer='train'
       tokenizer_sentences=200_000,  # at most this many lines feed tokenizer training (keeps it to seconds)
       # Tokenized corpora (and trained tokenizers), kept and shared by every run: '' is $QWENJAX_CACHE or

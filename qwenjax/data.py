@@ -54,20 +54,22 @@ def prepared_root(data: Mapping[str, Any]) -> str:
 def tokenizer_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the run's tokenizer is to be, as recorded in WORKDIR/tokenizer/source.json.
 
-  `data.tokenizer`: '' (default) is the init_from_hf checkpoint's own tokenizer when it holds one, else
-  'train'; 'train' trains a BPE on the training files; anything else is a path for `qwenjax.tokenizer.load`.
+  `data.tokenizer`: 'train' (default) trains a BPE on the training files, except with `init_from_hf=PATH` where
+  PATH holds a tokenizer: the checkpoint's own is used. Anything else is a path for `qwenjax.tokenizer.load`.
   """
   data, init_from_hf = config.data, config.init_from_hf
-  choice = data.tokenizer
-  if not choice:
-    choice = init_from_hf if init_from_hf and _holds_tokenizer(init_from_hf) else 'train'
+  choice = data.tokenizer or 'train'
+  if choice == 'train' and init_from_hf:
+    if _holds_tokenizer(init_from_hf):
+      logging.info('data: the tokenizer of init_from_hf=%s', init_from_hf)
+      choice = init_from_hf
+    else:
+      logging.warning(
+          'init_from_hf=%s holds no tokenizer.json or tokenizer.model, so a new tokenizer is trained: the checkpoint '
+          'was trained on another tokenizer\'s ids, which its embeddings encode. Set --config.data.tokenizer to '
+          'the tokenizer it was trained with.', init_from_hf)
   if choice != 'train':
     return {'kind': 'file', 'path': os.path.abspath(os.path.expanduser(choice))}
-  if init_from_hf:
-    logging.warning(
-        'data.tokenizer=train with init_from_hf=%s: the checkpoint was trained on another tokenizer\'s ids, so a '
-        'newly trained tokenizer makes its embeddings meaningless. Set --config.data.tokenizer=%s if it holds '
-        'tokenizer.json, or the tokenizer it was trained with.', init_from_hf, init_from_hf)
   train_files, _ = documents.sources(data)
   return {'kind': 'train', 'vocab_size': int(data.vocab_size), 'tokenizer_sentences': int(data.tokenizer_sentences),
           'seed': int(config.train.seed), 'train_files': data.train_files or '(built-in corpus)',
@@ -97,10 +99,9 @@ def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
   key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:20]
   directory = os.path.join(prepared_root(data), 'tokenizers', key)
   if not _holds_tokenizer(directory) and jax.process_index() == 0:
-    files = [f for f in source['files']]
-    texts = documents.DocumentSource(files, data['text_key'])
+    texts = documents.DocumentSource(source['files'], data['text_key'])
     logging.info('data: training a %d-piece BPE tokenizer on up to %d lines of %d file(s) -> %s',
-                 source['vocab_size'], source['tokenizer_sentences'], len(files), directory)
+                 source['vocab_size'], source['tokenizer_sentences'], len(source['files']), directory)
     tokenizer_lib.train(_readable_texts(texts, source['seed']), directory, vocab_size=source['vocab_size'],
                         max_lines=source['tokenizer_sentences'], seed=source['seed'])
   if jax.process_count() > 1:

@@ -163,11 +163,14 @@ def _global_batch(batch: dict[str, np.ndarray], batch_sharding, rows: list[int],
   return {k: global_array(v) for k, v in batch.items()}
 
 
-def local_rows(batch_sharding: jax.sharding.Sharding, batch_size: int) -> list[int]:
-  """The rows of the global batch that this process's devices hold, in order: the only rows it reads."""
+def local_rows(batch_sharding: jax.sharding.Sharding, batch_size: int, process: int | None = None) -> list[int]:
+  """The rows of the global batch that a process's devices hold (this process's by default), in order: the only
+  rows it reads."""
+  process = jax.process_index() if process is None else process
   rows = set()
-  for index in batch_sharding.addressable_devices_indices_map((batch_size, 1)).values():
-    rows.update(range(batch_size)[index[0]])
+  for device, index in batch_sharding.devices_indices_map((batch_size, 1)).items():
+    if device.process_index == process:
+      rows.update(range(batch_size)[index[0]])
   return sorted(rows)
 
 
@@ -211,8 +214,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tokenizer = data.get_tokenizer(config, workdir)
   corpus, held_out = data.prepared_corpora(config, tokenizer)
   rows = local_rows(batch_sharding, int(tc.batch_size))
-  logging.info('process %d of %d reads rows %s of each global batch', jax.process_index(), jax.process_count(),
-               rows)
+  if jax.process_count() > 1:
+    for process in range(jax.process_count()):
+      logging.info('process %d of %d reads rows %s of each global batch', process, jax.process_count(),
+                   local_rows(batch_sharding, int(tc.batch_size), process))
   eval_data = []
   if held_out is not None and int(tc.eval_steps) > 0:
     eval_data = data.eval_batches(held_out, seq_len=seq_len, batch_size=int(tc.batch_size),
@@ -531,6 +536,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}; set config values as --config.SECTION.KEY=VALUE')
   try:
     distributed.initialize()
+    if jax.process_index() != 0 and not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress; the others only what goes wrong
     workdir = check_workdir(_WORKDIR.value)
     # The cache is jax's process-wide setting, made once before anything compiles: here, not in
     # train_and_evaluate, which tests and notebooks call in processes that configure jax themselves.

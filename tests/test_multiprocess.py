@@ -57,9 +57,11 @@ def one_process(tmp_path_factory, overrides):
 def test_two_processes_train_like_one(tmp_path, overrides, one_process):
   workdir = str(tmp_path / 'run')
   outputs = run_two_processes(workdir, overrides)
-  assert 'process 0 of 2' in outputs[0] and 'process 1 of 2' in outputs[1]
+  assert 'process 0 of 2' in outputs[0] and 'step 3/3' in outputs[0]
+  assert 'step 3/3' not in outputs[1]  # process 0 alone logs progress
   # Each process read its own rows of every batch, and together all of them.
-  rows = [set(map(int, re.search(r'reads rows \[([\d, ]+)\]', out).group(1).split(', '))) for out in outputs]
+  rows = [set(map(int, re.search(rf'process {p} of 2 reads rows \[([\d, ]+)\]', outputs[0]).group(1).split(', ')))
+          for p in range(2)]
   assert not rows[0] & rows[1] and rows[0] | rows[1] == set(range(16))
   # Only process 0 wrote metrics (each step once) and config.json.
   records = read_metrics(workdir)

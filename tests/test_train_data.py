@@ -50,7 +50,7 @@ def test_tiny_config_trains_on_mixed_scripts_with_default_settings(tmp_path):
       f.write(json.dumps({'text': multilingual_text(rng)}, ensure_ascii=False) + '\n')
   config = small_config(steps=60, log_every=10, warmup_steps=10)
   config.model.vocab_size = 4096
-  config.data.update(train_files=str(tmp_path / 'train.jsonl'), vocab_size=4096, tokenizer='',
+  config.data.update(train_files=str(tmp_path / 'train.jsonl'), vocab_size=4096, tokenizer='train',
                      tokenizer_sentences=200_000)  # the defaults of configs/tiny.py
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir)
@@ -87,7 +87,7 @@ def test_init_from_hf_trains_with_the_checkpoints_own_tokenizer(tmp_path, caplog
   hf_tokenizer = tokenizer_lib.load(checkpoint_dir)
   config = small_config(steps=2, log_every=1)
   config.model.update(vocab_size=384, num_hidden_layers=1)
-  config.data.update(seq_len=32, tokenizer='', train_files=corpus_file, eval_files=corpus_file)
+  config.data.update(seq_len=32, tokenizer='train', train_files=corpus_file, eval_files=corpus_file)
   config.train.update(eval_steps=2, z_loss=0.0)
   model_config = model_lib.ModelConfig.from_dict(config.model)
   params = jax.device_get(model_lib.init_params(model_config, jax.random.key(1)))
@@ -109,11 +109,13 @@ def test_init_from_hf_trains_with_the_checkpoints_own_tokenizer(tmp_path, caplog
   batch = first_batches(config, checkpoint_dir, 1)[0]
   assert 0 <= batch['inputs'].min() and batch['inputs'].max() < hf_tokenizer.vocab_size
 
-  # A trained tokenizer with init_from_hf is warned about; a tokenizer larger than the model is an error.
-  config.data.tokenizer = 'train'
+  # A checkpoint without a tokenizer: a trained one, with a warning; a tokenizer larger than the model: an error.
+  bare = str(tmp_path / 'bare')
+  hf.save_pretrained(bare, model_config, params)
+  config.init_from_hf = bare
   config.data.vocab_size = 384
   train.train_and_evaluate(config, str(tmp_path / 'other'))
-  assert 'the checkpoint was trained on another tokenizer' in caplog.text
+  assert 'holds no tokenizer.json or tokenizer.model, so a new tokenizer is trained' in caplog.text
   config.data.tokenizer = checkpoint_dir
   config.model.vocab_size = 300
   with pytest.raises(ValueError, match=r'has 353 ids but model.vocab_size is 300'):
