@@ -396,7 +396,7 @@ _SAFETENSORS_DTYPES = {'BF16': 'bfloat16', 'F16': 'float16', 'F32': 'float32', '
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
+class TensorSource:
   """Where one hub-layout tensor lives: `tensor[lead][offset:offset + rows]` of a file (lead and offset pick
   one expert's gate or up projection out of a fused `gate_up_proj`)."""
   file: str
@@ -407,7 +407,7 @@ class _Source:
   offset: int = 0
 
 
-def _sources(path: str) -> dict[str, _Source]:
+def _sources(path: str) -> dict[str, TensorSource]:
   """Every tensor of a checkpoint by its hub-layout name, from the files' headers only (no tensor is read)."""
   sources = {}
   for file in _files(path):
@@ -417,16 +417,16 @@ def _sources(path: str) -> dict[str, _Source]:
         shape, dtype = tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype())
         match = _FUSED.match(name)
         if not match:
-          sources[name] = _Source(file, name, shape, dtype)
+          sources[name] = TensorSource(file, name, shape, dtype)
           continue
         prefix, kind = match.groups()
         for j in range(shape[0]):
           if kind == 'down_proj':
-            sources[f'{prefix}.{j}.down_proj.weight'] = _Source(file, name, shape[1:], dtype, (j,))
+            sources[f'{prefix}.{j}.down_proj.weight'] = TensorSource(file, name, shape[1:], dtype, (j,))
           else:
             half = (shape[1] // 2, *shape[2:])
-            sources[f'{prefix}.{j}.gate_proj.weight'] = _Source(file, name, half, dtype, (j,))
-            sources[f'{prefix}.{j}.up_proj.weight'] = _Source(file, name, half, dtype, (j,), half[0])
+            sources[f'{prefix}.{j}.gate_proj.weight'] = TensorSource(file, name, half, dtype, (j,))
+            sources[f'{prefix}.{j}.up_proj.weight'] = TensorSource(file, name, half, dtype, (j,), half[0])
   return sources
 
 
@@ -438,7 +438,7 @@ def load_config(path: str, dtype: str | None = None, **config_overrides) -> Mode
   return _make_config(hf_config, {s.dtype for s in sources.values()}, dtype, config_overrides)
 
 
-def read_slice(file: str, source: _Source, index: tuple[slice, ...]) -> np.ndarray:
+def read_slice(file: str, source: TensorSource, index: tuple[slice, ...]) -> np.ndarray:
   """`index` of one hub-layout tensor: only those bytes are copied out of the file.
 
   The file is opened (memory-mapped) for this read alone, so the pages a strided read touches are unmapped
