@@ -158,7 +158,9 @@ def _start_grid() -> np.ndarray:
 
 
 def _lbfgs(theta0, args) -> optimize.OptimizeResult:
+  # Exponents kept >= 0: a loss that grows with N or D is no scaling law (and has no compute-optimal point).
   return optimize.minimize(_huber_objective, theta0, args=args, jac=True, method='L-BFGS-B',
+                           bounds=[(None, None)] * 3 + [(0.0, None)] * 2,
                            options=dict(maxiter=2000, ftol=1e-15, gtol=1e-10))
 
 
@@ -192,12 +194,17 @@ def predicted_loss(fit: Mapping[str, float], params, tokens):
   return fit['E'] + fit['A'] / np.power(params, fit['alpha']) + fit['B'] / np.power(tokens, fit['beta'])
 
 
-def compute_optimal(fit: Mapping[str, float], compute) -> tuple[np.ndarray, np.ndarray]:
-  """(N_opt, D_opt) of an approach-3 fit at compute C, under C = 6 N D (Hoffmann et al.'s eq. 4)."""
+def compute_optimal(fit: Mapping[str, float], compute, flops_per_nd: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+  """(N_opt, D_opt) of an approach-3 fit at compute C, under C = k N D (Hoffmann et al.'s eq. 4 with k = 6).
+
+  With N the non-embedding parameters and C the FLOPs MFU counts (output head and attention included), small
+  models spend more than 6 FLOPs per parameter and token: the plots use the sweep's median k (`flops_per_nd` in
+  fit.json). The exponents a and b do not depend on k.
+  """
   alpha, beta = fit['alpha'], fit['beta']
   g = (alpha * fit['A'] / (beta * fit['B']))**(1 / (alpha + beta))
-  n_opt = g * (np.asarray(compute) / 6)**(beta / (alpha + beta))
-  return n_opt, np.asarray(compute) / (6 * n_opt)
+  n_opt = g * (np.asarray(compute) / flops_per_nd)**(beta / (alpha + beta))
+  return n_opt, np.asarray(compute) / (flops_per_nd * n_opt)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,15 +230,28 @@ def _interval(values: list[float]) -> list[float] | None:
 
 def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
   """Approaches 2 (when the points have IsoFLOP budgets) and 3, each key with a 95% bootstrap interval
-  under `ci` (`[low, high]`, or None when fewer than 2 resamples could be fitted)."""
+  under `ci` (`[low, high]`, or None when fewer than 2 resamples could be fitted). An approach the points
+  cannot support is `{'error': why}`."""
   params, tokens, losses, budgets = _columns(results)
+  flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
   out: dict[str, Any] = dict(points=len(losses), bootstrap=bootstrap,
+                             flops_per_nd=float(np.median(flops / (params * tokens))),
                              notes='N: non-embedding parameters; D: training tokens; C: IsoFLOP budget in FLOPs')
   isoflop = bool(np.all(np.isfinite(budgets)))
   rng = np.random.default_rng(seed)
+  # A sweep too small or too noisy for one approach still gets the other; fit.json says why one is missing.
   if isoflop:
-    out['approach2'] = approach2(budgets, params, tokens, losses)
-  out['approach3'] = approach3(params, tokens, losses)
+    try:
+      out['approach2'] = approach2(budgets, params, tokens, losses)
+    except ValueError as e:
+      out['approach2'] = dict(error=str(e))
+      isoflop = False
+  try:
+    out['approach3'] = approach3(params, tokens, losses)
+  except ValueError as e:
+    out['approach3'] = dict(error=str(e))
+  if 'error' in out['approach3']:
+    return out
   if bootstrap:
     groups = [np.flatnonzero(budgets == b) for b in np.unique(budgets)] if isoflop else [np.arange(len(losses))]
     samples2 = {k: [] for k in APPROACH2_KEYS}
@@ -278,8 +298,8 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   params, tokens, losses, budgets = _columns(results)
   flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
   written = []
-  fit3 = fitted['approach3']
-  fit2 = fitted.get('approach2')
+  fit3 = fitted['approach3'] if 'error' not in fitted['approach3'] else None
+  fit2 = fitted.get('approach2') if 'error' not in fitted.get('approach2', {}) else None
 
   if fit2:
     unique = sorted(np.unique(budgets))
@@ -302,10 +322,11 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   fig, ax = plt.subplots(figsize=(6.4, 4.8))
   sc = ax.scatter(flops, losses, c=np.log10(params), cmap='plasma', s=25)
   fig.colorbar(sc, ax=ax, label='log10 N')
-  grid = np.geomspace(flops.min() / 2, flops.max() * 4, 100)
-  n_opt, d_opt = compute_optimal(fit3, grid)
-  ax.plot(grid, predicted_loss(fit3, n_opt, d_opt), 'k-', lw=1,
-          label=f'approach 3 frontier: E={fit3["E"]:.2f}, alpha={fit3["alpha"]:.2f}, beta={fit3["beta"]:.2f}')
+  if fit3:
+    grid = np.geomspace(flops.min() / 2, flops.max() * 4, 100)
+    n_opt, d_opt = compute_optimal(fit3, grid, fitted['flops_per_nd'])
+    ax.plot(grid, predicted_loss(fit3, n_opt, d_opt), 'k-', lw=1,
+            label=f'approach 3 frontier: E={fit3["E"]:.2f}, alpha={fit3["alpha"]:.2f}, beta={fit3["beta"]:.2f}')
   order = np.argsort(flops)
   ax.step(flops[order], np.minimum.accumulate(losses[order]), 'k:', where='post', lw=1, label='best so far')
   if fit2:
@@ -319,7 +340,7 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     c = np.array([m['budget'] for m in fit2['minima']])
     grid = np.geomspace(c.min() / 3, c.max() * 3, 50)
-    n3, d3 = compute_optimal(fit3, grid)
+    n3, d3 = compute_optimal(fit3, grid, fitted['flops_per_nd']) if fit3 else (None, None)
     ci = fit2.get('ci', {})
     for ax, key, exponent, coef, line3, label in (
         (axes[0], 'N_opt', 'a', 'k_N', n3, 'N_opt (non-embedding parameters)'),
@@ -328,7 +349,8 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
       interval = ci.get(exponent)
       span = f' [{interval[0]:.2f}, {interval[1]:.2f}]' if interval else ''
       ax.plot(grid, fit2[coef] * grid**fit2[exponent], 'tab:blue', label=f'approach 2: C^{fit2[exponent]:.3f}{span}')
-      ax.plot(grid, line3, 'k--', lw=1, label=f'approach 3: C^{fit3[exponent]:.3f}')
+      if fit3:
+        ax.plot(grid, line3, 'k--', lw=1, label=f'approach 3: C^{fit3[exponent]:.3f}')
       ax.set(xscale='log', yscale='log', xlabel='training FLOPs C', ylabel=label)
       ax.legend(fontsize=8)
     written.append(_save(fig, directory, 'optimal.png'))
@@ -407,6 +429,9 @@ def summary(fitted: Mapping[str, Any]) -> str:
   lines = []
   for approach, keys in (('approach2', APPROACH2_KEYS[:2]), ('approach3', APPROACH3_KEYS)):
     if approach not in fitted:
+      continue
+    if 'error' in fitted[approach]:
+      lines.append(f'{approach}: not fitted: {fitted[approach]["error"]}')
       continue
     ci = fitted[approach].get('ci', {})
     parts = []

@@ -6,10 +6,12 @@ A sweep file's `get_config()` returns an ml-collections config with
   directory or to the repository).
 * `overrides`: nested sections (`overrides.train.batch_size = 32`) applied to every point.
 * `ladder`: model shapes from a size knob `s` in `ladder.sizes`, by these rules:
-    hidden_size         = ladder.width_per_size * s        (a multiple of ladder.head_dim)
+    hidden_size         = ladder.width_per_size * s
     num_hidden_layers   = ladder.depth, or when that is 0, ladder.depth_per_size * s rounded half up (default 1):
                           a constant aspect ratio hidden / layers
-    num_attention_heads = hidden_size / ladder.head_dim     (head_dim fixed across the ladder)
+    num_attention_heads = hidden_size / ladder.head_dim rounded half up, at least 1 (head_dim fixed across the
+                          ladder, so the GPU's flash kernel (head_dim 64 or 128) serves every size; the attention's
+                          inner width heads x head_dim may differ from hidden_size by up to head_dim / 2)
     num_key_value_heads = heads / ladder.q_per_kv, at least 1
     intermediate_size   = ladder.mlp_ratio * hidden_size, rounded up to a multiple of 64
 * `budgets`: IsoFLOP compute budgets C in FLOPs. Each size then trains on D = C / flops_per_token tokens
@@ -82,10 +84,7 @@ class Point:
 def ladder_shape(size: int, ladder: Mapping[str, Any]) -> dict[str, int]:
   """The model fields of ladder size `size` (rules in the module docstring)."""
   head_dim, width = int(ladder['head_dim']), int(ladder['width_per_size']) * int(size)
-  if width % head_dim:
-    raise ValueError(f'ladder size {size}: hidden_size {width} (width_per_size x size) is not a multiple of '
-                     f'head_dim {head_dim}; pick sizes or width_per_size so that it is')
-  heads = width // head_dim
+  heads = max(1, math.floor(width / head_dim + 0.5))
   kv_heads = max(1, heads // int(ladder['q_per_kv']))
   if heads % kv_heads:
     raise ValueError(f'ladder size {size}: {heads} heads do not split into groups of q_per_kv={ladder["q_per_kv"]}')
@@ -152,7 +151,8 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
   """Every point of the sweep, with its config overrides, size and token budget (no training)."""
   base = config_lib.load(resolve_base(sweep.base))
   common = flatten(sweep.get('overrides', {}))
-  common.setdefault('data.prepared_dir', base.data.prepared_dir or os.path.join(workdir, 'prepared'))
+  if not common.get('data.prepared_dir'):
+    common['data.prepared_dir'] = base.data.prepared_dir or os.path.join(workdir, 'prepared')
   common.setdefault('train.compilation_cache_dir', os.path.join(workdir, 'compilation_cache'))
   common.setdefault('train.eval_every', 0)  # the final eval alone
   common.setdefault('train.checkpoint_every', 0)  # at the end (and when stopped)
@@ -186,6 +186,8 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
                                                                       'train.warmup_steps': warmup}),
                             params=n, params_total=count_params(model_config), flops_per_token=per_token,
                             tokens=tokens, budget=float(budget) if budgets else None, size=int(size)))
+  # Budget by budget, smallest first: a sweep stopped part-way has whole IsoFLOP curves.
+  points.sort(key=lambda p: p.budget if p.budget is not None else 0.0)
   names = [p.name for p in points]
   if len(set(names)) != len(names):
     raise ValueError(f'two points of the sweep have the same name: {sorted(n for n in names if names.count(n) > 1)}')
@@ -280,6 +282,11 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
     point_dir = os.path.join(workdir, point.name)
     start = time.time()
     train.train_and_evaluate(point_config(sweep, point), point_dir)
+    trained = max((r['step'] for r in _read_metrics(point_dir)), default=0)
+    if trained < point.overrides['train.steps']:  # stopped by SIGTERM / Ctrl-C: checkpointed, resumes next time
+      logging.warning('sweep: %s stopped at step %d of %d; run the sweep again to resume it', point.name, trained,
+                      point.overrides['train.steps'])
+      break
     record = result(point, point_dir, time.time() - start)
     with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
       f.write(json.dumps(record) + '\n')
@@ -318,6 +325,7 @@ _ONLY = flags.DEFINE_list('only', [], 'Run only these points (names as in DIR/sw
 
 
 def main(argv):
+  logging.get_absl_handler().addFilter(train._LibraryInfoFilter())  # pylint: disable=protected-access
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; set sweep values as --sweep.KEY=VALUE')
   workdir = train.check_workdir(flags.FLAGS.workdir)  # --workdir is qwenjax.train's flag: the sweep's directory
