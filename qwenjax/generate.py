@@ -17,6 +17,7 @@ the same rules, and the batch is split over the data axes (padded with idle rows
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Sequence
@@ -89,24 +90,13 @@ def cache_length(prompt_bucket: int, max_new_tokens: int) -> int:
   return -(-(prompt_bucket + max_new_tokens) // 128) * 128
 
 
-def _scope(mesh, rules):
-  """The mesh and logical axis rules to trace under (nothing without a mesh)."""
-  if mesh is None:
-    return nn.logical_axis_rules(())
-  return _Both(jax.set_mesh(mesh), nn.logical_axis_rules(rules))
-
-
-class _Both:
-  def __init__(self, *contexts):
-    self._contexts = contexts
-
-  def __enter__(self):
-    for c in self._contexts:
-      c.__enter__()
-
-  def __exit__(self, *exc):
-    for c in reversed(self._contexts):
-      c.__exit__(*exc)
+def _scope(mesh, rules) -> contextlib.ExitStack:
+  """The mesh and logical axis rules to trace under (no mesh: nothing to set)."""
+  stack = contextlib.ExitStack()
+  if mesh is not None:
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+  return stack
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'cache_len', 'sampling', 'rules', 'mesh'))
@@ -118,7 +108,7 @@ def prefill(params, input_ids, lengths, active, stop_ids, key, temperature, top_
   `active [batch]` is False for padding rows (done from the start); `stop_ids` holds stop tokens (-1 unused).
   """
   TRACES['prefill'] += 1
-  del mesh  # part of the cache key only: the mesh itself is set by the caller (`_scope`)
+  del mesh  # part of the jit cache key only: the caller sets the mesh (`_scope`)
   with nn.logical_axis_rules(rules):
     batch = input_ids.shape[0]
     cache = model_lib.init_cache(config, batch, cache_len)
@@ -204,6 +194,7 @@ class Request:
 
 def make_request(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_token_ids: Sequence[int] = (), batch_multiple: int = 1) -> Request:
+  """Checks the prompts and pads them (to the bucket length, and to `batch_multiple` rows)."""
   check_prompts(config, prompts, max_new_tokens)
   lengths = np.array([len(p) for p in prompts], np.int32)
   bucket = _bucket(int(lengths.max()))

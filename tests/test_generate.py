@@ -71,7 +71,7 @@ def test_greedy_matches_transformers_generate(tmp_path, kind):
 
 
 def tiny_config(**overrides):
-  base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+  base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rope_theta=10_000.0, attention_impl='xla')
   return model.ModelConfig(**{**base, **overrides})
 
@@ -79,7 +79,8 @@ def tiny_config(**overrides):
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers):
   """Prefill of right-padded rows, then one token at a time: each step's logits equal a full forward pass's."""
-  config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+  config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                       num_hidden_layers=3)
   params = model.init_params(config, jax.random.key(0))
   ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, 20))
   full = jax.jit(lambda p, x: model.Qwen2(config).apply({'params': p}, x))(params, ids)
@@ -108,7 +109,7 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers):
 
 
 def test_ring_buffer_never_grows_past_the_window():
-  config = tiny_config(use_sliding_window=True, sliding_window=5, max_window_layers=1)
+  config = tiny_config(use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=3)
   params = model.init_params(config, jax.random.key(2))
   batch = prompts(config.vocab_size, (2, 11))
   generate.TRACES.clear()
@@ -118,19 +119,20 @@ def test_ring_buffer_never_grows_past_the_window():
   assert [sum(len(s[i]) for s in seen) for i in range(2)] == [40, 40]  # streaming gave every token once
   assert [[t for s in seen for t in s[i]] for i in range(2)] == out
   request = generate.make_request(config, batch, 40)
+  knobs = (jnp.float32(1e-6), jnp.int32(0), jnp.float32(1.0), jnp.int32(97))  # what generate passes when greedy
+  static = dict(config=config, sampling=generate.Sampling(), rules=(), mesh=None)  # as generate passes them
   state = generate.prefill(params, request.input_ids, request.lengths, request.active, request.stop_ids,
-                           jax.random.key(0), 1.0, 0, 1.0, 97, config=config, cache_len=request.cache_len,
-                           sampling=generate.Sampling())
-  state = generate.decode(params, state, 40, request.stop_ids, jax.random.key(0), 1.0, 0, 1.0, 97, config=config,
-                          sampling=generate.Sampling())
+                           jax.random.key(0), *knobs, cache_len=request.cache_len, **static)
+  state = generate.decode(params, state, 40, request.stop_ids, jax.random.key(0), *knobs, **static)
+  assert np.asarray(state['out'])[:, :40].tolist() == out
   for i in range(3):
     layer = state['cache'][f'layers_{i}']
     assert layer.key.shape[1] == (5 if i else request.cache_len)
   ring = np.asarray(state['cache']['layers_1'].positions)  # the last 5 positions of each row, each once
   ends = np.asarray(state['position'])
   assert [sorted(r) for r in ring] == [list(range(e - 5, e)) for e in ends]
-  # One trace of each for the whole run (streaming too): never one per token.
-  assert generate.TRACES == {'prefill': 2, 'decode': 2}  # generate's, then the explicit calls' (other statics)
+  # One trace of each for the whole run, streaming (a decode call per token) and the explicit calls included.
+  assert generate.TRACES == {'prefill': 1, 'decode': 1}
 
 
 def test_compiles_once_per_bucket():
@@ -149,13 +151,12 @@ def test_sampling_is_reproducible_from_its_seed():
   config = tiny_config()
   params = model.init_params(config, jax.random.key(4))
   batch = prompts(config.vocab_size, (4, 6))
-  kwargs = dict(max_new_tokens=24, temperature=1.5, top_k=20, top_p=0.9)
+  kwargs = dict(max_new_tokens=16, temperature=1.5, top_k=20, top_p=0.9)
   a = generate.generate(config, params, batch, seed=7, **kwargs)
   b = generate.generate(config, params, batch, seed=7, **kwargs)
   c = generate.generate(config, params, batch, seed=8, **kwargs)
-  greedy = generate.generate(config, params, batch, max_new_tokens=24)
-  assert a == b
-  assert a != c and a != greedy
+  assert a == b and a != c
+  assert len({t for row in a for t in row}) > 8  # really sampled: a random tiny model's greedy text repeats
 
 
 def test_top_k_and_top_p_keep_the_likely_tokens():
@@ -175,10 +176,10 @@ def test_stop_tokens_end_a_row_inclusively():
   batch = prompts(config.vocab_size, (4, 6, 8))
   free = generate.generate(config, params, batch, max_new_tokens=16)
   stop = free[1][5]  # row 1's sixth token
-  out = generate.generate(config, params, batch, max_new_tokens=16, stop_token_ids=[stop])
+  out = generate.generate(config, params, batch, max_new_tokens=16, stop_token_ids=[stop, 96])
   for row, ref in zip(out, free):
-    end = ref.index(stop) + 1 if stop in ref else len(ref)
-    assert row == ref[:end]
+    ends = [i + 1 for i, t in enumerate(ref) if t in (stop, 96)]
+    assert row == ref[:ends[0] if ends else len(ref)]
   assert out[1][-1] == stop and len(out[1]) <= 6
 
 
@@ -197,17 +198,15 @@ def test_bad_prompts_get_clear_errors():
     generate.generate(config, params, [], max_new_tokens=4)
 
 
-@pytest.mark.parametrize('kind', ['dense', 'moe'])
-def test_tensor_parallel_decode_on_a_mesh_matches_one_device(kind):
-  extra = {} if kind == 'dense' else dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                          shared_expert_intermediate_size=48)
-  dtype = 'bfloat16' if kind == 'dense' else 'float32'  # bf16 MoE: the sharded partial sums can flip a near-tie
-  config = tiny_config(dtype=dtype, param_dtype=dtype, num_key_value_heads=4, vocab_size=96, **extra)
+def test_tensor_parallel_decode_on_a_mesh_matches_one_device():
+  """Layer 0 dense, layer 1 MoE, batch split over data=2 (3 rows padded to 4), heads and MLP over tensor=4."""
+  config = tiny_config(num_key_value_heads=4, vocab_size=96, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=(0,))
   params = model.init_params(config, jax.random.key(7))
   batch = prompts(config.vocab_size, (5, 8, 3))
-  single = generate.generate(config, params, batch, max_new_tokens=20)
+  single = generate.generate(config, params, batch, max_new_tokens=16)
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4, expert=1))
-  sharded = generate.generate(config, params, batch, max_new_tokens=20, mesh=mesh)
+  sharded = generate.generate(config, params, batch, max_new_tokens=16, mesh=mesh)
   assert sharded == single
   placed = generate.place_params(config, params, mesh, sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh,
                                                                                    config))
