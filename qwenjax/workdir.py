@@ -29,12 +29,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_tokenizer(workdir: str, config: ml_collections.ConfigDict | None = None) -> tokenizer_lib.Tokenizer:
-  """The tokenizer the run trained with: WORKDIR/tokenizer/, else WORKDIR/tokenizer.model (runs before the
-  tokenizer directory), else the path its config's `data.tokenizer` names."""
+  """The tokenizer the run trained with: WORKDIR/tokenizer/ (read through epath, so a gs:// workdir works too),
+  else WORKDIR/tokenizer.model (runs before the tokenizer directory), else the path `data.tokenizer` names."""
   workdir = resolve(workdir)
-  for path in (os.path.join(workdir, 'tokenizer'), os.path.join(workdir, 'tokenizer.model')):
-    if os.path.exists(path):
-      return tokenizer_lib.load(path)
+  kept = epath.Path(workdir) / 'tokenizer'
+  if kept.is_dir():
+    return tokenizer_lib.from_files({p.name: p.read_bytes() for p in kept.iterdir()
+                                     if p.is_file() and p.name != 'source.json'})
+  if os.path.isfile(os.path.join(workdir, 'tokenizer.model')):
+    return tokenizer_lib.load(os.path.join(workdir, 'tokenizer.model'))
   config = config if config is not None else read_config(workdir)
   named = str(config.get('data', {}).get('tokenizer', '') or '')
   if named and named != 'train' and os.path.exists(named):
