@@ -1,6 +1,6 @@
 """Checks and times qwenjax's Pallas GPU flash attention against cuDNN, XLA and JAX's stock Pallas kernel.
 
-Run on an H100 (jax with CUDA):
+Run on a Hopper GPU (jax with CUDA; results and their commands: docs/attention_gpu.md):
 
     python benchmarks/attention_gpu.py --check            # correctness on fresh random bf16/fp32 inputs
     python benchmarks/attention_gpu.py --bench --out DIR  # the issue-5 timing table (markdown, last)

@@ -2,10 +2,10 @@ r"""Times the peer: Hugging Face transformers `Qwen2ForCausalLM` training steps 
 
 Same model shape (built from our ModelConfig by `qwenjax.hf.config_to_hf`, sliding window on layers 8-15),
 same global batch of random token ids at seq_len 8192, fp32 master weights with bf16 autocast, `torch.compile`
-on the model, fused AdamW with global-norm clipping, gradient accumulation over micro-batches (2 sequences of
-8192 tokens take 49.8 GiB, 4 take 77.3 GiB, and both run about 5% faster than 1 on an H200; the eager model does
-not fit even one). Run it after benchmarks/train_1b.py in the same command, so both use the same GPU; with
-`--out` shared, the last lines compare the two, against the fastest peer run in OUT.
+on the model, fused AdamW with global-norm clipping, gradient accumulation over micro-batches (`--micro-batch`;
+docs/training.md has the memory and speed of each size; the eager model does not fit even one). Run it after
+benchmarks/train_1b.py in the same command, so both use the same GPU; with `--out` shared, the last lines
+compare the two, against the fastest peer run in OUT.
 
 With `--batches_file` (from `data_throughput.py --save`, the same file as train_1b.py's) it steps on packed
 documents of the main job's pipeline instead: `position_ids` restart at each document, from which transformers
@@ -136,7 +136,7 @@ def main():
   parser.add_argument('--attn', default='sdpa,flex_attention')
   parser.add_argument('--batch', type=int, default=4, help='global batch (sequences per optimizer step)')
   parser.add_argument('--micro-batch', type=int, default=2,
-                      help='sequences per forward/backward (2: 49.8 GiB at configs/1b.py, as fast as 4 on an H200)')
+                      help='sequences per forward/backward (docs/training.md: 2 about as fast as 4, in less memory)')
   parser.add_argument('--seq-len', type=int, default=0, help='0: the config\'s data.seq_len')
   parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--warmup', type=int, default=2)
