@@ -181,6 +181,8 @@ def test_stop_tokens_end_a_row_inclusively():
     ends = [i + 1 for i, t in enumerate(ref) if t in (stop, 96)]
     assert row == ref[:ends[0] if ends else len(ref)]
   assert out[1][-1] == stop and len(out[1]) <= 6
+  limited = generate.generate(config, params, batch, max_new_tokens=16, vocab_limit=20)  # a padded table
+  assert max(t for row in limited for t in row) < 20 and max(t for row in free for t in row) >= 20
 
 
 def test_bad_prompts_get_clear_errors():
@@ -240,34 +242,30 @@ def test_sample_cli_on_a_hf_directory(tmp_path):
 
 
 def test_sample_cli_on_a_training_workdir(tmp_path):
-  """A workdir assembled as the trainer writes one: config.json, checkpoints/<step>/state, tokenizer/."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  from qwenjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  """Two steps of the training job (its tokenizer trained into WORKDIR/tokenizer/), then sample the workdir."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from qwenjax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  import train_utils  # pylint: disable=import-outside-toplevel
   missing = _run_sample(f'--workdir={tmp_path}', '--prompt=hi')
   assert missing.returncode == 2 and 'config.json' in missing.stderr
-  config = config_lib.base_config()
-  config.model = config_lib.model_section(**{f.name: getattr(tiny_config(vocab_size=384), f.name)
-                                             for f in dataclasses.fields(model.ModelConfig)})
-  (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))
-  model_config = model.ModelConfig.from_dict(config.model)
-  params = model.init_params(model_config, jax.random.key(9))
-  hf_utils.save_tiny_qwen2_tokenizer(str(tmp_path / 'tokenizer'))
-  no_checkpoint = _run_sample(f'--workdir={tmp_path}', '--prompt=hi')
-  assert no_checkpoint.returncode == 2 and 'no checkpoint' in no_checkpoint.stderr
-  manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'), item_handlers={
-      'state': ocp.StandardCheckpointHandler()})
-  state = {'step': np.int32(5), 'params': params, 'opt_state': {'mu': params}}
-  manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  manager.wait_until_finished()
-  done = _run_sample(f'--workdir={tmp_path}', '--prompt=Training language', '--max_new_tokens=10',
-                     '--temperature=0')
+  workdir = tmp_path / 'run'
+  config = train_utils.small_config(steps=2, checkpoint_every=2, log_every=1, eval_steps=0)
+  train.train_and_evaluate(config, str(workdir))
+  assert (workdir / 'tokenizer').is_dir()
+  done = _run_sample(f'--workdir={workdir}', '--prompt=def main(', '--max_new_tokens=10', '--temperature=0')
   assert done.returncode == 0, done.stderr[-3000:]
-  tok = tokenizer.load(str(tmp_path / 'tokenizer'))
-  expected = generate.generate(model_config, params, [tok.encode('Training language')], max_new_tokens=10,
+  run_config, params, step = checkpoint.restore_params(str(workdir))
+  assert step == 2
+  tok = tokenizer.load(str(workdir / 'tokenizer'))
+  model_config = model.ModelConfig.from_dict(run_config.model)
+  expected = generate.generate(model_config, params, [tok.encode('def main(')], max_new_tokens=10,
                                stop_token_ids=tok.stop_ids, vocab_limit=tok.vocab_size)[0]
-  assert max(expected) < tok.vocab_size < model_config.vocab_size
   expected = [t for t in expected if t not in tok.stop_ids]
-  assert done.stdout == 'Training language' + tok.decode(expected) + '\n'
+  assert done.stdout == 'def main(' + tok.decode(expected) + '\n'
+  (tmp_path / 'empty').mkdir()
+  shutil.copy(workdir / 'config.json', tmp_path / 'empty' / 'config.json')
+  no_checkpoint = _run_sample(f'--workdir={tmp_path / "empty"}', '--prompt=hi')
+  assert no_checkpoint.returncode == 2 and 'no checkpoint' in no_checkpoint.stderr
 
 
 def test_decode_benchmark_runs_tiny_on_cpu(tmp_path):
