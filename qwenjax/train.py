@@ -98,10 +98,12 @@ def check_batch(train: ml_collections.ConfigDict, batch_shards: int, mesh: jax.s
   return batch // jax.process_count()
 
 
-def load_hf_params(path: str, model_config: ModelConfig) -> Any:
-  """Parameters of a Hugging Face checkpoint, after checking it has the shapes of the run's model config."""
+def load_hf_params(path: str, model_config: ModelConfig, shardings: Any = None) -> Any:
+  """Parameters of a Hugging Face checkpoint, after checking (from its config.json and headers alone) that it has
+  the shapes of the run's model config. With `shardings` (of the params), each process reads only the blocks its
+  devices hold, and the parameters come back placed."""
   from qwenjax import hf  # pylint: disable=g-import-not-at-top
-  hf_config, params = hf.from_pretrained(path, scan_layers=model_config.scan_layers)
+  hf_config = hf.load_config(path, scan_layers=model_config.scan_layers)
   for name in _SHAPE_FIELDS:
     ours, theirs = getattr(model_config, name), getattr(hf_config, name)
     if ours != theirs:
@@ -112,6 +114,8 @@ def load_hf_params(path: str, model_config: ModelConfig) -> Any:
     if getattr(model_config, name) != getattr(hf_config, name):
       logging.warning('init_from_hf: checkpoint has %s=%s, the config %s; training with the config\'s value',
                       name, getattr(hf_config, name), getattr(model_config, name))
+  _, params = hf.from_pretrained(path, model_config.param_dtype, shardings=shardings,
+                                 scan_layers=model_config.scan_layers)
   return params
 
 
@@ -270,8 +274,8 @@ def _restore_or_init(config, workdir, model_config, tx, shardings, checkpointer,
         'workdir, or use a new --workdir.')
   if config.init_from_hf:
     logging.info('initializing from the Hugging Face checkpoint %s', config.init_from_hf)
-    return train_step.create_state(model_config, tx, shardings,
-                                   params=load_hf_params(config.init_from_hf, model_config)), 0
+    return train_step.create_state(
+        model_config, tx, shardings, params=load_hf_params(config.init_from_hf, model_config, shardings.params)), 0
   return train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(config.train.seed)),
                                  mup_base_width=int(config.train.get('mup_base_width', 0))), 0
 

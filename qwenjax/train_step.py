@@ -245,8 +245,8 @@ def create_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransfor
                  rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0) -> TrainState:
   """A new train state, each array created directly in its sharding (never whole on one device).
 
-  Random parameters from `rng`, or `params` (host numpy arrays, e.g. from a Hugging Face checkpoint), which
-  are cast to `model_config.param_dtype` and placed shard by shard. `mup_base_width` > 0: random parameters
+  Random parameters from `rng`, or `params` (host numpy arrays, or jax arrays already in `shardings.params` as a
+  sharded Hugging Face load gives them), which are cast to `model_config.param_dtype` and placed shard by shard. `mup_base_width` > 0: random parameters
   scaled by width as μP does (`qwenjax.mup.scale_init`).
   """
   if params is None:
@@ -262,6 +262,8 @@ def create_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransfor
   dtype = jnp.dtype(model_config.param_dtype)
 
   def place(x, s):
+    if isinstance(x, jax.Array) and x.sharding == s:  # already placed (a sharded Hugging Face load)
+      return x.astype(dtype)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x[index], dtype=dtype))
 
