@@ -380,12 +380,18 @@ def _value(record: Mapping[str, Any], key: str):
 
 
 def plot_compare(directories: Sequence[str], out: str, *, x: str = 'flops', y: str = 'eval_loss',
-                 group: str = '') -> str:
-  """Several sweeps on one figure: y against x, one series per sweep; with `group`, one panel per sweep and one
-  line per value of `group` (e.g. `--x=lr --group=width` for a learning-rate sweep across widths)."""
+                 group: str = '', panel: str = '') -> str:
+  """Several sweeps on one figure: y against x, one series per sweep; with `group`, one panel per sweep (or per
+  value of `panel`) and one line per value of `group` (e.g. `--x=lr --group=width --panel=mup_base_width` for a
+  learning-rate sweep across widths with and without μP)."""
   plt = _pyplot()
   names = [os.path.basename(os.path.normpath(d)) for d in directories]
   runs = [read_results(d) for d in directories]
+  if panel:
+    rows = [(name, r) for name, results in zip(names, runs) for r in results]
+    values = sorted({_value(r, panel) for _, r in rows})
+    names = [f'{panel} = {v}' for v in values]
+    runs = [[r for _, r in rows if _value(r, panel) == v] for v in values]
   if group:
     fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), sharey=True, squeeze=False)
     for ax, name, results in zip(axes[0], names, runs):
@@ -448,6 +454,7 @@ _OUT = flags.DEFINE_string('out', 'compare.png', 'plot: the PNG file to write.')
 _X = flags.DEFINE_string('x', 'flops', 'plot: result field (or config override, e.g. lr) on the x axis.')
 _Y = flags.DEFINE_string('y', 'eval_loss', 'plot: result field on the y axis.')
 _GROUP = flags.DEFINE_string('group', '', 'plot: one line per value of this field, one panel per sweep.')
+_PANEL = flags.DEFINE_string('panel', '', 'plot: one panel per value of this field (e.g. mup_base_width).')
 
 _USAGE = 'usage: python -m qwenjax.scaling fit DIR | python -m qwenjax.scaling plot DIR1 [DIR2 ...] --out=FILE.png'
 
@@ -462,7 +469,7 @@ def main(argv):
     print(summary(fitted))
     print(f'wrote {os.path.join(argv[2], "fit.json")} and {", ".join(fitted["plots"])}')
   else:
-    out = plot_compare(argv[2:], _OUT.value, x=_X.value, y=_Y.value, group=_GROUP.value)
+    out = plot_compare(argv[2:], _OUT.value, x=_X.value, y=_Y.value, group=_GROUP.value, panel=_PANEL.value)
     print(f'wrote {out}')
 
 
