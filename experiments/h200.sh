@@ -37,8 +37,9 @@ fi
 echo "prepared at $SECONDS s; IsoFLOP arguments: ${ISO[*]}"
 grep -h 'tokens in\|error' "$OUT/prepare.log" | tail -3
 
-sweep isoflop_h200 "${ISOFLOP_S:-300}" "$FAST_COMPILE" "${ISO[@]}"
+sweep isoflop_h200 "${ISOFLOP_S:-290}" "$FAST_COMPILE" "${ISO[@]}"
 cp "$WORK/isoflop_h200/sweep.json" "$OUT/isoflop_h200.sweep.json" 2>/dev/null
-sweep mfu_h200 "${MFU_S:-110}" '' "${MFU[@]}"
-sweep mup_lr "${MUP_S:-120}" "$FAST_COMPILE" "${MUP[@]}"
+sweep mfu_h200 "${MFU_S:-100}" '' "${MFU[@]}"
+MUP_S=${MUP_S:-$((575 - SECONDS))}  # what is left of the 10 minutes
+(( MUP_S > 30 )) && sweep mup_lr "$MUP_S" "$FAST_COMPILE" "${MUP[@]}"
 nvidia-smi --query-gpu=name --format=csv,noheader || true
