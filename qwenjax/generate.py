@@ -245,6 +245,8 @@ def generate(model_config: ModelConfig, params: Any, prompts: Sequence[Sequence[
   if mesh is not None:
     with jax.set_mesh(mesh):
       params = place_params(model_config, params, mesh, fitted)
+  else:  # host arrays (e.g. from hf.from_pretrained) move once, not at every decode call
+    params = jax.device_put(params)
   limited = vocab_limit is not None and vocab_limit < model_config.vocab_size
   sampling = Sampling.of(temperature, top_k, top_p, limited)
   key = jax.random.key(seed)
