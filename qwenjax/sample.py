@@ -22,32 +22,8 @@ from absl import flags
 from qwenjax import checkpoint
 from qwenjax import generate
 from qwenjax import tokenizer as tokenizer_lib
+from qwenjax import workdir as workdir_lib
 from qwenjax.model import ModelConfig
-
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run\'s directory: samples its latest checkpoint.')
-_HF = flags.DEFINE_string('hf', None, 'A Hugging Face checkpoint directory (config.json, safetensors, tokenizer).')
-_STEP = flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the latest).')
-_PROMPT = flags.DEFINE_string('prompt', None, 'The text to continue.')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 128, 'New tokens at most.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0: greedy; higher: more random.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only (0: all).')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens whose probability reaches p.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
-_DTYPE = flags.DEFINE_string('dtype', '', 'Compute dtype (float32, bfloat16); default: the model\'s.')
-_ATTENTION = flags.DEFINE_string('attention_impl', '', 'Attention kernel of the prefill (default: the model\'s).')
-
-
-def run_tokenizer(workdir: str, config: Any) -> tokenizer_lib.Tokenizer:
-  """The tokenizer a training run used: WORKDIR/tokenizer/, WORKDIR/tokenizer.model, or its data.tokenizer."""
-  for path in (os.path.join(workdir, 'tokenizer'), os.path.join(workdir, 'tokenizer.model')):
-    if os.path.exists(path):
-      return tokenizer_lib.load(path)
-  named = str(config.get('data', {}).get('tokenizer', '') or '')
-  if named and named != 'train' and os.path.exists(named):
-    return tokenizer_lib.load(named)
-  raise FileNotFoundError(f'no tokenizer in {workdir} (tokenizer/ or tokenizer.model) and none named by its '
-                          f'config (data.tokenizer={named!r}): is it the workdir of a training run?')
-
 
 def load(workdir: str | None, hf: str | None, step: int | None = None,
          **overrides) -> tuple[ModelConfig, Any, tokenizer_lib.Tokenizer]:
@@ -57,10 +33,10 @@ def load(workdir: str | None, hf: str | None, step: int | None = None,
                      'directory)')
   overrides = {k: v for k, v in overrides.items() if v}
   if workdir:
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = workdir_lib.resolve(workdir)
     config, params, _ = checkpoint.restore_params(workdir, step)
     model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
-    return model_config, params, run_tokenizer(workdir, config)
+    return model_config, params, workdir_lib.load_tokenizer(workdir, config)
   from qwenjax import hf as hf_lib  # pylint: disable=g-import-not-at-top  (safetensors only when needed)
   path = os.path.abspath(os.path.expanduser(hf))
   if not os.path.isdir(path):
@@ -101,18 +77,35 @@ def sample(model_config: ModelConfig, params: Any, tok: tokenizer_lib.Tokenizer,
   return text
 
 
+def _define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so importing this module adds no global
+  flags (`qwenjax.train` defines --workdir too)."""
+  flags.DEFINE_string('workdir', None, 'A training run\'s directory: samples its latest checkpoint.')
+  flags.DEFINE_string('hf', None, 'A Hugging Face checkpoint directory (config.json, safetensors, tokenizer).')
+  flags.DEFINE_integer('step', None, 'With --workdir: the checkpoint step (default: the latest).')
+  flags.DEFINE_string('prompt', None, 'The text to continue.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'New tokens at most.')
+  flags.DEFINE_float('temperature', 0.8, '0: greedy; higher: more random.')
+  flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only (0: all).')
+  flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens whose probability reaches p.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
+  flags.DEFINE_string('dtype', '', 'Compute dtype (float32, bfloat16); default: the model\'s.')
+  flags.DEFINE_string('attention_impl', '', 'Attention kernel of the prefill (default: the model\'s).')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
   try:
-    model_config, params, tok = load(_WORKDIR.value, _HF.value, _STEP.value, dtype=_DTYPE.value,
-                                     attention_impl=_ATTENTION.value)
-    sample(model_config, params, tok, _PROMPT.value or '', max_new_tokens=_MAX_NEW_TOKENS.value,
-           temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+    model_config, params, tok = load(f.workdir, f.hf, f.step, dtype=f.dtype, attention_impl=f.attention_impl)
+    sample(model_config, params, tok, f.prompt or '', max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+           top_k=f.top_k, top_p=f.top_p, seed=f.seed)
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f'\nerror: {e}\n')
     sys.exit(2)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
