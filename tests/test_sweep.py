@@ -58,7 +58,7 @@ def test_ladder_rules():
 def test_plan_spends_the_budget_and_counts_non_embedding_parameters(prepared_dir):
   sweep = tiny_sweep(prepared_dir)
   points = sweep_lib.plan(sweep, '/tmp/sweep')
-  assert [p.name for p in points] == ['C6e7-s1', 'C2e8-s1', 'C6e7-s2', 'C2e8-s2', 'C6e7-s3', 'C2e8-s3']
+  assert [p.name for p in points] == ['C6e7-s1', 'C6e7-s2', 'C6e7-s3', 'C2e8-s1', 'C2e8-s2', 'C2e8-s3']
   for point in points:
     config = sweep_lib.point_config(sweep, point)
     model = ModelConfig.from_dict(config.model)
