@@ -26,7 +26,6 @@ import dataclasses
 import itertools
 import json
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
 from absl import app
