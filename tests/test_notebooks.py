@@ -21,10 +21,13 @@ COLAB_URL = 'https://colab.research.google.com/github/YOUR_ORG/qwenjax/blob/main
 MAX_BYTES = 300_000
 
 
-def execute(name: str) -> nbformat.NotebookNode:
-  """The notebook after running every cell with the small settings (raises CellExecutionError on a cell error)."""
+def execute(name: str, tmp_path) -> nbformat.NotebookNode:
+  """The notebook after running every cell with the small settings (raises CellExecutionError on a cell error).
+
+  The kernel's temporary files (the notebooks' workdirs) go to `tmp_path`.
+  """
   notebook = nbformat.read(os.path.join(COLABS, f'{name}.ipynb'), as_version=4)
-  env = dict(os.environ, QWENJAX_NOTEBOOK_SMOKE='1')
+  env = dict(os.environ, QWENJAX_NOTEBOOK_SMOKE='1', TMPDIR=str(tmp_path))
   xla_flags = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
                        if not f.startswith('--xla_force_host_platform_device_count'))
   env['XLA_FLAGS'] = xla_flags
@@ -55,8 +58,8 @@ def number(pattern: str, text: str) -> float:
   return float(match[1])
 
 
-def test_quickstart_trains_plots_and_samples():
-  notebook = execute('quickstart')
+def test_quickstart_trains_plots_and_samples(tmp_path):
+  notebook = execute('quickstart', tmp_path)
   out = texts(notebook)
   assert images(notebook) == 1  # the loss curves
   first = number(r'training loss: ([\d.]+) at step', out)
@@ -71,8 +74,8 @@ def test_quickstart_trains_plots_and_samples():
   assert any(len(sample.strip()) > len(prompt.strip()) for prompt, sample in zip(prompts, samples)), samples
 
 
-def test_hf_round_trip_matches_transformers():
-  notebook = execute('hf_round_trip')
+def test_hf_round_trip_matches_transformers(tmp_path):
+  notebook = execute('hf_round_trip', tmp_path)
   out = texts(notebook)
   assert images(notebook) == 1  # the per-position difference
   assert number(r'logits max relative difference: ([\d.e+-]+)\n', out) < 1e-5
@@ -80,8 +83,8 @@ def test_hf_round_trip_matches_transformers():
   assert number(r'exported checkpoint: logits max relative difference: ([\d.e+-]+)', out) < 1e-6
 
 
-def test_scaling_laws_sweeps_and_fits():
-  notebook = execute('scaling_laws')
+def test_scaling_laws_sweeps_and_fits(tmp_path):
+  notebook = execute('scaling_laws', tmp_path)
   out = texts(notebook)
   rows = re.findall(r'^(C\S+-s\d)\s+[\d,]+\s+[\d,]+\s+\S+\s+([\d.]+)\s+\d+$', out, re.M)
   assert len(rows) == 6, out  # 2 sizes x 3 budgets, each trained and evaluated
@@ -93,8 +96,8 @@ def test_scaling_laws_sweeps_and_fits():
   assert a + b == pytest.approx(1.0, abs=0.011)  # C = 6 N D: the two exponents add up to 1
 
 
-def test_sharding_places_parameters_and_steps():
-  notebook = execute('sharding')
+def test_sharding_places_parameters_and_steps(tmp_path):
+  notebook = execute('sharding', tmp_path)
   out = texts(notebook)
   assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}" in out
   # The embedding table [vocab, embed]: vocabulary over `tensor`, width over `fsdp`.
