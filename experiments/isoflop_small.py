@@ -4,8 +4,9 @@
     python -m qwenjax.scaling fit /tmp/isoflop_small
 
 Sizes s = 1..4: s layers of width 64 s (head_dim 32, 2 query heads per KV head, MLP 3x), N from 50k to 1.6M
-non-embedding parameters; budgets 1e12-1e13 FLOPs at 4 x 256 tokens a step: 12 points of 25-1200 steps. The
-optimum moves from the smallest sizes to the middle of the ladder over the three budgets.
+non-embedding parameters; budgets 1e12-1e13 FLOPs at 4 x 256 tokens a step: 12 points of 44 to 12,381 steps
+(23,168 in all; `python -m qwenjax.sweep ... --emit` lists them). The optimum moves from the smallest sizes to the
+middle of the ladder over the three budgets.
 """
 
 import ml_collections

@@ -56,6 +56,7 @@ from ml_collections import config_flags
 
 from qwenjax import config as config_lib
 from qwenjax import data
+from qwenjax import distributed
 from qwenjax import metrics as metrics_lib
 from qwenjax import train
 from qwenjax.model import ModelConfig, count_params
@@ -269,9 +270,10 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
   if unknown:
     raise ValueError(f'--only names {unknown}, which are not points of the sweep: {[p.name for p in points]}')
   corpus_tokens = check_epochs(sweep, points)
-  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
-    json.dump(dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens,
-                   points=[dataclasses.asdict(p) for p in points]), f, indent=1, default=str)
+  if jax.process_index() == 0:  # several processes (a pod slice) share the sweep's directory: one writes
+    with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
+      json.dump(dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens,
+                     points=[dataclasses.asdict(p) for p in points]), f, indent=1, default=str)
   done = read_done(workdir)
   todo = [p for p in points if p.name not in done and (not only or p.name in only)]
   logging.info('sweep: %d points, %d finished, %d to run; corpus of %s tokens', len(points), len(done), len(todo),
@@ -288,8 +290,9 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
                       point.overrides['train.steps'])
       break
     record = result(point, point_dir, time.time() - start)
-    with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
     done[point.name] = record
     logging.info('sweep: %s done: eval_loss %.4f in %.0f s%s', point.name, record['eval_loss'], record['seconds'],
                  f', MFU {100 * record["mfu"]:.1f}%' if record['mfu'] else '')
@@ -330,6 +333,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}; set sweep values as --sweep.KEY=VALUE')
   workdir = train.check_workdir(flags.FLAGS.workdir)  # --workdir is qwenjax.train's flag: the sweep's directory
   try:
+    distributed.initialize()  # --coordinator_address ... (qwenjax.train's flags): every point on all processes
     if _EMIT.value:
       print('\n'.join(emit(_SWEEP.value, workdir)))
       return
