@@ -4,7 +4,6 @@ The processes are started as users start them on a cluster: `python -m qwenjax.t
 --num_processes=2 --process_id=I`, with jax's CPU (gloo) collectives between them.
 """
 
-import os
 import re
 import socket
 import subprocess
@@ -42,7 +41,7 @@ def run_two_processes(workdir, overrides):
 
 @pytest.fixture(scope='module')
 def overrides(tokenizer_file):
-  return {**tiny_overrides(tokenizer_file), 'train.steps': 3, 'train.checkpoint_every': 2,
+  return {**tiny_overrides(tokenizer_file), 'train.checkpoint_every': 2,
           'train.batch_size': 16, 'data.shuffle_window': 8, 'mesh.data': 2, 'mesh.fsdp': -1}
 
 
@@ -54,31 +53,23 @@ def one_process(tmp_path_factory, overrides):
   return losses(read_metrics(workdir))
 
 
-def test_two_processes_train_like_one(tmp_path, overrides, one_process):
+def test_two_processes_train_like_one_and_share_checkpoints(tmp_path, overrides, one_process):
+  """One process trains steps 1-2, two processes resume to step 4, one process finishes step 5: every step's loss
+  is the uninterrupted one-process run's."""
   workdir = str(tmp_path / 'run')
-  outputs = run_two_processes(workdir, overrides)
-  assert 'process 0 of 2' in outputs[0] and 'step 3/3' in outputs[0]
-  assert 'step 3/3' not in outputs[1]  # process 0 alone logs progress
+  train.train_and_evaluate(config_from_overrides({**overrides, 'train.steps': 2}), workdir)
+  outputs = run_two_processes(workdir, {**overrides, 'train.steps': 4})
+  assert 'process 0 of 2' in outputs[0] and 'step 4/4' in outputs[0]
+  assert 'step 4/4' not in outputs[1]  # process 0 alone logs progress
   # Each process read its own rows of every batch, and together all of them.
   rows = [set(map(int, re.search(rf'process {p} of 2 reads rows \[([\d, ]+)\]', outputs[0]).group(1).split(', ')))
           for p in range(2)]
   assert not rows[0] & rows[1] and rows[0] | rows[1] == set(range(16))
-  # Only process 0 wrote metrics (each step once) and config.json.
-  records = read_metrics(workdir)
-  assert [r['step'] for r in records if 'loss' in r] == [1, 2, 3]
-  got = losses(records)
-  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [one_process[s] for s in (1, 2, 3)], rtol=0, atol=1e-5)
-
-  # The checkpoint the two processes wrote at step 3 restores in one process, which continues the same run.
+  # Only process 0 wrote metrics: each step once.
+  assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4]
+  # The checkpoint the two processes wrote at step 4 restores in one process, which continues the same run.
   train.train_and_evaluate(config_from_overrides({**overrides, 'train.steps': 5}), workdir)
   got = losses(read_metrics(workdir))
-  np.testing.assert_allclose([got[4], got[5]], [one_process[4], one_process[5]], rtol=0, atol=1e-5)
-
-
-def test_one_process_checkpoint_resumes_on_two(tmp_path, overrides, one_process):
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config_from_overrides({**overrides, 'train.steps': 2}), workdir)
-  run_two_processes(workdir, {**overrides, 'train.steps': 5})
-  got = losses(read_metrics(workdir))
   assert sorted(got) == [1, 2, 3, 4, 5]
-  np.testing.assert_allclose([got[s] for s in (3, 4, 5)], [one_process[s] for s in (3, 4, 5)], rtol=0, atol=1e-5)
+  np.testing.assert_allclose([got[s] for s in range(1, 6)], [one_process[s] for s in range(1, 6)], rtol=0,
+                             atol=1e-5)
