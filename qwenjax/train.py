@@ -336,8 +336,8 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
         stopping = stop.received or done == stop_after or ckpt.reached_preemption(done)
 
         if done % log_every == 0 or done == steps or stopping:
+          nonfinite.check(step_metrics, done)
           values = timer.collect(done, tokens_per_step, flops, peak)
-          nonfinite.check(values, done)
           writer.write(done, values)
           logging.info(metrics_lib.progress_line(done, steps, values, timer.eta(done, steps)))
           last.update(values)
@@ -370,6 +370,7 @@ class _StepTimer:
     self.start, self.timed_from, self.time = start, start, time.time()
     self.pending: list[dict[str, jax.Array]] = []
     self.previous: dict[str, jax.Array] | None = None
+    self.last_step_time: float | None = None
 
   def queued(self, step_metrics) -> None:
     if self.pending:
@@ -398,7 +399,7 @@ class _StepTimer:
     return values
 
   def eta(self, done: int, steps: int) -> float | None:
-    return (steps - done) * self.last_step_time if hasattr(self, 'last_step_time') else None
+    return None if self.last_step_time is None else (steps - done) * self.last_step_time
 
 
 class _NonFiniteSteps:
