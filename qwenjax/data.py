@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
@@ -208,27 +209,30 @@ class PackedRows:
     self.epoch_tokens = int(corpus.lengths.sum())
     self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     self._row_perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()  # grain's reader threads share these caches
 
   def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(documents in epoch order, where each ends in the epoch's stream)."""
-    if epoch not in self._orders:
-      if len(self._orders) > 2:
-        self._orders.pop(min(self._orders))
-      docs = (np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus)) if self.epochs
-              else np.arange(len(self.corpus)))
-      self._orders[epoch] = docs, np.cumsum(self.corpus.lengths[docs])
-    return self._orders[epoch]
+    with self._lock:
+      if epoch not in self._orders:
+        if len(self._orders) > 2:
+          self._orders.pop(min(self._orders))
+        docs = (np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus)) if self.epochs
+                else np.arange(len(self.corpus)))
+        self._orders[epoch] = docs, np.cumsum(self.corpus.lengths[docs])
+      return self._orders[epoch]
 
   def _stream_row(self, row: int) -> int:
     window = self.shuffle_window
     if window <= 1:
       return row
     block, i = divmod(row, window)
-    if block not in self._row_perms:
-      if len(self._row_perms) > 4:
-        self._row_perms.pop(min(self._row_perms))
-      self._row_perms[block] = np.random.default_rng([self.seed, 1 << 30, block]).permutation(window)
-    return block * window + int(self._row_perms[block][i])
+    with self._lock:
+      if block not in self._row_perms:
+        if len(self._row_perms) > 4:
+          self._row_perms.pop(min(self._row_perms))
+        self._row_perms[block] = np.random.default_rng([self.seed, 1 << 30, block]).permutation(window)
+      return block * window + int(self._row_perms[block][i])
 
   def __getitem__(self, row: int) -> dict[str, np.ndarray]:
     need = self.seq_len + 1
