@@ -258,12 +258,16 @@ def test_kill_9_then_resume_logs_each_step_once(tmp_path, tokenizer_file):
     time.sleep(0.2)
   process.send_signal(signal.SIGKILL)
   process.communicate(timeout=60)
-  logged = max(r['step'] for r in read_metrics(workdir))
   saved = max(checkpoint.Checkpointer(workdir, 3).all_steps())
-  assert logged > saved >= 3  # steps past the checkpoint were logged, then lost
+  assert saved >= 3 and os.path.exists(os.path.join(workdir, 'lock.json'))  # the dead run's lock is left behind
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:  # as the kill may have left: a line past the
+    f.write(json.dumps({'step': saved + 1, 'loss': 123.0}) + '\n{"step": ')  # checkpoint, and one cut short
+  logged = max(r['step'] for r in read_metrics(workdir))
+  assert logged > saved  # steps past the checkpoint were logged, then lost
   # The same run in this process, to a later step. The killed run's lock names a dead process of this host: it
   # is taken over.
   config = config_from_overrides({**overrides, 'train.steps': logged + 2})
   train.train_and_evaluate(config, workdir)
-  steps = [r['step'] for r in read_metrics(workdir) if 'loss' in r]
-  assert steps == list(range(1, logged + 3))
+  records = [r for r in read_metrics(workdir) if 'loss' in r]
+  assert [r['step'] for r in records] == list(range(1, logged + 3))
+  assert all(r['loss'] != 123.0 for r in records)
