@@ -33,6 +33,19 @@ def random_qwen2(seed: int = 0, **overrides) -> transformers.Qwen2ForCausalLM:
   return model
 
 
+def random_qwen2_moe(config: dict, seed: int = 0) -> transformers.Qwen2MoeForCausalLM:
+  """A random Qwen2MoeForCausalLM (eager attention) of the `Qwen2MoeConfig` fields in `config`, whose norms,
+  router and shared-expert gate are all non-trivial (every parameter redrawn, as in `random_qwen2`)."""
+  torch.manual_seed(seed)
+  hf_config = transformers.Qwen2MoeConfig(**config)
+  hf_config._attn_implementation = 'eager'  # pylint: disable=protected-access
+  torch_model = transformers.Qwen2MoeForCausalLM(hf_config).eval()
+  with torch.no_grad():
+    for name, param in torch_model.named_parameters():
+      param.copy_(1.0 + 0.2 * torch.randn_like(param) if 'norm' in name else 0.1 * torch.randn_like(param))
+  return torch_model
+
+
 def hf_logits(model, input_ids, position_ids=None):
   with torch.no_grad():
     ids = torch.tensor(input_ids, dtype=torch.long)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import hf_utils
 
@@ -29,14 +28,7 @@ TINY_MOE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_
 
 
 def random_qwen2_moe(seed=0):
-  torch.manual_seed(seed)
-  config = transformers.Qwen2MoeConfig(**TINY_MOE)
-  config._attn_implementation = 'eager'  # pylint: disable=protected-access
-  torch_model = transformers.Qwen2MoeForCausalLM(config).eval()
-  with torch.no_grad():
-    for name, param in torch_model.named_parameters():
-      param.copy_(1.0 + 0.2 * torch.randn_like(param) if 'norm' in name else 0.1 * torch.randn_like(param))
-  return torch_model
+  return hf_utils.random_qwen2_moe(TINY_MOE, seed)
 
 
 def prompts(vocab, lengths=PROMPT_LENGTHS, seed=0):

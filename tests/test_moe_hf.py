@@ -30,14 +30,7 @@ CASES = {
 
 def random_qwen2_moe(seed=0, **overrides):
   """A random Qwen2MoeForCausalLM whose norms, router and shared-expert gate are all non-trivial."""
-  torch.manual_seed(seed)
-  config = transformers.Qwen2MoeConfig(**{**TINY_MOE, **overrides})
-  config._attn_implementation = 'eager'  # pylint: disable=protected-access
-  torch_model = transformers.Qwen2MoeForCausalLM(config).eval()
-  with torch.no_grad():
-    for name, param in torch_model.named_parameters():
-      param.copy_(1.0 + 0.2 * torch.randn_like(param) if 'norm' in name else 0.1 * torch.randn_like(param))
-  return torch_model
+  return hf_utils.random_qwen2_moe({**TINY_MOE, **overrides}, seed)
 
 
 def hf_outputs(torch_model, ids):
