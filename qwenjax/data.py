@@ -45,7 +45,8 @@ stdlib_files = documents.stdlib_files
 # The run's tokenizer.
 
 def _holds_tokenizer(directory: str) -> bool:
-  return any(os.path.isfile(os.path.join(directory, name)) for name in ('tokenizer.model', 'tokenizer.json'))
+  return any(os.path.isfile(os.path.join(directory, name))
+             for name in (tokenizer_lib.SENTENCEPIECE_FILE, tokenizer_lib.HF_FILE))
 
 
 def prepared_root(data: Mapping[str, Any]) -> str:
