@@ -53,6 +53,9 @@ def parse_args(argv=None):
   parser.add_argument('--peer_timeout', type=int, default=300)
   parser.add_argument('--device', default='cuda', help='the peer\'s torch device')
   parser.add_argument('--part', default='all', choices=['all', 'ours', 'peer'])
+  parser.add_argument('--unroll', type=int, default=1, help='decode steps per loop iteration (generate.decode)')
+  parser.add_argument('--profile', action='store_true',
+                      help='also trace one decode call per batch: per-step kernel times into the results')
   parser.add_argument('--out', default='/tmp/generate_gpu')
   return parser.parse_args(argv)
 
@@ -97,6 +100,7 @@ def run_ours(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from qwenjax import generate, model  # pylint: disable=g-import-not-at-top
+  import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/profile_summary.py)
   config = model_config(args)
   bandwidth = copy_bandwidth(args.copy_mib)
   write(args, dict(what='copy_bandwidth', bytes_per_s=bandwidth, device=jax.devices()[0].device_kind))
@@ -116,11 +120,12 @@ def run_ours(args) -> None:
       prefill = lambda: generate.prefill(params, request.input_ids, request.lengths, request.active,
                                          request.stop_ids, key, *knobs, cache_len=request.cache_len, **static)
       decode = lambda state: generate.decode(params, state, args.new_tokens, request.stop_ids, key, *knobs,
-                                             **static)
+                                             unroll=args.unroll, **static)
       start = time.perf_counter()
       state = jax.block_until_ready(decode(jax.block_until_ready(prefill())))
       first_call = time.perf_counter() - start
-      assert int(state['step']) == args.new_tokens, int(state['step'])
+      # With --unroll the last loop iteration may run past new_tokens: those steps are not counted below.
+      assert args.new_tokens <= int(state['step']) < args.new_tokens + args.unroll, int(state['step'])
       prefill_times, decode_times = [], []
       for _ in range(args.iters):
         start = time.perf_counter()
@@ -142,8 +147,18 @@ def run_ours(args) -> None:
                        prefill_tokens_per_s=batch * args.prompt_len / prefill_s, prefill_ms=1e3 * prefill_s,
                        first_call_s=first_call, weight_bytes=weight_bytes, cache_bytes_per_step=cache_bytes,
                        bound_tokens_per_s=bound, fraction_of_bound=tokens_per_s / bound,
-                       cache_len=request.cache_len, attention_impl=config.attention_impl,
+                       cache_len=request.cache_len, attention_impl=config.attention_impl, unroll=args.unroll,
+                       xla_flags=os.environ.get('XLA_FLAGS', ''),
                        traces=dict(generate.TRACES), tokens_head=np.asarray(state['out'][0, :8]).tolist()))
+      if args.profile:
+        state = jax.block_until_ready(prefill())
+        trace_dir = os.path.join(args.out, f'trace_b{batch}')
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+          jax.block_until_ready(decode(state))
+        summary = profile_summary.summarize(trace_dir, steps=steps, top=25)
+        write(args, dict(what='profile', batch=batch, unroll=args.unroll, xla_flags=os.environ.get('XLA_FLAGS', ''),
+                         **summary))
+        print(f'decode profile, batch {batch}:\n{profile_summary.format_summary(summary)}')
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       write(args, dict(what='ours', batch=batch, error=f'{type(e).__name__}: {str(e)[:500]}'))
@@ -277,6 +292,8 @@ def table(args) -> str:
   for r in rows:
     if r['what'] == 'copy_bandwidth':
       lines.insert(0, f'copy bandwidth: {r["bytes_per_s"] / 1e12:.3f} TB/s ({r["device"]})\n')
+      continue
+    if r['what'] == 'profile':
       continue
     who = r['what'] + (f' ({r["way"]})' if 'way' in r else '')
     if 'error' in r:
