@@ -212,22 +212,25 @@ class LayerCache:
   Position p lives in slot `p % slots`, and `positions[b, s]` says which position slot s holds (-1: empty),
   so one masking rule serves both kinds of layer: full-attention layers get as many slots as the longest
   sequence (the ring never wraps), sliding-window layers `sliding_window` slots (their cache stays that size
-  however long the generation). Scanned layers stack these on a leading layer axis.
+  however long the generation). Scanned layers stack these on a leading layer axis. Keys and values are kept
+  head-major, `[batch, kv_heads, slots, head_dim]`, so attending over them is a batched matmul with no
+  transpose of the cache at each step.
   """
-  key: jax.Array  # [batch, slots, kv_heads, head_dim]
-  value: jax.Array  # [batch, slots, kv_heads, head_dim]
+  key: jax.Array  # [batch, kv_heads, slots, head_dim]
+  value: jax.Array  # [batch, kv_heads, slots, head_dim]
   positions: jax.Array  # [batch, slots] int32
 
   @property
   def slots(self) -> int:
-    return self.key.shape[-3]
+    return self.key.shape[-2]
 
   def constrained(self) -> 'LayerCache':
-    axes = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
+    axes = ('activation_batch', 'activation_kv_heads', 'activation_length', 'activation_head_dim')
     return self.replace(key=_constrain(self.key, *axes), value=_constrain(self.value, *axes))
 
   def fill(self, k: jax.Array, v: jax.Array, lengths: jax.Array) -> 'LayerCache':
-    """The cache after a prefill of right-padded rows `k, v [batch, seq, ...]` of `lengths` real tokens.
+    """The cache after a prefill of right-padded rows `k, v [batch, seq, kv_heads, head_dim]` of `lengths` real
+    tokens.
 
     Slot s takes the last real position p < length with p % slots == s (none: -1), so a sliding-window ring
     keeps each row's last `slots` keys whatever the prompt's length.
@@ -236,16 +239,18 @@ class LayerCache:
     s = jnp.arange(self.slots, dtype=jnp.int32)[None]
     last = lengths.astype(jnp.int32)[:, None] - 1
     held = jnp.where(s <= last, s + self.slots * ((last - s) // self.slots), -1)  # [batch, slots]
-    index = jnp.clip(held, 0, seq - 1)
-    take = lambda x: jnp.take_along_axis(x, index[:, :, None, None], axis=1).astype(self.key.dtype)
+    index = jnp.clip(held, 0, seq - 1)[:, None, :, None]
+    take = lambda x: jnp.take_along_axis(jnp.swapaxes(x, 1, 2), index, axis=2).astype(self.key.dtype)
     return LayerCache(take(k), take(v), held).constrained()
 
   def append(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> 'LayerCache':
-    """Writes `k, v [batch, seq, ...]` at their `positions [batch, seq]` (seq <= slots: no slot twice)."""
+    """Writes `k, v [batch, seq, kv_heads, head_dim]` at their `positions [batch, seq]` (seq <= slots: no slot
+    twice)."""
     rows = jnp.arange(k.shape[0])[:, None]
     slot = positions % self.slots
-    return LayerCache(self.key.at[rows, slot].set(k.astype(self.key.dtype)),
-                      self.value.at[rows, slot].set(v.astype(self.value.dtype)),
+    # Advanced indices split by a slice put their dims first: the update is [batch, seq, kv_heads, head_dim].
+    return LayerCache(self.key.at[rows, :, slot].set(k.astype(self.key.dtype)),
+                      self.value.at[rows, :, slot].set(v.astype(self.value.dtype)),
                       self.positions.at[rows, slot].set(positions.astype(jnp.int32))).constrained()
 
   def attend(self, q: jax.Array, positions: jax.Array, window: int | None, sliding=True) -> jax.Array:
@@ -253,20 +258,29 @@ class LayerCache:
 
     A key is seen if its position is in [q - window + 1, q] (no window: [0, q]); `sliding` (a traced bool for
     scanned layers of mixed kinds) turns the window off. Softmax in float32, as `attention.xla_attention`.
+    The queries of one kv head (its group, at every position) are the rows of one matmul against that head's
+    keys: batched over (batch, kv_heads), with the keys' slots as columns, so the reductions over slots run in
+    the matmuls and the softmax has many rows (a decode step's einsum over grouped heads left XLA a slow
+    reduction over 12 rows of 1280 x 128 products).
     """
     batch, seq, heads, head_dim = q.shape
-    kv_heads = self.key.shape[2]
-    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum('btkgd,bskd->bkgts', q, self.key.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores *= head_dim**-0.5
-    held = self.positions[:, None, :]  # [batch, 1, slots]
-    query = positions[:, :, None]  # [batch, seq, 1]
+    kv_heads = self.key.shape[1]
+    group = heads // kv_heads
+    rows = q.reshape(batch, seq, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    rows = rows.reshape(batch, kv_heads, seq * group, head_dim)
+    batched = ((0, 1), (0, 1))
+    scores = jax.lax.dot_general(rows, self.key.astype(q.dtype), (((3,), (3,)), batched),
+                                 preferred_element_type=jnp.float32)  # [batch, kv_heads, seq * group, slots]
+    scores = scores.reshape(batch, kv_heads, seq, group, -1) * head_dim**-0.5
+    held = self.positions[:, None, None, None, :]  # [batch, 1, 1, 1, slots]
+    query = positions[:, None, :, None, None]  # [batch, 1, seq, 1, 1]
     seen = (held >= 0) & (held <= query)
     if window is not None:
       seen &= (held > query - window) | jnp.logical_not(sliding)
-    scores = jnp.where(seen[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', probs, self.value.astype(q.dtype))
+    scores = jnp.where(seen, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(batch, kv_heads, seq * group, -1)
+    out = jax.lax.dot_general(probs, self.value.astype(q.dtype), (((3,), (2,)), batched))
+    out = out.reshape(batch, kv_heads, seq, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, seq, heads, head_dim)
 
 
@@ -285,7 +299,7 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype: Any = No
   slots (the window is still applied by masking).
   """
   dtype = jnp.dtype(dtype or config.dtype)
-  kv = lambda *lead, slots: jnp.zeros((*lead, batch, slots, config.num_key_value_heads, config.head_dim), dtype)
+  kv = lambda *lead, slots: jnp.zeros((*lead, batch, config.num_key_value_heads, slots, config.head_dim), dtype)
   empty = lambda *lead, slots: jnp.full((*lead, batch, slots), -1, jnp.int32)
   if config.scan_layers:
     slots = max(cache_slots(config, i, max_length) for i in range(config.num_hidden_layers))
@@ -342,9 +356,29 @@ class Attention(nn.Module):
     if cache is not None and lengths is not None:  # a prefill
       cache = cache.fill(k, v, lengths)
     out = _constrain(out, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
-    out = einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
-                 name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+    out = OutProjection(cfg, name='o_proj')(out, flat=cache is not None and lengths is None)
     return out if cache is None else (out, cache)
+
+
+class OutProjection(nn.Module):
+  """o_proj: attention heads `[batch, seq, heads, head_dim]` to `[batch, seq, hidden]`, kernel
+  `[heads, head_dim, hidden]` (as `nn.Einsum('bshd,hde->bse')`).
+
+  `flat=True` contracts heads and head_dim as one axis: the same product, but in a decode step (one token a
+  row) XLA lowers it to one reduction, where the two-axis contraction first writes out the whole
+  heads x head_dim x hidden product.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, flat: bool = False) -> jax.Array:
+    cfg = self.config
+    kernel = self.param('kernel', _init(cfg, 'heads', 'head_dim', 'embed'),
+                        (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), cfg.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=cfg.dtype)
+    if flat:
+      return jnp.einsum('bsf,fe->bse', x.reshape(*x.shape[:2], -1), kernel.reshape(-1, cfg.hidden_size))
+    return jnp.einsum('bshd,hde->bse', x, kernel)
 
 
 class MLP(nn.Module):

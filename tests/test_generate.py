@@ -95,9 +95,9 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers):
     np.testing.assert_allclose(logits[:, 0], full[[0, 1], position], rtol=1e-5, atol=1e-5)
     position = position + 1
   if scan_layers:  # one stack: every layer gets the full length, the window is applied by masking
-    assert cache['layers'].key.shape[:2] == (3, 2) and cache['layers'].key.shape[2] == 32
+    assert cache['layers'].key.shape[:2] == (3, 2) and cache['layers'].slots == 32
   else:  # unrolled: the window layer's ring holds exactly `sliding_window` entries
-    assert cache['layers_2'].key.shape[1] == 4 and cache['layers_0'].key.shape[1] == 32
+    assert cache['layers_2'].slots == 4 and cache['layers_0'].slots == 32
 
 
 def test_ring_buffer_never_grows_past_the_window():
@@ -119,7 +119,7 @@ def test_ring_buffer_never_grows_past_the_window():
   assert np.asarray(state['out'])[:, :40].tolist() == out
   for i in range(3):
     layer = state['cache'][f'layers_{i}']
-    assert layer.key.shape[1] == (5 if i else request.cache_len)
+    assert layer.slots == layer.key.shape[2] == (5 if i else request.cache_len)
   ring = np.asarray(state['cache']['layers_1'].positions)  # the last 5 positions of each row, each once
   ends = np.asarray(state['position'])
   assert [sorted(r) for r in ring] == [list(range(e - 5, e)) for e in ends]
