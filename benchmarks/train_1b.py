@@ -110,14 +110,16 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
   host = packed_batches(batches_file, v['batch'], seq_len) if batches_file else [random_batch() for _ in range(2)]
   batches = [{k: jax.device_put(x, batch_sharding) for k, x in b.items()} for b in host]
 
+  horizon = jax.device_put(train_step.schedule_horizon(config.train), sharding.replicated(mesh))
+
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(train_step.make_train_step(model, tx, config.train),
-                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                      donate_argnums=(0,))
+    step_fn = jax.jit(train_step.make_train_step(model, config.train),
+                      in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0]).compile()
+    compiled = step_fn.lower(state, batches[0], horizon).compile()
   v.update(seq_len=seq_len, model=model, compile_s=time.perf_counter() - start, data=batches_file or 'random',
-           loss_chunk=int(config.train.loss_chunk), logits_dtype=config.train.logits_dtype)
+           loss_chunk=int(config.train.loss_chunk), logits_dtype=config.train.logits_dtype, horizon=horizon)
   return compiled, state, batches, v
 
 
@@ -125,12 +127,12 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
                 overrides: list[str] = (), batches_file: str = '') -> dict:
   compiled, state, batches, v = build(name, config_path, overrides, batches_file)
   for i in range(warmup):
-    state, m = compiled(state, batches[i % len(batches)])
+    state, m = compiled(state, batches[i % len(batches)], v['horizon'])
   jax.block_until_ready(m)
   times = []
   for i in range(steps):
     start = time.perf_counter()
-    state, m = compiled(state, batches[i % len(batches)])
+    state, m = compiled(state, batches[i % len(batches)], v['horizon'])
     jax.block_until_ready(m)
     times.append(time.perf_counter() - start)
   step_s = float(np.median(times))
@@ -138,7 +140,7 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
   # host enqueues the next step while the GPU runs this one.
   start = time.perf_counter()
   for i in range(steps):
-    state, m = compiled(state, batches[i % len(batches)])
+    state, m = compiled(state, batches[i % len(batches)], v['horizon'])
   jax.block_until_ready(m)
   pipelined_s = (time.perf_counter() - start) / steps
   tokens = v['batch'] * v['seq_len']
@@ -163,7 +165,7 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
     trace_dir = os.path.join('/tmp', f'trace_{name}')
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for i in range(2):
-        state, m = compiled(state, batches[i % len(batches)])
+        state, m = compiled(state, batches[i % len(batches)], v['horizon'])
       jax.block_until_ready(m)
     summary = profile_summary.summarize(trace_dir, steps=2)
     with open(os.path.join(out, f'{name}.profile.json'), 'w') as f:

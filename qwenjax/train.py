@@ -319,16 +319,19 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
   last: dict[str, float] = {}
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-      step_fn = jax.jit(train_step.make_train_step(run.model_config, run.tx, tc),
-                        in_shardings=(run.shardings, run.batch_sharding), out_shardings=(run.shardings, None),
-                        donate_argnums=(0,))
+      # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
+      replicated = sharding.replicated(run.mesh)
+      horizon = jax.device_put(train_step.schedule_horizon(tc), replicated)
+      step_fn = jax.jit(train_step.make_train_step(run.model_config, tc),
+                        in_shardings=(run.shardings, run.batch_sharding, replicated),
+                        out_shardings=(run.shardings, None), donate_argnums=(0,))
       eval_fn = jax.jit(train_step.make_eval_step(run.model_config, tc),
                         in_shardings=(run.shardings.params, run.batch_sharding))
       timer = _StepTimer(run.start)
       for step in range(run.start, steps):
         profiler.before(step)
         state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
-                                                           int(tc.batch_size)))
+                                                           int(tc.batch_size)), horizon)
         done = step + 1
         timer.queued(step_metrics)  # waits for the previous step: the host runs one step ahead
         nonfinite.check(timer.previous, done - 1)

@@ -36,17 +36,41 @@ class TrainState:
   opt_state: Any
 
 
-def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine decay to `lr * lr_final_fraction` at `steps` (or constant)."""
-  lr, warmup, steps = float(train['lr']), int(train['warmup_steps']), int(train['steps'])
-  if train['lr_schedule'] == 'constant':
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
-  if train['lr_schedule'] != 'cosine':
-    raise ValueError(f"unknown train.lr_schedule {train['lr_schedule']!r}; choose 'cosine' or 'constant'")
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
-      end_value=lr * float(train['lr_final_fraction']))
+def schedule_horizon(train: Mapping[str, Any]) -> dict[str, np.int32]:
+  """`{'warmup_steps', 'steps'}` of the `train` section as int32 scalars: the train step's `horizon` argument.
+
+  The schedule's length is an input of the compiled step, not a constant in it, so runs that differ only in their
+  step counts (the points of one model shape in a scaling sweep) run one compiled program and share it through
+  the compilation cache.
+  """
+  return {'warmup_steps': np.int32(train['warmup_steps']), 'steps': np.int32(train['steps'])}
+
+
+def learning_rate_schedule(train: Mapping[str, Any], horizon: Mapping[str, Any] | None = None) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * lr_final_fraction` at `steps` (or constant `lr`).
+
+  The values of optax's `warmup_cosine_decay_schedule(0, lr, warmup, max(steps, warmup + 1), ...)` and of
+  `join_schedules` of `linear_schedule(0, lr, max(warmup, 1))` and `constant_schedule(lr)`. `horizon`
+  (`schedule_horizon`; None: the config's own) may hold traced values, which the train step passes: optax's
+  schedule constructors need Python ints (they branch on them and raise on tracers), so the schedule is written
+  out here in jnp.
+  """
+  kind, lr, final = train['lr_schedule'], float(train['lr']), float(train['lr_final_fraction'])
+  if kind not in ('cosine', 'constant'):
+    raise ValueError(f"unknown train.lr_schedule {kind!r}; choose 'cosine' or 'constant'")
+  horizon = schedule_horizon(train) if horizon is None else horizon
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.asarray(horizon['warmup_steps'], jnp.float32)
+    warming = lr * step / jnp.maximum(warmup, 1.0)
+    if kind == 'constant':
+      return jnp.where(step < warmup, warming, lr)
+    decay = jnp.maximum(jnp.asarray(horizon['steps'], jnp.float32), warmup + 1.0) - warmup  # at least 1 step
+    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step - warmup, decay) / decay))
+    return jnp.where(step < warmup, warming, lr * ((1.0 - final) * cosine + final))
+
+  return schedule
 
 
 def decay_mask(params: Any) -> Any:
@@ -55,10 +79,16 @@ def decay_mask(params: Any) -> Any:
       lambda path, _: getattr(path[-1], 'key', None) not in _NO_DECAY, params)
 
 
-def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (decoupled weight decay, masked off norms and biases)."""
+def make_optimizer(train: Mapping[str, Any], horizon: Mapping[str, Any] | None = None
+                   ) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (decoupled weight decay, masked off norms and biases) with the learning
+  rate `learning_rate_schedule(train, horizon)`.
+
+  The horizon changes no state: the one made without it initializes, shards and restores the state, and the
+  train step makes the same chain from its runtime horizon to update it.
+  """
   adamw = optax.adamw(
-      learning_rate_schedule(train), b1=float(train['adam_b1']), b2=float(train['adam_b2']),
+      learning_rate_schedule(train, horizon), b1=float(train['adam_b1']), b2=float(train['adam_b2']),
       eps=float(train['adam_eps']), weight_decay=float(train['weight_decay']), mask=decay_mask)
   # The same chain either way, so the optimizer state keeps its structure when grad_clip is turned on or off.
   clip = float(train['grad_clip'])
@@ -121,9 +151,12 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   return jax.tree.map(split, dict(batch))
 
 
-def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
-                    train: Mapping[str, Any]) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """`train_step(state, batch) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
+def make_train_step(model_config: model_lib.ModelConfig, train: Mapping[str, Any]
+                    ) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
+  """`train_step(state, batch, horizon) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
+
+  The optimizer is `make_optimizer(train, horizon)`, with `horizon = schedule_horizon(train)` passed at each call
+  (replicated int32 scalars): one compiled step serves every `train.steps` and `train.warmup_steps`.
 
   With `grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
@@ -131,11 +164,11 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
   """
   accum, chunk, logits_dtype = _loss_settings(train)
   z_loss = float(train['z_loss'])
-  schedule = learning_rate_schedule(train)
   grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, z_loss, chunk, logits_dtype),
                                has_aux=True)
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array]):
+    tx = make_optimizer(train, horizon)
     if accum == 1:
       (_, sums), grads = grad_fn(state.params, batch)
     else:
@@ -164,7 +197,7 @@ def make_train_step(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
         'z_loss': z / denom,
         'grad_norm': grad_norm,
         'param_norm': optax.tree.norm(params),
-        'lr': schedule(state.step),
+        'lr': learning_rate_schedule(train, horizon)(state.step),
         'target_tokens': count,
         'skipped': 1.0 - finite.astype(jnp.float32),
     }

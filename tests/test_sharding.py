@@ -179,10 +179,12 @@ def run_steps(params, batches, mesh_sizes, grad_accum_steps=1, model=MODEL, metr
   batch_sharding = sharding.batch_sharding(mesh, rules)
   out = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(train_step.make_train_step(model, tx, train), in_shardings=(shardings, batch_sharding),
+    step = jax.jit(train_step.make_train_step(model, train),
+                   in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     for batch in batches:
-      state, metrics = step(state, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()})
+      state, metrics = step(state, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()},
+                            train_step.schedule_horizon(train))
       out.append([float(metrics[name]) for name in metric_names])
   # The state stayed in its shardings across steps (donation + out_shardings).
   assert state.params['embed_tokens'].sharding == shardings.params['embed_tokens']

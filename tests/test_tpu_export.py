@@ -54,9 +54,10 @@ def export_train_step(model: model_lib.ModelConfig, mesh_sizes: dict) -> jax.exp
              for name, dtype in [('inputs', jnp.int32), ('targets', jnp.int32), ('weights', jnp.float32),
                                  ('positions', jnp.int32), ('segment_ids', jnp.int32)]}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      step = jax.jit(train_step.make_train_step(model, tx, train), in_shardings=(shardings, batch_sharding),
+      step = jax.jit(train_step.make_train_step(model, train),
+                     in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
                      out_shardings=(shardings, None))
-      return jax.export.export(step, platforms=['tpu'])(state, batch)
+      return jax.export.export(step, platforms=['tpu'])(state, batch, train_step.schedule_horizon(train))
 
 
 def tpu_kernels(module: str) -> dict[str, list[str]]:

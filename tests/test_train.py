@@ -1,4 +1,5 @@
-"""The training job end to end on 8 fake CPU devices: learning, exact resume, checkpoint fallback, errors."""
+"""The training job end to end on 8 fake CPU devices: learning, exact resume, checkpoint fallback, errors, one
+compiled step for every schedule length."""
 
 import gc
 import os
@@ -16,7 +17,8 @@ from qwenjax import data
 from qwenjax import loss as loss_lib
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train
-from train_utils import TINY, first_batches, losses, read_metrics, small_config, start_training, tiny_overrides
+from train_utils import (ROOT, TINY, config_from_overrides, first_batches, losses, read_metrics, small_config,
+                         start_training, tiny_overrides, train_command)
 
 # Reading the corrupt checkpoint below leaves orbax read coroutines that fail when garbage-collected; they are
 # collected at the end of this module (fixture below) and their "exception ignored" reports are not warnings.
@@ -204,3 +206,62 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, tokenizer_file,
   # The compiled step is kept for the next run (train.compilation_cache_dir='workdir').
   cached = os.listdir(os.path.join(workdir, 'compilation_cache'))
   assert any(name.startswith('jit_train_step') for name in cached), cached
+
+
+def test_one_compiled_train_step_serves_every_schedule_length():
+  """`train.steps` and `train.warmup_steps` are inputs of the jitted step: one trace, and AdamW steps with the
+  learning rate of the horizon it is given."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from qwenjax import model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
+  config = small_config()
+  config.model.update(num_hidden_layers=1, hidden_size=64, intermediate_size=128)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  model_config = model_lib.ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model_config)
+  tx = train_step.make_optimizer(config.train)
+  shardings = train_step.state_shardings(model_config, tx, mesh, rules)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 512, (4, 33)).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': np.ones((4, 32), np.float32)}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = jax.jit(train_step.make_train_step(model_config, config.train),  # as the main job jits it
+                   in_shardings=(shardings, sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)),
+                   out_shardings=(shardings, None))
+    initial = train_step.create_state(model_config, tx, shardings, rng=jax.random.key(0))
+    first = jax.device_get(initial.params)
+    for warmup, steps in ((0, 10), (2, 10), (3, 50)):
+      train = dict(config.train.to_dict(), warmup_steps=warmup, steps=steps)
+      state = initial
+      schedule = train_step.learning_rate_schedule(train)
+      for k in range(3):
+        state, metrics = step(state, batch, train_step.schedule_horizon(train))
+        np.testing.assert_allclose(float(metrics['lr']), float(schedule(k)), rtol=1e-6)
+        if k == 0:  # warmup from 0: the first update moves nothing; without warmup it moves the weights
+          moved = max(np.abs(np.asarray(new) - old).max()
+                      for new, old in zip(jax.tree.leaves(state.params), jax.tree.leaves(first)))
+          assert (moved == 0) if warmup else (moved > 1e-4), (warmup, moved)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_runs_of_one_shape_share_the_compiled_step_through_the_cache(tmp_path, tokenizer_file):
+  """`python -m qwenjax.train` twice on a shared compilation cache, other steps and warmup: the second run
+  compiles nothing new (as the points of one shape in a sweep), and its learning rate follows its own schedule."""
+  from qwenjax import train_step  # pylint: disable=g-import-not-at-top
+  cache = str(tmp_path / 'compilation_cache')
+  entries = []
+  for name, steps, warmup in (('a', 3, 1), ('b', 5, 3)):
+    overrides = dict(tiny_overrides(tokenizer_file), **{
+        'train.steps': steps, 'train.warmup_steps': warmup, 'train.compilation_cache_dir': cache})
+    command, env = train_command(str(tmp_path / name), overrides)
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # keep every program, however fast it compiled
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stdout.decode()[-3000:]
+    entries.append(sorted(os.listdir(cache)))
+  assert any(entry.startswith('jit_train_step') for entry in entries[0]), entries[0]
+  assert entries[1] == entries[0]  # nothing compiled anew for the second run
+  schedule = train_step.learning_rate_schedule(config_from_overrides(overrides).train)
+  lrs = [r['lr'] for r in read_metrics(str(tmp_path / 'b')) if 'lr' in r]
+  np.testing.assert_allclose(lrs, [float(schedule(k)) for k in range(5)], rtol=1e-6)

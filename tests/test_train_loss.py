@@ -106,7 +106,8 @@ def test_compiled_train_step_never_holds_full_logits():
   batch = {k: jax.ShapeDtypeStruct((8, 64), jnp.float32 if k == 'weights' else jnp.int32)
            for k in ('inputs', 'targets', 'weights')}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    hlo = jax.jit(train_step.make_train_step(model, tx, train)).lower(state, batch).compile().as_text()
+    step = jax.jit(train_step.make_train_step(model, train))
+    hlo = step.lower(state, batch, train_step.schedule_horizon(train)).compile().as_text()
   vocab_shapes = set(re.findall(r'(?:f32|bf16)\[[0-9,]*,512\]', hlo))
   assert 'f32[8,16,512]' in vocab_shapes  # one chunk of logits
   assert not {s for s in vocab_shapes if s.endswith('[8,64,512]')}, vocab_shapes  # never the whole sequence
