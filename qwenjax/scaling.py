@@ -106,8 +106,9 @@ def approach2(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray, losse
   minima, skipped = [], []
   for budget in np.unique(budgets):
     at = budgets == budget
-    if at.sum() < 3:
-      skipped.append(dict(budget=float(budget), reason=f'{int(at.sum())} point(s); a parabola needs 3'))
+    sizes = len(np.unique(params[at]))
+    if sizes < 3:  # (bootstrap resamples repeat points: a parabola through 2 distinct sizes is arbitrary)
+      skipped.append(dict(budget=float(budget), reason=f'{sizes} distinct size(s); a parabola needs 3'))
       continue
     by_n, by_d = fit_parabola(params[at], losses[at]), fit_parabola(tokens[at], losses[at])
     if not (by_n.has_minimum and by_d.has_minimum):
@@ -315,6 +316,7 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
         ax.scatter([m['N_opt']], [m['loss_opt']], color=colors[budget], marker='*', s=180, edgecolor='k', zorder=3)
     ax.set(xscale='log', xlabel='non-embedding parameters N', ylabel='final eval loss',
            title='IsoFLOP curves (stars: parabola minima)')
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # a decade or two of N: minor labels would overlap
     ax.legend(fontsize=8)
     written.append(_save(fig, directory, 'isoflop.png'))
 
