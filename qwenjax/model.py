@@ -356,29 +356,9 @@ class Attention(nn.Module):
     if cache is not None and lengths is not None:  # a prefill
       cache = cache.fill(k, v, lengths)
     out = _constrain(out, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
-    out = OutProjection(cfg, name='o_proj')(out, flat=cache is not None and lengths is None)
+    out = einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
+                 name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
     return out if cache is None else (out, cache)
-
-
-class OutProjection(nn.Module):
-  """o_proj: attention heads `[batch, seq, heads, head_dim]` to `[batch, seq, hidden]`, kernel
-  `[heads, head_dim, hidden]` (as `nn.Einsum('bshd,hde->bse')`).
-
-  `flat=True` contracts heads and head_dim as one axis: the same product, but in a decode step (one token a
-  row) XLA lowers it to one reduction, where the two-axis contraction first writes out the whole
-  heads x head_dim x hidden product.
-  """
-  config: ModelConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array, flat: bool = False) -> jax.Array:
-    cfg = self.config
-    kernel = self.param('kernel', _init(cfg, 'heads', 'head_dim', 'embed'),
-                        (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), cfg.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=cfg.dtype)
-    if flat:
-      return jnp.einsum('bsf,fe->bse', x.reshape(*x.shape[:2], -1), kernel.reshape(-1, cfg.hidden_size))
-    return jnp.einsum('bshd,hde->bse', x, kernel)
 
 
 class MLP(nn.Module):
