@@ -53,7 +53,6 @@ def parse_args(argv=None):
   parser.add_argument('--peer_timeout', type=int, default=300)
   parser.add_argument('--device', default='cuda', help='the peer\'s torch device')
   parser.add_argument('--part', default='all', choices=['all', 'ours', 'peer'])
-  parser.add_argument('--unroll', type=int, default=1, help='decode steps per loop iteration (generate.decode)')
   parser.add_argument('--profile', action='store_true',
                       help='also trace one decode call per batch: per-step kernel times into the results')
   parser.add_argument('--out', default='/tmp/generate_gpu')
@@ -120,12 +119,11 @@ def run_ours(args) -> None:
       prefill = lambda: generate.prefill(params, request.input_ids, request.lengths, request.active,
                                          request.stop_ids, key, *knobs, cache_len=request.cache_len, **static)
       decode = lambda state: generate.decode(params, state, args.new_tokens, request.stop_ids, key, *knobs,
-                                             unroll=args.unroll, **static)
+                                             **static)
       start = time.perf_counter()
       state = jax.block_until_ready(decode(jax.block_until_ready(prefill())))
       first_call = time.perf_counter() - start
-      # With --unroll the last loop iteration may run past new_tokens: those steps are not counted below.
-      assert args.new_tokens <= int(state['step']) < args.new_tokens + args.unroll, int(state['step'])
+      assert int(state['step']) == args.new_tokens, int(state['step'])
       prefill_times, decode_times = [], []
       for _ in range(args.iters):
         start = time.perf_counter()
@@ -147,7 +145,7 @@ def run_ours(args) -> None:
                        prefill_tokens_per_s=batch * args.prompt_len / prefill_s, prefill_ms=1e3 * prefill_s,
                        first_call_s=first_call, weight_bytes=weight_bytes, cache_bytes_per_step=cache_bytes,
                        bound_tokens_per_s=bound, fraction_of_bound=tokens_per_s / bound,
-                       cache_len=request.cache_len, attention_impl=config.attention_impl, unroll=args.unroll,
+                       cache_len=request.cache_len, attention_impl=config.attention_impl,
                        xla_flags=os.environ.get('XLA_FLAGS', ''),
                        traces=dict(generate.TRACES), tokens_head=np.asarray(state['out'][0, :8]).tolist()))
       if args.profile:
@@ -156,8 +154,7 @@ def run_ours(args) -> None:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
           jax.block_until_ready(decode(state))
         summary = profile_summary.summarize(trace_dir, steps=steps, top=25)
-        write(args, dict(what='profile', batch=batch, unroll=args.unroll, xla_flags=os.environ.get('XLA_FLAGS', ''),
-                         **summary))
+        write(args, dict(what='profile', batch=batch, xla_flags=os.environ.get('XLA_FLAGS', ''), **summary))
         print(f'decode profile, batch {batch}:\n{profile_summary.format_summary(summary)}')
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()

@@ -120,21 +120,18 @@ def prefill(params, input_ids, lengths, active, stop_ids, key, temperature, top_
                 done=jnp.logical_not(active) | jnp.isin(token, stop_ids), out=out)
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'sampling', 'rules', 'mesh', 'unroll'),
-                   donate_argnames=('state',))
+@functools.partial(jax.jit, static_argnames=('config', 'sampling', 'rules', 'mesh'), donate_argnames=('state',))
 def decode(params, state: dict[str, Any], until, stop_ids, key, temperature, top_k, top_p, vocab_limit, *,
-           config: ModelConfig, sampling: Sampling, rules=(), mesh=None, unroll: int = 1) -> dict[str, Any]:
+           config: ModelConfig, sampling: Sampling, rules=(), mesh=None) -> dict[str, Any]:
   """Decodes from `state` (of `prefill` or `decode`) until step `until` or until every row is done.
 
   `until` is a traced value: any number of steps runs the same program. A row's tokens after its first stop
-  token are computed but not used. `unroll` steps run per loop iteration (fewer loop-predicate round trips to
-  the host); the last iteration may then run up to `unroll - 1` steps past `until`, whose tokens land past
-  column `until` of `out` (callers read the first `until`), so `unroll > 1` suits a single call to the end.
+  token are computed but not used.
   """
   TRACES['decode'] += 1
   del mesh
 
-  def one_step(s):
+  def body(s):
     logits, cache = model_lib.Qwen2(config).apply({'params': params}, s['token'][:, None],
                                                   s['position'][:, None], cache=s['cache'])
     token = sample_tokens(logits[:, 0], jax.random.fold_in(key, s['step']), temperature, top_k, top_p, sampling,
@@ -142,11 +139,6 @@ def decode(params, state: dict[str, Any], until, stop_ids, key, temperature, top
     out = jax.lax.dynamic_update_slice_in_dim(s['out'], token[:, None], s['step'], axis=1)
     return dict(cache=cache, token=token, position=s['position'] + 1, step=s['step'] + 1,
                 done=s['done'] | jnp.isin(token, stop_ids), out=out)
-
-  def body(s):
-    for _ in range(unroll):
-      s = one_step(s)
-    return s
 
   def more(s):
     return (s['step'] < until) & jnp.logical_not(jnp.all(s['done']))

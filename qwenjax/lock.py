@@ -1,4 +1,4 @@
-"""One run per workdir (a lock), and the record of the configs a workdir's run was started with.
+"""One run per workdir: a lock.
 
 Paths go through etils `epath`, so a workdir may be a `gs://` URL as well as a local directory.
 
@@ -22,7 +22,6 @@ from typing import Any
 
 from absl import logging
 from etils import epath
-import ml_collections
 
 
 class WorkdirBusyError(RuntimeError):
@@ -129,42 +128,3 @@ class Lock:
 
   def __exit__(self, *exc) -> None:
     self.release()
-
-
-def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(tree, dict):
-    return {k: v for name, value in tree.items() for k, v in _flat(value, f'{prefix}{name}.').items()}
-  return {prefix[:-1]: tree}
-
-
-def config_changes(old: dict[str, Any], new: ml_collections.ConfigDict) -> list[str]:
-  """`KEY: old -> new` for every setting that differs between a saved config.json and `new`."""
-  old, new = _flat(old), _flat(json.loads(new.to_json_best_effort()))
-  return [f'{k}: {old.get(k, "(unset)")!r} -> {new.get(k, "(unset)")!r}' for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k)]
-
-
-def saved_config(workdir: str) -> dict[str, Any] | None:
-  path = epath.Path(workdir) / 'config.json'
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
-  """Writes WORKDIR/config.json; a different earlier one is kept as config.<step>.json (the config that trained
-  the steps up to `step`). Called only once a run has restored its checkpoint or started fresh."""
-  path = epath.Path(workdir) / 'config.json'
-  text = config.to_json_best_effort(indent=2)
-  if path.exists():
-    old = path.read_text()
-    if old == text:
-      return
-    changes = config_changes(json.loads(old), config)
-    kept, n = epath.Path(workdir) / f'config.{step}.json', 1
-    while kept.exists():  # changed again at the same step: keep every version
-      kept, n = epath.Path(workdir) / f'config.{step}.{n}.json', n + 1
-    logging.warning('config changed since step %d (the old one is kept as %s): %s', step, kept.name,
-                    '; '.join(changes))
-    path.rename(kept)
-  tmp = epath.Path(workdir) / f'.config.json.{os.getpid()}'
-  tmp.write_text(text)
-  tmp.replace(path)

@@ -40,10 +40,11 @@ from qwenjax import checkpoint
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
+from qwenjax import lock as lock_lib
 from qwenjax import metrics as metrics_lib
 from qwenjax import sharding
 from qwenjax import train_step
-from qwenjax import lock as workdir_lib
+from qwenjax import workdir as workdir_lib
 from qwenjax.model import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.',
@@ -457,17 +458,17 @@ class _Profiler:
 @contextlib.contextmanager
 def _workdir_lock(workdir: str):
   """One run per workdir: process 0 takes the lock; every process stops if it cannot."""
-  lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+  lock = lock_lib.Lock(workdir) if jax.process_index() == 0 else None
   error = None
   if lock is not None:
     try:
       lock.acquire()
-    except workdir_lib.WorkdirBusyError as e:
+    except lock_lib.WorkdirBusyError as e:
       error = e
   if jax.process_count() > 1:
     busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
     if busy and error is None:
-      raise workdir_lib.WorkdirBusyError(f'the workdir {workdir} is in use by another run (see process 0)')
+      raise lock_lib.WorkdirBusyError(f'the workdir {workdir} is in use by another run (see process 0)')
   if error is not None:
     raise error
   try:
@@ -534,7 +535,7 @@ class _LibraryInfoFilter(pylogging.Filter):
 
 
 # Errors that are about the run's input or state, and whose message says how to proceed.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, workdir_lib.WorkdirBusyError, checkpoint.RestoreError,
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, lock_lib.WorkdirBusyError, checkpoint.RestoreError,
                checkpoint.NonFiniteError)
 
 

@@ -1,13 +1,17 @@
 """What a training run's workdir holds besides its checkpoints: the run's config and its tokenizer.
 
-Sampling, evaluation and export read a run through these and `checkpoint.restore_params`.
+The training job writes the config record (`write_config`: config.json, and the configs of earlier steps as
+config.<step>.json); sampling, evaluation and export read a run through `read_config`, `load_tokenizer` and
+`checkpoint.restore_params`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
+from absl import logging
 from etils import epath
 import ml_collections
 
@@ -21,11 +25,11 @@ def resolve(workdir: str) -> str:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's full config, from WORKDIR/config.json (a local path or a gs:// URL)."""
-  path = epath.Path(resolve(workdir)) / 'config.json'
-  if not path.exists():
+  saved = saved_config(resolve(workdir))
+  if saved is None:
     raise FileNotFoundError(f'no config.json in {workdir}: give the --workdir of a training run (the directory '
                             'python -m qwenjax.train wrote its checkpoints/ and config.json to)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(saved)
 
 
 def load_tokenizer(workdir: str, config: ml_collections.ConfigDict | None = None) -> tokenizer_lib.Tokenizer:
@@ -44,3 +48,43 @@ def load_tokenizer(workdir: str, config: ml_collections.ConfigDict | None = None
     return tokenizer_lib.load(named)
   raise FileNotFoundError(f'no tokenizer in {workdir} (tokenizer/ or tokenizer.model) and none named by its '
                           f'config (data.tokenizer={named!r}): is it the workdir of a training run?')
+
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for name, value in tree.items() for k, v in _flat(value, f'{prefix}{name}.').items()}
+  return {prefix[:-1]: tree}
+
+
+def config_changes(old: dict[str, Any], new: ml_collections.ConfigDict) -> list[str]:
+  """`KEY: old -> new` for every setting that differs between a saved config.json and `new`."""
+  old, new = _flat(old), _flat(json.loads(new.to_json_best_effort()))
+  return [f'{k}: {old.get(k, "(unset)")!r} -> {new.get(k, "(unset)")!r}' for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)]
+
+
+def saved_config(workdir: str) -> dict[str, Any] | None:
+  """WORKDIR/config.json as written by `write_config`, or None."""
+  path = epath.Path(workdir) / 'config.json'
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+  """Writes WORKDIR/config.json; a different earlier one is kept as config.<step>.json (the config that trained
+  the steps up to `step`). Called only once a run has restored its checkpoint or started fresh."""
+  path = epath.Path(workdir) / 'config.json'
+  text = config.to_json_best_effort(indent=2)
+  if path.exists():
+    old = path.read_text()
+    if old == text:
+      return
+    changes = config_changes(json.loads(old), config)
+    kept, n = epath.Path(workdir) / f'config.{step}.json', 1
+    while kept.exists():  # changed again at the same step: keep every version
+      kept, n = epath.Path(workdir) / f'config.{step}.{n}.json', n + 1
+    logging.warning('config changed since step %d (the old one is kept as %s): %s', step, kept.name,
+                    '; '.join(changes))
+    path.rename(kept)
+  tmp = epath.Path(workdir) / f'.config.json.{os.getpid()}'
+  tmp.write_text(text)
+  tmp.replace(path)

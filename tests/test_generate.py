@@ -139,25 +139,6 @@ def test_compiles_once_per_bucket():
   assert [len(r) for r in first] == [20, 20]
 
 
-def test_unrolled_decode_gives_the_same_tokens():
-  """`decode(unroll=k)` runs k steps per loop iteration: the same tokens, and it may run past `until` (here 10
-  new tokens = 1 from prefill + 9 decode steps, unroll 4 -> 12 steps), never overwriting the first `until`."""
-  config = tiny_config()
-  params = model.init_params(config, jax.random.key(6))
-  request = generate.make_request(config, prompts(config.vocab_size, (5, 11)), 10)
-  knobs = (1.0, 0, 1.0, config.vocab_size)
-  key = jax.random.key(0)
-  outs = {}
-  for unroll in (1, 4):
-    state = generate.prefill(params, request.input_ids, request.lengths, request.active, request.stop_ids, key,
-                             *knobs, cache_len=request.cache_len, config=config, sampling=generate.Sampling())
-    state = generate.decode(params, state, 10, request.stop_ids, key, *knobs, config=config,
-                            sampling=generate.Sampling(), unroll=unroll)
-    outs[unroll] = (int(state['step']), np.asarray(state['out'][:, :10]))
-  assert outs[1][0] == 10 and outs[4][0] == 13
-  np.testing.assert_array_equal(outs[1][1], outs[4][1])
-
-
 def test_sampling_is_reproducible_from_its_seed():
   config = tiny_config()
   params = model.init_params(config, jax.random.key(4))
