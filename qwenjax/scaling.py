@@ -222,8 +222,10 @@ def _columns(results: Sequence[Mapping[str, Any]]):
 
 
 def _interval(values: list[float]) -> list[float] | None:
+  """The 95% percentile interval of bootstrap refits; None when they do not vary (e.g. approach 2 on 3 sizes a
+  budget: the only resamples that keep 3 distinct sizes are the points themselves), which would be no interval."""
   values = [v for v in values if np.isfinite(v)]
-  if len(values) < 2:
+  if len(np.unique(np.round(values, 9))) < 2:
     return None
   return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 

@@ -79,6 +79,18 @@ def columns(rows):
   return [np.array([r[k] for r in rows], float) for k in ('budget', 'params', 'tokens', 'eval_loss')]
 
 
+def test_bootstrap_gives_no_interval_where_resamples_cannot_vary_the_fit():
+  """3 sizes a budget: a resample keeps 3 distinct sizes only as the points themselves, so approach 2's refits
+  all equal the fit (no interval); 5 sizes give an interval around it. Repeated sizes are never fitted."""
+  law, budget_range = CHINCHILLA, (1e18, 1e21)
+  three = scaling.fit(isoflop_points(law, budget_range, budgets=3, sizes=3), bootstrap=30)
+  assert three['approach2']['bootstrap_fits'] > 0
+  assert all(v is None for v in three['approach2']['ci'].values())
+  five = scaling.fit(isoflop_points(law, budget_range, budgets=3, sizes=5), bootstrap=30)
+  low, high = five['approach2']['ci']['a']
+  assert low < five['approach2']['a'] < high
+
+
 def test_approach2_skips_budgets_it_cannot_fit_and_names_the_problem():
   rows = isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3)
   budgets = sorted({r['budget'] for r in rows})
@@ -86,7 +98,7 @@ def test_approach2_skips_budgets_it_cannot_fit_and_names_the_problem():
   rows = [r for r in rows if r['budget'] != budgets[1]] + middle
   fitted = scaling.approach2(*columns(rows))
   assert [s['budget'] for s in fitted['skipped']] == [budgets[1]]
-  assert 'a parabola needs 3' in fitted['skipped'][0]['reason']
+  assert '2 distinct size(s); a parabola needs 3' in fitted['skipped'][0]['reason']
   # Losses that only fall with N (all sizes far below the optimum): the parabola has no minimum.
   falling = [dict(r, eval_loss=10.0 - np.log(r['params']) ** 1.5 / 10) for r in rows if r['budget'] == budgets[0]]
   with pytest.raises(ValueError, match='needs IsoFLOP minima at 2 budgets'):
