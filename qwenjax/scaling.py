@@ -222,10 +222,10 @@ def _columns(results: Sequence[Mapping[str, Any]]):
 
 
 def _interval(values: list[float]) -> list[float] | None:
-  """The 95% percentile interval of bootstrap refits; None when they do not vary (e.g. approach 2 on 3 sizes a
-  budget: the only resamples that keep 3 distinct sizes are the points themselves), which would be no interval."""
-  values = [v for v in values if np.isfinite(v)]
-  if len(np.unique(np.round(values, 9))) < 2:
+  """The 95% percentile interval of bootstrap refits; None when they do not vary, e.g. approach 2 on 3 sizes a
+  budget, where the only resamples that keep 3 distinct sizes are the points themselves."""
+  values = np.array([v for v in values if np.isfinite(v)])
+  if len(values) < 2 or np.ptp(values) <= 1e-9 * np.max(np.abs(values)):
     return None
   return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
