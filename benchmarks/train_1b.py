@@ -110,11 +110,12 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
   host = packed_batches(batches_file, v['batch'], seq_len) if batches_file else [random_batch() for _ in range(2)]
   batches = [{k: jax.device_put(x, batch_sharding) for k, x in b.items()} for b in host]
 
-  horizon = jax.device_put(train_step.schedule_horizon(config.train), sharding.replicated(mesh))
+  replicated = sharding.replicated(mesh)
+  horizon = jax.device_put(train_step.schedule_horizon(config.train), replicated)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step_fn = jax.jit(train_step.make_train_step(model, config.train),
-                      in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
+                      in_shardings=(shardings, batch_sharding, replicated),
                       out_shardings=(shardings, None), donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step_fn.lower(state, batches[0], horizon).compile()

@@ -239,8 +239,9 @@ class LayerCache:
     s = jnp.arange(self.slots, dtype=jnp.int32)[None]
     last = lengths.astype(jnp.int32)[:, None] - 1
     held = jnp.where(s <= last, s + self.slots * ((last - s) // self.slots), -1)  # [batch, slots]
-    index = jnp.clip(held, 0, seq - 1)[:, None, :, None]
-    take = lambda x: jnp.take_along_axis(jnp.swapaxes(x, 1, 2), index, axis=2).astype(self.key.dtype)
+    index = jnp.clip(held, 0, seq - 1)[:, :, None, None]
+    # Gather the held rows first, then go head-major: only `slots` rows are transposed, not the whole prompt.
+    take = lambda x: jnp.swapaxes(jnp.take_along_axis(x, index, axis=1), 1, 2).astype(self.key.dtype)
     return LayerCache(take(k), take(v), held).constrained()
 
   def append(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> 'LayerCache':
