@@ -14,8 +14,9 @@ tokens, `--new_tokens` new tokens (greedy, no stop token), at each `--batches` s
   alone.
 * the bandwidth bound at each batch: (weight bytes + the valid cache bytes of the average step) read once per
   step, over the copy bandwidth measured here (a large device-to-device copy: bytes read + written / time).
+  A read probe (a float32 sum) is recorded too; both are XLA kernels and may read more slowly than its GEMMs.
 
-    python benchmarks/generate_gpu.py --out /tmp/gen                 # the H200 run (docs/generation.md)
+    python benchmarks/generate_gpu.py --out /tmp/gen --peer_ways loop  # the H200 run (docs/generation.md)
     python benchmarks/generate_gpu.py --config configs/tiny.py --prompt_len 16 --new_tokens 8 --batches 1,2 \
         --device cpu --no-peer_compile --copy_mib 16 --out /tmp/gen   # a CPU smoke run (tests)
 
@@ -95,6 +96,18 @@ def copy_bandwidth(mib: int) -> float:
   return 2 * x.nbytes / seconds
 
 
+def read_bandwidth(mib: int) -> float:
+  """Bytes read per second by a jitted float32 sum of a `mib` MiB bf16 array (median of 10): what a decode
+  step does with its weights."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from timing import median_seconds  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (mib * 2**19,), jnp.bfloat16)
+  total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+  seconds, _ = median_seconds(total, x, warmup=3, iters=10)
+  return x.nbytes / seconds
+
+
 def run_ours(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -103,6 +116,7 @@ def run_ours(args) -> None:
   config = model_config(args)
   bandwidth = copy_bandwidth(args.copy_mib)
   write(args, dict(what='copy_bandwidth', bytes_per_s=bandwidth, device=jax.devices()[0].device_kind))
+  write(args, dict(what='read_bandwidth', bytes_per_s=read_bandwidth(args.copy_mib)))
   params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
   leaves = jax.tree.leaves(params)
   weight_bytes = sum(x.nbytes for x in leaves)
@@ -118,8 +132,9 @@ def run_ours(args) -> None:
       static = dict(config=config, sampling=generate.Sampling())
       prefill = lambda: generate.prefill(params, request.input_ids, request.lengths, request.active,
                                          request.stop_ids, key, *knobs, cache_len=request.cache_len, **static)
-      decode = lambda state: generate.decode(params, state, args.new_tokens, request.stop_ids, key, *knobs,
-                                             **static)
+      rows = generate.decode_rows(batch, jax.default_backend())  # one row decodes with an idle second row on GPU
+      decode = lambda state: generate.decode(params, generate.pad_rows(state, rows), args.new_tokens,
+                                             request.stop_ids, key, *knobs, **static)
       start = time.perf_counter()
       state = jax.block_until_ready(decode(jax.block_until_ready(prefill())))
       first_call = time.perf_counter() - start
@@ -289,6 +304,9 @@ def table(args) -> str:
   for r in rows:
     if r['what'] == 'copy_bandwidth':
       lines.insert(0, f'copy bandwidth: {r["bytes_per_s"] / 1e12:.3f} TB/s ({r["device"]})\n')
+      continue
+    if r['what'] == 'read_bandwidth':
+      lines.insert(0, f'read bandwidth (float32 sum of bf16): {r["bytes_per_s"] / 1e12:.3f} TB/s\n')
       continue
     if r['what'] == 'profile':
       continue

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenjax import kernels
 from qwenjax import model as model_lib
 from qwenjax import sharding
 from qwenjax.model import ModelConfig
@@ -118,6 +119,34 @@ def prefill(params, input_ids, lengths, active, stop_ids, key, temperature, top_
     out = jnp.zeros((batch, cache_len), jnp.int32).at[:, 0].set(token)
     return dict(cache=cache, token=token, position=lengths.astype(jnp.int32), step=jnp.ones((), jnp.int32),
                 done=jnp.logical_not(active) | jnp.isin(token, stop_ids), out=out)
+
+
+def decode_rows(batch: int, platform: str) -> int:
+  """Rows a decode step runs for `batch` rows on `platform`.
+
+  XLA:GPU rewrites a product of one row by a matrix under about 10M elements into a reduction, slower than the
+  GEMM it emits for two rows (and `o_proj`, with two contracted axes, into a multiply that writes out the whole
+  product first), so a single row decodes with an idle second row (docs/generation.md has the measurement).
+  """
+  return 2 if batch == 1 and platform == 'gpu' else batch
+
+
+def pad_rows(state: dict[str, Any], rows: int) -> dict[str, Any]:
+  """A decoding state (of `prefill`) with idle rows added up to `rows`, done from the start (`decode_rows`)."""
+  batch = state['token'].shape[0]
+  return state if rows == batch else _pad_rows(state, rows)
+
+
+@functools.partial(jax.jit, static_argnames=('rows',))
+def _pad_rows(state: dict[str, Any], rows: int) -> dict[str, Any]:
+  def pad(x, axis, fill=0):
+    widths = [(0, 0)] * x.ndim
+    widths[axis % x.ndim] = (0, rows - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=fill)
+  cache = {name: model_lib.LayerCache(pad(c.key, -4), pad(c.value, -4), pad(c.positions, -2, -1))
+           for name, c in state['cache'].items()}
+  rest = {name: pad(x, 0, name == 'done') for name, x in state.items() if name not in ('cache', 'step')}
+  return dict(rest, cache=cache, step=state['step'])
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'sampling', 'rules', 'mesh'), donate_argnames=('state',))
@@ -259,6 +288,7 @@ def generate(model_config: ModelConfig, params: Any, prompts: Sequence[Sequence[
       inputs = [jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
           *sharding.batch_sharding(mesh, fitted).spec[:x.ndim]))) for x in inputs]
     state = prefill(params, *inputs, request.stop_ids, key, *knobs, cache_len=request.cache_len, **static)
+    state = pad_rows(state, decode_rows(len(request.lengths), kernels.target_platform()))
     emitted = [[] for _ in prompts]
     if callback is None:
       state = decode(params, state, max_new_tokens, request.stop_ids, key, *knobs, **static)

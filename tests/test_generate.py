@@ -127,6 +127,30 @@ def test_ring_buffer_never_grows_past_the_window():
   assert generate.TRACES == {'prefill': 1, 'decode': 1}
 
 
+def test_idle_rows_added_for_decoding_change_no_token():
+  """`pad_rows` (how a single row decodes on a GPU, `decode_rows`): the real rows' tokens are unchanged, the
+  idle rows are done from the start, and a whole batch of done rows stops at once."""
+  assert generate.decode_rows(1, 'gpu') == 2 and generate.decode_rows(1, 'cpu') == 1
+  assert generate.decode_rows(3, 'gpu') == 3
+  config = tiny_config(use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=2)
+  params = model.init_params(config, jax.random.key(4))
+  request = generate.make_request(config, prompts(config.vocab_size, (7,)), 12)
+  knobs = (jnp.float32(1e-6), jnp.int32(0), jnp.float32(1.0), jnp.int32(97))
+  static = dict(config=config, sampling=generate.Sampling())
+  prefill = lambda: generate.prefill(params, request.input_ids, request.lengths, request.active, request.stop_ids,
+                                     jax.random.key(0), *knobs, cache_len=request.cache_len, **static)
+  decode = lambda state: generate.decode(params, state, 12, request.stop_ids, jax.random.key(0), *knobs, **static)
+  alone = decode(prefill())
+  padded = generate.pad_rows(prefill(), 3)
+  assert padded['out'].shape[0] == 3 and padded['cache']['layers_1'].key.shape[0] == 3
+  assert np.asarray(padded['done']).tolist() == [False, True, True]
+  assert (np.asarray(padded['cache']['layers_1'].positions)[1:] == -1).all()
+  padded = decode(padded)
+  assert int(padded['step']) == int(alone['step']) == 12
+  np.testing.assert_array_equal(np.asarray(padded['out'])[:1], np.asarray(alone['out']))
+  assert generate.pad_rows(alone, 1) is alone
+
+
 def test_compiles_once_per_bucket():
   config = tiny_config()
   params = model.init_params(config, jax.random.key(3))
@@ -277,10 +301,11 @@ def test_decode_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
   generate_gpu.main(args + ['--part', 'ours'])
   rows = [json.loads(line) for line in (tmp_path / 'generate_gpu.jsonl').read_text().splitlines()]
   by_what = {(r['what'], r.get('way')): r for r in rows}
-  assert set(by_what) == {('peer', 'loop'), ('copy_bandwidth', None), ('ours', None)}, rows
+  assert set(by_what) == {('peer', 'loop'), ('copy_bandwidth', None), ('read_bandwidth', None), ('ours', None)}, rows
+  assert by_what[('read_bandwidth', None)]['bytes_per_s'] > 0
   ours, peer = by_what[('ours', None)], by_what[('peer', 'loop')]
   assert 'error' not in ours and 'error' not in peer, rows
   assert ours['decode_tokens_per_s'] > 0 and peer['decode_tokens_per_s'] > 0 and ours['prefill_tokens_per_s'] > 0
   assert 0 < ours['fraction_of_bound'] and ours['traces'] == {'prefill': 1, 'decode': 1}
   out = capsys.readouterr().out
-  assert '| ours | 2 |' in out and '| peer (loop) | 2 |' in out
+  assert '| ours | 2 |' in out and '| peer (loop) | 2 |' in out and 'read bandwidth' in out
