@@ -13,9 +13,11 @@ rows (and the producer those of the CTA's rows) from global memory, so all three
 
 * forward: CTA = 128 query rows of one query head; producer streams K/V blocks of its KV head. The two
   consumers ping-pong on a schedule barrier so one's softmax overlaps the other's matmuls (FlashAttention-3).
-* dQ: CTA = 128 query rows; producer streams K/V blocks; dQ accumulates in registers.
-* dK/dV: CTA = 128 keys of one KV head; producer streams (Q, dO, lse, delta) blocks of every query head of
-  the group over the band; dK and dV accumulate in registers and are written once, in [b, s, kv_heads, d].
+* dQ: CTA = 128 query rows, the last rows launched first (they see the most keys); producer streams K/V
+  blocks; dQ accumulates in registers.
+* dK/dV: CTA = 128 keys of one KV head (the first keys, seen by the most queries, launched first); producer
+  streams (Q, dO, lse, delta) blocks of every query head of the group over the band; dK and dV accumulate in
+  registers and are written once, in [b, s, kv_heads, d].
 """
 
 from __future__ import annotations
@@ -335,7 +337,8 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
     pingpong = _PingPong(sched[0] if sched else None, wg)
-    q0 = lax.axis_index('q_seq') * (_WGS * bq)
+    # Last query block first: later blocks see more keys (up to the window), so the light ones fill the last wave.
+    q0 = (seq_len // (_WGS * bq) - 1 - lax.axis_index('q_seq')) * (_WGS * bq)
 
     def ranges(start, rows):
       return fg.kv_ranges(start, rows, bkv, window, _doc_pair(doc_ref, b, start, rows) if has_seg else None)
