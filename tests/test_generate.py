@@ -127,9 +127,9 @@ def test_ring_buffer_never_grows_past_the_window():
   assert generate.TRACES == {'prefill': 1, 'decode': 1}
 
 
-def test_idle_rows_added_for_decoding_change_no_token():
-  """`pad_rows` (how a single row decodes on a GPU, `decode_rows`): the real rows' tokens are unchanged, the
-  idle rows are done from the start, and a whole batch of done rows stops at once."""
+def test_idle_rows_added_for_decoding_change_no_token(monkeypatch):
+  """`pad_rows` (how a single row decodes on a GPU, `decode_rows`): the real rows' tokens are unchanged and the
+  idle rows are done from the start, on one device and through `generate` on a tensor-parallel mesh."""
   assert generate.decode_rows(1, 'gpu') == 2 and generate.decode_rows(1, 'cpu') == 1
   assert generate.decode_rows(3, 'gpu') == 3
   config = tiny_config(use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=2)
@@ -149,6 +149,20 @@ def test_idle_rows_added_for_decoding_change_no_token():
   assert int(padded['step']) == int(alone['step']) == 12
   np.testing.assert_array_equal(np.asarray(padded['out'])[:1], np.asarray(alone['out']))
   assert generate.pad_rows(alone, 1) is alone
+  # generate() as it runs on a GPU (an idle row for a single prompt), with heads split over tensor=4.
+  expected = generate.generate(config, params, prompts(config.vocab_size, (7,)), max_new_tokens=12)
+  assert expected == [np.asarray(alone['out'])[0, :12].tolist()]
+  config = dataclasses.replace(config, num_key_value_heads=4)
+  params = model.init_params(config, jax.random.key(4))
+  expected = generate.generate(config, params, prompts(config.vocab_size, (7,)), max_new_tokens=12)
+  monkeypatch.setattr(generate, 'decode_rows', lambda batch, platform: 2 if batch == 1 else batch)
+  padded_rows = []
+  pad_rows = generate.pad_rows
+  monkeypatch.setattr(generate, 'pad_rows', lambda state, rows: padded_rows.append(rows) or pad_rows(state, rows))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=4, expert=1))
+  assert generate.generate(config, params, prompts(config.vocab_size, (7,)), max_new_tokens=12,
+                           mesh=mesh) == expected
+  assert padded_rows == [2]
 
 
 def test_compiles_once_per_bucket():
