@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from model_utils import random_params
 from qwenjax import attention, kernels, model, sharding
 from qwenjax.kernels import attention_contract, splash_tpu
 
@@ -243,7 +244,7 @@ def test_model_with_pallas_tpu_equals_xla_model(scan_layers, sharded):
       vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, use_sliding_window=True, sliding_window=9, max_window_layers=1,
       attention_impl='xla', scan_layers=scan_layers)  # layer 0 full causal, layer 1 windowed
-  params = model.init_params(cfg, jax.random.key(0))
+  params = random_params(cfg)
   ids = jax.random.randint(jax.random.key(1), (4, 37), 0, cfg.vocab_size)
   docs = segments(4, 37, [20])
   pallas_cfg = dataclasses.replace(cfg, attention_impl='pallas', attention_interpret=True)
@@ -254,9 +255,9 @@ def test_model_with_pallas_tpu_equals_xla_model(scan_layers, sharded):
 
   if not sharded:
     logits = jax.jit(lambda p: loss(pallas_cfg, p)[1])(params)
-    np.testing.assert_allclose(logits, loss(cfg, params)[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, jax.jit(lambda p: loss(cfg, p)[1])(params), rtol=1e-4, atol=1e-4)
     return
-  (_, expected), expected_grads = jax.value_and_grad(functools.partial(loss, cfg), has_aux=True)(params)
+  (_, expected), expected_grads = jax.jit(jax.value_and_grad(functools.partial(loss, cfg), has_aux=True))(params)
   mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, cfg)):
     step = jax.jit(jax.value_and_grad(functools.partial(loss, pallas_cfg), has_aux=True))

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import hf_utils
+from model_utils import random_params
 from qwenjax import config as config_lib
 from qwenjax import evaluate
 from qwenjax import model as model_lib
@@ -53,7 +54,7 @@ def _run_eval_step(train, params, batch):
 
 
 def test_eval_step_in_micro_batches_gives_the_whole_batch_loss():
-  params = model_lib.init_params(MODEL, jax.random.key(0))
+  params = random_params(MODEL)
   batch = _eval_batch()
   want_nll, want_count = _run_eval_step(None, params, batch)  # the whole batch at once, float32 logits
   assert want_count == batch['weights'].sum()

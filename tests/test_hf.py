@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from model_utils import random_params
 from qwenjax import hf, model
 
 PARITY_CASES = {
@@ -59,10 +60,9 @@ def test_sliding_window_is_read_and_matters(tmp_path):
 @pytest.mark.parametrize('case', sorted(PARITY_CASES))
 def test_saved_params_load_in_transformers(tmp_path, case):
   config = hf.config_from_hf({'model_type': 'qwen2', **hf_utils.tiny_hf_config(**PARITY_CASES[case])})
-  params = model.init_params(config, jax.random.key(3))
   # Give biases and norms non-trivial values so a dropped or mis-mapped tensor shows.
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: x + 0.3 * jax.random.normal(jax.random.key(len(str(path))), x.shape), params)
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda x: x + (0.3 * rng.standard_normal(x.shape)).astype(x.dtype), random_params(config))
   hf.save_pretrained(str(tmp_path), config, params)
   torch_model, info = transformers.Qwen2ForCausalLM.from_pretrained(
       str(tmp_path), output_loading_info=True, attn_implementation='eager')
@@ -70,7 +70,8 @@ def test_saved_params_load_in_transformers(tmp_path, case):
   assert not info['unexpected_keys'] and not info['mismatched_keys'], info
   ids = random_ids((2, 9), config.vocab_size, seed=4)
   expected = hf_utils.hf_logits(torch_model.eval(), ids)
-  assert hf_utils.relative_error(model.Qwen2(config).apply({'params': params}, ids), expected) < 1e-4
+  logits = jax.jit(lambda p: model.Qwen2(config).apply({'params': p}, ids))(params)
+  assert hf_utils.relative_error(logits, expected) < 1e-4
 
 
 def test_sharded_bf16_round_trip(tmp_path):

@@ -1,6 +1,7 @@
 """The model on its own: packing, precision, scan/remat equivalence, parameter counts, axis names."""
 
 import dataclasses
+import functools
 import pathlib
 
 import flax.linen as nn
@@ -26,8 +27,27 @@ def params():
   return model.init_params(SMALL, jax.random.key(0))
 
 
-def logits_of(config, params, ids, **kwargs):
-  return np.asarray(model.Qwen2(config).apply({'params': params}, ids, **kwargs))
+def logits_of(config, params, ids, positions=None, segment_ids=None):
+  return np.asarray(_jitted_logits(config, params, ids, positions, segment_ids))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one program, not hundreds of ops dispatched one by one
+def _jitted_logits(config, params, ids, positions, segment_ids):
+  return model.Qwen2(config).apply({'params': params}, ids, positions=positions, segment_ids=segment_ids)
+
+
+def _grad_of_mean_square_logits(config, params, ids):
+  return jax.grad(lambda p: jnp.mean(model.Qwen2(config).apply({'params': p}, ids) ** 2))(params)
+
+
+_grads = jax.jit(_grad_of_mean_square_logits, static_argnums=0)
+
+
+@pytest.fixture(scope='module')
+def plain_model(params):
+  """Ids, and the plain (unscanned, no remat) model's logits and gradients on them."""
+  ids = np.random.RandomState(2).randint(0, SMALL.vocab_size, (2, 12))
+  return ids, logits_of(SMALL, params, ids), _grads(SMALL, params, ids)
 
 
 def test_packed_documents_equal_documents_alone(params):
@@ -61,21 +81,15 @@ def test_bf16_forward_close_to_fp32(params):
 @pytest.mark.parametrize('scan_layers,remat_policy', [
     (True, 'none'), (False, 'full'), (True, 'dots_with_no_batch_dims_saveable'),
     (True, 'dots_and_attention_saveable'), (False, 'activations_saveable')])
-def test_scan_and_remat_match_plain_model(params, scan_layers, remat_policy):
+def test_scan_and_remat_match_plain_model(params, plain_model, scan_layers, remat_policy):
   config = dataclasses.replace(SMALL, scan_layers=scan_layers, remat_policy=remat_policy)
   variant_params = model.stack_layers(params, SMALL.num_hidden_layers) if scan_layers else params
-  ids = np.random.RandomState(2).randint(0, SMALL.vocab_size, (2, 12))
-  np.testing.assert_allclose(logits_of(config, variant_params, ids), logits_of(SMALL, params, ids),
-                             rtol=1e-5, atol=1e-5)
-
-  def loss(p, cfg):
-    return jnp.mean(model.Qwen2(cfg).apply({'params': p}, ids) ** 2)
-
-  grads = jax.grad(loss)(variant_params, config)
+  ids, expected_logits, expected_grads = plain_model
+  np.testing.assert_allclose(logits_of(config, variant_params, ids), expected_logits, rtol=1e-5, atol=1e-5)
+  grads = _grads(config, variant_params, ids)
   if scan_layers:
     grads = model.unstack_layers(grads)
-  expected = jax.grad(loss)(params, SMALL)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, expected_grads)
 
 
 @pytest.mark.parametrize('policy', ['dots_with_no_batch_dims_saveable', 'dots_and_attention_saveable',

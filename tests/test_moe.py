@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from model_utils import random_params
 from qwenjax import config as config_lib
 from qwenjax import model, moe
 from qwenjax.kernels import gmm
@@ -169,15 +170,17 @@ def test_router_matches_transformers():
 # The model: scan, remat and aux-loss plumbing.
 
 def test_scan_remat_and_aux_plumbing():
-  params = model.init_params(SMALL, jax.random.key(0))
+  params = random_params(SMALL)
   ids = np.random.RandomState(0).randint(0, SMALL.vocab_size, (2, 10))
+  # Jitted, as the train step runs the model (op by op, the MoE layer alone took seconds to dispatch).
   apply_with_aux = jax.jit(model.apply_with_aux, static_argnums=0)
   logits, aux = apply_with_aux(SMALL, params, ids)
   assert set(aux) == {'moe_aux_loss', 'moe_load_balancing_loss', 'moe_router_z_loss'}
   assert np.isclose(float(aux['moe_aux_loss']), 0.001 * float(aux['moe_load_balancing_loss'])
                     + 1e-3 * float(aux['moe_router_z_loss']))
   # A plain apply returns only the logits, the same ones.
-  np.testing.assert_allclose(model.Qwen2(SMALL).apply({'params': params}, ids), logits, rtol=1e-5, atol=1e-5)
+  plain = jax.jit(lambda p: model.Qwen2(SMALL).apply({'params': p}, ids))(params)
+  np.testing.assert_allclose(plain, logits, rtol=1e-5, atol=1e-5)
   # Scanned and rematerialized layers sow the same statistics.
   variants = (dict(scan_layers=True, remat_policy='full'), dict(remat_policy='dots_with_no_batch_dims_saveable'))
   for variant in variants:
@@ -189,7 +192,7 @@ def test_scan_remat_and_aux_plumbing():
   with pytest.raises(ValueError, match='mutable'):
     moe.aux_losses(SMALL, {})
   dense = dataclasses.replace(SMALL, num_experts=0)
-  _, dense_aux = model.apply_with_aux(dense, model.init_params(dense, jax.random.key(0)), ids)
+  _, dense_aux = apply_with_aux(dense, random_params(dense), ids)
   assert dense_aux == {'moe_aux_loss': 0.0}
 
 
@@ -214,14 +217,14 @@ TOKENS_OVER_EXPERT = (('activation_batch', ('data', 'expert')),) + RULES[1:]
 
 def test_expert_parallel_meshes_give_the_same_loss_and_grads():
   config = dataclasses.replace(SMALL, num_hidden_layers=1)
-  params = model.init_params(config, jax.random.key(2))
+  params = random_params(config, seed=2)
   ids = np.random.RandomState(3).randint(0, config.vocab_size, (8, 6))
 
   def loss_fn(p, cfg):
     logits, aux = model.apply_with_aux(cfg, p, ids)
     return jnp.mean(-jax.nn.log_softmax(logits)[..., 1]) + aux['moe_aux_loss']
 
-  expected, expected_grads = jax.value_and_grad(loss_fn)(params, config)
+  expected, expected_grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(params, config)  # no mesh
   # (data, tensor, expert) sizes, rules, capacity factor. Tokens are split over `expert` by the second rule set,
   # replicated over it (each device then takes a slice) by the first.
   cases = [((8, 1, 1), RULES, 0.0), ((4, 1, 2), RULES, 0.0), ((2, 1, 4), RULES, 0.0),
@@ -279,7 +282,7 @@ def test_mlp_only_layers_from_config_file_and_command_line():
 
 def test_training_moe_tiny_lowers_loss():
   config = model.ModelConfig.from_dict(load_config('moe_tiny').model)
-  params = model.init_params(config, jax.random.key(0))
+  params = random_params(config)
   tokens = np.random.RandomState(0).randint(0, config.vocab_size, (4, 33))
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   tx = optax.adam(3e-3)

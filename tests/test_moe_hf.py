@@ -10,6 +10,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import hf_utils
+from model_utils import random_params
 
 from qwenjax import hf, model
 
@@ -45,7 +46,7 @@ def random_ids(shape, seed=0):
 
 def check_parity(config, params, torch_model, ids):
   expected_logits, expected_aux, router_logits = hf_outputs(torch_model, ids)
-  logits, aux = model.apply_with_aux(config, params, ids)
+  logits, aux = jax.jit(model.apply_with_aux, static_argnums=0)(config, params, ids)
   assert logits.dtype == np.float32 and logits.shape == expected_logits.shape
   assert hf_utils.relative_error(logits, expected_logits) < 1e-4
   assert abs(float(aux['moe_load_balancing_loss']) - expected_aux) < 1e-4
@@ -83,10 +84,9 @@ def test_load_fused_layout_and_scanned(tmp_path):
 def test_saved_params_load_in_transformers(tmp_path, case, layout):
   config = hf.config_from_hf({'model_type': 'qwen2_moe', **transformers.Qwen2MoeConfig(
       **{**TINY_MOE, **CASES[case]}).to_dict()})
-  params = model.init_params(config, jax.random.key(3))
   # Non-trivial norms, router and gate values, so a dropped or mis-mapped tensor shows.
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: x + 0.3 * jax.random.normal(jax.random.key(len(str(path))), x.shape), params)
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda x: x + (0.3 * rng.standard_normal(x.shape)).astype(x.dtype), random_params(config))
   hf.save_pretrained(str(tmp_path), config, params, expert_layout=layout)
   hf_config = json.loads((tmp_path / 'config.json').read_text())
   assert hf_config['architectures'] == ['Qwen2MoeForCausalLM']

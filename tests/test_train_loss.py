@@ -1,5 +1,6 @@
 """The chunked loss: same values and gradients as full logits, and the train step never holds full logits."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -9,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from model_utils import random_params
 from qwenjax import config as config_lib
 from qwenjax import loss
 from qwenjax import model as model_lib
@@ -82,14 +84,14 @@ def test_chunked_loss_matches_full_logits(chunk, z_coef):
 
 
 def test_step_loss_matches_the_models_logits():
-  params = model_lib.init_params(MODEL, jax.random.key(0))
+  params = random_params(MODEL)
   rng = np.random.default_rng(0)
   batch = {'inputs': rng.integers(0, 512, (2, 24)), 'targets': rng.integers(0, 512, (2, 24)),
            'weights': np.ones((2, 24), np.float32)}
-  logits = model_lib.Qwen2(MODEL).apply({'params': params}, batch['inputs'])
+  logits = jax.jit(lambda p: model_lib.Qwen2(MODEL).apply({'params': p}, batch['inputs']))(params)
   want_nll, want_z = loss.full_logits_cross_entropy(logits, batch['targets'], batch['weights'])
-  sums = train_step._sums  # pylint: disable=protected-access
-  total, (nll, z, count, _) = sums(MODEL, params, batch, z_loss=0.5, chunk=8)
+  sums = jax.jit(functools.partial(train_step._sums, MODEL, z_loss=0.5, chunk=8))  # pylint: disable=protected-access
+  total, (nll, z, count, _) = sums(params, batch)
   np.testing.assert_allclose([nll, z, count], [want_nll, want_z, 48.0], rtol=2e-6)
   np.testing.assert_allclose(total, want_nll + 0.5 * want_z, rtol=2e-6)
 
