@@ -12,13 +12,14 @@ import time
 import numpy as np
 import pytest
 
+from model_utils import random_params
 from qwenjax import checkpoint
 from qwenjax import data
 from qwenjax import loss as loss_lib
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train
 from train_utils import (ROOT, TINY, config_from_overrides, first_batches, losses, read_metrics, small_config,
-                         start_training, tiny_overrides, train_command)
+                         tiny_overrides, train_command)
 
 # Reading the corrupt checkpoint below leaves orbax read coroutines that fail when garbage-collected; they are
 # collected at the end of this module (fixture below) and their "exception ignored" reports are not warnings.
@@ -127,7 +128,7 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
   from qwenjax import hf, model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
   config = small_config()
   model_config = model_lib.ModelConfig.from_dict(config.model)
-  params = jax.device_get(model_lib.init_params(model_config, jax.random.key(3)))
+  params = random_params(model_config, seed=3)
   hf.save_pretrained(str(tmp_path / 'hf'), model_config, params)
   loaded = train.load_hf_params(str(tmp_path / 'hf'), model_config)
   mesh = sharding.make_mesh(config.mesh)
@@ -149,8 +150,8 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
   train.train_and_evaluate(config, workdir)
   first = read_metrics(workdir)[0]
   batch = first_batches(config, tokenizer_file, 1)[0]
-  logits = model_lib.Qwen2(model_config).apply({'params': params}, batch['inputs'], batch['positions'],
-                                               batch['segment_ids'])
+  logits = jax.jit(lambda p, b: model_lib.Qwen2(model_config).apply(
+      {'params': p}, b['inputs'], b['positions'], b['segment_ids']))(params, batch)
   nll, _ = loss_lib.full_logits_cross_entropy(logits, batch['targets'], batch['weights'])
   np.testing.assert_allclose(first['loss'], float(nll) / batch['weights'].sum(), rtol=1e-5)
 
@@ -186,26 +187,64 @@ def test_unknown_config_key_on_the_command_line():
   assert "config has no key 'trian'" in train.config_override_error(argv[:2] + ['--config.trian.steps=1'])
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit(tmp_path, tokenizer_file, sig):
-  """`python -m qwenjax.train` as users run it; SIGTERM (preemption) or Ctrl-C mid-run."""
+def test_sigterm_saves_a_checkpoint_and_a_run_of_the_same_shape_compiles_nothing_new(tmp_path, tokenizer_file):
+  """`python -m qwenjax.train` as users run it, SIGTERM (preemption) mid-run: a checkpoint, the lock released, the
+  compiled step kept for the next run (train.compilation_cache_dir='workdir'). Then a second run of the same shape
+  with other steps and warmup on that cache (as the points of one shape in a sweep share one): it compiles nothing
+  new, and its learning rate follows its own schedule."""
+  from qwenjax import train_step  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
-  process = start_training(workdir, tiny_overrides(tokenizer_file))
+  command, env = train_command(workdir, tiny_overrides(tokenizer_file))
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # keep every program, however fast it compiled
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None and len(read_metrics(workdir)) < 3:
     time.sleep(0.5)
   assert process.poll() is None, process.stdout.read().decode()[-3000:]
-  process.send_signal(sig)
+  process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=120)[0].decode()
   assert process.returncode == 0, output[-3000:]
-  assert f'{signal.Signals(sig).name} received' in output
+  assert 'SIGTERM received' in output
   last = max(r['step'] for r in read_metrics(workdir))
   assert 3 <= last < 100_000
   assert checkpoint.Checkpointer(workdir, 3).all_steps() == [last]
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released
-  # The compiled step is kept for the next run (train.compilation_cache_dir='workdir').
-  cached = os.listdir(os.path.join(workdir, 'compilation_cache'))
-  assert any(name.startswith('jit_train_step') for name in cached), cached
+  cache = os.path.join(workdir, 'compilation_cache')
+  entries = sorted(os.listdir(cache))
+  assert any(name.startswith('jit_train_step') for name in entries), entries
+
+  overrides = dict(tiny_overrides(tokenizer_file), **{
+      'train.steps': 5, 'train.warmup_steps': 3, 'train.compilation_cache_dir': cache})
+  command, env = train_command(str(tmp_path / 'other'), overrides)
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
+                        check=False)
+  assert done.returncode == 0, done.stdout.decode()[-3000:]
+  assert sorted(os.listdir(cache)) == entries  # nothing compiled anew for the second run
+  schedule = train_step.learning_rate_schedule(config_from_overrides(overrides).train)
+  lrs = [r['lr'] for r in read_metrics(str(tmp_path / 'other')) if 'lr' in r]
+  np.testing.assert_allclose(lrs, [float(schedule(k)) for k in range(5)], rtol=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, tokenizer_file, monkeypatch, caplog):
+  """Ctrl-C (SIGINT) mid-run, here in this process (the job's handler is the one the SIGTERM test above runs
+  through the command line): the run finishes the step, saves a checkpoint, releases the lock and returns."""
+  from qwenjax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  original = metrics_lib.MetricWriter.write
+
+  def write_then_interrupt(self, step, values):
+    original(self, step, values)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)  # as a terminal does: the main thread's handler runs at once
+
+  monkeypatch.setattr(metrics_lib.MetricWriter, 'write', write_then_interrupt)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config_from_overrides(tiny_overrides(tokenizer_file)), workdir)
+  assert 'SIGINT received' in caplog.text
+  last = max(r['step'] for r in read_metrics(workdir))
+  assert last == 4  # the step after the signal's, then a stop
+  assert checkpoint.Checkpointer(workdir, 3).all_steps() == [last]
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released
 
 
 def test_one_compiled_train_step_serves_every_schedule_length():
@@ -243,25 +282,3 @@ def test_one_compiled_train_step_serves_every_schedule_length():
                       for new, old in zip(jax.tree.leaves(state.params), jax.tree.leaves(first)))
           assert (moved == 0) if warmup else (moved > 1e-4), (warmup, moved)
   assert step._cache_size() == 1  # pylint: disable=protected-access
-
-
-def test_runs_of_one_shape_share_the_compiled_step_through_the_cache(tmp_path, tokenizer_file):
-  """`python -m qwenjax.train` twice on a shared compilation cache, other steps and warmup: the second run
-  compiles nothing new (as the points of one shape in a sweep), and its learning rate follows its own schedule."""
-  from qwenjax import train_step  # pylint: disable=g-import-not-at-top
-  cache = str(tmp_path / 'compilation_cache')
-  entries = []
-  for name, steps, warmup in (('a', 3, 1), ('b', 5, 3)):
-    overrides = dict(tiny_overrides(tokenizer_file), **{
-        'train.steps': steps, 'train.warmup_steps': warmup, 'train.compilation_cache_dir': cache})
-    command, env = train_command(str(tmp_path / name), overrides)
-    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # keep every program, however fast it compiled
-    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stdout.decode()[-3000:]
-    entries.append(sorted(os.listdir(cache)))
-  assert any(entry.startswith('jit_train_step') for entry in entries[0]), entries[0]
-  assert entries[1] == entries[0]  # nothing compiled anew for the second run
-  schedule = train_step.learning_rate_schedule(config_from_overrides(overrides).train)
-  lrs = [r['lr'] for r in read_metrics(str(tmp_path / 'b')) if 'lr' in r]
-  np.testing.assert_allclose(lrs, [float(schedule(k)) for k in range(5)], rtol=1e-6)
