@@ -3,19 +3,19 @@
 import json
 import os
 import shlex
-import subprocess
-import sys
 import sysconfig
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 import pytest
 
 from qwenjax import metrics
 from qwenjax import scaling
 from qwenjax import sweep as sweep_lib
+from qwenjax import train
 from qwenjax.model import ModelConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()['stdlib']
 
 
@@ -141,11 +141,14 @@ def test_sweep_runs_resumes_fits_and_emits(prepared_dir, tmp_path):
   args = shlex.split(commands[0])
   assert args[:3] == ['python', '-m', 'qwenjax.train']
   assert f'--workdir={os.path.join(other, names[0])}' in args
-  # Run the first command for 2 steps: the flags parse and the point trains.
-  args = [sys.executable] + args[1:] + ['--config.train.steps=2', '--config.train.warmup_steps=1']
-  out = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
-  assert out.returncode == 0, out.stderr[-3000:]
-  trained = read_lines(os.path.join(other, names[0], 'metrics.jsonl'))
-  assert max(r['step'] for r in trained) == 2
-  with open(os.path.join(other, names[0], 'config.json')) as f:
-    assert json.load(f)['model']['hidden_size'] == 16
+  # Its flags parse as `python -m qwenjax.train` parses them (qwenjax.train.parse_flags: no unknown key, then
+  # absl's flags of the config file, values of their types) into the config of the point the sweep trained above.
+  assert train.config_override_error(args[2:]) is None
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=True, sys_argv=args[2:])
+  flags.DEFINE_string('workdir', None, '', flag_values=values)
+  values(args[2:])
+  assert values.workdir == os.path.join(other, names[0])
+  want = sweep_lib.point_config(sweep, sweep_lib.plan(sweep, other)[0])
+  assert values.config.to_dict() == want.to_dict()
+  assert values.config.model.hidden_size == 16 and values.config.train.steps == want.train.steps
