@@ -85,27 +85,16 @@ def write(args, result: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Ours.
 
-def copy_bandwidth(mib: int) -> float:
-  """Bytes read + written per second by a jitted copy of a `mib` MiB array (median of 10)."""
+def bandwidths(mib: int) -> tuple[float, float]:
+  """Bytes per second of two jitted probes over one `mib` MiB bf16 array (median of 10 each): a copy (bytes read
+  + written) and a float32 sum (bytes read: what a decode step does with its weights)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from timing import median_seconds  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (mib * 2**19,), jnp.bfloat16)  # mib MiB of bf16
-  copy = jax.jit(lambda x: -x)
-  seconds, _ = median_seconds(copy, x, warmup=3, iters=10)
-  return 2 * x.nbytes / seconds
-
-
-def read_bandwidth(mib: int) -> float:
-  """Bytes read per second by a jitted float32 sum of a `mib` MiB bf16 array (median of 10): what a decode
-  step does with its weights."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from timing import median_seconds  # pylint: disable=g-import-not-at-top
-  x = jax.random.normal(jax.random.key(0), (mib * 2**19,), jnp.bfloat16)
-  total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-  seconds, _ = median_seconds(total, x, warmup=3, iters=10)
-  return x.nbytes / seconds
+  copy_s, _ = median_seconds(jax.jit(lambda x: -x), x, warmup=3, iters=10)
+  read_s, _ = median_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x, warmup=3, iters=10)
+  return 2 * x.nbytes / copy_s, x.nbytes / read_s
 
 
 def run_ours(args) -> None:
@@ -114,9 +103,9 @@ def run_ours(args) -> None:
   from qwenjax import generate, model  # pylint: disable=g-import-not-at-top
   import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/profile_summary.py)
   config = model_config(args)
-  bandwidth = copy_bandwidth(args.copy_mib)
+  bandwidth, read = bandwidths(args.copy_mib)
   write(args, dict(what='copy_bandwidth', bytes_per_s=bandwidth, device=jax.devices()[0].device_kind))
-  write(args, dict(what='read_bandwidth', bytes_per_s=read_bandwidth(args.copy_mib)))
+  write(args, dict(what='read_bandwidth', bytes_per_s=read))
   params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
   leaves = jax.tree.leaves(params)
   weight_bytes = sum(x.nbytes for x in leaves)
