@@ -46,6 +46,9 @@ def parse_args(argv=None):
   parser.add_argument('--new_tokens', type=int, default=256)
   parser.add_argument('--iters', type=int, default=3)
   parser.add_argument('--attention_impl', default='', help="prefill kernel (default: 'cudnn' on GPU, 'xla' else)")
+  parser.add_argument('--decode_impl', default='auto', help="decode step's attention (model.DECODE_IMPLEMENTATIONS)")
+  parser.add_argument('--scan_layers', action='store_true',
+                      help='decode through nn.scan (configs/7b.py\'s layers; generate() unrolls them, this shows why)')
   parser.add_argument('--copy_mib', type=int, default=2048,
                       help='size of the bandwidth probe (below 4096: 2^31 bf16 elements need 64-bit indexing)')
   parser.add_argument('--peer', action=argparse.BooleanOptionalAction, default=True)
@@ -66,7 +69,8 @@ def model_config(args):
   import jax  # pylint: disable=g-import-not-at-top
   impl = args.attention_impl or ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
   values = dict(config_lib.load(args.config).model)
-  values.update(dtype='bfloat16', param_dtype='bfloat16', attention_impl=impl, scan_layers=False)
+  values.update(dtype='bfloat16', param_dtype='bfloat16', attention_impl=impl, scan_layers=args.scan_layers,
+                decode_impl=args.decode_impl)
   return ModelConfig.from_dict(values)
 
 
@@ -150,6 +154,7 @@ def run_ours(args) -> None:
                        first_call_s=first_call, weight_bytes=weight_bytes, cache_bytes_per_step=cache_bytes,
                        bound_tokens_per_s=bound, fraction_of_bound=tokens_per_s / bound,
                        cache_len=request.cache_len, attention_impl=config.attention_impl,
+                       decode_impl=config.decode_impl, scan_layers=config.scan_layers,
                        xla_flags=os.environ.get('XLA_FLAGS', ''),
                        traces=dict(generate.TRACES), tokens_head=np.asarray(state['out'][0, :8]).tolist()))
       if args.profile:
@@ -299,7 +304,8 @@ def table(args) -> str:
       continue
     if r['what'] == 'profile':
       continue
-    who = r['what'] + (f' ({r["way"]})' if 'way' in r else '')
+    how = [r['way']] if 'way' in r else [r.get('decode_impl', '')] + (['scanned'] if r.get('scan_layers') else [])
+    who = r['what'] + (f' ({", ".join(h for h in how if h)})' if any(how) else '')
     if 'error' in r:
       lines.append(f'| {who} | {r["batch"]} | error: {r["error"][:80]} | | | | |')
       continue

@@ -201,6 +201,19 @@ def check_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
                        'or shorten the prompt')
 
 
+def unrolled(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+  """(config, params) with scanned layers unrolled (`layers_{i}`): how `generate` decodes a scanned model.
+
+  A decode step through `nn.scan` slices every layer's weights and cache out of the stacks and writes the
+  cache back, which made it 2.4x (batch 1) to 3.5x (batch 64) slower on an H200 (docs/generation.md). Host
+  (numpy) parameters are unstacked as views; device arrays are copied, one more copy of the layer weights
+  while the caller keeps the stacked ones.
+  """
+  if not config.scan_layers:
+    return config, params
+  return dataclasses.replace(config, scan_layers=False), model_lib.unstack_layers(params)
+
+
 def place_params(config: ModelConfig, params: Any, mesh: jax.sharding.Mesh,
                  rules: sharding.Rules) -> Any:
   """The parameters placed on `mesh` as the logical axis rules say (tensor parallelism with the defaults)."""
@@ -266,6 +279,7 @@ def generate(model_config: ModelConfig, params: Any, prompts: Sequence[Sequence[
   if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
     raise ValueError(f'need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got temperature={temperature}, '
                      f'top_k={top_k}, top_p={top_p}')
+  model_config, params = unrolled(model_config, params)
   batch_multiple, fitted = 1, ()
   if mesh is not None:
     fitted = sharding.logical_axis_rules(rules or sharding.DEFAULT_RULES, mesh, model_config)

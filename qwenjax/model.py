@@ -46,7 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax import attention
+from qwenjax import kernels
 from qwenjax import moe
+from qwenjax import sharding
+from qwenjax.kernels import decode_gpu
 from qwenjax.kernels import gmm
 
 # 'none' (no remat), 'full' (save nothing), `jax.checkpoint_policies` by name, and two of ours:
@@ -58,6 +61,9 @@ from qwenjax.kernels import gmm
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
                   'dots_and_attention_saveable', 'activations_saveable', 'nothing_saveable',
                   'everything_saveable')
+# A decode step's attention: 'xla' (LayerCache.append + attend), 'pallas' (kernels.decode_gpu; on a CPU only
+# with attention_interpret=True), 'auto' (the kernel on a GPU where it applies, else XLA).
+DECODE_IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
 # `checkpoint_name`s of a decoder layer's activations, for remat policies.
 ACTIVATION_NAMES = ('norm_out', 'query', 'key', 'value', 'residual', 'mlp_gate', 'mlp_up', 'mlp_hidden')
 
@@ -97,6 +103,7 @@ class ModelConfig:
   scan_layers: bool = False  # nn.scan over layers: one compiled layer, params stacked on a `layers` axis
   attention_impl: str = 'auto'  # see qwenjax.attention.IMPLEMENTATIONS
   attention_interpret: bool = False  # run a Pallas attention kernel in its interpreter (CPU tests)
+  decode_impl: str = 'auto'  # a decode step's attention: one of DECODE_IMPLEMENTATIONS (see LayerCache.step)
   router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE) in moe_aux_loss
   moe_capacity_factor: float = 0.0  # 0: dropless; c > 0: each expert takes ceil(c * tokens * k / experts)
   moe_impl: str = 'auto'  # grouped-matmul backend, see qwenjax.kernels.gmm.IMPLEMENTATIONS
@@ -110,6 +117,8 @@ class ModelConfig:
                        f'num_key_value_heads ({self.num_key_value_heads})')
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}')
+    if self.decode_impl not in DECODE_IMPLEMENTATIONS:
+      raise ValueError(f'unknown decode_impl {self.decode_impl!r}; choose one of {DECODE_IMPLEMENTATIONS}')
     if self.attention_impl not in attention.IMPLEMENTATIONS:
       raise ValueError(f'unknown attention_impl {self.attention_impl!r}; '
                        f'choose one of {attention.IMPLEMENTATIONS}')
@@ -254,6 +263,34 @@ class LayerCache:
                       self.value.at[rows, :, slot].set(v.astype(self.value.dtype)),
                       self.positions.at[rows, slot].set(positions.astype(jnp.int32))).constrained()
 
+  def step(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, window: int | None,
+           sliding=True, impl: str = 'xla', interpret: bool = False) -> tuple[jax.Array, 'LayerCache']:
+    """A decode step: `append(k, v, positions)`, then `attend(q, ...)`; returns (attention output, new cache).
+
+    With `impl` 'pallas' (or 'auto' on a GPU) one Pallas kernel does both (`kernels.decode_gpu`), where it
+    applies: one token per row, a power-of-two head_dim, 16+ slots, a cache of the queries' dtype, and no mesh
+    to split over (under a multi-device mesh the XLA path runs, which XLA partitions). Scanned layers always
+    take the XLA path (`_cached_layers`).
+    """
+    batch, seq, heads, head_dim = q.shape
+    use_kernel = impl == 'pallas' or (impl == 'auto' and kernels.target_platform() == 'gpu')
+    if impl == 'pallas' and not interpret and kernels.target_platform() != 'gpu':
+      raise ValueError("decode_impl='pallas' needs a GPU; set attention_interpret=True to run its kernel in "
+                       "the Pallas interpreter, or use decode_impl='auto' or 'xla'.")
+    if (not use_kernel or seq != 1 or not decode_gpu.supported(head_dim, self.slots) or self.key.dtype != q.dtype
+        or sharding.free_axes(jax.sharding.get_abstract_mesh())):
+      cache = self.append(k, v, positions)
+      return cache.attend(q, positions, window, sliding), cache
+    kv_heads = self.key.shape[1]
+    position = positions[:, 0].astype(jnp.int32)
+    lowest = jnp.zeros_like(position)
+    if window is not None:
+      lowest = jnp.where(jnp.asarray(sliding), position - window + 1, lowest)
+    out, key, value, held = decode_gpu.decode_attention(
+        q.reshape(batch, kv_heads, heads // kv_heads, head_dim), k[:, 0], v[:, 0], self.key, self.value,
+        self.positions, position, lowest, interpret=interpret)
+    return out.reshape(batch, 1, heads, head_dim), LayerCache(key, value, held).constrained()
+
   def attend(self, q: jax.Array, positions: jax.Array, window: int | None, sliding=True) -> jax.Array:
     """Attention of queries `q [batch, seq, heads, head_dim]` at `positions` over the cached keys.
 
@@ -347,9 +384,8 @@ class Attention(nn.Module):
           interpret=cfg.attention_interpret)
 
     if cache is not None and lengths is None:  # a decode step
-      cache = cache.append(k, v, positions)
       window = cfg.sliding_window if sliding is not False and cfg.use_sliding_window else None
-      out = cache.attend(q, positions, window, sliding)
+      out, cache = cache.step(q, k, v, positions, window, sliding, cfg.decode_impl, cfg.attention_interpret)
     elif isinstance(sliding, bool):  # unrolled layers know their kind at trace time
       out = attend(cfg.sliding_window if sliding else None)
     else:  # scanned layers of mixed kinds: pick the kernel at run time
@@ -544,8 +580,12 @@ def _cached_layers(cfg: ModelConfig, x, positions, cache, lengths):
         ScannedDecoderLayer, variable_axes={'params': 0, moe.MOE_STATS: 0}, split_rngs={'params': True},
         in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast), length=cfg.num_hidden_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, layers = stack(cfg, sliding, cfg.is_moe(0), name='layers')(x, positions, None, flags, cache['layers'],
-                                                                    lengths)
+    # Through nn.scan a decode step takes the XLA path: under jax 0.11 flax's scan rejects the decode kernel's
+    # pallas_call ("broadcasted variable has a data dependency on the scan body", seen on an H200), and
+    # `generate` decodes scanned models unrolled anyway (`generate.unrolled`).
+    layer_cfg = dataclasses.replace(cfg, decode_impl='xla')
+    x, layers = stack(layer_cfg, sliding, cfg.is_moe(0), name='layers')(x, positions, None, flags, cache['layers'],
+                                                                          lengths)
     return x, {'layers': layers}
   new_cache = {}
   for i in range(cfg.num_hidden_layers):

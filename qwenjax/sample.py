@@ -36,6 +36,8 @@ def load(workdir: str | None, hf: str | None, step: int | None = None,
     workdir = workdir_lib.resolve(workdir)
     config, params, _ = checkpoint.restore_params(workdir, step)
     model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
+    # Unstack a scanned run's layers here, as generate() would, so the stacked copy is freed before decoding.
+    model_config, params = generate.unrolled(model_config, params)
     return model_config, params, workdir_lib.load_tokenizer(workdir, config)
   from qwenjax import hf as hf_lib  # pylint: disable=g-import-not-at-top  (safetensors only when needed)
   path = os.path.abspath(os.path.expanduser(hf))

@@ -16,6 +16,7 @@ import torch
 import hf_utils
 
 from qwenjax import generate, hf, model, sharding, tokenizer
+from qwenjax.kernels import decode_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_LENGTHS = (3, 9, 14)
@@ -68,19 +69,28 @@ def tiny_config(**overrides):
   return model.ModelConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers):
-  """Prefill of right-padded rows, then one token at a time: each step's logits equal a full forward pass's."""
-  config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=4, max_window_layers=1,
-                       num_hidden_layers=3)
+@pytest.mark.parametrize('scan_layers,decode_impl', [(False, 'xla'), (True, 'xla'), (False, 'pallas')])
+def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, decode_impl, monkeypatch):
+  """Prefill of right-padded rows, then one token at a time: each step's logits equal a full forward pass's.
+
+  'pallas' runs the decode kernel (`kernels.decode_gpu`) in the Pallas interpreter on unrolled layers: a ring of 16
+  slots that wraps and a 40-slot cache (not a whole number of the kernel's blocks). (Scanned layers take the XLA
+  path whatever `decode_impl` says: `model._cached_layers`.)
+  """
+  window, slots = (16, 40) if decode_impl == 'pallas' else (4, 32)
+  kernel_calls = []  # traced kernel calls
+  kernel = decode_gpu.decode_attention
+  monkeypatch.setattr(decode_gpu, 'decode_attention', lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
+  config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=window, max_window_layers=1,
+                       num_hidden_layers=3, decode_impl=decode_impl, attention_interpret=decode_impl == 'pallas')
   params = model.init_params(config, jax.random.key(0))
-  ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, 20))
+  ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, slots - 8))
   full = jax.jit(lambda p, x: model.Qwen2(config).apply({'params': p}, x))(params, ids)
   lengths = np.array([3, 7])
 
   @jax.jit
   def prefill(p, x, lengths):
-    return model.Qwen2(config).apply({'params': p}, x, cache=model.init_cache(config, 2, 32), lengths=lengths)
+    return model.Qwen2(config).apply({'params': p}, x, cache=model.init_cache(config, 2, slots), lengths=lengths)
 
   @jax.jit
   def step(p, token, position, cache):
@@ -90,14 +100,17 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers):
   logits, cache = prefill(params, padded, lengths)
   np.testing.assert_allclose(logits[:, 0], full[[0, 1], lengths - 1], rtol=1e-5, atol=1e-5)
   position = lengths
-  for _ in range(12):
+  while position.max() < ids.shape[1]:
     logits, cache = step(params, ids[[0, 1], position], position, cache)
     np.testing.assert_allclose(logits[:, 0], full[[0, 1], position], rtol=1e-5, atol=1e-5)
     position = position + 1
+  assert len(kernel_calls) == (3 if decode_impl == 'pallas' and not scan_layers else 0)
   if scan_layers:  # one stack: every layer gets the full length, the window is applied by masking
-    assert cache['layers'].key.shape[:2] == (3, 2) and cache['layers'].slots == 32
+    assert cache['layers'].key.shape[:2] == (3, 2) and cache['layers'].slots == slots
   else:  # unrolled: the window layer's ring holds exactly `sliding_window` entries
-    assert cache['layers_2'].slots == 4 and cache['layers_0'].slots == 32
+    assert cache['layers_2'].slots == window and cache['layers_0'].slots == slots
+    ring = np.asarray(cache['layers_2'].positions)  # the last `window` positions of each row
+    assert [sorted(r) for r in ring] == [list(range(e - window, e)) for e in position]
 
 
 def test_ring_buffer_never_grows_past_the_window():
@@ -322,4 +335,18 @@ def test_decode_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
   assert ours['decode_tokens_per_s'] > 0 and peer['decode_tokens_per_s'] > 0 and ours['prefill_tokens_per_s'] > 0
   assert 0 < ours['fraction_of_bound'] and ours['traces'] == {'prefill': 1, 'decode': 1}
   out = capsys.readouterr().out
-  assert '| ours | 2 |' in out and '| peer (loop) | 2 |' in out and 'read bandwidth' in out
+  assert '| ours (auto) | 2 |' in out and '| peer (loop) | 2 |' in out and 'read bandwidth' in out
+
+
+def test_scanned_models_decode_with_unrolled_layers():
+  """`generate` decodes a scanned model with its layers unrolled (`generate.unrolled`): the same tokens as the
+  unrolled model."""
+  config = tiny_config(scan_layers=True, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                       num_hidden_layers=3)
+  params = model.init_params(config, jax.random.key(5))
+  flat_config, flat_params = generate.unrolled(config, params)
+  assert not flat_config.scan_layers and 'layers' not in flat_params and 'layers_2' in flat_params
+  assert generate.unrolled(flat_config, flat_params)[1] is flat_params
+  batch = prompts(config.vocab_size, (4, 9))
+  expected = generate.generate(flat_config, flat_params, batch, max_new_tokens=10)
+  assert generate.generate(config, params, batch, max_new_tokens=10) == expected
