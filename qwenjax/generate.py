@@ -205,9 +205,9 @@ def unrolled(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
   """(config, params) with scanned layers unrolled (`layers_{i}`): how `generate` decodes a scanned model.
 
   A decode step through `nn.scan` slices every layer's weights and cache out of the stacks and writes the
-  cache back, which made it 2.4x (batch 1) to 3.5x (batch 64) slower on an H200 (docs/generation.md). Host
-  (numpy) parameters are unstacked as views; device arrays are copied, one more copy of the layer weights
-  while the caller keeps the stacked ones.
+  cache back, several times slower than unrolled layers (docs/generation.md). Host (numpy) parameters are
+  unstacked as views; device arrays are copied, one more copy of the layer weights while the caller keeps the
+  stacked ones.
   """
   if not config.scan_layers:
     return config, params
