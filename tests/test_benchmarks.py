@@ -9,11 +9,14 @@ import sys
 import numpy as np
 import pytest
 
+from train_utils import subprocess_xla_flags
+
 ROOT = pathlib.Path(__file__).parent.parent
 
 
 def _run(script, *args):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # one device: the scripts time one accelerator
+  # One device: the scripts time one accelerator.
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), JAX_PLATFORMS='cpu')
   done = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / script), *args], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -52,14 +55,28 @@ def test_peer_benchmark_runs_on_cpu(tmp_path):
   assert result['pipelined_tokens_per_s'] > 0
 
 
-def test_data_throughput_benchmark_reads_batches(tmp_path):
+@pytest.fixture(scope='module')
+def saved_documents(tmp_path_factory):
+  """One run of data_throughput.py on configs/tiny.py (it trains its tokenizer and tokenizes the whole built-in
+  corpus, the slow part): 4 batches of 2 rows read, their document statistics, and the batches saved for the step
+  benchmarks' --batches_file. Returns (its JSON line, its workdir, the saved file)."""
+  workdir = tmp_path_factory.mktemp('data_throughput')
+  docs = workdir / 'docs.npz'
   out = _run('data_throughput.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--batch_size', '2',
-             '--batches', '20', '--workdir', str(tmp_path), '--block', '32')
-  result = json.loads(out.strip().splitlines()[-1])
-  assert result['tokens_per_s'] > 0 and result['batch_size'] == 2 and result['batches'] == 20
+             '--batches', '4', '--workdir', str(workdir), '--block', '32', '--save', str(docs))
+  return json.loads(out.strip().splitlines()[-1]), workdir, docs
+
+
+def test_data_throughput_benchmark_reads_batches(saved_documents):
+  result, workdir, docs = saved_documents
+  assert result['tokens_per_s'] > 0 and result['batch_size'] == 2 and result['batches'] == 4
   assert 0 < result['blocks_unmasked'] <= result['blocks_needed'] <= 1
-  assert (tmp_path / 'tokenizer' / 'tokenizer.model').exists()  # configs/tiny.py trains its tokenizer there
+  assert (workdir / 'tokenizer' / 'tokenizer.model').exists()  # configs/tiny.py trains its tokenizer there
   assert result['corpus_tokens'] > 1e6 and result['tokenize_tokens_per_s_per_core'] > 0
+  assert result['saved'] == str(docs)
+  with np.load(docs) as saved:
+    assert {k: saved[k].shape for k in saved.files} == {
+        k: (8, 256) for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
 
 
 def test_block_shares_counts_tiles_by_document():
@@ -71,13 +88,8 @@ def test_block_shares_counts_tiles_by_document():
   assert data_throughput.block_shares(np.ones((3, 8), np.int32), 4) == (9, 9, 9)  # one document
 
 
-def test_step_benchmarks_train_on_saved_packed_documents(tmp_path):
-  docs = tmp_path / 'docs.npz'
-  _run('data_throughput.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--batch_size', '2', '--batches', '4',
-       '--workdir', str(tmp_path), '--save', str(docs))
-  with np.load(docs) as saved:
-    assert {k: saved[k].shape for k in saved.files} == {
-        k: (8, 256) for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+def test_step_benchmarks_train_on_saved_packed_documents(saved_documents, tmp_path):
+  docs = saved_documents[2]
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m1_acts_xla_unrolled',
              '--steps', '1', '--warmup', '1', '--batches_file', str(docs), '--out', str(tmp_path))
   assert 'xla, packed documents (docs.npz)' in out

@@ -25,6 +25,7 @@ from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train
 from qwenjax import train_step
+from train_utils import subprocess_xla_flags
 
 TINY = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
 WORDS = ('the quick brown fox jumps over the lazy dog training language models in jax is fun def forward self '
@@ -180,7 +181,7 @@ def test_evaluate_from_the_workdir_equals_transformers_on_the_export(run, tmp_pa
 def test_command_lines(run, tmp_path):
   """`python -m qwenjax.export`, then `python -m qwenjax.evaluate --hf` on what it wrote."""
   out = str(tmp_path / 'hf')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': subprocess_xla_flags()}
   done = subprocess.run([sys.executable, '-m', 'qwenjax.export', f'--workdir={run}', f'--out={out}', '--step=2'],
                         capture_output=True, text=True, env=env, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -18,6 +18,7 @@ import pytest
 import transformers
 
 from qwenjax import hf, model, sharding
+from train_utils import subprocess_xla_flags
 
 # Dense: untied head, GQA 4/2, in several files. MoE: experts in transformers 5's fused layout.
 DENSE = dict(tie_word_embeddings=False)
@@ -175,7 +176,7 @@ def test_two_processes_each_read_only_their_half(dense_dir, tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))
     coordinator = f'localhost:{s.getsockname()[1]}'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=subprocess_xla_flags(4),
              PYTHONPATH=str(pathlib.Path(__file__).parent.parent))
   children = [subprocess.Popen([sys.executable, str(script), dense_dir, coordinator, str(i)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from qwenjax import train
-from train_utils import ROOT, config_from_overrides, losses, read_metrics, tiny_overrides, train_command
+from train_utils import (ROOT, config_from_overrides, losses, read_metrics, subprocess_xla_flags, tiny_overrides,
+                         train_command)
 
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
@@ -30,7 +31,7 @@ def run_two_processes(workdir, overrides):
   for i in range(2):
     command, env = train_command(workdir, overrides)
     command += [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
-    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+    env['XLA_FLAGS'] = subprocess_xla_flags(4)
     env['JAX_PLATFORMS'] = 'cpu'
     processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
   outputs = [p.communicate(timeout=600)[0].decode() for p in processes]

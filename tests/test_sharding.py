@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from model_utils import random_params
+from train_utils import subprocess_xla_flags
 from qwenjax import config as config_lib
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
@@ -111,7 +112,7 @@ def test_two_hosts_as_two_slices():
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(4), JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   processes = [subprocess.Popen([sys.executable, '-c', _TWO_HOSTS, str(port), str(i)], cwd=root, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -47,6 +47,16 @@ def config_from_overrides(overrides: dict):
   return config
 
 
+def subprocess_xla_flags(device_count: int = 0) -> str:
+  """XLA_FLAGS for a subprocess: this session's (tests/conftest.py), with `device_count` fake CPU devices instead
+  of 8 (0: jax's default, one device)."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  if device_count:
+    flags.append(f'--xla_force_host_platform_device_count={device_count}')
+  return ' '.join(flags)
+
+
 def train_command(workdir: str, overrides: dict) -> tuple[list[str], dict]:
   """(argv, environment) of `python -m qwenjax.train` on configs/tiny.py, as a user runs it."""
   command = [sys.executable, '-m', 'qwenjax.train', f'--config={TINY}', f'--workdir={workdir}']
