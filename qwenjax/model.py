@@ -580,9 +580,8 @@ def _cached_layers(cfg: ModelConfig, x, positions, cache, lengths):
         ScannedDecoderLayer, variable_axes={'params': 0, moe.MOE_STATS: 0}, split_rngs={'params': True},
         in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast), length=cfg.num_hidden_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'})
-    # Through nn.scan a decode step takes the XLA path: under jax 0.11 flax's scan rejects the decode kernel's
-    # pallas_call ("broadcasted variable has a data dependency on the scan body", seen on an H200), and
-    # `generate` decodes scanned models unrolled anyway (`generate.unrolled`).
+    # Through nn.scan a decode step takes the XLA path: flax's scan can reject the decode kernel's pallas_call
+    # (docs/generation.md), and `generate` decodes scanned models unrolled anyway (`generate.unrolled`).
     layer_cfg = dataclasses.replace(cfg, decode_impl='xla')
     x, layers = stack(layer_cfg, sliding, cfg.is_moe(0), name='layers')(x, positions, None, flags, cache['layers'],
                                                                           lengths)

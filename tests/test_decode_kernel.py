@@ -27,7 +27,7 @@ CASES = {
     'full': ([30, 0, 39], 2, 6, 16, 40, None, jnp.float32, 16, 8),
     # a ring of `window` slots: one row has wrapped several times, one has not
     'ring': ([57, 3], 2, 3, 32, 20, 20, jnp.float32, 16, 8),
-    # a full-length cache with a shorter window (scanned layers of mixed kinds), bf16, one split per row
+    # a window shorter than an unwrapped cache (only slots from position - window + 1 on), bf16, one split per row
     'window_in_full_cache': ([50, 17], 1, 16, 16, 64, 16, jnp.bfloat16, 32, 1),
 }
 
