@@ -202,11 +202,16 @@ class RMSNorm(nn.Module):
     return checkpoint_name(scale.astype(self.dtype) * normed.astype(self.dtype), 'norm_out')
 
 
+def rotary_angles(positions: jax.Array, head_dim: int, theta: float) -> jax.Array:
+  """The rotary angles `[..., head_dim // 2]` (float32) of `positions [...]`: element i of a head turns with
+  element i + head_dim // 2 by angle `position / theta**(2i / head_dim)`."""
+  inv_freq = 1.0 / (theta**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  return positions[..., None].astype(jnp.float32) * inv_freq
+
+
 def apply_rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding in the `rotate_half` layout. x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
-  head_dim = x.shape[-1]
-  inv_freq = 1.0 / (theta**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = positions[..., None].astype(jnp.float32) * inv_freq
+  freqs = rotary_angles(positions, x.shape[-1], theta)
   angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
@@ -263,14 +268,16 @@ class LayerCache:
                       self.value.at[rows, :, slot].set(v.astype(self.value.dtype)),
                       self.positions.at[rows, slot].set(positions.astype(jnp.int32))).constrained()
 
-  def step(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, window: int | None,
-           sliding=True, impl: str = 'xla', interpret: bool = False) -> tuple[jax.Array, 'LayerCache']:
-    """A decode step: `append(k, v, positions)`, then `attend(q, ...)`; returns (attention output, new cache).
+  def step(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, rope_theta: float,
+           window: int | None, sliding=True, impl: str = 'xla', interpret: bool = False
+           ) -> tuple[jax.Array, 'LayerCache']:
+    """A decode step from this token's projections before rotary: rotary on `q` and `k`, `append(k, v,
+    positions)`, then `attend(q, ...)`; returns (attention output, new cache).
 
-    With `impl` 'pallas' (or 'auto' on a GPU) one Pallas kernel does both (`kernels.decode_gpu`), where it
-    applies: one token per row, a power-of-two head_dim, 16+ slots, a cache of the queries' dtype, and no mesh
-    to split over (under a multi-device mesh the XLA path runs, which XLA partitions). Scanned layers always
-    take the XLA path (`_cached_layers`).
+    With `impl` 'pallas' (or 'auto' on a GPU) one Pallas kernel does all three (`kernels.decode_gpu`), where
+    it applies: one token per row, a power-of-two head_dim of 32+, 16+ slots, a cache of the queries' dtype,
+    and no mesh to split over (under a multi-device mesh the XLA path runs, which XLA partitions). Scanned
+    layers always take the XLA path (`_cached_layers`).
     """
     batch, seq, heads, head_dim = q.shape
     use_kernel = impl == 'pallas' or (impl == 'auto' and kernels.target_platform() == 'gpu')
@@ -279,16 +286,20 @@ class LayerCache:
                        "the Pallas interpreter, or use decode_impl='auto' or 'xla'.")
     if (not use_kernel or seq != 1 or not decode_gpu.supported(head_dim, self.slots) or self.key.dtype != q.dtype
         or sharding.free_axes(jax.sharding.get_abstract_mesh())):
-      cache = self.append(k, v, positions)
+      q = apply_rotary_embedding(q, positions, rope_theta)
+      cache = self.append(apply_rotary_embedding(k, positions, rope_theta), v, positions)
       return cache.attend(q, positions, window, sliding), cache
     kv_heads = self.key.shape[1]
     position = positions[:, 0].astype(jnp.int32)
     lowest = jnp.zeros_like(position)
     if window is not None:
       lowest = jnp.where(jnp.asarray(sliding), position - window + 1, lowest)
+    angles = rotary_angles(position, head_dim, rope_theta)  # [batch, head_dim // 2]
+    # One array of all heads' projections: XLA writes it in one fusion with the biases (three before).
+    qkv = jnp.concatenate([q[:, 0], k[:, 0].astype(q.dtype), v[:, 0].astype(q.dtype)], axis=1)
     out, key, value, held = decode_gpu.decode_attention(
-        q.reshape(batch, kv_heads, heads // kv_heads, head_dim), k[:, 0], v[:, 0], self.key, self.value,
-        self.positions, position, lowest, interpret=interpret)
+        qkv, jnp.cos(angles), jnp.sin(angles), self.key, self.value, self.positions, position, lowest,
+        kv_heads=kv_heads, interpret=interpret)
     return out.reshape(batch, 1, heads, head_dim), LayerCache(key, value, held).constrained()
 
   def attend(self, q: jax.Array, positions: jax.Array, window: int | None, sliding=True) -> jax.Array:
@@ -368,33 +379,40 @@ class Attention(nn.Module):
           kernel_init=_init(cfg, 'embed', heads_axis, 'head_dim'),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, 'head_dim')))(x)
 
+    def constrain(q, k, v):
+      return (_constrain(q, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim'),
+              _constrain(k, 'activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim'),
+              _constrain(v, 'activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim'))
+
+    def output(out):
+      out = _constrain(out, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
+      return einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
+                    name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+
     q = qkv('q_proj', cfg.num_attention_heads, 'heads')
     k = qkv('k_proj', cfg.num_key_value_heads, 'kv_heads')
     v = qkv('v_proj', cfg.num_key_value_heads, 'kv_heads')
+    if cache is not None and lengths is None:  # a decode step: rotary is part of the step (a kernel on GPUs)
+      window = cfg.sliding_window if sliding is not False and cfg.use_sliding_window else None
+      out, cache = cache.step(*constrain(q, k, v), positions, cfg.rope_theta, window, sliding, cfg.decode_impl,
+                              cfg.attention_interpret)
+      return output(out), cache
     q = checkpoint_name(apply_rotary_embedding(q, positions, cfg.rope_theta), 'query')
     k = checkpoint_name(apply_rotary_embedding(k, positions, cfg.rope_theta), 'key')
-    v = checkpoint_name(v, 'value')
-    q = _constrain(q, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
-    k = _constrain(k, 'activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
-    v = _constrain(v, 'activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
+    q, k, v = constrain(q, k, checkpoint_name(v, 'value'))
 
     def attend(window):
       return attention.dot_product_attention(
           q, k, v, sliding_window=window, segment_ids=segment_ids, impl=cfg.attention_impl,
           interpret=cfg.attention_interpret)
 
-    if cache is not None and lengths is None:  # a decode step
-      window = cfg.sliding_window if sliding is not False and cfg.use_sliding_window else None
-      out, cache = cache.step(q, k, v, positions, window, sliding, cfg.decode_impl, cfg.attention_interpret)
-    elif isinstance(sliding, bool):  # unrolled layers know their kind at trace time
+    if isinstance(sliding, bool):  # unrolled layers know their kind at trace time
       out = attend(cfg.sliding_window if sliding else None)
     else:  # scanned layers of mixed kinds: pick the kernel at run time
       out = jax.lax.cond(sliding, lambda: attend(cfg.sliding_window), lambda: attend(None))
     if cache is not None and lengths is not None:  # a prefill
       cache = cache.fill(k, v, lengths)
-    out = _constrain(out, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
-    out = einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
-                 name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+    out = output(out)
     return out if cache is None else (out, cache)
 
 

@@ -82,7 +82,8 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, de
   kernel = decode_gpu.decode_attention
   monkeypatch.setattr(decode_gpu, 'decode_attention', lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
   config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=window, max_window_layers=1,
-                       num_hidden_layers=3, decode_impl=decode_impl, attention_interpret=decode_impl == 'pallas')
+                       num_hidden_layers=3, decode_impl=decode_impl, attention_interpret=decode_impl == 'pallas',
+                       head_dim=32)  # the kernel's smallest head_dim
   params = model.init_params(config, jax.random.key(0))
   ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, slots - 8))
   full = jax.jit(lambda p, x: model.Qwen2(config).apply({'params': p}, x))(params, ids)

@@ -2,7 +2,7 @@
 
 `splash_tpu` (TPU, built on JAX's splash attention) and `flash_gpu` (GPU, Mosaic GPU); `gmm` picks `gmm_gpu`
 or `gmm_tpu`; `attention_contract` is what every attention kernel computes and accepts; `decode_gpu` is a
-decode step's attention and cache write (`model.LayerCache.step`). Import the module you need; no kernel
+decode step's rotary, cache write and attention (`model.LayerCache.step`). Import the module you need; no kernel
 module is imported here, so a backend's kernel never loads on another backend.
 
 Kernels are picked for `target_platform()`: the machine's backend, or the platform named by

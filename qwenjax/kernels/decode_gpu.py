@@ -1,14 +1,14 @@
 """One decode step's attention and cache write in one Pallas kernel (Triton backend on GPU, interpreter on CPU).
 
-A decode step writes each row's new key and value into its cache slot, then attends one query token per row
-over the cache. Through XLA that is three scatters (keys, values, slot positions), two small batched matmuls
-and a softmax: six kernels a layer, each too short to keep a GPU busy. `decode_attention` does it in one
-kernel plus a small combine, split-K style ("flash decoding"): program (row, kv head, split) attends the
-queries of one kv head's group over one range of slots with an online softmax and writes its partial result;
-the splits are merged by log-sum-exp weights afterwards, so even one row keeps many multiprocessors reading.
-The program whose range holds the row's slot writes the new key and value there, in place (the cache is
-aliased to the outputs); the new token itself is attended by split 0 from registers, so no program depends
-on another's write.
+A decode step rotates each row's new query heads and key (rotary), writes the key and value into the row's
+cache slot, then attends the queries over the cache. Through XLA that is rotary and the projections' bias in
+three fusions, three scatters (keys, values, slot positions), two small batched matmuls and a softmax, each
+kernel too short to keep a GPU busy. `decode_attention` does it in one kernel, split-K style ("flash
+decoding"): program (row, kv head, split) attends the queries of one kv head's group over one range of slots
+with an online softmax and writes its partial result; a small XLA combine merges them by log-sum-exp weights,
+so even one row keeps many multiprocessors reading. The program whose range holds the row's slot writes the
+new key and value there, in place (the cache is aliased to the outputs); the new token itself is attended by
+split 0 from registers, so no program depends on another's write.
 
 Visibility is `attention_contract`'s, expressed through the positions the cache holds: a slot is seen if it
 holds a position in `[lowest, position)` (`lowest = position - window + 1`, or 0 without a window), and the
@@ -25,14 +25,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 LOG2E = math.log2(math.e)
 MIN_SLOTS = 16  # the Triton dot needs 16 slots a block at least
-HEAD_DIMS = (16, 32, 64, 128, 256)
+HEAD_DIMS = (32, 64, 128, 256)  # rotary splits head_dim in halves, each a Triton dot's contraction (16+)
 
 
 def supported(head_dim: int, slots: int) -> bool:
-  """Whether the kernel takes this cache (else use the XLA path): a power-of-two head_dim, 16+ slots."""
+  """Whether the kernel takes this cache (else use the XLA path): a power-of-two head_dim of 32+, 16+ slots."""
   return head_dim in HEAD_DIMS and slots >= MIN_SLOTS
 
 
@@ -49,52 +50,77 @@ def plan(rows: int, slots: int, block: int = 64, programs: int = 256) -> tuple[i
   return block, length, pl.cdiv(slots, length)
 
 
-def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, key: jax.Array, value: jax.Array,
-                     held: jax.Array, position: jax.Array, lowest: jax.Array, *, interpret: bool = False,
-                     block: int = 64, programs: int = 256):
+def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Array, value: jax.Array,
+                     held: jax.Array, position: jax.Array, lowest: jax.Array, *, kv_heads: int,
+                     interpret: bool = False, block: int = 64, programs: int = 256):
   """Attention of one new token per row over its cache, with this token's key and value written into it.
 
-  q: [batch, kv_heads, group, head_dim], the queries of each kv head's group (rotary applied);
-  k_new, v_new: [batch, kv_heads, head_dim]; key, value: [batch, kv_heads, slots, head_dim], the cache before
-  this step; held: [batch, slots] int32, the position each slot holds (-1: none); position: [batch] int32,
-  this token's position (written at slot `position % slots`); lowest: [batch] int32, the lowest visible
-  position. Returns (out [batch, kv_heads, group, head_dim] in q's dtype, key, value, held) with the caches
-  updated.
+  qkv: [batch, heads + 2 * kv_heads, head_dim], this token's projections (bias added, rotary not applied): the
+  query heads, then the key heads, then the value heads, as one array so that XLA writes them in one fusion;
+  cos, sin: [batch, head_dim // 2] float32, the rotary angles' cosines and sines at each row's position (the
+  kernel rotates queries and key in the `rotate_half` layout, in float32, as `model.apply_rotary_embedding`);
+  key, value: [batch, kv_heads, slots, head_dim], the cache before this step; held: [batch, slots] int32, the
+  position each slot holds (-1: none); position: [batch] int32, this token's position (written at slot
+  `position % slots`); lowest: [batch] int32, the lowest visible position. Query head i belongs to kv head
+  `i // (heads // kv_heads)`. Returns (out [batch, kv_heads, group, head_dim] in qkv's dtype, key, value,
+  held) with the caches updated (the key rotated).
   """
-  batch, kv_heads, group, head_dim = q.shape
+  batch, all_heads, head_dim = qkv.shape
+  group = (all_heads - 2 * kv_heads) // kv_heads
   slots = key.shape[2]
   if not supported(head_dim, slots):
     raise ValueError(f'decode_attention needs head_dim in {HEAD_DIMS} and >= {MIN_SLOTS} cache slots; got '
                      f'head_dim {head_dim}, {slots} slots (use LayerCache.append + attend).')
-  rows = max(16, 1 << (group - 1).bit_length())  # the Triton dot needs 16 rows at least
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+  if group < 1 or all_heads != (group + 2) * kv_heads or key.shape[1] != kv_heads:
+    raise ValueError(f'qkv holds {all_heads} heads, which is not q heads + 2 x {kv_heads} kv heads with the '
+                     f'q heads a multiple of the kv heads (cache: {key.shape[1]} kv heads).')
+  rows = max(16, 1 << (group - 1).bit_length())  # the Triton dot needs 16 rows at least; the rest are masked
+  half = head_dim // 2
+  heads = group * kv_heads
   block, length, splits = plan(batch * kv_heads, slots, block, programs)
   scale = LOG2E / math.sqrt(head_dim)
-  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  dtype = qkv.dtype
+  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
-  def kernel(position_ref, lowest_ref, q_ref, k_new_ref, v_new_ref, key_ref, value_ref, held_ref,
-             out_ref, max_ref, sum_ref, key_out, value_out, held_out):
+  def kernel(position_ref, lowest_ref, qkv_ref, cos_ref, sin_ref, key_ref, value_ref, held_ref,
+             acc_ref, max_ref, sum_ref, key_out, value_out, held_out):
     head, split = pl.program_id(1), pl.program_id(2)
     pos, low = position_ref[...], lowest_ref[...]
     slot = lax.rem(pos, slots)
     first = split * length
-    k_row, v_row = k_new_ref[...], v_new_ref[...]
+    c, s = cos_ref[...][None], sin_ref[...][None]  # [1, half]
+
+    def rotate(x1, x2):  # float32 halves -> the rotated halves in the input dtype
+      return (x1 * c - x2 * s).astype(dtype), (x2 * c + x1 * s).astype(dtype)
+
+    # The group's queries as `rows` rows (those past the group masked to zero), in two halves: the rotation
+    # pairs element i with element i + half, and the scores add the halves' two dots.
+    valid = lax.broadcasted_iota(jnp.int32, (rows, half), 0) < group
+    q_rows = lambda at: qkv_ref.at[pl.ds(head * group, rows), pl.ds(at, half)]
+    q_half = lambda at: pltriton.load(q_rows(at), mask=valid, other=0).astype(jnp.float32)
+    q1, q2 = rotate(q_half(0), q_half(half))
+    k_half = lambda at: qkv_ref[pl.ds(heads + head, 1), pl.ds(at, half)].astype(jnp.float32)
+    k1, k2 = rotate(k_half(0), k_half(half))  # [1, half]
+    v_row = qkv_ref[pl.ds(heads + kv_heads + head, 1), :]  # [1, head_dim]
 
     @pl.when(slot // length == split)
     def _write():
-      key_out[pl.ds(slot, 1), :] = k_row[None].astype(key_out.dtype)
-      value_out[pl.ds(slot, 1), :] = v_row[None].astype(value_out.dtype)
+      key_out[pl.ds(slot, 1), pl.ds(0, half)] = k1.astype(key_out.dtype)
+      key_out[pl.ds(slot, 1), pl.ds(half, half)] = k2.astype(key_out.dtype)
+      value_out[pl.ds(slot, 1), :] = v_row.astype(value_out.dtype)
 
       @pl.when(head == 0)
       def _():
         held_out[pl.ds(slot, 1)] = jnp.full((1,), pos, jnp.int32)
 
-    qs = q_ref[...]
-    own = jnp.sum(qs.astype(jnp.float32) * k_row.astype(jnp.float32)[None], axis=1) * scale  # [rows]
+    f32 = lambda x: x.astype(jnp.float32)
+    own = (jnp.sum(f32(q1) * f32(k1), axis=1) + jnp.sum(f32(q2) * f32(k2), axis=1)) * scale  # [rows]
     on_first = jnp.full((rows,), split, jnp.int32) == 0  # a vector: Triton selects need matching shapes
     m = jnp.where(on_first, own, -jnp.inf)
     l = jnp.where(on_first, 1.0, 0.0)
-    acc = jnp.where(on_first[:, None], v_row.astype(jnp.float32)[None], 0.0)
+    acc = jnp.where(on_first[:, None], f32(v_row), 0.0)
+    dot = lambda a, b, dims: lax.dot_general(a, b, (dims, ((), ())), precision=precision,
+                                             preferred_element_type=jnp.float32)
 
     def step(j, carry):
       acc, m, l = carry
@@ -104,15 +130,14 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, key: jax.
       held_block = held_ref[pl.ds(start, block)]
       seen = (index >= nominal) & (index < first + length) & (held_block >= low) & (held_block >= 0) & (
           held_block < pos)
-      s = lax.dot_general(qs, key_ref[pl.ds(start, block), :], (((1,), (1,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32) * scale  # [rows, block]
+      keys = lambda at: key_ref[pl.ds(start, block), pl.ds(at, half)]
+      s = (dot(q1, keys(0), ((1,), (1,))) + dot(q2, keys(half), ((1,), (1,)))) * scale  # [rows, block]
       s = jnp.where(seen[None, :], s, -jnp.inf)
       m_new = jnp.maximum(m, s.max(axis=1))
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       alpha = jnp.exp2(m - m_use)
       p = jnp.exp2(s - m_use[:, None])
-      pv = lax.dot_general(p.astype(value_ref.dtype), value_ref[pl.ds(start, block), :],
-                           (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+      pv = dot(p.astype(value_ref.dtype), value_ref[pl.ds(start, block), :], ((1,), (0,)))
       return acc * alpha[:, None] + pv, m_new, l * alpha + p.sum(axis=1)
 
     # Slot s only ever holds positions p with p % slots == s. Until a row's position passes `slots` (always, in
@@ -122,17 +147,16 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, key: jax.
     lo = jnp.where(unwrapped, jnp.maximum(low, 0), 0) - first
     hi = jnp.minimum(jnp.where(unwrapped, pos, slots) - first, jnp.minimum(length, slots - first))
     acc, m, l = lax.fori_loop(jnp.maximum(lo, 0) // block, pl.cdiv(jnp.maximum(hi, 0), block), step, (acc, m, l))
-    out_ref[...] = acc
+    acc_ref[...] = acc
     max_ref[...] = m
     sum_ref[...] = l
 
   row = lambda b, h, s: (b,)
   cache_spec = pl.BlockSpec((None, None, slots, head_dim), lambda b, h, s: (b, h, 0, 0))
   held_spec = pl.BlockSpec((None, slots), lambda b, h, s: (b, 0))
+  angle_spec = pl.BlockSpec((None, half), lambda b, h, s: (b, 0))
   in_specs = [pl.BlockSpec((None,), row), pl.BlockSpec((None,), row),
-              pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-              pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0)),
-              pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0)),
+              pl.BlockSpec((None, all_heads, head_dim), lambda b, h, s: (b, 0, 0)), angle_spec, angle_spec,
               cache_spec, cache_spec, held_spec]
   partial = (batch, kv_heads, splits, rows)
   out_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
@@ -145,14 +169,13 @@ def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, key: jax.
                jax.ShapeDtypeStruct(held.shape, jnp.int32)]
   kwargs = {}
   if not interpret:
-    from jax.experimental.pallas import triton as pltriton  # pylint: disable=g-import-not-at-top
     kwargs['compiler_params'] = pltriton.CompilerParams(num_warps=4, num_stages=2)
   acc, m, l, key, value, held = pl.pallas_call(
       kernel, grid=(batch, kv_heads, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases={5: 3, 6: 4, 7: 5}, interpret=interpret, name='decode_attention', **kwargs)(
-          position.astype(jnp.int32), lowest.astype(jnp.int32), q, k_new, v_new, key, value,
-          held.astype(jnp.int32))
+          position.astype(jnp.int32), lowest.astype(jnp.int32), qkv, cos.astype(jnp.float32),
+          sin.astype(jnp.float32), key, value, held.astype(jnp.int32))
   # Merge the splits: each holds an unnormalized sum and its max in base 2; split 0 always saw the new token.
   weight = jnp.exp2(m - m.max(axis=2, keepdims=True))  # [batch, kv_heads, splits, rows]
   out = (acc * weight[..., None]).sum(axis=2) / (l * weight).sum(axis=2)[..., None]
-  return out[:, :, :group].astype(q.dtype), key, value, held
+  return out[:, :, :group].astype(dtype), key, value, held
