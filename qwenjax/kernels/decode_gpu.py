@@ -1,4 +1,4 @@
-"""One decode step's attention and cache write in one Pallas kernel (Triton backend on GPU, interpreter on CPU).
+"""A decode step's rotary, cache write and attention in one Pallas kernel (Triton on GPU, interpreter on CPU).
 
 A decode step rotates each row's new query heads and key (rotary), writes the key and value into the row's
 cache slot, then attends the queries over the cache. Through XLA that is rotary and the projections' bias in
