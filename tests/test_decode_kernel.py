@@ -1,5 +1,5 @@
-"""The decode-step attention kernel (`qwenjax.kernels.decode_gpu`) in the Pallas interpreter, against the XLA path
-(`LayerCache.append` + `attend`), and its lowering for a GPU from this CPU."""
+"""The decode-step kernel (`qwenjax.kernels.decode_gpu`) in the Pallas interpreter, against the XLA path
+(`LayerCache.step(..., impl='xla')`: rotary, `append`, `attend`), and its lowering for a GPU from this CPU."""
 
 import functools
 import os
@@ -24,7 +24,7 @@ def ring_positions(position: np.ndarray, slots: int) -> np.ndarray:
 
 # (rows' positions, kv heads, group, head_dim, slots, window, dtype, block, programs)
 CASES = {
-    # a full cache not a whole number of blocks; a row at position 0 (nothing cached yet); group padded 6 -> 16
+    # a full cache not a whole number of blocks; a row at position 0 (nothing cached yet); a group of 6 read as 16 rows
     'full': ([30, 0, 39], 2, 6, 32, 40, None, jnp.float32, 16, 8),
     # a ring of `window` slots: one row has wrapped several times, one has not
     'ring': ([57, 3], 2, 3, 32, 20, 20, jnp.float32, 16, 8),
