@@ -5,8 +5,8 @@ cache slot, then attends the queries over the cache. Through XLA that is rotary 
 three fusions, three scatters (keys, values, slot positions), two small batched matmuls and a softmax, each
 kernel too short to keep a GPU busy. `decode_attention` does it in one kernel, split-K style ("flash
 decoding"): program (row, kv head, split) attends the queries of one kv head's group over one range of slots
-with an online softmax and writes its partial result; a small XLA combine merges them by log-sum-exp weights,
-so even one row keeps many multiprocessors reading. The program whose range holds the row's slot writes the
+with an online softmax and writes its partial result; a second small kernel merges them by log-sum-exp
+weights, so even one row keeps many multiprocessors reading. The program whose range holds the row's slot writes the
 new key and value there, in place (the cache is aliased to the outputs); the new token itself is attended by
 split 0 from registers, so no program depends on another's write.
 
@@ -158,7 +158,8 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Ar
   in_specs = [pl.BlockSpec((None,), row), pl.BlockSpec((None,), row),
               pl.BlockSpec((None, all_heads, head_dim), lambda b, h, s: (b, 0, 0)), angle_spec, angle_spec,
               cache_spec, cache_spec, held_spec]
-  partial = (batch, kv_heads, splits, rows)
+  # The partial results hold a power of two of splits (the merge reads them all at once; it masks the rest).
+  partial = (batch, kv_heads, 1 << (splits - 1).bit_length(), rows)
   out_specs = [pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
                pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
                pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
@@ -175,7 +176,44 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Ar
       input_output_aliases={5: 3, 6: 4, 7: 5}, interpret=interpret, name='decode_attention', **kwargs)(
           position.astype(jnp.int32), lowest.astype(jnp.int32), qkv, cos.astype(jnp.float32),
           sin.astype(jnp.float32), key, value, held.astype(jnp.int32))
-  # Merge the splits: each holds an unnormalized sum and its max in base 2; split 0 always saw the new token.
-  weight = jnp.exp2(m - m.max(axis=2, keepdims=True))  # [batch, kv_heads, splits, rows]
-  out = (acc * weight[..., None]).sum(axis=2) / (l * weight).sum(axis=2)[..., None]
-  return out[:, :, :group].astype(dtype), key, value, held
+  out = merge_splits(acc, m, l, splits=splits, group=group, dtype=dtype, interpret=interpret)
+  return out, key, value, held
+
+
+def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array, *, splits: int, group: int, dtype,
+                 interpret: bool = False) -> jax.Array:
+  """Merges the splits' partial results by their log-sum-exp weights, as one kernel (XLA takes three).
+
+  acc: [batch, kv_heads, padded, rows, head_dim] float32, each split's unnormalized sum; m, l: [batch, kv_heads,
+  padded, rows], its max score (base 2) and its sum of exponentials; the first `splits` of the `padded` (a
+  power of two) and the first `group` rows are real. Split 0 always saw the new token, so every real row's max
+  is finite. Returns [batch, kv_heads, group, head_dim] in `dtype`.
+  """
+  batch, kv_heads, padded, rows, head_dim = acc.shape
+  chunk = min(head_dim, 32)  # head_dim columns a program merges
+  real = lambda shape: ((lax.broadcasted_iota(jnp.int32, shape, 0) < splits)
+                        & (lax.broadcasted_iota(jnp.int32, shape, 1) < group))
+
+  def kernel(acc_ref, max_ref, sum_ref, out_ref):
+    load = lambda ref, shape, other: pltriton.load(ref.at[tuple(pl.ds(0, n) for n in shape)],
+                                                   mask=real(shape), other=other)
+    maxes = load(max_ref, (padded, rows), -jnp.inf)
+    top = maxes.max(axis=0)
+    weight = jnp.exp2(maxes - jnp.where(top == -jnp.inf, 0.0, top)[None])  # masked entries: 0
+    total = (load(sum_ref, (padded, rows), 0.0) * weight).sum(axis=0)
+    sums = load(acc_ref, (padded, rows, chunk), 0.0)
+    out = (sums * weight[:, :, None]).sum(axis=0) / jnp.where(total == 0, 1.0, total)[:, None]
+    in_group = lax.broadcasted_iota(jnp.int32, (rows, chunk), 0) < group
+    pltriton.store(out_ref.at[pl.ds(0, rows), :], out.astype(out_ref.dtype), mask=in_group)
+
+  split_spec = pl.BlockSpec((None, None, padded, rows), lambda b, h, c: (b, h, 0, 0))
+  kwargs = {}
+  if not interpret:
+    kwargs['compiler_params'] = pltriton.CompilerParams(num_warps=4, num_stages=1)
+  return pl.pallas_call(
+      kernel, grid=(batch, kv_heads, head_dim // chunk),
+      in_specs=[pl.BlockSpec((None, None, padded, rows, chunk), lambda b, h, c: (b, h, 0, 0, c)), split_spec,
+                split_spec],
+      out_specs=pl.BlockSpec((None, None, group, chunk), lambda b, h, c: (b, h, 0, c)),
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), dtype), interpret=interpret,
+      name='decode_merge', **kwargs)(acc, m, l)
