@@ -6,9 +6,9 @@ three fusions, three scatters (keys, values, slot positions), two small batched 
 kernel too short to keep a GPU busy. `decode_attention` does it in one kernel, split-K style ("flash
 decoding"): program (row, kv head, split) attends the queries of one kv head's group over one range of slots
 with an online softmax and writes its partial result; a second small kernel merges them by log-sum-exp
-weights, so even one row keeps many multiprocessors reading. The program whose range holds the row's slot writes the
-new key and value there, in place (the cache is aliased to the outputs); the new token itself is attended by
-split 0 from registers, so no program depends on another's write.
+weights, so even one row keeps many multiprocessors reading. The program whose range holds the row's slot
+writes the new key and value there, in place (the cache is aliased to the outputs); the new token itself is
+attended by split 0 from registers, so no program depends on another's write.
 
 Visibility is `attention_contract`'s, expressed through the positions the cache holds: a slot is seen if it
 holds a position in `[lowest, position)` (`lowest = position - window + 1`, or 0 without a window), and the
