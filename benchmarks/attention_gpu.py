@@ -8,7 +8,8 @@ Run on a Hopper GPU (jax with CUDA; results and their commands: docs/attention_g
 Shape of the table: B=1, 28 query heads, 4 KV heads, head_dim 128, window 4096, bf16, seq 8k/16k/32k
 (`--batch 4 --q_heads 16 --seqs 8192` is a layer of configs/1b.py; `--window 0` its full-attention layers). Useful
 TFLOP/s count only the visible band: fwd = 4 * B * Hq * D * band_pairs, fwd+bwd = 3.5 x fwd. Times are medians
-of `--iters` calls after warm-up, each ended by `jax.block_until_ready`.
+of `--iters` samples after warm-up, each `--calls` calls issued back to back and ended by one
+`jax.block_until_ready` (as a training loop runs them; one call at a time adds launch latency and spread).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def tune(args) -> flash_gpu.BlockSizes:
     fn = functools.partial(flash_gpu.flash_attention, sliding_window=window, block_sizes=blocks)
     f = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
     try:
-      t, _ = median_seconds(f, q, k, v, do, warmup=3, iters=args.iters)
+      t, _ = median_seconds(f, q, k, v, do, warmup=3, iters=args.iters, calls=args.calls)
     except Exception as e:  # pylint: disable=broad-except
       print('variant', variant, 'failed:', repr(e)[:300], flush=True)
       continue
@@ -211,7 +212,7 @@ def bench(args, blocks=None):
       for label, f, a, flops in (('fwd', fwd, (q, k, v), fwd_flops),
                                  ('fwd+bwd', fwd_bwd, (q, k, v, do), 3.5 * fwd_flops)):
         try:
-          t, _ = median_seconds(f, *a, warmup=3, iters=args.iters)
+          t, _ = median_seconds(f, *a, warmup=3, iters=args.iters, calls=args.calls)
           entry[label + '_ms'] = t * 1e3
           entry[label + '_tflops'] = flops / t / 1e12
         except Exception as e:  # pylint: disable=broad-except
@@ -252,7 +253,8 @@ def main():
                       help='--bench ours on packed documents of this mean length (useful TF/s count their pairs)')
   parser.add_argument('--batches_file', default='',
                       help="--bench ours on the documents of a data_throughput.py --save file's first batch")
-  parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--iters', type=int, default=10, help='timed samples (their median is reported)')
+  parser.add_argument('--calls', type=int, default=10, help='calls per sample, back to back (1: one at a time)')
   parser.add_argument('--only', nargs='*', help='substrings of implementation names to time')
   parser.add_argument('--blocks', help='JSON of flash_gpu.BlockSizes fields for ours')
   parser.add_argument('--out', default=os.environ.get('OUT'))

@@ -90,14 +90,15 @@ def write(args, result: dict) -> None:
 # Ours.
 
 def bandwidths(mib: int) -> tuple[float, float]:
-  """Bytes per second of two jitted probes over one `mib` MiB bf16 array (median of 10 each): a copy (bytes read
-  + written) and a float32 sum (bytes read: what a decode step does with its weights)."""
+  """Bytes per second of two jitted probes over one `mib` MiB bf16 array (median of 10 samples of 10 calls back to
+  back): a copy (bytes read + written) and a float32 sum (bytes read: what a decode step does with its weights)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from timing import median_seconds  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (mib * 2**19,), jnp.bfloat16)  # mib MiB of bf16
-  copy_s, _ = median_seconds(jax.jit(lambda x: -x), x, warmup=3, iters=10)
-  read_s, _ = median_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x, warmup=3, iters=10)
+  copy_s, _ = median_seconds(jax.jit(lambda x: -x), x, warmup=3, iters=10, calls=10)
+  read_s, _ = median_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x, warmup=3, iters=10,
+                             calls=10)
   return 2 * x.nbytes / copy_s, x.nbytes / read_s
 
 

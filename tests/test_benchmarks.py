@@ -88,6 +88,18 @@ def test_block_shares_counts_tiles_by_document():
   assert data_throughput.block_shares(np.ones((3, 8), np.int32), 4) == (9, 9, 9)  # one document
 
 
+def test_median_seconds_times_calls_back_to_back(monkeypatch):
+  """Each sample issues `calls` calls, waits once, and reports the time per call."""
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import timing  # pylint: disable=g-import-not-at-top
+  clock, waits, calls = iter(float(t) for t in range(0, 100, 6)), [], []
+  monkeypatch.setattr(timing.time, 'perf_counter', lambda: next(clock))
+  monkeypatch.setattr(timing.jax, 'block_until_ready', lambda x: waits.append(x) or x)
+  seconds, first = timing.median_seconds(lambda x: calls.append(x) or len(calls), 7, warmup=2, iters=3, calls=3)
+  assert first == 1 and len(calls) == 2 + 3 * 3 and waits == [1, 2, 5, 8, 11]  # one wait a sample, on its last call
+  assert seconds == 2.0  # each sample spans 6 clock units for 3 calls
+
+
 def test_step_benchmarks_train_on_saved_packed_documents(saved_documents, tmp_path):
   docs = saved_documents[2]
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m1_acts_xla_unrolled',
