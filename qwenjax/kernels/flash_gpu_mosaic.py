@@ -11,8 +11,9 @@ With packed documents the ranges also follow the documents (`flash_gpu.kv_ranges
 document are skipped, and blocks inside one document run unmasked. Each warpgroup reads the two bounds of its
 rows (and the producer those of the CTA's rows) from global memory, so all three agree on the steps.
 
-* forward: CTA = 128 query rows of one query head; producer streams K/V blocks of its KV head. The two
-  consumers ping-pong on a schedule barrier so one's softmax overlaps the other's matmuls (FlashAttention-3).
+* forward: CTA = 128 query rows of one query head, the last rows launched first (they see the most keys);
+  producer streams K/V blocks of its KV head. The two consumers ping-pong on a schedule barrier so one's softmax
+  overlaps the other's matmuls (FlashAttention-3).
 * dQ: CTA = 128 query rows, the last rows launched first (they see the most keys); producer streams K/V
   blocks; dQ accumulates in registers.
 * dK/dV: CTA = 128 keys of one KV head (the first keys, seen by the most queries, launched first); producer
@@ -155,7 +156,8 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
     q_bar, k_bar, v_bar, k_free, v_free, sched = bars
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
-    q0 = lax.axis_index('q_seq') * (_WGS * bq)
+    # Last query block first: later blocks see more keys (up to the window), so the light ones fill the last wave.
+    q0 = (seq_len // (_WGS * bq) - 1 - lax.axis_index('q_seq')) * (_WGS * bq)
 
     def ranges(start, rows):
       return fg.kv_ranges(start, rows, bkv, window, _doc_pair(doc_ref, b, start, rows) if has_seg else None)
