@@ -14,9 +14,9 @@ def median_seconds(fn: Callable, *args, warmup: int = 2, iters: int = 10, calls:
   """(median seconds per call, the first call's output): `warmup` untimed calls first (the first compiles).
 
   Each of the `iters` samples times `calls` calls issued back to back with one wait at the end, divided by
-  `calls`. With `calls=1` a sample also holds the dispatch and the launch of a call on an idle GPU; a kernel
-  of a few milliseconds then measures with a spread of 5-10% (H200), so comparisons of kernels use more
-  calls, as a training loop runs them."""
+  `calls`. With `calls=1` a sample also holds the dispatch and the launch of a call on an idle GPU, which adds
+  time and spread to short kernels; comparisons of kernels use more calls, as a training loop runs them
+  (docs/attention_gpu.md)."""
   out = jax.block_until_ready(fn(*args))
   for _ in range(warmup - 1):
     jax.block_until_ready(fn(*args))
