@@ -117,6 +117,7 @@ def _compiler_params():
 
 
 def _kernel(body, out_type, scratch, grid, grid_names):
+  """The kernel is named after `body` (`flash_forward_mosaic_gpu_kernel` in a profile)."""
   return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
                       num_threads=_WGS + 1, thread_name='wg', compiler_params=_compiler_params())
 
@@ -146,7 +147,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
   scale = fg.LOG2E / math.sqrt(head_dim)
   has_seg = segment_ids is not None
 
-  def body(q_ref, k_ref, v_ref, *refs):
+  def flash_forward(q_ref, k_ref, v_ref, *refs):
     if has_seg:
       seg_ref, doc_ref, out_ref, lse_ref, smem, bars = refs
       qo_smem2, k_smem, v_smem, lse_smem2, qseg_smem2, kseg_smem = smem
@@ -303,7 +304,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, seq_len), jnp.float32))
   args = (q, k, v) + ((segment_ids, fg.document_bounds(segment_ids)[0]) if has_seg else ())
   grid = (q_heads, seq_len // (_WGS * bq), batch)
-  out, lse = _kernel(body, out_type, (tuple(smem), bars), grid, ('heads', 'q_seq', 'batch'))(*args)
+  out, lse = _kernel(flash_forward, out_type, (tuple(smem), bars), grid, ('heads', 'q_seq', 'batch'))(*args)
   return out, lse
 
 
@@ -328,7 +329,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
   scale = fg.LOG2E / math.sqrt(head_dim)
   has_seg = segment_ids is not None
 
-  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+  def flash_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
     if has_seg:
       seg_ref, doc_ref, dq_ref, smem, bars = refs
       q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, qseg_smem2, kseg_smem = smem
@@ -455,7 +456,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
   ) + ((plgpu.Barrier(num_arrivals=_WGS),) if blocks.pingpong_bwd else ())
   args = (q, k, v, d_out, lse, delta) + ((segment_ids, fg.document_bounds(segment_ids)[0]) if has_seg else ())
   grid = (q_heads, seq_len // (_WGS * bq), batch)
-  return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), (tuple(smem), bars), grid,
+  return _kernel(flash_dq, jax.ShapeDtypeStruct(q.shape, dtype), (tuple(smem), bars), grid,
                  ('heads', 'q_seq', 'batch'))(*args)
 
 
@@ -469,7 +470,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
   scale = fg.LOG2E / math.sqrt(head_dim)
   has_seg = segment_ids is not None
 
-  def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+  def flash_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
     if has_seg:
       seg_ref, doc_ref, dk_ref, dv_ref, smem, bars = refs
       k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, kseg_smem2, qseg_smem = smem
@@ -606,4 +607,4 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
   args = (q, k, v, d_out, lse, delta) + ((segment_ids, fg.document_bounds(segment_ids)[1]) if has_seg else ())
   out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
   grid = (kv_heads, seq_len // (_WGS * bkv), batch)
-  return _kernel(body, out_type, (tuple(smem), bars), grid, ('heads', 'kv_seq', 'batch'))(*args)
+  return _kernel(flash_dkv, out_type, (tuple(smem), bars), grid, ('heads', 'kv_seq', 'batch'))(*args)
