@@ -4,6 +4,7 @@ Run on a Hopper GPU (jax with CUDA; results and their commands: docs/attention_g
 
     python benchmarks/attention_gpu.py --check            # correctness on fresh random bf16/fp32 inputs
     python benchmarks/attention_gpu.py --bench --out DIR  # the issue-5 timing table (markdown, last)
+    python benchmarks/attention_gpu.py --bench --only ours cuDNN --profile  # and the time of each kernel
 
 Shape of the table: B=1, 28 query heads, 4 KV heads, head_dim 128, window 4096, bf16, seq 8k/16k/32k
 (`--batch 4 --q_heads 16 --seqs 8192` is a layer of configs/1b.py; `--window 0` its full-attention layers). Useful
@@ -19,6 +20,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qwenjax.attention import xla_attention  # pylint: disable=g-import-not-at-top
 from qwenjax.kernels import attention_contract, flash_gpu  # pylint: disable=g-import-not-at-top
+import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/)
 from timing import median_seconds, packed_batches, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/)
 
 
@@ -178,6 +181,18 @@ def _document_pairs(seg, window) -> int:
              for row in ids for n in np.unique(row, return_counts=True)[1])
 
 
+def _profile(fn, args, calls: int, out: str | None, label: str) -> dict:
+  """Per-kernel device time of `calls` back-to-back calls (a trace under `out`, else a temporary directory)."""
+  trace_dir = os.path.join(out or tempfile.mkdtemp(), 'trace_' + ''.join(c if c.isalnum() else '_' for c in label))
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(calls):
+      result = fn(*args)
+    jax.block_until_ready(result)
+  summary = profile_summary.summarize(trace_dir, steps=calls, top=10)
+  print(f'profile of fwd+bwd, {label}, per call:\n{profile_summary.format_summary(summary)}', flush=True)
+  return summary
+
+
 def bench(args, blocks=None):
   batch, q_heads, kv_heads, head_dim = args.batch, args.q_heads, 4, 128
   window = args.window or None
@@ -218,6 +233,8 @@ def bench(args, blocks=None):
         except Exception as e:  # pylint: disable=broad-except
           msg = repr(e)
           entry[label + '_error'] = 'OOM' if 'RESOURCE_EXHAUSTED' in msg or 'out of memory' in msg else msg[:300]
+      if args.profile and 'fwd+bwd_ms' in entry:
+        entry['fwd+bwd_profile'] = _profile(fwd_bwd, (q, k, v, do), args.calls, args.out, f'{seq}_{name}')
       print(json.dumps(entry), flush=True)
       results.append(entry)
   if args.out:
@@ -256,6 +273,8 @@ def main():
   parser.add_argument('--iters', type=int, default=10, help='timed samples (their median is reported)')
   parser.add_argument('--calls', type=int, default=10, help='calls per sample, back to back (1: one at a time)')
   parser.add_argument('--only', nargs='*', help='substrings of implementation names to time')
+  parser.add_argument('--profile', action='store_true',
+                      help='--bench: also trace --calls fwd+bwd calls of each implementation (time per kernel)')
   parser.add_argument('--blocks', help='JSON of flash_gpu.BlockSizes fields for ours')
   parser.add_argument('--out', default=os.environ.get('OUT'))
   args = parser.parse_args()

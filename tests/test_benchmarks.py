@@ -100,6 +100,18 @@ def test_median_seconds_times_calls_back_to_back(monkeypatch):
   assert seconds == 2.0  # each sample spans 6 clock units for 3 calls
 
 
+def test_attention_benchmark_times_and_profiles_on_cpu(tmp_path):
+  """attention_gpu.py --bench --profile, on the XLA reference (the kernels need a GPU): a timed row with its
+  per-kernel profile."""
+  out = _run('attention_gpu.py', '--bench', '--seqs', '256', '--batch', '1', '--q_heads', '4', '--window', '64',
+             '--only', 'XLA', '--iters', '1', '--calls', '2', '--profile', '--out', str(tmp_path))
+  [row] = json.loads((tmp_path / 'bench.json').read_text())['results']
+  assert row['impl'] == 'XLA masked reference' and row['fwd_ms'] > 0 and row['fwd+bwd_ms'] > 0, row
+  profile = row['fwd+bwd_profile']
+  assert profile['steps'] == 2 and profile['kernel_ms_per_step'] > 0 and profile['top_kernels'], profile
+  assert 'profile of fwd+bwd, 256_XLA masked reference, per call' in out and '| 256 | XLA masked reference |' in out
+
+
 def test_step_benchmarks_train_on_saved_packed_documents(saved_documents, tmp_path):
   docs = saved_documents[2]
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m1_acts_xla_unrolled',
