@@ -184,11 +184,13 @@ def _document_pairs(seg, window) -> int:
 def _profile(fn, inputs, calls: int, out: str | None, label: str) -> dict:
   """Per-kernel device time of `calls` back-to-back calls (a trace under `out`, else a temporary directory)."""
   trace_dir = os.path.join(out or tempfile.mkdtemp(), 'trace_' + ''.join(c if c.isalnum() else '_' for c in label))
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+
+  def back_to_back():
     for _ in range(calls):
       result = fn(*inputs)
-    jax.block_until_ready(result)
-  summary = profile_summary.summarize(trace_dir, steps=calls, top=10)
+    return result
+
+  summary = profile_summary.trace(back_to_back, trace_dir, steps=calls, top=10)
   print(f'profile of fwd+bwd, {label}, per call:\n{profile_summary.format_summary(summary)}', flush=True)
   return summary
 

@@ -160,10 +160,8 @@ def run_ours(args) -> None:
                        traces=dict(generate.TRACES), tokens_head=np.asarray(state['out'][0, :8]).tolist()))
       if args.profile:
         state = jax.block_until_ready(prefill())
-        trace_dir = os.path.join(args.out, f'trace_b{batch}')
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-          jax.block_until_ready(decode(state))
-        summary = profile_summary.summarize(trace_dir, steps=steps, top=25)
+        summary = profile_summary.trace(lambda: decode(state), os.path.join(args.out, f'trace_b{batch}'), steps=steps,
+                                        top=25)
         write(args, dict(what='profile', batch=batch, xla_flags=os.environ.get('XLA_FLAGS', ''), **summary))
         print(f'decode profile, batch {batch}:\n{profile_summary.format_summary(summary)}')
     except Exception as e:  # pylint: disable=broad-except

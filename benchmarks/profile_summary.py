@@ -20,6 +20,7 @@ import glob
 import gzip
 import json
 import os
+from typing import Any, Callable
 
 # Kernel-name fragments -> category, first match wins (lower case).
 CATEGORIES = (
@@ -79,6 +80,15 @@ def summarize(trace_dir: str, steps: int, top: int = 60) -> dict:
       'top_kernels': [{'kernel': kernel[:160], 'hlo_op': op, 'ms_per_step': ms(t), 'launches_per_step': n / steps,
                        'category': category(kernel, op)} for kernel, (t, n, op) in kernels[:top]],
   }
+
+
+def trace(run: Callable[[], Any], trace_dir: str, steps: int, top: int = 60) -> dict:
+  """Runs `run()` (which issues `steps` steps) under `jax.profiler` and summarizes the trace. Its result is waited
+  for inside the trace, so the trace holds every kernel it launched."""
+  import jax  # pylint: disable=g-import-not-at-top  (reading a trace needs no jax)
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    jax.block_until_ready(run())
+  return summarize(trace_dir, steps, top)
 
 
 def format_summary(s: dict) -> str:

@@ -163,12 +163,13 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
   if profile:
     with open(os.path.join(out, f'{name}.hlo.txt'), 'w') as f:
       f.write(compiled.as_text())
-    trace_dir = os.path.join('/tmp', f'trace_{name}')
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+
+    def two_steps(state=state):
       for i in range(2):
         state, m = compiled(state, batches[i % len(batches)], v['horizon'])
-      jax.block_until_ready(m)
-    summary = profile_summary.summarize(trace_dir, steps=2)
+      return m
+
+    summary = profile_summary.trace(two_steps, os.path.join('/tmp', f'trace_{name}'), steps=2)
     with open(os.path.join(out, f'{name}.profile.json'), 'w') as f:
       json.dump(summary, f, indent=1)
     print(profile_summary.format_summary(summary), flush=True)
