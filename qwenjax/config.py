@@ -75,6 +75,7 @@ def train_section() -> ml_collections.ConfigDict:
       z_loss=1e-4,  # weight of mean(logsumexp(logits)^2); 0: off
       loss_chunk=1024,  # sequence positions per chunk of logits in the loss (never [batch, seq, vocab] at once)
       logits_dtype='float32',  # what the LM head's matmul writes; 'bfloat16' as under HF autocast (faster)
+      loss_impl='auto',  # the loss's passes over the logits: 'xla', 'pallas' (GPU kernels), 'auto' (pallas on GPU)
       seed=0,  # parameter init and data order
       log_every=50,
       eval_every=1000,  # 0: only at the end

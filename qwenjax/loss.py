@@ -7,6 +7,10 @@ accumulation and softmax, exactly as the model's head), the loss terms, and at o
 respect to the hidden states and the head (the softmax gradient is known in the forward pass). The backward
 pass only scales those by the incoming cotangent: the FLOPs of autodiff through full logits, the memory of one
 chunk.
+
+After the head's matmul, a chunk's logits are read twice: once for each row's logsumexp, once to write the
+softmax gradient. `impl` picks who runs those two passes: XLA, or (on a GPU, `'auto'`) the Pallas kernels of
+`kernels/cross_entropy_gpu.py`, per device under the active mesh.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from qwenjax import kernels
+from qwenjax import sharding
 
 LOGITS_AXES = ('activation_batch', 'activation_length', 'activation_vocab')
 DEFAULT_CHUNK = 1024  # sequence positions per chunk
@@ -41,13 +49,32 @@ def _merge(x: jax.Array) -> jax.Array:
   return jnp.moveaxis(x, 0, 1).reshape(batch, chunks * chunk, *x.shape[3:])
 
 
-def _logsumexp(logits: jax.Array) -> jax.Array:
+IMPLS = ('auto', 'xla', 'pallas')
+
+
+def resolve_impl(impl: str, interpret: bool = False) -> str:
+  """'xla' or 'pallas': the passes over the logits `impl` means on the target platform ('auto': the Pallas
+  kernels on a GPU, where XLA's fusions of these passes run far below memory bandwidth; XLA elsewhere)."""
+  if impl not in IMPLS:
+    raise ValueError(f'unknown loss impl {impl!r}; choose one of {IMPLS}')
+  platform = kernels.target_platform()
+  if impl == 'auto':
+    return 'pallas' if platform == 'gpu' else 'xla'
+  if impl == 'pallas' and platform != 'gpu' and not interpret:
+    raise ValueError(f"loss impl 'pallas' runs Triton kernels, which need a GPU (kernels are picked for "
+                     f"{platform!r}); use 'auto' or 'xla', or interpret=True for the Pallas interpreter.")
+  return impl
+
+
+def _xla_logsumexp(logits: jax.Array) -> jax.Array:
   """logsumexp over the last axis in one pass over memory: a variadic reduction carrying (max, sum of exp).
 
-  `jax.nn.logsumexp` reads its input twice (max, then the sum of exp); at `[rows, 151936]` float32 per chunk
-  each read of the logits is a pass over gigabytes, so one read instead of two is worth rescaling the running
-  sum. The pass is bound by arithmetic, not memory, on an H100, so the combine spends one exp per element.
+  `jax.nn.logsumexp` reads its input twice (max, then the sum of exp); at `[rows, 151936]` per chunk each read
+  of the logits is a pass over gigabytes, so one read instead of two is worth rescaling the running sum. The
+  combine spends one exp per element.
   """
+  logits = logits.astype(jnp.float32)
+
   def combine(a, b):
     (m1, s1), (m2, s2) = a, b
     # One exp per element: the side with the smaller max is scaled by exp(-|m1 - m2|). Equal maxes (both
@@ -60,26 +87,96 @@ def _logsumexp(logits: jax.Array) -> jax.Array:
   return m + jnp.log(total)
 
 
-def _chunk_terms(x, head, targets, weights, logits_dtype):
-  """One chunk's logits (float32), logsumexp, summed NLL and summed logsumexp^2 (float32).
+def _xla_softmax_grad(logits, lse, targets, weights, z_coef, dtype):
+  logits, lse = logits.astype(jnp.float32), lse[..., None]
+  onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)  # fuses into this pass; never stored
+  probs = jnp.exp(logits - lse)
+  w = weights.astype(jnp.float32)[..., None]
+  return (w * (probs * (1.0 + 2.0 * z_coef * lse) - onehot)).astype(dtype)
+
+
+def _per_device(fn, logits, *rows, vocab_out: bool):
+  """`fn(logits, *rows, vocab_axes)` per device under the active mesh: `[batch, chunk, vocab]` logits and
+  `[batch, chunk]` row arrays split as the logical rules split `LOGITS_AXES` (rows are independent; `fn` combines
+  what depends on the whole vocabulary over `vocab_axes`). Returns `[batch, chunk(, vocab)]`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  free = sharding.free_axes(mesh)
+  if not free:
+    return fn(logits, *rows, ())
+  # Axes that do not divide a dimension (a vmapped row of the evaluator over data=2) leave it whole.
+  axes = [a if n % sharding.axes_size(mesh, a) == 0 else ()
+          for a, n in zip(sharding.active_mesh_axes(LOGITS_AXES, mesh), logits.shape)]
+  spec = P(*(a or None for a in axes))
+  row_spec = P(*spec[:2])
+  return jax.shard_map(lambda x, *r: fn(x, *r, axes[2]), mesh=mesh, in_specs=(spec,) + (row_spec,) * len(rows),
+                       out_specs=spec if vocab_out else row_spec, axis_names=set(free),
+                       check_vma=False)(logits, *rows)
+
+
+def _pallas_logsumexp(logits, interpret):
+  from qwenjax.kernels import cross_entropy_gpu  # pylint: disable=g-import-not-at-top  (GPU only)
+
+  def local(x, vocab_axes):
+    lse = cross_entropy_gpu.logsumexp(x.reshape(-1, x.shape[-1]), interpret=interpret).reshape(x.shape[:-1])
+    if vocab_axes:  # each device holds a slice of the vocabulary: combine the slices' logsumexps
+      top = jax.lax.pmax(lse, vocab_axes)
+      lse = top + jnp.log(jax.lax.psum(jnp.exp(lse - top), vocab_axes))
+    return lse
+
+  return _per_device(local, logits, vocab_out=False)
+
+
+def _pallas_softmax_grad(logits, lse, targets, weights, z_coef, dtype, interpret):
+  from qwenjax.kernels import cross_entropy_gpu  # pylint: disable=g-import-not-at-top  (GPU only)
+
+  def local(x, lse, t, w, vocab_axes):
+    vocab = x.shape[-1]
+    if vocab_axes:
+      t = t - jax.lax.axis_index(vocab_axes) * vocab  # the target's column in this device's slice
+    flat = lambda r: r.reshape(-1)
+    grad = cross_entropy_gpu.softmax_grad(x.reshape(-1, vocab), flat(lse), flat(t), flat(w), z_coef=z_coef,
+                                          dtype=dtype, interpret=interpret)
+    return grad.reshape(x.shape)
+
+  return _per_device(local, logits, lse, targets, weights, vocab_out=True)
+
+
+def logsumexp(logits: jax.Array, impl: str = 'auto', interpret: bool = False) -> jax.Array:
+  """logsumexp over the last axis of `[batch, chunk, vocab]` logits, in float32."""
+  if resolve_impl(impl, interpret) == 'xla':
+    return _xla_logsumexp(logits)
+  return _pallas_logsumexp(logits, interpret)
+
+
+def softmax_grad(logits: jax.Array, lse: jax.Array, targets: jax.Array, weights: jax.Array, z_coef: float,
+                 dtype, impl: str = 'auto', interpret: bool = False) -> jax.Array:
+  """d(weights * (lse - logit[target] + z_coef * lse^2)) / d logits, as `dtype`: the softmax gradient of
+  `[batch, chunk, vocab]` logits with their logsumexp `lse`."""
+  if resolve_impl(impl, interpret) == 'xla':
+    return _xla_softmax_grad(logits, lse, targets, weights, z_coef, dtype)
+  return _pallas_softmax_grad(logits, lse, targets, weights, z_coef, dtype, interpret)
+
+
+def _chunk_terms(x, head, targets, weights, logits_dtype, impl, interpret):
+  """One chunk's logits (as the matmul writes them), logsumexp, summed NLL and summed logsumexp^2 (float32).
 
   The matmul accumulates in float32 and writes `logits_dtype`; everything after it is float32 (a bfloat16
   matmul output is converted inside the passes that read it, so it is never stored as float32).
   """
   logits = jnp.einsum('bce,ev->bcv', x, head, preferred_element_type=logits_dtype)
-  logits = nn.with_logical_constraint(logits, LOGITS_AXES).astype(jnp.float32)
-  lse = _logsumexp(logits)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # a gather, not a pass
+  logits = nn.with_logical_constraint(logits, LOGITS_AXES)
+  lse = logsumexp(logits, impl, interpret)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)  # a gather
   w = weights.astype(jnp.float32)
   return logits, lse, jnp.sum((lse - target_logit) * w), jnp.sum(jnp.square(lse) * w)
 
 
-def _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype):
+def _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
   """(NLL + z_coef * z, NLL, z) summed over weighted targets, without gradients."""
   c = _chunk_len(hidden.shape[1], chunk)
 
   def body(carry, xs):
-    _, _, nll, z = _chunk_terms(xs[0], head, xs[1], xs[2], logits_dtype)
+    _, _, nll, z = _chunk_terms(xs[0], head, xs[1], xs[2], logits_dtype, impl, interpret)
     return (carry[0] + nll, carry[1] + z), None
 
   zero = jnp.zeros((), jnp.float32)
@@ -87,23 +184,19 @@ def _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype):
   return nll + z_coef * z, nll, z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(hidden, head, targets, weights, z_coef, chunk, logits_dtype):
-  return _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
+  return _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret)
 
 
-def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype):
+def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
   c = _chunk_len(hidden.shape[1], chunk)
 
   def body(carry, xs):
     x, t, w = xs
     nll_sum, z_sum, dhead = carry
-    logits, lse, nll, z = _chunk_terms(x, head, t, w, logits_dtype)
-    w = w.astype(jnp.float32)[..., None]
-    # d(nll + z_coef * lse^2) / d logits = softmax * (1 + 2 z_coef lse) - onehot, per weighted target.
-    onehot = jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)  # fuses into this pass; never stored
-    probs = jnp.exp(logits - lse[..., None])
-    dlogits = (w * (probs * (1.0 + 2.0 * z_coef * lse[..., None]) - onehot)).astype(head.dtype)
+    logits, lse, nll, z = _chunk_terms(x, head, t, w, logits_dtype, impl, interpret)
+    dlogits = softmax_grad(logits, lse, t, w, z_coef, head.dtype, impl, interpret)
     dlogits = nn.with_logical_constraint(dlogits, LOGITS_AXES)
     dx = jnp.einsum('bcv,ev->bce', dlogits, head, preferred_element_type=jnp.float32).astype(x.dtype)
     dhead = dhead + jnp.einsum('bce,bcv->ev', x, dlogits, preferred_element_type=jnp.float32)
@@ -115,8 +208,8 @@ def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype):
   return (nll + z_coef * z, nll, z), (_merge(dx), dhead.astype(head.dtype))
 
 
-def _fused_bwd(z_coef, chunk, logits_dtype, residuals, cotangents):
-  del z_coef, chunk, logits_dtype
+def _fused_bwd(z_coef, chunk, logits_dtype, impl, interpret, residuals, cotangents):
+  del z_coef, chunk, logits_dtype, impl, interpret
   dx, dhead = residuals
   g = cotangents[0]  # the NLL and z outputs leave `cross_entropy` under stop_gradient: their cotangents are 0
   return (g * dx).astype(dx.dtype), (g * dhead).astype(dhead.dtype), None, None
@@ -127,7 +220,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
                   z_coef: float = 0.0, chunk: int = DEFAULT_CHUNK,
-                  logits_dtype: str = 'float32') -> tuple[jax.Array, jax.Array, jax.Array]:
+                  logits_dtype: str = 'float32', impl: str = 'auto',
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Weighted next-token losses of `logits = hidden @ head`, summed over positions.
 
   Args:
@@ -138,12 +232,15 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weight
     chunk: sequence positions per chunk (rounded down to a divisor of seq).
     logits_dtype: what the head matmul writes ('float32', or 'bfloat16' as under Hugging Face's bf16 autocast:
       half the memory traffic, logits rounded to 8 bits of mantissa before the float32 softmax).
+    impl: how the passes over each chunk's logits run: 'xla', 'pallas' (`kernels/cross_entropy_gpu.py`), or
+      'auto' (the kernels on a GPU). interpret: run the Pallas kernels in the interpreter (CPU tests).
 
   Returns:
     (total, nll, z): `total = nll + z_coef * z` is differentiable; `nll` (summed negative log-likelihood) and
     `z` (summed logsumexp^2) are for logging and carry no gradient.
   """
-  total, nll, z = _fused(hidden, head, targets, weights, float(z_coef), int(chunk), jnp.dtype(logits_dtype))
+  total, nll, z = _fused(hidden, head, targets, weights, float(z_coef), int(chunk), jnp.dtype(logits_dtype),
+                         resolve_impl(impl, interpret), bool(interpret))
   return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
 
 

@@ -110,7 +110,7 @@ def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch
 
 
 def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss: float,
-          chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32'):
+          chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32', loss_impl: str = 'auto'):
   """(objective to differentiate, (nll sum, z sum, target count, count-weighted aux losses)) of a (micro-)batch.
 
   Everything is a sum over target tokens, so micro-batches add up and one division by the total count gives
@@ -119,14 +119,15 @@ def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss
   """
   hidden, head, aux = hidden_states(model_config, params, batch)
   total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
-                                         chunk=chunk, logits_dtype=logits_dtype)
+                                         chunk=chunk, logits_dtype=logits_dtype, impl=loss_impl)
   count = jnp.sum(batch['weights'].astype(jnp.float32))
   weighted_aux = {k: jax.lax.stop_gradient(v) * count for k, v in aux.items()}
   return total + aux['moe_aux_loss'] * count, (nll, z, count, weighted_aux)
 
 
-def _loss_settings(train: Mapping[str, Any] | None) -> tuple[int, int, str]:
-  """(grad_accum_steps, loss_chunk, logits_dtype) of the `train` config section; None: 1, default, float32."""
+def _loss_settings(train: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
+  """(grad_accum_steps, `_sums`'s loss keywords: loss_chunk, logits_dtype, loss_impl) of the `train` config
+  section; None: 1 and the defaults (float32 logits)."""
   train = train or {}
   accum = int(train.get('grad_accum_steps', 1))
   chunk = int(train.get('loss_chunk', loss_lib.DEFAULT_CHUNK))
@@ -135,7 +136,9 @@ def _loss_settings(train: Mapping[str, Any] | None) -> tuple[int, int, str]:
     raise ValueError(f'train.grad_accum_steps must be >= 1, got {accum}')
   if logits_dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {logits_dtype!r}")
-  return accum, chunk, logits_dtype
+  loss_impl = train.get('loss_impl', 'auto')
+  loss_lib.resolve_impl(loss_impl)  # an unknown name stops here, naming the choices
+  return accum, dict(chunk=chunk, logits_dtype=logits_dtype, loss_impl=loss_impl)
 
 
 def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
@@ -162,9 +165,9 @@ def make_train_step(model_config: model_lib.ModelConfig, train: Mapping[str, Any
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
   batch, so any A gives the same update.
   """
-  accum, chunk, logits_dtype = _loss_settings(train)
+  accum, loss_kwargs = _loss_settings(train)
   z_loss = float(train['z_loss'])
-  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, z_loss, chunk, logits_dtype),
+  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, z_loss, **loss_kwargs),
                                has_aux=True)
 
   def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array]):
@@ -216,10 +219,10 @@ def make_eval_step(model_config: model_lib.ModelConfig,
   `train.loss_chunk` positions of `train.logits_dtype` logits at a time, so evaluation never needs more
   memory than a training step. `train` None: the whole batch at once, float32 logits.
   """
-  accum, chunk, logits_dtype = _loss_settings(train)
+  accum, loss_kwargs = _loss_settings(train)
 
   def sums(params, batch):
-    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, chunk, logits_dtype)
+    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, **loss_kwargs)
     return nll, count
 
   def eval_step(params, batch):

@@ -1,7 +1,8 @@
-"""Random parameters for tests that need some parameters of a config's shapes, but not `model.init_params`."""
+"""Random parameters (and loss inputs) for tests that need some of a config's shapes, but not `model.init_params`."""
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qwenjax import model
@@ -28,3 +29,13 @@ def random_params(config: model.ModelConfig, seed: int = 0) -> dict:
     return value.astype(x.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, nn.unbox(model.abstract_params(config)))
+
+
+def loss_inputs(seed: int, batch: int = 2, seq: int = 12, embed: int = 16, vocab: int = 37):
+  """(hidden, head, targets, weights) for `loss.cross_entropy`: random, about a third of the weights 0."""
+  k = jax.random.split(jax.random.key(seed), 4)
+  hidden = jax.random.normal(k[0], (batch, seq, embed))
+  head = 0.3 * jax.random.normal(k[1], (embed, vocab))
+  targets = jax.random.randint(k[2], (batch, seq), 0, vocab)
+  weights = (jax.random.uniform(k[3], (batch, seq)) > 0.3).astype(jnp.float32)
+  return hidden, head, targets, weights

@@ -112,6 +112,17 @@ def test_attention_benchmark_times_and_profiles_on_cpu(tmp_path):
   assert 'profile of fwd+bwd, 256_XLA masked reference, per call' in out and '| 256 | XLA masked reference |' in out
 
 
+def test_loss_benchmark_times_both_ways_on_cpu(tmp_path):
+  """loss_gpu.py on a small chunk, the kernels in the interpreter: both passes timed both ways, and the kernels'
+  results checked against the float32 reference."""
+  _run('loss_gpu.py', '--rows', '6', '--vocab', '1000', '--blocks', '256', '--iters', '1', '--calls', '1', '--out',
+       str(tmp_path))
+  results = json.loads((tmp_path / 'loss_gpu.json').read_text())['results']
+  assert [r['pass_'] for r in results] == ['logsumexp xla', 'logsumexp pallas_b256_w4', 'softmax_grad xla',
+                                           'softmax_grad pallas_b256_w4']
+  assert all(r['ms'] > 0 and r['rel_err'] < 1e-2 for r in results), results
+
+
 def test_step_benchmarks_train_on_saved_packed_documents(saved_documents, tmp_path):
   docs = saved_documents[2]
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m1_acts_xla_unrolled',

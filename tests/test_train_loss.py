@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from model_utils import loss_inputs
 from model_utils import random_params
 from qwenjax import config as config_lib
 from qwenjax import loss
@@ -21,21 +22,12 @@ MODEL = model_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=
                               num_attention_heads=4, num_key_value_heads=2, attention_impl='xla')
 
 
-def _inputs(seed, batch=2, seq=12, embed=16, vocab=37):
-  k = jax.random.split(jax.random.key(seed), 4)
-  hidden = jax.random.normal(k[0], (batch, seq, embed))
-  head = 0.3 * jax.random.normal(k[1], (embed, vocab))
-  targets = jax.random.randint(k[2], (batch, seq), 0, vocab)
-  weights = (jax.random.uniform(k[3], (batch, seq)) > 0.3).astype(jnp.float32)
-  return hidden, head, targets, weights
-
-
 def test_one_pass_logsumexp_matches_jax():
   logits = jnp.concatenate([
       30.0 * jax.random.normal(jax.random.key(0), (3, 1000)),  # large spread: the running max must rescale
       jnp.full((1, 1000), -jnp.inf).at[0, 7].set(2.0),  # one finite entry among masked ones
   ])
-  got = loss._logsumexp(logits)  # pylint: disable=protected-access
+  got = loss._xla_logsumexp(logits)  # pylint: disable=protected-access
   np.testing.assert_allclose(got, jax.nn.logsumexp(logits, axis=-1), rtol=1e-6)
   assert got[-1] == 2.0
 
@@ -44,7 +36,7 @@ def test_one_pass_logsumexp_matches_jax():
 def test_bfloat16_logits_are_the_rounded_float32_logits():
   """logits_dtype='bfloat16' computes the loss and gradients of the head's output rounded to bfloat16 (as
   Hugging Face's bf16 autocast does), with the softmax still in float32."""
-  hidden, head, targets, weights = _inputs(3)
+  hidden, head, targets, weights = loss_inputs(3)
   hidden, head = hidden.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
 
   def reference(hidden, head):
@@ -65,7 +57,7 @@ def test_bfloat16_logits_are_the_rounded_float32_logits():
 
 @pytest.mark.parametrize('chunk,z_coef', [(12, 0.0), (5, 1e-2), (1, 1e-2)])
 def test_chunked_loss_matches_full_logits(chunk, z_coef):
-  hidden, head, targets, weights = _inputs(chunk)
+  hidden, head, targets, weights = loss_inputs(chunk)
 
   def reference(hidden, head):
     nll, z = loss.full_logits_cross_entropy(hidden @ head, targets, weights)
