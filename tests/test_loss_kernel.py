@@ -102,6 +102,15 @@ def test_loss_kernels_lower_for_a_gpu_from_this_cpu():
     text = jax.jit(grads).trace(hidden, head, rows, rows).lower(lowering_platforms=('cuda',)).as_text()
   assert 'triton' in text and 'logsumexp' in text and 'softmax_grad' in text
 
+  # The evaluator's path: each row's loss under vmap (no gradient, so the logsumexp kernel alone).
+  per_row = lambda h, w, t, weight: loss.cross_entropy(h[None], w, t[None], weight[None], chunk=256)[1]
+  args = (jax.ShapeDtypeStruct((3, 512, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64, 1000), jnp.bfloat16),
+          jax.ShapeDtypeStruct((3, 512), jnp.int32), jax.ShapeDtypeStruct((3, 512), jnp.float32))
+  with kernels.lowering_platform('gpu'):
+    text = jax.jit(jax.vmap(per_row, in_axes=(0, None, 0, 0))).trace(*args).lower(
+        lowering_platforms=('cuda',)).as_text()
+  assert 'triton' in text and 'logsumexp' in text and 'softmax_grad' not in text
+
 
 def test_loss_impl_errors():
   with pytest.raises(ValueError, match="unknown loss impl 'fast'.*'auto', 'xla', 'pallas'"):
