@@ -54,7 +54,7 @@ IMPLS = ('auto', 'xla', 'pallas')
 
 def resolve_impl(impl: str, interpret: bool = False) -> str:
   """'xla' or 'pallas': the passes over the logits `impl` means on the target platform ('auto': the Pallas
-  kernels on a GPU, where XLA's fusions of these passes run far below memory bandwidth; XLA elsewhere)."""
+  kernels on a GPU, where XLA's fusions of these passes run below memory bandwidth; XLA elsewhere)."""
   if impl not in IMPLS:
     raise ValueError(f'unknown loss impl {impl!r}; choose one of {IMPLS}')
   platform = kernels.target_platform()

@@ -1,9 +1,9 @@
 """The loss's two passes over a chunk of logits as Pallas kernels (Triton on GPU, interpreter on CPU).
 
 After the LM head's matmul writes a chunk of logits, the loss reads them twice: once for each row's
-logsumexp, once to write the softmax gradient. Through XLA:GPU both passes run far below memory bandwidth at
-Qwen2's vocabulary: 151,936 = 128 x 1187 columns, so the row reduction is split into unaligned pieces, and the
-gradient pass computes every element's row from its linear index. These kernels read a row in aligned blocks:
+logsumexp, once to write the softmax gradient. Through XLA:GPU both run below memory bandwidth at Qwen2's
+vocabulary, the logsumexp far below: 151,936 = 128 x 1187 columns, and XLA splits that row reduction into
+unaligned pieces (docs/training.md has the measurements). These kernels read a row in aligned blocks:
 
 * `logsumexp`: one program per row, an online max and sum of exponentials over its blocks (one exp per
   element).
