@@ -2,7 +2,7 @@
 
 The blocked algorithm (tiling, masks, block skipping, GQA, documents, custom VJP) runs in the Pallas
 interpreter with tiny blocks; the Hopper (Mosaic GPU) kernels are traced and lowered for CUDA, which checks
-their shapes, layouts and shared-memory budget without a GPU. Numbers on the H100: docs/attention_gpu.md.
+their shapes, layouts and shared-memory budget without a GPU. Timings: docs/attention_gpu.md.
 """
 
 import functools
