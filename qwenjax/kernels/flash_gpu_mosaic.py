@@ -19,6 +19,9 @@ rows (and the producer those of the CTA's rows) from global memory, so all three
 * dK/dV: CTA = 128 keys of one KV head (the first keys, seen by the most queries, launched first); producer
   streams (Q, dO, lse, delta) blocks of every query head of the group over the band; dK and dV accumulate in
   registers and are written once, in [b, s, kv_heads, d].
+
+In both backward kernels a step issues the S and dP wgmmas, waits for S only, and computes P's exponentials
+while dP's wgmma runs.
 """
 
 from __future__ import annotations
@@ -378,18 +381,19 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
           plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
           pingpong.issued()
-          return s_ref[...], dp_ref[...]
+          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # P's exponentials overlap dP's wgmma
+          if masked:
+            row_seg = col_seg = None
+            if has_seg:
+              k_seg = plgpu.load(kseg_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+              row_seg, col_seg = _rows(q_seg, (bq, bkv)), _cols(k_seg, (bq, bkv))
+            mask = _visible((bq, bkv), qw, j * bkv, rows_are_queries=True, window=window,
+                            row_seg=row_seg, col_seg=col_seg)
+            s = jnp.where(mask, s, fg.MASK_VALUE)
+          p = jnp.exp2(s * scale - _rows(lse_r, s.shape))
+          return p, plgpu.wgmma_accumulator_load(dp_ref, wait_n=0)
 
-        s, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bkv), jnp.float32), plgpu.ACC((bq, bkv), jnp.float32))
-        if masked:
-          row_seg = col_seg = None
-          if has_seg:
-            k_seg = plgpu.load(kseg_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-            row_seg, col_seg = _rows(q_seg, (bq, bkv)), _cols(k_seg, (bq, bkv))
-          mask = _visible((bq, bkv), qw, j * bkv, rows_are_queries=True, window=window,
-                          row_seg=row_seg, col_seg=col_seg)
-          s = jnp.where(mask, s, fg.MASK_VALUE)
-        p = jnp.exp2(s * scale - _rows(lse_r, s.shape))
+        p, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bkv), jnp.float32), plgpu.ACC((bq, bkv), jnp.float32))
         ds = (p * (dp - _rows(delta_r, dp.shape))).astype(dtype)
         pingpong.done_elementwise()
         pingpong.before_second()
@@ -515,20 +519,21 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
           plgpu.wgmma(s_ref, k_smem, q_smem.at[slot].transpose((1, 0)))
           plgpu.wgmma(dp_ref, v_smem, do_smem.at[slot].transpose((1, 0)))
           pingpong.issued()
-          return s_ref[...], dp_ref[...]
+          lse_c = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
+          s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # P's exponentials overlap dP's wgmma
+          if masked:
+            row_seg = col_seg = None
+            if has_seg:
+              q_seg = plgpu.load(qseg_smem.at[slot], (), layout=col_layout)
+              row_seg, col_seg = _rows(k_seg, shape), _cols(q_seg, shape)
+            mask = _visible(shape, kw, i * bq, rows_are_queries=False, window=window,
+                            row_seg=row_seg, col_seg=col_seg)
+            s_t = jnp.where(mask, s_t, fg.MASK_VALUE)
+          p_t = jnp.exp2(s_t * scale - _cols(lse_c, shape))
+          return p_t, plgpu.wgmma_accumulator_load(dp_ref, wait_n=0)
 
-        s_t, dp_t = pl.run_scoped(st_dpt, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
-        lse_c = plgpu.load(lse_smem.at[slot], (), layout=col_layout)
+        p_t, dp_t = pl.run_scoped(st_dpt, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
         delta_c = plgpu.load(delta_smem.at[slot], (), layout=col_layout)
-        if masked:
-          row_seg = col_seg = None
-          if has_seg:
-            q_seg = plgpu.load(qseg_smem.at[slot], (), layout=col_layout)
-            row_seg, col_seg = _rows(k_seg, shape), _cols(q_seg, shape)
-          mask = _visible(shape, kw, i * bq, rows_are_queries=False, window=window,
-                          row_seg=row_seg, col_seg=col_seg)
-          s_t = jnp.where(mask, s_t, fg.MASK_VALUE)
-        p_t = jnp.exp2(s_t * scale - _cols(lse_c, shape))
         ds_t = (p_t * (dp_t - _cols(delta_c, shape))).astype(dtype)
         p_t = p_t.astype(dtype)
         pingpong.done_elementwise()
