@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timing import median_seconds, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
 from qwenjax import loss  # pylint: disable=g-import-not-at-top
 from qwenjax.kernels import cross_entropy_gpu  # pylint: disable=g-import-not-at-top
