@@ -41,6 +41,12 @@ HUBER_DELTA = 1e-3
 # Hoffmann et al.'s grid of starting points for approach 3 (a, b, e are the logs of A, B, E).
 START_GRID = dict(a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0), b=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
                   e=(-1.0, -0.5, 0.0, 0.5, 1.0), alpha=(0.0, 0.5, 1.0, 1.5, 2.0), beta=(0.0, 0.5, 1.0, 1.5, 2.0))
+# Approach 3's search box. Exponents >= 0: a loss that grows with N or D is no scaling law (and has no
+# compute-optimal point); <= 3, beyond any fitted language-model law (Hoffmann et al.'s grid spans 0-2). log A, log
+# B and log E in [-20, 60]: wide for any sweep (a term below e^-20 contributes nothing), yet finite, so that points
+# which cannot determine a parameter end the search at a bound (reported under `at_bounds`) instead of sending it
+# past float range.
+BOUNDS = dict(log_A=(-20.0, 60.0), log_B=(-20.0, 60.0), log_E=(-20.0, 60.0), alpha=(0.0, 3.0), beta=(0.0, 3.0))
 APPROACH2_KEYS = ('a', 'b', 'k_N', 'k_D')
 APPROACH3_KEYS = ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b')
 
@@ -110,6 +116,10 @@ def approach2(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray, losse
     if sizes < 3:  # (bootstrap resamples repeat points: a parabola through 2 distinct sizes is arbitrary)
       skipped.append(dict(budget=float(budget), reason=f'{sizes} distinct size(s); a parabola needs 3'))
       continue
+    lengths = len(np.unique(tokens[at]))
+    if lengths < 3:  # short runs round D to whole steps: two sizes can train on the same number of tokens
+      skipped.append(dict(budget=float(budget), reason=f'{lengths} distinct token count(s); a parabola needs 3'))
+      continue
     by_n, by_d = fit_parabola(params[at], losses[at]), fit_parabola(tokens[at], losses[at])
     if not (by_n.has_minimum and by_d.has_minimum):
       skipped.append(dict(budget=float(budget), reason='the parabola has no minimum (opens downward)'))
@@ -157,11 +167,20 @@ def _start_grid() -> np.ndarray:
   return np.array(list(itertools.product(*(START_GRID[k] for k in ('a', 'b', 'e', 'alpha', 'beta')))))
 
 
+_THETA = ('log_A', 'log_B', 'log_E', 'alpha', 'beta')  # theta's order
+
+
 def _lbfgs(theta0, args) -> optimize.OptimizeResult:
-  # Exponents kept >= 0: a loss that grows with N or D is no scaling law (and has no compute-optimal point).
-  return optimize.minimize(_huber_objective, theta0, args=args, jac=True, method='L-BFGS-B',
-                           bounds=[(None, None)] * 3 + [(0.0, None)] * 2,
+  bounds = [BOUNDS[k] for k in _THETA]
+  theta0 = np.clip(theta0, [lo if lo is not None else -np.inf for lo, _ in bounds],
+                   [hi if hi is not None else np.inf for _, hi in bounds])
+  return optimize.minimize(_huber_objective, theta0, args=args, jac=True, method='L-BFGS-B', bounds=bounds,
                            options=dict(maxiter=2000, ftol=1e-15, gtol=1e-10))
+
+
+def _at_bounds(theta: np.ndarray) -> list[str]:
+  """The parameters of a fit that ended on the search box's edge: there the data did not determine them."""
+  return [k for k, x in zip(_THETA, theta) if any(b is not None and abs(x - b) < 1e-6 for b in BOUNDS[k])]
 
 
 def approach3(params: np.ndarray, tokens: np.ndarray, losses: np.ndarray, *, delta: float = HUBER_DELTA,
@@ -170,7 +189,9 @@ def approach3(params: np.ndarray, tokens: np.ndarray, losses: np.ndarray, *, del
 
   The objective is evaluated at all 4500 points of Hoffmann et al.'s grid (`START_GRID`); L-BFGS runs from the
   `starts` best of them (and from `extra_starts`), and the lowest optimum wins. Bootstrap refits start from
-  the full fit's optimum instead (`starts=0`).
+  the full fit's optimum instead (`starts=0`). `at_bounds` names the parameters left on the edge of `BOUNDS`
+  (an exponent of 0: the loss does not fall with N or D over these points; E at e^-20: the points are far from
+  the irreducible loss), which the data did not determine.
   """
   if len(losses) < 5:
     raise ValueError(f'approach 3 fits 5 parameters and needs at least 5 points, got {len(losses)}')
@@ -185,9 +206,10 @@ def approach3(params: np.ndarray, tokens: np.ndarray, losses: np.ndarray, *, del
     if best is None or result.fun < best.fun:
       best = result
   a, b, e, alpha, beta = best.x
+  exponents = alpha + beta  # 0 when the losses depend on neither N nor D: no compute-optimal split
   return dict(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
-              a=float(beta / (alpha + beta)), b=float(alpha / (alpha + beta)), huber_loss=float(best.fun),
-              theta=[float(x) for x in best.x])
+              a=float(beta / exponents) if exponents else None, b=float(alpha / exponents) if exponents else None,
+              huber_loss=float(best.fun), theta=[float(x) for x in best.x], at_bounds=_at_bounds(best.x))
 
 
 def predicted_loss(fit: Mapping[str, float], params, tokens):
@@ -224,7 +246,7 @@ def _columns(results: Sequence[Mapping[str, Any]]):
 def _interval(values: list[float]) -> list[float] | None:
   """The 95% percentile interval of bootstrap refits; None when they do not vary, e.g. approach 2 on 3 sizes a
   budget, where the only resamples that keep 3 distinct sizes are the points themselves."""
-  values = np.array([v for v in values if np.isfinite(v)])
+  values = np.array([v for v in values if v is not None and np.isfinite(v)])
   if len(values) < 2 or np.ptp(values) <= 1e-9 * np.max(np.abs(values)):
     return None
   return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
@@ -301,6 +323,8 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
   written = []
   fit3 = fitted['approach3'] if 'error' not in fitted['approach3'] else None
+  if fit3 and not (fit3['alpha'] > 0 and fit3['beta'] > 0):
+    fit3 = None  # an exponent of 0: no compute-optimal frontier to draw
   fit2 = fitted.get('approach2') if 'error' not in fitted.get('approach2', {}) else None
 
   if fit2:
@@ -445,9 +469,13 @@ def summary(fitted: Mapping[str, Any]) -> str:
     ci = fitted[approach].get('ci', {})
     parts = []
     for k in keys:
-      interval = ci.get(k)
-      parts.append(f'{k}={fitted[approach][k]:.4g}' + (f' [{interval[0]:.4g}, {interval[1]:.4g}]' if interval else ''))
+      interval, value = ci.get(k), fitted[approach][k]
+      parts.append(f'{k}=' + ('none' if value is None else f'{value:.4g}')
+                   + (f' [{interval[0]:.4g}, {interval[1]:.4g}]' if interval else ''))
     lines.append(f'{approach}: ' + ', '.join(parts))
+    if fitted[approach].get('at_bounds'):
+      lines.append(f'{approach}: {", ".join(fitted[approach]["at_bounds"])} ended on the edge of the search '
+                   '(scaling.BOUNDS): these points do not determine the fit; sweep more sizes and budgets')
   return '\n'.join(lines)
 
 

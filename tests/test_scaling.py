@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -103,6 +104,37 @@ def test_approach2_skips_budgets_it_cannot_fit_and_names_the_problem():
   falling = [dict(r, eval_loss=10.0 - np.log(r['params']) ** 1.5 / 10) for r in rows if r['budget'] == budgets[0]]
   with pytest.raises(ValueError, match='needs IsoFLOP minima at 2 budgets'):
     scaling.approach2(*columns(falling + [r for r in rows if r['budget'] == budgets[2]]))
+
+
+def test_points_without_a_law_give_a_finite_fit_that_says_so(tmp_path):
+  """Losses that do not fall with N (here they grow) or do not depend on N and D at all: the fit stays finite
+  (strict JSON, no overflow warnings), names the parameters it left on the edge of its bounds, and plots."""
+  rows = isoflop_points(SMALL_DATA, (1e14, 1e17), budgets=2, sizes=4)
+  growing = [dict(r, eval_loss=3.0 + 0.1 * np.log(r['params'])) for r in rows]
+  rng = np.random.default_rng(6)
+  flat = [dict(r, eval_loss=4.5 + 0.2 * rng.standard_normal()) for r in rows]
+  for points in (growing, flat):
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')  # overflow in exp, division by zero, a rank-deficient parabola
+      fitted = scaling.fit(points, bootstrap=20)
+      plots = scaling.plot_fit(points, fitted, str(tmp_path))
+    fit3 = fitted['approach3']
+    json.dumps(fitted, allow_nan=False)
+    assert all(np.isfinite(fit3[k]) for k in ('E', 'A', 'B', 'alpha', 'beta'))
+    assert 'frontier.png' in [os.path.basename(p) for p in plots]
+  fitted = scaling.fit(growing, bootstrap=0)
+  assert 'alpha' in fitted['approach3']['at_bounds']
+  assert 'ended on the edge of the search' in scaling.summary(fitted).splitlines()[-1]
+
+
+def test_approach2_needs_three_token_counts_a_budget():
+  """Short runs round D to whole steps, so two sizes of a budget can train on the same tokens: no D parabola."""
+  rows = isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3, sizes=5)
+  first = min(r['budget'] for r in rows)
+  same = [dict(r, tokens=1e9 if i % 2 else 2e9) if r['budget'] == first else r for i, r in enumerate(rows)]
+  fitted = scaling.approach2(*columns(same))
+  assert [s['budget'] for s in fitted['skipped']] == [first]
+  assert '2 distinct token count(s); a parabola needs 3' in fitted['skipped'][0]['reason']
 
 
 def write_results(directory, rows):
