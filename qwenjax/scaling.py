@@ -45,7 +45,7 @@ START_GRID = dict(a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0), b=(0.0, 5.0, 10.0, 15.0,
 # compute-optimal point); <= 3, beyond any fitted language-model law (Hoffmann et al.'s grid spans 0-2). log A, log
 # B and log E in [-20, 60]: wide for any sweep (a term below e^-20 contributes nothing), yet finite, so that points
 # which cannot determine a parameter end the search at a bound (reported under `at_bounds`) instead of sending it
-# past float range.
+# past float range. In the order of theta, the vector L-BFGS searches.
 BOUNDS = dict(log_A=(-20.0, 60.0), log_B=(-20.0, 60.0), log_E=(-20.0, 60.0), alpha=(0.0, 3.0), beta=(0.0, 3.0))
 APPROACH2_KEYS = ('a', 'b', 'k_N', 'k_D')
 APPROACH3_KEYS = ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b')
@@ -167,20 +167,16 @@ def _start_grid() -> np.ndarray:
   return np.array(list(itertools.product(*(START_GRID[k] for k in ('a', 'b', 'e', 'alpha', 'beta')))))
 
 
-_THETA = ('log_A', 'log_B', 'log_E', 'alpha', 'beta')  # theta's order
-
-
 def _lbfgs(theta0, args) -> optimize.OptimizeResult:
-  bounds = [BOUNDS[k] for k in _THETA]
-  theta0 = np.clip(theta0, [lo if lo is not None else -np.inf for lo, _ in bounds],
-                   [hi if hi is not None else np.inf for _, hi in bounds])
+  bounds = list(BOUNDS.values())
+  theta0 = np.clip(theta0, *zip(*bounds))  # the bootstrap's offset starts can step outside the box
   return optimize.minimize(_huber_objective, theta0, args=args, jac=True, method='L-BFGS-B', bounds=bounds,
                            options=dict(maxiter=2000, ftol=1e-15, gtol=1e-10))
 
 
 def _at_bounds(theta: np.ndarray) -> list[str]:
   """The parameters of a fit that ended on the search box's edge: there the data did not determine them."""
-  return [k for k, x in zip(_THETA, theta) if any(b is not None and abs(x - b) < 1e-6 for b in BOUNDS[k])]
+  return [k for k, x in zip(BOUNDS, theta) if min(abs(x - b) for b in BOUNDS[k]) < 1e-6]
 
 
 def approach3(params: np.ndarray, tokens: np.ndarray, losses: np.ndarray, *, delta: float = HUBER_DELTA,
