@@ -202,9 +202,11 @@ def approach3(params: np.ndarray, tokens: np.ndarray, losses: np.ndarray, *, del
     if best is None or result.fun < best.fun:
       best = result
   a, b, e, alpha, beta = best.x
-  exponents = alpha + beta  # 0 when the losses depend on neither N nor D: no compute-optimal split
+  # An exponent of 0 (the loss does not fall with N, or with D) has no compute-optimal split: all compute would
+  # go to the other factor (compute_optimal divides by zero), so a and b are None.
+  split = alpha > 0 and beta > 0
   return dict(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta),
-              a=float(beta / exponents) if exponents else None, b=float(alpha / exponents) if exponents else None,
+              a=float(beta / (alpha + beta)) if split else None, b=float(alpha / (alpha + beta)) if split else None,
               huber_loss=float(best.fun), theta=[float(x) for x in best.x], at_bounds=_at_bounds(best.x))
 
 
@@ -319,7 +321,7 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
   written = []
   fit3 = fitted['approach3'] if 'error' not in fitted['approach3'] else None
-  if fit3 and not (fit3['alpha'] > 0 and fit3['beta'] > 0):
+  if fit3 and fit3['a'] is None:
     fit3 = None  # an exponent of 0: no compute-optimal frontier to draw
   fit2 = fitted.get('approach2') if 'error' not in fitted.get('approach2', {}) else None
 

@@ -124,6 +124,13 @@ def test_points_without_a_law_give_a_finite_fit_that_says_so(tmp_path):
     assert 'frontier.png' in [os.path.basename(p) for p in plots]
   fitted = scaling.fit(growing, bootstrap=0)
   assert 'alpha' in fitted['approach3']['at_bounds']
+  # Losses that fall with D alone: beta is found, alpha stays at 0, and there is no compute-optimal split.
+  tokens_only = [dict(r, eval_loss=2.0 + 400.0 / r['tokens']**0.3) for r in rows]
+  fitted = scaling.fit(tokens_only, bootstrap=0)
+  fit3 = fitted['approach3']
+  assert fit3['at_bounds'] == ['alpha'] and fit3['alpha'] == 0 and abs(fit3['beta'] - 0.3) < 1e-3
+  assert fit3['a'] is None and fit3['b'] is None
+  assert 'frontier.png' in [os.path.basename(p) for p in scaling.plot_fit(tokens_only, fitted, str(tmp_path))]
   assert 'ended on the edge of the search' in scaling.summary(fitted).splitlines()[-1]
 
 
