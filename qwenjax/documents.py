@@ -76,8 +76,8 @@ def _decode(raw: bytes, where: str) -> str:
 def _text_of(obj: Any, key: str, where: str) -> str:
   if not isinstance(obj, dict) or key not in obj:
     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-    raise KeyError(f'{where} has no {key!r} field (it has {keys}); set --config.data.text_key to the field '
-                   'that holds the text')
+    raise KeyError(f'{where} has no {key!r} field (it has {keys}); set the text key to the field that holds '
+                   'the text (--config.data.text_key in training, --text_key in qwenjax.evaluate)')
   return str(obj[key])
 
 

@@ -8,13 +8,13 @@ Face checkpoint directory with the tokenizer in it. The results are printed as J
 
 Text (`--files`, read as `qwenjax.data.DocumentSource` reads them: a .jsonl line or a .txt file is a document)
 is scored as lm-evaluation-harness scores `loglikelihood_rolling` (its wikitext task): each document on its own,
-every token of it predicted once, the first one from the end-of-text token (`eos_id`, what precedes a
-document in training) and the end-of-text token after it not predicted. A document longer than `--seq_len`
-is cut into windows of at most `--seq_len` predicted tokens, each with only its own tokens as context (with
-`--overlap=C`, windows after the first predict `seq_len - C` tokens and see the C tokens before them too, as a
-strided perplexity does). `loss` is the mean negative log-likelihood per scored token, in nats; `bits_per_byte`
-is the total over `ln 2` times the UTF-8 bytes of the documents, which does not depend on the tokenizer, so
-models with different tokenizers compare.
+every token of it predicted once, the first one from the end-of-text token (`eos_id`, the harness's prefix
+token) and the end-of-text token after it not predicted. A document longer than `--seq_len` is cut into
+windows of `--seq_len` predicted tokens, each seeing the token before it (with `--overlap=C`, windows after the
+first predict `seq_len - C` tokens and see the C tokens before them too, as a strided perplexity does); the
+last, shorter window sees as many earlier tokens as fill `--seq_len` inputs. `loss` is the mean negative
+log-likelihood per scored token, in nats; `bits_per_byte` is the total over `ln 2` times the UTF-8 bytes of the
+documents, which does not depend on the tokenizer, so models with different tokenizers compare.
 
 Tasks (`--tasks`, a .jsonl of `{"context": str, "choices": [str, ...], "answer": int}`) are scored as the
 harness scores HellaSwag: each choice's continuation is `--choice_delimiter` (a space) plus the choice, its
@@ -95,6 +95,9 @@ def load(workdir: str | None = None, hf: str | None = None, *, step: int | None 
                      'directory)')
   overrides = {k: v for k, v in (('dtype', dtype), ('attention_impl', attention_impl)) if v}
   if workdir:
+    # Scored dropless, as Hugging Face's Qwen2-MoE runs: a run's expert capacity (moe_capacity_factor) would
+    # drop tokens depending on the batch they share, so the results would depend on --batch_size.
+    overrides['moe_capacity_factor'] = 0.0
     workdir = workdir_lib.resolve(workdir)
     config = workdir_lib.read_config(workdir)
     model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
@@ -198,14 +201,16 @@ class Scorer:
 
 def document_rows(ids: Sequence[int], prefix: int, seq_len: int, overlap: int = 0) -> list[Row]:
   """Windows scoring every token of a document once (see the module docstring): the first predicted from
-  `prefix`, each window at most `seq_len` inputs, windows after the first seeing `overlap` earlier tokens."""
+  `prefix`, each window at most `seq_len` inputs, windows after the first seeing `overlap` earlier tokens, and
+  the last one as many earlier tokens as fill its `seq_len` inputs (the harness's `get_rolling_token_windows`
+  with `context_len = overlap + 1`)."""
   if not 0 <= overlap < seq_len:
     raise ValueError(f'overlap={overlap} must be at least 0 and less than seq_len={seq_len}')
   full = [prefix, *ids]
   rows, start = [], 0
   while start < len(ids):
-    context = min(start, overlap)
-    end = min(len(ids), start + seq_len - context)
+    end = min(len(ids), start + seq_len - min(start, overlap))
+    context = min(start, seq_len - (end - start))  # the last, shorter window: up to seq_len inputs in all
     rows.append(Row(tuple(full[start - context:end + 1]), end - start))
     start = end
   return rows
@@ -259,7 +264,9 @@ def read_tasks(path: str) -> list[Example]:
       if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise ValueError(f'{where}: "answer" must be the index (0..{len(choices) - 1}) of the right choice, '
                          f'got {answer!r}')
-      examples.append(Example(str(record['context']), tuple(choices), answer))
+      if not isinstance(record['context'], str):
+        raise ValueError(f'{where}: "context" must be a string, got {type(record["context"]).__name__}')
+      examples.append(Example(record['context'], tuple(choices), answer))
   if not examples:
     raise ValueError(f'{path} holds no examples')
   return examples
@@ -269,11 +276,11 @@ def _encode_pair(tok: tokenizer_lib.Tokenizer, context: str, continuation: str) 
   """The harness's split: trailing spaces of the context go to the continuation; the continuation's tokens are
   those of `context + continuation` after the context's (so a merge across the boundary is tokenized as in
   running text); an empty context is the end-of-text token."""
-  if not context:
-    return [tok.eos_id], tok.encode(continuation)
   spaces = len(context) - len(context.rstrip())
   if spaces:
     context, continuation = context[:-spaces], context[-spaces:] + continuation
+  if not context:
+    return [tok.eos_id], tok.encode(continuation)
   whole, context_ids = tok.encode(context + continuation), tok.encode(context)
   return context_ids, whole[len(context_ids):]
 
@@ -304,10 +311,12 @@ def choice_metrics(examples: Sequence[Example], loglikelihoods: Sequence[np.ndar
 # ---------------------------------------------------------------------------------------------------------
 # The command line.
 
-def evaluate(ckpt: Checkpoint, *, files: str | None = None, tasks: Sequence[str] = (), seq_len: int = 0,
+def evaluate(ckpt: Checkpoint, *, files: str | None = None, tasks: str | Sequence[str] = (), seq_len: int = 0,
              overlap: int = 0, batch_size: int = 8, text_key: str = 'text', max_documents: int = 0,
              choice_delimiter: str = ' ') -> dict[str, Any]:
-  """The results `python -m qwenjax.evaluate` prints, for `--files` and/or `--tasks`."""
+  """The results `python -m qwenjax.evaluate` prints, for `--files` and/or `--tasks` (a list of paths, or a
+  comma-separated string as on the command line). A task's results are keyed by its file's name without the
+  extension, or by its path where two files share a name."""
   if not files and not tasks:
     raise ValueError('nothing to evaluate: give --files (text to score) and/or --tasks (multiple-choice .jsonl)')
   seq_len = seq_len or ckpt.seq_len or min(2048, ckpt.model_config.max_position_embeddings)
@@ -320,11 +329,15 @@ def evaluate(ckpt: Checkpoint, *, files: str | None = None, tasks: Sequence[str]
     start = time.time()
     results.update(files=paths, overlap=overlap, **text_metrics(scorer, [source[i] for i in range(count)], overlap))
     logging.info('scored %d tokens of %d documents in %.1f s', results['tokens'], count, time.time() - start)
+  if isinstance(tasks, str):
+    tasks = [t for t in tasks.split(',') if t]
   if tasks:
     results['tasks'] = {}
-    for path in tasks:
+    names = [os.path.splitext(os.path.basename(path))[0] for path in tasks]
+    for path, name in zip(tasks, names):
       examples = read_tasks(path)
-      name = os.path.splitext(os.path.basename(path))[0]
+      if names.count(name) > 1:
+        name = path
       scores = choice_metrics(examples, choice_loglikelihoods(scorer, examples, choice_delimiter))
       results['tasks'][name] = {'file': os.path.abspath(path), **scores}
   return results
@@ -360,8 +373,8 @@ def main(argv):
     results = evaluate(ckpt, files=f.files, tasks=f.tasks, seq_len=f.seq_len, overlap=f.overlap,
                        batch_size=f.batch_size, text_key=f.text_key, max_documents=f.max_documents,
                        choice_delimiter=f.choice_delimiter)
-  except (ValueError, FileNotFoundError) as e:
-    sys.stderr.write(f'error: {e}\n')
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    sys.stderr.write(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}\n')
     sys.exit(2)
   text = json.dumps(results, indent=2)
   print(text)

@@ -4,6 +4,7 @@ multiple-choice scoring) against values computed with `transformers`."""
 import json
 import math
 import re
+import shutil
 
 import flax.linen as nn
 import jax
@@ -139,23 +140,34 @@ def _torch_loglikelihood(model, inputs, targets):
   return float(sum(logprobs[i, t] for i, t in enumerate(targets)))
 
 
+def harness_windows(token_list, prefix_token, max_seq_len, context_len):
+  """lm-evaluation-harness's `get_rolling_token_windows` then `make_disjoint_window`, as its
+  `loglikelihood_rolling` calls them: (context, continuation) pairs, every token a continuation token once."""
+  pred_len = max_seq_len - context_len + 1
+  first_seq_len = min(max_seq_len, len(token_list))
+  windows = [([prefix_token] + token_list[:first_seq_len - 1], token_list[:first_seq_len])]
+  predicted = first_seq_len
+  while predicted < len(token_list):
+    window_pred_len = min(len(token_list) - predicted, pred_len)
+    window_end = predicted + window_pred_len
+    windows.append((token_list[window_end - max_seq_len - 1:window_end - 1],
+                    token_list[window_end - window_pred_len:window_end]))
+    predicted += window_pred_len
+  return [(a[:len(a) - (len(b) - 1)], b) for a, b in windows]
+
+
 @pytest.mark.parametrize('overlap', [0, 8])
 def test_bits_per_byte_equals_transformers(tmp_path, tiny_hf, tiny_checkpoint, overlap):
   _, model, hf_tokenizer = tiny_hf
   seq_len = 32
-  # What lm-evaluation-harness's loglikelihood_rolling computes, window by window, with transformers.
+  # What lm-evaluation-harness's loglikelihood_rolling computes (context_len = overlap + 1), with transformers.
   eos = hf_tokenizer.convert_tokens_to_ids('<|endoftext|>')
   nll, tokens = 0.0, 0
   for text in DOCUMENTS:
     ids = hf_tokenizer(text, add_special_tokens=False)['input_ids']
-    full = [eos] + ids
-    start = 0
-    while start < len(ids):  # predict ids[start:end] from at most seq_len inputs ending at full[end - 1]
-      context = min(start, overlap)
-      end = min(len(ids), start + seq_len - context)
-      nll -= _torch_loglikelihood(model, full[start - context:end], ids[start:end])
-      tokens += end - start
-      start = end
+    for context, continuation in harness_windows(ids, eos, seq_len, overlap + 1):
+      nll -= _torch_loglikelihood(model, (context + continuation)[:-1], continuation)
+      tokens += len(continuation)
   total_bytes = sum(len(t.encode('utf-8')) for t in DOCUMENTS)
   assert max(len(hf_tokenizer(t)['input_ids']) for t in DOCUMENTS) > seq_len  # windows are exercised
 
@@ -169,19 +181,16 @@ def test_bits_per_byte_equals_transformers(tmp_path, tiny_hf, tiny_checkpoint, o
   np.testing.assert_allclose(got['perplexity'], math.exp(nll / tokens), rtol=1e-5)
 
 
-def test_document_windows_score_every_token_once():
+def test_document_windows_are_the_harness_rolling_windows():
   prefix, ids = 7, list(range(100, 171))
-  full = [prefix] + ids  # full[j] is the input that predicts ids[j]
-  for seq_len, overlap in ((16, 0), (16, 5), (71, 0), (200, 3)):
-    scored = []
-    for i, row in enumerate(evaluate.document_rows(ids, prefix, seq_len, overlap)):
-      start = len(scored)  # the first token this window scores is ids[start]
-      context = len(row.tokens) - 1 - row.scored  # inputs before full[start]
-      assert context == (min(overlap, start) if i else 0)
-      assert list(row.tokens) == full[start - context:start + row.scored + 1]
-      assert len(row.tokens) - 1 <= seq_len
-      scored += list(row.tokens[-row.scored:])
-    assert scored == ids, (seq_len, overlap)
+  for seq_len, overlap in ((16, 0), (16, 5), (71, 0), (70, 0), (200, 3), (10, 9), (1, 0)):
+    rows = evaluate.document_rows(ids, prefix, seq_len, overlap)
+    want = harness_windows(ids, prefix, seq_len, overlap + 1)
+    assert [(list(r.tokens), r.scored) for r in rows] == [(c + b, len(b)) for c, b in want], (seq_len, overlap)
+    assert [t for r in rows for t in r.tokens[-r.scored:]] == ids  # every token scored once
+    assert all(len(r.tokens) - 1 <= seq_len for r in rows)
+  last = evaluate.document_rows(ids, prefix, 16, 0)[-1]  # 71 = 4 x 16 + 7: the last window sees 9 earlier tokens
+  assert (len(last.tokens) - 1, last.scored) == (16, 7)
 
 
 def _planted_examples(rng, words, n):
@@ -232,12 +241,26 @@ def test_multiple_choice_matches_transformers_and_finds_planted_answers(tmp_path
   assert results['tasks'] == {'sum': {'file': paths[0], 'acc': 1.0, 'acc_norm': agree, 'examples': 12},
                               'per_byte': {'file': paths[1], 'acc': agree, 'acc_norm': 1.0, 'examples': 12}}
 
+  # Two files of one name (a comma-separated string, as on the command line) keep both results, by path.
+  (tmp_path / 'other').mkdir()
+  other = str(tmp_path / 'other' / 'sum.jsonl')
+  shutil.copy(paths[1], other)  # the per-byte answers
+  twice = evaluate.evaluate(tiny_checkpoint, tasks=f'{paths[0]},{other}', seq_len=32)['tasks']
+  assert sorted(twice) == sorted([paths[0], other]) and twice[other]['acc_norm'] == 1.0
+
+
+def test_an_all_space_context_is_the_end_of_text_token(tiny_checkpoint):
+  tok = tiny_checkpoint.tokenizer
+  assert evaluate._encode_pair(tok, '  ', ' fox') == ([tok.eos_id], tok.encode('   fox'))
+  assert evaluate._encode_pair(tok, '', ' fox') == ([tok.eos_id], tok.encode(' fox'))
+
 
 @pytest.mark.parametrize('line, message', [
     ('{"context": "a", "choices": ["b", "c"], "answer": 2}', r'"answer" must be the index \(0..1\)'),
     ('{"context": "a", "choices": ["b"], "answer": 0}', 'at least 2 non-empty strings'),
     ('{"prompt": "a", "choices": ["b", "c"], "answer": 0}', r"it has \['answer', 'choices', 'prompt'\]"),
     ('not json', 'line 1 is not JSON'),
+    ('{"context": null, "choices": ["b", "c"], "answer": 0}', '"context" must be a string, got NoneType'),
 ])
 def test_bad_task_files_get_clear_errors(tmp_path, line, message):
   path = tmp_path / 'task.jsonl'
