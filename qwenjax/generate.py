@@ -56,8 +56,9 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, 
   """Next tokens `[batch]` from float32 logits `[batch, vocab]` (never an id >= `vocab_limit` if
   `sampling.vocab_limit`).
 
-  Top-k keeps the k largest logits, top-p the smallest set of most likely tokens whose probability reaches p
-  (at least one), both as in transformers' logits warpers; then a categorical draw at `temperature`.
+  Top-k keeps the k largest logits, then top-p the smallest set of the most likely of those whose probability
+  (renormalized over them) reaches p (at least one), as transformers' logits warpers do in that order; then a
+  categorical draw at `temperature`.
   """
   if sampling.vocab_limit:  # embedding tables are often padded past the tokenizer's last id
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
@@ -70,8 +71,8 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, 
     if sampling.top_k:
       k = jnp.clip(top_k, 1, logits.shape[-1])
       threshold = jnp.maximum(threshold, jnp.take(ordered, k - 1, axis=-1))
-    if sampling.top_p:
-      probs = jax.nn.softmax(ordered, axis=-1)
+    if sampling.top_p:  # over the top-k survivors
+      probs = jax.nn.softmax(jnp.where(ordered >= threshold[:, None], ordered, -jnp.inf), axis=-1)
       before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
       kept = jnp.where(before < top_p, ordered, jnp.inf)
       threshold = jnp.maximum(threshold, jnp.min(kept, axis=-1))
@@ -180,6 +181,11 @@ def check_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
   """Raises a ValueError naming the problem with the prompts or the token count."""
   if isinstance(prompts, (str, bytes)) or not len(prompts):
     raise ValueError('prompts must be a non-empty list of token-id lists (encode text with a tokenizer first)')
+  if any(isinstance(p, (int, np.integer)) for p in prompts):
+    raise ValueError('prompts must be a list of token-id lists, one per prompt; got a flat list of ids (for '
+                     'one prompt, pass [ids])')
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+    raise ValueError(f'max_new_tokens must be an int, got {max_new_tokens!r}')
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
   for i, prompt in enumerate(prompts):
@@ -199,6 +205,16 @@ def check_prompts(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
       raise ValueError(f'prompt {i} ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the '
                        f"model's max_position_embeddings ({config.max_position_embeddings}): lower max_new_tokens "
                        'or shorten the prompt')
+
+
+def check_sampling(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                   vocab_limit: int | None = None) -> None:
+  """Raises a ValueError naming a sampling setting out of range."""
+  if not temperature >= 0 or top_k < 0 or not 0 < top_p <= 1:  # `not >=` also refuses NaN
+    raise ValueError(f'need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got temperature={temperature}, '
+                     f'top_k={top_k}, top_p={top_p}')
+  if vocab_limit is not None and vocab_limit < 1:
+    raise ValueError(f'vocab_limit must be None (any id) or >= 1 (the tokenizer\'s vocab_size), got {vocab_limit}')
 
 
 def unrolled(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
@@ -276,10 +292,11 @@ def generate(model_config: ModelConfig, params: Any, prompts: Sequence[Sequence[
     callback: called after each token with every row's tokens since the last call (empty once a row has
       stopped): streaming. Each token then costs one host round trip; without it the whole loop runs on device.
   """
-  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    raise ValueError(f'need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got temperature={temperature}, '
-                     f'top_k={top_k}, top_p={top_p}')
+  check_sampling(temperature, top_k, top_p, vocab_limit)
   model_config, params = unrolled(model_config, params)
+  # A training run's expert capacity (moe_capacity_factor) caps work per batch; decoding is dropless, as
+  # Hugging Face's is, so a row's tokens never depend on the other rows.
+  model_config = dataclasses.replace(model_config, moe_capacity_factor=0.0)
   batch_multiple, fitted = 1, ()
   if mesh is not None:
     fitted = sharding.logical_axis_rules(rules or sharding.DEFAULT_RULES, mesh, model_config)

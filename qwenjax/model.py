@@ -90,7 +90,7 @@ class ModelConfig:
   num_experts: int = 0
   num_experts_per_tok: int = 4
   moe_intermediate_size: int = 1408
-  shared_expert_intermediate_size: int = 5632  # 0: no shared expert (not a Hugging Face Qwen2-MoE)
+  shared_expert_intermediate_size: int = 5632  # 0: none (Hugging Face: a zero-wide one)
   norm_topk_prob: bool = False
   decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % decoder_sparse_step == 0 ...
   mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (a list in Hugging Face's config)
@@ -123,7 +123,11 @@ class ModelConfig:
       raise ValueError(f'unknown attention_impl {self.attention_impl!r}; '
                        f'choose one of {attention.IMPLEMENTATIONS}')
     for name in ('dtype', 'param_dtype'):
-      jnp.dtype(getattr(self, name))  # raises TypeError on a bad name
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(f'unknown {name} {getattr(self, name)!r}: give a dtype name such as float32 or '
+                         'bfloat16') from None
     if self.use_sliding_window and not self.sliding_window:
       raise ValueError('use_sliding_window=True needs a positive sliding_window')
     object.__setattr__(self, 'mlp_only_layers', tuple(int(i) for i in self.mlp_only_layers or ()))

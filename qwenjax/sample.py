@@ -58,6 +58,10 @@ def sample(model_config: ModelConfig, params: Any, tok: tokenizer_lib.Tokenizer,
   if max(ids) >= model_config.vocab_size:
     raise ValueError(f'the tokenizer gives id {max(ids)} but the model has only {model_config.vocab_size} '
                      'embeddings: the tokenizer does not belong to this model')
+  # Checked before the prompt is echoed, so a bad setting prints only the error.
+  generate.check_prompts(model_config, [ids], kwargs.get('max_new_tokens', 0))
+  generate.check_sampling(**{k: kwargs[k] for k in ('temperature', 'top_k', 'top_p') if k in kwargs},
+                          vocab_limit=tok.vocab_size)
   out.write(prompt)
   out.flush()
   tokens, shown = [], ''

@@ -212,6 +212,29 @@ def test_top_k_and_top_p_keep_the_likely_tokens():
   assert set(draw(0, 0.7)) == {0, 1}  # 0.5 + 0.3 reaches 0.7
   assert set(draw(0, 0.4)) == {0}  # the most likely token always stays
   assert set(draw(0, 1.0)) == {0, 1, 2, 3}
+  # Both: top-p over the top-k survivors, renormalized (0.5 / 0.8 = 0.625 reaches 0.6 alone), as transformers'
+  # warpers do in generate's order.
+  assert set(draw(2, 0.6)) == {0}
+  import transformers  # pylint: disable=g-import-not-at-top
+  scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+  warped = transformers.TopPLogitsWarper(0.6)(None, transformers.TopKLogitsWarper(2)(None, scores))
+  assert set(torch.nonzero(torch.isfinite(warped[0])).flatten().tolist()) == {0}
+
+
+def test_decoding_is_dropless_whatever_the_runs_expert_capacity():
+  """A run trained with expert capacity decodes dropless (as Hugging Face's Qwen2-MoE does): its rows'
+  tokens do not depend on the batch they share."""
+  config = tiny_config(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48)
+  params = model.init_params(config, jax.random.key(6))
+  batch = prompts(config.vocab_size, (5, 9, 3))
+  capped = dataclasses.replace(config, moe_capacity_factor=0.25)
+  ids = np.array([batch[1]])
+  assert not np.allclose(model.Qwen2(capped).apply({'params': params}, ids),  # capacity drops tokens here
+                         model.Qwen2(config).apply({'params': params}, ids))
+  dropless = generate.generate(config, params, batch, max_new_tokens=6)
+  assert generate.generate(capped, params, batch, max_new_tokens=6) == dropless
+  assert generate.generate(capped, params, batch[1:2], max_new_tokens=6) == dropless[1:2]
 
 
 def test_stop_tokens_end_a_row_inclusively():
@@ -242,6 +265,14 @@ def test_bad_prompts_get_clear_errors():
     generate.generate(config, params, [[1, 97]], max_new_tokens=4)
   with pytest.raises(ValueError, match='non-empty list'):
     generate.generate(config, params, [], max_new_tokens=4)
+  with pytest.raises(ValueError, match='flat list of ids'):
+    generate.generate(config, params, [1, 2, 3], max_new_tokens=4)
+  with pytest.raises(ValueError, match='max_new_tokens must be an int'):
+    generate.generate(config, params, [[1, 2]], max_new_tokens=4.0)
+  with pytest.raises(ValueError, match='temperature=nan'):
+    generate.generate(config, params, [[1, 2]], max_new_tokens=4, temperature=float('nan'))
+  with pytest.raises(ValueError, match='vocab_limit must be'):
+    generate.generate(config, params, [[1, 2]], max_new_tokens=4, vocab_limit=0)
 
 
 def test_tensor_parallel_decode_on_a_mesh_matches_one_device():
