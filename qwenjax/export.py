@@ -8,7 +8,11 @@ with our logits, a `generation_config.json` naming the tokenizer's end-of-text a
 tokenizer files:
 
 - a Hugging Face tokenizer (`tokenizer.json`, with its `tokenizer_config.json` and `generation_config.json` when
-  the run had them) is copied as it is: `AutoTokenizer.from_pretrained(PATH)` loads it.
+  the run had them) is copied as it is: `AutoTokenizer.from_pretrained(PATH)` loads it. For `model_type` qwen2,
+  transformers builds `Qwen2Tokenizer`, which keeps the vocabulary and merges but rebuilds Qwen2's normalizer and
+  pre-tokenizer: the same ids for Qwen2's own tokenizer, other ids for a tokenizer.json that splits text
+  differently. When transformers is installed the export encodes a few probe texts both ways and, if they
+  differ, says so and how to load the file as it is (`PreTrainedTokenizerFast(tokenizer_file=...)`).
 - a sentencepiece tokenizer (`tokenizer.model`, what `data.tokenizer='train'` trains) is copied too, and
   `qwenjax.tokenizer.load(PATH)` (so `python -m qwenjax.evaluate --hf=PATH` and `qwenjax.sample --hf=PATH`)
   reads it, but transformers has no tokenizer class that reads it with the same ids (its sentencepiece
@@ -47,6 +51,27 @@ SENTENCEPIECE_NOTE = (
     'sentencepiece.SentencePieceProcessor(model_file=".../tokenizer.model") (no BOS, no leading space)')
 
 
+# Probe texts for AutoTokenizer against the run's tokenizer: spaces, digits, code, accents, CJK, emoji.
+_PROBES = ('Hello world', '  two leading spaces', 'Numbers 12345 and 3.14', 'def f(x):\n    return x  # ok\n',
+           'café déjà vu', '我们在训练一个语言模型。', 'emoji 😀🎉')
+
+
+def autotokenizer_note(out: str, tok: tokenizer_lib.Tokenizer) -> str | None:
+  """Why `AutoTokenizer.from_pretrained(out)` would encode differently from `tok`, or None when it does not
+  (or transformers is not installed to check)."""
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  auto = transformers.AutoTokenizer.from_pretrained(out)
+  differ = [t for t in _PROBES if auto(t, add_special_tokens=False)['input_ids'] != tok.encode(t)]
+  if not differ:
+    return None
+  return (f'transformers\' AutoTokenizer loads {out} as {type(auto).__name__}, which encodes {differ[0]!r} with '
+          'other ids than the run\'s tokenizer (it rebuilds the model type\'s own pre-tokenizer); load the '
+          'tokenizer as it is with transformers.PreTrainedTokenizerFast(tokenizer_file=".../tokenizer.json")')
+
+
 def _host_shardings(model_config: model_lib.ModelConfig) -> Any:
   """Every parameter on the host's CPU device: the export never needs accelerator memory."""
   cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
@@ -73,6 +98,8 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.isdir(out) and os.listdir(out):
     raise ValueError(f'--out={out} is not empty: export into a new or empty directory')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out={out} is a file: export into a new or empty directory')
   workdir = workdir_lib.resolve(workdir)
   config = workdir_lib.read_config(workdir)
   model_config = model_lib.ModelConfig.from_dict(config.model)
@@ -90,7 +117,10 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
   if not os.path.exists(os.path.join(out, 'generation_config.json')):
     with open(os.path.join(out, 'generation_config.json'), 'w') as f:
       json.dump(generation_config(tok), f, indent=2)
-  note = SENTENCEPIECE_NOTE if isinstance(tok, tokenizer_lib.SentencePieceTokenizer) else None
+  if isinstance(tok, tokenizer_lib.SentencePieceTokenizer):
+    note = SENTENCEPIECE_NOTE
+  else:
+    note = autotokenizer_note(out, tok)
   if note:
     logging.warning('%s', note)
   dtypes = sorted({str(np.asarray(x).dtype) for x in jax.tree.leaves(params)})

@@ -112,9 +112,6 @@ def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
   layer_types = ['sliding_attention' if config.is_sliding(i) else 'full_attention'
                  for i in range(config.num_hidden_layers)]
   if config.num_experts:
-    if not config.shared_expert_intermediate_size:
-      raise ValueError('shared_expert_intermediate_size=0 has no Hugging Face Qwen2-MoE equivalent (every '
-                       'Qwen2MoeSparseMoeBlock has a shared expert)')
     out.update({k: getattr(config, k) for k in _MOE_FIELDS}, mlp_only_layers=list(config.mlp_only_layers),
                qkv_bias=True, architectures=['Qwen2MoeForCausalLM'], model_type='qwen2_moe')
   else:
@@ -228,10 +225,26 @@ def _moe_rules(config: ModelConfig, hf: str, ours: tuple[str, ...], linear) -> l
     rules += [(hf + f'experts.{j}.gate_proj.weight', ours + ('experts', 'gate_proj', j), linear(e, size)),
               (hf + f'experts.{j}.up_proj.weight', ours + ('experts', 'up_proj', j), linear(e, size)),
               (hf + f'experts.{j}.down_proj.weight', ours + ('experts', 'down_proj', j), linear(size, e))]
-  rules += _mlp_rules(config.shared_expert_intermediate_size, hf + 'shared_expert.', ours + ('shared_expert',),
-                      linear, e)
-  rules.append((hf + 'shared_expert_gate.weight', ours + ('shared_expert_gate', 'kernel'), linear(e, 1)))
+  if config.shared_expert_intermediate_size:  # else a zero-width one: _empty_shared_experts
+    rules += _mlp_rules(config.shared_expert_intermediate_size, hf + 'shared_expert.', ours + ('shared_expert',),
+                        linear, e)
+    rules.append((hf + 'shared_expert_gate.weight', ours + ('shared_expert_gate', 'kernel'), linear(e, 1)))
   return rules
+
+
+def _empty_shared_experts(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Hugging Face's Qwen2-MoE block always has a shared expert; with shared_expert_intermediate_size=0 it is
+  zero wide and adds 0, which is our block without one. Its tensors (empty, and a gate that multiplies 0) are
+  read past and written as zeros."""
+  if not config.num_experts or config.shared_expert_intermediate_size:
+    return {}
+  e, shapes = config.hidden_size, {}
+  for i in range(config.num_hidden_layers):
+    if config.is_moe(i):
+      hf = f'model.layers.{i}.mlp.'
+      shapes.update({hf + 'shared_expert.gate_proj.weight': (0, e), hf + 'shared_expert.up_proj.weight': (0, e),
+                     hf + 'shared_expert.down_proj.weight': (e, 0), hf + 'shared_expert_gate.weight': (1, e)})
+  return shapes
 
 
 def _lookup(flat: dict, path: tuple):
@@ -345,11 +358,12 @@ def _check_tensors(path: str, config: ModelConfig, shapes: dict[str, tuple[int, 
   if missing:
     raise ValueError(f'checkpoint {path} lacks {len(missing)} tensor(s) the config needs: {missing[:8]}'
                      f'{" ..." if len(missing) > 8 else ""}')
-  known = {name for name, *_ in rules} | ({'lm_head.weight'} if config.tie_word_embeddings else set())
+  empty = _empty_shared_experts(config)
+  known = {name for name, *_ in rules} | set(empty) | ({'lm_head.weight'} if config.tie_word_embeddings else set())
   unexpected = sorted(n for n in shapes if n not in known and not _IGNORED.match(n))
   if unexpected:
     raise ValueError(f'checkpoint {path} has tensor(s) a Qwen2 model of this config does not: {unexpected[:8]}')
-  for name, shape in hf_tensor_shapes(config).items():
+  for name, shape in {**hf_tensor_shapes(config), **{n: s for n, s in empty.items() if n in shapes}}.items():
     if tuple(shapes[name]) != shape:
       raise ValueError(f'tensor {name} has shape {tuple(shapes[name])} but config.json implies {shape}')
 
@@ -552,6 +566,8 @@ def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size
   for name, shape in hf_tensor_shapes(config).items():
     if tensors[name].shape != shape:
       raise ValueError(f'parameter for {name} has shape {tensors[name].shape}, config implies {shape}')
+  dtype = tensors['model.embed_tokens.weight'].dtype
+  tensors.update({name: np.zeros(shape, dtype) for name, shape in _empty_shared_experts(config).items()})
   if expert_layout == 'fused':
     tensors = _fuse_experts(tensors, config)
 

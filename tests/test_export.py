@@ -137,6 +137,10 @@ def test_export_loads_in_transformers_with_our_logits(run, tmp_path):
 
   with pytest.raises(ValueError, match='is not empty'):
     export.export(run, out)
+  (tmp_path / 'file').write_text('mine')
+  with pytest.raises(ValueError, match='is a file'):
+    export.export(run, str(tmp_path / 'file'))
+  assert (tmp_path / 'file').read_text() == 'mine'
   with pytest.raises(ValueError, match='choose one of'):
     export.export(run, str(tmp_path / 'x'), dtype='float16')
 
@@ -152,6 +156,30 @@ def test_sentencepiece_run_exports_its_model_file_and_says_so(run, tmp_path):
   assert 'tokenizer.model' in os.listdir(out) and 'tokenizer.json' not in os.listdir(out)
   assert tokenizer_lib.load(out).encode('the lazy dog') == trained.encode('the lazy dog')
   assert json.load(open(os.path.join(out, 'generation_config.json')))['eos_token_id'] == trained.eos_id
+
+
+def test_a_tokenizer_that_autotokenizer_reads_differently_is_named(run, tmp_path):
+  """For model_type qwen2 transformers builds Qwen2Tokenizer, which rebuilds Qwen2's pre-tokenizer: a
+  tokenizer.json that splits text otherwise (here GPT-2 style, with a prefix space) gets other ids, and the
+  export says how to load the file as it is."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(run, workdir)
+  shutil.rmtree(os.path.join(workdir, 'tokenizer'))
+  os.makedirs(os.path.join(workdir, 'tokenizer'))
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=True)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  bpe.train_from_iterator(_documents(100, 3), tokenizers.trainers.BpeTrainer(
+      vocab_size=320, show_progress=False, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  bpe.add_special_tokens([tokenizers.AddedToken('<|endoftext|>', special=True, normalized=False)])
+  bpe.save(os.path.join(workdir, 'tokenizer', 'tokenizer.json'))
+  out = str(tmp_path / 'hf')
+  note = export.export(workdir, out)['note']
+  assert 'PreTrainedTokenizerFast(tokenizer_file=' in note
+  as_is = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(out, 'tokenizer.json'))
+  text = 'the lazy dog 你好'
+  assert as_is(text, add_special_tokens=False)['input_ids'] == tokenizer_lib.load(out).encode(text)
 
 
 def test_evaluate_from_the_workdir_equals_transformers_on_the_export(run, tmp_path):

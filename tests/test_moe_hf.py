@@ -26,6 +26,8 @@ CASES = {
     'norm_topk_tied': dict(norm_topk_prob=True, tie_word_embeddings=True, num_experts_per_tok=3),
     # MoE on layers 1 only (decoder_sparse_step=2), untied
     'sparse_step': dict(decoder_sparse_step=2, tie_word_embeddings=False),
+    # no shared expert: transformers builds a zero-wide one (empty tensors, a gate that multiplies 0)
+    'no_shared_expert': dict(shared_expert_intermediate_size=0, tie_word_embeddings=False),
 }
 
 
@@ -80,7 +82,8 @@ def test_load_fused_layout_and_scanned(tmp_path):
   check_parity(config, params, torch_model, random_ids((2, 9), seed=1))
 
 
-@pytest.mark.parametrize('case,layout', [('mlp_only_untied', 'hub'), ('norm_topk_tied', 'fused')])
+@pytest.mark.parametrize('case,layout', [('mlp_only_untied', 'hub'), ('norm_topk_tied', 'fused'),
+                                         ('no_shared_expert', 'hub')])
 def test_saved_params_load_in_transformers(tmp_path, case, layout):
   config = hf.config_from_hf({'model_type': 'qwen2_moe', **transformers.Qwen2MoeConfig(
       **{**TINY_MOE, **CASES[case]}).to_dict()})
@@ -110,7 +113,5 @@ def test_bad_moe_checkpoints_give_named_errors(tmp_path):
   with pytest.raises(ValueError, match='alternating'):
     hf.config_from_hf({**base, 'use_sliding_window': True, 'sliding_window': 8, 'layer_types': None})
   config = hf.config_from_hf(base)
-  with pytest.raises(ValueError, match='shared_expert_intermediate_size=0'):
-    hf.config_to_hf(model.ModelConfig(**{**config.to_dict(), 'shared_expert_intermediate_size': 0}), 'float32')
   with pytest.raises(ValueError, match='expert_layout'):
     hf.save_pretrained(str(tmp_path), config, {}, expert_layout='stacked')
