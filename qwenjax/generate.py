@@ -309,7 +309,9 @@ def generate(model_config: ModelConfig, params: Any, prompts: Sequence[Sequence[
     params = jax.device_put(params)
   limited = vocab_limit is not None and vocab_limit < model_config.vocab_size
   sampling = Sampling.of(temperature, top_k, top_p, limited)
-  key = jax.random.key(seed)
+  key = jax.random.key(int(seed) % 2**32)  # jax keeps a seed's low 32 bits: fold the rest in
+  if int(seed) // 2**32:
+    key = jax.random.fold_in(key, int(seed) // 2**32 % 2**32)
   knobs = (jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
            jnp.int32(min(vocab_limit or model_config.vocab_size, model_config.vocab_size)))
   static = dict(config=model_config, sampling=sampling, rules=fitted, mesh=mesh)

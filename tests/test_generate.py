@@ -200,6 +200,7 @@ def test_sampling_is_reproducible_from_its_seed():
   b = generate.generate(config, params, batch, seed=7, **kwargs)
   c = generate.generate(config, params, batch, seed=8, **kwargs)
   assert a == b and a != c
+  assert generate.generate(config, params, batch, seed=7 + 2**40, **kwargs) != a  # not only the low 32 bits
   assert len({t for row in a for t in row}) > 8  # really sampled: a random tiny model's greedy text repeats
 
 
