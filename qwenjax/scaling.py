@@ -25,11 +25,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 # scipy's L-BFGS-B calls BLAS on 5-vectors; OpenBLAS threads then cost 50x the work on a busy machine (2 s
@@ -57,12 +60,42 @@ def read_results(directory: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: give the --workdir of a sweep run with python -m qwenjax.sweep')
   by_name = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        record = json.loads(line)
-        by_name[record['name']] = record
+  for record in read_jsonl(path):
+    by_name[record['name']] = record
   return list(by_name.values())
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a .jsonl file that runs append to. A last line cut short (a run killed while writing it) is
+  left out with a warning; a malformed line before it is an error naming it."""
+  with open(path) as f:
+    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for i, (number, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 1 or line.endswith('\n'):
+        raise ValueError(f'{path} line {number} is not JSON ({e}): fix or remove that line') from e
+      logging.warning('%s: its last line is cut short (a run killed while writing it?): left out', path)
+  return records
+
+
+def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
+  """(points with a finite, positive eval loss, [{name, reason}] of the others): diverged points, points
+  without eval data. The fits and plots use the first; fit.json lists the second under `excluded`."""
+  kept, excluded = [], []
+  for r in results:
+    loss = r.get('eval_loss')
+    if r.get('diverged'):
+      excluded.append(dict(name=r.get('name'), reason=f'diverged: {r.get("error", "a non-finite loss")}'))
+    elif loss is None:
+      excluded.append(dict(name=r.get('name'), reason='no eval_loss (no eval data?)'))
+    elif not (isinstance(loss, (int, float)) and math.isfinite(loss) and loss > 0):
+      excluded.append(dict(name=r.get('name'), reason=f'eval_loss {loss!r} is not a positive finite number'))
+    else:
+      kept.append(r)
+  return kept, excluded
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,7 +232,7 @@ def approach3(params: np.ndarray, tokens: np.ndarray, losses: np.ndarray, *, del
   best = None
   for theta0 in itertools.chain(ranked, extra_starts):
     result = _lbfgs(np.asarray(theta0, float), args)
-    if best is None or result.fun < best.fun:
+    if best is None or result.fun < best.fun or not np.isfinite(best.fun):
       best = result
   a, b, e, alpha, beta = best.x
   # An exponent of 0 (the loss does not fall with N, or with D) has no compute-optimal split: all compute would
@@ -231,9 +264,13 @@ def compute_optimal(fit: Mapping[str, float], compute, flops_per_nd: float = 6.0
 # The whole fit, with bootstrap intervals.
 
 def _columns(results: Sequence[Mapping[str, Any]]):
-  missing = [r.get('name') for r in results if r.get('eval_loss') is None]
-  if missing:
-    raise ValueError(f'points without eval_loss (no eval data?): {missing}; the fits need a final eval loss')
+  if not results:
+    raise ValueError('no point has a finite eval loss to fit (fit.json\'s `excluded` says why for each)')
+  for r in results:
+    missing = [k for k in ('params', 'tokens', 'eval_loss') if r.get(k) is None]
+    if missing:
+      raise ValueError(f'point {r.get("name")!r} has no {", ".join(missing)}: each result needs params (N), '
+                       'tokens (D) and eval_loss')
   params = np.array([r['params'] for r in results], float)
   tokens = np.array([r['tokens'] for r in results], float)
   losses = np.array([r['eval_loss'] for r in results], float)
@@ -253,10 +290,14 @@ def _interval(values: list[float]) -> list[float] | None:
 def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
   """Approaches 2 (when the points have IsoFLOP budgets) and 3, each key with a 95% bootstrap interval
   under `ci` (`[low, high]`, or None when fewer than 2 resamples could be fitted). An approach the points
-  cannot support is `{'error': why}`."""
+  cannot support is `{'error': why}`. Points without a finite eval loss (diverged, no eval data) are left out
+  and listed under `excluded`."""
+  results, excluded = usable_points(results)
+  if not results:
+    raise ValueError(f'no point has a finite eval loss to fit: {excluded[:5]}')
   params, tokens, losses, budgets = _columns(results)
   flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
-  out: dict[str, Any] = dict(points=len(losses), bootstrap=bootstrap,
+  out: dict[str, Any] = dict(points=len(losses), excluded=excluded, bootstrap=bootstrap,
                              flops_per_nd=float(np.median(flops / (params * tokens))),
                              notes='N: non-embedding parameters; D: training tokens; C: IsoFLOP budget in FLOPs')
   isoflop = bool(np.all(np.isfinite(budgets)))
@@ -317,6 +358,7 @@ def _budget_colors(plt, budgets):
 def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], directory: str) -> list[str]:
   """Writes isoflop.png, frontier.png and optimal.png (the last two need approach 2) into `directory`."""
   plt = _pyplot()
+  results = usable_points(results)[0]
   params, tokens, losses, budgets = _columns(results)
   flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
   written = []
@@ -404,6 +446,14 @@ def _value(record: Mapping[str, Any], key: str):
                  f'overrides: {sorted(overrides)})')
 
 
+def _plottable(record: Mapping[str, Any], y: str) -> bool:
+  """Whether a point has a finite y (a diverged point's eval_loss is null)."""
+  try:
+    return math.isfinite(float(_value(record, y)))
+  except (KeyError, TypeError, ValueError):
+    return False
+
+
 def plot_compare(directories: Sequence[str], out: str, *, x: str = 'flops', y: str = 'eval_loss',
                  group: str = '', panel: str = '') -> str:
   """Several sweeps on one figure: y against x, one series per sweep; with `group`, one panel per sweep (or per
@@ -411,7 +461,7 @@ def plot_compare(directories: Sequence[str], out: str, *, x: str = 'flops', y: s
   learning-rate sweep across widths with and without μP)."""
   plt = _pyplot()
   names = [os.path.basename(os.path.normpath(d)) for d in directories]
-  runs = [read_results(d) for d in directories]
+  runs = [[r for r in read_results(d) if _plottable(r, y)] for d in directories]
   if panel:
     rows = [(name, r) for name, results in zip(names, runs) for r in results]
     values = sorted({_value(r, panel) for _, r in rows})
@@ -452,12 +502,15 @@ def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0) -> dic
   fitted = fit(results, bootstrap=bootstrap, seed=seed)
   fitted['plots'] = [os.path.basename(p) for p in plot_fit(results, fitted, directory)]
   with open(os.path.join(directory, 'fit.json'), 'w') as f:
-    json.dump(fitted, f, indent=1)
+    json.dump(fitted, f, indent=1, allow_nan=False)  # strict JSON
   return fitted
 
 
 def summary(fitted: Mapping[str, Any]) -> str:
   lines = []
+  if fitted.get('excluded'):
+    lines.append(f'left out {len(fitted["excluded"])} point(s) without a finite eval loss: '
+                 + '; '.join(f'{x["name"]} ({x["reason"]})' for x in fitted['excluded'][:5]))
   for approach, keys in (('approach2', APPROACH2_KEYS[:2]), ('approach3', APPROACH3_KEYS)):
     if approach not in fitted:
       continue
@@ -494,7 +547,11 @@ def main(argv):
   if argv[1] == 'fit':
     if len(argv) != 3:
       raise app.UsageError(f'fit takes one sweep directory, got {argv[2:]}. {_USAGE}')
-    fitted = fit_directory(argv[2], bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
+    try:
+      fitted = fit_directory(argv[2], bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
+    except (ValueError, FileNotFoundError) as e:
+      sys.stderr.write(f'error: {e}\n')
+      sys.exit(2)
     print(summary(fitted))
     print(f'wrote {os.path.join(argv[2], "fit.json")} and {", ".join(fitted["plots"])}')
   else:

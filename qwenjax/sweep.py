@@ -50,15 +50,18 @@ from typing import Any, Iterator, Mapping
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 from ml_collections import config_flags
 
+from qwenjax import checkpoint
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
 from qwenjax import metrics as metrics_lib
 from qwenjax import train
+from qwenjax import workdir as workdir_lib
 from qwenjax.model import ModelConfig, count_params
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +155,7 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
   """Every point of the sweep, with its config overrides, size and token budget (no training)."""
   base = config_lib.load(resolve_base(sweep.base))
   common = flatten(sweep.get('overrides', {}))
-  if not common.get('data.prepared_dir'):
+  if not common.get('data.prepared_dir') and '://' not in workdir:  # a gs:// sweep: each host's local cache
     common['data.prepared_dir'] = base.data.prepared_dir or os.path.join(workdir, 'prepared')
   common.setdefault('train.compilation_cache_dir', os.path.join(workdir, 'compilation_cache'))
   common.setdefault('train.eval_every', 0)  # the final eval alone
@@ -221,23 +224,39 @@ def check_epochs(sweep: ml_collections.ConfigDict, points: list[Point]) -> int:
 
 
 def read_done(workdir: str) -> dict[str, dict[str, Any]]:
-  path = os.path.join(workdir, 'results.jsonl')
-  done = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          record = json.loads(line)
-          done[record['name']] = record
-  return done
+  """The finished (or diverged) points of DIR/results.jsonl by name (a later line wins)."""
+  path = epath.Path(workdir) / 'results.jsonl'
+  return {r['name']: r for r in _read_jsonl(path)} if path.exists() else {}
+
+
+def _read_jsonl(path: epath.Path) -> list[dict[str, Any]]:
+  """Lines a run appends to; a last line cut short by a kill is left out (scaling.read_jsonl)."""
+  if not path.exists():
+    return []
+  records = []
+  lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i < len(lines) - 1 or line.endswith('\n'):
+        raise ValueError(f'{path} line {i + 1} is not JSON ({e}): fix or remove that line') from e
+      logging.warning('%s: its last line is cut short (a run killed while writing it?): left out', path)
+  return records
+
+
+def _append(path: epath.Path, record: dict[str, Any]) -> None:
+  """Adds a line, rewriting the file whole through a temporary file (gs:// objects cannot be appended to)."""
+  text = path.read_text() if path.exists() else ''
+  if text and not text.endswith('\n'):
+    text = text[:text.rfind('\n') + 1]  # a line cut short by a kill: dropped (read_done leaves it out too)
+  tmp = path.parent / f'.{path.name}.{os.getpid()}'
+  tmp.write_text(text + json.dumps(record) + '\n')
+  tmp.replace(path)
 
 
 def _read_metrics(point_dir: str) -> list[dict[str, Any]]:
-  path = os.path.join(point_dir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _read_jsonl(epath.Path(point_dir) / 'metrics.jsonl')
 
 
 def result(point: Point, point_dir: str, seconds: float) -> dict[str, Any]:
@@ -262,18 +281,20 @@ def result(point: Point, point_dir: str, seconds: float) -> dict[str, Any]:
 
 def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
   """Trains every unfinished point (or those named in `only`), appending to DIR/results.jsonl; returns the
-  records of all finished points."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  records of all finished points. A point whose loss stops being finite is recorded as diverged (eval_loss
+  null, `diverged`, `error`) and the sweep goes on; the fits leave it out."""
+  workdir = workdir_lib.resolve(workdir)
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
   points = plan(sweep, workdir)
   unknown = sorted(set(only) - {p.name for p in points})
   if unknown:
     raise ValueError(f'--only names {unknown}, which are not points of the sweep: {[p.name for p in points]}')
   corpus_tokens = check_epochs(sweep, points)
   if jax.process_index() == 0:  # several processes (a pod slice) share the sweep's directory: one writes
-    with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
-      json.dump(dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens,
-                     points=[dataclasses.asdict(p) for p in points]), f, indent=1, default=str)
+    (root / 'sweep.json').write_text(json.dumps(dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens,
+                                                     points=[dataclasses.asdict(p) for p in points]),
+                                                indent=1, default=str))
   done = read_done(workdir)
   todo = [p for p in points if p.name not in done and (not only or p.name in only)]
   logging.info('sweep: %d points, %d finished, %d to run; corpus of %s tokens', len(points), len(done), len(todo),
@@ -281,9 +302,19 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
   for i, point in enumerate(todo):
     logging.info('sweep: point %d/%d %s: N=%s, D=%s, %.3g FLOPs, %.2f epochs', i + 1, len(todo), point.name,
                  f'{point.params:,}', f'{point.tokens:,}', point.flops, point.epochs)
-    point_dir = os.path.join(workdir, point.name)
+    point_dir = str(root / point.name)
     start = time.time()
-    train.train_and_evaluate(point_config(sweep, point), point_dir)
+    try:
+      train.train_and_evaluate(point_config(sweep, point), point_dir)
+    except checkpoint.NonFiniteError as e:  # e.g. a learning rate too high: a result of the sweep, not a failure
+      record = dict(name=point.name, params=point.params, params_total=point.params_total, tokens=point.tokens,
+                    flops=point.flops, budget=point.budget, eval_loss=None, diverged=True, error=str(e),
+                    overrides=point.overrides, size=point.size, seconds=round(time.time() - start, 1))
+      if jax.process_index() == 0:
+        _append(root / 'results.jsonl', record)
+      done[point.name] = record
+      logging.warning('sweep: %s diverged (recorded; the fits leave it out): %s', point.name, e)
+      continue
     trained = max((r['step'] for r in _read_metrics(point_dir)), default=0)
     if trained < point.overrides['train.steps']:  # stopped by SIGTERM / Ctrl-C: checkpointed, resumes next time
       logging.warning('sweep: %s stopped at step %d of %d; run the sweep again to resume it', point.name, trained,
@@ -291,8 +322,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
       break
     record = result(point, point_dir, time.time() - start)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+      _append(root / 'results.jsonl', record)
     done[point.name] = record
     logging.info('sweep: %s done: eval_loss %.4f in %.0f s%s', point.name, record['eval_loss'], record['seconds'],
                  f', MFU {100 * record["mfu"]:.1f}%' if record['mfu'] else '')
@@ -305,7 +335,7 @@ def _flag_value(value: Any) -> str:
 
 def emit(sweep: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """One `python -m qwenjax.train` command per unfinished point (after preparing the shared corpus)."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = workdir_lib.resolve(workdir)
   points = plan(sweep, workdir)
   check_epochs(sweep, points)
   done = read_done(workdir)
@@ -314,7 +344,7 @@ def emit(sweep: ml_collections.ConfigDict, workdir: str) -> list[str]:
   for point in points:
     if point.name in done:
       continue
-    args = ['python', '-m', 'qwenjax.train', f'--config={base}', f'--workdir={os.path.join(workdir, point.name)}']
+    args = ['python', '-m', 'qwenjax.train', f'--config={base}', f'--workdir={epath.Path(workdir) / point.name}']
     args += [f'--config.{k}={_flag_value(v)}' for k, v in point.overrides.items()]
     commands.append(' '.join(shlex.quote(a) for a in args))
   return commands

@@ -152,3 +152,28 @@ def test_sweep_runs_resumes_fits_and_emits(prepared_dir, tmp_path):
   want = sweep_lib.point_config(sweep, sweep_lib.plan(sweep, other)[0])
   assert values.config.to_dict() == want.to_dict()
   assert values.config.model.hidden_size == 16 and values.config.train.steps == want.train.steps
+
+
+def test_a_diverging_point_is_recorded_and_the_sweep_goes_on(prepared_dir, tmp_path):
+  """A learning rate that blows up is a result of a sweep: recorded (eval_loss null, `diverged`), not retrained
+  by a rerun, left out of the fits; the other points run. A results line cut short by a kill is left out."""
+  sweep = tiny_sweep(prepared_dir)
+  sweep.ladder.sizes = (1,)
+  sweep.budgets = (2e8,)  # 10 steps
+  sweep.overrides.train.max_nonfinite_steps = 2
+  sweep.axes = ml_collections.ConfigDict(dict(train=dict(lr=(1e30, 1e-2))))
+  workdir = str(tmp_path / 'sweep')
+  records = {r['name']: r for r in sweep_lib.run(sweep, workdir)}
+  diverged = [r for r in records.values() if r.get('diverged')]
+  assert len(records) == 2 and len(diverged) == 1 and diverged[0]['overrides']['train.lr'] == 1e30
+  assert diverged[0]['eval_loss'] is None and 'non-finite' in diverged[0]['error']
+  good = next(r for r in records.values() if not r.get('diverged'))
+  assert 2.0 < good['eval_loss'] < 7.0
+
+  with open(os.path.join(workdir, 'results.jsonl'), 'a') as f:
+    f.write('{"name": "cut sho')  # a write killed halfway
+  assert len(sweep_lib.run(sweep, workdir)) == 2  # nothing retrained, the cut line left out
+  assert sorted(r['name'] for r in scaling.read_results(workdir)) == sorted(records)
+  fitted = scaling.fit(scaling.read_results(workdir), bootstrap=0)
+  assert fitted['points'] == 1 and [x['name'] for x in fitted['excluded']] == [diverged[0]['name']]
+  assert 'diverged' in fitted['excluded'][0]['reason']
