@@ -53,6 +53,44 @@ def prepared_root(data: Mapping[str, Any]) -> str:
   return os.path.expanduser(data['prepared_dir']) if data['prepared_dir'] else prepare.default_dir()
 
 
+_SHARED: dict[str, bool] = {}
+
+
+def shared_by_all_processes(root: str) -> bool:
+  """Whether every process sees `root` as process 0 does (one filesystem: NFS, or one machine), or each host
+  has its own (a TPU pod's local disks, where the default prepared_dir lives). Every process must call it, in
+  the same order: process 0 writes a probe file, all report whether they see it."""
+  if jax.process_count() == 1:
+    return True
+  if root not in _SHARED:
+    token = int(multihost_utils.broadcast_one_to_all(np.array([np.random.randint(2**31)], np.int64))[0])
+    probe = os.path.join(root, f'.shared-probe-{token}')  # this run's own: never a stale one
+    if jax.process_index() == 0:
+      os.makedirs(root, exist_ok=True)
+      with open(probe, 'w') as f:
+        f.write(str(os.getpid()))
+    multihost_utils.sync_global_devices(f'qwenjax probe {token}')
+    seen = multihost_utils.process_allgather(np.array([os.path.exists(probe)], np.int32))
+    if jax.process_index() == 0:
+      os.remove(probe)
+    _SHARED[root] = bool(np.all(seen))
+    if not _SHARED[root] and jax.process_index() == 0:
+      logging.info('data: %s is not shared by the %d processes (each host has its own disk): each process '
+                   'tokenizes the whole corpus into its own copy', root, jax.process_count())
+  return _SHARED[root]
+
+
+def _broadcast_files(files: dict[str, bytes] | None) -> dict[str, bytes]:
+  """Process 0's {name: bytes} on every process, sent through jax's collectives (no shared disk needed)."""
+  blob = np.frombuffer(json.dumps({k: v.hex() for k, v in (files or {}).items()}).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.array([blob.size], np.int64))[0])
+  padded = np.zeros(size, np.uint8)
+  if jax.process_index() == 0:
+    padded[:] = blob
+  received = np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes().decode()
+  return {k: bytes.fromhex(v) for k, v in json.loads(received).items()}
+
+
 def tokenizer_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the run's tokenizer is to be, as recorded in WORKDIR/tokenizer/source.json.
 
@@ -98,16 +136,24 @@ def _describe(source: Mapping[str, Any]) -> str:
 def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
   """Directory of a BPE trained on the training files with these settings, trained there at first use (process 0;
   the others wait), so runs and sweep points with the same corpus and settings share one tokenizer."""
-  key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:20]
-  directory = os.path.join(prepared_root(data), 'tokenizers', key)
+  # The files' sizes and modification times too: a corpus rewritten in place trains a new tokenizer.
+  identity = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in source['files']]
+  key = hashlib.sha256(json.dumps([source, identity], sort_keys=True).encode()).hexdigest()[:20]
+  root = prepared_root(data)
+  directory = os.path.join(root, 'tokenizers', key)
+  shared = shared_by_all_processes(root)
   if not _holds_tokenizer(directory) and jax.process_index() == 0:
     texts = documents.DocumentSource(source['files'], data['text_key'])
     logging.info('data: training a %d-piece BPE tokenizer on up to %d lines of %d file(s) -> %s',
                  source['vocab_size'], source['tokenizer_sentences'], len(source['files']), directory)
     tokenizer_lib.train(_readable_texts(texts, source['seed']), directory, vocab_size=source['vocab_size'],
                         max_lines=source['tokenizer_sentences'], seed=source['seed'])
-  if jax.process_count() > 1:
+  if jax.process_count() > 1 and shared:
     multihost_utils.sync_global_devices(f'qwenjax tokenizer {key}')
+  elif jax.process_count() > 1:  # each host its own disk: process 0's tokenizer, sent to the others
+    files = _broadcast_files(tokenizer_lib.load(directory).files if jax.process_index() == 0 else None)
+    if jax.process_index() != 0 and not _holds_tokenizer(directory):
+      tokenizer_lib.from_files(files).save(directory)
   return directory
 
 
@@ -143,7 +189,9 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tok
   kept = epath.Path(workdir) / 'tokenizer' if workdir else None
   if kept and (kept / 'source.json').exists():
     saved = json.loads((kept / 'source.json').read_text())
-    if saved != wanted:
+    # train.seed picked the sentences a trained tokenizer learned from; the kept copy is what the run trained
+    # with, so a resumed run with another seed keeps it (its data stream changes, as train.py warns).
+    if {k: v for k, v in saved.items() if k != 'seed'} != {k: v for k, v in wanted.items() if k != 'seed'}:
       raise ValueError(
           f'the workdir\'s tokenizer ({kept}) does not match this run: {_describe_change(saved, wanted)}. A model '
           'trained on one tokenizer\'s ids cannot continue on another\'s: run with the settings the workdir was '
@@ -151,6 +199,7 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tok
     tokenizer = tokenizer_lib.from_files({p.name: p.read_bytes() for p in kept.iterdir() if p.name != 'source.json'})
   else:
     tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, config.data))
+    check_fits(tokenizer, int(config.model.vocab_size), wanted)  # before the workdir keeps a copy it cannot use
     if kept and jax.process_index() == 0:
       kept.mkdir(parents=True, exist_ok=True)
       for name, content in tokenizer.files.items():
@@ -189,7 +238,9 @@ def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib
     logging.info('data: built-in corpus, %d Python standard library files for training and %d held out for eval',
                  len(train_files), len(eval_files))
   root = prepared_root(data)
-  kwargs = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  # On one filesystem the processes share the tokenizing; on separate disks each tokenizes the whole corpus.
+  kwargs = (dict(process_index=jax.process_index(), process_count=jax.process_count())
+            if shared_by_all_processes(root) else {})
   train = prepare.prepare(train_files, data.text_key, tokenizer, root, what='data.train_files', **kwargs)
   held_out = (prepare.prepare(eval_files, data.text_key, tokenizer, root, what='data.eval_files', **kwargs)
               if eval_files else None)

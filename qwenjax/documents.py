@@ -78,7 +78,15 @@ def _text_of(obj: Any, key: str, where: str) -> str:
     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
     raise KeyError(f'{where} has no {key!r} field (it has {keys}); set the text key to the field that holds '
                    'the text (--config.data.text_key in training, --text_key in qwenjax.evaluate)')
-  return str(obj[key])
+  text = obj[key]
+  if not isinstance(text, str):
+    raise BadDocument(where, f'its {key!r} field is {type(text).__name__}, not a string')
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError as e:  # JSON escapes allow half an emoji (a lone surrogate): not text
+    raise BadDocument(where, f'its {key!r} field holds a lone surrogate (U+{ord(text[e.start]):04X} at '
+                      f'character {e.start}), not Unicode text') from None
+  return text
 
 
 class _JsonlFile:

@@ -182,7 +182,7 @@ def main(argv):
   del argv
   from qwenjax import data  # pylint: disable=g-import-not-at-top  (jax only for the command line)
   config = _CONFIG.value
-  train, held_out = data.prepared_corpora(config, workdir=None)
+  train, held_out = data.prepared_corpora(config, data.get_tokenizer(config, None))
   for name, corpus in (('train', train), ('eval', held_out)):
     if corpus is not None:
       print(f'{name}: {corpus.directory} ({corpus.meta["tokens"]:,} tokens, {corpus.meta["documents"]:,} '

@@ -355,7 +355,12 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
           timer.restart(done)  # keep eval time out of the step timings
 
         if (checkpoint_every and done % checkpoint_every == 0) or done == steps or stopping:
-          _save(run, done, state)
+          nonfinite.check(step_metrics, done)
+          if nonfinite.in_a_row:  # the state that gave a non-finite loss (e.g. blown up by a huge lr) is suspect:
+            logging.warning('step %d: not saving a checkpoint while steps are skipped for a non-finite loss or '
+                            'gradient; the last good checkpoint stays', done)  # rotation would delete good ones
+          else:
+            _save(run, done, state)
         if stopping:
           logging.info('stopping at step %d (checkpoint saved)', done)
           break

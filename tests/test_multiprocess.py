@@ -24,8 +24,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(workdir, overrides):
-  """Runs the job as 2 processes of 4 devices; returns their outputs."""
+def run_two_processes(workdir, overrides, local_disks=False):
+  """Runs the job as 2 processes of 4 devices; returns their outputs. `local_disks`: each process gets its own
+  cache directory (the default data.prepared_dir), as the hosts of a TPU pod each have their own disk."""
   port = _free_port()
   processes = []
   for i in range(2):
@@ -33,6 +34,8 @@ def run_two_processes(workdir, overrides):
     command += [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}']
     env['XLA_FLAGS'] = subprocess_xla_flags(4)
     env['JAX_PLATFORMS'] = 'cpu'
+    if local_disks:
+      env['QWENJAX_CACHE'] = f'{workdir}-host{i}-cache'
     processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
   outputs = [p.communicate(timeout=600)[0].decode() for p in processes]
   for p, out in zip(processes, outputs):
@@ -59,8 +62,9 @@ def test_two_processes_train_like_one_and_share_checkpoints(tmp_path, overrides,
   is the uninterrupted one-process run's."""
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config_from_overrides({**overrides, 'train.steps': 2}), workdir)
-  outputs = run_two_processes(workdir, {**overrides, 'train.steps': 4})
+  outputs = run_two_processes(workdir, {**overrides, 'train.steps': 4}, local_disks=True)
   assert 'process 0 of 2' in outputs[0] and 'step 4/4' in outputs[0]
+  assert 'is not shared by the 2 processes' in outputs[0]  # each host tokenized its own copy
   assert 'step 4/4' not in outputs[1]  # process 0 alone logs progress
   # Each process read its own rows of every batch, and together all of them.
   rows = [set(map(int, re.search(rf'process {p} of 2 reads rows \[([\d, ]+)\]', outputs[0]).group(1).split(', ')))

@@ -3,6 +3,7 @@ workdir's tokenizer kept, and batches that do not depend on the mesh or on stopp
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -81,6 +82,31 @@ def test_the_workdirs_tokenizer_is_reused_only_while_it_matches(tmp_path, tokeni
   config.data.update(vocab_size=400, tokenizer=tokenizer_file)
   with pytest.raises(ValueError, match=r"it was a 400-piece BPE trained on .* this run asks for the tokenizer of"):
     train.train_and_evaluate(config, workdir)
+  # Another seed resumes with the workdir's tokenizer (the seed only picked the sentences it learned from).
+  config.data.tokenizer, config.train.seed, config.train.steps = 'train', 1, 3
+  train.train_and_evaluate(config, workdir)
+
+
+def test_fixing_a_too_large_tokenizer_works_on_the_same_workdir(tmp_path, corpus_file):
+  """The error's advice (a smaller data.vocab_size) works on the same workdir: nothing was kept from the
+  failed start. A corpus rewritten in place trains a new tokenizer, not the cached one of the old text."""
+  corpus = tmp_path / 'docs.jsonl'
+  shutil.copy(corpus_file, corpus)
+  config = small_config(steps=1, log_every=1)
+  config.model.update(num_hidden_layers=1, vocab_size=384)
+  config.train.eval_steps = 0
+  config.data.update(train_files=str(corpus), vocab_size=400, tokenizer='train', seq_len=32)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match='set --config.data.vocab_size to at most 384'):
+    train.train_and_evaluate(config, workdir)
+  config.data.vocab_size = 384
+  train.train_and_evaluate(config, workdir)
+  before = tokenizer_lib.load(os.path.join(workdir, 'tokenizer')).fingerprint
+  rng = np.random.default_rng(9)  # other text, same path
+  corpus.write_text(''.join(json.dumps({'text': multilingual_text(rng)}, ensure_ascii=False) + '\n'
+                            for _ in range(300)))
+  train.train_and_evaluate(config, str(tmp_path / 'run2'))
+  assert tokenizer_lib.load(os.path.join(tmp_path, 'run2', 'tokenizer')).fingerprint != before
 
 
 def test_init_from_hf_trains_with_the_checkpoints_own_tokenizer(tmp_path, caplog, corpus_file):
