@@ -1,7 +1,7 @@
 """Does the best learning rate transfer across widths? Standard parametrization against μP (qwenjax/mup.py).
 
     python -m qwenjax.sweep --sweep=experiments/mup_lr.py --workdir=DIR
-    python -m qwenjax.scaling plot DIR --x=lr --group=width --out=DIR/lr.png   (one panel per mup_base_width)
+    python -m qwenjax.scaling plot DIR --x=lr --group=width --panel=mup_base_width --out=DIR/lr.png
 
 Widths 128, 256 and 512 at 4 layers (head_dim 64, untied embeddings, as μP needs), 10M tokens each, learning rates
 1e-3 to 3e-2, with train.mup_base_width 0 (standard) and 128 (μP, exact at width 128). Same corpus and settings

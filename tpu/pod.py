@@ -269,7 +269,8 @@ def main(argv: Sequence[str]) -> None:
   elif command == 'logs':
     check(runner, tpu.ssh(f'tail -n 200 -F {LOG}', worker=WORKER.value))
   elif command == 'stop':
-    check(runner, tpu.ssh('pkill -TERM -f "qwenjax.train" || true'))
+    # "[q]wenjax" matches the job but not this command's own shell, whose text holds "[q]wenjax".
+    check(runner, tpu.ssh('pkill -TERM -f "[q]wenjax.train" || true'))
   elif command == 'delete':
     check(runner, tpu.delete())
   else:
