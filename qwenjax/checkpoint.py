@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from absl import logging
@@ -96,14 +97,16 @@ def all_finite(tree: Any) -> bool:
   return bool(jax.device_get(_finite(tree)))
 
 
-# Errors of the machine or the storage rather than of the checkpoint's files: never a reason to move it.
-_ENVIRONMENT = ('RESOURCE_EXHAUSTED', 'out of memory', 'Out of memory', 'OOM', 'UNAVAILABLE', 'DEADLINE_EXCEEDED',
-                'Permission denied', 'No space left', 'Connection', 'timed out', 'Too many open files')
+# Errors of the machine or the storage rather than of the checkpoint's files: never a reason to move it. Whole
+# words, so that a path such as /runs/BLOOM-7b does not read as an out-of-memory error.
+_ENVIRONMENT = re.compile(r'\b(RESOURCE_EXHAUSTED|[Oo]ut of memory|OOM|UNAVAILABLE|DEADLINE_EXCEEDED|Permission '
+                          r'denied|No space left|Connection (reset|refused|aborted|error)|ConnectionError|timed out|'
+                          r'Too many open files)\b')
 
 
 def _is_environment(error: BaseException) -> bool:
-  return isinstance(error, (MemoryError, PermissionError, TimeoutError, ConnectionError)) or any(
-      s in f'{type(error).__name__}: {error}' for s in _ENVIRONMENT)
+  return isinstance(error, (MemoryError, PermissionError, TimeoutError, ConnectionError)) or bool(
+      _ENVIRONMENT.search(f'{type(error).__name__}: {error}'))
 
 
 def _first_line(error: BaseException) -> str:
@@ -186,14 +189,17 @@ class Checkpointer:
     self._set_aside(step, error)
 
   def _readable_as_saved(self, step: int) -> bool:
-    """Whether the state reads back as it was saved (as numpy on the host, no target): the test of corruption."""
-    path = self.directory / str(step) / 'state'
+    """Whether the checkpoint restores as it was saved, every item (the state into its own shapes and dtypes on
+    this host's CPU, and the data record): the test of corruption."""
+    path = self.directory / str(step)
     try:
-      with ocp.PyTreeCheckpointer() as reader:
-        metadata = reader.metadata(path)
-        tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+      cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+      saved = self._manager.item_metadata(step)
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), saved['state'])
+      args = {'state': ocp.args.StandardRestore(target)}
+      if 'data' in saved.keys():
+        args['data'] = ocp.args.JsonRestore()
+      self._manager.restore(step, args=ocp.args.Composite(**args))
       return True
     except Exception as e:  # pylint: disable=broad-except
       if _is_environment(e):

@@ -80,7 +80,9 @@ def test_a_readable_checkpoint_that_fails_to_restore_is_left_alone(four_steps, t
   original = ocp.CheckpointManager.restore
 
   def failing_restore(self, step, args=None, **kwargs):
-    if isinstance(args, ocp.args.Composite) and 'state' in args.keys():
+    if isinstance(args, ocp.args.Composite) and 'state' in args.keys() and any(
+        isinstance(getattr(x, 'sharding', None), jax.sharding.NamedSharding) for x in jax.tree.leaves(
+            args['state'].item)):  # into this run's mesh; the corruption test reads onto one CPU device
       raise ValueError('simulated: cannot place the arrays')
     return original(self, step, args=args, **kwargs)
 
@@ -96,6 +98,23 @@ def test_a_readable_checkpoint_that_fails_to_restore_is_left_alone(four_steps, t
   with pytest.raises(checkpoint.RestoreError, match='could not be restored'):
     train.train_and_evaluate(config, workdir)
   assert files_of(workdir) == before
+
+
+@pytest.mark.parametrize('damage', ['data record', 'array metadata'])
+def test_damage_outside_the_arrays_is_corruption_too(four_steps, tmp_path, damage):
+  """A garbled data record or emptied array metadata: the checkpoint does not restore as saved, so it is set
+  aside and the run resumes from the previous one (not stopped as if the run's settings were at fault)."""
+  config, workdir = copy_run(four_steps, tmp_path)
+  latest = os.path.join(workdir, 'checkpoints', '4')
+  if damage == 'data record':
+    with open(os.path.join(latest, 'data', 'metadata'), 'w') as f:
+      f.write('{"corpus": ')
+  else:
+    open(os.path.join(latest, 'state', 'array_metadatas', 'process_0'), 'w').close()
+  config.train.steps = 5
+  train.train_and_evaluate(config, workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints_corrupt')) == ['4']
+  assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4, 5]  # resumed from step 2
 
 
 def test_when_no_checkpoint_can_be_read_the_run_stops(four_steps, tmp_path):
