@@ -58,6 +58,13 @@ class Lock:
     except (FileNotFoundError, ValueError):
       return None  # gone, or being written
 
+  def _age(self) -> float | None:
+    """Seconds since the lock file was last written; None if it is gone."""
+    try:
+      return time.time() - self.path.stat().mtime
+    except FileNotFoundError:
+      return None
+
   def _mine(self, holder: dict[str, Any] | None) -> bool:
     return bool(holder) and holder.get('pid') == self._me['pid'] and holder.get('host') == self._me['host']
 
@@ -93,7 +100,13 @@ class Lock:
         return
       holder = self._holder()
       if holder is None:
-        time.sleep(0.2)
+        age = self._age()
+        if age is not None and age > 10:  # writing takes microseconds: a lock cut short (power loss) is stale
+          logging.warning('taking over the lock %s: it is empty or not JSON and %.0f s old (a run died while '
+                          'writing it)', self.path, age)
+          self.path.unlink(missing_ok=True)
+        else:
+          time.sleep(0.2)
         continue
       reason = self._stale(holder)
       if reason is None:

@@ -292,3 +292,13 @@ def test_kill_9_then_resume_logs_each_step_once(tmp_path, tokenizer_file):
   records = [r for r in read_metrics(workdir) if 'loss' in r]
   assert [r['step'] for r in records] == list(range(1, logged + 3))
   assert all(r['loss'] != 123.0 for r in records)
+
+
+def test_an_empty_lock_left_by_a_crash_is_taken_over(tmp_path):
+  """A lock.json cut short (a power loss right after creating it) does not block the workdir forever."""
+  path = tmp_path / 'lock.json'
+  path.write_text('')
+  old = time.time() - 60
+  os.utime(path, (old, old))
+  with lock_lib.Lock(str(tmp_path)):
+    assert json.loads(path.read_text())['pid'] == os.getpid()
