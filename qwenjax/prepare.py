@@ -156,8 +156,22 @@ class Corpus:
     self._tokens, doc_lengths = [], []
     for shard in range(self.meta['shards']):
       prefix = os.path.join(directory, f'shard-{shard:05d}')
-      self._tokens.append(np.load(f'{prefix}.tokens.npy', mmap_mode='r'))
-      doc_lengths.append(np.diff(np.load(f'{prefix}.offsets.npy')))
+      try:
+        with open(f'{prefix}.json') as f:
+          info = json.load(f)
+        tokens, offsets = np.load(f'{prefix}.tokens.npy', mmap_mode='r'), np.load(f'{prefix}.offsets.npy')
+        problem = None
+        if len(offsets) != info['documents'] + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 1):
+          problem = f'{prefix}.offsets.npy does not hold {info["documents"]} documents'
+        elif offsets[-1] != len(tokens) or len(tokens) != info['tokens']:
+          problem = f'{prefix}.tokens.npy holds {len(tokens)} tokens, not {info["tokens"]}'
+      except (OSError, ValueError, KeyError) as e:
+        problem = f'shard {shard}: {type(e).__name__}: {e}'
+      if problem:
+        raise ValueError(f'the prepared corpus {directory} is damaged ({problem}): delete that directory and the '
+                         'next run tokenizes the corpus again')
+      self._tokens.append(tokens)
+      doc_lengths.append(np.diff(offsets))
     self.lengths = np.concatenate(doc_lengths) if doc_lengths else np.zeros(0, np.int64)
     # Document d lives in shard _doc_shard[d] at token offset _doc_start[d].
     self._doc_shard = np.repeat(np.arange(len(doc_lengths)), [len(x) for x in doc_lengths])

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from qwenjax import data
 from qwenjax import documents
 from qwenjax import prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ByteTokenizer:
@@ -111,6 +115,27 @@ def test_prepared_corpus_is_reused_until_a_file_changes(tmp_path):
   os.utime(tmp_path / 'docs.jsonl', ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched
   rebuilt = prepare.prepare([str(tmp_path / 'docs.jsonl')], 'text', tokenizer, str(tmp_path / 'prepared'))
   assert tokenizer.calls == 6 and rebuilt.directory != corpus.directory
+
+  # A damaged shard (cut short, or replaced by another array) is an error naming the directory and the fix.
+  tokens = os.path.join(corpus.directory, 'shard-00001.tokens.npy')
+  np.save(tokens, np.load(tokens)[:10])
+  with pytest.raises(ValueError, match=r'prepared corpus .* is damaged \(.*holds 10 tokens.*delete that directory'):
+    prepare.Corpus(corpus.directory)
+  with open(tokens, 'r+b') as f:
+    f.truncate(200)
+  with pytest.raises(ValueError, match='is damaged'):
+    prepare.Corpus(corpus.directory)
+
+
+def test_the_prepare_command_prints_the_corpora(tmp_path):
+  (tmp_path / 'a.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in _docs(40)))
+  done = subprocess.run(
+      [sys.executable, '-m', 'qwenjax.prepare', f'--config={ROOT}/configs/tiny.py',
+       f'--config.data.train_files={tmp_path}/a.jsonl', '--config.data.eval_files=',
+       f'--config.data.prepared_dir={tmp_path}/prepared', '--config.data.vocab_size=300'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f'train: {tmp_path}/prepared/' in done.stdout and '40 documents' in done.stdout
 
 
 def test_rows_pack_every_token_once_with_document_boundaries(tmp_path):
