@@ -92,7 +92,7 @@ def ladder_shape(size: int, ladder: Mapping[str, Any]) -> dict[str, int]:
   kv_heads = max(1, heads // int(ladder['q_per_kv']))
   if heads % kv_heads:
     raise ValueError(f'ladder size {size}: {heads} heads do not split into groups of q_per_kv={ladder["q_per_kv"]}')
-  depth = int(ladder['depth']) or max(1, math.floor(float(ladder.get('depth_per_size', 1.0)) * size + 0.5))
+  depth = int(ladder.get('depth', 0)) or max(1, math.floor(float(ladder.get('depth_per_size', 1.0)) * size + 0.5))
   return dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
               num_key_value_heads=kv_heads, head_dim=head_dim,
               intermediate_size=64 * math.ceil(float(ladder['mlp_ratio']) * width / 64))
@@ -151,8 +151,40 @@ def _axis_values(axes: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     yield dict(zip(flat, values))
 
 
+SWEEP_KEYS = ('base', 'overrides', 'ladder', 'budgets', 'tokens', 'tokens_per_param', 'axes', 'warmup_fraction',
+              'max_epochs')
+LADDER_KEYS = ('sizes', 'width_per_size', 'depth', 'depth_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
+_LADDER_NEEDED = ('sizes', 'width_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
+
+
+def check_sweep(sweep: ml_collections.ConfigDict) -> None:
+  """A ValueError naming a misspelt or missing key or a value out of range (see the module docstring)."""
+  unknown = sorted(set(sweep) - set(SWEEP_KEYS))
+  if unknown:
+    raise ValueError(f'unknown sweep key(s) {unknown}: a sweep has {", ".join(SWEEP_KEYS)}')
+  if 'base' not in sweep or 'ladder' not in sweep:
+    raise ValueError('a sweep needs base (the training config) and ladder (the model sizes)')
+  ladder = sweep.ladder
+  unknown = sorted(set(ladder) - set(LADDER_KEYS))
+  missing = [k for k in _LADDER_NEEDED if k not in ladder]
+  if unknown or missing:
+    raise ValueError(f'ladder: unknown key(s) {unknown}, missing {missing}; a ladder has {", ".join(LADDER_KEYS)}')
+  for key in ('sizes', 'budgets', 'tokens'):
+    values = sweep.get(key, ()) if key != 'sizes' else ladder.sizes
+    if isinstance(values, (int, float)) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+      raise ValueError(f'{"ladder." if key == "sizes" else ""}{key} must be a tuple of positive numbers, '
+                       f'got {values!r}')
+  for key in ('width_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio'):
+    if not float(ladder[key]) > 0:
+      raise ValueError(f'ladder.{key} must be positive, got {ladder[key]!r}')
+  for path, values in flatten(sweep.get('axes', {})).items():
+    if isinstance(values, (str, bytes)) or not hasattr(values, '__iter__') or not len(values):
+      raise ValueError(f'axes.{path} must be a tuple of the values to sweep, got {values!r}')
+
+
 def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
   """Every point of the sweep, with its config overrides, size and token budget (no training)."""
+  check_sweep(sweep)
   base = config_lib.load(resolve_base(sweep.base))
   common = flatten(sweep.get('overrides', {}))
   if not common.get('data.prepared_dir') and '://' not in workdir:  # a gs:// sweep: each host's local cache
@@ -174,6 +206,8 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
       config = apply_overrides(base, overrides)
       model_config = ModelConfig.from_dict(config.model)
       seq_len, batch = int(config.data.seq_len), int(config.train.batch_size)
+      if seq_len < 1 or batch < 1:
+        raise ValueError(f'data.seq_len ({seq_len}) and train.batch_size ({batch}) must be positive')
       per_token = metrics_lib.flops_per_token(model_config, seq_len)
       n = non_embedding_params(model_config)
       for budget in budgets or token_budgets:
@@ -210,7 +244,11 @@ def check_epochs(sweep: ml_collections.ConfigDict, points: list[Point]) -> int:
   if a point would see the corpus more than `max_epochs` times. Returns the corpus's token count."""
   config = point_config(sweep, points[0])
   tokenizer = data.get_tokenizer(config, None)
-  corpus, _ = data.prepared_corpora(config, tokenizer)
+  corpus, held_out = data.prepared_corpora(config, tokenizer)
+  if held_out is None or int(config.train.eval_steps) < 1:
+    raise ValueError('the fits need each point\'s final eval loss: set train.eval_steps > 0 and data.eval_files in '
+                     f'the sweep\'s overrides (now eval_steps={config.train.eval_steps}, eval_files='
+                     f'{config.data.eval_files!r}; an empty train_files uses the built-in held-out split)')
   corpus_tokens = int(corpus.meta['tokens'])
   for point in points:
     point.epochs = point.tokens / corpus_tokens

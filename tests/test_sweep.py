@@ -177,3 +177,19 @@ def test_a_diverging_point_is_recorded_and_the_sweep_goes_on(prepared_dir, tmp_p
   fitted = scaling.fit(scaling.read_results(workdir), bootstrap=0)
   assert fitted['points'] == 1 and [x['name'] for x in fitted['excluded']] == [diverged[0]['name']]
   assert 'diverged' in fitted['excluded'][0]['reason']
+
+
+def test_sweep_file_mistakes_are_named_before_training(prepared_dir):
+  for change, message in ((lambda s: s.update(budget=(1e8,)), r"unknown sweep key\(s\) \['budget'\]"),
+                          (lambda s: s.ladder.update(depth_per_sizes=1),
+                           r"ladder: unknown key\(s\) \['depth_per_sizes'\]"),
+                          (lambda s: s.ladder.update(q_per_kv=0), 'ladder.q_per_kv must be positive'),
+                          (lambda s: s.update(budgets=(0.0,)), 'budgets must be a tuple of positive numbers')):
+    sweep = tiny_sweep(prepared_dir)
+    change(sweep)
+    with pytest.raises(ValueError, match=message):
+      sweep_lib.plan(sweep, '/tmp/unused')
+  sweep = tiny_sweep(prepared_dir)
+  sweep.overrides.train.eval_steps = 0
+  with pytest.raises(ValueError, match='final eval loss: set train.eval_steps > 0'):
+    sweep_lib.check_epochs(sweep, sweep_lib.plan(sweep, '/tmp/unused'))
