@@ -23,6 +23,7 @@ import sysconfig
 import zlib
 from typing import Any, Sequence
 
+from absl import logging
 import numpy as np
 
 # The built-in corpus: files whose path hashes to 0 modulo this are the eval split (2%).
@@ -54,8 +55,11 @@ def stdlib_files() -> tuple[list[str], list[str]]:
 def expand_files(patterns: str, what: str = 'data.train_files') -> list[str]:
   """Sorted files matching a glob or comma-separated globs; an error naming the patterns if none match."""
   globs = [p.strip() for p in str(patterns).split(',') if p.strip()]
-  files = sorted({f for p in globs for f in glob.glob(os.path.expanduser(p), recursive=True)
-                  if os.path.isfile(f)})
+  matches = {p: [f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f)] for p in globs}
+  files = sorted({f for found in matches.values() for f in found})
+  if files and not all(matches.values()):
+    logging.warning('%s: %s match(es) no file (the other patterns do): a typo?', what,
+                    ', '.join(repr(p) for p, found in matches.items() if not found))
   if not files:
     raise FileNotFoundError(
         f'no files match {what}={patterns!r} (from {os.getcwd()}). Give a glob or comma-separated globs of '

@@ -359,7 +359,7 @@ def _cut_rare_characters(lines: list[str], max_characters: int) -> tuple[list[st
   return lines, kept, len(ranked), covered / total
 
 
-def _train_sentencepiece(lines: list[str], vocab_size: int) -> bytes:
+def _train_sentencepiece(lines: list[str], vocab_size: int, hard_vocab_limit: bool = True) -> bytes:
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -367,16 +367,16 @@ def _train_sentencepiece(lines: list[str], vocab_size: int) -> bytes:
         byte_fallback=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
         user_defined_symbols=['\n'], character_coverage=1.0, max_sentence_length=_MAX_SENTENCE_BYTES,
-        num_threads=min(os.cpu_count() or 1, 16), minloglevel=2)
+        num_threads=min(os.cpu_count() or 1, 16), minloglevel=2, hard_vocab_limit=hard_vocab_limit)
   except RuntimeError as e:
     too_high = re.search(r'Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)', str(e))
-    if too_high:
-      most = int(too_high.group(1))
-      raise ValueError(
-          f'the sampled text ({len(lines)} lines and pieces of lines) is too little for a {vocab_size}-piece '
-          'tokenizer: it yields '
-          f'at most {most} pieces. Give more text (more documents, or a larger max_lines) or use '
-          f'vocab_size <= {most}.') from e
+    if too_high and hard_vocab_limit:
+      # Little text (a smoke test, a tiny corpus) yields fewer pieces than asked: train what it yields, which
+      # fits any model whose table holds vocab_size rows, rather than an error whose advice may be impossible.
+      logging.warning('the sampled text (%d lines and pieces of lines) yields at most %s pieces, fewer than '
+                      'vocab_size=%d: training a %s-piece tokenizer. Give more text for more pieces.', len(lines),
+                      too_high.group(1), vocab_size, too_high.group(1))
+      return _train_sentencepiece(lines, vocab_size, hard_vocab_limit=False)
     raise ValueError(f'training a {vocab_size}-piece tokenizer on {len(lines)} lines failed: {e}') from e
   return model.getvalue()
 
