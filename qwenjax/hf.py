@@ -70,16 +70,15 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
     values['mlp_only_layers'] = tuple(hf.get('mlp_only_layers') or ())
     if not hf.get('qkv_bias', True):
       raise ValueError('unsupported Qwen2-MoE checkpoint: qkv_bias=False (qwenjax always has q/k/v biases)')
-    if hf.get('hidden_act', 'silu') != 'silu':
-      raise ValueError(f'unsupported hidden_act {hf["hidden_act"]!r}: qwenjax implements SwiGLU (silu) only')
     if not values.get('num_experts'):
       raise ValueError('Qwen2-MoE checkpoint with num_experts=0; qwenjax expects num_experts > 0')
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  if rope.get('rope_type', rope.get('type', 'default')) != 'default':
-    raise ValueError(f'unsupported rope type {rope}: only the default rotary embedding is implemented')
-  theta = rope.get('rope_theta', hf.get('rope_theta'))
-  if theta is not None:
-    values['rope_theta'] = float(theta)
+  if hf.get('hidden_act', 'silu') != 'silu':
+    raise ValueError(f'unsupported hidden_act {hf["hidden_act"]!r}: qwenjax implements SwiGLU (silu) only')
+  for rope in (hf.get('rope_parameters') or {}, hf.get('rope_scaling') or {}):  # a scaling added beside either
+    if rope.get('rope_type', rope.get('type', 'default')) != 'default':
+      raise ValueError(f'unsupported rope type {rope}: only the default rotary embedding is implemented')
+  theta = (hf.get('rope_parameters') or {}).get('rope_theta', hf.get('rope_theta'))
+  values['rope_theta'] = float(theta) if theta is not None else 10_000.0  # transformers' Qwen2 default
 
   # Sliding window: transformers 5 stores per-layer `layer_types`; older files only use_sliding_window and
   # max_window_layers. A null or 0 window means no window.

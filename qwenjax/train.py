@@ -55,8 +55,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 # Fields that fix parameter shapes: a Hugging Face checkpoint must agree with the config on these.
 _SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
                  'num_key_value_heads', 'head_dim', 'tie_word_embeddings')
+_MOE_SHAPE_FIELDS = ('num_experts', 'moe_intermediate_size', 'shared_expert_intermediate_size', 'decoder_sparse_step',
+                     'mlp_only_layers')
 # Fields that change what the model computes without changing shapes: a difference is only warned about.
-_ARCH_FIELDS = ('rope_theta', 'rms_norm_eps', 'use_sliding_window', 'sliding_window', 'max_window_layers')
+_ARCH_FIELDS = ('rope_theta', 'rms_norm_eps', 'use_sliding_window')
+_WINDOW_FIELDS = ('sliding_window', 'max_window_layers')  # when either side has a window
+_MOE_ARCH_FIELDS = ('num_experts_per_tok', 'norm_topk_prob')
 
 
 def check_workdir(workdir: str | None) -> str:
@@ -105,13 +109,15 @@ def load_hf_params(path: str, model_config: ModelConfig, shardings: Any = None) 
   devices hold, and the parameters come back placed."""
   from qwenjax import hf  # pylint: disable=g-import-not-at-top
   hf_config = hf.load_config(path, scan_layers=model_config.scan_layers)
-  for name in _SHAPE_FIELDS:
+  moe = bool(model_config.num_experts or hf_config.num_experts)
+  for name in _SHAPE_FIELDS + (_MOE_SHAPE_FIELDS if moe else ('num_experts',)):
     ours, theirs = getattr(model_config, name), getattr(hf_config, name)
     if ours != theirs:
       raise ValueError(
           f'init_from_hf={path} has {name}={theirs} but the config has model.{name}={ours}. The model section '
           f'must match the checkpoint: set --config.model.{name}={theirs} (or use the matching configs/ file).')
-  for name in _ARCH_FIELDS:
+  window = model_config.use_sliding_window or hf_config.use_sliding_window
+  for name in _ARCH_FIELDS + (_WINDOW_FIELDS if window else ()) + (_MOE_ARCH_FIELDS if moe else ()):
     if getattr(model_config, name) != getattr(hf_config, name):
       logging.warning('init_from_hf: checkpoint has %s=%s, the config %s; training with the config\'s value',
                       name, getattr(hf_config, name), getattr(model_config, name))
@@ -527,7 +533,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   error = config_override_error(argv)
   if error:
     sys.stderr.write(f'error: {error}\n')
-    sys.exit(2)
+    sys.exit(1)  # as every other error of the command (docs/training.md)
   return app.parse_flags_with_usage(argv)
 
 

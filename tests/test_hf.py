@@ -121,6 +121,14 @@ def test_hub_style_config_fields(tmp_path):
                           'rope_type': 'default'}, 'sliding_window': 8, 'use_sliding_window': True,
                           'layer_types': ['full_attention'] * 2 + ['sliding_attention']})
   assert (v5.rope_theta, v5.use_sliding_window, v5.sliding_window, v5.max_window_layers) == (5e5, True, 8, 2)
+  dense = {k: v for k, v in base.items() if k != 'rope_theta'} | {'model_type': 'qwen2'}
+  assert hf.config_from_hf(dense).rope_theta == 10_000.0  # no theta at all: transformers' Qwen2 default
+  # What would be silently wrong is refused: another activation, a rope scaling beside default rope_parameters.
+  with pytest.raises(ValueError, match="unsupported hidden_act 'gelu'"):
+    hf.config_from_hf({**dense, 'hidden_act': 'gelu'})
+  with pytest.raises(ValueError, match='unsupported rope type'):
+    hf.config_from_hf({**dense, 'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e6},
+                       'rope_scaling': {'type': 'yarn', 'factor': 4.0}})
 
 
 def test_bad_checkpoints_give_named_errors(tmp_path):

@@ -143,6 +143,9 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
   other = model_lib.ModelConfig.from_dict({**config.model, 'hidden_size': 64})
   with pytest.raises(ValueError, match=r'hidden_size=128 but the config has model.hidden_size=64'):
     train.load_hf_params(str(tmp_path / 'hf'), other)
+  moe = model_lib.ModelConfig.from_dict({**config.model, 'num_experts': 4, 'moe_intermediate_size': 32})
+  with pytest.raises(ValueError, match=r'num_experts=0 but the config has model.num_experts=4'):
+    train.load_hf_params(str(tmp_path / 'hf'), moe)
 
   # Through the command's code path: the first step's loss is the loss of the checkpoint's parameters.
   config.update(init_from_hf=str(tmp_path / 'hf'))
