@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import numpy as np
 
 # scipy's L-BFGS-B calls BLAS on 5-vectors; OpenBLAS threads then cost 50x the work on a busy machine (2 s
@@ -66,10 +67,10 @@ def read_results(directory: str) -> list[dict[str, Any]]:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a .jsonl file that runs append to. A last line cut short (a run killed while writing it) is
-  left out with a warning; a malformed line before it is an error naming it."""
-  with open(path) as f:
-    lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+  """The records of a .jsonl file that runs append to (a local path or a gs:// URL). A last line cut short (a
+  run killed while writing it) is left out with a warning; a malformed line before it is an error naming it."""
+  text = epath.Path(path).read_text()
+  lines = [(n, line) for n, line in enumerate(text.splitlines(keepends=True), 1) if line.strip()]
   records = []
   for i, (number, line) in enumerate(lines):
     try:

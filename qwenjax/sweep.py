@@ -60,6 +60,7 @@ from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
 from qwenjax import metrics as metrics_lib
+from qwenjax import scaling
 from qwenjax import train
 from qwenjax import workdir as workdir_lib
 from qwenjax.model import ModelConfig, count_params
@@ -264,23 +265,7 @@ def check_epochs(sweep: ml_collections.ConfigDict, points: list[Point]) -> int:
 def read_done(workdir: str) -> dict[str, dict[str, Any]]:
   """The finished (or diverged) points of DIR/results.jsonl by name (a later line wins)."""
   path = epath.Path(workdir) / 'results.jsonl'
-  return {r['name']: r for r in _read_jsonl(path)} if path.exists() else {}
-
-
-def _read_jsonl(path: epath.Path) -> list[dict[str, Any]]:
-  """Lines a run appends to; a last line cut short by a kill is left out (scaling.read_jsonl)."""
-  if not path.exists():
-    return []
-  records = []
-  lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
-  for i, line in enumerate(lines):
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i < len(lines) - 1 or line.endswith('\n'):
-        raise ValueError(f'{path} line {i + 1} is not JSON ({e}): fix or remove that line') from e
-      logging.warning('%s: its last line is cut short (a run killed while writing it?): left out', path)
-  return records
+  return {r['name']: r for r in scaling.read_jsonl(str(path))} if path.exists() else {}
 
 
 def _append(path: epath.Path, record: dict[str, Any]) -> None:
@@ -294,7 +279,8 @@ def _append(path: epath.Path, record: dict[str, Any]) -> None:
 
 
 def _read_metrics(point_dir: str) -> list[dict[str, Any]]:
-  return _read_jsonl(epath.Path(point_dir) / 'metrics.jsonl')
+  path = epath.Path(point_dir) / 'metrics.jsonl'
+  return scaling.read_jsonl(str(path)) if path.exists() else []
 
 
 def result(point: Point, point_dir: str, seconds: float) -> dict[str, Any]:
