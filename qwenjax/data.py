@@ -63,7 +63,8 @@ def shared_by_all_processes(root: str) -> bool:
   if jax.process_count() == 1:
     return True
   if root not in _SHARED:
-    token = int(multihost_utils.broadcast_one_to_all(np.array([np.random.randint(2**31)], np.int64))[0])
+    token = int(multihost_utils.broadcast_one_to_all(np.array([int.from_bytes(os.urandom(4), 'little')],
+                                                              np.int64))[0])
     probe = os.path.join(root, f'.shared-probe-{token}')  # this run's own: never a stale one
     if jax.process_index() == 0:
       os.makedirs(root, exist_ok=True)
@@ -197,6 +198,7 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tok
           'trained on one tokenizer\'s ids cannot continue on another\'s: run with the settings the workdir was '
           'started with, or use a new --workdir.')
     tokenizer = tokenizer_lib.from_files({p.name: p.read_bytes() for p in kept.iterdir() if p.name != 'source.json'})
+    check_fits(tokenizer, int(config.model.vocab_size), wanted)
   else:
     tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, config.data))
     check_fits(tokenizer, int(config.model.vocab_size), wanted)  # before the workdir keeps a copy it cannot use
@@ -207,7 +209,6 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tok
       (kept / 'source.json').write_text(json.dumps(wanted, indent=1))  # last: marks the copy complete
   if kept and jax.process_count() > 1:  # the others read WORKDIR/tokenizer only once it is complete
     multihost_utils.sync_global_devices('qwenjax workdir tokenizer')
-  check_fits(tokenizer, int(config.model.vocab_size), wanted)
   return tokenizer
 
 
