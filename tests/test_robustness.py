@@ -18,7 +18,9 @@ from qwenjax import lock as lock_lib
 from qwenjax import train
 from train_utils import config_from_overrides, read_metrics, small_config, start_training, tiny_overrides
 
-pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+# Reading damaged checkpoints leaves orbax read coroutines that are never awaited (collected at the end).
+pytestmark = [pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),
+              pytest.mark.filterwarnings('ignore:coroutine .* was never awaited:RuntimeWarning')]
 
 
 @pytest.fixture(scope='module', autouse=True)
