@@ -531,10 +531,13 @@ def config_override_error(argv: list[str]) -> str | None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a clear error for unknown config keys."""
   error = config_override_error(argv)
-  if error:
-    sys.stderr.write(f'error: {error}\n')
-    sys.exit(1)  # as every other error of the command (docs/training.md)
-  return app.parse_flags_with_usage(argv)
+  if not error:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:  # e.g. --config.train.steps=abc: a value of the wrong type
+      error = str(e)
+  sys.stderr.write(f'error: {error}\n')
+  sys.exit(1)  # as every other error of the command (docs/training.md)
 
 
 class _LibraryInfoFilter(pylogging.Filter):

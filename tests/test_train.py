@@ -190,6 +190,14 @@ def test_unknown_config_key_on_the_command_line():
   assert "config.train has no key 'lr_shedule'. Did you mean config.train.lr_schedule?" in message
   assert train.config_override_error(argv[:-1]) is None
   assert "config has no key 'trian'" in train.config_override_error(argv[:2] + ['--config.trian.steps=1'])
+  # On the command line: one error line and status 1, for an unknown key and for a value of the wrong type.
+  for flag, message in (('--config.train.lr_shedule=x', 'Did you mean config.train.lr_schedule?'),
+                        ('--config.train.steps=abc', "flag --config.train.steps=abc: invalid literal for int()")):
+    command, env = train_command('/tmp/unused', {})
+    done = subprocess.run(command + [flag], cwd=ROOT, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith('error: ') and message in (
+        done.stderr), done.stderr[-2000:]
 
 
 def test_sigterm_saves_a_checkpoint_and_a_run_of_the_same_shape_compiles_nothing_new(tmp_path, tokenizer_file):
