@@ -149,6 +149,8 @@ def test_run_keeps_a_slice_that_failed_without_preemption(tmp_path):
     (['--workdir=/tmp/run'], 'must be on GCS'),
     (['--accelerator=v5p'], 'expected GENERATION-SIZE'),
     (['--num_slices=2', '--noqueued'], 'needs a queued resource'),
+    (['--mesh=tensor4'], 'comma-separated AXIS=SIZE'),
+    (['--mesh=tensr=4'], 'comma-separated AXIS=SIZE'),
 ])
 def test_bad_flags_give_named_errors(tmp_path, args, message):
   code, out, calls = _pod('run', *V5P_64, *args, '--dry_run', tmp_path=tmp_path)

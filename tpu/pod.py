@@ -131,7 +131,13 @@ def mesh_overrides(mesh: str, tpu: Slice) -> list[str]:
   if mesh == 'auto':
     sizes = {'data': '1', 'fsdp': str(tpu.chips), 'tensor': '1', 'expert': '1', 'dcn_data': str(tpu.num_slices)}
   else:
-    sizes = dict(item.split('=', 1) for item in mesh.split(',') if item)
+    items = [item for item in mesh.split(',') if item]
+    axes = ('data', 'fsdp', 'tensor', 'expert', 'dcn_data')
+    if not all('=' in item and item.split('=', 1)[0] in axes and item.split('=', 1)[1].lstrip('-').isdigit()
+               for item in items):
+      raise app.UsageError(f'--mesh={mesh}: give "auto" or comma-separated AXIS=SIZE with AXIS one of {axes} and '
+                           'SIZE an integer (-1: the rest of the chips), e.g. --mesh=tensor=4,fsdp=-1')
+    sizes = dict(item.split('=', 1) for item in items)
     if tpu.num_slices > 1:
       sizes.setdefault('dcn_data', str(tpu.num_slices))
   return [f'--config.mesh.{axis}={size}' for axis, size in sizes.items()]
