@@ -138,7 +138,7 @@ def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
   """Directory of a BPE trained on the training files with these settings, trained there at first use (process 0;
   the others wait), so runs and sweep points with the same corpus and settings share one tokenizer."""
   # The files' sizes and modification times too: a corpus rewritten in place trains a new tokenizer.
-  identity = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in source['files']]
+  identity = documents.file_identity(source['files'])
   key = hashlib.sha256(json.dumps([source, identity], sort_keys=True).encode()).hexdigest()[:20]
   root = prepared_root(data)
   directory = os.path.join(root, 'tokenizers', key)

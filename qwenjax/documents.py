@@ -192,7 +192,13 @@ class DocumentSource:
 
   def identity(self) -> list[tuple[str, int, int]]:
     """(absolute path, size, modification time in ns) of every file: what keys a prepared corpus."""
-    return [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.files]
+    return file_identity(self.files)
+
+
+def file_identity(paths: Sequence[str]) -> list[tuple[str, int, int]]:
+  """(absolute path, size, modification time in ns) of each file, without reading it: a touched or rewritten
+  file gets another identity."""
+  return [(os.path.abspath(p), (stat := os.stat(p)).st_size, stat.st_mtime_ns) for p in paths]
 
 
 def sources(data: Any) -> tuple[list[str], list[str]]:

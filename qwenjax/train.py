@@ -362,13 +362,14 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
 
         if (checkpoint_every and done % checkpoint_every == 0) or done == steps or stopping:
           nonfinite.check(step_metrics, done)
-          if nonfinite.in_a_row:  # the state that gave a non-finite loss (e.g. blown up by a huge lr) is suspect:
+          saved = not nonfinite.in_a_row
+          if not saved:  # the state that gave a non-finite loss (e.g. blown up by a huge lr) is suspect:
             logging.warning('step %d: not saving a checkpoint while steps are skipped for a non-finite loss or '
                             'gradient; the last good checkpoint stays', done)  # rotation would delete good ones
           else:
             _save(run, done, state)
         if stopping:
-          logging.info('stopping at step %d (checkpoint saved)', done)
+          logging.info('stopping at step %d (%s)', done, 'checkpoint saved' if saved else 'no checkpoint written')
           break
   finally:  # also on errors: finish the async checkpoint, close the files, give the signals back
     profiler.close()
