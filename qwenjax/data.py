@@ -130,7 +130,8 @@ def _describe_change(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str
 
 def _describe(source: Mapping[str, Any]) -> str:
   if source.get('kind') == 'train':
-    return f'a {source["vocab_size"]}-piece BPE trained on data.train_files={source["train_files"]!r}'
+    return (f'the BPE trained for data.vocab_size={source["vocab_size"]} pieces on '
+            f'data.train_files={source["train_files"]!r}')
   return f'the tokenizer of {source.get("path")}'
 
 
@@ -213,21 +214,10 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tok
 
 
 def check_fits(tokenizer: tokenizer_lib.Tokenizer, model_vocab_size: int, source: Mapping[str, Any]) -> None:
-  """An error when token ids would index past the embedding table; a warning when most rows would never train."""
-  if tokenizer.vocab_size > model_vocab_size:
-    fix = (f'set --config.data.vocab_size to at most {model_vocab_size}' if source['kind'] == 'train' else
-           f'use a model with --config.model.vocab_size={tokenizer.vocab_size} or more')
-    raise ValueError(
-        f'the tokenizer ({_describe(source)}) has {tokenizer.vocab_size} ids but model.vocab_size is '
-        f'{model_vocab_size}: token ids would index past the embedding table; {fix}.')
-  unused = model_vocab_size - tokenizer.vocab_size
-  if unused > max(256, model_vocab_size // 20):
-    padded = -(-tokenizer.vocab_size // 128) * 128
-    logging.warning(
-        'the tokenizer (%s) has %d ids but model.vocab_size is %d: %d embedding rows are never used. Set '
-        '--config.model.vocab_size=%d (the ids rounded up to a multiple of 128) for a model of this tokenizer, or '
-        'use the tokenizer the model is sized for (e.g. --config.data.tokenizer=DIR of a Qwen2 checkpoint).',
-        _describe(source), tokenizer.vocab_size, model_vocab_size, unused, padded)
+  """`tokenizer.check_fits` for the tokenizer a run asked for, with the fix that suits how it got it."""
+  fix = (f'set --config.data.vocab_size to at most {model_vocab_size}' if source['kind'] == 'train' else
+         f'use a model with --config.model.vocab_size={tokenizer.vocab_size} or more')
+  tokenizer_lib.check_fits(tokenizer, model_vocab_size, what=f'the tokenizer ({_describe(source)})', fix=fix)
 
 
 def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer

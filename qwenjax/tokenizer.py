@@ -386,3 +386,22 @@ def _write_atomically(path: str, data: bytes) -> None:
   with open(tmp, 'wb') as f:
     f.write(data)
   os.replace(tmp, path)
+
+
+def check_fits(tokenizer: Tokenizer, model_vocab_size: int, *, what: str, fix: str) -> None:
+  """The one check that a tokenizer belongs with an embedding table of `model_vocab_size` rows.
+
+  An error when token ids would index past the table (`fix` says what to change); a warning when more than 5% (and
+  256) of the rows would never train. `what` names the tokenizer, e.g. "the tokenizer of /path/to/run".
+  """
+  if tokenizer.vocab_size > model_vocab_size:
+    raise ValueError(f'{what} has {tokenizer.vocab_size} ids but the model\'s vocab_size (embedding rows) is '
+                     f'{model_vocab_size}: token ids would index past the embedding table; {fix}.')
+  unused = model_vocab_size - tokenizer.vocab_size
+  if unused > max(256, model_vocab_size // 20):
+    padded = -(-tokenizer.vocab_size // 128) * 128
+    logging.warning(
+        '%s has %d ids but the model\'s vocab_size is %d: %d embedding rows are never used. Set '
+        '--config.model.vocab_size=%d (the ids rounded up to a multiple of 128) for a model of this tokenizer, or '
+        'use the tokenizer the model is sized for (e.g. --config.data.tokenizer=DIR of a Qwen2 checkpoint).',
+        what, tokenizer.vocab_size, model_vocab_size, unused, padded)

@@ -170,7 +170,8 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
     (lambda c: c.mesh.update(data=3, fsdp=1, tensor=1), ValueError, 'multiply to 3 but there are 8 devices'),
     (lambda c: c.data.update(train_files='/nonexistent/*.jsonl'), FileNotFoundError,
      r"no files match data.train_files='/nonexistent/\*.jsonl'"),
-    (lambda c: c.model.update(vocab_size=256), ValueError, r'has 512 ids but model.vocab_size is 256'),
+    (lambda c: c.model.update(vocab_size=256), ValueError,
+     r"has 512 ids but the model's vocab_size \(embedding rows\) is 256"),
     (lambda c: c.train.update(logits_dtype='bf16'), ValueError,
      r"train.logits_dtype must be 'float32' or 'bfloat16', got 'bf16'"),
 ])

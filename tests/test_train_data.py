@@ -80,7 +80,8 @@ def test_the_workdirs_tokenizer_is_reused_only_while_it_matches(tmp_path, tokeni
   with pytest.raises(ValueError, match=r"workdir's tokenizer .* data.vocab_size was 400, now 500.*new --workdir"):
     train.train_and_evaluate(config, workdir)
   config.data.update(vocab_size=400, tokenizer=tokenizer_file)
-  with pytest.raises(ValueError, match=r"it was a 400-piece BPE trained on .* this run asks for the tokenizer of"):
+  with pytest.raises(ValueError, match=r'it was the BPE trained for data.vocab_size=400 pieces on .* this run asks '
+                                       r'for the tokenizer of'):
     train.train_and_evaluate(config, workdir)
   # Another seed resumes with the workdir's tokenizer (the seed only picked the sentences it learned from).
   config.data.tokenizer, config.train.seed, config.train.steps = 'train', 1, 3
@@ -145,7 +146,7 @@ def test_init_from_hf_trains_with_the_checkpoints_own_tokenizer(tmp_path, caplog
   assert 'holds no tokenizer.json or tokenizer.model, so a new tokenizer is trained' in caplog.text
   config.data.tokenizer = checkpoint_dir
   config.model.vocab_size = 300
-  with pytest.raises(ValueError, match=r'has 353 ids but model.vocab_size is 300'):
+  with pytest.raises(ValueError, match=r"has 353 ids but the model's vocab_size \(embedding rows\) is 300"):
     train.train_and_evaluate(config, str(tmp_path / 'small'))
 
 
