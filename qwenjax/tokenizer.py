@@ -53,7 +53,7 @@ import tokenizers
 
 SENTENCEPIECE_FILE = 'tokenizer.model'
 HF_FILE = 'tokenizer.json'
-HF_CONFIG_FILES = ('tokenizer_config.json', 'generation_config.json')
+HF_CONFIG_FILES = ('tokenizer_config.json', 'generation_config.json', 'chat_template.jinja')
 _END_OF_TEXT = ('<|endoftext|>', '<|end_of_text|>')
 
 # A trained model's fixed pieces: <unk>, <s>, </s>, '\n' and the 256 bytes.
