@@ -13,6 +13,7 @@ included) after jax started and after the load. On CPU devices the arrays live i
 process holding all 8 devices of an fsdp=8 mesh holds the whole model: that share is the floor.
 `--processes 2` runs the load as two jax processes of 4 devices each (jax.distributed with a local
 coordinator), as two hosts would: each holds, and should read, only half of every sharded tensor.
+From the repository root after `pip install -e .`:
 
     python benchmarks/hf_load_memory.py --config configs/qwen2_1_5b.py --dir /tmp/qwen2_1_5b_random
     python benchmarks/hf_load_memory.py --config configs/qwen2_1_5b.py --dir /tmp/qwen2_1_5b_random --processes 2
@@ -34,8 +35,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 METHODS = ('sharded', 'whole')
 GIB = 2**30

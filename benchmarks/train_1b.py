@@ -7,7 +7,7 @@ grain is needed; or, with `--batches_file` (from `data_throughput.py --save`), p
 pipeline, with segment ids and positions, as `python -m qwenjax.train` trains on (use a `pallas` variant).
 A variant's name fixes the global batch, the micro-batch (grad accumulation), the remat policy, the attention
 kernel and scanned or unrolled layers (`parse_variant`); MFU counts `qwenjax.metrics.flops_per_token` against
-the device's bf16 peak (989 TFLOP/s on an H100).
+the device's bf16 peak (989 TFLOP/s on an H100). From the repository root after `pip install -e .`:
 
     python benchmarks/train_1b.py --out /tmp/bench            # DEFAULT_VARIANTS, a table at the end
     python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # others
@@ -36,16 +36,16 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from qwenjax import config as config_lib
+from qwenjax import metrics
+from qwenjax import sharding
+from qwenjax import train_step
+from qwenjax.model import ModelConfig
 
-import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/profile_summary.py)
-from timing import packed_batches  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
-from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
-from qwenjax import metrics  # pylint: disable=g-import-not-at-top
-from qwenjax import sharding  # pylint: disable=g-import-not-at-top
-from qwenjax import train_step  # pylint: disable=g-import-not-at-top
-from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+import profile_summary  # benchmarks/, next to this script
+from timing import packed_batches  # benchmarks/
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 REMAT = {'none': 'none', 'full': 'full', 'dots': 'dots_with_no_batch_dims_saveable',
          'dotsattn': 'dots_and_attention_saveable', 'acts': 'activations_saveable'}

@@ -198,7 +198,9 @@ def test_memory_benchmark_runs(tmp_path):
   done = subprocess.run(
       [sys.executable, str(pathlib.Path(__file__).parent.parent / 'benchmarks' / 'hf_load_memory.py'),
        '--config', str(pathlib.Path(__file__).parent.parent / 'configs' / 'tiny.py'), '--dir', str(out_dir),
-       '--shard_gb', '0.002'], capture_output=True, text=True, timeout=300, check=False)
+       '--shard_gb', '0.002'], capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent.parent),
+                                                       os.environ.get('PYTHONPATH', '')])))
   assert done.returncode == 0, done.stderr[-3000:]
   results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
   assert [r['method'] for r in results] == ['sharded', 'whole']
