@@ -281,5 +281,5 @@ def test_evaluate_needs_one_checkpoint_and_something_to_score(tiny_checkpoint):
     evaluate.load()
   with pytest.raises(ValueError, match='nothing to evaluate'):
     evaluate.evaluate(tiny_checkpoint)
-  with pytest.raises(FileNotFoundError, match='no files match --files'):
-    evaluate.evaluate(tiny_checkpoint, files='/nonexistent/*.jsonl')
+  with pytest.raises(FileNotFoundError, match=r'no files match --files=.*e\.g\. --files="data/\*\.jsonl"\.$'):
+    evaluate.evaluate(tiny_checkpoint, files='/nonexistent/*.jsonl')  # its own flag, not a training one
