@@ -22,6 +22,7 @@ import jax
 import ml_collections
 
 from qwenjax import checkpoint
+from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import hf as hf_lib
 from qwenjax import sharding
@@ -60,14 +61,15 @@ def load(workdir: str | None = None, hf: str | None = None, *, step: int | None 
   `attention_impl` (e.g. to run a cuDNN-trained model on a CPU), `moe_capacity_factor=0.0` (dropless experts);
   None or '' keeps the saved value.
 
-  A missing directory, a workdir without a checkpoint, and a tokenizer with ids past the model's embedding table
-  are errors (FileNotFoundError, ValueError) that name the path and what to do.
+  Not exactly one of `workdir` and `hf`, or a `step` of a Hugging Face directory, is a `cli.UsageError` (a
+  ValueError) before anything is read. A missing directory, a workdir without a checkpoint, and a tokenizer with ids
+  past the model's embedding table are errors (FileNotFoundError, ValueError) that name the path and what to do.
   """
   if bool(workdir) == bool(hf):
-    raise ValueError('give exactly one of --workdir (a training run) and --hf (a Hugging Face checkpoint '
-                     'directory)')
+    raise cli.UsageError('give one of --workdir=DIR (a training run) and --hf=DIR (a Hugging Face checkpoint '
+                         'directory)' + (', not both' if workdir else ''))
   if hf and step is not None:
-    raise ValueError('--step picks a checkpoint of a training run (--workdir); a Hugging Face directory holds one')
+    raise cli.UsageError('--step picks a checkpoint of a training run (--workdir); --hf has one checkpoint')
   overrides = {k: v for k, v in overrides.items() if v is not None and v != ''}
   return _from_workdir(workdir, step, mesh, rules, on_host, overrides) if workdir else _from_hf(
       hf, mesh, rules, on_host, overrides)

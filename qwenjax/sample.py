@@ -76,11 +76,6 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv  # cli.run: no positional arguments
   f = flags.FLAGS
-  if bool(f.workdir) == bool(f.hf):
-    raise cli.UsageError('give one of --workdir=DIR (a training run) and --hf=DIR (a Hugging Face checkpoint '
-                         'directory)' + (', not both' if f.workdir else ''))
-  if f.hf and f.step is not None:
-    raise cli.UsageError('--step picks a checkpoint of a training run (--workdir); --hf has one checkpoint')
   try:  # before the model loads
     generate.check_sampling(f.temperature, f.top_k, f.top_p)
   except ValueError as e:

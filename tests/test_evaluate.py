@@ -277,7 +277,7 @@ def test_a_tokenizer_larger_than_the_model_is_an_error(tmp_path):
 
 
 def test_evaluate_needs_one_checkpoint_and_something_to_score(tiny_checkpoint):
-  with pytest.raises(ValueError, match='exactly one of --workdir'):
+  with pytest.raises(ValueError, match='give one of --workdir=DIR'):
     evaluate.load()
   with pytest.raises(ValueError, match='nothing to evaluate'):
     evaluate.evaluate(tiny_checkpoint)
