@@ -88,6 +88,17 @@ def test_help_lists_the_commands_own_flags_one_line_each():
   assert '--config=FILE' in results['train'].stdout and '--bootstrap=N' in results['scaling'].stdout
 
 
+def test_importing_a_command_defines_no_flags():
+  """The sweep imports train and scaling; notebooks import any command: their flags come only with running them."""
+  code = ('from absl import flags\n'
+          'import qwenjax.train, qwenjax.sweep, qwenjax.scaling, qwenjax.sample, qwenjax.evaluate, qwenjax.export\n'
+          'import qwenjax.prepare, qwenjax.distributed, qwenjax.pretrained, qwenjax.cli\n'
+          'print(sorted(m for m in flags.FLAGS.flags_by_module_dict() if "qwenjax" in m))')
+  done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0 and done.stdout.strip() == '[]', (done.stdout, done.stderr[-2000:])
+
+
 @pytest.fixture
 def workdir_without_checkpoints(tmp_path, tokenizer_file):
   """A training run's workdir as a run leaves it before its first checkpoint: config.json and the tokenizer."""
@@ -162,3 +173,43 @@ def test_ctrl_c_and_sigterm_save_and_exit_130_and_143(tmp_path, tokenizer_file):
     assert not saved or step > saved[-1]  # resumed, then saved again
     saved.append(step)
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released every time
+
+
+SWEEP_FILE = '''
+import ml_collections
+
+
+def get_config():
+  sweep = ml_collections.ConfigDict()
+  sweep.base = 'configs/tiny.py'
+  sweep.overrides = ml_collections.ConfigDict(dict(
+      model=dict(vocab_size=512, use_sliding_window=False),
+      data=dict(seq_len=32, tokenizer={tokenizer!r}, train_files={files!r}, eval_files={files!r}),
+      train=dict(batch_size=8, log_every=1, eval_steps=1)))
+  sweep.ladder = ml_collections.ConfigDict(dict(sizes=(1,), width_per_size=32, depth=1, head_dim=16, q_per_kv=1,
+                                                mlp_ratio=2.0))
+  sweep.tokens = (8 * 32 * 100_000,)  # one point of 100,000 steps: stopped long before its end
+  sweep.max_epochs = 1e9
+  return sweep
+'''
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_sigterm_saves_its_point_and_exits_143(tmp_path, tokenizer_file):
+  files = os.path.join(os.path.dirname(os.__file__), 'json', '*.py')
+  (tmp_path / 'sweep.py').write_text(SWEEP_FILE.format(tokenizer=tokenizer_file, files=files))
+  workdir = str(tmp_path / 'sweep')
+  command = [sys.executable, '-m', 'qwenjax.sweep', f'--sweep={tmp_path}/sweep.py', f'--workdir={workdir}']
+  err = open(tmp_path / 'sweep.err', 'w')  # pylint: disable=consider-using-with
+  process = subprocess.Popen(command, cwd=ROOT, env=train_command(workdir, {})[1], stdout=subprocess.DEVNULL,
+                             stderr=err)
+  point = os.path.join(workdir, 'D2.56e7-s1')
+  _wait_for_steps(process, point, 2, err)
+  process.send_signal(signal.SIGTERM)
+  stderr = _finish(process, err)
+  assert process.returncode == 143, stderr[-3000:]
+  last = stderr.rstrip().splitlines()[-1]
+  assert last.startswith('stopped: sweep point D2.56e7-s1: SIGTERM received: stopped at step'), last
+  step = max(r['step'] for r in read_metrics(point))
+  assert checkpoint.Checkpointer(point, 3).all_steps() == [step]
+  assert not os.path.exists(os.path.join(workdir, 'results.jsonl'))  # not a result: it resumes
