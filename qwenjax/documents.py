@@ -61,10 +61,11 @@ def expand_files(patterns: str, what: str = 'data.train_files') -> list[str]:
     logging.warning('%s: %s match(es) no file (the other patterns do): a typo?', what,
                     ', '.join(repr(p) for p, found in matches.items() if not found))
   if not files:
+    flag = what if what.startswith('--') else f'--config.{what}'  # a command's own flag, or a config value
     raise FileNotFoundError(
         f'no files match {what}={patterns!r} (from {os.getcwd()}). Give a glob or comma-separated globs of '
-        '.jsonl, .txt or ArrayRecord files, e.g. --config.data.train_files="data/*.jsonl", or leave it empty '
-        'to train on the built-in corpus.')
+        f'.jsonl, .txt or ArrayRecord files, e.g. {flag}="data/*.jsonl"'
+        + (', or leave it empty to train on the built-in corpus.' if what == 'data.train_files' else '.'))
   return files
 
 

@@ -26,9 +26,12 @@ import os
 import time
 from typing import Any, Sequence
 
+from absl import flags
 from absl import logging
+from ml_collections import config_flags
 import numpy as np
 
+from qwenjax import cli
 from qwenjax import documents
 
 DOCS_PER_SHARD = 512
@@ -192,10 +195,15 @@ class Corpus:
     return self._tokens[self._doc_shard[doc]][base + start:base + stop]
 
 
-def main(argv):
-  del argv
+def _define_flags() -> None:
+  """The command line's flags (defined when it runs: importing this module adds none)."""
+  config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.')
+
+
+def main(argv: list[str]) -> None:
+  del argv  # cli.run: no positional arguments
   from qwenjax import data  # pylint: disable=g-import-not-at-top  (jax only for the command line)
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   train, held_out = data.prepared_corpora(config, data.get_tokenizer(config, None))
   for name, corpus in (('train', train), ('eval', held_out)):
     if corpus is not None:
@@ -204,7 +212,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.')
-  app.run(main)
+  cli.run(main, _define_flags, required=('config',))

@@ -5,8 +5,12 @@ Every config value can be overridden on the command line, e.g. `--config.train.s
 from the latest checkpoint in `workdir`.
 
 The workdir holds `checkpoints/`, `metrics.jsonl` (one JSON object per line, each with a `step`), TensorBoard
-event files, `config.json`, `compilation_cache/` (compiled steps for the next run) and, with
-`data.tokenizer='train'`, `tokenizer.model`.
+event files, `config.json`, `compilation_cache/` (compiled steps for the next run) and `tokenizer/` (the tokenizer
+the run trains with, which sampling, evaluation and export read).
+
+Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with status 130 or 143 (a second Ctrl-C
+stops at once, without saving); errors are one `error:` line, status 2 for the command line, 1 otherwise
+(`qwenjax.cli`).
 
 Read top to bottom: set up the mesh, data and tokenizer; create or restore the sharded train state; then the
 loop: step, log, evaluate, checkpoint. The step itself is `qwenjax.train_step`; sharding is
@@ -17,16 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import logging as pylogging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import flax.linen as nn
@@ -37,7 +38,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from qwenjax import checkpoint
-from qwenjax import config as config_lib
+from qwenjax import cli
 from qwenjax import data
 from qwenjax import distributed
 from qwenjax import lock as lock_lib
@@ -46,11 +47,6 @@ from qwenjax import sharding
 from qwenjax import train_step
 from qwenjax import workdir as workdir_lib
 from qwenjax.model import ModelConfig
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, TensorBoard files and the '
-                               'tokenizer. Running again with the same workdir resumes.')
 
 # Fields that fix parameter shapes: a Hugging Face checkpoint must agree with the config on these.
 _SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
@@ -128,22 +124,27 @@ def load_hf_params(path: str, model_config: ModelConfig, shardings: Any = None) 
 
 class _StopSignal:
   """Turns SIGTERM (preemption) and Ctrl-C (SIGINT) into a flag the loop checks after each step: the run saves a
-  checkpoint and stops. A second Ctrl-C stops at once."""
+  checkpoint and stops, raising `cli.Stopped` (exit status 128 + the signal). A second Ctrl-C stops at once."""
 
   def __init__(self):
-    self.received = False
+    self.signum: int | None = None  # the first signal received
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
 
+  @property
+  def received(self) -> bool:
+    return self.signum is not None
+
   def _handle(self, signum, frame):
     del frame
     if self.received and signum == signal.SIGINT:
-      raise KeyboardInterrupt
+      raise cli.Stopped(signum, 'Ctrl-C again: stopped at once, without saving; the same command resumes from the '
+                        'last checkpoint', at_once=True)
     logging.warning('%s received: saving a checkpoint after this step, then stopping%s', signal.Signals(signum).name,
                     ' (Ctrl-C again to stop at once, without saving)' if signum == signal.SIGINT else '')
-    self.received = True
+    self.signum = self.signum or signum
 
   def close(self):
     for sig, previous in self._previous.items():
@@ -299,7 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: int | None = None) -> dict[str, float]:
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics.
 
-  `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs).
+  `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs). Stopped by SIGTERM
+  or Ctrl-C before the last step, it checkpoints and raises `cli.Stopped`.
   """
   workdir = check_workdir(workdir)
   with _workdir_lock(workdir):
@@ -308,7 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
-  """Steps from `run.start` to `train.steps`: step, log, evaluate, checkpoint; stops early on SIGTERM / Ctrl-C."""
+  """Steps from `run.start` to `train.steps`: step, log, evaluate, checkpoint; on SIGTERM / Ctrl-C (or a
+  preemption another host saw) it checkpoints and raises `cli.Stopped` once everything is closed."""
   tc, steps, state, ckpt = run.config.train, int(run.config.train.steps), run.state, run.checkpointer
   seq_len = int(run.config.data.seq_len)
   if run.start >= steps:
@@ -324,6 +327,7 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
   stop, profiler = _StopSignal(), _Profiler(run.workdir, int(tc.profile_steps), int(tc.profile_from), steps)
   nonfinite = _NonFiniteSteps(int(tc.max_nonfinite_steps))
   last: dict[str, float] = {}
+  stopped_by = None  # (signal, message) of a stop before train.steps
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
@@ -369,13 +373,21 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
           else:
             _save(run, done, state)
         if stopping:
-          logging.info('stopping at step %d (%s)', done, 'checkpoint saved' if saved else 'no checkpoint written')
+          outcome = 'checkpoint saved' if saved else 'no checkpoint written'
+          if done < steps and done != stop_after:  # a signal, or a preemption that another host received
+            stopped_by = (stop.signum or signal.SIGTERM,
+                          f'{signal.Signals(stop.signum or signal.SIGTERM).name} received: stopped at step {done} '
+                          f'of {steps}, {outcome}; the same command resumes the run')
+          else:
+            logging.info('stopping at step %d (%s)', done, outcome)
           break
   finally:  # also on errors: finish the async checkpoint, close the files, give the signals back
     profiler.close()
     ckpt.close()
     writer.close()
     stop.close()
+  if stopped_by:
+    raise cli.Stopped(*stopped_by)
   return last
 
 
@@ -491,54 +503,9 @@ def _workdir_lock(workdir: str):
 
 
 def config_override_error(argv: list[str]) -> str | None:
-  """A clear message if a `--config.KEY=VALUE` argument names a key the config file does not have.
-
-  ml_collections would raise a bare AttributeError deep in flag parsing; this check runs first.
-  """
-  config_path = None
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      config_path = arg.split('=', 1)[1]
-    elif arg == '--config' and i + 1 < len(argv):
-      config_path = argv[i + 1]
-  if not config_path:
-    return None
-  if not os.path.exists(config_path) and ':' in config_path:
-    config_path = config_path.split(':', 1)[0]
-  if not os.path.exists(config_path):
-    return f'--config={config_path}: no such file (give a config file such as configs/tiny.py)'
-  config = config_lib.load(config_path)
-  for arg in argv:
-    name = arg.lstrip('-').split('=', 1)[0]
-    if name.startswith('noconfig.'):
-      name = name[2:]
-    if not name.startswith('config.'):
-      continue
-    node, parts = config, name.split('.')[1:]
-    for depth, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict):
-        break  # indexing into a tuple or a value: left to ml_collections
-      if part not in node:
-        section = '.'.join(['config'] + parts[:depth])
-        keys = sorted(node.keys())
-        close = difflib.get_close_matches(part, keys, n=1)
-        hint = f' Did you mean {section}.{close[0]}?' if close else ''
-        return (f'unknown config key in {arg}: {section} has no key {part!r}.{hint} Its keys are: '
-                f'{", ".join(keys)}.')
-      node = node[part]
-  return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a clear error for unknown config keys."""
-  error = config_override_error(argv)
-  if not error:
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:  # e.g. --config.train.steps=abc: a value of the wrong type
-      error = str(e)
-  sys.stderr.write(f'error: {error}\n')
-  sys.exit(1)  # as every other error of the command (docs/training.md)
+  """What is wrong with `--config=FILE` and its `--config.KEY=VALUE` overrides in `argv` (e.g. an unknown key,
+  with the closest one), or None: what the command line reports before anything runs (`cli.parse`)."""
+  return cli.config_override_error(argv, 'config')
 
 
 class _LibraryInfoFilter(pylogging.Filter):
@@ -554,27 +521,29 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, lock_lib.WorkdirBusyErro
                checkpoint.NonFiniteError)
 
 
-def main(argv):
+def _define_flags() -> None:
+  """The command line's flags (defined when it runs, so importing this module, as the sweep does, adds none)."""
+  config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, TensorBoard files and the tokenizer '
+                      '(tokenizer/); running again with the same workdir resumes.')
+  distributed.define_flags()
+
+
+def main(argv: list[str]) -> None:
+  del argv  # cli.run: no positional arguments
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; set config values as --config.SECTION.KEY=VALUE')
-  try:
-    distributed.initialize()
-    if jax.process_index() != 0 and not flags.FLAGS['verbosity'].present:
-      logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress; the others only what goes wrong
-    workdir = check_workdir(_WORKDIR.value)
-    # The cache is jax's process-wide setting, made once before anything compiles: here, not in
-    # train_and_evaluate, which tests and notebooks call in processes that configure jax themselves.
-    cache = compilation_cache_dir(str(_CONFIG.value.train.compilation_cache_dir), workdir)
-    if cache:
-      jax.config.update('jax_compilation_cache_dir', cache)
-    train_and_evaluate(_CONFIG.value, workdir)
-  except USER_ERRORS as e:  # a message that says what to do, without a traceback through the library
-    logging.error('%s', e)
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(1)
+  distributed.initialize_from_flags()
+  if jax.process_index() != 0 and not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress; the others only what goes wrong
+  config = flags.FLAGS.config
+  workdir = check_workdir(flags.FLAGS.workdir)
+  # The cache is jax's process-wide setting, made once before anything compiles: here, not in
+  # train_and_evaluate, which tests and notebooks call in processes that configure jax themselves.
+  cache = compilation_cache_dir(str(config.train.compilation_cache_dir), workdir)
+  if cache:
+    jax.config.update('jax_compilation_cache_dir', cache)
+  train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, _define_flags, required=('config', 'workdir'), expected=USER_ERRORS)

@@ -108,6 +108,10 @@ def test_export_loads_in_transformers_with_our_logits(run, tmp_path):
   assert summary['step'] == 3 and summary['dtype'] == 'float32' and summary['note'] is None
   assert {'config.json', 'model.safetensors', 'generation_config.json', 'tokenizer.json',
           'tokenizer_config.json'} <= set(os.listdir(out))
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ('config.json', 'model.safetensors'):  # safetensors alone would leave 0600
+    assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
 
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation='eager').eval()
   assert type(hf_model).__name__ == 'Qwen2ForCausalLM'
@@ -230,4 +234,4 @@ def test_command_lines(run, tmp_path):
 
   done = subprocess.run([sys.executable, '-m', 'qwenjax.export', f'--workdir={run}', f'--out={out}'],
                         capture_output=True, text=True, env=env, timeout=300, check=False)
-  assert done.returncode == 2 and 'is not empty' in done.stderr
+  assert done.returncode == 1 and 'is not empty' in done.stderr

@@ -311,10 +311,10 @@ def test_sample_cli_on_a_hf_directory(tmp_path):
   stop = [i for i, t in enumerate(expected) if t in tok.stop_ids]
   expected = expected[:stop[0]] if stop else expected
   assert done.stdout == 'The quick brown fox' + tok.decode(expected) + '\n'
-  bad = _run_sample(f'--hf={tmp_path}', '--prompt=', '--max_new_tokens=8')
-  assert bad.returncode == 2 and 'prompt is empty' in bad.stderr
-  long = _run_sample(f'--hf={tmp_path}', '--prompt=' + 'fox ' * 200, '--max_new_tokens=8')
-  assert long.returncode == 2 and 'max_position_embeddings' in long.stderr
+  bad = _run_sample(f'--hf={tmp_path}', '--prompt=', '--max_new_tokens=8')  # a usage error
+  assert bad.returncode == 2 and bad.stderr.startswith('error: --prompt is required'), bad.stderr
+  long = _run_sample(f'--hf={tmp_path}', '--prompt=' + 'fox ' * 200, '--max_new_tokens=8')  # found at run time
+  assert long.returncode == 1 and 'max_position_embeddings' in long.stderr
 
 
 def test_sample_cli_on_a_training_workdir(tmp_path):
@@ -323,7 +323,7 @@ def test_sample_cli_on_a_training_workdir(tmp_path):
   from qwenjax import checkpoint, train  # pylint: disable=import-outside-toplevel
   import train_utils  # pylint: disable=import-outside-toplevel
   missing = _run_sample(f'--workdir={tmp_path}', '--prompt=hi')
-  assert missing.returncode == 2 and 'config.json' in missing.stderr
+  assert missing.returncode == 1 and 'config.json' in missing.stderr
   workdir = tmp_path / 'run'
   config = train_utils.small_config(steps=2, checkpoint_every=2, log_every=1, eval_steps=0)
   text = tmp_path / 'train.txt'  # a small corpus and the tiny Qwen2-style tokenizer (353 ids; 384 embeddings)
@@ -346,7 +346,7 @@ def test_sample_cli_on_a_training_workdir(tmp_path):
   (tmp_path / 'empty').mkdir()
   shutil.copy(workdir / 'config.json', tmp_path / 'empty' / 'config.json')
   no_checkpoint = _run_sample(f'--workdir={tmp_path / "empty"}', '--prompt=hi')
-  assert no_checkpoint.returncode == 2 and 'no checkpoint' in no_checkpoint.stderr
+  assert no_checkpoint.returncode == 1 and 'no checkpoint' in no_checkpoint.stderr
 
 
 def test_decode_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
