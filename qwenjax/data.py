@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from qwenjax import corpus as corpus_lib
 from qwenjax import documents
-from qwenjax import prepare
 from qwenjax import tokenizer as tokenizer_lib
 
 # Re-exported: the file helpers live in `qwenjax.documents` (no jax there, for the tokenizing workers).
@@ -50,7 +50,7 @@ def _holds_tokenizer(directory: str) -> bool:
 
 
 def prepared_root(data: Mapping[str, Any]) -> str:
-  return os.path.expanduser(data['prepared_dir']) if data['prepared_dir'] else prepare.default_dir()
+  return os.path.expanduser(data['prepared_dir']) if data['prepared_dir'] else corpus_lib.default_dir()
 
 
 _SHARED: dict[str, bool] = {}
@@ -221,7 +221,7 @@ def check_fits(tokenizer: tokenizer_lib.Tokenizer, model_vocab_size: int, source
 
 
 def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer
-                     ) -> tuple[prepare.Corpus, prepare.Corpus | None]:
+                     ) -> tuple[corpus_lib.Corpus, corpus_lib.Corpus | None]:
   """(train, eval or None) corpora, tokenized once into `data.prepared_dir` and reused while unchanged."""
   data = config.data
   train_files, eval_files = documents.sources(data)
@@ -232,8 +232,8 @@ def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib
   # On one filesystem the processes share the tokenizing; on separate disks each tokenizes the whole corpus.
   kwargs = (dict(process_index=jax.process_index(), process_count=jax.process_count())
             if shared_by_all_processes(root) else {})
-  train = prepare.prepare(train_files, data.text_key, tokenizer, root, what='data.train_files', **kwargs)
-  held_out = (prepare.prepare(eval_files, data.text_key, tokenizer, root, what='data.eval_files', **kwargs)
+  train = corpus_lib.prepare(train_files, data.text_key, tokenizer, root, what='data.train_files', **kwargs)
+  held_out = (corpus_lib.prepare(eval_files, data.text_key, tokenizer, root, what='data.eval_files', **kwargs)
               if eval_files else None)
   return train, held_out
 
@@ -245,7 +245,7 @@ class PackedRows:
   """Row r of a corpus's stream (see the module docstring), as `tokens`, `segment_ids` and `positions` of
   `seq_len + 1` entries. `epochs=False`: one pass in corpus order, then empty rows (for eval)."""
 
-  def __init__(self, corpus: prepare.Corpus, seq_len: int, seed: int, shuffle_window: int = 0,
+  def __init__(self, corpus: corpus_lib.Corpus, seq_len: int, seed: int, shuffle_window: int = 0,
                epochs: bool = True):
     self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
     self.shuffle_window, self.epochs = shuffle_window, epochs
@@ -325,7 +325,7 @@ class StepBatches:
     return to_model_batch({k: np.stack([p[k] for p in packed]) for k in packed[0]})
 
 
-def train_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, seed: int, shuffle_window: int,
+def train_batches(corpus: corpus_lib.Corpus, *, seq_len: int, batch_size: int, seed: int, shuffle_window: int,
                   local_rows: Sequence[int], start: int, steps: int, read_threads: int = 2
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Batches of steps start, start + 1, ..., steps - 1, read ahead on `read_threads` threads (grain)."""
@@ -335,7 +335,7 @@ def train_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, seed
   return iter(ds.to_iter_dataset(options))
 
 
-def eval_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, num_batches: int,
+def eval_batches(corpus: corpus_lib.Corpus, *, seq_len: int, batch_size: int, num_batches: int,
                  local_rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
   """The first `num_batches` batches of the eval corpus in file order, read once and kept in memory; past the end
   of the corpus, rows are empty (zero weight), so every process runs the same number of eval steps."""
@@ -344,7 +344,7 @@ def eval_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, num_b
   return [batch_of(k) for k in range(min(num_batches, -(-rows_needed // batch_size)))]
 
 
-def stream_record(config: ml_collections.ConfigDict, corpus: prepare.Corpus) -> dict[str, Any]:
+def stream_record(config: ml_collections.ConfigDict, corpus: corpus_lib.Corpus) -> dict[str, Any]:
   """What fixes the training stream: saved with each checkpoint, compared when a run resumes."""
   return {'corpus': corpus.fingerprint, 'tokenizer': corpus.meta['tokenizer'], 'seed': int(config.train.seed),
           'seq_len': int(config.data.seq_len), 'batch_size': int(config.train.batch_size),
