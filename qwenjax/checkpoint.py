@@ -30,6 +30,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qwenjax.config import CheckpointConfig
+
 
 class ShapeMismatchError(ValueError):
   """The checkpoint holds a differently shaped (or differently structured) train state."""
@@ -115,22 +117,30 @@ def _first_line(error: BaseException) -> str:
 
 
 class Checkpointer:
-  """Async orbax CheckpointManager for `{'state': train state, 'data': data stream record}`."""
+  """Async orbax CheckpointManager for `{'state': train state, 'data': data stream record}`, keeping the latest
+  `settings.keep_checkpoints`."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, settings: CheckpointConfig = CheckpointConfig()):
     workdir = epath.Path(workdir)
     self.directory = workdir / 'checkpoints'
     self.corrupt_directory = workdir / 'checkpoints_corrupt'
-    self._keep = keep
+    self.settings = settings
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.settings.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True)
     handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
+
+  def due(self, step: int) -> bool:
+    """Whether `train.checkpoint_every` asks for a checkpoint at `step` (the loop also saves at its last step and
+    when stopped)."""
+    every = self.settings.checkpoint_every
+    return bool(every) and step % every == 0
 
   def set_aside_steps(self) -> list[str]:
     """Checkpoints an earlier run moved to checkpoints_corrupt/."""

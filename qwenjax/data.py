@@ -1,5 +1,10 @@
 """The input pipeline: the run's tokenizer, prepared corpora, and the packed rows of every step.
 
+Read top to bottom: documents (`qwenjax.documents`) -> the run's tokenizer (`get_tokenizer`) -> prepared corpora
+(`prepared_corpora`, tokenized once by `qwenjax.corpus`) -> packed rows (`PackedRows`) -> the batches of each step
+(`train_batches`, `eval_batches`). The settings are a `qwenjax.config.DataConfig`; the model's vocabulary size, the
+seed and `init_from_hf` are passed on their own.
+
 The batch of step k is a pure function of the prepared corpus, `train.seed`, `data.seq_len`, the global batch
 size and k, whatever the number of processes, devices or the mesh: resuming needs only the step, and a run
 resumed on another mesh or process count continues the same stream. Each process reads only the rows its
@@ -28,12 +33,12 @@ from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 
 from qwenjax import corpus as corpus_lib
 from qwenjax import documents
 from qwenjax import tokenizer as tokenizer_lib
+from qwenjax.config import DataConfig
 
 # Re-exported: the file helpers live in `qwenjax.documents` (no jax there, for the tokenizing workers).
 DocumentSource = documents.DocumentSource
@@ -49,8 +54,8 @@ def _holds_tokenizer(directory: str) -> bool:
              for name in (tokenizer_lib.SENTENCEPIECE_FILE, tokenizer_lib.HF_FILE))
 
 
-def prepared_root(data: Mapping[str, Any]) -> str:
-  return os.path.expanduser(data['prepared_dir']) if data['prepared_dir'] else corpus_lib.default_dir()
+def prepared_root(data: DataConfig) -> str:
+  return os.path.expanduser(data.prepared_dir) if data.prepared_dir else corpus_lib.default_dir()
 
 
 _SHARED: dict[str, bool] = {}
@@ -92,13 +97,13 @@ def _broadcast_files(files: dict[str, bytes] | None) -> dict[str, bytes]:
   return {k: bytes.fromhex(v) for k, v in json.loads(received).items()}
 
 
-def tokenizer_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def tokenizer_source(data: DataConfig, *, seed: int, init_from_hf: str = '') -> dict[str, Any]:
   """What the run's tokenizer is to be, as recorded in WORKDIR/tokenizer/source.json.
 
-  `data.tokenizer`: 'train' (default) trains a BPE on the training files, except with `init_from_hf=PATH` where
-  PATH holds a tokenizer: the checkpoint's own is used. Anything else is a path for `qwenjax.tokenizer.load`.
+  `data.tokenizer`: 'train' (default) trains a BPE on the training files (their lines sampled with `seed`, the
+  run's train.seed), except with `init_from_hf=PATH` where PATH holds a tokenizer: the checkpoint's own is used.
+  Anything else is a path for `qwenjax.tokenizer.load`.
   """
-  data, init_from_hf = config.data, config.init_from_hf
   choice = data.tokenizer or 'train'
   if choice == 'train' and init_from_hf:
     if _holds_tokenizer(init_from_hf):
@@ -111,9 +116,9 @@ def tokenizer_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
           'the tokenizer it was trained with.', init_from_hf)
   if choice != 'train':
     return {'kind': 'file', 'path': os.path.abspath(os.path.expanduser(choice))}
-  train_files, _ = documents.sources(data)
-  return {'kind': 'train', 'vocab_size': int(data.vocab_size), 'tokenizer_sentences': int(data.tokenizer_sentences),
-          'seed': int(config.train.seed), 'train_files': data.train_files or '(built-in corpus)',
+  train_files, _ = documents.sources(data.train_files, data.eval_files)
+  return {'kind': 'train', 'vocab_size': data.vocab_size, 'tokenizer_sentences': data.tokenizer_sentences,
+          'seed': seed, 'train_files': data.train_files or '(built-in corpus)',
           'files': [os.path.abspath(f) for f in train_files]}
 
 
@@ -135,7 +140,7 @@ def _describe(source: Mapping[str, Any]) -> str:
   return f'the tokenizer of {source.get("path")}'
 
 
-def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
+def _train_cached(source: dict[str, Any], data: DataConfig) -> str:
   """Directory of a BPE trained on the training files with these settings, trained there at first use (process 0;
   the others wait), so runs and sweep points with the same corpus and settings share one tokenizer."""
   # The files' sizes and modification times too: a corpus rewritten in place trains a new tokenizer.
@@ -145,7 +150,7 @@ def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
   directory = os.path.join(root, 'tokenizers', key)
   shared = shared_by_all_processes(root)
   if not _holds_tokenizer(directory) and jax.process_index() == 0:
-    texts = documents.DocumentSource(source['files'], data['text_key'])
+    texts = documents.DocumentSource(source['files'], data.text_key)
     logging.info('data: training a %d-piece BPE tokenizer on up to %d lines of %d file(s) -> %s',
                  source['vocab_size'], source['tokenizer_sentences'], len(source['files']), directory)
     tokenizer_lib.train(_readable_texts(texts, source['seed']), directory, vocab_size=source['vocab_size'],
@@ -180,11 +185,13 @@ def _readable_texts(source: documents.DocumentSource, seed: int) -> Iterator[str
                      'files with text.')
 
 
-def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer. A workdir keeps its own copy in WORKDIR/tokenizer/ (through epath: it may be a gs://
-  path), which later runs reuse only while it matches what the config asks for; otherwise a clear error says
-  what changed."""
-  wanted = tokenizer_source(config)
+def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: int, seed: int,
+                  init_from_hf: str = '') -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer (`tokenizer_source`), checked to fit a model of `model_vocab_size` embedding rows.
+
+  A workdir keeps its own copy in WORKDIR/tokenizer/ (through epath: it may be a gs:// path), which later runs
+  reuse only while it matches what the settings ask for; otherwise a clear error says what changed."""
+  wanted = tokenizer_source(data, seed=seed, init_from_hf=init_from_hf)
   if wanted['kind'] == 'file':
     found = tokenizer_lib.load(wanted['path'])
     wanted['fingerprint'] = found.fingerprint
@@ -199,10 +206,10 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tok
           'trained on one tokenizer\'s ids cannot continue on another\'s: run with the settings the workdir was '
           'started with, or use a new --workdir.')
     tokenizer = tokenizer_lib.from_files({p.name: p.read_bytes() for p in kept.iterdir() if p.name != 'source.json'})
-    check_fits(tokenizer, int(config.model.vocab_size), wanted)
+    check_fits(tokenizer, model_vocab_size, wanted)
   else:
-    tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, config.data))
-    check_fits(tokenizer, int(config.model.vocab_size), wanted)  # before the workdir keeps a copy it cannot use
+    tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, data))
+    check_fits(tokenizer, model_vocab_size, wanted)  # before the workdir keeps a copy it cannot use
     if kept and jax.process_index() == 0:
       kept.mkdir(parents=True, exist_ok=True)
       for name, content in tokenizer.files.items():
@@ -220,11 +227,10 @@ def check_fits(tokenizer: tokenizer_lib.Tokenizer, model_vocab_size: int, source
   tokenizer_lib.check_fits(tokenizer, model_vocab_size, what=f'the tokenizer ({_describe(source)})', fix=fix)
 
 
-def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer
+def prepared_corpora(data: DataConfig, tokenizer: tokenizer_lib.Tokenizer
                      ) -> tuple[corpus_lib.Corpus, corpus_lib.Corpus | None]:
   """(train, eval or None) corpora, tokenized once into `data.prepared_dir` and reused while unchanged."""
-  data = config.data
-  train_files, eval_files = documents.sources(data)
+  train_files, eval_files = documents.sources(data.train_files, data.eval_files)
   if not data.train_files:
     logging.info('data: built-in corpus, %d Python standard library files for training and %d held out for eval',
                  len(train_files), len(eval_files))
@@ -344,11 +350,10 @@ def eval_batches(corpus: corpus_lib.Corpus, *, seq_len: int, batch_size: int, nu
   return [batch_of(k) for k in range(min(num_batches, -(-rows_needed // batch_size)))]
 
 
-def stream_record(config: ml_collections.ConfigDict, corpus: corpus_lib.Corpus) -> dict[str, Any]:
+def stream_record(data: DataConfig, corpus: corpus_lib.Corpus, *, seed: int, batch_size: int) -> dict[str, Any]:
   """What fixes the training stream: saved with each checkpoint, compared when a run resumes."""
-  return {'corpus': corpus.fingerprint, 'tokenizer': corpus.meta['tokenizer'], 'seed': int(config.train.seed),
-          'seq_len': int(config.data.seq_len), 'batch_size': int(config.train.batch_size),
-          'shuffle_window': int(config.data.shuffle_window)}
+  return {'corpus': corpus.fingerprint, 'tokenizer': corpus.meta['tokenizer'], 'seed': seed,
+          'seq_len': data.seq_len, 'batch_size': batch_size, 'shuffle_window': data.shuffle_window}
 
 
 def stream_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -78,7 +78,7 @@ class Checkpoint:
 
 def _mesh(model_config: ModelConfig) -> tuple[jax.sharding.Mesh, sharding.Rules]:
   """Every local device on the fsdp axis: parameters sharded, batch rows split over the devices."""
-  mesh_config = config_lib.mesh_section()
+  mesh_config = config_lib.MeshConfig()
   mesh = sharding.make_mesh(mesh_config)
   return mesh, sharding.logical_axis_rules(mesh_config.rules, mesh, model_config)
 

@@ -5,13 +5,16 @@ same on first use, `qwenjax.corpus`) and prints where they are.
 
 from __future__ import annotations
 
+from qwenjax import config as config_lib
 from qwenjax import data
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  train, held_out = data.prepared_corpora(config, data.get_tokenizer(config, None))
+  run = config_lib.settings(_CONFIG.value)
+  tokenizer = data.get_tokenizer(run.data, None, model_vocab_size=run.model.vocab_size, seed=run.seed,
+                                 init_from_hf=run.init_from_hf)
+  train, held_out = data.prepared_corpora(run.data, tokenizer)
   for name, corpus in (('train', train), ('eval', held_out)):
     if corpus is not None:
       print(f'{name}: {corpus.directory} ({corpus.meta["tokens"]:,} tokens, {corpus.meta["documents"]:,} '

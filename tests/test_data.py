@@ -63,7 +63,7 @@ def test_sources_read_jsonl_txt_and_arrayrecord(tmp_path):
   writer.write(json.dumps({'text': 'json record'}).encode())
   writer.close()
   patterns = f'{tmp_path}/*.jsonl, {tmp_path}/*.txt, {tmp_path}/*.array_record'
-  train_files, eval_files = documents.sources({'train_files': patterns, 'eval_files': '', 'text_key': 'text'})
+  train_files, eval_files = documents.sources(patterns, '')
   assert eval_files == []
   train = documents.DocumentSource(train_files)
   assert [train[i] for i in range(len(train))] == [
@@ -74,7 +74,7 @@ def test_sources_read_jsonl_txt_and_arrayrecord(tmp_path):
 
 def test_no_matching_files_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"no files match data.train_files=.*nothing\*.jsonl"):
-    documents.sources({'train_files': f'{tmp_path}/nothing*.jsonl', 'eval_files': '', 'text_key': 'text'})
+    documents.sources(f'{tmp_path}/nothing*.jsonl', '')
 
 
 def test_bad_input_names_the_file_and_line(tmp_path):

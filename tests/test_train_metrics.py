@@ -56,8 +56,7 @@ def test_moe_flops_count_only_the_active_experts():
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-  train = config_lib.train_section()
-  train.update(lr=1e-3, warmup_steps=10, steps=100, lr_final_fraction=0.1)
+  train = config_lib.OptimizerConfig(lr=1e-3, warmup_steps=10, steps=100, lr_final_fraction=0.1)
   schedule = train_step.learning_rate_schedule(train)
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
@@ -69,23 +68,22 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 def optax_schedule(train):
   """The schedule built by optax's constructors from Python ints, as the train step had it before its horizon
   became an input: the reference the runtime schedule must equal."""
-  lr, warmup, steps = float(train['lr']), int(train['warmup_steps']), int(train['steps'])
-  if train['lr_schedule'] == 'constant':
+  lr, warmup, steps = train.lr, train.warmup_steps, train.steps
+  if train.lr_schedule == 'constant':
     return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
-      end_value=lr * float(train['lr_final_fraction']))
+      end_value=lr * train.lr_final_fraction)
 
 
 @pytest.mark.parametrize('kind', ['cosine', 'constant'])
 def test_learning_rate_schedule_takes_its_horizon_at_run_time_with_optax_values(kind):
-  base = config_lib.train_section().to_dict()
-  base.update(lr=3e-3, lr_schedule=kind, lr_final_fraction=0.1)
+  base = config_lib.OptimizerConfig(lr=3e-3, lr_schedule=kind, lr_final_fraction=0.1)
   counts = np.arange(160, dtype=np.int32)
   traced = jax.jit(lambda horizon: train_step.learning_rate_schedule(base, horizon)(counts))
   for warmup, steps in [(0, 0), (0, 1), (0, 100), (1, 100), (10, 100), (7, 8), (30, 30), (50, 20), (5, 150)]:
-    train = dict(base, warmup_steps=warmup, steps=steps)
+    train = dataclasses.replace(base, warmup_steps=warmup, steps=steps)
     want = np.asarray(optax_schedule(train)(counts))
     for got in (traced(train_step.schedule_horizon(train)), train_step.learning_rate_schedule(train)(counts)):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9, err_msg=f'{warmup}, {steps}')
