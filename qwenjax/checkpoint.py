@@ -64,19 +64,24 @@ def _layout_hint(saved: set[str], expected: set[str]) -> str:
   return ''
 
 
+def _is_param(name: str) -> bool:
+  return name.startswith('params/') or '/params/' in f'/{name}'
+
+
 def _cause(name: str, hint: str) -> str:
   """What a difference in `name` means: model parameters come from the model config, the rest from train."""
-  if name.startswith('params/') or '/params/' in f'/{name}':
-    return f'the checkpoint was written for a different model config{hint}'
+  if _is_param(name):
+    return f'the checkpoint was written for a different model config{hint}.'
   return ('the optimizer state differs: the checkpoint was written with different optimizer settings (train.*) '
-          'or a different model config')
+          'or a different model config.')
 
 
 def check_shapes(saved: Any, expected: Any, where: str) -> None:
-  """Raises ShapeMismatchError naming the first array whose presence or shape differs."""
+  """Raises ShapeMismatchError naming the first array whose presence or shape differs: a parameter first, since
+  the optimizer state follows the parameters, so another model's shape shows in both."""
   saved, expected = _shapes(saved), _shapes(expected)
   hint = _layout_hint(set(saved), set(expected))
-  for name in sorted(set(saved) | set(expected)):
+  for name in sorted(set(saved) | set(expected), key=lambda n: (not _is_param(n), n)):
     if name not in saved:
       raise ShapeMismatchError(f'{where} has no {name}, which the model being trained needs: {_cause(name, hint)}')
     if name not in expected:

@@ -119,6 +119,18 @@ def test_checkpoint_of_another_model_shape_names_the_parameter(uninterrupted):
     train.train_and_evaluate(config, workdir)
 
 
+def test_checkpoint_of_another_model_names_the_parameter_not_the_optimizer_state(uninterrupted):
+  """The optimizer state follows the parameters, so another model's shape shows in both: the message names the
+  parameter and the model config (and ends its sentence before the settings that differ)."""
+  config, workdir, _ = uninterrupted
+  config = config.copy_and_resolve_references()
+  config.model.tie_word_embeddings = False
+  with pytest.raises(checkpoint.ShapeMismatchError, match=r"has no params/lm_head, which the model being "
+                     r"trained needs: the checkpoint was written for a different model config\. Settings that differ "
+                     r"from the workdir's config.json: model.tie_word_embeddings: True -> False\.$"):
+    train.train_and_evaluate(config, workdir)
+
+
 def test_checkpoint_of_the_other_layer_layout_names_scan_layers():
   stacked = {'params': {'layers': {'w': np.zeros((2, 3))}}}
   unrolled = {'params': {'layers_0': {'w': np.zeros(3)}, 'layers_1': {'w': np.zeros(3)}}}
