@@ -105,15 +105,8 @@ def tokenizer_source(data: DataConfig, *, seed: int, init_from_hf: str = '') -> 
   Anything else is a path for `qwenjax.tokenizer.load`.
   """
   choice = data.tokenizer or 'train'
-  if choice == 'train' and init_from_hf:
-    if _holds_tokenizer(init_from_hf):
-      logging.info('data: the tokenizer of init_from_hf=%s', init_from_hf)
-      choice = init_from_hf
-    else:
-      logging.warning(
-          'init_from_hf=%s holds no tokenizer.json or tokenizer.model, so a new tokenizer is trained: the checkpoint '
-          'was trained on another tokenizer\'s ids, which its embeddings encode. Set --config.data.tokenizer to '
-          'the tokenizer it was trained with.', init_from_hf)
+  if choice == 'train' and init_from_hf and _holds_tokenizer(init_from_hf):
+    choice = init_from_hf
   if choice != 'train':
     return {'kind': 'file', 'path': os.path.abspath(os.path.expanduser(choice))}
   train_files, _ = documents.sources(data.train_files, data.eval_files)
@@ -189,8 +182,16 @@ def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: in
                   init_from_hf: str = '') -> tokenizer_lib.Tokenizer:
   """The run's tokenizer (`tokenizer_source`), checked to fit a model of `model_vocab_size` embedding rows.
 
-  A workdir keeps its own copy in WORKDIR/tokenizer/ (through epath: it may be a gs:// path), which later runs
-  reuse only while it matches what the settings ask for; otherwise a clear error says what changed."""
+  A workdir's own copy in WORKDIR/tokenizer/ (through epath: it may be a gs:// path; `keep_tokenizer` writes it) is
+  reused only while it matches what the settings ask for; otherwise a clear error says what changed."""
+  if (data.tokenizer or 'train') == 'train' and init_from_hf:
+    if _holds_tokenizer(init_from_hf):
+      logging.info('data: the tokenizer of init_from_hf=%s', init_from_hf)
+    else:
+      logging.warning(
+          'init_from_hf=%s holds no tokenizer.json or tokenizer.model, so a new tokenizer is trained: the checkpoint '
+          'was trained on another tokenizer\'s ids, which its embeddings encode. Set --config.data.tokenizer to '
+          'the tokenizer it was trained with.', init_from_hf)
   wanted = tokenizer_source(data, seed=seed, init_from_hf=init_from_hf)
   if wanted['kind'] == 'file':
     found = tokenizer_lib.load(wanted['path'])
@@ -209,15 +210,26 @@ def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: in
     check_fits(tokenizer, model_vocab_size, wanted)
   else:
     tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, data))
-    check_fits(tokenizer, model_vocab_size, wanted)  # before the workdir keeps a copy it cannot use
-    if kept and jax.process_index() == 0:
-      kept.mkdir(parents=True, exist_ok=True)
-      for name, content in tokenizer.files.items():
-        (kept / name).write_bytes(content)
-      (kept / 'source.json').write_text(json.dumps(wanted, indent=1))  # last: marks the copy complete
-  if kept and jax.process_count() > 1:  # the others read WORKDIR/tokenizer only once it is complete
-    multihost_utils.sync_global_devices('qwenjax workdir tokenizer')
+    check_fits(tokenizer, model_vocab_size, wanted)
   return tokenizer
+
+
+def keep_tokenizer(workdir: str, tokenizer: tokenizer_lib.Tokenizer, data: DataConfig, *, seed: int,
+                   init_from_hf: str = '') -> None:
+  """Writes the run's tokenizer (from `get_tokenizer` with the same settings) into WORKDIR/tokenizer/, with
+  source.json saying what it was made from, unless the workdir holds it already. The training job calls it once
+  its train state exists, so a run that fails before adds nothing to its workdir. Every process calls it."""
+  kept = epath.Path(workdir) / 'tokenizer'
+  if jax.process_index() == 0 and not (kept / 'source.json').exists():
+    wanted = tokenizer_source(data, seed=seed, init_from_hf=init_from_hf)
+    if wanted['kind'] == 'file':
+      wanted['fingerprint'] = tokenizer.fingerprint
+    kept.mkdir(parents=True, exist_ok=True)
+    for name, content in tokenizer.files.items():
+      (kept / name).write_bytes(content)
+    (kept / 'source.json').write_text(json.dumps(wanted, indent=1))  # last: marks the copy complete
+  if jax.process_count() > 1:  # the others read WORKDIR/tokenizer only once it is complete
+    multihost_utils.sync_global_devices('qwenjax workdir tokenizer')
 
 
 def check_fits(tokenizer: tokenizer_lib.Tokenizer, model_vocab_size: int, source: Mapping[str, Any]) -> None:

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import logging as pylogging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -64,7 +65,8 @@ _MOE_ARCH_FIELDS = ('num_experts_per_tok', 'norm_topk_prob')
 
 
 def check_workdir(workdir: str | None) -> str:
-  """The workdir as an absolute path (or a URL such as gs://bucket/run, read and written through epath)."""
+  """The workdir as an absolute path (or a URL such as gs://bucket/run, read and written through epath). A run
+  creates it when it starts (`train_and_evaluate`)."""
   if workdir is None or not str(workdir).strip():
     raise ValueError('the workdir is empty: pass --workdir=DIR, a directory for checkpoints, metrics and the '
                      'tokenizer (e.g. --workdir=/tmp/qwenjax-run); the same DIR later resumes the run')
@@ -74,8 +76,16 @@ def check_workdir(workdir: str | None) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir={workdir} is a file, not a directory: give a directory (new or of an earlier run)')
-  os.makedirs(workdir, exist_ok=True)
   return workdir
+
+
+def _first_missing(path: str) -> str | None:
+  """The outermost directory of a local `path` that does not exist yet (what creating `path` adds), or None."""
+  if '://' in path or os.path.exists(path):
+    return None
+  while not os.path.exists(os.path.dirname(path)):
+    path = os.path.dirname(path)
+  return path
 
 
 def compilation_cache_dir(setting: str, workdir: str) -> str | None:
@@ -203,8 +213,8 @@ class Run:
 
 
 def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Mesh, tokenizer and prepared data, then the train state: restored, or new (config.json, the record of
-  `config`, written only then)."""
+  """Mesh, tokenizer and prepared data, then the train state: restored, or new. Only then does the workdir record
+  the run's tokenizer and `config` (config.json)."""
   model_config, loop, data_config = settings.model, settings.loop, settings.data
   mesh = sharding.make_mesh(settings.mesh)
   rules = sharding.logical_axis_rules(settings.mesh.rules, mesh, model_config)
@@ -237,6 +247,8 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
   state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
   state = jax.block_until_ready(state)
+  # The run has started: its workdir now records its tokenizer and settings (a run that failed before did not).
+  data.keep_tokenizer(workdir, tokenizer, data_config, seed=settings.seed, init_from_hf=settings.init_from_hf)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, start)
   logging.info('model: %s parameters; train state ready in %.1f s',
@@ -294,13 +306,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics.
 
   The config is read once, here (`config.settings`): a bad setting stops the run before anything is written.
-  `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs).
+  A run that fails before its train state exists leaves no new directory behind; a workdir that existed stays as
+  it was. `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs).
   """
   settings = config_lib.settings(config)
   workdir = check_workdir(workdir)
-  with _workdir_lock(workdir):
-    run = setup(settings, config, workdir)
-    return train_loop(run, stop_after=stop_after)
+  new = _first_missing(workdir)
+  if '://' not in workdir:
+    os.makedirs(workdir, exist_ok=True)
+  run = None
+  try:
+    with _workdir_lock(workdir):
+      run = setup(settings, config, workdir)
+      return train_loop(run, stop_after=stop_after)
+  finally:
+    if new and run is None:  # nothing of this run's is worth keeping: its tokenizer and data are in the cache
+      shutil.rmtree(new, ignore_errors=True)
 
 
 def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:

@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import signal
+import subprocess
 import time
 
 import jax
@@ -17,7 +18,8 @@ from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import lock as lock_lib
 from qwenjax import train
-from train_utils import config_from_overrides, read_metrics, small_config, start_training, tiny_overrides
+from train_utils import (ROOT, config_from_overrides, read_metrics, small_config, start_training, tiny_overrides,
+                         train_command)
 
 # Reading damaged checkpoints leaves orbax read coroutines that are never awaited (collected at the end).
 pytestmark = [pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),
@@ -265,7 +267,27 @@ def test_bad_training_files_are_named(tmp_path, content, message):
   config.data.update(train_files=str(tmp_path / name), vocab_size=300, tokenizer='train')
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert not os.path.exists(tmp_path / 'run' / 'config.json')
+  assert not os.path.exists(tmp_path / 'run')  # nothing was trained: no workdir is left behind
+
+
+def test_a_run_that_fails_before_training_leaves_no_new_directory(tmp_path, tokenizer_file):
+  config = fast_config(tokenizer_file)
+  config.data.train_files = str(tmp_path / 'missing' / '*.jsonl')
+  with pytest.raises(FileNotFoundError, match='no files match data.train_files'):
+    train.train_and_evaluate(config, str(tmp_path / 'runs' / 'first'))
+  assert os.listdir(tmp_path) == []  # neither the workdir nor the parent it needed
+  existing = tmp_path / 'existing'
+  existing.mkdir()
+  (existing / 'notes.txt').write_text('mine')
+  with pytest.raises(FileNotFoundError, match='no files match data.train_files'):
+    train.train_and_evaluate(config, str(existing))
+  assert files_of(existing) == ['notes.txt']
+  # The command line too: one error line, status 1, no directory.
+  command, env = train_command(str(tmp_path / 'cli'), {'data.train_files': config.data.train_files})
+  done = subprocess.run(command, cwd=ROOT, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert done.returncode == 1 and 'error: no files match data.train_files' in done.stderr, done.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'cli')
 
 
 def test_a_workdir_that_is_a_file_is_a_clear_error(tmp_path, tokenizer_file):
