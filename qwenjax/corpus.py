@@ -8,7 +8,7 @@ another tokenizer gives a new key. It holds
 
   shard-00000.tokens.npy   uint32 ids of up to `DOCS_PER_SHARD` documents, each followed by the EOS id
   shard-00000.offsets.npy  int64 [documents + 1]: where each document starts in the shard's tokens
-  shard-00000.json         counts, and the documents skipped as not text (with where they are)
+  shard-00000.json         counts (documents kept, skipped as not text, empty), and where the skipped ones are
   meta.json                written last, once every shard is there: what the corpus is made of
 
 Documents go to shards in file order, so the corpus does not depend on how many processes made it: on a pod
@@ -70,7 +70,7 @@ def _save_json(path: str, value: Any) -> None:
 def _tokenize_shard(source: documents.DocumentSource, tokenizer, shard: int, directory: str) -> dict[str, Any]:
   """Tokenizes documents [shard * DOCS_PER_SHARD, ...) into the shard's files; returns its counts."""
   lo, hi = shard * DOCS_PER_SHARD, min((shard + 1) * DOCS_PER_SHARD, len(source))
-  texts, skipped = [], []
+  texts, skipped, empty = [], [], 0
   for i in range(lo, hi):
     try:
       text = source[i]
@@ -79,6 +79,8 @@ def _tokenize_shard(source: documents.DocumentSource, tokenizer, shard: int, dir
       continue
     if text:
       texts.append(text)
+    else:
+      empty += 1
   ids = tokenizer.encode_batch(texts) if texts else []
   eos = int(tokenizer.eos_id)
   lengths = np.asarray([len(x) + 1 for x in ids], np.int64)
@@ -91,7 +93,7 @@ def _tokenize_shard(source: documents.DocumentSource, tokenizer, shard: int, dir
   _save_npy(f'{prefix}.tokens.npy', tokens)
   _save_npy(f'{prefix}.offsets.npy', offsets)
   info = {'documents': len(ids), 'tokens': int(offsets[-1]), 'bytes': sum(len(t.encode()) for t in texts),
-          'skipped': len(skipped), 'skipped_where': skipped[:20]}
+          'skipped': len(skipped), 'skipped_where': skipped[:20], 'empty': empty}
   _save_json(f'{prefix}.json', info)
   return info
 
@@ -102,13 +104,15 @@ def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: 
   source = documents.DocumentSource(files, text_key)
   directory = os.path.join(os.path.expanduser(root), corpus_key(source.identity(), text_key, tokenizer.fingerprint))
   if os.path.exists(os.path.join(directory, 'meta.json')):
-    logging.info('data: %s already tokenized in %s', what, directory)
-    return Corpus(directory)
+    corpus = Corpus(directory)
+    logging.info('data: %s already tokenized in %s: %s', what, directory, describe(corpus.meta))
+    return corpus
   os.makedirs(directory, exist_ok=True)
   shards = -(-len(source) // DOCS_PER_SHARD)
   start = time.time()
   mine = [s for s in range(shards) if s % process_count == process_index]
-  logging.info('data: tokenizing %d documents of %s (%d file(s)) into %s', len(source), what, len(files), directory)
+  logging.info('data: tokenizing the %d documents of %s (%d file(s)) into %s', len(source), what, len(files),
+               directory)
   for shard in mine:
     if not os.path.exists(os.path.join(directory, f'shard-{shard:05d}.json')):  # done by an interrupted run
       _tokenize_shard(source, tokenizer, shard, directory)
@@ -125,14 +129,23 @@ def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: 
             'documents': sum(i['documents'] for i in infos), 'tokens': sum(i['tokens'] for i in infos),
             'bytes': sum(i['bytes'] for i in infos), 'skipped': sum(i['skipped'] for i in infos),
             'skipped_where': [w for i in infos for w in i['skipped_where']][:20],
+            'empty': sum(i.get('empty', 0) for i in infos),
             'seconds': round(time.time() - start, 2)}
     _check(meta, what)
     _save_json(os.path.join(directory, 'meta.json'), meta)
-    logging.info('data: %s: %s tokens in %s documents, tokenized in %.1f s', what, f'{meta["tokens"]:,}',
-                 f'{meta["documents"]:,}', meta['seconds'])
+    logging.info('data: %s: %s; tokenized in %.1f s', what, describe(meta), meta['seconds'])
   if process_count > 1:
     multihost_utils.sync_global_devices(f'qwenjax prepared {directory}')
   return Corpus(directory)
+
+
+def describe(meta: dict[str, Any]) -> str:
+  """What a prepared corpus holds, its counts adding up: '1,712 documents of the 1,743 read (4 not UTF-8 text,
+  27 empty), 2,345,678 tokens'."""
+  read = meta['documents'] + meta['skipped'] + meta.get('empty', 0)
+  dropped = [f'{n:,} {why}' for n, why in ((meta['skipped'], 'not UTF-8 text'), (meta.get('empty', 0), 'empty')) if n]
+  of = f' of the {read:,} read ({", ".join(dropped)})' if dropped else ''
+  return f'{meta["documents"]:,} documents{of}, {meta["tokens"]:,} tokens'
 
 
 def _check(meta: dict[str, Any], what: str) -> None:

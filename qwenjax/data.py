@@ -158,16 +158,14 @@ def _train_cached(source: dict[str, Any], data: DataConfig) -> str:
 
 
 def _readable_texts(source: documents.DocumentSource, seed: int) -> Iterator[str]:
-  """Documents in a seeded random order, skipping (and counting) those that are not text; an error naming the
-  files when none holds text."""
+  """Documents in a seeded random order, skipping those that are not text (quietly: tokenizing the corpus next
+  warns about them once, with their count); an error naming the files when none holds text."""
   skipped, texts = [], 0
   for i in np.random.default_rng(seed).permutation(len(source)):
     try:
       text = source[int(i)]
     except documents.BadDocument as e:
       skipped.append(e.where)
-      if len(skipped) in (1, 100):
-        logging.warning('data: skipping documents that are not UTF-8 text, e.g. %s', e)
       continue
     texts += bool(text.strip())
     yield text

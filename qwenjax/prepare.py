@@ -6,6 +6,7 @@ same on first use, `qwenjax.corpus`) and prints where they are.
 from __future__ import annotations
 
 from qwenjax import config as config_lib
+from qwenjax import corpus as corpus_lib
 from qwenjax import data
 
 
@@ -17,8 +18,7 @@ def main(argv):
   train, held_out = data.prepared_corpora(run.data, tokenizer)
   for name, corpus in (('train', train), ('eval', held_out)):
     if corpus is not None:
-      print(f'{name}: {corpus.directory} ({corpus.meta["tokens"]:,} tokens, {corpus.meta["documents"]:,} '
-            f'documents, {corpus.meta["skipped"]} skipped)')
+      print(f'{name}: {corpus.directory} ({corpus_lib.describe(corpus.meta)})')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """The input pipeline: documents, bad input, prepared corpora, and the packed rows of each step."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from qwenjax import config as config_lib
 from qwenjax import corpus as corpus_lib
 from qwenjax import data
 from qwenjax import documents
@@ -125,6 +127,23 @@ def test_prepared_corpus_is_reused_until_a_file_changes(tmp_path):
     f.truncate(200)
   with pytest.raises(ValueError, match='is damaged'):
     corpus_lib.Corpus(corpus.directory)
+
+
+def test_documents_left_out_are_counted_and_warned_about_once(tmp_path, caplog):
+  """A corpus's counts add up (documents kept, not text, empty), and documents that are not text are warned about
+  once, although training the tokenizer reads them too."""
+  caplog.set_level(logging.INFO)
+  for i in range(3):
+    (tmp_path / f'text{i}.txt').write_text(' '.join(_docs(200)[i * 50:(i + 1) * 50]))
+  (tmp_path / 'image.txt').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR')
+  (tmp_path / 'empty.txt').write_text('')
+  settings = config_lib.DataConfig(train_files=str(tmp_path / '*.txt'), vocab_size=300,
+                                   prepared_dir=str(tmp_path / 'prepared'))
+  tokenizer = data.get_tokenizer(settings, None, model_vocab_size=512, seed=0)  # a BPE trained on the files
+  train, _ = data.prepared_corpora(settings, tokenizer)
+  assert (train.meta['documents'], train.meta['skipped'], train.meta['empty']) == (3, 1, 1)
+  assert '3 documents of the 5 read (1 not UTF-8 text, 1 empty)' in caplog.text
+  assert caplog.text.count('image.txt: binary data') == 1, caplog.text
 
 
 def test_the_prepare_command_prints_the_corpora(tmp_path):
