@@ -58,10 +58,11 @@ def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0,
             save: str = '') -> dict:
   config.data.prepared_dir = os.path.join(workdir, 'prepared')  # tokenize afresh: that is measured too
   start = time.perf_counter()
-  tokenizer = data.get_tokenizer(config, workdir)
+  run = config_lib.settings(config)
+  tokenizer = data.get_tokenizer(run.data, workdir, model_vocab_size=run.model.vocab_size, seed=run.seed)
   tokenizer_s = time.perf_counter() - start
   start = time.perf_counter()
-  corpus, _ = data.prepared_corpora(config, tokenizer)
+  corpus, _ = data.prepared_corpora(run.data, tokenizer)
   tokenize_s = time.perf_counter() - start
   seq_len = int(config.data.seq_len)
   it = data.train_batches(corpus, seq_len=seq_len, batch_size=batch_size, seed=int(config.train.seed),

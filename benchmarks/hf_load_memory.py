@@ -106,14 +106,14 @@ def measure(method: str, path: str, mesh_spec: str, scan_layers: bool, coordinat
   gloo), holding only its local devices' blocks: what one host of a pod slice does.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from qwenjax import hf, model, sharding  # pylint: disable=g-import-not-at-top
+  from qwenjax import config as config_lib, hf, model, sharding  # pylint: disable=g-import-not-at-top
   if coordinator:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
   mesh_config = dict(zip(sharding.MESH_AXES, (1,) * len(sharding.MESH_AXES)))
   mesh_config.update({k: int(v) for k, v in (item.split('=') for item in mesh_spec.split(','))})
-  mesh = sharding.make_mesh(mesh_config)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(**mesh_config))
   config = hf.load_config(path, scan_layers=scan_layers)
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, config)
   shardings = sharding.param_shardings(model.abstract_params(config), mesh, rules)

@@ -93,10 +93,11 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
                       warmup_steps=100)
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   seq_len = int(config.data.seq_len)
-  model = ModelConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model)
-  tx = train_step.make_optimizer(config.train)
+  run = config_lib.settings(config)
+  model = run.model
+  mesh = sharding.make_mesh(run.mesh)
+  rules = sharding.logical_axis_rules(run.mesh.rules, mesh, model)
+  tx = train_step.make_optimizer(run.optimizer)
   shardings = train_step.state_shardings(model, tx, mesh, rules)
   state = train_step.create_state(model, tx, shardings, rng=jax.random.key(0))
   batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -111,10 +112,10 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
   batches = [{k: jax.device_put(x, batch_sharding) for k, x in b.items()} for b in host]
 
   replicated = sharding.replicated(mesh)
-  horizon = jax.device_put(train_step.schedule_horizon(config.train), replicated)
+  horizon = jax.device_put(train_step.schedule_horizon(run.optimizer), replicated)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(train_step.make_train_step(model, config.train),
+    step_fn = jax.jit(train_step.make_train_step(model, run.optimizer, run.loss),
                       in_shardings=(shardings, batch_sharding, replicated),
                       out_shardings=(shardings, None), donate_argnums=(0,))
     start = time.perf_counter()

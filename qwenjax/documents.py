@@ -202,13 +202,11 @@ def file_identity(paths: Sequence[str]) -> list[tuple[str, int, int]]:
   return [(os.path.abspath(p), (stat := os.stat(p)).st_size, stat.st_mtime_ns) for p in paths]
 
 
-def sources(data: Any) -> tuple[list[str], list[str]]:
-  """(train files, eval files) from the config's `data` section: `train_files` / `eval_files`, or the
-  built-in corpus and its held-out split when `train_files` is empty."""
-  if not data['train_files']:
-    train_files, eval_files = stdlib_files()
-    if data['eval_files']:
-      eval_files = expand_files(data['eval_files'], 'data.eval_files')
-    return train_files, eval_files
-  train_files = expand_files(data['train_files'], 'data.train_files')
-  return train_files, (expand_files(data['eval_files'], 'data.eval_files') if data['eval_files'] else [])
+def sources(train_files: str, eval_files: str) -> tuple[list[str], list[str]]:
+  """(train files, eval files) of the settings `data.train_files` and `data.eval_files` (globs), or the built-in
+  corpus and its held-out split when `train_files` is empty."""
+  if not train_files:
+    train, held_out = stdlib_files()
+    return train, (expand_files(eval_files, 'data.eval_files') if eval_files else held_out)
+  return (expand_files(train_files, 'data.train_files'),
+          expand_files(eval_files, 'data.eval_files') if eval_files else [])

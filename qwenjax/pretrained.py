@@ -130,7 +130,7 @@ def _placement(model_config: ModelConfig, mesh: jax.sharding.Mesh | None, rules:
                on_host: bool) -> tuple[jax.sharding.Mesh, sharding.Rules, Any]:
   """(mesh, rules fitted to it, the parameters' shardings): the given mesh, the host's CPU device, or every local
   device on the fsdp axis (parameters sharded, batch rows split over the devices)."""
-  mesh_config = config_lib.mesh_section()
+  mesh_config = config_lib.MeshConfig()
   if on_host:
     mesh = sharding.make_mesh(mesh_config, devices=jax.local_devices(backend='cpu')[:1])
   elif mesh is None:

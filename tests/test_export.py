@@ -75,8 +75,8 @@ def test_restore_params_reads_only_the_parameters(run):
   assert {x.sharding for x in jax.tree.leaves(params)} == {jax.sharding.SingleDeviceSharding(jax.devices()[0])}
 
   # Sharded over the 8 devices, an earlier step: other values, placed as asked.
-  mesh = sharding.make_mesh(config_lib.mesh_section())
-  rules = sharding.logical_axis_rules(config_lib.mesh_section().rules, mesh, model_config)
+  mesh = sharding.make_mesh(config_lib.MeshConfig())
+  rules = sharding.logical_axis_rules(config_lib.DEFAULT_RULES, mesh, model_config)
   shardings = train_step.param_shardings(model_config, mesh, rules)
   _, sharded, step = checkpoint.restore_params(run, 2, shardings)
   assert step == 2
@@ -95,8 +95,8 @@ def test_restore_params_errors_name_the_problem(run, tmp_path):
     checkpoint.restore_params(str(tmp_path))
   config, params, _ = checkpoint.restore_params(run)
   scanned = model_lib.ModelConfig.from_dict({**config.model.to_dict(), 'scan_layers': True})
-  mesh = sharding.make_mesh(config_lib.mesh_section())
-  rules = sharding.logical_axis_rules(config_lib.mesh_section().rules, mesh, scanned)
+  mesh = sharding.make_mesh(config_lib.MeshConfig())
+  rules = sharding.logical_axis_rules(config_lib.DEFAULT_RULES, mesh, scanned)
   with pytest.raises(checkpoint.ShapeMismatchError, match='model.scan_layers=False'):
     checkpoint.restore_params(run, shardings=train_step.param_shardings(scanned, mesh, rules))
   del params

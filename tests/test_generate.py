@@ -16,6 +16,7 @@ import torch
 import hf_utils
 
 from qwenjax import generate, hf, model, sharding, tokenizer
+from qwenjax.config import MeshConfig
 from qwenjax.kernels import decode_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +174,7 @@ def test_idle_rows_added_for_decoding_change_no_token(monkeypatch):
   padded_rows = []
   pad_rows = generate.pad_rows
   monkeypatch.setattr(generate, 'pad_rows', lambda state, rows: padded_rows.append(rows) or pad_rows(state, rows))
-  mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=4, expert=1))
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4, expert=1))
   assert generate.generate(config, params, prompts(config.vocab_size, (7,)), max_new_tokens=12,
                            mesh=mesh) == expected
   assert padded_rows == [2]
@@ -283,7 +284,7 @@ def test_tensor_parallel_decode_on_a_mesh_matches_one_device():
   params = model.init_params(config, jax.random.key(7))
   batch = prompts(config.vocab_size, (5, 8, 3))
   single = generate.generate(config, params, batch, max_new_tokens=16)
-  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4, expert=1))
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=4, expert=1))
   sharded = generate.generate(config, params, batch, max_new_tokens=16, mesh=mesh)
   assert sharded == single
   placed = generate.place_params(config, params, mesh, sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh,
