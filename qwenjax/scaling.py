@@ -413,12 +413,11 @@ def quality(fitted: Mapping[str, Any]) -> dict[str, Any]:
   bounds = fit3.get('at_bounds') if 'error' not in fit3 else None
   criterion('no_bounds', bounds == [], bounds, 'approach-3 parameters on the edge of the search (scaling.BOUNDS)'
             + ('' if bounds is not None else ': approach 3 not fitted'))
-  minima, skipped = (fit2.get('minima', []), fit2.get('skipped', [])) if ok2 else ([], None)
-  outside = [m['budget'] for m in minima if not m.get('inside', True)]
-  criterion('minima_inside', ok2 and not skipped and not outside,
-            dict(skipped=[x['budget'] for x in skipped or []], outside=outside),
+  skipped = [x['budget'] for x in fit2.get('skipped', [])]
+  outside = [m['budget'] for m in fit2.get('minima', []) if not m.get('inside', True)]
+  criterion('minima_inside', ok2 and not skipped and not outside, dict(skipped=skipped, outside=outside),
             'budgets without a minimum, or whose minimum lies outside the sizes they tried'
-            + ('' if ok2 else f': approach 2 not fitted ({fit2["error"][:100]})'))
+            + ('' if ok2 else ' (approach 2 not fitted)'))
   versions = fitted.get('code_versions', [])
   criterion('one_code_version', len(versions) == 1 and versions[0]['code'] is not None, len(versions),
             'code versions the points were trained by' + (' (some unrecorded)' if any(v['code'] is None
