@@ -1,6 +1,7 @@
 """Sweeps end to end on the CPU: planning (countings, warmup, batches, the lr stage), a 6-point IsoFLOP sweep run
 in two halves, the fit, --emit and its table, code versions, and the check of a committed point."""
 
+import importlib.util
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from qwenjax import train
 from qwenjax.model import ModelConfig
 
 STDLIB = sysconfig.get_paths()['stdlib']
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_sweep(prepared_dir: str) -> ml_collections.ConfigDict:
@@ -419,3 +421,40 @@ def test_plan_table_estimates_time_and_cuts_pieces_at_budgets(prepared_dir):
   assert lines[1].split()[:2] == ['1', 'C6e7-s1'] and lines[1].split()[-1] == '4.2500'
   assert lines[7].startswith('piece 1: 3 points (2 to run)') and '--only=C6e7-s1,C6e7-s2,C6e7-s3' in lines[7]
   assert lines[9].startswith('total: 6 points')
+
+
+def load_sweep(name: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f'_sweep_{name[:-3]}', os.path.join(ROOT, 'experiments', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize('name', ['isoflop_gpu.py', 'isoflop_gpu_kaplan.py'])
+def test_gpu_studies_meet_the_issue(name):
+  """Issue 35's study: 4 budgets or more over a factor of 30 up to 3e16 FLOPs, 5 sizes or more a budget, the
+  largest model over 50M non-embedding parameters, no point over 4 epochs of the corpus (the .py files' 139.1M
+  tokens and the extra file's standard library, about 10M), pieces of at most 8 minutes at the file's estimate.
+  The main study brackets D / N = 20 at every budget and chooses its learning rates in an lr stage; the ablation
+  counts as Kaplan et al., with one learning rate and a long warmup."""
+  sweep = load_sweep(name)
+  points = sweep_lib.plan(sweep, '/tmp/sweep')
+  isoflop = [p for p in points if p.stage == 'isoflop']
+  budgets = sorted({p.budget for p in isoflop})
+  assert len(budgets) >= 4 and budgets[-1] >= 3e16 and budgets[-1] / budgets[0] >= 30
+  assert max(p.params_non_embedding for p in isoflop) >= 50e6
+  assert max(p.tokens for p in points) <= 4 * 149e6
+  for budget in budgets:
+    ratios = [p.tokens / p.params for p in isoflop if p.budget == budget]
+    assert len(ratios) >= 5, budget
+    if sweep.counting == 'porian':
+      assert sum(r > 20 for r in ratios) >= 2 and sum(r < 20 for r in ratios) >= 2, (budget, ratios)
+  for piece, seconds in sweep_lib.schedule(points, sweep.estimate, piece_seconds=480.0):
+    assert seconds <= 480.0
+  if sweep.counting == 'porian':
+    assert sweep.lr_sweep.sizes and len(sweep.lr_sweep.lrs) >= 4 and sweep.overrides.train.adam_b2 == 0.99
+    assert all(p.lr is None for p in isoflop) and {p.overrides['train.lr'] for p in points if p.stage == 'lr'}
+    assert all(p.overrides['train.warmup_steps'] <= 0.1 * p.overrides['train.steps'] + 1 for p in isoflop)
+  else:
+    assert sweep.counting == 'kaplan' and not sweep.get('lr_sweep') and sweep.warmup_tokens >= 1e7
+    assert {p.lr for p in isoflop} == {3e-3} and sweep.overrides.train.adam_b2 == 0.95
