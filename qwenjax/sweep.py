@@ -150,10 +150,21 @@ def ladder_shape(size: int, ladder: Mapping[str, Any]) -> dict[str, int]:
               intermediate_size=64 * math.ceil(float(ladder['mlp_ratio']) * width / 64))
 
 
+@functools.lru_cache(maxsize=None)
+def _count_params(model_config: ModelConfig) -> int:
+  """count_params (which traces the model's init), once per shape: a plan asks several times for each point."""
+  return count_params(model_config)
+
+
+@functools.lru_cache(maxsize=None)
+def _flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
+  return metrics_lib.flops_per_token(model_config, seq_len)
+
+
 def non_embedding_params(model_config: ModelConfig) -> int:
   """Parameters outside the embedding table and the output head (Kaplan et al.'s N)."""
   tables = 1 if model_config.tie_word_embeddings else 2
-  return count_params(model_config) - tables * model_config.vocab_size * model_config.hidden_size
+  return _count_params(model_config) - tables * model_config.vocab_size * model_config.hidden_size
 
 
 def params_with_head(model_config: ModelConfig) -> int:
@@ -167,7 +178,7 @@ def counted(model_config: ModelConfig, seq_len: int, counting: str) -> tuple[int
   if counting == 'kaplan':
     n = non_embedding_params(model_config)
     return n, 6.0 * n
-  return params_with_head(model_config), metrics_lib.flops_per_token(model_config, seq_len)
+  return params_with_head(model_config), _flops_per_token(model_config, seq_len)
 
 
 def flatten(section: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
@@ -364,11 +375,11 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str, *, lrs: Mapping[int, fl
     n, per_token = counted(model_config, seq_len, counting)
     steps = max(1, round(wanted(n, per_token) / (batch * seq_len)))
     overrides.update({'train.steps': steps, 'train.warmup_steps': warmup_steps(sweep, config, n, steps)})
-    return Point(name=name, overrides=overrides, params=n, params_total=count_params(model_config),
+    return Point(name=name, overrides=overrides, params=n, params_total=_count_params(model_config),
                  flops_per_token=per_token, tokens=steps * batch * seq_len, budget=budget, size=int(size), stage=stage,
                  params_with_head=params_with_head(model_config),
                  params_non_embedding=non_embedding_params(model_config), counting=counting,
-                 flops_per_token_actual=metrics_lib.flops_per_token(model_config, seq_len))
+                 flops_per_token_actual=_flops_per_token(model_config, seq_len))
 
   points = []
   for size in lr_sweep.get('sizes', ()):
