@@ -3,10 +3,13 @@
     python -m qwenjax.sweep --sweep=experiments/isoflop_small.py --workdir=/tmp/isoflop_small
     python -m qwenjax.scaling fit /tmp/isoflop_small
 
-Sizes s = 1..4: s layers of width 64 s (head_dim 32, 2 query heads per KV head, MLP 3x), N from 50k to 1.6M
-non-embedding parameters; budgets 1e12-1e13 FLOPs at 4 x 256 tokens a step: 12 points of 44 to 12,381 steps
-(23,168 in all; `python -m qwenjax.sweep ... --emit` lists them). The optimum moves from the smallest sizes to the
-middle of the ladder over the three budgets.
+Sizes s = 1..4: s layers of width 64 s (head_dim 32, 2 query heads per KV head, MLP 3x): 49k, 394k, 1.33M and
+3.15M non-embedding parameters, or 115k, 525k, 1.53M and 3.41M with the tied output head (the N the fits use,
+the sweep's default counting); budgets 1e12-1e13 FLOPs at 4 x 256 tokens a step: 12 points of 44 to 12,381 steps
+(23,168 in all; `python -m qwenjax.sweep ... --emit` prints the plan). It shows the machinery, not a law: sizes 3
+and 4 see less than one token per parameter at every budget (D / N from 0.01 to 0.65), far from the ~20 of a
+compute-optimal run, so the optimum sits at the small end of the ladder or below it, and the fit's quality bar is
+not expected to pass. experiments/isoflop_gpu.py is the study.
 """
 
 import ml_collections

@@ -1,8 +1,11 @@
 r"""Scaling-law fits of a sweep's results, with plots: `python -m qwenjax.scaling fit DIR`.
 
 Reads `DIR/results.jsonl` (one JSON object per finished point, written by `qwenjax.sweep`) and writes
-`DIR/fit.json` and PNG plots into `DIR`. N is the non-embedding parameter count (`params`), D the tokens trained
-on (`tokens`), C the compute budget of an IsoFLOP point (`budget`), L the final eval loss (`eval_loss`).
+`DIR/fit.json` and PNG plots into `DIR`. N is the parameter count the sweep's `counting` names (`params`: with the
+output head and without the input embedding by default, as Porian et al. 2024 count it; Kaplan et al.'s
+non-embedding count for `counting='kaplan'`), D the tokens trained on (`tokens`), C the compute budget of an
+IsoFLOP point (`budget`), L the final eval loss (`eval_loss`). The points of a sweep's learning-rate stage
+(`stage` 'lr') are left out: they only chose the others' learning rates.
 
 * Approach 2 (Hoffmann et al. 2022): for each IsoFLOP budget a parabola in log N through the losses; its
   vertex is N_opt(C) (and a parabola in log D gives D_opt(C)); then power laws N_opt = k_N C^a and
@@ -14,6 +17,10 @@ on (`tokens`), C the compute budget of an IsoFLOP point (`budget`), L the final 
   beta)) (`b`), under C = 6 N D.
 * Bootstrap: every key of both approaches gets a 95% percentile interval from refits on points resampled with
   replacement (within each budget, so every budget keeps its number of points).
+* Quality (`quality` in fit.json, `quality()`): whether the fit can be trusted, criterion by criterion: approach
+  2's a known to within a 95% interval no wider than 0.2, a + b within 0.05 of 1, approaches 2 and 3 within 0.1 on
+  a, no approach-3 parameter on its search bound, every budget's minimum inside the sizes it tried, every point
+  trained by one code version.
 
 `python -m qwenjax.scaling plot DIR1 DIR2 ... --out=FILE.png` puts several sweeps on one figure: loss against
 compute by default, or against any result field with `--x=lr --group=width` (a learning-rate sweep across
@@ -84,11 +91,14 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
   """(points with a finite, positive eval loss, [{name, reason}] of the others): diverged points, points
-  without eval data. The fits and plots use the first; fit.json lists the second under `excluded`."""
+  without eval data, the points of a learning-rate stage. The fits and plots use the first; fit.json lists the
+  second under `excluded`."""
   kept, excluded = [], []
   for r in results:
     loss = r.get('eval_loss')
-    if r.get('diverged'):
+    if r.get('stage') == 'lr':
+      excluded.append(dict(name=r.get('name'), reason='learning-rate stage: it chose the other points\' rates'))
+    elif r.get('diverged'):
       excluded.append(dict(name=r.get('name'), reason=f'diverged: {r.get("error", "a non-finite loss")}'))
     elif loss is None:
       excluded.append(dict(name=r.get('name'), reason='no eval_loss (no eval data?)'))
@@ -137,12 +147,12 @@ def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
   return float(slope), float(np.exp(intercept))
 
 
-def approach2(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray, losses: np.ndarray) -> dict[str, Any]:
-  """Per-budget parabolas in log N and log D, and power laws N_opt = k_N C^a, D_opt = k_D C^b.
-
-  Budgets with fewer than 3 points, or whose parabola opens downward (the optimum is outside the sizes tried),
-  give no minimum and are listed under `skipped`. Needs minima at 2 budgets or more.
-  """
+def isoflop_minima(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray,
+                   losses: np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """(minima, skipped): per budget, the vertices of the parabolas in log N and log D through its losses, with the
+  range of N it tried (`N_range`) and whether the vertex lies inside it (`inside`: else it is extrapolated); or,
+  under `skipped`, why a budget has none: fewer than 3 distinct sizes or token counts, or a parabola that opens
+  downward (the optimum is outside the sizes tried)."""
   minima, skipped = [], []
   for budget in np.unique(budgets):
     at = budgets == budget
@@ -158,9 +168,20 @@ def approach2(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray, losse
     if not (by_n.has_minimum and by_d.has_minimum):
       skipped.append(dict(budget=float(budget), reason='the parabola has no minimum (opens downward)'))
       continue
+    low, high = float(params[at].min()), float(params[at].max())
     minima.append(dict(budget=float(budget), N_opt=by_n.argmin, D_opt=by_d.argmin, loss_opt=by_n.min_loss,
                        parabola_N=dataclasses.asdict(by_n), parabola_D=dataclasses.asdict(by_d),
-                       points=int(at.sum())))
+                       points=int(at.sum()), N_range=[low, high], inside=bool(low <= by_n.argmin <= high)))
+  return minima, skipped
+
+
+def approach2(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray, losses: np.ndarray) -> dict[str, Any]:
+  """Per-budget parabolas in log N and log D (`isoflop_minima`), and power laws N_opt = k_N C^a, D_opt = k_D C^b.
+
+  Budgets with fewer than 3 points, or whose parabola opens downward (the optimum is outside the sizes tried),
+  give no minimum and are listed under `skipped`. Needs minima at 2 budgets or more.
+  """
+  minima, skipped = isoflop_minima(budgets, params, tokens, losses)
   if len(minima) < 2:
     raise ValueError(f'approach 2 needs IsoFLOP minima at 2 budgets or more, got {len(minima)} '
                      f'(skipped: {skipped}); sweep more budgets, or sizes on both sides of each optimum')
@@ -298,23 +319,29 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
     raise ValueError(f'no point has a finite eval loss to fit: {excluded[:5]}')
   params, tokens, losses, budgets = _columns(results)
   flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
+  countings = sorted({r.get('counting', 'unrecorded') for r in results})
   out: dict[str, Any] = dict(points=len(losses), excluded=excluded, bootstrap=bootstrap,
-                             flops_per_nd=float(np.median(flops / (params * tokens))),
-                             notes='N: non-embedding parameters; D: training tokens; C: IsoFLOP budget in FLOPs')
+                             flops_per_nd=float(np.median(flops / (params * tokens))), counting=countings,
+                             code_versions=code_versions(results),
+                             notes=f'N: parameters as counted by {"/".join(countings)} (qwenjax.sweep\'s counting: '
+                                   'porian counts the output head, not the input embedding; kaplan neither); D: '
+                                   'training tokens; C: IsoFLOP budget in FLOPs')
   isoflop = bool(np.all(np.isfinite(budgets)))
   rng = np.random.default_rng(seed)
   # A sweep too small or too noisy for one approach still gets the other; fit.json says why one is missing.
   if isoflop:
     try:
       out['approach2'] = approach2(budgets, params, tokens, losses)
-    except ValueError as e:
-      out['approach2'] = dict(error=str(e))
+    except ValueError as e:  # the budgets' own minima (or why they have none) still go to fit.json and the plot
+      minima, skipped = isoflop_minima(budgets, params, tokens, losses)
+      out['approach2'] = dict(error=str(e), minima=minima, skipped=skipped)
       isoflop = False
   try:
     out['approach3'] = approach3(params, tokens, losses)
   except ValueError as e:
     out['approach3'] = dict(error=str(e))
   if 'error' in out['approach3']:
+    out['quality'] = quality(out)
     return out
   if bootstrap:
     groups = [np.flatnonzero(budgets == b) for b in np.unique(budgets)] if isoflop else [np.arange(len(losses))]
@@ -338,6 +365,64 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
       out['approach2']['ci'] = {k: _interval(v) for k, v in samples2.items()}
       out['approach2']['bootstrap_fits'] = len(samples2['a'])
     out['approach3']['ci'] = {k: _interval(v) for k, v in samples3.items()}
+  out['quality'] = quality(out)
+  return out
+
+
+def code_versions(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The code versions (`code` of each result: sources' hash, commit, jax) the points were trained by, with how
+  many points each; points from before versions were recorded count under None."""
+  counts: dict[str, list] = {}
+  for r in results:
+    code = r.get('code')
+    key = json.dumps(code, sort_keys=True)
+    counts.setdefault(key, [code, 0])[1] += 1
+  return [dict(code=code, points=n) for code, n in counts.values()]
+
+
+QUALITY_LIMITS = dict(a_interval=0.2, a_plus_b=0.05, approaches_agree=0.1)
+
+
+def quality(fitted: Mapping[str, Any]) -> dict[str, Any]:
+  """Whether a fit can be trusted, per criterion: {name: {passed, value, limit, what}} and `passed` (all of them).
+
+  a_interval: approach 2's a has a 95% bootstrap interval no wider than 0.2. a_plus_b: approach 2's a + b within
+  0.05 of 1 (N_opt D_opt grows as C). approaches_agree: approaches 2 and 3 within 0.1 on a. no_bounds: no
+  approach-3 parameter on the edge of its search box. minima_inside: every budget has a minimum, inside the sizes
+  it tried. one_code_version: every point was trained by one recorded code version.
+  """
+  fit2 = fitted.get('approach2') or {'error': 'no IsoFLOP budgets'}
+  fit3 = fitted.get('approach3') or {'error': 'not fitted'}
+  ok2, ok3 = 'error' not in fit2, 'error' not in fit3 and fit3.get('a') is not None
+  out = {}
+
+  def criterion(name, passed, value, what, limit=None):
+    out[name] = dict(passed=bool(passed), value=value, limit=limit, what=what)
+
+  interval = fit2.get('ci', {}).get('a') if ok2 else None
+  width = None if interval is None else interval[1] - interval[0]
+  criterion('a_interval', width is not None and width <= QUALITY_LIMITS['a_interval'], width,
+            "width of approach 2's 95% interval on a" + ('' if interval else ' (no interval: no approach 2, or no '
+                                                         'bootstrap)'), QUALITY_LIMITS['a_interval'])
+  total = fit2['a'] + fit2['b'] if ok2 else None
+  criterion('a_plus_b', total is not None and abs(total - 1) <= QUALITY_LIMITS['a_plus_b'], total,
+            "approach 2's a + b, which should be 1", QUALITY_LIMITS['a_plus_b'])
+  gap = abs(fit2['a'] - fit3['a']) if ok2 and ok3 else None
+  criterion('approaches_agree', gap is not None and gap <= QUALITY_LIMITS['approaches_agree'], gap,
+            'difference between approaches 2 and 3 on a', QUALITY_LIMITS['approaches_agree'])
+  bounds = fit3.get('at_bounds') if 'error' not in fit3 else None
+  criterion('no_bounds', bounds == [], bounds, 'approach-3 parameters on the edge of the search (scaling.BOUNDS)'
+            + ('' if bounds is not None else ': approach 3 not fitted'))
+  skipped = [x['budget'] for x in fit2.get('skipped', [])]
+  outside = [m['budget'] for m in fit2.get('minima', []) if not m.get('inside', True)]
+  criterion('minima_inside', ok2 and not skipped and not outside, dict(skipped=skipped, outside=outside),
+            'budgets without a minimum, or whose minimum lies outside the sizes they tried'
+            + ('' if ok2 else ' (approach 2 not fitted)'))
+  versions = fitted.get('code_versions', [])
+  criterion('one_code_version', len(versions) == 1 and versions[0]['code'] is not None, len(versions),
+            'code versions the points were trained by' + (' (some unrecorded)' if any(v['code'] is None
+                                                                                    for v in versions) else ''))
+  out['passed'] = all(v['passed'] for v in out.values())
   return out
 
 
@@ -356,8 +441,18 @@ def _budget_colors(plt, budgets):
   return {b: cmap(i / max(len(budgets) - 1, 1)) for i, b in enumerate(budgets)}
 
 
+def _budget_label(budget: float) -> str:
+  return f'C = {budget:.2g}'
+
+
 def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], directory: str) -> list[str]:
-  """Writes isoflop.png, frontier.png and optimal.png (the last two need approach 2) into `directory`."""
+  """Writes isoflop.png (whenever the points have budgets), frontier.png and optimal.png (that one needs approach
+  2) into `directory`.
+
+  isoflop.png marks what approach 2 could not use: a budget without a minimum draws its points hollow and says
+  why in the legend; a minimum outside the sizes its budget tried is a hollow star. An approach-3 fit with a
+  parameter on its search bound is drawn dashed and labelled so. Fitted lines span the budgets measured, not more.
+  """
   plt = _pyplot()
   results = usable_points(results)[0]
   params, tokens, losses, budgets = _columns(results)
@@ -366,35 +461,52 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   fit3 = fitted['approach3'] if 'error' not in fitted['approach3'] else None
   if fit3 and fit3['a'] is None:
     fit3 = None  # an exponent of 0: no compute-optimal frontier to draw
+  bounds = fit3.get('at_bounds', []) if fit3 else []
+  style3 = dict(ls='--' if bounds else '-', lw=1)
+  note3 = f' (at search bounds: {", ".join(bounds)}; not determined)' if bounds else ''
   fit2 = fitted.get('approach2') if 'error' not in fitted.get('approach2', {}) else None
 
-  if fit2:
-    unique = sorted(np.unique(budgets))
+  measured = budgets[np.isfinite(budgets)]
+  if len(measured):
+    unique = sorted(np.unique(measured))
     colors = _budget_colors(plt, unique)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    minima = {m['budget']: m for m in fit2['minima']}
+    isoflop = fitted.get('approach2', {})
+    minima = {m['budget']: m for m in isoflop.get('minima', [])}
+    skipped = {s['budget']: s['reason'] for s in isoflop.get('skipped', [])}
     for budget in unique:
       at = budgets == budget
-      ax.scatter(params[at], losses[at], color=colors[budget], label=f'C = {budget:.2g}')
       if budget in minima:
         m = minima[budget]
+        ax.scatter(params[at], losses[at], color=colors[budget], label=_budget_label(budget))
         grid = np.geomspace(params[at].min() / 1.5, params[at].max() * 1.5, 100)
         ax.plot(grid, Parabola(**m['parabola_N'])(grid), color=colors[budget], lw=1)
-        ax.scatter([m['N_opt']], [m['loss_opt']], color=colors[budget], marker='*', s=180, edgecolor='k', zorder=3)
-    ax.set(xscale='log', xlabel='non-embedding parameters N', ylabel='final eval loss',
-           title='IsoFLOP curves (stars: parabola minima)')
+        inside = m.get('inside', True)
+        ax.scatter([m['N_opt']], [m['loss_opt']], marker='*', s=180, zorder=3,
+                   color=colors[budget] if inside else 'none', edgecolor='k' if inside else colors[budget],
+                   label=None if inside else f'{_budget_label(budget)}: minimum outside the sizes tried')
+      else:
+        reason = skipped.get(budget, 'no minimum')
+        ax.scatter(params[at], losses[at], facecolor='none', edgecolor=colors[budget],
+                   label=f'{_budget_label(budget)}: no minimum ({reason})')
+    failed = f' (approach 2 not fitted: {isoflop["error"][:60]}...)' if 'error' in isoflop else ''
+    ax.set(xscale='log', xlabel='parameters N', ylabel='final eval loss',
+           title=f'IsoFLOP curves (stars: parabola minima){failed}')
+    ax.title.set_fontsize(9)
     ax.xaxis.set_minor_formatter(plt.NullFormatter())  # a decade or two of N: minor labels would overlap
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     written.append(_save(fig, directory, 'isoflop.png'))
 
   fig, ax = plt.subplots(figsize=(6.4, 4.8))
   sc = ax.scatter(flops, losses, c=np.log10(params), cmap='plasma', s=25)
   fig.colorbar(sc, ax=ax, label='log10 N')
   if fit3:
-    grid = np.geomspace(flops.min() / 2, flops.max() * 4, 100)
+    span = measured if len(measured) else flops
+    grid = np.geomspace(span.min(), span.max(), 100)
     n_opt, d_opt = compute_optimal(fit3, grid, fitted['flops_per_nd'])
-    ax.plot(grid, predicted_loss(fit3, n_opt, d_opt), 'k-', lw=1,
-            label=f'approach 3 frontier: E={fit3["E"]:.2f}, alpha={fit3["alpha"]:.2f}, beta={fit3["beta"]:.2f}')
+    ax.plot(grid, predicted_loss(fit3, n_opt, d_opt), 'k', **style3,
+            label=f'approach 3 frontier: E={fit3["E"]:.2f}, alpha={fit3["alpha"]:.2f}, beta={fit3["beta"]:.2f}'
+                  + note3)
   order = np.argsort(flops)
   ax.step(flops[order], np.minimum.accumulate(losses[order]), 'k:', where='post', lw=1, label='best so far')
   if fit2:
@@ -407,20 +519,25 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   if fit2:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     c = np.array([m['budget'] for m in fit2['minima']])
-    grid = np.geomspace(c.min() / 3, c.max() * 3, 50)
+    grid = np.geomspace(c.min(), c.max(), 50)
     n3, d3 = compute_optimal(fit3, grid, fitted['flops_per_nd']) if fit3 else (None, None)
     ci = fit2.get('ci', {})
     for ax, key, exponent, coef, line3, label in (
-        (axes[0], 'N_opt', 'a', 'k_N', n3, 'N_opt (non-embedding parameters)'),
+        (axes[0], 'N_opt', 'a', 'k_N', n3, 'N_opt (parameters)'),
         (axes[1], 'D_opt', 'b', 'k_D', d3, 'D_opt (tokens)')):
-      ax.scatter(c, [m[key] for m in fit2['minima']], color='tab:blue', zorder=3, label='IsoFLOP minima')
+      inside = np.array([m.get('inside', True) for m in fit2['minima']])
+      values = np.array([m[key] for m in fit2['minima']])
+      ax.scatter(c[inside], values[inside], color='tab:blue', zorder=3, label='IsoFLOP minima')
+      if not inside.all():
+        ax.scatter(c[~inside], values[~inside], facecolor='none', edgecolor='tab:blue', zorder=3,
+                   label='minima outside the sizes tried')
       interval = ci.get(exponent)
       span = f' [{interval[0]:.2f}, {interval[1]:.2f}]' if interval else ''
       ax.plot(grid, fit2[coef] * grid**fit2[exponent], 'tab:blue', label=f'approach 2: C^{fit2[exponent]:.3f}{span}')
       if fit3:
-        ax.plot(grid, line3, 'k--', lw=1, label=f'approach 3: C^{fit3[exponent]:.3f}')
+        ax.plot(grid, line3, 'k', **style3, label=f'approach 3: C^{fit3[exponent]:.3f}{note3}')
       ax.set(xscale='log', yscale='log', xlabel='training FLOPs C', ylabel=label)
-      ax.legend(fontsize=8)
+      ax.legend(fontsize=7)
     written.append(_save(fig, directory, 'optimal.png'))
   return written
 
@@ -528,6 +645,26 @@ def summary(fitted: Mapping[str, Any]) -> str:
     if fitted[approach].get('at_bounds'):
       lines.append(f'{approach}: {", ".join(fitted[approach]["at_bounds"])} ended on the edge of the search '
                    '(scaling.BOUNDS): these points do not determine the fit; sweep more sizes and budgets')
+  if 'quality' in fitted:
+    lines.append(quality_summary(fitted['quality']))
+  return '\n'.join(lines)
+
+
+def _show(value: Any) -> str:
+  if isinstance(value, dict):
+    return '{' + ', '.join(f'{k}: {_show(v)}' for k, v in value.items()) + '}'
+  if isinstance(value, (list, tuple)):
+    return '[' + ', '.join(map(_show, value)) + ']'
+  return f'{value:.3g}' if isinstance(value, float) else str(value)
+
+
+def quality_summary(checks: Mapping[str, Any]) -> str:
+  """One line per criterion of `quality`, after the verdict."""
+  lines = [f'quality: {"PASS" if checks["passed"] else "FAIL"} (a study a reader can trust passes every line)']
+  for name, c in checks.items():
+    if name != 'passed':
+      limit = f' (limit {c["limit"]})' if c['limit'] is not None else ''
+      lines.append(f'  {"pass" if c["passed"] else "FAIL"} {name}: {c["what"]} = {_show(c["value"])}{limit}')
   return '\n'.join(lines)
 
 

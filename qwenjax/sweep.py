@@ -14,44 +14,77 @@ A sweep file's `get_config()` returns an ml-collections config with
                           inner width heads x head_dim may differ from hidden_size by up to head_dim / 2)
     num_key_value_heads = heads / ladder.q_per_kv, at least 1
     intermediate_size   = ladder.mlp_ratio * hidden_size, rounded up to a multiple of 64
-* `budgets`: IsoFLOP compute budgets C in FLOPs. Each size then trains on D = C / flops_per_token tokens
-  (`qwenjax.metrics.flops_per_token`: 6 x the multiplied weights plus attention, as MFU counts them), rounded to
-  whole steps. `tokens_per_param = (lo, hi)` keeps, per budget, the sizes with lo <= D / N <= hi. Or `tokens`:
-  fixed token budgets D for every size (no IsoFLOP fit, but approach 3 still fits).
+* `counting`: what the fits' N and the budgets' C count.
+    'porian' (the default; Porian et al. 2024, and Hoffmann et al. 2022 up to the input embedding): N is every
+    parameter a token multiplies, the output head included and the input embedding (a lookup) left out, tied or
+    not (`params_with_head`); C per token is `qwenjax.metrics.flops_per_token`, 6 N plus attention's matmuls, the
+    FLOPs MFU counts, so a point spends its budget.
+    'kaplan' (Kaplan et al. 2020, for the ablation): N is the non-embedding parameters without the head
+    (`params_non_embedding`) and C per token 6 N: the head's and attention's FLOPs are left out of the budget, so a
+    point trains on more tokens and spends more than its budget (`flops_actual` in its result).
+* `budgets`: IsoFLOP compute budgets C in FLOPs. Each size then trains on D = C / (C per token) tokens, rounded
+  to whole steps. Per budget, the sizes of `ladder.sizes` with lo <= D / N <= hi for `tokens_per_param = (lo, hi)`,
+  or the sizes `budget_sizes = ((budget, (size, ...)), ...)` names for it (one of the two). Or `tokens`: fixed
+  token budgets D for every size (no IsoFLOP fit, but approach 3 still fits).
+* warmup, in tokens: `warmup_tokens_per_param` k (k x N tokens: Porian et al.'s warmup with k = 1, long enough
+  for a model's size whatever its run's length), `warmup_tokens` (one count for every point: Kaplan et al.'s
+  fixed warmup), or `warmup_fraction` (of each point's steps); all 0: the base's warmup_steps. Then at most
+  `warmup_max_fraction` of the run (default 1) and at least `warmup_min_steps` (default 1).
+* `batch_sizes = ((N_max, batch), ...)`: a model of N parameters (`params_with_head`, whatever the counting, so
+  that both countings train a model alike) trains at the batch (sequences of data.seq_len) of the first pair
+  with N < N_max; empty: train.batch_size for every point.
+* `lr_sweep`: a learning-rate stage run before the other points: each size of `lr_sweep.sizes` at each rate of
+  `lr_sweep.lrs`, on `lr_sweep.tokens_per_param` x N tokens (`LR-s<size>-lr<lr>`). Its results choose every other
+  point's train.lr (`choose_lrs`, written to DIR/lr.json): per size the best rate (the vertex of a parabola in
+  log lr through the lowest loss and its neighbours), then lr = k N^gamma by least squares over the sizes, so that
+  sizes between and beyond them get a rate too (within the grid's range). No `lr_sweep.sizes`: train.lr.
 * `axes`: any other config values to sweep (`axes.train.lr = (1e-3, 3e-3)`): every combination is a point.
-* `warmup_fraction`: the warmup as a fraction of each point's steps (0: the base's warmup_steps).
 * `max_epochs`: a point that would see the training corpus more often than this is an error at planning time.
+* `estimate`: the plan's GPU-time assumptions (`ESTIMATE`'s keys), for `plan_table` and `pieces`.
 
 Every point is trained by `qwenjax.train.train_and_evaluate` (the code of `python -m qwenjax.train`) in
 `DIR/<name>/`, evaluated once at its end. All points share the tokenizer and the tokenized corpus
 (`data.prepared_dir`, by default `DIR/prepared`) and one compilation cache (`DIR/compilation_cache`). Each
-finished point appends one line to `DIR/results.jsonl`: `name`, `params` (non-embedding parameters: the N of the
-fits), `params_total`, `tokens` (D), `flops` (C spent: tokens x flops_per_token), `budget`, `eval_loss` (final),
-`overrides` (the point's config values), and `epochs`, `mfu`, `tokens_per_sec`, `seconds`. Running the same
-command again skips finished points and resumes an interrupted one from its last checkpoint.
+finished point appends one line to `DIR/results.jsonl`: `name`, `stage` ('lr', 'isoflop' or 'tokens'), `params`
+(the N of the fits, as `counting` says), `params_with_head`, `params_non_embedding`, `params_total`, `tokens` (D),
+`flops` (C as counted: tokens x flops_per_token), `flops_actual` (what the step computes), `budget`,
+`eval_loss` (final), `overrides` (the point's config values), `code` (`code_version`: the sources' hash, the git
+commit, the jax version), and `epochs`, `mfu`, `tokens_per_sec`, `seconds`. Running the same command again skips
+finished points and resumes an interrupted one from its last checkpoint, under the same code only: a sweep with
+finished or started points refuses other sources or another jax (`CodeVersionError`, naming the files) unless
+`allow_code_change`, which records the change in sweep.json's `code_history`. `check` retrains committed points
+and compares their eval losses.
 
 `--emit` prints one `python -m qwenjax.train ...` command per unfinished point instead (for a cluster queue),
-after preparing the shared tokenizer and corpus.
+after preparing the shared tokenizer and corpus; `plan_table` is the plan as a table (N, D, steps, epochs,
+estimated time, the pieces of a stopped-and-resumed run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import itertools
 import json
 import math
 import os
+import pathlib
 import shlex
 import statistics
+import subprocess
+import sys
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from absl import flags
 from absl import logging
 from etils import epath
 import jax
+import jaxlib
 import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
 from qwenjax import checkpoint
 from qwenjax import cli
@@ -66,23 +99,42 @@ from qwenjax.model import ModelConfig, count_params
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+COUNTINGS = ('porian', 'kaplan')
+# The plan's GPU-time estimate per point: FLOPs / (mfu x peak_flops), or steps x step_s when that is longer (small
+# models are bound by the host and kernel launches, not FLOPs), plus overhead_s (setup, eval, checkpoint), plus
+# compile_s for the first point of each compiled program in a piece. Assumptions to replace by measured values.
+ESTIMATE = dict(mfu=0.4, peak_flops=989e12, compile_s=20.0, overhead_s=10.0, step_s=0.0)
+
 
 @dataclasses.dataclass
 class Point:
   """One training run of a sweep."""
   name: str
   overrides: dict[str, Any]  # dotted config key -> value, on top of the base config
-  params: int  # non-embedding parameters
+  params: int  # the fits' N, as the sweep's counting says
   params_total: int
-  flops_per_token: float
+  flops_per_token: float  # as counted (the budget's C per token)
   tokens: int
   budget: float | None
   size: int
   epochs: float | None = None
+  stage: str = 'isoflop'  # 'lr', 'isoflop' or 'tokens'
+  params_with_head: int = 0
+  params_non_embedding: int = 0
+  flops_per_token_actual: float = 0.0  # metrics.flops_per_token: what the step computes
+  counting: str = 'porian'
 
   @property
   def flops(self) -> float:
     return self.tokens * self.flops_per_token
+
+  @property
+  def flops_actual(self) -> float:
+    return self.tokens * (self.flops_per_token_actual or self.flops_per_token)
+
+  @property
+  def lr(self) -> float | None:
+    return self.overrides.get('train.lr')
 
 
 def ladder_shape(size: int, ladder: Mapping[str, Any]) -> dict[str, int]:
@@ -98,10 +150,35 @@ def ladder_shape(size: int, ladder: Mapping[str, Any]) -> dict[str, int]:
               intermediate_size=64 * math.ceil(float(ladder['mlp_ratio']) * width / 64))
 
 
+@functools.lru_cache(maxsize=None)
+def _count_params(model_config: ModelConfig) -> int:
+  """count_params (which traces the model's init), once per shape: a plan asks several times for each point."""
+  return count_params(model_config)
+
+
+@functools.lru_cache(maxsize=None)
+def _flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
+  return metrics_lib.flops_per_token(model_config, seq_len)
+
+
 def non_embedding_params(model_config: ModelConfig) -> int:
   """Parameters outside the embedding table and the output head (Kaplan et al.'s N)."""
   tables = 1 if model_config.tie_word_embeddings else 2
-  return count_params(model_config) - tables * model_config.vocab_size * model_config.hidden_size
+  return _count_params(model_config) - tables * model_config.vocab_size * model_config.hidden_size
+
+
+def params_with_head(model_config: ModelConfig) -> int:
+  """Parameters a token multiplies: all but the input embedding, the output head counted (tied or not): Porian et
+  al.'s N, and the N in `metrics.flops_per_token`'s 6 N for a dense model."""
+  return non_embedding_params(model_config) + model_config.vocab_size * model_config.hidden_size
+
+
+def counted(model_config: ModelConfig, seq_len: int, counting: str) -> tuple[int, float]:
+  """(N, C per token) under `counting` (the module docstring says what each counts)."""
+  if counting == 'kaplan':
+    n = non_embedding_params(model_config)
+    return n, 6.0 * n
+  return params_with_head(model_config), _flops_per_token(model_config, seq_len)
 
 
 def flatten(section: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
@@ -151,10 +228,18 @@ def _axis_values(axes: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     yield dict(zip(flat, values))
 
 
-SWEEP_KEYS = ('base', 'overrides', 'ladder', 'budgets', 'tokens', 'tokens_per_param', 'axes', 'warmup_fraction',
-              'max_epochs')
+SWEEP_KEYS = ('base', 'overrides', 'ladder', 'budgets', 'tokens', 'tokens_per_param', 'budget_sizes', 'axes',
+              'counting', 'warmup_fraction', 'warmup_tokens_per_param', 'warmup_tokens', 'warmup_max_fraction',
+              'warmup_min_steps', 'batch_sizes', 'lr_sweep', 'max_epochs', 'estimate')
 LADDER_KEYS = ('sizes', 'width_per_size', 'depth', 'depth_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
+LR_SWEEP_KEYS = ('sizes', 'lrs', 'tokens_per_param')
 _LADDER_NEEDED = ('sizes', 'width_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
+_WARMUPS = ('warmup_fraction', 'warmup_tokens_per_param', 'warmup_tokens')
+
+
+def _positive_numbers(values: Any) -> bool:
+  return (not isinstance(values, (int, float, str, bytes)) and hasattr(values, '__iter__')
+          and all(isinstance(v, (int, float)) and v > 0 for v in values))
 
 
 def check_sweep(sweep: ml_collections.ConfigDict) -> None:
@@ -171,7 +256,7 @@ def check_sweep(sweep: ml_collections.ConfigDict) -> None:
     raise ValueError(f'ladder: unknown key(s) {unknown}, missing {missing}; a ladder has {", ".join(LADDER_KEYS)}')
   for key in ('sizes', 'budgets', 'tokens'):
     values = sweep.get(key, ()) if key != 'sizes' else ladder.sizes
-    if isinstance(values, (int, float)) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+    if not _positive_numbers(values):
       raise ValueError(f'{"ladder." if key == "sizes" else ""}{key} must be a tuple of positive numbers, '
                        f'got {values!r}')
   for key in ('width_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio'):
@@ -180,10 +265,79 @@ def check_sweep(sweep: ml_collections.ConfigDict) -> None:
   for path, values in flatten(sweep.get('axes', {})).items():
     if isinstance(values, (str, bytes)) or not hasattr(values, '__iter__') or not len(values):
       raise ValueError(f'axes.{path} must be a tuple of the values to sweep, got {values!r}')
+  if sweep.get('counting', 'porian') not in COUNTINGS:
+    raise ValueError(f'counting must be one of {COUNTINGS}, got {sweep.counting!r}')
+  if sum(bool(sweep.get(k)) for k in _WARMUPS) > 1:
+    raise ValueError(f'set at most one of {", ".join(_WARMUPS)} (got {[k for k in _WARMUPS if sweep.get(k)]})')
+  if not 0 < float(sweep.get('warmup_max_fraction', 1.0)) <= 1:
+    raise ValueError(f'warmup_max_fraction must be in (0, 1], got {sweep.warmup_max_fraction!r}')
+  for pair in sweep.get('batch_sizes', ()):
+    if len(pair) != 2 or not _positive_numbers(pair) or int(pair[1]) != pair[1]:
+      raise ValueError(f'batch_sizes holds (N_max, batch) pairs of positive numbers, the batch whole; got {pair!r}')
+  if sweep.get('budget_sizes'):
+    if sweep.get('tokens_per_param'):
+      raise ValueError('set budget_sizes (the sizes of each budget) or tokens_per_param (a filter), not both')
+    listed = {float(b) for b, _ in sweep.budget_sizes}
+    for budget, sizes in sweep.budget_sizes:
+      if not _positive_numbers(sizes):
+        raise ValueError(f'budget_sizes: budget {budget} needs a tuple of positive sizes, got {sizes!r}')
+    if listed != {float(b) for b in sweep.get('budgets', ())}:
+      raise ValueError(f'budget_sizes names budgets {sorted(listed)} but budgets are {tuple(sweep.get("budgets", ()))}')
+  lr_sweep = sweep.get('lr_sweep', {})
+  if lr_sweep.get('sizes'):
+    unknown = sorted(set(lr_sweep) - set(LR_SWEEP_KEYS))
+    if unknown:
+      raise ValueError(f'lr_sweep: unknown key(s) {unknown}; it has {", ".join(LR_SWEEP_KEYS)}')
+    if not _positive_numbers(lr_sweep.sizes) or not _positive_numbers(lr_sweep.get('lrs', ())):
+      raise ValueError(f'lr_sweep.sizes and lr_sweep.lrs must be tuples of positive numbers, got '
+                       f'{lr_sweep.sizes!r} and {lr_sweep.get("lrs")!r}')
+    if len(lr_sweep.lrs) < 3:
+      raise ValueError(f'lr_sweep.lrs needs 3 rates or more to find a best one between others, got {lr_sweep.lrs!r}')
+    if not float(lr_sweep.get('tokens_per_param', 0)) > 0:
+      raise ValueError('lr_sweep.tokens_per_param must be positive: each lr point trains on that many tokens per N')
+    if 'train.lr' in flatten(sweep.get('axes', {})):
+      raise ValueError('axes.train.lr and lr_sweep both set learning rates: keep one')
+  unknown = sorted(set(sweep.get('estimate', {})) - set(ESTIMATE))
+  if unknown:
+    raise ValueError(f'estimate: unknown key(s) {unknown}; it has {", ".join(ESTIMATE)}')
 
 
-def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
-  """Every point of the sweep, with its config overrides, size and token budget (no training)."""
+def _batch_size(sweep: ml_collections.ConfigDict, n_with_head: int) -> int | None:
+  for n_max, batch in sweep.get('batch_sizes', ()):
+    if n_with_head < n_max:
+      return int(batch)
+  return None
+
+
+def warmup_steps(sweep: ml_collections.ConfigDict, config: ml_collections.ConfigDict, n: int, steps: int) -> int:
+  """A point's warmup in steps, by the sweep's warmup rule (the module docstring)."""
+  tokens_per_step = int(config.train.batch_size) * int(config.data.seq_len)
+  if sweep.get('warmup_tokens_per_param'):
+    warmup = float(sweep.warmup_tokens_per_param) * n / tokens_per_step
+  elif sweep.get('warmup_tokens'):
+    warmup = float(sweep.warmup_tokens) / tokens_per_step
+  elif sweep.get('warmup_fraction'):
+    warmup = float(sweep.warmup_fraction) * steps
+  else:
+    return min(int(config.train.warmup_steps), steps)
+  warmup = min(round(warmup), math.floor(float(sweep.get('warmup_max_fraction', 1.0)) * steps))
+  return min(steps, max(warmup, int(sweep.get('warmup_min_steps', 1)), 1))
+
+
+def _sizes(sweep: ml_collections.ConfigDict) -> list[int]:
+  """Every ladder size the sweep trains, in order of first mention."""
+  sizes = list(sweep.ladder.sizes) + [s for _, group in sweep.get('budget_sizes', ()) for s in group]
+  sizes += list(sweep.get('lr_sweep', {}).get('sizes', ()))
+  return list(dict.fromkeys(int(s) for s in sizes))
+
+
+def plan(sweep: ml_collections.ConfigDict, workdir: str, *, lrs: Mapping[int, float] | None = None) -> list[Point]:
+  """Every point of the sweep, with its config overrides, size and token budget (no training).
+
+  In run order: the lr stage's points (`lr_sweep`), then budget by budget, smallest first, so that a sweep stopped
+  part-way has whole IsoFLOP curves. After an lr stage the other points train at `lrs[size]` (`choose_lrs`); without
+  `lrs` their `lr` is None, to be chosen when the lr stage has finished.
+  """
   check_sweep(sweep)
   base = config_lib.load(resolve_base(sweep.base))
   common = flatten(sweep.get('overrides', {}))
@@ -197,45 +351,69 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str) -> list[Point]:
     raise ValueError('a sweep sets exactly one of budgets (IsoFLOP compute budgets in FLOPs) and tokens '
                      f'(token budgets); got budgets={budgets}, tokens={token_budgets}')
   ratio = tuple(sweep.get('tokens_per_param', ())) or (0.0, math.inf)
+  budget_sizes = {float(b): {int(s) for s in sizes} for b, sizes in sweep.get('budget_sizes', ())}
+  counting = sweep.get('counting', 'porian')
+  lr_sweep = sweep.get('lr_sweep', {})
+  staged = bool(lr_sweep.get('sizes'))
+
+  def point(size, axis, *, stage, wanted, budget, name, lr=None):
+    """The point of ladder size `size` training on about `wanted` tokens (or `wanted(N, C per token)`)."""
+    overrides = dict(common)
+    overrides.update({f'model.{k}': v for k, v in ladder_shape(size, sweep.ladder).items()})
+    model_config = ModelConfig.from_dict(apply_overrides(base, overrides).model)
+    batch = _batch_size(sweep, params_with_head(model_config))
+    if batch:
+      overrides['train.batch_size'] = batch
+    overrides.update(axis)
+    if staged:
+      overrides['train.lr'] = lr
+    config = apply_overrides(base, overrides)
+    model_config = ModelConfig.from_dict(config.model)
+    seq_len, batch = int(config.data.seq_len), int(config.train.batch_size)
+    if seq_len < 1 or batch < 1:
+      raise ValueError(f'data.seq_len ({seq_len}) and train.batch_size ({batch}) must be positive')
+    n, per_token = counted(model_config, seq_len, counting)
+    steps = max(1, round(wanted(n, per_token) / (batch * seq_len)))
+    overrides.update({'train.steps': steps, 'train.warmup_steps': warmup_steps(sweep, config, n, steps)})
+    return Point(name=name, overrides=overrides, params=n, params_total=_count_params(model_config),
+                 flops_per_token=per_token, tokens=steps * batch * seq_len, budget=budget, size=int(size), stage=stage,
+                 params_with_head=params_with_head(model_config),
+                 params_non_embedding=non_embedding_params(model_config), counting=counting,
+                 flops_per_token_actual=_flops_per_token(model_config, seq_len))
+
   points = []
+  for size in lr_sweep.get('sizes', ()):
+    for lr in sorted(float(x) for x in lr_sweep.lrs):
+      points.append(point(size, {}, stage='lr', budget=None, name=f'LR-s{int(size)}-lr{_number(lr)}', lr=lr,
+                          wanted=lambda n, _: float(lr_sweep.tokens_per_param) * n))
+  sizes = _sizes(sweep) if budget_sizes else list(sweep.ladder.sizes)
   for axis in _axis_values(sweep.get('axes', {})):
-    for size in sweep.ladder.sizes:
-      overrides = dict(common)
-      overrides.update({f'model.{k}': v for k, v in ladder_shape(size, sweep.ladder).items()})
-      overrides.update(axis)
-      config = apply_overrides(base, overrides)
-      model_config = ModelConfig.from_dict(config.model)
-      seq_len, batch = int(config.data.seq_len), int(config.train.batch_size)
-      if seq_len < 1 or batch < 1:
-        raise ValueError(f'data.seq_len ({seq_len}) and train.batch_size ({batch}) must be positive')
-      per_token = metrics_lib.flops_per_token(model_config, seq_len)
-      n = non_embedding_params(model_config)
+    suffix = [f'{k.rsplit(".", 1)[-1]}{_number(v) if isinstance(v, float) else v}' for k, v in axis.items()]
+    for size in sizes:
+      lr = (lrs or {}).get(int(size))
       for budget in budgets or token_budgets:
-        wanted = budget / per_token if budgets else budget
-        steps = max(1, round(wanted / (batch * seq_len)))
-        tokens = steps * batch * seq_len
-        if budgets and not ratio[0] <= tokens / n <= ratio[1]:
+        if budget_sizes and int(size) not in budget_sizes[float(budget)]:
           continue
-        warmup = (max(1, round(float(sweep.warmup_fraction) * steps)) if sweep.get('warmup_fraction')
-                  else min(int(config.train.warmup_steps), steps))
-        name = '-'.join([f'C{_number(budget)}' if budgets else f'D{_number(budget)}', f's{size}'] +
-                        [f'{k.rsplit(".", 1)[-1]}{_number(v) if isinstance(v, float) else v}' for k, v in axis.items()])
-        points.append(Point(name=name, overrides=dict(overrides, **{'train.steps': steps,
-                                                                      'train.warmup_steps': warmup}),
-                            params=n, params_total=count_params(model_config), flops_per_token=per_token,
-                            tokens=tokens, budget=float(budget) if budgets else None, size=int(size)))
-  # Budget by budget, smallest first: a sweep stopped part-way has whole IsoFLOP curves.
-  points.sort(key=lambda p: p.budget if p.budget is not None else 0.0)
+        name = '-'.join([f'C{_number(budget)}' if budgets else f'D{_number(budget)}', f's{size}'] + suffix)
+        p = point(size, axis, stage='isoflop' if budgets else 'tokens', budget=float(budget) if budgets else None,
+                  name=name, lr=lr, wanted=(lambda _, c, b=budget: b / c) if budgets else (lambda *_, b=budget: b))
+        if budgets and not ratio[0] <= p.tokens / p.params <= ratio[1]:
+          continue
+        points.append(p)
+  order = {'lr': -1.0}
+  points.sort(key=lambda p: order.get(p.stage, p.budget if p.budget is not None else 0.0))
   names = [p.name for p in points]
   if len(set(names)) != len(names):
     raise ValueError(f'two points of the sweep have the same name: {sorted(n for n in names if names.count(n) > 1)}')
-  if not points:
+  if not any(p.stage != 'lr' for p in points):
     raise ValueError(f'the sweep has no points: no size of ladder.sizes={tuple(sweep.ladder.sizes)} has '
                      f'tokens_per_param in {ratio} at budgets {budgets}; widen the range or add sizes')
   return points
 
 
 def point_config(sweep: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
+  if point.stage != 'lr' and 'train.lr' in point.overrides and point.lr is None:
+    raise ValueError(f'{point.name}: its learning rate comes from the lr stage, which has not finished')
   return apply_overrides(config_lib.load(resolve_base(sweep.base)), point.overrides)
 
 
@@ -263,6 +441,153 @@ def check_epochs(sweep: ml_collections.ConfigDict, points: list[Point]) -> int:
   return corpus_tokens
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The lr stage's choice.
+
+def best_lr(lrs: Sequence[float], losses: Sequence[float | None]) -> tuple[float, bool]:
+  """(the best learning rate of a grid, whether it is at the grid's edge). Between two others, the vertex of the
+  parabola in log lr through the lowest loss and its neighbours (kept between those neighbours); a diverged point
+  (None, NaN) counts as worse than any."""
+  order = np.argsort(lrs)
+  grid = np.asarray(lrs, float)[order]
+  x = np.log(grid)
+  y = np.array([v if v is not None and math.isfinite(v) else math.inf for v in np.asarray(losses, object)[order]])
+  if not np.isfinite(y).any():
+    raise ValueError(f'every learning rate of {sorted(lrs)} diverged or has no eval loss: lower the rates')
+  i = int(np.argmin(y))
+  if i == 0 or i == len(y) - 1 or not np.isfinite(y[i - 1:i + 2]).all():
+    return float(grid[i]), i in (0, len(y) - 1)
+  c2, c1, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+  vertex = -c1 / (2 * c2) if c2 > 0 else x[i]
+  return float(np.exp(np.clip(vertex, x[i - 1], x[i + 1]))), False
+
+
+def choose_lrs(records: Mapping[str, Mapping[str, Any]], points: Sequence[Point]) -> dict[str, Any] | None:
+  """The lr stage's choice of a learning rate for every size, from its finished points (`records` by name); None
+  while some of them have not finished.
+
+  Per size of `lr_sweep.sizes`, the best rate (`best_lr`); then ln lr = ln k + gamma ln N by least squares over
+  those sizes (one size: its rate for all), evaluated at each size's N, kept within the grid's range and rounded to
+  3 significant digits. `at_edge` sizes had their best rate at the grid's end: the grid did not bracket it.
+  """
+  stage = [p for p in points if p.stage == 'lr']
+  if not stage or any(p.name not in records for p in stage):
+    return None
+  anchors = []
+  for size in dict.fromkeys(p.size for p in stage):
+    group = sorted((p for p in stage if p.size == size), key=lambda p: p.lr)
+    losses = [records[p.name].get('eval_loss') for p in group]
+    lr, at_edge = best_lr([p.lr for p in group], losses)
+    anchors.append(dict(size=size, params=group[0].params, best_lr=lr, at_edge=at_edge,
+                        losses={_number(p.lr): loss for p, loss in zip(group, losses)}))
+  n = np.array([a['params'] for a in anchors], float)
+  best = np.log([a['best_lr'] for a in anchors])
+  gamma, log_k = np.polyfit(np.log(n), best, 1) if len(np.unique(n)) > 1 else (0.0, float(np.mean(best)))
+  grid = [min(p.lr for p in stage), max(p.lr for p in stage)]
+  params = {p.size: p.params for p in points if p.stage != 'lr'} | {a['size']: a['params'] for a in anchors}
+  chosen = {size: float(f'{np.clip(np.exp(log_k) * params[size]**gamma, *grid):.3g}') for size in sorted(params)}
+  warnings = [f'size {a["size"]}: the best rate {a["best_lr"]:.3g} is at the end of the grid {grid}; add rates '
+              'beyond it (lr_sweep.lrs)' for a in anchors if a['at_edge']]
+  return dict(anchors=anchors, exponent=float(gamma), coefficient=float(np.exp(log_k)), grid=grid,
+              lr={str(k): v for k, v in chosen.items()}, warnings=warnings)
+
+
+def _lrs_by_size(choice: Mapping[str, Any]) -> dict[int, float]:
+  return {int(k): float(v) for k, v in choice['lr'].items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The code a sweep's points were trained by.
+
+class CodeVersionError(ValueError):
+  """A sweep with points trained by other sources (or another jax) would mix two versions of the code."""
+
+
+def _git(root: str, *args: str) -> str | None:
+  try:
+    out = subprocess.run(['git', '-C', root, *args], capture_output=True, text=True, timeout=20, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_version(root: str = _REPO) -> dict[str, Any]:
+  """What trains a point: `source`, a hash of every .py file under qwenjax/ and configs/ (`files`: each one's),
+  the git `commit` and whether those files differ from it (`dirty`; None without git, e.g. a copy of the tree),
+  and the jax and jaxlib versions (the kernels and numerics come with them)."""
+  files = {}
+  for folder, pattern in (('qwenjax', '**/*.py'), ('configs', '*.py')):
+    for path in sorted(pathlib.Path(root, folder).glob(pattern)):
+      files[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+  source = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+  commit = _git(root, 'rev-parse', 'HEAD')
+  status = _git(root, 'status', '--porcelain', '--untracked-files=no', '--', 'qwenjax', 'configs') if commit else None
+  return dict(source=source, commit=commit, dirty=None if commit is None else bool(status), jax=jax.__version__,
+              jaxlib=getattr(jaxlib, '__version__', None), files=files)
+
+
+def _short(code: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  """A code version without its per-file hashes, as each result records it."""
+  return None if code is None else {k: code.get(k) for k in ('source', 'commit', 'dirty', 'jax', 'jaxlib')}
+
+
+def _describe_code(code: Mapping[str, Any] | None) -> str:
+  if not code:
+    return 'an unrecorded code version'
+  commit = f'commit {code["commit"][:10]}{" + changes" if code.get("dirty") else ""}, ' if code.get('commit') else ''
+  return f'sources {code.get("source")} ({commit}jax {code.get("jax")})'
+
+
+def code_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+  """What differs between two code versions: changed, added and removed files, jax and jaxlib versions."""
+  if not old:
+    return ['no code version recorded']
+  changes = []
+  if old.get('source') != new.get('source'):
+    before, after = old.get('files') or {}, new.get('files') or {}
+    changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
+    changes.append(f'files {", ".join(changed[:12])}{" ..." if len(changed) > 12 else ""}' if changed
+                   else f'sources {old.get("source")} -> {new.get("source")}')
+  for key in ('jax', 'jaxlib'):
+    if old.get(key) != new.get(key):
+      changes.append(f'{key} {old.get(key)} -> {new.get(key)}')
+  return changes
+
+
+def check_code(root: epath.Path, done: Mapping[str, Mapping[str, Any]], code: Mapping[str, Any],
+               started: bool, *, allow_code_change: bool = False) -> list[dict[str, Any]]:
+  """The sweep's `code_history` after checking that this code is the one its finished points (`done`) and
+  sweep.json recorded. A sweep that has started (finished or checkpointed points) under other sources or another
+  jax raises CodeVersionError naming the differences, or with `allow_code_change` warns and records them."""
+  path = root / 'sweep.json'
+  saved = json.loads(path.read_text()) if path.exists() else {}
+  history = list(saved.get('code_history', []))
+  if not started:
+    return history
+  problems = []
+  if saved.get('code', {}).get('source') != code['source'] or saved['code'].get('jax') != code['jax']:
+    problems += [f'sweep.json: {c}' for c in code_changes(saved.get('code'), code)]
+  others = [r['name'] for r in done.values()
+            if (r.get('code') or {}).get('source') != code['source'] or (r.get('code') or {}).get('jax') != code['jax']]
+  if others:
+    problems.append(f'{len(others)} finished point(s) trained by other code: {", ".join(others[:8])}'
+                    f'{" ..." if len(others) > 8 else ""}')
+  if not problems:
+    return history
+  message = (f'{root} was started by {_describe_code(saved.get("code"))}; this is {_describe_code(code)}. '
+             f'Differences: {"; ".join(problems)}. One study, one code version: run it from the commit it started '
+             'from (a git worktree of it), or start a new directory; to go on anyway and record the change, pass '
+             'allow_code_change (the sweep command\'s --allow_code_change).')
+  if not allow_code_change:
+    raise CodeVersionError(message)
+  logging.warning('sweep: CODE CHANGED, going on as asked and recording it in sweep.json: %s', message)
+  return history + [dict(time=time.strftime('%Y-%m-%d %H:%M:%S'), before=_short(saved.get('code')),
+                         after=_short(code), differences=problems)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running.
+
 def read_done(workdir: str) -> dict[str, dict[str, Any]]:
   """The finished (or diverged) points of DIR/results.jsonl by name (a later line wins)."""
   path = epath.Path(workdir) / 'results.jsonl'
@@ -279,12 +604,32 @@ def _append(path: epath.Path, record: dict[str, Any]) -> None:
   tmp.replace(path)
 
 
+def _write_json(path: epath.Path, value: Any) -> None:
+  if jax.process_index() == 0:  # several processes (a pod slice) share the sweep's directory: one writes
+    tmp = path.parent / f'.{path.name}.{os.getpid()}'
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(path)
+
+
 def _read_metrics(point_dir: str) -> list[dict[str, Any]]:
   path = epath.Path(point_dir) / 'metrics.jsonl'
   return scaling.read_jsonl(str(path)) if path.exists() else []
 
 
-def result(point: Point, point_dir: str, seconds: float) -> dict[str, Any]:
+def _record(point: Point, **fields) -> dict[str, Any]:
+  """The fields of a results.jsonl line that come from the plan."""
+  return dict(
+      name=point.name, stage=point.stage, counting=point.counting, params=point.params,
+      params_with_head=point.params_with_head, params_non_embedding=point.params_non_embedding,
+      params_total=point.params_total, tokens=point.tokens, flops=point.flops, flops_actual=point.flops_actual,
+      budget=point.budget, **fields, overrides=point.overrides,
+      size=point.size, width=point.overrides['model.hidden_size'], depth=point.overrides['model.num_hidden_layers'],
+      steps=point.overrides['train.steps'], warmup_steps=point.overrides['train.warmup_steps'], lr=point.lr,
+      flops_per_token=point.flops_per_token, flops_per_token_actual=point.flops_per_token_actual,
+      epochs=point.epochs)
+
+
+def result(point: Point, point_dir: str, seconds: float, code: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The results.jsonl record of a finished point, from its metrics.jsonl (the final eval at the last step)."""
   records = _read_metrics(point_dir)
   steps = point.overrides['train.steps']
@@ -295,38 +640,19 @@ def result(point: Point, point_dir: str, seconds: float) -> dict[str, Any]:
                        'data.eval_files of the sweep; to retrain the point, delete its directory.')
   mfu = [r['mfu'] for r in records if 'mfu' in r]
   speed = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
-  return dict(
-      name=point.name, params=point.params, params_total=point.params_total, tokens=point.tokens,
-      flops=point.flops, budget=point.budget, eval_loss=final[-1]['eval_loss'], overrides=point.overrides,
-      size=point.size, width=point.overrides['model.hidden_size'], depth=point.overrides['model.num_hidden_layers'],
-      steps=steps, flops_per_token=point.flops_per_token, epochs=point.epochs,
-      mfu=statistics.median(mfu) if mfu else None, tokens_per_sec=statistics.median(speed) if speed else None,
-      seconds=round(seconds, 1), device=jax.devices()[0].device_kind)
+  return _record(point, eval_loss=final[-1]['eval_loss'], mfu=statistics.median(mfu) if mfu else None,
+                 tokens_per_sec=statistics.median(speed) if speed else None, seconds=round(seconds, 1),
+                 device=jax.devices()[0].device_kind, code=_short(code))
 
 
-def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-  """Trains every unfinished point (or those named in `only`), appending to DIR/results.jsonl; returns the
-  records of all finished points. A point whose loss stops being finite is recorded as diverged (eval_loss
-  null, `diverged`, `error`) and the sweep goes on; the fits leave it out."""
-  workdir = workdir_lib.resolve(workdir)
-  root = epath.Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
-  points = plan(sweep, workdir)
-  unknown = sorted(set(only) - {p.name for p in points})
-  if unknown:
-    raise ValueError(f'--only names {unknown}, which are not points of the sweep: {[p.name for p in points]}')
-  corpus_tokens = check_epochs(sweep, points)
-  if jax.process_index() == 0:  # several processes (a pod slice) share the sweep's directory: one writes
-    (root / 'sweep.json').write_text(json.dumps(dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens,
-                                                     points=[dataclasses.asdict(p) for p in points]),
-                                                indent=1, default=str))
-  done = read_done(workdir)
-  todo = [p for p in points if p.name not in done and (not only or p.name in only)]
-  logging.info('sweep: %d points, %d finished, %d to run; corpus of %s tokens', len(points), len(done), len(todo),
-               f'{corpus_tokens:,}')
-  for i, point in enumerate(todo):
-    logging.info('sweep: point %d/%d %s: N=%s, D=%s, %.3g FLOPs, %.2f epochs', i + 1, len(todo), point.name,
-                 f'{point.params:,}', f'{point.tokens:,}', point.flops, point.epochs)
+def _train(sweep: ml_collections.ConfigDict, root: epath.Path, points: Sequence[Point],
+           done: dict[str, dict[str, Any]], code: Mapping[str, Any]) -> bool:
+  """Trains `points` in order, appending each finished one to DIR/results.jsonl and to `done`; False when a
+  SIGTERM / Ctrl-C stopped a point (checkpointed: it resumes next time)."""
+  for i, point in enumerate(points):
+    logging.info('sweep: point %d/%d %s: N=%s, D=%s, %.3g FLOPs, %.2f epochs%s', i + 1, len(points), point.name,
+                 f'{point.params:,}', f'{point.tokens:,}', point.flops, point.epochs or 0.0,
+                 f', lr {point.lr:.3g}' if point.lr else '')
     point_dir = str(root / point.name)
     start = time.time()
     try:
@@ -334,9 +660,8 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
     except cli.Stopped as e:  # SIGTERM / Ctrl-C: the point checkpointed (unless stopped at once) and resumes
       raise cli.Stopped(e.signum, f'sweep point {point.name}: {e}', at_once=e.at_once) from e
     except checkpoint.NonFiniteError as e:  # e.g. a learning rate too high: a result of the sweep, not a failure
-      record = dict(name=point.name, params=point.params, params_total=point.params_total, tokens=point.tokens,
-                    flops=point.flops, budget=point.budget, eval_loss=None, diverged=True, error=str(e),
-                    overrides=point.overrides, size=point.size, seconds=round(time.time() - start, 1))
+      record = _record(point, eval_loss=None, diverged=True, error=str(e), seconds=round(time.time() - start, 1),
+                       code=_short(code))
       if jax.process_index() == 0:
         _append(root / 'results.jsonl', record)
       done[point.name] = record
@@ -346,35 +671,276 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
     if trained < point.overrides['train.steps']:  # stopped by SIGTERM / Ctrl-C: checkpointed, resumes next time
       logging.warning('sweep: %s stopped at step %d of %d; run the sweep again to resume it', point.name, trained,
                       point.overrides['train.steps'])
-      break
-    record = result(point, point_dir, time.time() - start)
+      return False
+    record = result(point, point_dir, time.time() - start, code)
     if jax.process_index() == 0:
       _append(root / 'results.jsonl', record)
     done[point.name] = record
     logging.info('sweep: %s done: eval_loss %.4f in %.0f s%s', point.name, record['eval_loss'], record['seconds'],
                  f', MFU {100 * record["mfu"]:.1f}%' if record['mfu'] else '')
+  return True
+
+
+def _after_lr_stage(sweep: ml_collections.ConfigDict, workdir: str, points: list[Point],
+                    done: Mapping[str, Mapping[str, Any]]) -> tuple[list[Point], dict[str, Any] | None]:
+  """The plan with the lr stage's choice filled in (and that choice), or the plan as it is while the stage is
+  unfinished. A finished point whose learning rate is not the choice (the lr stage's results changed after it
+  trained) is an error: the IsoFLOP points would mix two choices."""
+  choice = choose_lrs(done, points)
+  if choice is None:
+    return points, None
+  epochs = {p.name: p.epochs for p in points}
+  points = plan(sweep, workdir, lrs=_lrs_by_size(choice))
+  for p in points:
+    p.epochs = epochs.get(p.name)
+  stale = [f'{p.name} (trained at lr {done[p.name]["overrides"].get("train.lr")}, chosen {p.lr})' for p in points
+           if p.stage != 'lr' and p.name in done and done[p.name].get('overrides', {}).get('train.lr') != p.lr]
+  if stale:
+    raise ValueError(f'the lr stage now chooses other rates than some finished points trained at: {", ".join(stale)}.'
+                     ' Its results changed after they ran; delete those points\' lines from results.jsonl (and their '
+                     'directories) to retrain them, or restore the lr stage\'s results.')
+  for warning in choice['warnings']:
+    logging.warning('sweep: lr stage: %s', warning)
+  return points, choice
+
+
+def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...] = (),
+        allow_code_change: bool = False) -> list[dict[str, Any]]:
+  """Trains every unfinished point (or those named in `only`), appending to DIR/results.jsonl; returns the
+  records of all finished points. The lr stage's points run first; their results then choose the others' learning
+  rates (DIR/lr.json). A point whose loss stops being finite is recorded as diverged (eval_loss null, `diverged`,
+  `error`) and the sweep goes on; the fits leave it out. A sweep started by other code raises CodeVersionError
+  (`check_code`) unless `allow_code_change`."""
+  workdir = workdir_lib.resolve(workdir)
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  points = plan(sweep, workdir)
+  unknown = sorted(set(only) - {p.name for p in points})
+  if unknown:
+    raise ValueError(f'--only names {unknown}, which are not points of the sweep: {[p.name for p in points]}')
+  corpus_tokens = check_epochs(sweep, points)
+  done = read_done(workdir)
+  code = code_version()
+  started = bool(done) or any((root / p.name).exists() for p in points)
+  history = check_code(root, done, code, started, allow_code_change=allow_code_change)
+  _write_json(root / 'sweep.json', dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens, code=code,
+                                        code_history=history, points=[dataclasses.asdict(p) for p in points]))
+  wanted = lambda p: p.name not in done and (not only or p.name in only)
+  logging.info('sweep: %d points, %d finished, %d to run; corpus of %s tokens', len(points), len(done),
+               sum(map(wanted, points)), f'{corpus_tokens:,}')
+  if not _train(sweep, root, [p for p in points if p.stage == 'lr' and wanted(p)], done, code):
+    return list(done.values())
+  points, choice = _after_lr_stage(sweep, workdir, points, done)
+  if any(p.stage == 'lr' for p in points):
+    if choice is None:
+      if any(p.stage != 'lr' and p.name in only for p in points):
+        raise ValueError('--only names points whose learning rate the lr stage chooses, and it has not finished: '
+                         'run its points (LR-...) first')
+      return list(done.values())
+    _write_json(root / 'lr.json', choice)
+    logging.info('sweep: lr stage: lr = %.3g N^%.3f; %s', choice['coefficient'], choice['exponent'],
+                 ', '.join(f's{k} {v:.3g}' for k, v in choice['lr'].items()))
+  _train(sweep, root, [p for p in points if p.stage != 'lr' and wanted(p)], done, code)
   return list(done.values())
+
+
+# Config values that name this machine's files, not the experiment: left out when a point is compared with its
+# committed record (the corpus is compared by its token count instead).
+_MACHINE_KEYS = ('data.prepared_dir', 'train.compilation_cache_dir', 'data.train_files', 'data.eval_files')
+
+
+def plan_differences(planned: Mapping[str, Any], committed: Mapping[str, Any]) -> list[str]:
+  """The config values (`overrides`) a re-planned point sets otherwise than its committed record, machine paths
+  left out: a point that differs there is another experiment."""
+  out = []
+  for key in sorted(set(planned) & set(committed)):
+    a, b = committed[key], planned[key]
+    same = (math.isclose(a, b, rel_tol=1e-9) if isinstance(a, (int, float)) and isinstance(b, (int, float))
+            and not isinstance(a, bool) else a == b)
+    if key not in _MACHINE_KEYS and not same:
+      out.append(f'{key}: {a!r} committed, {b!r} now')
+  return out
+
+
+def check(sweep: ml_collections.ConfigDict, workdir: str, reference: str, names: Sequence[str], *,
+          tolerance: float = 0.02, allow_code_change: bool = False) -> list[dict[str, Any]]:
+  """Retrains points of a committed sweep (`reference`: its directory, with results.jsonl and sweep.json) in
+  `workdir` (a new directory; a rerun resumes it) and compares each final eval loss with the committed one.
+
+  Each point is planned from the sweep file, as `run` would; one whose learning rate an lr stage chose takes the
+  committed record's (no lr stage runs). Returns one row per point: `name`, `committed` and `now` (eval losses),
+  `difference`, `ok` (within `tolerance`, and planned as committed), `plan_differences` (`plan_differences`, and
+  the corpus's token count when it differs from the committed sweep.json's), and both code versions.
+  """
+  committed = {r['name']: r for r in scaling.read_results(reference)}
+  missing = [n for n in names if n not in committed]
+  if not names or missing:
+    raise ValueError(f'check: name the points to rerun (--only) from {reference}\'s results.jsonl; '
+                     f'not there: {missing or "none named"} (it has {sorted(committed)[:20]})')
+  workdir = workdir_lib.resolve(workdir)
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  by_name = {p.name: p for p in plan(sweep, workdir)}
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f'check: {unknown} are not points of this sweep file (its points: {sorted(by_name)[:20]})')
+  points = [by_name[n] for n in names]
+  for p in points:
+    if p.stage != 'lr' and 'train.lr' in p.overrides and p.lr is None:
+      p.overrides['train.lr'] = committed[p.name].get('overrides', {}).get('train.lr')
+  corpus_tokens = check_epochs(sweep, points)
+  saved = epath.Path(reference) / 'sweep.json'
+  committed_corpus = json.loads(saved.read_text()).get('corpus_tokens') if saved.exists() else None
+  done = read_done(workdir)
+  code = code_version()
+  history = check_code(root, done, code, bool(done) or any((root / n).exists() for n in names),
+                       allow_code_change=allow_code_change)
+  _write_json(root / 'sweep.json', dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens, code=code,
+                                        code_history=history, checks=reference,
+                                        points=[dataclasses.asdict(p) for p in points]))
+  if not _train(sweep, root, [p for p in points if p.name not in done], done, code):
+    raise RuntimeError('check: stopped before every point finished; run it again to resume')
+  rows = []
+  for p in points:
+    was, now = committed[p.name].get('eval_loss'), done[p.name].get('eval_loss')
+    differences = plan_differences(p.overrides, committed[p.name].get('overrides', {}))
+    if committed_corpus is not None and committed_corpus != corpus_tokens:
+      differences.append(f'corpus_tokens: {committed_corpus:,} committed, {corpus_tokens:,} now')
+    difference = None if was is None or now is None else now - was
+    rows.append(dict(name=p.name, committed=was, now=now, difference=difference,
+                     ok=difference is not None and abs(difference) <= tolerance and not differences,
+                     plan_differences=differences, tolerance=tolerance,
+                     committed_code=committed[p.name].get('code'), code=_short(code)))
+  return rows
+
+
+def check_report(rows: Sequence[Mapping[str, Any]]) -> str:
+  """`check`'s rows as lines a reader can act on (one per point, then the verdict)."""
+  lines = []
+  for r in rows:
+    now = 'none' if r['now'] is None else f'{r["now"]:.4f}'
+    was = 'none' if r['committed'] is None else f'{r["committed"]:.4f}'
+    diff = '' if r['difference'] is None else f' ({r["difference"]:+.4f})'
+    lines.append(f'{r["name"]}: eval loss {now} now, {was} committed{diff}: '
+                 f'{"ok" if r["ok"] else "DIFFERS"} (tolerance {r["tolerance"]})')
+    lines += [f'  planned otherwise: {d}' for d in r['plan_differences']]
+    if not r['ok']:
+      lines.append(f'  committed by {_describe_code(r["committed_code"])}; rerun by {_describe_code(r["code"])}')
+  bad = sum(not r['ok'] for r in rows)
+  lines.append(f'check: {len(rows) - bad} of {len(rows)} point(s) reproduce' + (f'; {bad} do not' if bad else ''))
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan as a table, with estimated GPU times.
+
+def _program(point: Point) -> tuple:
+  """What makes a point's compiled step its own: everything but the schedule's length (a runtime input)."""
+  return tuple(sorted((k, str(v)) for k, v in point.overrides.items()
+                      if k not in ('train.steps', 'train.warmup_steps') and not k.startswith('data.')))
+
+
+def schedule(points: Sequence[Point], estimate: Mapping[str, float] | None = None,
+             piece_seconds: float = 0.0) -> list[tuple[int, float]]:
+  """(piece, estimated seconds) of each point, in run order. Points are cut into pieces of at most
+  `piece_seconds` (0: one piece) at the ends of stages and budgets where they can be: a budget that fits in what
+  is left of a piece goes whole into it, else into the next one; a budget longer than a piece is cut between
+  points. Each piece pays compile_s once per compiled program it runs (a fresh process, maybe a fresh machine)."""
+  est = dict(ESTIMATE, **dict(estimate or {}))
+
+  def seconds(p: Point) -> float:
+    return (max(p.flops_actual / (est['mfu'] * est['peak_flops']), p.overrides['train.steps'] * est['step_s'])
+            + est['overhead_s'])
+
+  units = [list(g) for _, g in itertools.groupby(points, key=lambda p: (p.stage, p.budget))]
+  out, piece, used, seen = [], 0, 0.0, set()
+
+  def cost(group: Sequence[Point], programs: set) -> float:
+    fresh = {_program(p) for p in group} - programs
+    return sum(map(seconds, group)) + est['compile_s'] * len(fresh)
+
+  for unit in units:
+    if piece_seconds and used and used + cost(unit, seen) > piece_seconds:
+      piece, used, seen = piece + 1, 0.0, set()
+    for p in unit:
+      t = cost([p], seen)
+      if piece_seconds and used and used + t > piece_seconds:
+        piece, used, seen = piece + 1, 0.0, set()
+        t = cost([p], seen)
+      seen.add(_program(p))
+      used += t
+      out.append((piece, t))
+  return out
+
+
+def _si(value: float) -> str:
+  for unit, scale in (('G', 1e9), ('M', 1e6), ('k', 1e3)):
+    if abs(value) >= scale:
+      return f'{value / scale:.3g}{unit}'
+  return f'{value:.3g}'
+
+
+def plan_table(points: Sequence[Point], *, done: Mapping[str, Mapping[str, Any]] | None = None,
+               estimate: Mapping[str, float] | None = None, piece_seconds: float = 0.0) -> str:
+  """The plan as a text table, one row per point in run order: its piece (`schedule`), name, N, D, D/N, batch,
+  steps, warmup, lr, epochs, C spent, estimated seconds, and its eval loss once finished; then the totals of each
+  piece and of the whole sweep (estimates, finished points included)."""
+  done = done or {}
+  timing = schedule(points, estimate, piece_seconds)
+  header = ('piece', 'name', 'N', 'D', 'D/N', 'batch', 'steps', 'warmup', 'lr', 'epochs', 'C', 'est. s', 'eval loss')
+  rows = []
+  for p, (piece, seconds) in zip(points, timing):
+    record = done.get(p.name, {})
+    loss = record.get('eval_loss')
+    status = f'{loss:.4f}' if loss is not None else ('diverged' if record.get('diverged') else '')
+    lr = p.lr if p.lr is not None else record.get('overrides', {}).get('train.lr')
+    rows.append((str(piece + 1), p.name, _si(p.params), _si(p.tokens), f'{p.tokens / p.params:.3g}',
+                 str(p.overrides.get('train.batch_size', '')), str(p.overrides['train.steps']),
+                 str(p.overrides['train.warmup_steps']),
+                 '(lr stage)' if lr is None and 'train.lr' in p.overrides else f'{lr:.3g}' if lr else 'base',
+                 '?' if p.epochs is None else f'{p.epochs:.2f}', f'{p.flops_actual:.2e}', f'{seconds:.0f}', status))
+  widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+  line = lambda r: '  '.join(c.rjust(w) if i not in (1, 12) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  out = [line(header)] + [line(r) for r in rows]
+  for piece in sorted({t[0] for t in timing}):
+    members = [p for p, t in zip(points, timing) if t[0] == piece]
+    seconds = sum(t[1] for t in timing if t[0] == piece)
+    left = sum(p.name not in done for p in members)
+    out.append(f'piece {piece + 1}: {len(members)} points ({left} to run), {sum(p.flops_actual for p in members):.3g}'
+               f' FLOPs, about {seconds / 60:.1f} min: --only={",".join(p.name for p in members)}')
+  total = sum(t[1] for t in timing)
+  out.append(f'total: {len(points)} points, {sum(p.flops_actual for p in points):.3g} FLOPs, about '
+             f'{total / 60:.1f} min (estimate: {dict(ESTIMATE, **dict(estimate or {}))})')
+  return '\n'.join(out)
 
 
 def _flag_value(value: Any) -> str:
   return str(value) if not isinstance(value, float) else repr(value)
 
 
-def emit(sweep: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """One `python -m qwenjax.train` command per unfinished point (after preparing the shared corpus)."""
+def emit_plan(sweep: ml_collections.ConfigDict, workdir: str, *, piece_seconds: float = 0.0
+              ) -> tuple[str, list[str]]:
+  """(`plan_table` of the sweep, one `python -m qwenjax.train` command per unfinished point), after preparing
+  the shared corpus. Points whose learning rate the lr stage chooses get commands once it has finished."""
   workdir = workdir_lib.resolve(workdir)
   points = plan(sweep, workdir)
   check_epochs(sweep, points)
   done = read_done(workdir)
+  points, _ = _after_lr_stage(sweep, workdir, points, done)
   base = resolve_base(sweep.base)
   commands = []
   for point in points:
-    if point.name in done:
+    if point.name in done or (point.stage != 'lr' and 'train.lr' in point.overrides and point.lr is None):
       continue
     args = ['python', '-m', 'qwenjax.train', f'--config={base}', f'--workdir={epath.Path(workdir) / point.name}']
     args += [f'--config.{k}={_flag_value(v)}' for k, v in point.overrides.items()]
     commands.append(' '.join(shlex.quote(a) for a in args))
-  return commands
+  return plan_table(points, done=done, estimate=sweep.get('estimate'), piece_seconds=piece_seconds), commands
+
+
+def emit(sweep: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """One `python -m qwenjax.train` command per unfinished point (after preparing the shared corpus)."""
+  return emit_plan(sweep, workdir)[1]
 
 
 def _define_flags() -> None:
@@ -385,6 +951,13 @@ def _define_flags() -> None:
   flags.DEFINE_bool('emit', False, 'Print one python -m qwenjax.train command per unfinished point instead of running '
                     'them.')
   flags.DEFINE_list('only', [], 'Run only these points (names as in DIR/sweep.json).')
+  flags.DEFINE_string('check', None, 'A committed sweep directory (results.jsonl, sweep.json): retrain the --only '
+                      'points in --workdir and compare each eval loss with the committed one (exit 1 if any differs '
+                      'by more than 0.02).')
+  flags.DEFINE_bool('allow_code_change', False, 'Resume (or check) a sweep that other code started, recording the '
+                    'change, instead of refusing.')
+  flags.DEFINE_float('piece_seconds', 0.0, 'With --emit: cut the plan into pieces of about this many seconds of '
+                     'estimated training (0: one piece).')
   distributed.define_flags()  # every point on all processes
 
 
@@ -394,14 +967,22 @@ def main(argv: list[str]) -> None:
   sweep, workdir = flags.FLAGS.sweep, train.check_workdir(flags.FLAGS.workdir)
   distributed.initialize_from_flags()
   if flags.FLAGS.emit:
-    print('\n'.join(emit(sweep, workdir)))
+    table, commands = emit_plan(sweep, workdir, piece_seconds=flags.FLAGS.piece_seconds)
+    print('\n'.join([table, ''] + commands))
     return
   cache = train.compilation_cache_dir(
       str(sweep.get('overrides', {}).get('train', {}).get('compilation_cache_dir',
                                                           os.path.join(workdir, 'compilation_cache'))), workdir)
   if cache:  # jax's process-wide setting, before anything compiles: points of one shape compile once
     jax.config.update('jax_compilation_cache_dir', cache)
-  records = run(sweep, workdir, only=tuple(flags.FLAGS.only))
+  if flags.FLAGS.check:
+    rows = check(sweep, workdir, flags.FLAGS.check, tuple(flags.FLAGS.only),
+                 allow_code_change=flags.FLAGS.allow_code_change)
+    print(check_report(rows))
+    if not all(row['ok'] for row in rows):
+      raise RuntimeError(f'{sum(not row["ok"] for row in rows)} point(s) did not reproduce their committed eval loss')
+    return
+  records = run(sweep, workdir, only=tuple(flags.FLAGS.only), allow_code_change=flags.FLAGS.allow_code_change)
   print(f'{len(records)} point(s) finished; results in {os.path.join(workdir, "results.jsonl")}. Fit them with: '
         f'python -m qwenjax.scaling fit {workdir}')
 

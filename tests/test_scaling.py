@@ -1,4 +1,4 @@
-"""The scaling-law fitter on synthetic IsoFLOP data drawn from known laws with 0.5% noise."""
+"""The scaling-law fitter on synthetic IsoFLOP data drawn from known laws with 0.5% noise; its quality bar and plots."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 
 from qwenjax import scaling
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (E, A, B, alpha, beta), budgets (FLOPs).
 CHINCHILLA = (1.69, 406.4, 410.7, 0.34, 0.28)  # Hoffmann et al. (2022), approach 3
 BESIROGLU = (1.82, 482.0, 2085.4, 0.35, 0.37)  # Besiroglu et al. (2024), their refit
@@ -131,7 +132,9 @@ def test_points_without_a_law_give_a_finite_fit_that_says_so(tmp_path):
   assert fit3['at_bounds'] == ['alpha'] and fit3['alpha'] == 0 and abs(fit3['beta'] - 0.3) < 1e-3
   assert fit3['a'] is None and fit3['b'] is None
   assert 'frontier.png' in [os.path.basename(p) for p in scaling.plot_fit(tokens_only, fitted, str(tmp_path))]
-  assert 'ended on the edge of the search' in scaling.summary(fitted).splitlines()[-1]
+  summary = scaling.summary(fitted).splitlines()
+  quality_line = next(i for i, line in enumerate(summary) if line.startswith('quality:'))
+  assert 'ended on the edge of the search' in summary[quality_line - 1]  # the last line before the quality bar
 
 
 def test_approach2_needs_three_token_counts_a_budget():
@@ -188,3 +191,99 @@ def test_plot_compares_sweeps_on_one_figure(tmp_path):
 def test_missing_results_file_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m qwenjax.sweep'):
     scaling.read_results(str(tmp_path))
+
+
+def with_code(rows, source='abc'):
+  return [dict(r, code=dict(source=source, commit=None, dirty=None, jax='0')) for r in rows]
+
+
+def test_quality_passes_a_study_that_recovers_its_law_and_fails_the_committed_h200_one(tmp_path):
+  fitted = scaling.fit(with_code(isoflop_points(CHINCHILLA, (1e18, 1e21))), bootstrap=40, seed=1)
+  quality = fitted['quality']
+  assert quality['passed'], scaling.quality_summary(quality)
+  assert set(quality) == {'a_interval', 'a_plus_b', 'approaches_agree', 'no_bounds', 'minima_inside',
+                          'one_code_version', 'passed'}
+  assert quality['a_interval']['value'] <= 0.2 and quality['a_interval']['limit'] == 0.2
+  # Points of two code versions fail the last criterion alone.
+  rows = isoflop_points(CHINCHILLA, (1e18, 1e21))
+  mixed = scaling.fit(with_code(rows[:20]) + with_code(rows[20:], 'other'), bootstrap=0)['quality']
+  assert not mixed['one_code_version']['passed'] and mixed['one_code_version']['value'] == 2
+  # The committed H200 study: every criterion fails, and fit.json and the command's summary say so.
+  directory = str(tmp_path / 'h200')
+  os.makedirs(directory)
+  with open(os.path.join(ROOT, 'experiments', 'results', 'isoflop_h200', 'results.jsonl')) as f:
+    write_results(directory, [json.loads(line) for line in f])
+  out = subprocess.run([sys.executable, '-m', 'qwenjax.scaling', 'fit', directory, '--bootstrap=20'],
+                       capture_output=True, text=True, check=True).stdout
+  with open(os.path.join(directory, 'fit.json')) as f:
+    quality = json.load(f)['quality']
+  assert not quality['passed'] and not any(c['passed'] for k, c in quality.items() if k != 'passed')
+  assert quality['minima_inside']['value']['outside'] == [1e14]  # its 1e14 minimum lies below the sizes tried
+  assert 'quality: FAIL' in out and 'FAIL no_bounds' in out
+
+
+class Figures:
+  """Keeps the figures plot_fit saves, by file name, to read their lines and legends."""
+
+  def __init__(self, monkeypatch):
+    self.figures = {}
+    monkeypatch.setattr(scaling, '_save', self.save)
+
+  def save(self, fig, directory, name):
+    self.figures[name] = fig
+    return os.path.join(directory, name)
+
+  def legend(self, name):
+    return [t.get_text() for ax in self.figures[name].axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+def test_isoflop_plot_is_drawn_and_marks_budgets_without_a_minimum(tmp_path, monkeypatch):
+  """Approach 2 fails (one budget has 2 sizes, another only falls with N): isoflop.png still shows every budget,
+  saying which have no minimum and why."""
+  rows = isoflop_points(SMALL_DATA, (1e14, 1e17), budgets=3, sizes=5)
+  budgets = sorted({r['budget'] for r in rows})
+  rows = ([r for r in rows if r['budget'] == budgets[0]][:2] + [r for r in rows if r['budget'] == budgets[1]]
+          + [dict(r, eval_loss=10.0 - np.log(r['params'])**1.5 / 10) for r in rows if r['budget'] == budgets[2]])
+  fitted = scaling.fit(rows, bootstrap=0)
+  assert 'error' in fitted['approach2'] and len(fitted['approach2']['skipped']) == 2
+  figures = Figures(monkeypatch)
+  plots = scaling.plot_fit(rows, fitted, str(tmp_path))
+  assert [os.path.basename(p) for p in plots][0] == 'isoflop.png'
+  legend = figures.legend('isoflop.png')
+  assert f'C = {budgets[0]:.2g}: no minimum (2 distinct size(s); a parabola needs 3)' in legend
+  assert f'C = {budgets[2]:.2g}: no minimum (the parabola has no minimum (opens downward))' in legend
+  assert f'C = {budgets[1]:.2g}' in legend
+  assert not fitted['quality']['minima_inside']['passed']
+
+
+def test_fits_at_their_bounds_are_dashed_and_lines_span_the_budgets_measured(tmp_path, monkeypatch):
+  rows = isoflop_points(SMALL_DATA, (1e14, 1e17), budgets=3, sizes=5)
+  fitted = scaling.fit(rows, bootstrap=0)
+  figures = Figures(monkeypatch)
+  scaling.plot_fit(rows, fitted, str(tmp_path))
+  (frontier,) = [l for l in figures.figures['frontier.png'].axes[0].get_lines()
+                 if l.get_label().startswith('approach 3 frontier')]
+  assert frontier.get_linestyle() == '-' and 'bounds' not in frontier.get_label()
+  assert (min(frontier.get_xdata()), max(frontier.get_xdata())) == pytest.approx((1e14, 1e17))
+  for ax in figures.figures['optimal.png'].axes:
+    for line in ax.get_lines():
+      assert (min(line.get_xdata()), max(line.get_xdata())) == pytest.approx((1e14, 1e17))
+  # The same fit with E on its bound: dashed and labelled, in both plots.
+  at_bounds = dict(fitted, approach3=dict(fitted['approach3'], at_bounds=['log_E']))
+  figures = Figures(monkeypatch)
+  scaling.plot_fit(rows, at_bounds, str(tmp_path))
+  (frontier,) = [l for l in figures.figures['frontier.png'].axes[0].get_lines()
+                 if l.get_label().startswith('approach 3 frontier')]
+  assert frontier.get_linestyle() == '--' and 'at search bounds: log_E' in frontier.get_label()
+  lines3 = [l for ax in figures.figures['optimal.png'].axes for l in ax.get_lines()
+            if l.get_label().startswith('approach 3')]
+  assert len(lines3) == 2 and all(l.get_linestyle() == '--' for l in lines3)
+
+
+def test_learning_rate_stage_points_are_left_out_of_the_fits():
+  rows = isoflop_points(SMALL_DATA, (1e14, 1e17), budgets=3, sizes=5)
+  stage = [dict(r, name=f'LR-{i}', stage='lr', budget=None, eval_loss=r['eval_loss'] + 1.0)
+           for i, r in enumerate(rows[:4])]
+  fitted = scaling.fit(rows + stage, bootstrap=0)
+  assert fitted['points'] == len(rows) and 'error' not in fitted['approach2']
+  assert [x['name'] for x in fitted['excluded']] == [r['name'] for r in stage]

@@ -1,6 +1,9 @@
-"""Sweeps end to end on the CPU: planning, a 6-point IsoFLOP sweep run in two halves, the fit, and --emit."""
+"""Sweeps end to end on the CPU: planning (countings, warmup, batches, the lr stage), a 6-point IsoFLOP sweep run
+in two halves, the fit, --emit and its table, code versions, and the check of a committed point."""
 
+import importlib.util
 import json
+import math
 import os
 import shlex
 import sysconfig
@@ -17,6 +20,7 @@ from qwenjax import train
 from qwenjax.model import ModelConfig
 
 STDLIB = sysconfig.get_paths()['stdlib']
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_sweep(prepared_dir: str) -> ml_collections.ConfigDict:
@@ -65,11 +69,14 @@ def test_plan_spends_the_budget_and_counts_non_embedding_parameters(prepared_dir
     assert point.flops_per_token == per_token
     assert point.tokens == config.train.steps * 8 * 32
     assert abs(point.flops - point.budget) <= 8 * 32 * per_token / 2  # whole steps: within half a step
-    # Tied embeddings: N leaves out the one table; a 1-layer model's N is its layer alone.
+    # Porian et al.'s N (the default counting): the tied table counts once, as the output head, and C per token is
+    # what MFU counts. Kaplan et al.'s N (a 1-layer model's layer and final norm) is recorded beside it.
     hidden, mlp = model.hidden_size, model.intermediate_size
     layer = 4 * hidden * hidden + 3 * hidden + 3 * hidden * mlp + 2 * hidden  # q,k,v,o + qkv biases, mlp, norms
-    assert point.params == layer + hidden  # + the final norm
-    assert point.params_total == point.params + 512 * hidden
+    assert point.params_non_embedding == layer + hidden  # + the final norm
+    assert point.params == point.params_with_head == layer + hidden + 512 * hidden == point.params_total
+    assert point.flops_per_token == point.flops_per_token_actual
+    assert point.stage == 'isoflop' and point.counting == 'porian'
     assert config.train.warmup_steps == max(1, round(0.1 * config.train.steps))
     assert config.data.prepared_dir == prepared_dir
   sweep.axes = ml_collections.ConfigDict(dict(train=dict(lr=(1e-3, 1e-2))))
@@ -193,3 +200,261 @@ def test_sweep_file_mistakes_are_named_before_training(prepared_dir):
   sweep.overrides.train.eval_steps = 0
   with pytest.raises(ValueError, match='final eval loss: set train.eval_steps > 0'):
     sweep_lib.check_epochs(sweep, sweep_lib.plan(sweep, '/tmp/unused'))
+
+
+def test_kaplan_counting_leaves_the_head_and_attention_out(prepared_dir):
+  """counting='kaplan' (the ablation): N without the head, C = 6 N D, so a point trains longer than under Porian et
+  al.'s counting and spends more than its budget, which the record says."""
+  sweep = tiny_sweep(prepared_dir)
+  porian = {p.name: p for p in sweep_lib.plan(sweep, '/tmp/sweep')}
+  sweep.counting = 'kaplan'
+  for point in sweep_lib.plan(sweep, '/tmp/sweep'):
+    assert point.params == point.params_non_embedding < point.params_with_head
+    assert point.flops_per_token == 6 * point.params < point.flops_per_token_actual
+    assert point.tokens >= porian[point.name].tokens and point.flops_actual > point.flops
+    if point.budget == 2e8:
+      assert point.tokens > porian[point.name].tokens
+    assert abs(point.flops - point.budget) <= 8 * 32 * point.flops_per_token / 2
+  sweep.counting = 'chinchilla'
+  with pytest.raises(ValueError, match='counting must be one of'):
+    sweep_lib.plan(sweep, '/tmp/sweep')
+
+
+def test_warmup_in_tokens_per_parameter_capped_and_floored(prepared_dir):
+  """Porian et al.'s warmup (N tokens), capped at a fraction of the run and at least a few steps; Kaplan et al.'s
+  fixed warmup; one rule at a time."""
+  sweep = tiny_sweep(prepared_dir)
+  sweep.budgets = (2e9,)
+  sweep.warmup_fraction = 0.0
+  sweep.warmup_tokens_per_param = 1.0
+  sweep.warmup_max_fraction = 0.1
+  sweep.warmup_min_steps = 3
+  for point in sweep_lib.plan(sweep, '/tmp/sweep'):
+    steps, warmup = point.overrides['train.steps'], point.overrides['train.warmup_steps']
+    wanted = min(round(point.params / 256), math.floor(0.1 * steps))
+    assert warmup == max(wanted, 3), (point.name, steps, warmup)
+  sweep.warmup_tokens_per_param = 0.0
+  sweep.warmup_tokens = 2560.0  # 10 steps of 8 x 32 tokens
+  sweep.warmup_max_fraction = 1.0
+  assert {p.overrides['train.warmup_steps'] for p in sweep_lib.plan(sweep, '/tmp/sweep')} == {10}
+  sweep.warmup_fraction = 0.1
+  with pytest.raises(ValueError, match='at most one of warmup_fraction'):
+    sweep_lib.plan(sweep, '/tmp/sweep')
+
+
+def test_batch_per_size_and_sizes_per_budget(prepared_dir):
+  sweep = tiny_sweep(prepared_dir)
+  sweep.batch_sizes = ((20_000, 4), (1e12, 16))
+  sweep.tokens_per_param = ()
+  sweep.budget_sizes = ((6e7, (1, 2)), (2e8, (2, 3)))
+  points = sweep_lib.plan(sweep, '/tmp/sweep')
+  assert [p.name for p in points] == ['C6e7-s1', 'C6e7-s2', 'C2e8-s2', 'C2e8-s3']
+  for point in points:
+    batch = 4 if point.params_with_head < 20_000 else 16
+    assert point.overrides['train.batch_size'] == batch
+    assert point.tokens == point.overrides['train.steps'] * batch * 32
+  sweep.tokens_per_param = (1.0, 100.0)
+  with pytest.raises(ValueError, match='budget_sizes .* or tokens_per_param'):
+    sweep_lib.plan(sweep, '/tmp/sweep')
+
+
+def test_best_lr_and_the_choice_across_sizes():
+  lrs = (1e-3, 2e-3, 4e-3, 8e-3)
+  # A parabola in log lr with its vertex at 3e-3: found between the grid's rates.
+  losses = [3.0 + (math.log(lr) - math.log(3e-3))**2 for lr in lrs]
+  assert sweep_lib.best_lr(lrs, losses) == (pytest.approx(3e-3, rel=1e-6), False)
+  assert sweep_lib.best_lr(lrs, [4.0, 3.5, 3.2, 3.1]) == (8e-3, True)  # still falling: at the grid's edge
+  assert sweep_lib.best_lr(lrs, [None, 3.5, float('nan'), 3.6]) == (2e-3, False)  # diverged points lose
+  with pytest.raises(ValueError, match='every learning rate'):
+    sweep_lib.best_lr(lrs, [None] * 4)
+  # Two sizes whose best rates follow lr = 0.1 N^-0.5: the fit gives every size its rate, within the grid.
+  stage = [sweep_lib.Point(name=f'LR-s{s}-lr{lr}', overrides={'train.lr': lr}, params=n, params_total=n,
+                           flops_per_token=6.0 * n, tokens=20 * n, budget=None, size=s, stage='lr')
+           for s, n in ((1, 10_000), (4, 160_000)) for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
+  records = {p.name: dict(eval_loss=3.0 + (math.log(p.lr) - math.log(0.1 * p.params**-0.5))**2) for p in stage}
+  others = [sweep_lib.Point(name='C1-s2', overrides={'train.lr': None}, params=40_000, params_total=0,
+                            flops_per_token=1.0, tokens=1, budget=1.0, size=2),
+            sweep_lib.Point(name='C1-s9', overrides={'train.lr': None}, params=10**9, params_total=0,
+                            flops_per_token=1.0, tokens=1, budget=1.0, size=9)]
+  assert sweep_lib.choose_lrs(dict(list(records.items())[:-1]), stage + others) is None
+  choice = sweep_lib.choose_lrs(records, stage + others)
+  assert choice['exponent'] == pytest.approx(-0.5, abs=0.01) and not choice['warnings']
+  assert choice['lr'] == {'1': 1e-3, '2': 5e-4, '4': 2.5e-4, '9': 1e-4}  # size 9 kept at the grid's low end
+  records['LR-s4-lr0.0001'] = dict(eval_loss=1.0)
+  assert 'at the end of the grid' in sweep_lib.choose_lrs(records, stage + others)['warnings'][0]
+
+
+def lr_staged_sweep(prepared_dir):
+  """tiny_sweep with a learning-rate stage: sizes 1 and 3 at three rates, half a token per parameter (24 and 103
+  steps), then one budget of 3 sizes at the chosen rates."""
+  sweep = tiny_sweep(prepared_dir)
+  sweep.budgets = (2e8,)
+  sweep.lr_sweep = ml_collections.ConfigDict(dict(sizes=(1, 3), lrs=(3e-3, 1e-2, 3e-2), tokens_per_param=0.5))
+  return sweep
+
+
+def test_lr_stage_chooses_the_rates_the_isoflop_points_train_at(prepared_dir, tmp_path):
+  sweep = lr_staged_sweep(prepared_dir)
+  workdir = str(tmp_path / 'sweep')
+  points = sweep_lib.plan(sweep, workdir)
+  assert [p.stage for p in points] == ['lr'] * 6 + ['isoflop'] * 3
+  assert all(p.lr is None for p in points[6:])
+  with pytest.raises(ValueError, match='lr stage'):
+    sweep_lib.run(sweep, workdir, only=('C2e8-s2',))
+  first = sweep_lib.run(sweep, workdir, only=tuple(p.name for p in points[:3]))  # stopped part-way
+  assert len(first) == 3 and not os.path.exists(os.path.join(workdir, 'lr.json'))
+  table, commands = sweep_lib.emit_plan(sweep, workdir)
+  assert '(lr stage)' in table and len(commands) == 3  # the other lr points; the IsoFLOP ones wait
+  records = {r['name']: r for r in sweep_lib.run(sweep, workdir)}
+  assert len(records) == 9
+  with open(os.path.join(workdir, 'lr.json')) as f:
+    choice = json.load(f)
+  assert set(choice['lr']) == {'1', '2', '3'} and choice['anchors'][0]['size'] == 1
+  for point in points[6:]:
+    record = records[point.name]
+    assert record['stage'] == 'isoflop' and record['lr'] == record['overrides']['train.lr'] == choice['lr'][
+        str(point.size)]
+    assert 3e-3 <= record['lr'] <= 3e-2
+  fitted = scaling.fit(list(records.values()), bootstrap=0)
+  assert fitted['points'] == 3 and sum('learning-rate stage' in x['reason'] for x in fitted['excluded']) == 6
+  # A finished IsoFLOP point whose rate is no longer the choice (the lr stage's results changed) is an error.
+  lines = read_lines(os.path.join(workdir, 'results.jsonl'))
+  best = 3e-3 if choice['lr']['1'] > 3e-3 else 3e-2
+  for line in lines:
+    if line['name'].startswith('LR-'):
+      line['eval_loss'] = 1.0 if line['lr'] == best else 9.0
+  with open(os.path.join(workdir, 'results.jsonl'), 'w') as f:
+    f.write(''.join(json.dumps(line) + '\n' for line in lines))
+  with pytest.raises(ValueError, match='chooses other rates than some finished points'):
+    sweep_lib.run(sweep, workdir)
+
+
+def test_a_sweep_refuses_to_resume_under_other_code(prepared_dir, tmp_path, monkeypatch):
+  """Each result records the code that trained it; a started sweep refuses other sources or another jax (naming
+  the files), or with allow_code_change goes on and records the change."""
+  sweep = tiny_sweep(prepared_dir)
+  sweep.ladder.sizes = (1,)
+  workdir = str(tmp_path / 'sweep')
+  sweep_lib.run(sweep, workdir, only=('C6e7-s1',))
+  code = sweep_lib.code_version()
+  (record,) = read_lines(os.path.join(workdir, 'results.jsonl'))
+  assert record['code'] == {k: code[k] for k in ('source', 'commit', 'dirty', 'jax', 'jaxlib')}
+  with open(os.path.join(workdir, 'sweep.json')) as f:
+    assert json.load(f)['code']['files']['qwenjax/sweep.py'] == code['files']['qwenjax/sweep.py']
+
+  changed = dict(code, source='0' * 16, files=dict(code['files'], **{'qwenjax/train_step.py': 'edited'}))
+  monkeypatch.setattr(sweep_lib, 'code_version', lambda root=None: changed)
+  with pytest.raises(sweep_lib.CodeVersionError, match='qwenjax/train_step.py.*1 finished point'):
+    sweep_lib.run(sweep, workdir)
+  assert len(read_lines(os.path.join(workdir, 'results.jsonl'))) == 1  # nothing trained
+  monkeypatch.setattr(sweep_lib, 'code_version', lambda root=None: dict(code, jax='0.0.1'))
+  with pytest.raises(sweep_lib.CodeVersionError, match='jax .* -> 0.0.1'):
+    sweep_lib.run(sweep, workdir)
+  monkeypatch.setattr(sweep_lib, 'code_version', lambda root=None: changed)
+  assert len(sweep_lib.run(sweep, workdir, allow_code_change=True)) == 2
+  with open(os.path.join(workdir, 'sweep.json')) as f:
+    (change,) = json.load(f)['code_history']
+  assert change['after']['source'] == '0' * 16 and 'qwenjax/train_step.py' in change['differences'][0]
+  fitted = scaling.fit(scaling.read_results(workdir), bootstrap=0)
+  assert fitted['code_versions'] and not fitted['quality']['one_code_version']['passed']
+
+
+def test_code_version_hashes_the_sources(tmp_path):
+  for name, text in (('qwenjax/a.py', 'x = 1\n'), ('qwenjax/kernels/b.py', 'y = 2\n'), ('configs/c.py', '')):
+    os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+    (tmp_path / name).write_text(text)
+  first = sweep_lib.code_version(str(tmp_path))
+  assert sorted(first['files']) == ['configs/c.py', 'qwenjax/a.py', 'qwenjax/kernels/b.py']
+  assert first['commit'] is None and first['dirty'] is None  # a copy of the tree without git
+  (tmp_path / 'qwenjax/kernels/b.py').write_text('y = 3\n')
+  second = sweep_lib.code_version(str(tmp_path))
+  assert second['source'] != first['source']
+  assert sweep_lib.code_changes(first, second) == ['files qwenjax/kernels/b.py']
+  repo = sweep_lib.code_version()  # this checkout: a git worktree
+  assert repo['commit'] and len(repo['commit']) == 40 and isinstance(repo['dirty'], bool)
+
+
+def test_check_reruns_a_committed_point(prepared_dir, tmp_path):
+  """A committed point rerun gives its eval loss again (within 0.02); a record that says otherwise, or was
+  planned otherwise, fails the check."""
+  sweep = tiny_sweep(prepared_dir)
+  sweep.ladder.sizes = (1,)
+  committed = str(tmp_path / 'committed')
+  sweep_lib.run(sweep, committed, only=('C6e7-s1',))
+  rows = sweep_lib.check(sweep, str(tmp_path / 'rerun'), committed, ['C6e7-s1'])
+  assert rows[0]['ok'] and abs(rows[0]['difference']) <= 1e-3 and not rows[0]['plan_differences']
+  assert 'check: 1 of 1 point(s) reproduce' in sweep_lib.check_report(rows)
+  lines = read_lines(os.path.join(committed, 'results.jsonl'))
+  lines[0]['eval_loss'] += 0.05
+  lines[0]['overrides']['train.steps'] += 1
+  with open(os.path.join(committed, 'results.jsonl'), 'w') as f:
+    f.write(json.dumps(lines[0]) + '\n')
+  rows = sweep_lib.check(sweep, str(tmp_path / 'rerun'), committed, ['C6e7-s1'])  # the rerun is kept: no training
+  assert not rows[0]['ok'] and rows[0]['difference'] == pytest.approx(-0.05, abs=1e-3)
+  assert rows[0]['plan_differences'] == [f'train.steps: {lines[0]["overrides"]["train.steps"]} committed, '
+                                         f'{lines[0]["overrides"]["train.steps"] - 1} now']
+  report = sweep_lib.check_report(rows)
+  assert 'DIFFERS' in report and '1 do not' in report
+  with pytest.raises(ValueError, match='not there'):
+    sweep_lib.check(sweep, str(tmp_path / 'rerun'), committed, ['C2e8-s1'])
+
+
+def test_plan_table_estimates_time_and_cuts_pieces_at_budgets(prepared_dir):
+  sweep = tiny_sweep(prepared_dir)
+  points = sweep_lib.plan(sweep, '/tmp/sweep')
+  estimate = dict(mfu=0.5, peak_flops=1e6, compile_s=30.0, overhead_s=5.0, step_s=0.0)
+  timing = sweep_lib.schedule(points, estimate)
+  for p, (piece, seconds) in zip(points, timing):
+    compiles = 30.0 if p.budget == 6e7 else 0.0  # one program per size, compiled at its first budget
+    assert piece == 0 and seconds == pytest.approx(p.flops_actual / 5e5 + 5.0 + compiles)
+  first, second = sum(t for _, t in timing[:3]), sum(t for _, t in timing[3:]) + 90.0  # a new piece compiles again
+  limit = max(first, second) + 1.0
+  cut = sweep_lib.schedule(points, estimate, piece_seconds=limit)
+  assert [piece for piece, _ in cut] == [0, 0, 0, 1, 1, 1]  # a whole budget a piece
+  assert sum(t for _, t in cut[3:]) == pytest.approx(second)
+  assert [piece for piece, _ in sweep_lib.schedule(points, estimate, piece_seconds=second - 1.0)][3:] == [1, 1, 2]
+  table = sweep_lib.plan_table(points, done={'C6e7-s1': dict(eval_loss=4.25)}, estimate=estimate,
+                               piece_seconds=limit)
+  lines = table.splitlines()
+  assert lines[0].split() == ['piece', 'name', 'N', 'D', 'D/N', 'batch', 'steps', 'warmup', 'lr', 'epochs', 'C',
+                              'est.', 's', 'eval', 'loss']
+  assert lines[1].split()[:2] == ['1', 'C6e7-s1'] and lines[1].split()[-1] == '4.2500'
+  assert lines[7].startswith('piece 1: 3 points (2 to run)') and '--only=C6e7-s1,C6e7-s2,C6e7-s3' in lines[7]
+  assert lines[9].startswith('total: 6 points')
+
+
+def load_sweep(name: str) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f'_sweep_{name[:-3]}', os.path.join(ROOT, 'experiments', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize('name', ['isoflop_gpu.py', 'isoflop_gpu_kaplan.py'])
+def test_gpu_studies_meet_the_issue(name):
+  """Issue 35's study: 4 budgets or more over a factor of 30 up to 3e16 FLOPs, 5 sizes or more a budget, the
+  largest model over 50M non-embedding parameters, no point over 4 epochs of the corpus (the .py files' 139.1M
+  tokens and the extra file's standard library, about 10M), pieces of at most 8 minutes at the file's estimate.
+  The main study brackets D / N = 20 at every budget and chooses its learning rates in an lr stage; the ablation
+  counts as Kaplan et al., with one learning rate and a long warmup."""
+  sweep = load_sweep(name)
+  points = sweep_lib.plan(sweep, '/tmp/sweep')
+  isoflop = [p for p in points if p.stage == 'isoflop']
+  budgets = sorted({p.budget for p in isoflop})
+  assert len(budgets) >= 4 and budgets[-1] >= 3e16 and budgets[-1] / budgets[0] >= 30
+  assert max(p.params_non_embedding for p in isoflop) >= 50e6
+  assert max(p.tokens for p in points) <= 4 * 149e6
+  for budget in budgets:
+    ratios = [p.tokens / p.params for p in isoflop if p.budget == budget]
+    assert len(ratios) >= 5, budget
+    if sweep.counting == 'porian':
+      assert sum(r > 20 for r in ratios) >= 2 and sum(r < 20 for r in ratios) >= 2, (budget, ratios)
+  for piece, seconds in sweep_lib.schedule(points, sweep.estimate, piece_seconds=480.0):
+    assert seconds <= 480.0
+  if sweep.counting == 'porian':
+    assert sweep.lr_sweep.sizes and len(sweep.lr_sweep.lrs) >= 4 and sweep.overrides.train.adam_b2 == 0.99
+    assert all(p.lr is None for p in isoflop) and {p.overrides['train.lr'] for p in points if p.stage == 'lr'}
+    assert all(p.overrides['train.warmup_steps'] <= 0.1 * p.overrides['train.steps'] + 1 for p in isoflop)
+  else:
+    assert sweep.counting == 'kaplan' and not sweep.get('lr_sweep') and sweep.warmup_tokens >= 1e7
+    assert {p.lr for p in isoflop} == {3e-3} and sweep.overrides.train.adam_b2 == 0.95

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One piece of a GPU study, under a time limit; the next piece resumes it:
+#   bash experiments/gpu_piece.sh STUDY SECONDS [sweep flags, e.g. --only=NAME,NAME]
+# STUDY is a sweep file of experiments/ (isoflop_gpu, isoflop_gpu_kaplan). Run from the repository's root with
+# qwenjax importable (PYTHONPATH=$PWD, after installing the wheels the GPU image lacks). It
+#   1. writes the extra corpus (experiments/gpu_corpus.py) unless this machine has it;
+#   2. starts the sweep's directory from the committed experiments/results/STUDY/{results.jsonl,sweep.json} unless
+#      this machine already has one (a fresh machine has none of the points finished so far);
+#   3. runs the sweep for at most SECONDS (SIGTERM then: the point in progress checkpoints, and resumes next time
+#      on this machine; on a fresh one it starts again);
+#   4. copies results.jsonl, sweep.json, lr.json and the log to $OUT/STUDY, to be committed to
+#      experiments/results/STUDY before the next piece. sweep.json holds the code version: the sweep refuses to go
+#      on under other code, so run every piece from one commit.
+set -u
+STUDY=$1
+LIMIT=$2
+shift 2
+WORK=${WORK:-/tmp/qwenjax_studies}
+OUT=${OUT:-/tmp/qwenjax_studies_out}
+DIR=$WORK/$STUDY
+SAVED=experiments/results/$STUDY
+mkdir -p "$DIR" "$OUT/$STUDY"
+export PYTHONUNBUFFERED=1
+python3 experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus || exit 1
+for name in results.jsonl sweep.json; do
+  if [ -f "$SAVED/$name" ] && [ ! -f "$DIR/$name" ]; then cp "$SAVED/$name" "$DIR/$name"; fi
+done
+timeout -s TERM -k 30 "$LIMIT" python3 -m qwenjax.sweep --sweep="experiments/$STUDY.py" --workdir="$DIR" "$@" \
+  >> "$OUT/$STUDY/sweep.log" 2>&1
+status=$?
+for name in results.jsonl sweep.json lr.json; do
+  if [ -f "$DIR/$name" ]; then cp "$DIR/$name" "$OUT/$STUDY/$name"; fi
+done
+grep -h 'sweep: .* done\|sweep: .* stopped\|lr stage\|error' "$OUT/$STUDY/sweep.log" | tail -40
+finished=$( (wc -l < "$DIR/results.jsonl") 2>/dev/null || echo 0)
+echo "$STUDY: exit $status (0: done; 124: the time limit stopped it, run the next piece); $finished points finished"

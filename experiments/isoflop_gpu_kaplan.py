@@ -1,0 +1,43 @@
+"""The ablation: experiments/isoflop_gpu.py in Kaplan et al.'s (2020) setting, as Porian et al. (2024) reproduce it.
+
+    PYTHONPATH=. python experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus
+    python -m qwenjax.sweep --sweep=experiments/isoflop_gpu_kaplan.py --workdir=DIR
+    python -m qwenjax.scaling fit DIR
+
+The same ladder, corpus, eval set, batches and budgets as the main study; three things differ, the three Porian et
+al. trace Kaplan et al.'s a ~ 0.73 to:
+* the head left out of compute and size (`counting='kaplan'`): N is the non-embedding parameters without the
+  head, and a budget buys D = C / (6 N) tokens, attention's matmuls left out too. A point then trains longer than
+  the main study's point of the same size and budget, and spends more than its budget (up to 1.9x for the
+  smallest model: `flops_actual` in its result, the GPU time in the plan);
+* a long warmup, the same for every point: 50M tokens (Kaplan et al.: 3000 steps for every model), at most half
+  of a run;
+* one learning rate (3e-3) and the usual AdamW beta2 (0.95) for every size: no lr stage.
+Kaplan's counting buys a model more tokens than the main study's (1.1-1.9x), so the same sizes would sit further
+to the data-rich side, and the smallest of 1e16 and 3e16 would read the corpus more than 4 times: each budget's
+sizes are the main study's shifted one to three ladder steps up (to s22, 70.9M non-embedding parameters).
+"""
+
+import importlib.util
+import os
+
+
+def get_config():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'isoflop_gpu.py')
+  spec = importlib.util.spec_from_file_location('_isoflop_gpu', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = module.get_config()
+  sweep.counting = 'kaplan'
+  sweep.warmup_tokens_per_param = 0.0
+  sweep.warmup_tokens = 50e6
+  sweep.warmup_max_fraction = 0.5
+  sweep.lr_sweep = {}
+  sweep.overrides.train.lr = 3e-3
+  sweep.overrides.train.adam_b2 = 0.95
+  sweep.ladder.sizes = tuple(sweep.ladder.sizes) + (22,)
+  sweep.budget_sizes = ((1e15, (5, 6, 7, 8, 9, 11)),
+                        (3e15, (6, 7, 8, 9, 11, 13)),
+                        (1e16, (8, 9, 11, 13, 15, 17)),
+                        (3e16, (11, 13, 15, 17, 20, 22)))
+  return sweep
