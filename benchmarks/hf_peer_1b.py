@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
 from qwenjax import hf  # pylint: disable=g-import-not-at-top
 from qwenjax import metrics  # pylint: disable=g-import-not-at-top
-from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
 
 
 def packed_labels(inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
 from qwenjax import metrics  # pylint: disable=g-import-not-at-top
 from qwenjax import sharding  # pylint: disable=g-import-not-at-top
 from qwenjax import train_step  # pylint: disable=g-import-not-at-top
-from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
 
 REMAT = {'none': 'none', 'full': 'full', 'dots': 'dots_with_no_batch_dims_saveable',
          'dotsattn': 'dots_and_attention_saveable', 'acts': 'activations_saveable'}

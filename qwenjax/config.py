@@ -2,7 +2,7 @@
 
 A config is an `ml_collections.ConfigDict` with four sections and a few top-level keys:
 
-* `model`: the `qwenjax.model.ModelConfig` fields (Hugging Face names).
+* `model`: the `qwenjax.model_config.ModelConfig` fields (Hugging Face names).
 * `data`, `train`, `mesh`: the input pipeline, the optimizer and loop, and the device mesh.
 * `init_from_hf`: path of a Hugging Face checkpoint to start from ('' for random init).
 
@@ -18,7 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from qwenjax import sharding
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 # Fields whose default is None get a typed placeholder so the command line can still set them.
 _OPTIONAL_TYPES = {'head_dim': int, 'sliding_window': int}

@@ -40,9 +40,10 @@ import numpy as np
 from qwenjax import checkpoint
 from qwenjax import hf
 from qwenjax import tokenizer as tokenizer_lib
-from qwenjax import model as model_lib
+from qwenjax import params as params_lib
 from qwenjax import sharding
 from qwenjax import workdir as workdir_lib
+from qwenjax.model_config import ModelConfig
 
 DTYPES = ('float32', 'bfloat16')
 SENTENCEPIECE_NOTE = (
@@ -72,10 +73,10 @@ def autotokenizer_note(out: str, tok: tokenizer_lib.Tokenizer) -> str | None:
           'tokenizer as it is with transformers.PreTrainedTokenizerFast(tokenizer_file=".../tokenizer.json")')
 
 
-def _host_shardings(model_config: model_lib.ModelConfig) -> Any:
+def _host_shardings(model_config: ModelConfig) -> Any:
   """Every parameter on the host's CPU device: the export never needs accelerator memory."""
   cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
-  return jax.tree.map(lambda _: cpu, sharding.strip_boxes(model_lib.abstract_params(model_config)))
+  return jax.tree.map(lambda _: cpu, sharding.strip_boxes(params_lib.abstract_params(model_config)))
 
 
 def _cast(params: Any, dtype: str) -> Any:
@@ -102,7 +103,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
     raise ValueError(f'--out={out} is a file: export into a new or empty directory')
   workdir = workdir_lib.resolve(workdir)
   config = workdir_lib.read_config(workdir)
-  model_config = model_lib.ModelConfig.from_dict(config.model)
+  model_config = ModelConfig.from_dict(config.model)
   tok = workdir_lib.load_tokenizer(workdir, config)
   if tok.vocab_size > model_config.vocab_size:
     raise ValueError(f'the run\'s tokenizer has {tok.vocab_size} ids but model.vocab_size is '

@@ -23,7 +23,7 @@ from qwenjax import checkpoint
 from qwenjax import generate
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import workdir as workdir_lib
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 def load(workdir: str | None, hf: str | None, step: int | None = None,
          **overrides) -> tuple[ModelConfig, Any, tokenizer_lib.Tokenizer]:

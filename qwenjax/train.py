@@ -45,7 +45,7 @@ from qwenjax import metrics as metrics_lib
 from qwenjax import sharding
 from qwenjax import train_step
 from qwenjax import workdir as workdir_lib
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.',
                                           lock_config=True)

@@ -6,7 +6,8 @@ import pytest
 
 from qwenjax import mup
 from qwenjax import train_step
-from qwenjax.model import ModelConfig, init_params
+from qwenjax.model_config import ModelConfig
+from qwenjax.params import init_params
 
 
 @pytest.fixture(scope='module')

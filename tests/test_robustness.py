@@ -189,8 +189,9 @@ def test_a_nonfinite_state_is_never_written_and_a_nonfinite_checkpoint_is_corrup
 
 
 def _abstract_state(config):
-  from qwenjax import model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
-  model_config = model_lib.ModelConfig.from_dict(config.model)
+  from qwenjax import sharding, train_step  # pylint: disable=g-import-not-at-top
+  from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
+  model_config = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model_config)
   tx = train_step.make_optimizer(config.train)

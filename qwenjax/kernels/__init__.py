@@ -3,7 +3,7 @@
 `splash_tpu` (TPU, built on JAX's splash attention) and `flash_gpu` (GPU, Mosaic GPU); `gmm` picks `gmm_gpu`
 or `gmm_tpu`; a dispatcher and its backends share helpers through a leaf module (`flash_gpu_common`,
 `gmm_common`); `attention_contract` is what every attention kernel computes and accepts; `decode_gpu` is a
-decode step's rotary, cache write and attention (`model.LayerCache.step`); `cross_entropy_gpu` is the loss's
+decode step's rotary, cache write and attention (`kv_cache.LayerCache.step`); `cross_entropy_gpu` is the loss's
 two passes over a chunk of logits (`loss.py`). Import the module you need; no kernel module is imported here, so
 a backend's kernel never loads on another backend.
 

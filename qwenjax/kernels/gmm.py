@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax import kernels
-
-IMPLEMENTATIONS = ('auto', 'ragged_dot', 'mgpu', 'megablox')
+from qwenjax.model_config import MOE_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 
 def resolve_impl(impl: str, lhs: jax.ShapeDtypeStruct | jax.Array, rhs: jax.ShapeDtypeStruct | jax.Array,
