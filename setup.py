@@ -20,6 +20,7 @@ setup(
         'ml-dtypes',
         'tensorboardX',
         'tokenizers',  # Hugging Face tokenizer.json files (Qwen's own tokenizer)
+        'jinja2>=3.1.6',  # chat templates (qwenjax.chat); older releases have sandbox escapes
         'etils[epath]',  # workdirs that may be gs:// paths
         'scipy',  # scaling-law fits
         'matplotlib',  # scaling-law plots

@@ -1,6 +1,7 @@
 """Checks and times qwenjax's Pallas GPU flash attention against cuDNN, XLA and JAX's stock Pallas kernel.
 
-Run on a Hopper GPU (jax with CUDA; results and their commands: docs/attention_gpu.md):
+Run on a Hopper GPU (jax with CUDA), from the repository root after `pip install -e .` (results:
+docs/performance.md):
 
     python benchmarks/attention_gpu.py --check            # correctness on fresh random bf16/fp32 inputs
     python benchmarks/attention_gpu.py --bench --out DIR  # the issue-5 timing table (markdown, last)
@@ -27,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qwenjax.attention import xla_attention
+from qwenjax.kernels import attention_contract, flash_gpu
 
-from qwenjax.attention import xla_attention  # pylint: disable=g-import-not-at-top
-from qwenjax.kernels import attention_contract, flash_gpu  # pylint: disable=g-import-not-at-top
-import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/)
-from timing import median_seconds, packed_batches, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/)
+import profile_summary  # benchmarks/, next to this script
+from timing import median_seconds, packed_batches, rel_err  # benchmarks/
 
 
 def _inputs(key, batch, seq, q_heads, kv_heads, head_dim, dtype, doc_len=0, descending=False):

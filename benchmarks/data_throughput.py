@@ -5,7 +5,7 @@ The pipeline of `python -m qwenjax.train` for a config: its documents (the built
 tokenizing into a fresh prepared corpus under --workdir (`qwenjax.prepare`, timed: tokens/s, and per core),
 then reading packed batches by step (`qwenjax.data.train_batches`, with `read_threads`). Batches are
 `--batch_size` rows of `data.seq_len` (default: the config's global batch), as one process reads them;
-compare the rate with what the train step consumes.
+compare the rate with what the train step consumes. From the repository root after `pip install -e .`:
 
     python benchmarks/data_throughput.py --config configs/1b.py --batches 50
 
@@ -28,17 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from qwenjax import config as config_lib
+from qwenjax import data
 
-from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from qwenjax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 
 def block_shares(segment_ids: np.ndarray, block: int, window: int = 0) -> tuple[int, int, int]:
@@ -60,10 +58,11 @@ def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0,
             save: str = '') -> dict:
   config.data.prepared_dir = os.path.join(workdir, 'prepared')  # tokenize afresh: that is measured too
   start = time.perf_counter()
-  tokenizer = data.get_tokenizer(config, workdir)
+  run = config_lib.settings(config)
+  tokenizer = data.get_tokenizer(run.data, workdir, model_vocab_size=run.model.vocab_size, seed=run.seed)
   tokenizer_s = time.perf_counter() - start
   start = time.perf_counter()
-  corpus, _ = data.prepared_corpora(config, tokenizer)
+  corpus, _ = data.prepared_corpora(run.data, tokenizer)
   tokenize_s = time.perf_counter() - start
   seq_len = int(config.data.seq_len)
   it = data.train_batches(corpus, seq_len=seq_len, batch_size=batch_size, seed=int(config.train.seed),

@@ -2,7 +2,8 @@
 
 Two configs (fp32 with a sliding-window ring that wraps, bf16 with full attention), three prompts of different
 lengths. For each: the largest logits difference over `--steps` teacher-forced decode steps (both paths fed the
-same tokens), and whether greedy `generate` gives the same tokens. Run on a GPU:
+same tokens), and whether greedy `generate` gives the same tokens. Run on a GPU, from the repository root
+after `pip install -e .`:
 
     python benchmarks/decode_check_gpu.py                       # default matmul precision
     python benchmarks/decode_check_gpu.py --precision highest   # fp32 products in full fp32 on both paths

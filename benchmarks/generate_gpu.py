@@ -16,7 +16,9 @@ tokens, `--new_tokens` new tokens (greedy, no stop token), at each `--batches` s
   step, over the copy bandwidth measured here (a large device-to-device copy: bytes read + written / time).
   A read probe (a float32 sum) is recorded too; both are XLA kernels and may read more slowly than its GEMMs.
 
-    python benchmarks/generate_gpu.py --out /tmp/gen --peer_ways loop  # the H200 run (docs/generation.md)
+From the repository root after `pip install -e .` (the peer also needs torch with CUDA and transformers):
+
+    python benchmarks/generate_gpu.py --out /tmp/gen --peer_ways loop  # the H200 run (docs/performance.md)
     python benchmarks/generate_gpu.py --config configs/tiny.py --prompt_len 16 --new_tokens 8 --batches 1,2 \
         --device cpu --no-peer_compile --copy_mib 16 --out /tmp/gen   # a CPU smoke run (tests)
 
@@ -34,8 +36,7 @@ import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 
 def parse_args(argv=None):
@@ -319,7 +320,6 @@ def table(args) -> str:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   if args.part == 'peer':
     run_peer(args)
     return

@@ -13,6 +13,7 @@ included) after jax started and after the load. On CPU devices the arrays live i
 process holding all 8 devices of an fsdp=8 mesh holds the whole model: that share is the floor.
 `--processes 2` runs the load as two jax processes of 4 devices each (jax.distributed with a local
 coordinator), as two hosts would: each holds, and should read, only half of every sharded tensor.
+From the repository root after `pip install -e .`:
 
     python benchmarks/hf_load_memory.py --config configs/qwen2_1_5b.py --dir /tmp/qwen2_1_5b_random
     python benchmarks/hf_load_memory.py --config configs/qwen2_1_5b.py --dir /tmp/qwen2_1_5b_random --processes 2
@@ -34,8 +35,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 METHODS = ('sharded', 'whole')
 GIB = 2**30
@@ -106,14 +106,14 @@ def measure(method: str, path: str, mesh_spec: str, scan_layers: bool, coordinat
   gloo), holding only its local devices' blocks: what one host of a pod slice does.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from qwenjax import hf, params as params_lib, sharding  # pylint: disable=g-import-not-at-top
+  from qwenjax import config as config_lib, hf, params as params_lib, sharding  # pylint: disable=g-import-not-at-top
   if coordinator:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
   mesh_config = dict(zip(sharding.MESH_AXES, (1,) * len(sharding.MESH_AXES)))
   mesh_config.update({k: int(v) for k, v in (item.split('=') for item in mesh_spec.split(','))})
-  mesh = sharding.make_mesh(mesh_config)
+  mesh = sharding.make_mesh(config_lib.MeshConfig(**mesh_config))
   config = hf.load_config(path, scan_layers=scan_layers)
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, config)
   shardings = sharding.param_shardings(params_lib.abstract_params(config), mesh, rules)

@@ -3,14 +3,15 @@ r"""Times the peer: Hugging Face transformers `Qwen2ForCausalLM` training steps 
 Same model shape (built from our ModelConfig by `qwenjax.hf.config_to_hf`, sliding window on layers 8-15),
 same global batch of random token ids at seq_len 8192, fp32 master weights with bf16 autocast, `torch.compile`
 on the model, fused AdamW with global-norm clipping, gradient accumulation over micro-batches (`--micro-batch`;
-docs/training.md has the memory and speed of each size; the eager model does not fit even one). Run it after
+docs/performance.md has the memory and speed of each size; the eager model does not fit even one). Run it after
 benchmarks/train_1b.py in the same command, so both use the same GPU; with `--out` shared, the last lines
 compare the two, against the fastest peer run in OUT.
 
 With `--batches_file` (from `data_throughput.py --save`, the same file as train_1b.py's) it steps on packed
 documents of the main job's pipeline instead: `position_ids` restart at each document, from which transformers
 builds a document mask (with flex_attention, a block-sparse one), and labels that cross a document are ignored,
-as qwenjax's loss weights do.
+as qwenjax's loss weights do. From the repository root after `pip install -e .` (and torch with CUDA and
+transformers):
 
     python benchmarks/hf_peer_1b.py --attn sdpa,flex_attention --batch 4 --micro-batch 2 --out /tmp/bench
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -32,15 +32,14 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
-from timing import packed_batches  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
 from qwenjax import hf  # pylint: disable=g-import-not-at-top
 from qwenjax import metrics  # pylint: disable=g-import-not-at-top
 from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+from timing import packed_batches  # pylint: disable=g-import-not-at-top  (benchmarks/, next to this script)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 
 def packed_labels(inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -136,7 +135,7 @@ def main():
   parser.add_argument('--attn', default='sdpa,flex_attention')
   parser.add_argument('--batch', type=int, default=4, help='global batch (sequences per optimizer step)')
   parser.add_argument('--micro-batch', type=int, default=2,
-                      help='sequences per forward/backward (docs/training.md: 2 about as fast as 4, in less memory)')
+                      help='sequences per forward/backward (docs/performance.md: 2 about as fast as 4, in less memory)')
   parser.add_argument('--seq-len', type=int, default=0, help='0: the config\'s data.seq_len')
   parser.add_argument('--steps', type=int, default=6)
   parser.add_argument('--warmup', type=int, default=2)

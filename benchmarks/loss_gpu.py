@@ -1,5 +1,7 @@
 """The loss's passes over a chunk of logits: XLA's fusions against the Pallas kernels, on one GPU.
 
+From the repository root after `pip install -e .`:
+
     python benchmarks/loss_gpu.py --out /tmp/loss                 # configs/1b.py's chunk: 4 x 1024 rows, bf16
     python benchmarks/loss_gpu.py --out /tmp/loss --blocks 2048 4096 8192 --warps 4 8   # kernel settings
 
@@ -13,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timing import median_seconds, rel_err  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
-from qwenjax import loss  # pylint: disable=g-import-not-at-top
-from qwenjax.kernels import cross_entropy_gpu  # pylint: disable=g-import-not-at-top
+from qwenjax import loss
+from qwenjax.kernels import cross_entropy_gpu
+
+from timing import median_seconds, rel_err  # benchmarks/, next to this script
 
 
 def main():

@@ -11,7 +11,9 @@ and a one-hot (GShard einsum) dispatch baseline at capacity factor 1.25. Before 
 are timed alone over a few tile configurations and checked against `jax.lax.ragged_dot`, and the best
 forward configuration is used for the layer.
 
-    python3 benchmarks/moe_gpu.py [--tokens 8192] [--out DIR]
+From the repository root after `pip install -e .`:
+
+    python benchmarks/moe_gpu.py [--tokens 8192] [--out DIR]
 
 Prints a table; writes moe_gpu.json to --out (default $OUT, else the current directory).
 """
@@ -22,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import traceback
 
 import flax.linen as nn
@@ -30,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from qwenjax import model, moe  # pylint: disable=g-import-not-at-top,wrong-import-position
-from qwenjax.kernels import gmm, gmm_gpu  # pylint: disable=g-import-not-at-top,wrong-import-position
-from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
-from timing import median_seconds, rel_err  # pylint: disable=g-import-not-at-top,wrong-import-position
+from qwenjax import model, moe
+from qwenjax.kernels import gmm, gmm_gpu
+from qwenjax.model_config import ModelConfig
+
+from timing import median_seconds, rel_err  # benchmarks/, next to this script
 
 HIDDEN, EXPERTS, TOP_K, EXPERT_WIDTH, SHARED_WIDTH = 3584, 64, 8, 2560, 20480
 INTERPRET = False  # --cpu_smoke: tiny shapes, Pallas kernels interpreted

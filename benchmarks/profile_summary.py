@@ -3,7 +3,8 @@
     summary = summarize(trace_dir, steps=2)   # after tracing two steps into trace_dir
     print(format_summary(summary))
 
-or from the command line, e.g. on the trace `python -m qwenjax.train ... --config.train.profile_steps=3` writes:
+or from the command line, from the repository root after `pip install -e .`, e.g. on the trace
+`python -m qwenjax.train ... --config.train.profile_steps=3` writes:
 
     python benchmarks/profile_summary.py WORKDIR/profile --steps 3
 

@@ -1,4 +1,4 @@
-"""Timing, error and input helpers shared by the GPU benchmark scripts."""
+"""Timing, error and input helpers shared by the GPU benchmark scripts (which import it from this folder)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def median_seconds(fn: Callable, *args, warmup: int = 2, iters: int = 10, calls:
   Each of the `iters` samples times `calls` calls issued back to back with one wait at the end, divided by
   `calls`. With `calls=1` a sample also holds the dispatch and the launch of a call on an idle GPU, which adds
   time and spread to short kernels; comparisons of kernels use more calls, as a training loop runs them
-  (docs/attention_gpu.md)."""
+  (docs/performance.md)."""
   out = jax.block_until_ready(fn(*args))
   for _ in range(warmup - 1):
     jax.block_until_ready(fn(*args))

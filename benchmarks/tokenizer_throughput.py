@@ -1,5 +1,7 @@
 """Tokens per second of `qwenjax.tokenizer`'s `encode_batch` (all cores) and `encode` (one document at a time).
 
+From the repository root after `pip install -e .`:
+
     python benchmarks/tokenizer_throughput.py --mb 4
     taskset -c 0 python benchmarks/tokenizer_throughput.py --mb 4     # one core
 
@@ -17,15 +19,11 @@ import argparse
 import glob
 import json
 import os
-import sys
 import sysconfig
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from qwenjax import tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from qwenjax import tokenizer
 
 # transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX.
 QWEN2_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""

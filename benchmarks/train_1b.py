@@ -7,7 +7,7 @@ grain is needed; or, with `--batches_file` (from `data_throughput.py --save`), p
 pipeline, with segment ids and positions, as `python -m qwenjax.train` trains on (use a `pallas` variant).
 A variant's name fixes the global batch, the micro-batch (grad accumulation), the remat policy, the attention
 kernel and scanned or unrolled layers (`parse_variant`); MFU counts `qwenjax.metrics.flops_per_token` against
-the device's bf16 peak (989 TFLOP/s on an H100).
+the device's bf16 peak (989 TFLOP/s on an H100). From the repository root after `pip install -e .`:
 
     python benchmarks/train_1b.py --out /tmp/bench            # DEFAULT_VARIANTS, a table at the end
     python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # others
@@ -36,16 +36,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from qwenjax import config as config_lib
+from qwenjax import metrics
+from qwenjax import sharding
+from qwenjax import train_step
 
-import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/profile_summary.py)
-from timing import packed_batches  # pylint: disable=g-import-not-at-top  (benchmarks/timing.py)
-from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
-from qwenjax import metrics  # pylint: disable=g-import-not-at-top
-from qwenjax import sharding  # pylint: disable=g-import-not-at-top
-from qwenjax import train_step  # pylint: disable=g-import-not-at-top
-from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
+import profile_summary  # benchmarks/, next to this script
+from timing import packed_batches  # benchmarks/
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 REMAT = {'none': 'none', 'full': 'full', 'dots': 'dots_with_no_batch_dims_saveable',
          'dotsattn': 'dots_and_attention_saveable', 'acts': 'activations_saveable'}
@@ -93,10 +92,11 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
                       warmup_steps=100)
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   seq_len = int(config.data.seq_len)
-  model = ModelConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model)
-  tx = train_step.make_optimizer(config.train)
+  run = config_lib.settings(config)
+  model = run.model
+  mesh = sharding.make_mesh(run.mesh)
+  rules = sharding.logical_axis_rules(run.mesh.rules, mesh, model)
+  tx = train_step.make_optimizer(run.optimizer)
   shardings = train_step.state_shardings(model, tx, mesh, rules)
   state = train_step.create_state(model, tx, shardings, rng=jax.random.key(0))
   batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -111,10 +111,10 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
   batches = [{k: jax.device_put(x, batch_sharding) for k, x in b.items()} for b in host]
 
   replicated = sharding.replicated(mesh)
-  horizon = jax.device_put(train_step.schedule_horizon(config.train), replicated)
+  horizon = jax.device_put(train_step.schedule_horizon(run.optimizer), replicated)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(train_step.make_train_step(model, config.train),
+    step_fn = jax.jit(train_step.make_train_step(model, run.optimizer, run.loss),
                       in_shardings=(shardings, batch_sharding, replicated),
                       out_shardings=(shardings, None), donate_argnums=(0,))
     start = time.perf_counter()

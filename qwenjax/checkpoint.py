@@ -30,6 +30,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qwenjax.config import CheckpointConfig
+
 
 class ShapeMismatchError(ValueError):
   """The checkpoint holds a differently shaped (or differently structured) train state."""
@@ -62,19 +64,24 @@ def _layout_hint(saved: set[str], expected: set[str]) -> str:
   return ''
 
 
+def _is_param(name: str) -> bool:
+  return name.startswith('params/') or '/params/' in f'/{name}'
+
+
 def _cause(name: str, hint: str) -> str:
   """What a difference in `name` means: model parameters come from the model config, the rest from train."""
-  if name.startswith('params/') or '/params/' in f'/{name}':
-    return f'the checkpoint was written for a different model config{hint}'
+  if _is_param(name):
+    return f'the checkpoint was written for a different model config{hint}.'
   return ('the optimizer state differs: the checkpoint was written with different optimizer settings (train.*) '
-          'or a different model config')
+          'or a different model config.')
 
 
 def check_shapes(saved: Any, expected: Any, where: str) -> None:
-  """Raises ShapeMismatchError naming the first array whose presence or shape differs."""
+  """Raises ShapeMismatchError naming the first array whose presence or shape differs: a parameter first, since
+  the optimizer state follows the parameters, so another model's shape shows in both."""
   saved, expected = _shapes(saved), _shapes(expected)
   hint = _layout_hint(set(saved), set(expected))
-  for name in sorted(set(saved) | set(expected)):
+  for name in sorted(set(saved) | set(expected), key=lambda n: (not _is_param(n), n)):
     if name not in saved:
       raise ShapeMismatchError(f'{where} has no {name}, which the model being trained needs: {_cause(name, hint)}')
     if name not in expected:
@@ -115,22 +122,30 @@ def _first_line(error: BaseException) -> str:
 
 
 class Checkpointer:
-  """Async orbax CheckpointManager for `{'state': train state, 'data': data stream record}`."""
+  """Async orbax CheckpointManager for `{'state': train state, 'data': data stream record}`, keeping the latest
+  `settings.keep_checkpoints`."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, settings: CheckpointConfig = CheckpointConfig()):
     workdir = epath.Path(workdir)
     self.directory = workdir / 'checkpoints'
     self.corrupt_directory = workdir / 'checkpoints_corrupt'
-    self._keep = keep
+    self.settings = settings
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.settings.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True)
     handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
+
+  def due(self, step: int) -> bool:
+    """Whether `train.checkpoint_every` asks for a checkpoint at `step` (the loop also saves at its last step and
+    when stopped)."""
+    every = self.settings.checkpoint_every
+    return bool(every) and step % every == 0
 
   def set_aside_steps(self) -> list[str]:
     """Checkpoints an earlier run moved to checkpoints_corrupt/."""

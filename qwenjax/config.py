@@ -1,24 +1,211 @@
-"""The base training config that every file under `configs/` starts from.
+"""A run's settings: the ml-collections ConfigDict every file under `configs/` builds, and the typed values each part
+of the job takes, read from it once by `settings(config)`.
 
-A config is an `ml_collections.ConfigDict` with four sections and a few top-level keys:
+The ConfigDict is what the command line (`--config.train.steps=2000`), sweeps and a workdir's config.json use. It
+has four sections and one top-level key:
 
-* `model`: the `qwenjax.model_config.ModelConfig` fields (Hugging Face names).
-* `data`, `train`, `mesh`: the input pipeline, the optimizer and loop, and the device mesh.
+* `model`: the `ModelConfig` fields (Hugging Face names);
+* `data`: `DataConfig`, the input pipeline;
+* `train`: `LoopConfig`, `OptimizerConfig`, `LossConfig` and `CheckpointConfig`, and `seed`;
+* `mesh`: `MeshConfig`, the device mesh;
 * `init_from_hf`: path of a Hugging Face checkpoint to start from ('' for random init).
 
-Files under `configs/` call `base_config()` and override what differs, e.g. `configs/1b.py`.
+Each section is built from its dataclasses' defaults (`model_section()`, `data_section()`, ...), so a default and
+what it means are written once, below. Files under `configs/` call `base_config()` and override what differs,
+e.g. `configs/1b.py`. `settings(config)` checks every value's key, type and range before the run does anything,
+and each part gets only its own: `qwenjax.data` a DataConfig, `qwenjax.train_step` an OptimizerConfig and a
+LossConfig, `qwenjax.sharding` a MeshConfig, `qwenjax.checkpoint` a CheckpointConfig.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
+import numbers
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-from qwenjax import sharding
 from qwenjax.model_config import ModelConfig
+
+# (logical axis name, mesh axis / tuple of mesh axes / None): where each named dimension of the model's
+# parameters and activations lives on the mesh (`qwenjax.sharding`). flax applies the first rule whose mesh axes
+# are still free in the array, so order matters only when two names compete for one mesh axis.
+DEFAULT_RULES = (
+    # Activations.
+    ('activation_batch', ('data', 'fsdp', 'expert')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_head_dim', None),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
+    # Parameters.
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('layers', None),
+    ('expert', 'expert'),
+    ('expert_router', None),
+)
+
+# The mesh's axes (`qwenjax.sharding`), each sized by the `mesh` section.
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+LR_SCHEDULES = ('cosine', 'constant')
+LOGITS_DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The input pipeline (`qwenjax.data`). Empty `train_files` trains on the built-in corpus (Python's stdlib)."""
+  train_files: str = ''  # glob, or comma-separated globs, of .jsonl / .txt / ArrayRecord files
+  eval_files: str = ''  # likewise; empty: the built-in corpus's held-out split, or no eval for your own files
+  text_key: str = 'text'  # field holding the document in .jsonl lines and JSON ArrayRecord records
+  seq_len: int = 2048  # tokens per packed row
+  # 'train': a BPE trained on train_files at first use, or with init_from_hf the checkpoint's own tokenizer
+  # when its directory holds one; or a path: sentencepiece .model, tokenizer.json, or a directory holding one.
+  tokenizer: str = 'train'
+  vocab_size: int = 32000  # pieces of the tokenizer trained when tokenizer='train'
+  tokenizer_sentences: int = 200_000  # at most this many lines feed tokenizer training (keeps it to seconds)
+  # Tokenized corpora (and trained tokenizers), kept and shared by every run: '' is $QWENJAX_CACHE or
+  # ~/.cache/qwenjax/prepared. On several hosts it must be a filesystem they all see.
+  prepared_dir: str = ''
+  shuffle_window: int = 512  # packed rows shuffled together so batches mix documents (aim for ~1M tokens); 0: off
+  read_threads: int = 2  # threads reading batches ahead of the step
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """The training loop (`qwenjax.train`): how long, how big a batch, what it logs, evaluates and profiles."""
+  steps: int = 10_000
+  batch_size: int = 64  # global, in sequences of data.seq_len tokens
+  log_every: int = 50
+  eval_every: int = 1000  # 0: only at the end
+  eval_steps: int = 20  # eval batches (of batch_size sequences) per evaluation
+  max_nonfinite_steps: int = 20  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+  peak_tflops: float = 0.0  # per-device peak for MFU; 0: look up the device kind (unknown kinds: no MFU)
+  profile_steps: int = 0  # trace this many steps with jax.profiler into workdir/profile (Perfetto); 0: off
+  profile_from: int = 10  # ... starting after this step, past compilation and warm-up
+  # Compiled programs kept for the next run of the same shapes (a resumed run skips most compilation):
+  # 'workdir' (WORKDIR/compilation_cache), a directory runs share, or '' (off). Set by the command line only.
+  compilation_cache_dir: str = 'workdir'
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The optimizer and its learning-rate schedule (`qwenjax.train_step.make_optimizer`)."""
+  steps: int = 10_000  # the schedule's length: the loop's train.steps
+  lr: float = 3e-4
+  warmup_steps: int = 500
+  lr_schedule: str = 'cosine'  # 'cosine' (to lr * lr_final_fraction) or 'constant' (after warmup)
+  lr_final_fraction: float = 0.1
+  adam_b1: float = 0.9
+  adam_b2: float = 0.95
+  adam_eps: float = 1e-8
+  weight_decay: float = 0.1  # AdamW, not applied to norm scales and biases
+  grad_clip: float = 1.0  # global-norm clipping; 0: off
+  # μP (qwenjax/mup.py): the hidden size at which init and learning rates are the standard ones; at other
+  # widths they scale so that the tuned lr transfers. Needs untied embeddings. 0: off.
+  mup_base_width: int = 0
+
+  def __post_init__(self):
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"unknown train.lr_schedule {self.lr_schedule!r}; choose 'cosine' or 'constant'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """How the loss of a batch is computed, in training and evaluation (`qwenjax.train_step`, `qwenjax.loss`)."""
+  grad_accum_steps: int = 1  # micro-batches of batch_size / grad_accum_steps per step
+  z_loss: float = 1e-4  # weight of mean(logsumexp(logits)^2); 0: off
+  loss_chunk: int = 1024  # sequence positions per chunk of logits in the loss (never [batch, seq, vocab] at once)
+  logits_dtype: str = 'float32'  # what the LM head's matmul writes; 'bfloat16' as under HF autocast (faster)
+  loss_impl: str = 'auto'  # the loss's passes over the logits: 'xla', 'pallas' (GPU kernels), 'auto' (pallas on GPU)
+
+  def __post_init__(self):
+    if self.grad_accum_steps < 1:
+      raise ValueError(f'train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}')
+    if self.logits_dtype not in LOGITS_DTYPES:
+      raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {self.logits_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Checkpoints (`qwenjax.checkpoint.Checkpointer`): how often, how many are kept, what an unreadable one does."""
+  checkpoint_every: int = 1000  # 0: only at the end (and when stopped by SIGTERM / Ctrl-C)
+  keep_checkpoints: int = 3
+  # When checkpoints exist but none can be read, the run stops; True starts again from step 0 instead.
+  restart_if_unreadable: bool = False
+
+  def __post_init__(self):
+    if self.checkpoint_every < 0:
+      raise ValueError(f'train.checkpoint_every={self.checkpoint_every} must be >= 0 (0: only at the end)')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh (`qwenjax.sharding.make_mesh`): one size may be -1 (the remaining devices)."""
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+  expert: int = 1  # expert > 1: expert parallelism for MoE models
+  dcn_data: int = 1  # slices (TPU) or hosts (GPU) the data axis spans; the sizes above are those of one slice
+  rules: tuple = DEFAULT_RULES  # (logical axis name, mesh axis / axes / None) pairs
+
+  def __post_init__(self):
+    if isinstance(self.dcn_data, bool) or not isinstance(self.dcn_data, numbers.Integral) or self.dcn_data < 1:
+      raise ValueError(f'mesh.dcn_data must be a positive int (the number of slices), got {self.dcn_data!r}')
+    sizes = self.sizes()
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      described = ' x '.join(f'{axis}={size}' for axis, size in zip(MESH_AXES, sizes))
+      raise ValueError(f'mesh sizes {described}: each must be a positive int, and at most one may be -1 '
+                       '(the remaining devices)')
+
+  def sizes(self) -> tuple[int, ...]:
+    """The sizes of `MESH_AXES` within one slice, as set (one may be -1)."""
+    return tuple(int(getattr(self, axis)) for axis in MESH_AXES)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything a training run is told, typed and checked: what `settings(config)` returns."""
+  model: ModelConfig
+  data: DataConfig = DataConfig()
+  loop: LoopConfig = LoopConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  loss: LossConfig = LossConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+  seed: int = 0  # parameter init and data order (train.seed)
+  init_from_hf: str = ''
+
+  def __post_init__(self):
+    if self.data.seq_len > self.model.max_position_embeddings:
+      raise ValueError(f'data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings='
+                       f'{self.model.max_position_embeddings}')
+    batch, accum = self.loop.batch_size, self.loss.grad_accum_steps
+    if batch < 1 or batch % accum:
+      raise ValueError(f'train.batch_size={batch} must be a positive multiple of train.grad_accum_steps={accum}')
+    if self.optimizer.steps != self.loop.steps:
+      raise ValueError(f'the optimizer\'s schedule is {self.optimizer.steps} steps long but the loop runs '
+                       f'train.steps={self.loop.steps}')
+
+
+# The `train` section: these dataclasses' fields (a name two of them share, `steps`, once), and `seed`.
+_TRAIN_PARTS = (LoopConfig, OptimizerConfig, LossConfig, CheckpointConfig)
+_TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'init_from_hf')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ConfigDict sections, from the dataclasses' defaults.
 
 # Fields whose default is None get a typed placeholder so the command line can still set them.
 _OPTIONAL_TYPES = {'head_dim': int, 'sliding_window': int}
@@ -37,73 +224,32 @@ def model_section(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+def _defaults(*classes) -> dict[str, Any]:
+  values = {}
+  for cls in classes:
+    for field in dataclasses.fields(cls):
+      if field.name not in values:
+        values[field.name] = field.default
+      elif values[field.name] != field.default:
+        raise AssertionError(f'{cls.__name__}.{field.name} and another part of its section disagree on the '
+                             'default')
+  return values
+
+
 def data_section() -> ml_collections.ConfigDict:
-  """Input pipeline (`qwenjax.data`). Empty `train_files` trains on the built-in corpus (Python's stdlib)."""
-  return ml_collections.ConfigDict(dict(
-      train_files='',  # glob, or comma-separated globs, of .jsonl / .txt / ArrayRecord files
-      eval_files='',  # likewise; empty: the built-in corpus's held-out split, or no eval for your own files
-      text_key='text',  # field holding the document in .jsonl lines and JSON ArrayRecord records
-      seq_len=2048,  # tokens per packed row
-      # 'train': a BPE trained on train_files at first use, or with init_from_hf the checkpoint's own tokenizer
-      # when its directory holds one; or a path: sentencepiece .model, tokenizer.json, or a directory holding one.
-      tokenizer='train',
-      vocab_size=32000,  # pieces of the tokenizer trained when tokenizer='train'
-      tokenizer_sentences=200_000,  # at most this many lines feed tokenizer training (keeps it to seconds)
-      # Tokenized corpora (and trained tokenizers), kept and shared by every run: '' is $QWENJAX_CACHE or
-      # ~/.cache/qwenjax/prepared. On several hosts it must be a filesystem they all see.
-      prepared_dir='',
-      shuffle_window=512,  # packed rows shuffled together so batches mix documents (aim for ~1M tokens); 0: off
-      read_threads=2,  # threads reading batches ahead of the step
-  ))
+  """Input pipeline (`qwenjax.data`): the `DataConfig` fields."""
+  return ml_collections.ConfigDict(_defaults(DataConfig))
 
 
 def train_section() -> ml_collections.ConfigDict:
-  """Optimizer and loop (`qwenjax.train`, `qwenjax.train_step`)."""
-  return ml_collections.ConfigDict(dict(
-      steps=10_000,
-      batch_size=64,  # global, in sequences of data.seq_len tokens
-      lr=3e-4,
-      warmup_steps=500,
-      lr_schedule='cosine',  # 'cosine' (to lr * lr_final_fraction) or 'constant' (after warmup)
-      lr_final_fraction=0.1,
-      adam_b1=0.9,
-      adam_b2=0.95,
-      adam_eps=1e-8,
-      weight_decay=0.1,  # AdamW, not applied to norm scales and biases
-      grad_clip=1.0,  # global-norm clipping; 0: off
-      grad_accum_steps=1,  # micro-batches of batch_size / grad_accum_steps per step
-      z_loss=1e-4,  # weight of mean(logsumexp(logits)^2); 0: off
-      loss_chunk=1024,  # sequence positions per chunk of logits in the loss (never [batch, seq, vocab] at once)
-      logits_dtype='float32',  # what the LM head's matmul writes; 'bfloat16' as under HF autocast (faster)
-      loss_impl='auto',  # the loss's passes over the logits: 'xla', 'pallas' (GPU kernels), 'auto' (pallas on GPU)
-      seed=0,  # parameter init and data order
-      log_every=50,
-      eval_every=1000,  # 0: only at the end
-      eval_steps=20,  # eval batches (of batch_size sequences) per evaluation
-      checkpoint_every=1000,  # 0: only at the end (and when stopped by SIGTERM / Ctrl-C)
-      keep_checkpoints=3,
-      max_nonfinite_steps=20,  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
-      # When checkpoints exist but none can be read, the run stops; True starts again from step 0 instead.
-      restart_if_unreadable=False,
-      # μP (qwenjax/mup.py): the hidden size at which init and learning rates are the standard ones; at other
-      # widths they scale so that the tuned lr transfers. Needs untied embeddings. 0: off.
-      mup_base_width=0,
-      peak_tflops=0.0,  # per-device peak for MFU; 0: look up the device kind (unknown kinds: no MFU)
-      profile_steps=0,  # trace this many steps with jax.profiler into workdir/profile (Perfetto); 0: off
-      profile_from=10,  # ... starting after this step, past compilation and warm-up
-      # Compiled programs kept for the next run of the same shapes (a resumed run skips most compilation):
-      # 'workdir' (WORKDIR/compilation_cache), a directory runs share, or '' (off). Set by the command line only.
-      compilation_cache_dir='workdir',
-  ))
+  """Loop, optimizer, loss and checkpoints (`qwenjax.train`, `qwenjax.train_step`, `qwenjax.checkpoint`): the
+  fields of `LoopConfig`, `OptimizerConfig`, `LossConfig` and `CheckpointConfig`, and `seed`."""
+  return ml_collections.ConfigDict({**_defaults(*_TRAIN_PARTS), 'seed': RunConfig.seed})
 
 
 def mesh_section() -> ml_collections.ConfigDict:
-  """Device mesh (`qwenjax.sharding`): one size may be -1 (the remaining devices)."""
-  return ml_collections.ConfigDict(dict(
-      data=1, fsdp=-1, tensor=1, expert=1,  # expert > 1: expert parallelism for MoE models
-      dcn_data=1,  # slices (TPU) or hosts (GPU) the data axis spans; the sizes above are those of one slice
-      rules=sharding.DEFAULT_RULES,  # (logical axis name, mesh axis / axes / None) pairs
-  ))
+  """Device mesh (`qwenjax.sharding`): the `MeshConfig` fields."""
+  return ml_collections.ConfigDict(_defaults(MeshConfig))
 
 
 def load(path: str) -> ml_collections.ConfigDict:
@@ -122,3 +268,73 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = mesh_section()
   config.init_from_hf = ''
   return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a ConfigDict, once.
+
+def settings(config: ml_collections.ConfigDict) -> RunConfig:
+  """The typed settings of a run's config: every key known, every value of its default's type, every range
+  checked; a ValueError naming the setting otherwise. A key the config lacks takes its default."""
+  _check_keys(config, 'config', _TOP_LEVEL)
+  for name in ('data', 'train', 'mesh'):
+    if name in config and not isinstance(config[name], (Mapping, ml_collections.ConfigDict)):
+      raise ValueError(f'config.{name} must be a section (a ConfigDict), got {config[name]!r}')
+  data, train, mesh = config.get('data', {}), config.get('train', {}), config.get('mesh', {})
+  _check_keys(data, 'config.data', [f.name for f in dataclasses.fields(DataConfig)])
+  _check_keys(train, 'config.train', list(_defaults(*_TRAIN_PARTS)) + ['seed'])
+  _check_keys(mesh, 'config.mesh', [f.name for f in dataclasses.fields(MeshConfig)])
+  return RunConfig(
+      model=ModelConfig.from_dict(config.get('model', {})),
+      data=_read(DataConfig, data, 'data'),
+      loop=_read(LoopConfig, train, 'train'),
+      optimizer=_read(OptimizerConfig, train, 'train'),
+      loss=_read(LossConfig, train, 'train'),
+      checkpoint=_read(CheckpointConfig, train, 'train'),
+      mesh=_read(MeshConfig, mesh, 'mesh'),
+      seed=_typed(train.get('seed', RunConfig.seed), RunConfig.seed, 'train.seed'),
+      init_from_hf=_typed(config.get('init_from_hf', '') or '', '', 'init_from_hf'))
+
+
+def _check_keys(section: Any, where: str, known: list[str] | tuple[str, ...]) -> None:
+  for name in section.keys():
+    if name not in known:
+      close = difflib.get_close_matches(name, known, n=1)
+      hint = f' Did you mean {where}.{close[0]}?' if close else ''
+      raise ValueError(f'unknown config key: {where} has no key {name!r}.{hint} Its keys are: '
+                       f'{", ".join(sorted(known))}.')
+
+
+def _read(cls, section: Any, where: str):
+  """An instance of `cls` from the section's values of its fields (defaults for those it lacks)."""
+  return cls(**{f.name: _typed(section[f.name], f.default, f'{where}.{f.name}')
+                for f in dataclasses.fields(cls) if f.name in section})
+
+
+def _typed(value: Any, default: Any, name: str) -> Any:
+  """`value` as the type of `default`: ints stay ints (a float only when whole), floats take ints too, bools and
+  strings must be what they are, tuples of pairs (the mesh rules) become nested tuples."""
+  kind = type(default)
+  number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if kind is bool:
+    ok = isinstance(value, bool)
+  elif kind is int:
+    ok = number and float(value).is_integer()
+    value = int(value) if ok else value
+  elif kind is float:
+    ok = number
+    value = float(value) if ok else value
+  elif kind is str:
+    ok = isinstance(value, str)
+  else:  # tuple
+    ok = isinstance(value, (list, tuple))
+    value = _tuples(value) if ok else value
+  if not ok:
+    raise ValueError(f'{name} must be {"an" if kind is int else "a"} {kind.__name__}, got {value!r} '
+                     f'({type(value).__name__})')
+  return value
+
+
+def _tuples(value: Any) -> Any:
+  """Lists (as config.json gives them back) as tuples, all the way down."""
+  return tuple(_tuples(x) for x in value) if isinstance(value, (list, tuple)) else value

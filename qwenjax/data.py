@@ -1,5 +1,10 @@
 """The input pipeline: the run's tokenizer, prepared corpora, and the packed rows of every step.
 
+Read top to bottom: documents (`qwenjax.documents`) -> the run's tokenizer (`get_tokenizer`) -> prepared corpora
+(`prepared_corpora`, tokenized once by `qwenjax.corpus`) -> packed rows (`PackedRows`) -> the batches of each step
+(`train_batches`, `eval_batches`). The settings are a `qwenjax.config.DataConfig`; the model's vocabulary size, the
+seed and `init_from_hf` are passed on their own.
+
 The batch of step k is a pure function of the prepared corpus, `train.seed`, `data.seq_len`, the global batch
 size and k, whatever the number of processes, devices or the mesh: resuming needs only the step, and a run
 resumed on another mesh or process count continues the same stream. Each process reads only the rows its
@@ -28,12 +33,12 @@ from etils import epath
 import grain
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 
+from qwenjax import corpus as corpus_lib
 from qwenjax import documents
-from qwenjax import prepare
 from qwenjax import tokenizer as tokenizer_lib
+from qwenjax.config import DataConfig
 
 # Re-exported: the file helpers live in `qwenjax.documents` (no jax there, for the tokenizing workers).
 DocumentSource = documents.DocumentSource
@@ -49,8 +54,8 @@ def _holds_tokenizer(directory: str) -> bool:
              for name in (tokenizer_lib.SENTENCEPIECE_FILE, tokenizer_lib.HF_FILE))
 
 
-def prepared_root(data: Mapping[str, Any]) -> str:
-  return os.path.expanduser(data['prepared_dir']) if data['prepared_dir'] else prepare.default_dir()
+def prepared_root(data: DataConfig) -> str:
+  return os.path.expanduser(data.prepared_dir) if data.prepared_dir else corpus_lib.default_dir()
 
 
 _SHARED: dict[str, bool] = {}
@@ -92,28 +97,21 @@ def _broadcast_files(files: dict[str, bytes] | None) -> dict[str, bytes]:
   return {k: bytes.fromhex(v) for k, v in json.loads(received).items()}
 
 
-def tokenizer_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def tokenizer_source(data: DataConfig, *, seed: int, init_from_hf: str = '') -> dict[str, Any]:
   """What the run's tokenizer is to be, as recorded in WORKDIR/tokenizer/source.json.
 
-  `data.tokenizer`: 'train' (default) trains a BPE on the training files, except with `init_from_hf=PATH` where
-  PATH holds a tokenizer: the checkpoint's own is used. Anything else is a path for `qwenjax.tokenizer.load`.
+  `data.tokenizer`: 'train' (default) trains a BPE on the training files (their lines sampled with `seed`, the
+  run's train.seed), except with `init_from_hf=PATH` where PATH holds a tokenizer: the checkpoint's own is used.
+  Anything else is a path for `qwenjax.tokenizer.load`.
   """
-  data, init_from_hf = config.data, config.init_from_hf
   choice = data.tokenizer or 'train'
-  if choice == 'train' and init_from_hf:
-    if _holds_tokenizer(init_from_hf):
-      logging.info('data: the tokenizer of init_from_hf=%s', init_from_hf)
-      choice = init_from_hf
-    else:
-      logging.warning(
-          'init_from_hf=%s holds no tokenizer.json or tokenizer.model, so a new tokenizer is trained: the checkpoint '
-          'was trained on another tokenizer\'s ids, which its embeddings encode. Set --config.data.tokenizer to '
-          'the tokenizer it was trained with.', init_from_hf)
+  if choice == 'train' and init_from_hf and _holds_tokenizer(init_from_hf):
+    choice = init_from_hf
   if choice != 'train':
     return {'kind': 'file', 'path': os.path.abspath(os.path.expanduser(choice))}
-  train_files, _ = documents.sources(data)
-  return {'kind': 'train', 'vocab_size': int(data.vocab_size), 'tokenizer_sentences': int(data.tokenizer_sentences),
-          'seed': int(config.train.seed), 'train_files': data.train_files or '(built-in corpus)',
+  train_files, _ = documents.sources(data.train_files, data.eval_files)
+  return {'kind': 'train', 'vocab_size': data.vocab_size, 'tokenizer_sentences': data.tokenizer_sentences,
+          'seed': seed, 'train_files': data.train_files or '(built-in corpus)',
           'files': [os.path.abspath(f) for f in train_files]}
 
 
@@ -135,7 +133,7 @@ def _describe(source: Mapping[str, Any]) -> str:
   return f'the tokenizer of {source.get("path")}'
 
 
-def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
+def _train_cached(source: dict[str, Any], data: DataConfig) -> str:
   """Directory of a BPE trained on the training files with these settings, trained there at first use (process 0;
   the others wait), so runs and sweep points with the same corpus and settings share one tokenizer."""
   # The files' sizes and modification times too: a corpus rewritten in place trains a new tokenizer.
@@ -145,7 +143,7 @@ def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
   directory = os.path.join(root, 'tokenizers', key)
   shared = shared_by_all_processes(root)
   if not _holds_tokenizer(directory) and jax.process_index() == 0:
-    texts = documents.DocumentSource(source['files'], data['text_key'])
+    texts = documents.DocumentSource(source['files'], data.text_key)
     logging.info('data: training a %d-piece BPE tokenizer on up to %d lines of %d file(s) -> %s',
                  source['vocab_size'], source['tokenizer_sentences'], len(source['files']), directory)
     tokenizer_lib.train(_readable_texts(texts, source['seed']), directory, vocab_size=source['vocab_size'],
@@ -160,16 +158,14 @@ def _train_cached(source: dict[str, Any], data: Mapping[str, Any]) -> str:
 
 
 def _readable_texts(source: documents.DocumentSource, seed: int) -> Iterator[str]:
-  """Documents in a seeded random order, skipping (and counting) those that are not text; an error naming the
-  files when none holds text."""
+  """Documents in a seeded random order, skipping those that are not text (quietly: tokenizing the corpus next
+  warns about them once, with their count); an error naming the files when none holds text."""
   skipped, texts = [], 0
   for i in np.random.default_rng(seed).permutation(len(source)):
     try:
       text = source[int(i)]
     except documents.BadDocument as e:
       skipped.append(e.where)
-      if len(skipped) in (1, 100):
-        logging.warning('data: skipping documents that are not UTF-8 text, e.g. %s', e)
       continue
     texts += bool(text.strip())
     yield text
@@ -180,11 +176,21 @@ def _readable_texts(source: documents.DocumentSource, seed: int) -> Iterator[str
                      'files with text.')
 
 
-def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer. A workdir keeps its own copy in WORKDIR/tokenizer/ (through epath: it may be a gs://
-  path), which later runs reuse only while it matches what the config asks for; otherwise a clear error says
-  what changed."""
-  wanted = tokenizer_source(config)
+def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: int, seed: int,
+                  init_from_hf: str = '') -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer (`tokenizer_source`), checked to fit a model of `model_vocab_size` embedding rows.
+
+  A workdir's own copy in WORKDIR/tokenizer/ (through epath: it may be a gs:// path; `keep_tokenizer` writes it) is
+  reused only while it matches what the settings ask for; otherwise a clear error says what changed."""
+  if (data.tokenizer or 'train') == 'train' and init_from_hf:
+    if _holds_tokenizer(init_from_hf):
+      logging.info('data: the tokenizer of init_from_hf=%s', init_from_hf)
+    else:
+      logging.warning(
+          'init_from_hf=%s holds no tokenizer.json or tokenizer.model, so a new tokenizer is trained: the checkpoint '
+          'was trained on another tokenizer\'s ids, which its embeddings encode. Set --config.data.tokenizer to '
+          'the tokenizer it was trained with.', init_from_hf)
+  wanted = tokenizer_source(data, seed=seed, init_from_hf=init_from_hf)
   if wanted['kind'] == 'file':
     found = tokenizer_lib.load(wanted['path'])
     wanted['fingerprint'] = found.fingerprint
@@ -199,18 +205,29 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tok
           'trained on one tokenizer\'s ids cannot continue on another\'s: run with the settings the workdir was '
           'started with, or use a new --workdir.')
     tokenizer = tokenizer_lib.from_files({p.name: p.read_bytes() for p in kept.iterdir() if p.name != 'source.json'})
-    check_fits(tokenizer, int(config.model.vocab_size), wanted)
+    check_fits(tokenizer, model_vocab_size, wanted)
   else:
-    tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, config.data))
-    check_fits(tokenizer, int(config.model.vocab_size), wanted)  # before the workdir keeps a copy it cannot use
-    if kept and jax.process_index() == 0:
-      kept.mkdir(parents=True, exist_ok=True)
-      for name, content in tokenizer.files.items():
-        (kept / name).write_bytes(content)
-      (kept / 'source.json').write_text(json.dumps(wanted, indent=1))  # last: marks the copy complete
-  if kept and jax.process_count() > 1:  # the others read WORKDIR/tokenizer only once it is complete
-    multihost_utils.sync_global_devices('qwenjax workdir tokenizer')
+    tokenizer = found if wanted['kind'] == 'file' else tokenizer_lib.load(_train_cached(wanted, data))
+    check_fits(tokenizer, model_vocab_size, wanted)
   return tokenizer
+
+
+def keep_tokenizer(workdir: str, tokenizer: tokenizer_lib.Tokenizer, data: DataConfig, *, seed: int,
+                   init_from_hf: str = '') -> None:
+  """Writes the run's tokenizer (from `get_tokenizer` with the same settings) into WORKDIR/tokenizer/, with
+  source.json saying what it was made from, unless the workdir holds it already. The training job calls it once
+  its train state exists, so a run that fails before adds nothing to its workdir. Every process calls it."""
+  kept = epath.Path(workdir) / 'tokenizer'
+  if jax.process_index() == 0 and not (kept / 'source.json').exists():
+    wanted = tokenizer_source(data, seed=seed, init_from_hf=init_from_hf)
+    if wanted['kind'] == 'file':
+      wanted['fingerprint'] = tokenizer.fingerprint
+    kept.mkdir(parents=True, exist_ok=True)
+    for name, content in tokenizer.files.items():
+      (kept / name).write_bytes(content)
+    (kept / 'source.json').write_text(json.dumps(wanted, indent=1))  # last: marks the copy complete
+  if jax.process_count() > 1:  # the others read WORKDIR/tokenizer only once it is complete
+    multihost_utils.sync_global_devices('qwenjax workdir tokenizer')
 
 
 def check_fits(tokenizer: tokenizer_lib.Tokenizer, model_vocab_size: int, source: Mapping[str, Any]) -> None:
@@ -220,11 +237,10 @@ def check_fits(tokenizer: tokenizer_lib.Tokenizer, model_vocab_size: int, source
   tokenizer_lib.check_fits(tokenizer, model_vocab_size, what=f'the tokenizer ({_describe(source)})', fix=fix)
 
 
-def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer
-                     ) -> tuple[prepare.Corpus, prepare.Corpus | None]:
+def prepared_corpora(data: DataConfig, tokenizer: tokenizer_lib.Tokenizer
+                     ) -> tuple[corpus_lib.Corpus, corpus_lib.Corpus | None]:
   """(train, eval or None) corpora, tokenized once into `data.prepared_dir` and reused while unchanged."""
-  data = config.data
-  train_files, eval_files = documents.sources(data)
+  train_files, eval_files = documents.sources(data.train_files, data.eval_files)
   if not data.train_files:
     logging.info('data: built-in corpus, %d Python standard library files for training and %d held out for eval',
                  len(train_files), len(eval_files))
@@ -232,8 +248,8 @@ def prepared_corpora(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib
   # On one filesystem the processes share the tokenizing; on separate disks each tokenizes the whole corpus.
   kwargs = (dict(process_index=jax.process_index(), process_count=jax.process_count())
             if shared_by_all_processes(root) else {})
-  train = prepare.prepare(train_files, data.text_key, tokenizer, root, what='data.train_files', **kwargs)
-  held_out = (prepare.prepare(eval_files, data.text_key, tokenizer, root, what='data.eval_files', **kwargs)
+  train = corpus_lib.prepare(train_files, data.text_key, tokenizer, root, what='data.train_files', **kwargs)
+  held_out = (corpus_lib.prepare(eval_files, data.text_key, tokenizer, root, what='data.eval_files', **kwargs)
               if eval_files else None)
   return train, held_out
 
@@ -245,7 +261,7 @@ class PackedRows:
   """Row r of a corpus's stream (see the module docstring), as `tokens`, `segment_ids` and `positions` of
   `seq_len + 1` entries. `epochs=False`: one pass in corpus order, then empty rows (for eval)."""
 
-  def __init__(self, corpus: prepare.Corpus, seq_len: int, seed: int, shuffle_window: int = 0,
+  def __init__(self, corpus: corpus_lib.Corpus, seq_len: int, seed: int, shuffle_window: int = 0,
                epochs: bool = True):
     self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
     self.shuffle_window, self.epochs = shuffle_window, epochs
@@ -325,7 +341,7 @@ class StepBatches:
     return to_model_batch({k: np.stack([p[k] for p in packed]) for k in packed[0]})
 
 
-def train_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, seed: int, shuffle_window: int,
+def train_batches(corpus: corpus_lib.Corpus, *, seq_len: int, batch_size: int, seed: int, shuffle_window: int,
                   local_rows: Sequence[int], start: int, steps: int, read_threads: int = 2
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Batches of steps start, start + 1, ..., steps - 1, read ahead on `read_threads` threads (grain)."""
@@ -335,7 +351,7 @@ def train_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, seed
   return iter(ds.to_iter_dataset(options))
 
 
-def eval_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, num_batches: int,
+def eval_batches(corpus: corpus_lib.Corpus, *, seq_len: int, batch_size: int, num_batches: int,
                  local_rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
   """The first `num_batches` batches of the eval corpus in file order, read once and kept in memory; past the end
   of the corpus, rows are empty (zero weight), so every process runs the same number of eval steps."""
@@ -344,11 +360,10 @@ def eval_batches(corpus: prepare.Corpus, *, seq_len: int, batch_size: int, num_b
   return [batch_of(k) for k in range(min(num_batches, -(-rows_needed // batch_size)))]
 
 
-def stream_record(config: ml_collections.ConfigDict, corpus: prepare.Corpus) -> dict[str, Any]:
+def stream_record(data: DataConfig, corpus: corpus_lib.Corpus, *, seed: int, batch_size: int) -> dict[str, Any]:
   """What fixes the training stream: saved with each checkpoint, compared when a run resumes."""
-  return {'corpus': corpus.fingerprint, 'tokenizer': corpus.meta['tokenizer'], 'seed': int(config.train.seed),
-          'seq_len': int(config.data.seq_len), 'batch_size': int(config.train.batch_size),
-          'shuffle_window': int(config.data.shuffle_window)}
+  return {'corpus': corpus.fingerprint, 'tokenizer': corpus.meta['tokenizer'], 'seed': seed,
+          'seq_len': data.seq_len, 'batch_size': batch_size, 'shuffle_window': data.shuffle_window}
 
 
 def stream_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

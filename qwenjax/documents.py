@@ -61,10 +61,11 @@ def expand_files(patterns: str, what: str = 'data.train_files') -> list[str]:
     logging.warning('%s: %s match(es) no file (the other patterns do): a typo?', what,
                     ', '.join(repr(p) for p, found in matches.items() if not found))
   if not files:
+    flag = what if what.startswith('--') else f'--config.{what}'  # a command's own flag, or a config value
     raise FileNotFoundError(
         f'no files match {what}={patterns!r} (from {os.getcwd()}). Give a glob or comma-separated globs of '
-        '.jsonl, .txt or ArrayRecord files, e.g. --config.data.train_files="data/*.jsonl", or leave it empty '
-        'to train on the built-in corpus.')
+        f'.jsonl, .txt or ArrayRecord files, e.g. {flag}="data/*.jsonl"'
+        + (', or leave it empty to train on the built-in corpus.' if what == 'data.train_files' else '.'))
   return files
 
 
@@ -201,13 +202,11 @@ def file_identity(paths: Sequence[str]) -> list[tuple[str, int, int]]:
   return [(os.path.abspath(p), (stat := os.stat(p)).st_size, stat.st_mtime_ns) for p in paths]
 
 
-def sources(data: Any) -> tuple[list[str], list[str]]:
-  """(train files, eval files) from the config's `data` section: `train_files` / `eval_files`, or the
-  built-in corpus and its held-out split when `train_files` is empty."""
-  if not data['train_files']:
-    train_files, eval_files = stdlib_files()
-    if data['eval_files']:
-      eval_files = expand_files(data['eval_files'], 'data.eval_files')
-    return train_files, eval_files
-  train_files = expand_files(data['train_files'], 'data.train_files')
-  return train_files, (expand_files(data['eval_files'], 'data.eval_files') if data['eval_files'] else [])
+def sources(train_files: str, eval_files: str) -> tuple[list[str], list[str]]:
+  """(train files, eval files) of the settings `data.train_files` and `data.eval_files` (globs), or the built-in
+  corpus and its held-out split when `train_files` is empty."""
+  if not train_files:
+    train, held_out = stdlib_files()
+    return train, (expand_files(eval_files, 'data.eval_files') if eval_files else held_out)
+  return (expand_files(train_files, 'data.train_files'),
+          expand_files(eval_files, 'data.eval_files') if eval_files else [])

@@ -35,92 +35,33 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
 
-from qwenjax import checkpoint
-from qwenjax import config as config_lib
+from qwenjax import cli
 from qwenjax import data
-from qwenjax import hf as hf_lib
 from qwenjax import loss as loss_lib
+from qwenjax import pretrained
 from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train_step
-from qwenjax import workdir as workdir_lib
 from qwenjax.model_config import ModelConfig
 
 _SMALLEST_BUCKET = 16
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The model to evaluate.
-
-@dataclasses.dataclass
-class Checkpoint:
-  """A model ready to score: its config, parameters (placed on `mesh`), tokenizer and where it came from."""
-  model_config: ModelConfig
-  params: Any
-  tokenizer: tokenizer_lib.Tokenizer
-  mesh: jax.sharding.Mesh
-  rules: sharding.Rules
-  name: str
-  step: int | None = None
-  seq_len: int | None = None  # the training run's data.seq_len
-
-
-def _mesh(model_config: ModelConfig) -> tuple[jax.sharding.Mesh, sharding.Rules]:
-  """Every local device on the fsdp axis: parameters sharded, batch rows split over the devices."""
-  mesh_config = config_lib.mesh_section()
-  mesh = sharding.make_mesh(mesh_config)
-  return mesh, sharding.logical_axis_rules(mesh_config.rules, mesh, model_config)
-
-
-def load(workdir: str | None = None, hf: str | None = None, *, step: int | None = None,
-         dtype: str | None = None, attention_impl: str | None = None) -> Checkpoint:
-  """A training run's checkpoint (`workdir`, latest or `step`) or a Hugging Face directory (`hf`).
-
-  `dtype` sets the compute dtype (default: the run's `model.dtype`; float32 for a Hugging Face checkpoint);
-  `attention_impl` the attention kernel (default: the run's, e.g. to evaluate a cuDNN-trained run on a CPU).
-  """
-  if bool(workdir) == bool(hf):
-    raise ValueError('give exactly one of --workdir (a training run) and --hf (a Hugging Face checkpoint '
-                     'directory)')
-  overrides = {k: v for k, v in (('dtype', dtype), ('attention_impl', attention_impl)) if v}
-  if workdir:
-    # Scored dropless, as Hugging Face's Qwen2-MoE runs: a run's expert capacity (moe_capacity_factor) would
-    # drop tokens depending on the batch they share, so the results would depend on --batch_size.
-    overrides['moe_capacity_factor'] = 0.0
-    workdir = workdir_lib.resolve(workdir)
-    config = workdir_lib.read_config(workdir)
-    model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
-    tok = _fitting(workdir_lib.load_tokenizer(workdir, config), model_config, workdir)
-    mesh, rules = _mesh(model_config)
-    shardings = train_step.param_shardings(model_config, mesh, rules)
-    _, params, step = checkpoint.restore_params(workdir, step, shardings)
-    return Checkpoint(model_config, params, tok, mesh, rules, workdir, step, seq_len=int(config.data.seq_len))
-  path = os.path.abspath(os.path.expanduser(hf))
-  dtype = overrides.pop('dtype', None)
-  model_config = hf_lib.load_config(path, dtype, **overrides)
-  tok = _fitting(tokenizer_lib.load(path), model_config, path)
-  mesh, rules = _mesh(model_config)
-  shardings = train_step.param_shardings(model_config, mesh, rules)
-  _, params = hf_lib.from_pretrained(path, dtype, shardings=shardings, **overrides)  # each device's blocks only
-  return Checkpoint(model_config, params, tok, mesh, rules, path)
-
-
-def _fitting(tok: tokenizer_lib.Tokenizer, model_config: ModelConfig, where: str) -> tokenizer_lib.Tokenizer:
-  if tok.vocab_size > model_config.vocab_size:
-    raise ValueError(f'the tokenizer of {where} has {tok.vocab_size} ids but the model\'s embedding table only '
-                     f'{model_config.vocab_size}: it is not the tokenizer this model was trained with')
-  return tok
+def load(workdir: str | None = None, hf: str | None = None, *, step: int | None = None, dtype: str | None = None,
+         attention_impl: str | None = None) -> pretrained.Pretrained:
+  """The model to score (`qwenjax.pretrained.load`, parameters sharded over the local devices), its experts
+  dropless as Hugging Face's Qwen2-MoE runs: a run's expert capacity (moe_capacity_factor) would drop tokens
+  depending on the rows they share a batch with, so the results would depend on --batch_size."""
+  return pretrained.load(workdir, hf, step=step, dtype=dtype, attention_impl=attention_impl, moe_capacity_factor=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,7 +93,7 @@ def _row_nll(model_config: ModelConfig, rules: sharding.Rules, chunk: int, param
 class Scorer:
   """Sums of negative log-likelihoods of the scored targets of many rows, `batch_size` rows per jitted call."""
 
-  def __init__(self, ckpt: Checkpoint, *, seq_len: int, batch_size: int, chunk: int = 512):
+  def __init__(self, ckpt: pretrained.Pretrained, *, seq_len: int, batch_size: int, chunk: int = 512):
     if seq_len > ckpt.model_config.max_position_embeddings:
       raise ValueError(f'seq_len={seq_len} exceeds the model\'s max_position_embeddings='
                        f'{ckpt.model_config.max_position_embeddings}; pass a smaller --seq_len')
@@ -311,8 +252,8 @@ def choice_metrics(examples: Sequence[Example], loglikelihoods: Sequence[np.ndar
 # ---------------------------------------------------------------------------------------------------------
 # The command line.
 
-def evaluate(ckpt: Checkpoint, *, files: str | None = None, tasks: str | Sequence[str] = (), seq_len: int = 0,
-             overlap: int = 0, batch_size: int = 8, text_key: str = 'text', max_documents: int = 0,
+def evaluate(ckpt: pretrained.Pretrained, *, files: str | None = None, tasks: str | Sequence[str] = (),
+             seq_len: int = 0, overlap: int = 0, batch_size: int = 8, text_key: str = 'text', max_documents: int = 0,
              choice_delimiter: str = ' ') -> dict[str, Any]:
   """The results `python -m qwenjax.evaluate` prints, for `--files` and/or `--tasks` (a list of paths, or a
   comma-separated string as on the command line). A task's results are keyed by its file's name without the
@@ -364,18 +305,15 @@ def _define_flags() -> None:
   flags.DEFINE_string('out', None, 'Also write the results here, as JSON.')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+def main(argv: list[str]) -> None:
+  del argv  # cli.run: no positional arguments
   f = flags.FLAGS
-  try:
-    ckpt = load(f.workdir, f.hf, step=f.step, dtype=f.dtype or None, attention_impl=f.attention_impl or None)
-    results = evaluate(ckpt, files=f.files, tasks=f.tasks, seq_len=f.seq_len, overlap=f.overlap,
-                       batch_size=f.batch_size, text_key=f.text_key, max_documents=f.max_documents,
-                       choice_delimiter=f.choice_delimiter)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    sys.stderr.write(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}\n')
-    sys.exit(2)
+  if not f.files and not f.tasks:
+    raise cli.UsageError('nothing to evaluate: give --files (text to score) and/or --tasks (multiple-choice .jsonl)')
+  ckpt = load(f.workdir, f.hf, step=f.step, dtype=f.dtype, attention_impl=f.attention_impl)
+  results = evaluate(ckpt, files=f.files, tasks=f.tasks, seq_len=f.seq_len, overlap=f.overlap,
+                     batch_size=f.batch_size, text_key=f.text_key, max_documents=f.max_documents,
+                     choice_delimiter=f.choice_delimiter)
   text = json.dumps(results, indent=2)
   print(text)
   if f.out:
@@ -385,5 +323,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags)

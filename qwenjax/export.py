@@ -19,31 +19,26 @@ tokenizer files:
   tokenizers add a BOS token and a leading space): transformers users encode with
   `sentencepiece.SentencePieceProcessor(model_file=PATH + '/tokenizer.model')`. The export says so.
 
-The parameters are read without the optimizer state (`checkpoint.restore_params`) into host memory, so a
-checkpoint larger than one accelerator exports too.
+The run is opened by `qwenjax.pretrained` with its parameters in host memory (no optimizer state), so a checkpoint
+larger than one accelerator exports too.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 import ml_dtypes
 import numpy as np
 
-from qwenjax import checkpoint
+from qwenjax import cli
 from qwenjax import hf
+from qwenjax import pretrained
 from qwenjax import tokenizer as tokenizer_lib
-from qwenjax import params as params_lib
-from qwenjax import sharding
-from qwenjax import workdir as workdir_lib
-from qwenjax.model_config import ModelConfig
 
 DTYPES = ('float32', 'bfloat16')
 SENTENCEPIECE_NOTE = (
@@ -73,12 +68,6 @@ def autotokenizer_note(out: str, tok: tokenizer_lib.Tokenizer) -> str | None:
           'tokenizer as it is with transformers.PreTrainedTokenizerFast(tokenizer_file=".../tokenizer.json")')
 
 
-def _host_shardings(model_config: ModelConfig) -> Any:
-  """Every parameter on the host's CPU device: the export never needs accelerator memory."""
-  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
-  return jax.tree.map(lambda _: cpu, sharding.strip_boxes(params_lib.abstract_params(model_config)))
-
-
 def _cast(params: Any, dtype: str) -> Any:
   np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == 'bfloat16' else np.dtype(dtype)
   return jax.tree.map(lambda x: np.asarray(x).astype(np_dtype, copy=False), params)
@@ -101,15 +90,8 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
     raise ValueError(f'--out={out} is not empty: export into a new or empty directory')
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f'--out={out} is a file: export into a new or empty directory')
-  workdir = workdir_lib.resolve(workdir)
-  config = workdir_lib.read_config(workdir)
-  model_config = ModelConfig.from_dict(config.model)
-  tok = workdir_lib.load_tokenizer(workdir, config)
-  if tok.vocab_size > model_config.vocab_size:
-    raise ValueError(f'the run\'s tokenizer has {tok.vocab_size} ids but model.vocab_size is '
-                     f'{model_config.vocab_size}: is the tokenizer in {workdir} the one it trained with?')
-  _, params, step = checkpoint.restore_params(workdir, step, _host_shardings(model_config))
-  params = jax.device_get(params)
+  run = pretrained.load(workdir, step=step, on_host=True)  # host memory: never the accelerator's
+  model_config, params, tok, workdir, step = run.model_config, run.params, run.tokenizer, run.name, run.step
   if dtype:
     params = _cast(params, dtype)
 
@@ -135,21 +117,13 @@ def _define_flags() -> None:
   flags.DEFINE_string('out', None, 'The Hugging Face directory to write (new or empty).')
   flags.DEFINE_integer('step', None, 'The checkpoint step (default: the latest).')
   flags.DEFINE_enum('dtype', None, DTYPES, 'Cast the parameters (default: keep the trained dtype).')
-  flags.mark_flags_as_required(['workdir', 'out'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+def main(argv: list[str]) -> None:
+  del argv  # cli.run: no positional arguments
   f = flags.FLAGS
-  try:
-    summary = export(f.workdir, f.out, step=f.step, dtype=f.dtype)
-  except (ValueError, FileNotFoundError) as e:
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(2)
-  print(json.dumps(summary, indent=2))
+  print(json.dumps(export(f.workdir, f.out, step=f.step, dtype=f.dtype), indent=2))
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  cli.run(main, _define_flags, required=('workdir', 'out'))

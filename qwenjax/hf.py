@@ -541,6 +541,15 @@ def _parse_size(size: int | str) -> int:
   return int(float(match[1]) * units[match[2]])
 
 
+def _save_file(tensors: dict[str, np.ndarray], path: str) -> None:
+  """safetensors' `save_file`, with the permissions of every other file written (0644 under the usual umask):
+  safetensors leaves its files readable by their owner alone."""
+  save_file(tensors, path, metadata={'format': 'pt'})
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size: int | str = '5GB',
                     expert_layout: str = 'hub') -> None:
   """Writes `config.json` and safetensors files that `transformers.Qwen2ForCausalLM.from_pretrained` (or
@@ -587,12 +596,12 @@ def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size
     shards[-1][name] = tensor
     size += tensor.nbytes
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(path, _SINGLE), metadata={'format': 'pt'})
+    _save_file(shards[0], os.path.join(path, _SINGLE))
     return
   weight_map = {}
   for i, shard in enumerate(shards):
     name = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    save_file(shard, os.path.join(path, name), metadata={'format': 'pt'})
+    _save_file(shard, os.path.join(path, name))
     weight_map.update(dict.fromkeys(shard, name))
   total = sum(t.nbytes for t in tensors.values())
   with open(os.path.join(path, _INDEX), 'w') as f:

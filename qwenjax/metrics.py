@@ -100,17 +100,18 @@ def progress_line(step: int, steps: int, metrics: Mapping[str, float], eta_secon
 class MetricWriter:
   """Appends `{'step': n, ...}` lines to `workdir/metrics.jsonl` and scalars to TensorBoard event files.
 
-  Only process 0 writes. A run resumed at step `resume_step` first drops the lines of later steps (written by a run
-  that stopped before checkpointing them), so metrics.jsonl never holds a step twice. The workdir may be a URL
-  (gs://...): the file then goes through epath, rewritten whole at each write, and TensorBoard files are written
-  locally and copied there at the end.
+  Only process 0 writes. A run resumed at step `resume_step` replays the steps after it, which a run that stopped
+  before checkpointing them may have logged already: it first drops their lines from metrics.jsonl, and its event
+  file starts with TensorBoard's purge marker (a SessionLog START at `resume_step + 1`), so neither shows a step
+  twice. The event file is opened at the first write: a run with nothing to train writes none. The workdir may be
+  a URL (gs://...): metrics.jsonl then goes through epath, rewritten whole at each write, and TensorBoard files
+  are written locally and copied there at the end.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self._active = jax.process_index() == 0
     if not self._active:
       return
-    import tensorboardX  # pylint: disable=g-import-not-at-top  (only the process that writes needs it)
     self._path = epath.Path(workdir) / 'metrics.jsonl'
     self._local = '://' not in str(workdir)
     lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
@@ -120,14 +121,24 @@ class MetricWriter:
       tmp.write_text(''.join(kept))
       tmp.replace(self._path)
     self._lines = kept
-    self._jsonl = open(self._path, 'a') if self._local else None
-    self._tb_dir = workdir if self._local else tempfile.mkdtemp(prefix='qwenjax-tensorboard-')
+    self._jsonl = None
+    self._tb = None
+    self._tb_dir = None
     self._workdir = workdir
-    self._tb = tensorboardX.SummaryWriter(logdir=self._tb_dir, flush_secs=30)
+    self._resume_step = resume_step
+
+  def _open(self) -> None:
+    import tensorboardX  # pylint: disable=g-import-not-at-top  (only the process that writes needs it)
+    if self._local:
+      self._jsonl = open(self._path, 'a')
+    self._tb_dir = self._workdir if self._local else tempfile.mkdtemp(prefix='qwenjax-tensorboard-')
+    self._tb = tensorboardX.SummaryWriter(logdir=self._tb_dir, flush_secs=30, purge_step=self._resume_step + 1)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self._active:
       return
+    if self._tb is None:
+      self._open()
     values = {k: float(v) for k, v in values.items()}
     line = json.dumps({'step': int(step), **values}) + '\n'
     if self._jsonl is not None:
@@ -140,7 +151,7 @@ class MetricWriter:
       self._tb.add_scalar(name, value, int(step))
 
   def close(self) -> None:
-    if not self._active:
+    if not self._active or self._tb is None:
       return
     if self._jsonl is not None:
       self._jsonl.close()

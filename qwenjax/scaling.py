@@ -27,14 +27,14 @@ import itertools
 import json
 import math
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
 import numpy as np
+
+from qwenjax import cli
 
 # scipy's L-BFGS-B calls BLAS on 5-vectors; OpenBLAS threads then cost 50x the work on a busy machine (2 s
 # instead of 0.05 s a fit). Read when scipy's BLAS loads, so only if nothing imported scipy.optimize before.
@@ -531,34 +531,38 @@ def summary(fitted: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-_BOOTSTRAP = flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples for the confidence intervals (0: none).')
-_SEED = flags.DEFINE_integer('seed', 0, 'fit: seed of the bootstrap resampling.')
-_OUT = flags.DEFINE_string('out', 'compare.png', 'plot: the PNG file to write.')
-_X = flags.DEFINE_string('x', 'flops', 'plot: result field (or config override, e.g. lr) on the x axis.')
-_Y = flags.DEFINE_string('y', 'eval_loss', 'plot: result field on the y axis.')
-_GROUP = flags.DEFINE_string('group', '', 'plot: one line per value of this field, one panel per sweep.')
-_PANEL = flags.DEFINE_string('panel', '', 'plot: one panel per value of this field (e.g. mup_base_width).')
+def _define_flags() -> None:
+  """The command line's flags (defined when it runs: the sweep imports this module and adds none of them)."""
+  flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples for the confidence intervals (0: none).')
+  flags.DEFINE_integer('seed', 0, 'fit: seed of the bootstrap resampling.')
+  flags.DEFINE_string('out', 'compare.png', 'plot: the PNG file to write.')
+  flags.DEFINE_string('x', 'flops', 'plot: result field (or config override, e.g. lr) on the x axis.')
+  flags.DEFINE_string('y', 'eval_loss', 'plot: result field on the y axis.')
+  flags.DEFINE_string('group', '', 'plot: one line per value of this field, one panel per sweep.')
+  flags.DEFINE_string('panel', '', 'plot: one panel per value of this field (e.g. mup_base_width).')
 
-_USAGE = 'usage: python -m qwenjax.scaling fit DIR | python -m qwenjax.scaling plot DIR1 [DIR2 ...] --out=FILE.png'
+
+_ARGS = 'fit DIR | plot DIR [DIR ...] --out=FILE.png'
 
 
-def main(argv):
-  if len(argv) < 3 or argv[1] not in ('fit', 'plot'):
-    raise app.UsageError(_USAGE)
-  if argv[1] == 'fit':
-    if len(argv) != 3:
-      raise app.UsageError(f'fit takes one sweep directory, got {argv[2:]}. {_USAGE}')
-    try:
-      fitted = fit_directory(argv[2], bootstrap=_BOOTSTRAP.value, seed=_SEED.value)
-    except (ValueError, FileNotFoundError) as e:
-      sys.stderr.write(f'error: {e}\n')
-      sys.exit(2)
+def main(argv: list[str]) -> None:
+  if not argv or argv[0] not in ('fit', 'plot'):
+    raise cli.UsageError(f'give a subcommand: python -m qwenjax.scaling {_ARGS}'
+                         + (f' (got {argv[0]!r})' if argv else ''))
+  f = flags.FLAGS
+  if argv[0] == 'fit':
+    if len(argv) != 2:
+      raise cli.UsageError(f'fit takes one sweep directory, got {len(argv) - 1}: python -m qwenjax.scaling fit DIR')
+    fitted = fit_directory(argv[1], bootstrap=f.bootstrap, seed=f.seed)
     print(summary(fitted))
-    print(f'wrote {os.path.join(argv[2], "fit.json")} and {", ".join(fitted["plots"])}')
+    print(f'wrote {os.path.join(argv[1], "fit.json")} and {", ".join(fitted["plots"])}')
   else:
-    out = plot_compare(argv[2:], _OUT.value, x=_X.value, y=_Y.value, group=_GROUP.value, panel=_PANEL.value)
+    if len(argv) < 2:
+      raise cli.UsageError('plot takes one or more sweep directories: python -m qwenjax.scaling plot DIR [DIR ...] '
+                           '--out=FILE.png')
+    out = plot_compare(argv[1:], f.out, x=f.x, y=f.y, group=f.group, panel=f.panel)
     print(f'wrote {out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, _define_flags, args=_ARGS)

@@ -1,8 +1,9 @@
 """The device mesh, and where every parameter and activation lives on it: decided here and nowhere else.
 
 The model names the axes of its parameters (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`,
-`layers`) and of its activations (`activation_batch`, `activation_length`, ...). `DEFAULT_RULES` maps those
-names to the axes of a mesh over all devices:
+`layers`) and of its activations (`activation_batch`, `activation_length`, ...). The rules (`DEFAULT_RULES`,
+written in `qwenjax.config` as `MeshConfig.rules`' default) map those names to the axes of a mesh over all
+devices:
 
 * `data`: data parallelism, parameters replicated;
 * `fsdp`: data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style);
@@ -19,14 +20,14 @@ Multi-slice (several TPU slices joined by the data-center network, DCN, or sever
 `fsdp`, `tensor` and `expert` stay inside a slice, on the fast interconnect (ICI), sized as for one slice.
 Only data parallelism, whose one gradient all-reduce per step tolerates the slower network, crosses slices.
 
-To add a mesh axis, append it to `MESH_AXES`, give it a size in the config's `mesh` section and map logical
-names to it in the rules.
+To add a mesh axis, append it to `qwenjax.config.MESH_AXES`, give `MeshConfig` a field of its size and map
+logical names to it in the rules.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -34,56 +35,31 @@ import jax
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from qwenjax import config as config_lib
 from qwenjax.model_config import ModelConfig
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+MESH_AXES = config_lib.MESH_AXES
 # Logical axes of a batch of token ids `[batch, seq]`.
 BATCH_AXES = ('activation_batch', 'activation_length')
-
-# (logical axis name, mesh axis / tuple of mesh axes / None). flax applies the first rule whose mesh axes are
-# still free in the array, so order matters only when two names compete for one mesh axis.
-DEFAULT_RULES = (
-    # Activations.
-    ('activation_batch', ('data', 'fsdp', 'expert')),
-    ('activation_length', None),
-    ('activation_embed', None),
-    ('activation_heads', 'tensor'),
-    ('activation_kv_heads', 'tensor'),
-    ('activation_head_dim', None),
-    ('activation_mlp', 'tensor'),
-    ('activation_vocab', 'tensor'),
-    # Parameters.
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('head_dim', None),
-    ('mlp', 'tensor'),
-    ('norm', None),
-    ('layers', None),
-    ('expert', 'expert'),
-    ('expert_router', None),
-)
+DEFAULT_RULES = config_lib.DEFAULT_RULES  # where they are written: config.MeshConfig's default
 
 Rules = tuple[tuple[str, Any], ...]
 
 
-def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+def mesh_shape(mesh_config: config_lib.MeshConfig, num_devices: int) -> tuple[int, ...]:
   """Sizes of `MESH_AXES` over all `num_devices`: one slice's sizes with `data` times `mesh.dcn_data`."""
   ici, dcn = hybrid_mesh_shapes(mesh_config, num_devices)
   return tuple(i * d for i, d in zip(ici, dcn))
 
 
-def hybrid_mesh_shapes(mesh_config: Mapping[str, int], num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def hybrid_mesh_shapes(mesh_config: config_lib.MeshConfig, num_devices: int
+                       ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(sizes within one slice, sizes across slices) of `MESH_AXES`, as `create_hybrid_device_mesh` takes them.
 
   The config's data/fsdp/tensor/expert sizes are those of one slice of `num_devices / mesh.dcn_data` devices,
   one of them possibly -1 (the rest of the slice); across slices only `data` is longer than 1.
   """
-  slices = mesh_config.get('dcn_data', 1)
-  if int(slices) != slices or slices < 1:
-    raise ValueError(f'mesh.dcn_data must be a positive int (the number of slices), got {slices!r}')
-  slices = int(slices)
+  slices = mesh_config.dcn_data  # a positive int: MeshConfig checks
   if num_devices % slices:
     raise ValueError(f'mesh.dcn_data={slices} slices do not divide the {num_devices} devices evenly. Set '
                      'mesh.dcn_data to the number of slices (TPU) or hosts (GPU) the job runs on.')
@@ -92,14 +68,12 @@ def hybrid_mesh_shapes(mesh_config: Mapping[str, int], num_devices: int) -> tupl
   return ici, dcn
 
 
-def _slice_mesh_shape(mesh_config: Mapping[str, int], num_devices: int, slices: int) -> tuple[int, ...]:
-  """Sizes of `MESH_AXES` within one slice of `num_devices`, resolving one -1 to the remaining devices."""
-  sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+def _slice_mesh_shape(mesh_config: config_lib.MeshConfig, num_devices: int, slices: int) -> tuple[int, ...]:
+  """Sizes of `MESH_AXES` within one slice of `num_devices`, resolving one -1 to the remaining devices (MeshConfig
+  has checked that each is positive or -1, and at most one -1)."""
+  sizes = list(mesh_config.sizes())
   described = ' x '.join(f'{axis}={size}' for axis, size in zip(MESH_AXES, sizes))
   devices = f'{num_devices} devices' + (f' of each of the {slices} slices (mesh.dcn_data)' if slices > 1 else '')
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh sizes {described}: each must be a positive int, and at most one may be -1 '
-                     '(the remaining devices)')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
@@ -122,7 +96,7 @@ def slice_attribute(devices: Sequence[Any]) -> str:
   return 'process_index'
 
 
-def hybrid_device_array(mesh_config: Mapping[str, int], devices: Sequence[Any]):
+def hybrid_device_array(mesh_config: config_lib.MeshConfig, devices: Sequence[Any]):
   """The devices as an array of `MESH_AXES`' sizes, the `data` axis running over the `mesh.dcn_data` slices."""
   ici, dcn = hybrid_mesh_shapes(mesh_config, len(devices))
   attribute = slice_attribute(devices)
@@ -134,15 +108,16 @@ def hybrid_device_array(mesh_config: Mapping[str, int], devices: Sequence[Any]):
   return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=attribute == 'process_index')
 
 
-def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A mesh over `MESH_AXES` with Auto axes: XLA propagates shardings from the constraints we place.
+def make_mesh(mesh_config: config_lib.MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A mesh over `MESH_AXES` with Auto axes: XLA propagates shardings from the constraints we place. Its rules
+  (`mesh_config.rules`) are fitted to a model by `logical_axis_rules`.
 
   With `mesh.dcn_data` > 1 the devices are laid out by `mesh_utils.create_hybrid_device_mesh`: each slice is
   a contiguous block of the `data` axis.
   """
   devices = list(jax.devices() if devices is None else devices)
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if int(mesh_config.get('dcn_data', 1)) > 1:
+  if mesh_config.dcn_data > 1:
     return jax.sharding.Mesh(hybrid_device_array(mesh_config, devices), MESH_AXES, axis_types=axis_types)
   slices = len({getattr(d, 'slice_index', 0) for d in devices})
   if slices > 1:

@@ -43,11 +43,9 @@ import math
 import os
 import shlex
 import statistics
-import sys
 import time
 from typing import Any, Iterator, Mapping
 
-from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
@@ -56,6 +54,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from qwenjax import checkpoint
+from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
@@ -245,8 +244,10 @@ def check_epochs(sweep: ml_collections.ConfigDict, points: list[Point]) -> int:
   """Prepares the shared tokenizer and corpus (once for the whole sweep), sets each point's `epochs`, and raises
   if a point would see the corpus more than `max_epochs` times. Returns the corpus's token count."""
   config = point_config(sweep, points[0])
-  tokenizer = data.get_tokenizer(config, None)
-  corpus, held_out = data.prepared_corpora(config, tokenizer)
+  run = config_lib.settings(config)
+  tokenizer = data.get_tokenizer(run.data, None, model_vocab_size=run.model.vocab_size, seed=run.seed,
+                                 init_from_hf=run.init_from_hf)
+  corpus, held_out = data.prepared_corpora(run.data, tokenizer)
   if held_out is None or int(config.train.eval_steps) < 1:
     raise ValueError('the fits need each point\'s final eval loss: set train.eval_steps > 0 and data.eval_files in '
                      f'the sweep\'s overrides (now eval_steps={config.train.eval_steps}, eval_files='
@@ -331,6 +332,8 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
     start = time.time()
     try:
       train.train_and_evaluate(point_config(sweep, point), point_dir)
+    except cli.Stopped as e:  # SIGTERM / Ctrl-C: the point checkpointed (unless stopped at once) and resumes
+      raise cli.Stopped(e.signum, f'sweep point {point.name}: {e}', at_once=e.at_once) from e
     except checkpoint.NonFiniteError as e:  # e.g. a learning rate too high: a result of the sweep, not a failure
       record = dict(name=point.name, params=point.params, params_total=point.params_total, tokens=point.tokens,
                     flops=point.flops, budget=point.budget, eval_loss=None, diverged=True, error=str(e),
@@ -375,38 +378,34 @@ def emit(sweep: ml_collections.ConfigDict, workdir: str) -> list[str]:
   return commands
 
 
-_SWEEP = config_flags.DEFINE_config_file('sweep', None, 'Sweep file, e.g. experiments/isoflop_small.py.',
-                                         lock_config=False)
-_EMIT = flags.DEFINE_bool('emit', False, 'Print one python -m qwenjax.train command per unfinished point instead of '
-                          'running them.')
-_ONLY = flags.DEFINE_list('only', [], 'Run only these points (names as in DIR/sweep.json).')
+def _define_flags() -> None:
+  """The command line's flags (defined when it runs: importing this module adds none)."""
+  config_flags.DEFINE_config_file('sweep', None, 'Sweep file, e.g. experiments/isoflop_small.py.', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'The sweep\'s directory: a workdir per point, results.jsonl, the shared '
+                      'prepared corpus and compilation cache. Running again resumes.')
+  flags.DEFINE_bool('emit', False, 'Print one python -m qwenjax.train command per unfinished point instead of running '
+                    'them.')
+  flags.DEFINE_list('only', [], 'Run only these points (names as in DIR/sweep.json).')
+  distributed.define_flags()  # every point on all processes
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+  del argv  # cli.run: no positional arguments
   logging.get_absl_handler().addFilter(train._LibraryInfoFilter())  # pylint: disable=protected-access
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; set sweep values as --sweep.KEY=VALUE')
-  workdir = train.check_workdir(flags.FLAGS.workdir)  # --workdir is qwenjax.train's flag: the sweep's directory
-  try:
-    distributed.initialize()  # --coordinator_address ... (qwenjax.train's flags): every point on all processes
-    if _EMIT.value:
-      print('\n'.join(emit(_SWEEP.value, workdir)))
-      return
-    cache = train.compilation_cache_dir(
-        str(_SWEEP.value.get('overrides', {}).get('train', {}).get('compilation_cache_dir',
-                                                                    os.path.join(workdir, 'compilation_cache'))),
-        workdir)
-    if cache:  # jax's process-wide setting, before anything compiles: points of one shape compile once
-      jax.config.update('jax_compilation_cache_dir', cache)
-    records = run(_SWEEP.value, workdir, only=tuple(_ONLY.value))
-  except train.USER_ERRORS as e:
-    logging.error('%s', e)
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(1)
+  sweep, workdir = flags.FLAGS.sweep, train.check_workdir(flags.FLAGS.workdir)
+  distributed.initialize_from_flags()
+  if flags.FLAGS.emit:
+    print('\n'.join(emit(sweep, workdir)))
+    return
+  cache = train.compilation_cache_dir(
+      str(sweep.get('overrides', {}).get('train', {}).get('compilation_cache_dir',
+                                                          os.path.join(workdir, 'compilation_cache'))), workdir)
+  if cache:  # jax's process-wide setting, before anything compiles: points of one shape compile once
+    jax.config.update('jax_compilation_cache_dir', cache)
+  records = run(sweep, workdir, only=tuple(flags.FLAGS.only))
   print(f'{len(records)} point(s) finished; results in {os.path.join(workdir, "results.jsonl")}. Fit them with: '
         f'python -m qwenjax.scaling fit {workdir}')
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['sweep', 'workdir'])
-  app.run(main)
+  cli.run(main, _define_flags, required=('sweep', 'workdir'), expected=train.USER_ERRORS)

@@ -53,7 +53,7 @@ import tokenizers
 
 SENTENCEPIECE_FILE = 'tokenizer.model'
 HF_FILE = 'tokenizer.json'
-HF_CONFIG_FILES = ('tokenizer_config.json', 'generation_config.json')
+HF_CONFIG_FILES = ('tokenizer_config.json', 'generation_config.json', 'chat_template.jinja')
 _END_OF_TEXT = ('<|endoftext|>', '<|end_of_text|>')
 
 # A trained model's fixed pieces: <unk>, <s>, </s>, '\n' and the 256 bytes.
@@ -388,17 +388,18 @@ def _write_atomically(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def check_fits(tokenizer: Tokenizer, model_vocab_size: int, *, what: str, fix: str) -> None:
+def check_fits(tokenizer: Tokenizer, model_vocab_size: int, *, what: str, fix: str, warn_unused: bool = True) -> None:
   """The one check that a tokenizer belongs with an embedding table of `model_vocab_size` rows.
 
   An error when token ids would index past the table (`fix` says what to change); a warning when more than 5% (and
-  256) of the rows would never train. `what` names the tokenizer, e.g. "the tokenizer of /path/to/run".
+  256) of the rows would never train (`warn_unused`: off for a model already trained). `what` names the tokenizer,
+  e.g. "the tokenizer of /path/to/run".
   """
   if tokenizer.vocab_size > model_vocab_size:
     raise ValueError(f'{what} has {tokenizer.vocab_size} ids but the model\'s vocab_size (embedding rows) is '
                      f'{model_vocab_size}: token ids would index past the embedding table; {fix}.')
   unused = model_vocab_size - tokenizer.vocab_size
-  if unused > max(256, model_vocab_size // 20):
+  if warn_unused and unused > max(256, model_vocab_size // 20):
     padded = -(-tokenizer.vocab_size // 128) * 128
     logging.warning(
         '%s has %d ids but the model\'s vocab_size is %d: %d embedding rows are never used. Set '

@@ -5,8 +5,12 @@ Every config value can be overridden on the command line, e.g. `--config.train.s
 from the latest checkpoint in `workdir`.
 
 The workdir holds `checkpoints/`, `metrics.jsonl` (one JSON object per line, each with a `step`), TensorBoard
-event files, `config.json`, `compilation_cache/` (compiled steps for the next run) and, with
-`data.tokenizer='train'`, `tokenizer.model`.
+event files, `config.json`, `compilation_cache/` (compiled steps for the next run) and `tokenizer/` (the tokenizer
+the run trains with, which sampling, evaluation and export read).
+
+Ctrl-C or SIGTERM saves a checkpoint after the current step and exits with status 130 or 143 (a second Ctrl-C
+stops at once, without saving); errors are one `error:` line, status 2 for the command line, 1 otherwise
+(`qwenjax.cli`).
 
 Read top to bottom: set up the mesh, data and tokenizer; create or restore the sharded train state; then the
 loop: step, log, evaluate, checkpoint. The step itself is `qwenjax.train_step`; sharding is
@@ -17,16 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import logging as pylogging
 import os
+import shutil
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import flax.linen as nn
@@ -37,6 +39,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from qwenjax import checkpoint
+from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
@@ -46,11 +49,6 @@ from qwenjax import sharding
 from qwenjax import train_step
 from qwenjax import workdir as workdir_lib
 from qwenjax.model_config import ModelConfig
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, TensorBoard files and the '
-                               'tokenizer. Running again with the same workdir resumes.')
 
 # Fields that fix parameter shapes: a Hugging Face checkpoint must agree with the config on these.
 _SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
@@ -64,7 +62,8 @@ _MOE_ARCH_FIELDS = ('num_experts_per_tok', 'norm_topk_prob')
 
 
 def check_workdir(workdir: str | None) -> str:
-  """The workdir as an absolute path (or a URL such as gs://bucket/run, read and written through epath)."""
+  """The workdir as an absolute path (or a URL such as gs://bucket/run, read and written through epath). A run
+  creates it when it starts (`train_and_evaluate`)."""
   if workdir is None or not str(workdir).strip():
     raise ValueError('the workdir is empty: pass --workdir=DIR, a directory for checkpoints, metrics and the '
                      'tokenizer (e.g. --workdir=/tmp/qwenjax-run); the same DIR later resumes the run')
@@ -74,8 +73,16 @@ def check_workdir(workdir: str | None) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir={workdir} is a file, not a directory: give a directory (new or of an earlier run)')
-  os.makedirs(workdir, exist_ok=True)
   return workdir
+
+
+def _first_missing(path: str) -> str | None:
+  """The outermost directory of a local `path` that does not exist yet (what creating `path` adds), or None."""
+  if '://' in path or os.path.exists(path):
+    return None
+  while not os.path.exists(os.path.dirname(path)):
+    path = os.path.dirname(path)
+  return path
 
 
 def compilation_cache_dir(setting: str, workdir: str) -> str | None:
@@ -85,12 +92,9 @@ def compilation_cache_dir(setting: str, workdir: str) -> str | None:
   return os.path.join(workdir, 'compilation_cache') if setting == 'workdir' else os.path.expanduser(setting)
 
 
-def check_batch(train: ml_collections.ConfigDict, batch_shards: int, mesh: jax.sharding.Mesh) -> int:
-  """Checks that the global batch splits into micro-batches and over devices and hosts; returns the per-host
-  batch."""
-  batch, accum = int(train.batch_size), int(train.grad_accum_steps)
-  if accum < 1 or batch % accum:
-    raise ValueError(f'train.batch_size={batch} must be a positive multiple of train.grad_accum_steps={accum}')
+def check_batch(batch: int, accum: int, batch_shards: int, mesh: jax.sharding.Mesh) -> int:
+  """Checks that the global batch's micro-batches (`batch / accum`: RunConfig has checked that accum divides it)
+  split over devices and hosts; returns the per-host batch."""
   micro = batch // accum
   if micro % batch_shards:
     mesh_desc = ' x '.join(f'{a}={n}' for a, n in mesh.shape.items())
@@ -128,22 +132,27 @@ def load_hf_params(path: str, model_config: ModelConfig, shardings: Any = None) 
 
 class _StopSignal:
   """Turns SIGTERM (preemption) and Ctrl-C (SIGINT) into a flag the loop checks after each step: the run saves a
-  checkpoint and stops. A second Ctrl-C stops at once."""
+  checkpoint and stops, raising `cli.Stopped` (exit status 128 + the signal). A second Ctrl-C stops at once."""
 
   def __init__(self):
-    self.received = False
+    self.signum: int | None = None  # the first signal received
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
 
+  @property
+  def received(self) -> bool:
+    return self.signum is not None
+
   def _handle(self, signum, frame):
     del frame
     if self.received and signum == signal.SIGINT:
-      raise KeyboardInterrupt
+      raise cli.Stopped(signum, 'Ctrl-C again: stopped at once, without saving; the same command resumes from the '
+                        'last checkpoint', at_once=True)
     logging.warning('%s received: saving a checkpoint after this step, then stopping%s', signal.Signals(signum).name,
                     ' (Ctrl-C again to stop at once, without saving)' if signum == signal.SIGINT else '')
-    self.received = True
+    self.signum = self.signum or signum
 
   def close(self):
     for sig, previous in self._previous.items():
@@ -188,9 +197,9 @@ def local_rows(batch_sharding: jax.sharding.Sharding, batch_size: int, process: 
 @dataclasses.dataclass
 class Run:
   """Everything the step loop needs, made by `setup`."""
-  config: ml_collections.ConfigDict
+  settings: config_lib.RunConfig
+  config: ml_collections.ConfigDict  # what config.json records
   workdir: str
-  model_config: ModelConfig
   mesh: jax.sharding.Mesh
   rules: Any
   batch_sharding: jax.sharding.Sharding
@@ -205,57 +214,56 @@ class Run:
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Mesh, tokenizer and prepared data, then the train state: restored, or new (config.json written only then)."""
-  tc, seq_len = config.train, int(config.data.seq_len)
-  model_config = ModelConfig.from_dict(config.model)
-  if seq_len > model_config.max_position_embeddings:
-    raise ValueError(f'data.seq_len={seq_len} exceeds model.max_position_embeddings='
-                     f'{model_config.max_position_embeddings}')
-  if int(tc.checkpoint_every) < 0:
-    raise ValueError(f'train.checkpoint_every={tc.checkpoint_every} must be >= 0 (0: only at the end)')
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model_config)
-  check_batch(tc, sharding.batch_shards(mesh, rules), mesh)
+def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Mesh, tokenizer and prepared data, then the train state: restored, or new. Only then does the workdir record
+  the run's tokenizer and `config` (config.json)."""
+  model_config, loop, data_config = settings.model, settings.loop, settings.data
+  mesh = sharding.make_mesh(settings.mesh)
+  rules = sharding.logical_axis_rules(settings.mesh.rules, mesh, model_config)
+  check_batch(loop.batch_size, settings.loss.grad_accum_steps, sharding.batch_shards(mesh, rules), mesh)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   logging.info('mesh %s over %d %s device(s), %d process(es)', dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
 
   setup_start = time.time()
-  tokenizer = data.get_tokenizer(config, workdir)
-  corpus, held_out = data.prepared_corpora(config, tokenizer)
-  rows = local_rows(batch_sharding, int(tc.batch_size))
+  tokenizer = data.get_tokenizer(data_config, workdir, model_vocab_size=model_config.vocab_size, seed=settings.seed,
+                                 init_from_hf=settings.init_from_hf)
+  corpus, held_out = data.prepared_corpora(data_config, tokenizer)
+  rows = local_rows(batch_sharding, loop.batch_size)
   if jax.process_count() > 1:
     for process in range(jax.process_count()):
       logging.info('process %d of %d reads rows %s of each global batch', process, jax.process_count(),
-                   local_rows(batch_sharding, int(tc.batch_size), process))
+                   local_rows(batch_sharding, loop.batch_size, process))
   eval_data = []
-  if held_out is not None and int(tc.eval_steps) > 0:
-    eval_data = data.eval_batches(held_out, seq_len=seq_len, batch_size=int(tc.batch_size),
-                                  num_batches=int(tc.eval_steps), local_rows=rows)
+  if held_out is not None and loop.eval_steps > 0:
+    eval_data = data.eval_batches(held_out, seq_len=data_config.seq_len, batch_size=loop.batch_size,
+                                  num_batches=loop.eval_steps, local_rows=rows)
   if not eval_data:
     logging.info('no eval data (set data.eval_files): eval loss is not computed')
   logging.info('data: tokenizer and prepared corpora ready in %.1f s', time.time() - setup_start)
 
   setup_start = time.time()
-  tx = train_step.make_optimizer(tc)
+  tx = train_step.make_optimizer(settings.optimizer)
   shardings = train_step.state_shardings(model_config, tx, mesh, rules)
-  checkpointer = checkpoint.Checkpointer(workdir, int(tc.keep_checkpoints))
-  stream = data.stream_record(config, corpus)
-  state, start = _restore_or_init(config, workdir, model_config, tx, shardings, checkpointer, stream)
+  checkpointer = checkpoint.Checkpointer(workdir, settings.checkpoint)
+  stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
+  state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
   state = jax.block_until_ready(state)
+  # The run has started: its workdir now records its tokenizer and settings (a run that failed before did not).
+  data.keep_tokenizer(workdir, tokenizer, data_config, seed=settings.seed, init_from_hf=settings.init_from_hf)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, start)
   logging.info('model: %s parameters; train state ready in %.1f s',
                f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', time.time() - setup_start)
-  return Run(config, workdir, model_config, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
+  return Run(settings, config, workdir, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
              checkpointer, state, start, stream)
 
 
-def _restore_or_init(config, workdir, model_config, tx, shardings, checkpointer, stream):
+def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream):
   """(state, first step): the latest readable checkpoint, else a Hugging Face checkpoint or random init.
 
   Errors leave every file as it was and say which setting differs from the workdir's config.json."""
+  model_config = settings.model
   saved_steps = checkpointer.all_steps()
   try:
     restored = checkpointer.restore(train_step.abstract_state(model_config, tx, shardings))
@@ -273,18 +281,18 @@ def _restore_or_init(config, workdir, model_config, tx, shardings, checkpointer,
     logging.info('resumed from %s/%d', checkpointer.directory, start)
     return state, start
   lost = saved_steps or checkpointer.set_aside_steps()
-  if lost and not config.train.restart_if_unreadable:
+  if lost and not settings.checkpoint.restart_if_unreadable:
     raise checkpoint.RestoreError(
         f'no checkpoint in {checkpointer.directory} can be read (unreadable ones were moved to '
         f'{checkpointer.corrupt_directory}: {", ".join(checkpointer.set_aside_steps())}). The run does not start '
         'over by itself: pass --config.train.restart_if_unreadable=True to train again from step 0 in this '
         'workdir, or use a new --workdir.')
-  if config.init_from_hf:
-    logging.info('initializing from the Hugging Face checkpoint %s', config.init_from_hf)
+  if settings.init_from_hf:
+    logging.info('initializing from the Hugging Face checkpoint %s', settings.init_from_hf)
     return train_step.create_state(
-        model_config, tx, shardings, params=load_hf_params(config.init_from_hf, model_config, shardings.params)), 0
-  return train_step.create_state(model_config, tx, shardings, rng=jax.random.key(int(config.train.seed)),
-                                 mup_base_width=int(config.train.get('mup_base_width', 0))), 0
+        model_config, tx, shardings, params=load_hf_params(settings.init_from_hf, model_config, shardings.params)), 0
+  return train_step.create_state(model_config, tx, shardings, rng=jax.random.key(settings.seed),
+                                 mup_base_width=settings.optimizer.mup_base_width), 0
 
 
 def _save(run: Run, step: int, state) -> None:
@@ -299,46 +307,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: int | None = None) -> dict[str, float]:
   """Trains (or resumes) to `config.train.steps`; returns the last logged metrics.
 
-  `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs).
+  The config is read once, here (`config.settings`): a bad setting stops the run before anything is written.
+  A run that fails before its train state exists leaves no new directory behind; a workdir that existed stays as
+  it was. `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs). Stopped by
+  SIGTERM or Ctrl-C before the last step, it checkpoints and raises `cli.Stopped`.
   """
+  settings = config_lib.settings(config)
   workdir = check_workdir(workdir)
-  with _workdir_lock(workdir):
-    run = setup(config, workdir)
-    return train_loop(run, stop_after=stop_after)
+  new = _first_missing(workdir)
+  if '://' not in workdir:
+    os.makedirs(workdir, exist_ok=True)
+  run = None
+  try:
+    with _workdir_lock(workdir):
+      run = setup(settings, config, workdir)
+      return train_loop(run, stop_after=stop_after)
+  finally:
+    if new and run is None:  # nothing of this run's is worth keeping: its tokenizer and data are in the cache
+      shutil.rmtree(new, ignore_errors=True)
 
 
 def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
-  """Steps from `run.start` to `train.steps`: step, log, evaluate, checkpoint; stops early on SIGTERM / Ctrl-C."""
-  tc, steps, state, ckpt = run.config.train, int(run.config.train.steps), run.state, run.checkpointer
-  seq_len = int(run.config.data.seq_len)
+  """Steps from `run.start` to `train.steps`: step, log, evaluate, checkpoint; on SIGTERM / Ctrl-C (or a
+  preemption another host saw) it checkpoints and raises `cli.Stopped` once everything is closed."""
+  settings, state, ckpt = run.settings, run.state, run.checkpointer
+  loop, steps, seq_len = settings.loop, settings.loop.steps, settings.data.seq_len
   if run.start >= steps:
     logging.info('already trained to step %d of train.steps=%d: nothing to do', run.start, steps)
-  batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=int(tc.batch_size), seed=int(tc.seed),
-                               shuffle_window=int(run.config.data.shuffle_window), local_rows=run.rows,
-                               start=run.start, steps=steps, read_threads=int(run.config.data.read_threads))
-  flops = metrics_lib.flops_per_token(run.model_config, seq_len)
+  batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=settings.seed,
+                               shuffle_window=settings.data.shuffle_window, local_rows=run.rows,
+                               start=run.start, steps=steps, read_threads=settings.data.read_threads)
+  flops = metrics_lib.flops_per_token(settings.model, seq_len)
   writer = metrics_lib.MetricWriter(run.workdir, resume_step=run.start)
-  peak = float(tc.peak_tflops) * 1e12 or metrics_lib.peak_flops_per_device()
-  tokens_per_step = int(tc.batch_size) * seq_len
-  log_every, eval_every, checkpoint_every = max(int(tc.log_every), 1), int(tc.eval_every), int(tc.checkpoint_every)
-  stop, profiler = _StopSignal(), _Profiler(run.workdir, int(tc.profile_steps), int(tc.profile_from), steps)
-  nonfinite = _NonFiniteSteps(int(tc.max_nonfinite_steps))
+  peak = loop.peak_tflops * 1e12 or metrics_lib.peak_flops_per_device()
+  tokens_per_step = loop.batch_size * seq_len
+  log_every, eval_every = max(loop.log_every, 1), loop.eval_every
+  stop, profiler = _StopSignal(), _Profiler(run.workdir, loop.profile_steps, loop.profile_from, steps)
+  nonfinite = _NonFiniteSteps(loop.max_nonfinite_steps)
   last: dict[str, float] = {}
+  stopped_by = None  # (signal, message) of a stop before train.steps
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
       replicated = sharding.replicated(run.mesh)
-      horizon = jax.device_put(train_step.schedule_horizon(tc), replicated)
-      step_fn = jax.jit(train_step.make_train_step(run.model_config, tc),
+      horizon = jax.device_put(train_step.schedule_horizon(settings.optimizer), replicated)
+      step_fn = jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss),
                         in_shardings=(run.shardings, run.batch_sharding, replicated),
                         out_shardings=(run.shardings, None), donate_argnums=(0,))
-      eval_fn = jax.jit(train_step.make_eval_step(run.model_config, tc),
+      eval_fn = jax.jit(train_step.make_eval_step(settings.model, settings.loss),
                         in_shardings=(run.shardings.params, run.batch_sharding))
       timer = _StepTimer(run.start)
       for step in range(run.start, steps):
         profiler.before(step)
         state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
-                                                           int(tc.batch_size)), horizon)
+                                                           loop.batch_size), horizon)
         done = step + 1
         timer.queued(step_metrics)  # waits for the previous step: the host runs one step ahead
         nonfinite.check(timer.previous, done - 1)
@@ -353,14 +375,14 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
           last.update(values)
 
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
-          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, int(tc.batch_size))
+          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size)
           writer.write(done, values)
           logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
                        values['eval_perplexity'])
           last.update(values)
           timer.restart(done)  # keep eval time out of the step timings
 
-        if (checkpoint_every and done % checkpoint_every == 0) or done == steps or stopping:
+        if ckpt.due(done) or done == steps or stopping:
           nonfinite.check(step_metrics, done)
           saved = not nonfinite.in_a_row
           if not saved:  # the state that gave a non-finite loss (e.g. blown up by a huge lr) is suspect:
@@ -369,13 +391,21 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
           else:
             _save(run, done, state)
         if stopping:
-          logging.info('stopping at step %d (%s)', done, 'checkpoint saved' if saved else 'no checkpoint written')
+          outcome = 'checkpoint saved' if saved else 'no checkpoint written'
+          if done < steps and done != stop_after:  # a signal, or a preemption that another host received
+            stopped_by = (stop.signum or signal.SIGTERM,
+                          f'{signal.Signals(stop.signum or signal.SIGTERM).name} received: stopped at step {done} '
+                          f'of {steps}, {outcome}; the same command resumes the run')
+          else:
+            logging.info('stopping at step %d (%s)', done, outcome)
           break
   finally:  # also on errors: finish the async checkpoint, close the files, give the signals back
     profiler.close()
     ckpt.close()
     writer.close()
     stop.close()
+  if stopped_by:
+    raise cli.Stopped(*stopped_by)
   return last
 
 
@@ -491,54 +521,9 @@ def _workdir_lock(workdir: str):
 
 
 def config_override_error(argv: list[str]) -> str | None:
-  """A clear message if a `--config.KEY=VALUE` argument names a key the config file does not have.
-
-  ml_collections would raise a bare AttributeError deep in flag parsing; this check runs first.
-  """
-  config_path = None
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      config_path = arg.split('=', 1)[1]
-    elif arg == '--config' and i + 1 < len(argv):
-      config_path = argv[i + 1]
-  if not config_path:
-    return None
-  if not os.path.exists(config_path) and ':' in config_path:
-    config_path = config_path.split(':', 1)[0]
-  if not os.path.exists(config_path):
-    return f'--config={config_path}: no such file (give a config file such as configs/tiny.py)'
-  config = config_lib.load(config_path)
-  for arg in argv:
-    name = arg.lstrip('-').split('=', 1)[0]
-    if name.startswith('noconfig.'):
-      name = name[2:]
-    if not name.startswith('config.'):
-      continue
-    node, parts = config, name.split('.')[1:]
-    for depth, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict):
-        break  # indexing into a tuple or a value: left to ml_collections
-      if part not in node:
-        section = '.'.join(['config'] + parts[:depth])
-        keys = sorted(node.keys())
-        close = difflib.get_close_matches(part, keys, n=1)
-        hint = f' Did you mean {section}.{close[0]}?' if close else ''
-        return (f'unknown config key in {arg}: {section} has no key {part!r}.{hint} Its keys are: '
-                f'{", ".join(keys)}.')
-      node = node[part]
-  return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a clear error for unknown config keys."""
-  error = config_override_error(argv)
-  if not error:
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:  # e.g. --config.train.steps=abc: a value of the wrong type
-      error = str(e)
-  sys.stderr.write(f'error: {error}\n')
-  sys.exit(1)  # as every other error of the command (docs/training.md)
+  """What is wrong with `--config=FILE` and its `--config.KEY=VALUE` overrides in `argv` (e.g. an unknown key,
+  with the closest one), or None: what the command line reports before anything runs (`cli.parse`)."""
+  return cli.config_override_error(argv, 'config')
 
 
 class _LibraryInfoFilter(pylogging.Filter):
@@ -554,27 +539,33 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, lock_lib.WorkdirBusyErro
                checkpoint.NonFiniteError)
 
 
-def main(argv):
+def _define_flags() -> None:
+  """The command line's flags (defined when it runs, so importing this module, as the sweep does, adds none)."""
+  config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. configs/tiny.py.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, TensorBoard files and the tokenizer '
+                      '(tokenizer/); running again with the same workdir resumes.')
+  distributed.define_flags()
+
+
+def main(argv: list[str]) -> None:
+  del argv  # cli.run: no positional arguments
+  config = flags.FLAGS.config
+  try:  # a value out of range or of the wrong kind is a usage error, found before anything starts
+    config_lib.settings(config)
+    workdir = check_workdir(flags.FLAGS.workdir)
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; set config values as --config.SECTION.KEY=VALUE')
-  try:
-    distributed.initialize()
-    if jax.process_index() != 0 and not flags.FLAGS['verbosity'].present:
-      logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress; the others only what goes wrong
-    workdir = check_workdir(_WORKDIR.value)
-    # The cache is jax's process-wide setting, made once before anything compiles: here, not in
-    # train_and_evaluate, which tests and notebooks call in processes that configure jax themselves.
-    cache = compilation_cache_dir(str(_CONFIG.value.train.compilation_cache_dir), workdir)
-    if cache:
-      jax.config.update('jax_compilation_cache_dir', cache)
-    train_and_evaluate(_CONFIG.value, workdir)
-  except USER_ERRORS as e:  # a message that says what to do, without a traceback through the library
-    logging.error('%s', e)
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(1)
+  distributed.initialize_from_flags()
+  if jax.process_index() != 0 and not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # process 0 alone logs progress; the others only what goes wrong
+  # The cache is jax's process-wide setting, made once before anything compiles: here, not in
+  # train_and_evaluate, which tests and notebooks call in processes that configure jax themselves.
+  cache = compilation_cache_dir(str(config.train.compilation_cache_dir), workdir)
+  if cache:
+    jax.config.update('jax_compilation_cache_dir', cache)
+  train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, _define_flags, required=('config', 'workdir'), expected=USER_ERRORS)

@@ -20,6 +20,7 @@ import optax
 
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
+from qwenjax.config import LossConfig, OptimizerConfig
 from qwenjax import mup
 from qwenjax import params as params_lib
 from qwenjax import sharding
@@ -38,29 +39,28 @@ class TrainState:
   opt_state: Any
 
 
-def schedule_horizon(train: Mapping[str, Any]) -> dict[str, np.int32]:
-  """`{'warmup_steps', 'steps'}` of the `train` section as int32 scalars: the train step's `horizon` argument.
+def schedule_horizon(optimizer: OptimizerConfig) -> dict[str, np.int32]:
+  """`{'warmup_steps', 'steps'}` of the schedule as int32 scalars: the train step's `horizon` argument.
 
   The schedule's length is an input of the compiled step, not a constant in it, so runs that differ only in their
   step counts (the points of one model shape in a scaling sweep) run one compiled program and share it through
   the compilation cache.
   """
-  return {'warmup_steps': np.int32(train['warmup_steps']), 'steps': np.int32(train['steps'])}
+  return {'warmup_steps': np.int32(optimizer.warmup_steps), 'steps': np.int32(optimizer.steps)}
 
 
-def learning_rate_schedule(train: Mapping[str, Any], horizon: Mapping[str, Any] | None = None) -> optax.Schedule:
+def learning_rate_schedule(optimizer: OptimizerConfig, horizon: Mapping[str, Any] | None = None
+                           ) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine decay to `lr * lr_final_fraction` at `steps` (or constant `lr`).
 
   The values of optax's `warmup_cosine_decay_schedule(0, lr, warmup, max(steps, warmup + 1), ...)` and of
   `join_schedules` of `linear_schedule(0, lr, max(warmup, 1))` and `constant_schedule(lr)`. `horizon`
-  (`schedule_horizon`; None: the config's own) may hold traced values, which the train step passes: optax's
+  (`schedule_horizon`; None: the optimizer's own) may hold traced values, which the train step passes: optax's
   schedule constructors need Python ints (they branch on them and raise on tracers), so the schedule is written
-  out here in jnp.
+  out here in jnp. (OptimizerConfig has checked that `lr_schedule` is one of the two.)
   """
-  kind, lr, final = train['lr_schedule'], float(train['lr']), float(train['lr_final_fraction'])
-  if kind not in ('cosine', 'constant'):
-    raise ValueError(f"unknown train.lr_schedule {kind!r}; choose 'cosine' or 'constant'")
-  horizon = schedule_horizon(train) if horizon is None else horizon
+  kind, lr, final = optimizer.lr_schedule, optimizer.lr, optimizer.lr_final_fraction
+  horizon = schedule_horizon(optimizer) if horizon is None else horizon
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -81,22 +81,22 @@ def decay_mask(params: Any) -> Any:
       lambda path, _: getattr(path[-1], 'key', None) not in _NO_DECAY, params)
 
 
-def make_optimizer(train: Mapping[str, Any], horizon: Mapping[str, Any] | None = None
+def make_optimizer(optimizer: OptimizerConfig, horizon: Mapping[str, Any] | None = None
                    ) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (decoupled weight decay, masked off norms and biases) with the learning
-  rate `learning_rate_schedule(train, horizon)`.
+  rate `learning_rate_schedule(optimizer, horizon)`.
 
   The horizon changes no state: the one made without it initializes, shards and restores the state, and the
   train step makes the same chain from its runtime horizon to update it.
   """
   adamw = optax.adamw(
-      learning_rate_schedule(train, horizon), b1=float(train['adam_b1']), b2=float(train['adam_b2']),
-      eps=float(train['adam_eps']), weight_decay=float(train['weight_decay']), mask=decay_mask)
+      learning_rate_schedule(optimizer, horizon), b1=optimizer.adam_b1, b2=optimizer.adam_b2,
+      eps=optimizer.adam_eps, weight_decay=optimizer.weight_decay, mask=decay_mask)
   # The same chain either way, so the optimizer state keeps its structure when grad_clip is turned on or off.
-  clip = float(train['grad_clip'])
-  if int(train.get('mup_base_width', 0)):  # μP: per-layer learning rates by width (qwenjax/mup.py)
+  clip = optimizer.grad_clip
+  if optimizer.mup_base_width:  # μP: per-layer learning rates by width (qwenjax/mup.py)
     return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw,
-                       mup.scale_learning_rates(int(train['mup_base_width'])))
+                       mup.scale_learning_rates(optimizer.mup_base_width))
   return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
 
 
@@ -127,20 +127,10 @@ def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
   return total + aux['moe_aux_loss'] * count, (nll, z, count, weighted_aux)
 
 
-def _loss_settings(train: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
-  """(grad_accum_steps, `_sums`'s loss keywords: loss_chunk, logits_dtype, loss_impl) of the `train` config
-  section; None: 1 and the defaults (float32 logits)."""
-  train = train or {}
-  accum = int(train.get('grad_accum_steps', 1))
-  chunk = int(train.get('loss_chunk', loss_lib.DEFAULT_CHUNK))
-  logits_dtype = train.get('logits_dtype', 'float32')
-  if accum < 1:
-    raise ValueError(f'train.grad_accum_steps must be >= 1, got {accum}')
-  if logits_dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {logits_dtype!r}")
-  loss_impl = train.get('loss_impl', 'auto')
-  loss_lib.resolve_impl(loss_impl)  # an unknown name stops here, naming the choices
-  return accum, dict(chunk=chunk, logits_dtype=logits_dtype, loss_impl=loss_impl)
+def _loss_keywords(loss: LossConfig) -> dict[str, Any]:
+  """`_sums`'s loss keywords (chunk, logits_dtype, loss_impl) of the loss settings."""
+  loss_lib.resolve_impl(loss.loss_impl)  # an unknown name stops here, naming the choices
+  return dict(chunk=loss.loss_chunk, logits_dtype=loss.logits_dtype, loss_impl=loss.loss_impl)
 
 
 def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
@@ -156,24 +146,23 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   return jax.tree.map(split, dict(batch))
 
 
-def make_train_step(model_config: ModelConfig, train: Mapping[str, Any]
+def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig()
                     ) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
   """`train_step(state, batch, horizon) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
 
-  The optimizer is `make_optimizer(train, horizon)`, with `horizon = schedule_horizon(train)` passed at each call
-  (replicated int32 scalars): one compiled step serves every `train.steps` and `train.warmup_steps`.
+  The optimizer is `make_optimizer(optimizer, horizon)`, with `horizon = schedule_horizon(optimizer)` passed at
+  each call (replicated int32 scalars): one compiled step serves every `train.steps` and `train.warmup_steps`.
 
-  With `grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
+  With `loss.grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
   batch, so any A gives the same update.
   """
-  accum, loss_kwargs = _loss_settings(train)
-  z_loss = float(train['z_loss'])
-  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, z_loss, **loss_kwargs),
+  accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
+  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, loss.z_loss, **loss_kwargs),
                                has_aux=True)
 
   def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array]):
-    tx = make_optimizer(train, horizon)
+    tx = make_optimizer(optimizer, horizon)
     if accum == 1:
       (_, sums), grads = grad_fn(state.params, batch)
     else:
@@ -202,7 +191,7 @@ def make_train_step(model_config: ModelConfig, train: Mapping[str, Any]
         'z_loss': z / denom,
         'grad_norm': grad_norm,
         'param_norm': optax.tree.norm(params),
-        'lr': learning_rate_schedule(train, horizon)(state.step),
+        'lr': learning_rate_schedule(optimizer, horizon)(state.step),
         'target_tokens': count,
         'skipped': 1.0 - finite.astype(jnp.float32),
     }
@@ -214,14 +203,14 @@ def make_train_step(model_config: ModelConfig, train: Mapping[str, Any]
 
 
 def make_eval_step(model_config: ModelConfig,
-                   train: Mapping[str, Any] | None = None) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+                   loss: LossConfig = LossConfig()) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """`eval_step(params, batch) -> (nll sum, target count)`, with the run's own memory settings.
 
-  Like the train step, the batch is evaluated in `train.grad_accum_steps` micro-batches (a `lax.scan`), with
-  `train.loss_chunk` positions of `train.logits_dtype` logits at a time, so evaluation never needs more
-  memory than a training step. `train` None: the whole batch at once, float32 logits.
+  Like the train step, the batch is evaluated in `loss.grad_accum_steps` micro-batches (a `lax.scan`), with
+  `loss.loss_chunk` positions of `loss.logits_dtype` logits at a time, so evaluation never needs more memory
+  than a training step. The default: the whole batch at once, float32 logits.
   """
-  accum, loss_kwargs = _loss_settings(train)
+  accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
 
   def sums(params, batch):
     _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, **loss_kwargs)

@@ -76,7 +76,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> 
   text = config.to_json_best_effort(indent=2)
   if path.exists():
     old = path.read_text()
-    if old == text:
+    if json.loads(old) == json.loads(text):  # the same settings, whatever the order of their keys
       return
     changes = config_changes(json.loads(old), config)
     kept, n = epath.Path(workdir) / f'config.{step}.json', 1

@@ -15,8 +15,10 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 
 def _run(script, *args):
-  # One device: the scripts time one accelerator.
-  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), JAX_PLATFORMS='cpu')
+  # One device: the scripts time one accelerator. The scripts import the installed qwenjax; PYTHONPATH makes it
+  # this checkout's even where another checkout is the installed one.
+  env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(), JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
   done = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / script), *args], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

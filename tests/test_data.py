@@ -1,6 +1,7 @@
 """The input pipeline: documents, bad input, prepared corpora, and the packed rows of each step."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+from qwenjax import config as config_lib
+from qwenjax import corpus as corpus_lib
 from qwenjax import data
 from qwenjax import documents
-from qwenjax import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +40,7 @@ def _docs(n, seed=0):
 def _corpus(tmp_path, docs, name='docs.jsonl', tokenizer=None):
   path = tmp_path / name
   path.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
-  return prepare.prepare([str(path)], 'text', tokenizer or ByteTokenizer(), str(tmp_path / 'prepared'))
+  return corpus_lib.prepare([str(path)], 'text', tokenizer or ByteTokenizer(), str(tmp_path / 'prepared'))
 
 
 def _text(tokens):
@@ -63,7 +65,7 @@ def test_sources_read_jsonl_txt_and_arrayrecord(tmp_path):
   writer.write(json.dumps({'text': 'json record'}).encode())
   writer.close()
   patterns = f'{tmp_path}/*.jsonl, {tmp_path}/*.txt, {tmp_path}/*.array_record'
-  train_files, eval_files = documents.sources({'train_files': patterns, 'eval_files': '', 'text_key': 'text'})
+  train_files, eval_files = documents.sources(patterns, '')
   assert eval_files == []
   train = documents.DocumentSource(train_files)
   assert [train[i] for i in range(len(train))] == [
@@ -74,7 +76,7 @@ def test_sources_read_jsonl_txt_and_arrayrecord(tmp_path):
 
 def test_no_matching_files_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"no files match data.train_files=.*nothing\*.jsonl"):
-    documents.sources({'train_files': f'{tmp_path}/nothing*.jsonl', 'eval_files': '', 'text_key': 'text'})
+    documents.sources(f'{tmp_path}/nothing*.jsonl', '')
 
 
 def test_bad_input_names_the_file_and_line(tmp_path):
@@ -82,7 +84,7 @@ def test_bad_input_names_the_file_and_line(tmp_path):
   lines[3] = '{"text": "cut short'
   (tmp_path / 'bad.jsonl').write_text('\n'.join(lines) + '\n')
   with pytest.raises(ValueError, match=r'bad.jsonl:4: malformed JSON .*fix or remove that line'):
-    prepare.prepare([str(tmp_path / 'bad.jsonl')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
+    corpus_lib.prepare([str(tmp_path / 'bad.jsonl')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
 
   # Binary files and lines with invalid UTF-8 are skipped and counted, never trained on.
   (tmp_path / 'good.txt').write_text('plain text')
@@ -90,7 +92,7 @@ def test_bad_input_names_the_file_and_line(tmp_path):
   with open(tmp_path / 'mixed.jsonl', 'wb') as f:
     f.write(json.dumps({'text': 'fine'}).encode() + b'\n' + b'{"text": "caf\xe9"}\n')
   files = [str(tmp_path / n) for n in ('good.txt', 'image.txt', 'mixed.jsonl')]
-  corpus = prepare.prepare(files, 'text', ByteTokenizer(), str(tmp_path / 'p'))
+  corpus = corpus_lib.prepare(files, 'text', ByteTokenizer(), str(tmp_path / 'p'))
   assert corpus.meta['documents'] == 2 and corpus.meta['skipped'] == 2
   assert any('image.txt: binary data' in w for w in corpus.meta['skipped_where'])
   assert any('mixed.jsonl:2: not UTF-8 text' in w for w in corpus.meta['skipped_where'])
@@ -98,9 +100,9 @@ def test_bad_input_names_the_file_and_line(tmp_path):
 
   (tmp_path / 'empty.txt').write_text('')
   with pytest.raises(ValueError, match=r'data.train_files: no text to train on: every document is empty'):
-    prepare.prepare([str(tmp_path / 'empty.txt')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
+    corpus_lib.prepare([str(tmp_path / 'empty.txt')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
   with pytest.raises(ValueError, match=r'no text to train on: all 1 document\(s\) are not UTF-8 text'):
-    prepare.prepare([str(tmp_path / 'image.txt')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
+    corpus_lib.prepare([str(tmp_path / 'image.txt')], 'text', ByteTokenizer(), str(tmp_path / 'p'))
 
 
 def test_prepared_corpus_is_reused_until_a_file_changes(tmp_path):
@@ -109,22 +111,39 @@ def test_prepared_corpus_is_reused_until_a_file_changes(tmp_path):
   corpus = _corpus(tmp_path, docs, tokenizer=tokenizer)
   assert tokenizer.calls == 3 and corpus.meta['shards'] == 3 and len(corpus) == 1200
   assert [_text(corpus.tokens(d)) for d in (0, 700, 1199)] == [docs[0] + '\n', docs[700] + '\n', docs[1199] + '\n']
-  again = prepare.prepare([str(tmp_path / 'docs.jsonl')], 'text', tokenizer, str(tmp_path / 'prepared'))
+  again = corpus_lib.prepare([str(tmp_path / 'docs.jsonl')], 'text', tokenizer, str(tmp_path / 'prepared'))
   assert tokenizer.calls == 3 and again.directory == corpus.directory  # not tokenized again
   stat = os.stat(tmp_path / 'docs.jsonl')
   os.utime(tmp_path / 'docs.jsonl', ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched
-  rebuilt = prepare.prepare([str(tmp_path / 'docs.jsonl')], 'text', tokenizer, str(tmp_path / 'prepared'))
+  rebuilt = corpus_lib.prepare([str(tmp_path / 'docs.jsonl')], 'text', tokenizer, str(tmp_path / 'prepared'))
   assert tokenizer.calls == 6 and rebuilt.directory != corpus.directory
 
   # A damaged shard (cut short, or replaced by another array) is an error naming the directory and the fix.
   tokens = os.path.join(corpus.directory, 'shard-00001.tokens.npy')
   np.save(tokens, np.load(tokens)[:10])
   with pytest.raises(ValueError, match=r'prepared corpus .* is damaged \(.*holds 10 tokens.*delete that directory'):
-    prepare.Corpus(corpus.directory)
+    corpus_lib.Corpus(corpus.directory)
   with open(tokens, 'r+b') as f:
     f.truncate(200)
   with pytest.raises(ValueError, match='is damaged'):
-    prepare.Corpus(corpus.directory)
+    corpus_lib.Corpus(corpus.directory)
+
+
+def test_documents_left_out_are_counted_and_warned_about_once(tmp_path, caplog):
+  """A corpus's counts add up (documents kept, not text, empty), and documents that are not text are warned about
+  once, although training the tokenizer reads them too."""
+  caplog.set_level(logging.INFO)
+  for i in range(3):
+    (tmp_path / f'text{i}.txt').write_text(' '.join(_docs(200)[i * 50:(i + 1) * 50]))
+  (tmp_path / 'image.txt').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR')
+  (tmp_path / 'empty.txt').write_text('')
+  settings = config_lib.DataConfig(train_files=str(tmp_path / '*.txt'), vocab_size=300,
+                                   prepared_dir=str(tmp_path / 'prepared'))
+  tokenizer = data.get_tokenizer(settings, None, model_vocab_size=512, seed=0)  # a BPE trained on the files
+  train, _ = data.prepared_corpora(settings, tokenizer)
+  assert (train.meta['documents'], train.meta['skipped'], train.meta['empty']) == (3, 1, 1)
+  assert '3 documents of the 5 read (1 not UTF-8 text, 1 empty)' in caplog.text
+  assert caplog.text.count('image.txt: binary data') == 1, caplog.text
 
 
 def test_the_prepare_command_prints_the_corpora(tmp_path):

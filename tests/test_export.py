@@ -77,8 +77,8 @@ def test_restore_params_reads_only_the_parameters(run):
   assert {x.sharding for x in jax.tree.leaves(params)} == {jax.sharding.SingleDeviceSharding(jax.devices()[0])}
 
   # Sharded over the 8 devices, an earlier step: other values, placed as asked.
-  mesh = sharding.make_mesh(config_lib.mesh_section())
-  rules = sharding.logical_axis_rules(config_lib.mesh_section().rules, mesh, model_config)
+  mesh = sharding.make_mesh(config_lib.MeshConfig())
+  rules = sharding.logical_axis_rules(config_lib.DEFAULT_RULES, mesh, model_config)
   shardings = train_step.param_shardings(model_config, mesh, rules)
   _, sharded, step = checkpoint.restore_params(run, 2, shardings)
   assert step == 2
@@ -97,8 +97,8 @@ def test_restore_params_errors_name_the_problem(run, tmp_path):
     checkpoint.restore_params(str(tmp_path))
   config, params, _ = checkpoint.restore_params(run)
   scanned = ModelConfig.from_dict({**config.model.to_dict(), 'scan_layers': True})
-  mesh = sharding.make_mesh(config_lib.mesh_section())
-  rules = sharding.logical_axis_rules(config_lib.mesh_section().rules, mesh, scanned)
+  mesh = sharding.make_mesh(config_lib.MeshConfig())
+  rules = sharding.logical_axis_rules(config_lib.DEFAULT_RULES, mesh, scanned)
   with pytest.raises(checkpoint.ShapeMismatchError, match='model.scan_layers=False'):
     checkpoint.restore_params(run, shardings=train_step.param_shardings(scanned, mesh, rules))
   del params
@@ -110,6 +110,10 @@ def test_export_loads_in_transformers_with_our_logits(run, tmp_path):
   assert summary['step'] == 3 and summary['dtype'] == 'float32' and summary['note'] is None
   assert {'config.json', 'model.safetensors', 'generation_config.json', 'tokenizer.json',
           'tokenizer_config.json'} <= set(os.listdir(out))
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ('config.json', 'model.safetensors'):  # safetensors alone would leave 0600
+    assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
 
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation='eager').eval()
   assert type(hf_model).__name__ == 'Qwen2ForCausalLM'
@@ -232,4 +236,4 @@ def test_command_lines(run, tmp_path):
 
   done = subprocess.run([sys.executable, '-m', 'qwenjax.export', f'--workdir={run}', f'--out={out}'],
                         capture_output=True, text=True, env=env, timeout=300, check=False)
-  assert done.returncode == 2 and 'is not empty' in done.stderr
+  assert done.returncode == 1 and 'is not empty' in done.stderr

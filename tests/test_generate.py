@@ -17,6 +17,7 @@ import hf_utils
 
 from qwenjax import generate, hf, kv_cache, model, sharding, tokenizer
 from qwenjax import params as params_lib
+from qwenjax.config import MeshConfig
 from qwenjax.kernels import decode_gpu
 from qwenjax.model_config import ModelConfig
 
@@ -176,7 +177,7 @@ def test_idle_rows_added_for_decoding_change_no_token(monkeypatch):
   padded_rows = []
   pad_rows = generate.pad_rows
   monkeypatch.setattr(generate, 'pad_rows', lambda state, rows: padded_rows.append(rows) or pad_rows(state, rows))
-  mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=4, expert=1))
+  mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=4, expert=1))
   assert generate.generate(config, params, prompts(config.vocab_size, (7,)), max_new_tokens=12,
                            mesh=mesh) == expected
   assert padded_rows == [2]
@@ -286,7 +287,7 @@ def test_tensor_parallel_decode_on_a_mesh_matches_one_device():
   params = params_lib.init_params(config, jax.random.key(7))
   batch = prompts(config.vocab_size, (5, 8, 3))
   single = generate.generate(config, params, batch, max_new_tokens=16)
-  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4, expert=1))
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=4, expert=1))
   sharded = generate.generate(config, params, batch, max_new_tokens=16, mesh=mesh)
   assert sharded == single
   placed = generate.place_params(config, params, mesh, sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh,
@@ -314,10 +315,10 @@ def test_sample_cli_on_a_hf_directory(tmp_path):
   stop = [i for i, t in enumerate(expected) if t in tok.stop_ids]
   expected = expected[:stop[0]] if stop else expected
   assert done.stdout == 'The quick brown fox' + tok.decode(expected) + '\n'
-  bad = _run_sample(f'--hf={tmp_path}', '--prompt=', '--max_new_tokens=8')
-  assert bad.returncode == 2 and 'prompt is empty' in bad.stderr
-  long = _run_sample(f'--hf={tmp_path}', '--prompt=' + 'fox ' * 200, '--max_new_tokens=8')
-  assert long.returncode == 2 and 'max_position_embeddings' in long.stderr
+  bad = _run_sample(f'--hf={tmp_path}', '--prompt=', '--max_new_tokens=8')  # a usage error
+  assert bad.returncode == 2 and bad.stderr.startswith('error: --prompt is required'), bad.stderr
+  long = _run_sample(f'--hf={tmp_path}', '--prompt=' + 'fox ' * 200, '--max_new_tokens=8')  # found at run time
+  assert long.returncode == 1 and 'max_position_embeddings' in long.stderr
 
 
 def test_sample_cli_on_a_training_workdir(tmp_path):
@@ -326,7 +327,7 @@ def test_sample_cli_on_a_training_workdir(tmp_path):
   from qwenjax import checkpoint, train  # pylint: disable=import-outside-toplevel
   import train_utils  # pylint: disable=import-outside-toplevel
   missing = _run_sample(f'--workdir={tmp_path}', '--prompt=hi')
-  assert missing.returncode == 2 and 'config.json' in missing.stderr
+  assert missing.returncode == 1 and 'config.json' in missing.stderr
   workdir = tmp_path / 'run'
   config = train_utils.small_config(steps=2, checkpoint_every=2, log_every=1, eval_steps=0)
   text = tmp_path / 'train.txt'  # a small corpus and the tiny Qwen2-style tokenizer (353 ids; 384 embeddings)
@@ -349,7 +350,7 @@ def test_sample_cli_on_a_training_workdir(tmp_path):
   (tmp_path / 'empty').mkdir()
   shutil.copy(workdir / 'config.json', tmp_path / 'empty' / 'config.json')
   no_checkpoint = _run_sample(f'--workdir={tmp_path / "empty"}', '--prompt=hi')
-  assert no_checkpoint.returncode == 2 and 'no checkpoint' in no_checkpoint.stderr
+  assert no_checkpoint.returncode == 1 and 'no checkpoint' in no_checkpoint.stderr
 
 
 def test_decode_benchmark_runs_tiny_on_cpu(tmp_path, capsys):

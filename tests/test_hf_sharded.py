@@ -18,6 +18,7 @@ import pytest
 import transformers
 
 from qwenjax import hf, params as params_lib, sharding
+from qwenjax.config import MeshConfig
 from train_utils import subprocess_xla_flags
 
 # Dense: untied head, GQA 4/2, in several files. MoE: experts in transformers 5's fused layout.
@@ -53,7 +54,7 @@ def moe_dir(tmp_path_factory):
 
 
 def _shardings(path, mesh_config, **overrides):
-  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_config)))
+  mesh = sharding.make_mesh(MeshConfig(**dict(zip(sharding.MESH_AXES, mesh_config))))
   config = hf.load_config(path, **overrides)
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, config)
   return sharding.param_shardings(params_lib.abstract_params(config), mesh, rules)
@@ -144,6 +145,7 @@ import numpy as np
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
 from qwenjax import hf, params as params_lib, sharding
+from qwenjax.config import MeshConfig
 path, read = sys.argv[1], []
 original = hf.read_slice
 def counting(file, source, index):
@@ -151,7 +153,7 @@ def counting(file, source, index):
   read.append(block.nbytes)
   return block
 hf.read_slice = counting
-mesh = sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1, 'expert': 1})
+mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8, tensor=1, expert=1))
 config = hf.load_config(path)
 rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, config)
 shardings = sharding.param_shardings(params_lib.abstract_params(config), mesh, rules)
@@ -198,7 +200,9 @@ def test_memory_benchmark_runs(tmp_path):
   done = subprocess.run(
       [sys.executable, str(pathlib.Path(__file__).parent.parent / 'benchmarks' / 'hf_load_memory.py'),
        '--config', str(pathlib.Path(__file__).parent.parent / 'configs' / 'tiny.py'), '--dir', str(out_dir),
-       '--shard_gb', '0.002'], capture_output=True, text=True, timeout=300, check=False)
+       '--shard_gb', '0.002'], capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent.parent),
+                                                       os.environ.get('PYTHONPATH', '')])))
   assert done.returncode == 0, done.stderr[-3000:]
   results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
   assert [r['method'] for r in results] == ['sharded', 'whole']

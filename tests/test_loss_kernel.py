@@ -68,7 +68,7 @@ def test_cross_entropy_with_the_kernels_matches_xla(logits_dtype):
 def test_kernels_on_a_mesh_with_the_vocabulary_split():
   """data=2 x tensor=4: rows split over data, the vocabulary over tensor; each device's logsumexp is combined
   over tensor and its targets offset to its slice. Also under vmap, as the evaluator scores rows."""
-  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4, expert=1))
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=2, fsdp=1, tensor=4, expert=1))
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh)
   assert sharding.active_mesh_axes(loss.LOGITS_AXES, mesh) == [(), (), ()]  # outside the rules: nothing
   hidden, head, targets, weights = loss_inputs(2, batch=4, vocab=64)
@@ -121,9 +121,7 @@ def test_loss_impl_errors():
   assert loss.resolve_impl('auto') == 'xla'  # this CPU
   with kernels.lowering_platform('gpu'):
     assert loss.resolve_impl('auto') == 'pallas'
-  train = config_lib.train_section()
-  train.loss_impl = 'fast'
   model = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1)
   with pytest.raises(ValueError, match="unknown loss impl 'fast'"):
-    train_step.make_train_step(model, train)
+    train_step.make_train_step(model, config_lib.OptimizerConfig(), config_lib.LossConfig(loss_impl='fast'))

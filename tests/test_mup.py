@@ -1,9 +1,12 @@
 """μP width scaling: init and per-layer Adam learning rates by width, through the optimizer the train step uses."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from qwenjax import config as config_lib
 from qwenjax import mup
 from qwenjax import train_step
 from qwenjax.model_config import ModelConfig
@@ -43,11 +46,12 @@ def test_init_scales_by_width(params):
 
 
 def test_adam_updates_shrink_by_width(params):
-  train = dict(lr=1e-2, warmup_steps=0, steps=10, lr_schedule='constant', lr_final_fraction=0.1, adam_b1=0.9,
-               adam_b2=0.95, adam_eps=1e-8, weight_decay=0.0, grad_clip=0.0)
+  train = config_lib.OptimizerConfig(lr=1e-2, warmup_steps=0, steps=10, lr_schedule='constant',
+                                     lr_final_fraction=0.1, adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8,
+                                     weight_decay=0.0, grad_clip=0.0)
   grads = jax.tree.map(jnp.ones_like, params)
   plain = train_step.make_optimizer(train)
-  scaled = train_step.make_optimizer(dict(train, mup_base_width=64))  # m = 4
+  scaled = train_step.make_optimizer(dataclasses.replace(train, mup_base_width=64))  # m = 4
   u_plain, _ = plain.update(grads, plain.init(params), params)
   u_mup, _ = scaled.update(grads, scaled.init(params), params)
   ratio = jax.tree.map(lambda a, b: float(jnp.mean(b) / jnp.mean(a)), u_plain, u_mup)

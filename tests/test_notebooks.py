@@ -17,7 +17,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(ROOT, 'colabs')
 NOTEBOOKS = ('quickstart', 'hf_round_trip', 'scaling_laws', 'sharding')
-COLAB_URL = 'https://colab.research.google.com/github/YOUR_ORG/qwenjax/blob/main/colabs/{}.ipynb'
 MAX_BYTES = 300_000
 
 
@@ -121,7 +120,8 @@ def test_committed_notebook_keeps_a_full_run(name):
   assert not any(output.output_type == 'error' for cell in code for output in cell.outputs)
   assert images(notebook) >= 1 or name == 'sharding'
   assert 'QWENJAX_NOTEBOOK_SMOKE' in ''.join(code[1].source) and 'parameters' in code[1].metadata.get('tags', [])
-  assert 'git+https://github.com/YOUR_ORG/qwenjax' in ''.join(code[0].source)
+  install = ''.join(code[0].source)  # from the clone the notebook sits in: there is no public URL to install from
+  assert '%pip install -q ..' in install and 'git+' not in install and 'YOUR_ORG' not in install
 
 
 def test_readme_links_every_notebook():
@@ -130,4 +130,5 @@ def test_readme_links_every_notebook():
   on_disk = sorted(n[:-len('.ipynb')] for n in os.listdir(COLABS) if n.endswith('.ipynb'))
   assert on_disk == sorted(NOTEBOOKS)
   for name in NOTEBOOKS:
-    assert COLAB_URL.format(name) in readme, name
+    assert f'[`{name}.ipynb`]({name}.ipynb)' in readme, name
+  assert 'YOUR_ORG' not in readme

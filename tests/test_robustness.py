@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import signal
+import subprocess
 import time
 
 import jax
@@ -13,10 +14,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qwenjax import checkpoint
+from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import lock as lock_lib
 from qwenjax import train
-from train_utils import config_from_overrides, read_metrics, small_config, start_training, tiny_overrides
+from train_utils import (ROOT, config_from_overrides, read_metrics, small_config, start_training, tiny_overrides,
+                         train_command)
 
 # Reading damaged checkpoints leaves orbax read coroutines that are never awaited (collected at the end).
 pytestmark = [pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),
@@ -159,7 +162,7 @@ def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path, tokenizer_file, m
   # No checkpoint is written while steps are skipped (4 and 8, 10 were due): the state that gave a non-finite
   # loss is suspect (a huge lr blows the parameters up to finite garbage), and with keep_checkpoints=1 saving it
   # would delete the last good one. Skipped steps left the parameters as they were: step 6's holds finite values.
-  assert checkpoint.Checkpointer(workdir, 1).all_steps() == [6]
+  assert checkpoint.Checkpointer(workdir).all_steps() == [6]
   assert 'not saving a checkpoint while steps are skipped' in caplog.text
   _, params, _ = checkpoint.restore_params(workdir)
   assert checkpoint.all_finite(params)
@@ -167,15 +170,15 @@ def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path, tokenizer_file, m
 
 def test_a_nonfinite_state_is_never_written_and_a_nonfinite_checkpoint_is_corrupt(four_steps, tmp_path, caplog):
   config, workdir = copy_run(four_steps, tmp_path)
-  ckpt = checkpoint.Checkpointer(workdir, keep=1)
+  ckpt = checkpoint.Checkpointer(workdir, config_lib.CheckpointConfig(keep_checkpoints=1))
   _, params, _ = checkpoint.restore_params(workdir)
   bad = {'params': jax.tree.map(lambda x: x * np.nan, params)}
   with pytest.raises(checkpoint.NonFiniteError, match='not saved'):
     ckpt.save(6, bad, {})
   ckpt.close()
-  assert checkpoint.Checkpointer(workdir, 1).all_steps() == [2, 4]  # rotation deleted nothing
+  assert checkpoint.Checkpointer(workdir).all_steps() == [2, 4]  # rotation deleted nothing
   # A checkpoint holding NaN (written by another tool, or damaged) is proven corrupt and set aside.
-  ckpt = checkpoint.Checkpointer(workdir, keep=5)
+  ckpt = checkpoint.Checkpointer(workdir, config_lib.CheckpointConfig(keep_checkpoints=5))
   state, step, _ = ckpt.restore(_abstract_state(config))
   state = jax.tree.map(lambda x: x * np.nan if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, state)
   ckpt._manager.save(6, args=ocp.args.Composite(state=ocp.args.StandardSave(state),  # pylint: disable=protected-access
@@ -190,11 +193,11 @@ def test_a_nonfinite_state_is_never_written_and_a_nonfinite_checkpoint_is_corrup
 
 def _abstract_state(config):
   from qwenjax import sharding, train_step  # pylint: disable=g-import-not-at-top
-  from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
-  model_config = ModelConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_axis_rules(config.mesh.rules, mesh, model_config)
-  tx = train_step.make_optimizer(config.train)
+  run = config_lib.settings(config)
+  model_config = run.model
+  mesh = sharding.make_mesh(run.mesh)
+  rules = sharding.logical_axis_rules(run.mesh.rules, mesh, model_config)
+  tx = train_step.make_optimizer(run.optimizer)
   return train_step.abstract_state(model_config, tx, train_step.state_shardings(model_config, tx, mesh, rules))
 
 
@@ -249,7 +252,7 @@ def test_switching_grad_clip_on_resume_works(four_steps, tmp_path):
 def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path, tokenizer_file):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(fast_config(tokenizer_file, checkpoint_every=0), workdir)
-  assert checkpoint.Checkpointer(workdir, 3).all_steps() == [4]
+  assert checkpoint.Checkpointer(workdir).all_steps() == [4]
 
 
 @pytest.mark.parametrize('content,message', [
@@ -264,7 +267,27 @@ def test_bad_training_files_are_named(tmp_path, content, message):
   config.data.update(train_files=str(tmp_path / name), vocab_size=300, tokenizer='train')
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert not os.path.exists(tmp_path / 'run' / 'config.json')
+  assert not os.path.exists(tmp_path / 'run')  # nothing was trained: no workdir is left behind
+
+
+def test_a_run_that_fails_before_training_leaves_no_new_directory(tmp_path, tokenizer_file):
+  config = fast_config(tokenizer_file)
+  config.data.train_files = str(tmp_path / 'missing' / '*.jsonl')
+  with pytest.raises(FileNotFoundError, match='no files match data.train_files'):
+    train.train_and_evaluate(config, str(tmp_path / 'runs' / 'first'))
+  assert os.listdir(tmp_path) == []  # neither the workdir nor the parent it needed
+  existing = tmp_path / 'existing'
+  existing.mkdir()
+  (existing / 'notes.txt').write_text('mine')
+  with pytest.raises(FileNotFoundError, match='no files match data.train_files'):
+    train.train_and_evaluate(config, str(existing))
+  assert files_of(existing) == ['notes.txt']
+  # The command line too: one error line, status 1, no directory.
+  command, env = train_command(str(tmp_path / 'cli'), {'data.train_files': config.data.train_files})
+  done = subprocess.run(command, cwd=ROOT, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert done.returncode == 1 and 'error: no files match data.train_files' in done.stderr, done.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'cli')
 
 
 def test_a_workdir_that_is_a_file_is_a_clear_error(tmp_path, tokenizer_file):
@@ -282,7 +305,7 @@ def test_kill_9_then_resume_logs_each_step_once(tmp_path, tokenizer_file):
     time.sleep(0.2)
   process.send_signal(signal.SIGKILL)
   process.communicate(timeout=60)
-  saved = max(checkpoint.Checkpointer(workdir, 3).all_steps())
+  saved = max(checkpoint.Checkpointer(workdir).all_steps())
   assert saved >= 3 and os.path.exists(os.path.join(workdir, 'lock.json'))  # the dead run's lock is left behind
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:  # as the kill may have left: a line past the
     f.write(json.dumps({'step': saved + 1, 'loss': 123.0}) + '\n{"step": ')  # checkpoint, and one cut short

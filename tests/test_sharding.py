@@ -10,7 +10,6 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -34,9 +33,8 @@ MOE_MODEL = dataclasses.replace(
     output_router_logits=True, router_aux_loss_coef=0.01, router_z_loss_coef=1e-3)
 
 
-def mesh_config(data, fsdp, tensor, expert=1):
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, expert=expert,
-                                        rules=sharding.DEFAULT_RULES))
+def mesh_config(data, fsdp, tensor, expert=1, dcn_data=1):
+  return config_lib.MeshConfig(data=data, fsdp=fsdp, tensor=tensor, expert=expert, dcn_data=dcn_data)
 
 
 def test_mesh_sizes_resolve_and_errors_name_the_device_count():
@@ -53,8 +51,7 @@ def test_mesh_sizes_resolve_and_errors_name_the_device_count():
 
 def test_multi_slice_shapes_put_only_data_across_slices():
   """mesh.dcn_data slices: the ICI sizes are one slice's, and the data axis runs over the slices."""
-  two_slices = mesh_config(1, -1, 2)
-  two_slices.dcn_data = 2
+  two_slices = mesh_config(1, -1, 2, dcn_data=2)
   assert sharding.hybrid_mesh_shapes(two_slices, 16) == ((1, 4, 2, 1), (2, 1, 1, 1))
   assert sharding.mesh_shape(two_slices, 16) == (2, 4, 2, 1)
   assert sharding.hybrid_mesh_shapes(mesh_config(2, -1, 1), 8) == ((2, 4, 1, 1), (1, 1, 1, 1))  # no dcn_data
@@ -72,32 +69,26 @@ def test_multi_slice_shapes_put_only_data_across_slices():
 
 
 def test_multi_slice_errors_name_the_fix():
-  config = mesh_config(1, -1, 1)
-  config.dcn_data = 2
   with pytest.raises(ValueError, match=r'dcn_data=2 but the 8 devices are in 1 slice\(s\).*Set mesh.dcn_data to 1'):
-    sharding.make_mesh(config)  # 8 fake CPU devices of one process
-  config.dcn_data = 3
+    sharding.make_mesh(mesh_config(1, -1, 1, dcn_data=2))  # 8 fake CPU devices of one process
   with pytest.raises(ValueError, match='dcn_data=3 slices do not divide the 8 devices'):
-    sharding.make_mesh(config)
-  config.dcn_data = 0
+    sharding.make_mesh(mesh_config(1, -1, 1, dcn_data=3))
   with pytest.raises(ValueError, match='positive int'):
-    sharding.mesh_shape(config, 8)
-  config = mesh_config(2, 2, 1)
-  config.dcn_data = 2
+    sharding.mesh_shape(mesh_config(1, -1, 1, dcn_data=0), 8)
   with pytest.raises(ValueError, match='multiply to 4 but there are 8 devices of each of the 2 slices'):
-    sharding.mesh_shape(config, 16)
+    sharding.mesh_shape(mesh_config(2, 2, 1, dcn_data=2), 16)
   assert sharding.make_mesh(mesh_config(1, -1, 1)).shape['data'] == 1  # dcn_data=1: one slice, as before
 
 
 _TWO_HOSTS = """
 import sys
-import jax, jax.numpy as jnp, ml_collections, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from qwenjax import sharding
+from qwenjax import config, sharding
 port, process = sys.argv[1], int(sys.argv[2])
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2, process_id=process)
-mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, dcn_data=2)))
+mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1, dcn_data=2))
 hosts = [sorted({d.process_index for d in mesh.devices[i].flat}) for i in range(mesh.shape['data'])]
 rows = jax.make_array_from_process_local_data(NamedSharding(mesh, P(('data', 'fsdp'))),
                                               np.full((4,), process + 1, np.float32))
@@ -135,7 +126,7 @@ def test_rules_leave_unsharded_what_the_mesh_does_not_divide():
 def test_param_shardings_follow_logical_names():
   mesh = sharding.make_mesh(mesh_config(2, 2, 2))
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, MODEL)
-  tx = train_step.make_optimizer(config_lib.train_section())
+  tx = train_step.make_optimizer(config_lib.OptimizerConfig())
   shardings = train_step.state_shardings(dataclasses.replace(MODEL, scan_layers=True), tx, mesh, rules)
   specs = jax.tree.map(lambda s: tuple(s.spec), shardings.params)
   assert specs['embed_tokens'] == ('tensor', 'fsdp')
@@ -171,8 +162,8 @@ def setup():
 
 def run_steps(params, batches, mesh_sizes, grad_accum_steps=1, model=MODEL, metric_names=('loss', 'grad_norm')):
   """Three train steps from the given host params on a mesh; returns the metrics per step."""
-  train = config_lib.train_section()
-  train.update(lr=1e-3, warmup_steps=1, steps=10, grad_accum_steps=grad_accum_steps, z_loss=1e-4)
+  train = config_lib.OptimizerConfig(lr=1e-3, warmup_steps=1, steps=10)
+  loss = config_lib.LossConfig(grad_accum_steps=grad_accum_steps, z_loss=1e-4)
   mesh = sharding.make_mesh(mesh_config(*mesh_sizes))
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, model)
   tx = train_step.make_optimizer(train)
@@ -181,7 +172,7 @@ def run_steps(params, batches, mesh_sizes, grad_accum_steps=1, model=MODEL, metr
   batch_sharding = sharding.batch_sharding(mesh, rules)
   out = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(train_step.make_train_step(model, train),
+    step = jax.jit(train_step.make_train_step(model, train, loss),
                    in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
                    out_shardings=(shardings, None), donate_argnums=(0,))
     for batch in batches:
@@ -231,7 +222,7 @@ def test_moe_train_step_is_the_same_on_expert_meshes(setup, moe_params):
 def test_expert_axis_shards_experts_and_tokens():
   mesh = sharding.make_mesh(mesh_config(1, 2, 1, 4))
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, MOE_MODEL)
-  tx = train_step.make_optimizer(config_lib.train_section())
+  tx = train_step.make_optimizer(config_lib.OptimizerConfig())
   specs = jax.tree.map(lambda s: tuple(s.spec), train_step.state_shardings(MOE_MODEL, tx, mesh, rules).params)
   assert specs['layers_0']['mlp']['experts']['gate_proj'] == ('expert', 'fsdp', 'tensor')  # tensor has size 1
   assert sharding.batch_shards(mesh, rules) == 8

@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
-import ml_collections
 import numpy as np
 import pytest
 
@@ -41,8 +40,8 @@ def export_train_step(model: ModelConfig, mesh_sizes: dict) -> jax.export.Export
   """The jitted train step with its state and batch shardings, exported for a TPU: as benchmarks/train_1b.py
   and the main job build it, from abstract values."""
   devices = jax.devices()[:np.prod(list(mesh_sizes.values()))]
-  mesh_config = ml_collections.ConfigDict(dict(mesh_sizes, dcn_data=1))
-  train = config_lib.train_section()
+  mesh_config = config_lib.MeshConfig(**mesh_sizes)
+  train = config_lib.OptimizerConfig()
   with kernels.lowering_platform('tpu'):  # the abstract state traces the model too
     mesh = sharding.make_mesh(mesh_config, devices)
     rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, model)

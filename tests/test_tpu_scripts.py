@@ -13,7 +13,8 @@ ROOT = pathlib.Path(__file__).parent.parent
 V5P_64 = ['--name=qwen-1b', '--zone=us-east5-a', '--accelerator=v5p-64', '--workdir=gs://my-bucket/qwen-1b']
 
 # A stand-in for gcloud: records each call, answers `describe` from a scripted state, and fails the first
-# training command (as a preempted slice's ssh session does) when the scenario says so.
+# training command (as a preempted slice's ssh session does) when the scenario says so, or stops it as
+# `pod.py stop` does (the job's SIGTERM status, 143).
 FAKE_GCLOUD = '''#!{python}
 import json, os, sys
 calls = os.environ['FAKE_GCLOUD_CALLS']
@@ -36,7 +37,7 @@ elif 'ssh' in args and any('qwenjax.train' in a for a in args):
   state['trains'] += 1
   if state['trains'] == 1 and scenario != 'succeed':
     state['preempted'] = scenario == 'preempt'
-    code = 255
+    code = 143 if scenario == 'stopped' else 255
 json.dump(state, open(state_file, 'w'))
 sys.exit(code)
 '''
@@ -143,6 +144,18 @@ def test_run_keeps_a_slice_that_failed_without_preemption(tmp_path):
   code, out, calls = _pod('run', *V5P_64, '--poll_seconds=0', tmp_path=tmp_path, scenario='crash')
   assert code != 0 and 'not preempted' in out
   assert not any('delete' in call for call in calls)
+
+
+def test_a_job_stopped_on_a_signal_is_not_a_failure(tmp_path):
+  """`stop` (SIGTERM) or Ctrl-C: the job saved a checkpoint and exited 143 / 130; `run` neither relaunches it nor
+  keeps the slice as after a failure, and passes the status on; `train` too."""
+  code, out, calls = _pod('run', *V5P_64, '--poll_seconds=0', tmp_path=tmp_path, scenario='stopped')
+  assert code == 143 and 'stopped by SIGTERM after saving a checkpoint' in out and 'failed' not in out, out
+  assert sum('qwenjax.train' in _remote(call) for call in calls if 'ssh' in call) == 1
+  assert 'delete' in calls[-1]
+  (tmp_path / 'state.json').unlink()
+  code, out, _ = _pod('train', *V5P_64, tmp_path=tmp_path, scenario='stopped')
+  assert code == 143 and 'resumes it' in out and 'failed' not in out, out
 
 
 @pytest.mark.parametrize('args,message', [

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import hf
 from qwenjax import sharding
@@ -127,7 +128,7 @@ def test_init_from_hf_trains_with_the_checkpoints_own_tokenizer(tmp_path, caplog
   assert kept.fingerprint == hf_tokenizer.fingerprint and kept.eos_id == hf_tokenizer.encode('<|endoftext|>')[0]
   # The prepared corpus holds the checkpoint tokenizer's ids of each document (ids equal transformers',
   # tests/test_tokenizer.py), each ended by its <|endoftext|>; the first batch reads from it.
-  corpus, _ = data.prepared_corpora(config, kept)
+  corpus, _ = data.prepared_corpora(config_lib.settings(config).data, kept)
   with open(corpus_file) as f:
     documents = [json.loads(line)['text'] for line in f]
   assert corpus.meta['eos_id'] == kept.eos_id and len(corpus) == len(documents)
@@ -154,12 +155,12 @@ def global_batches(config, tokenizer_file, devices, mesh_shape, steps=3):
   """The first global batches as the job assembles them on a mesh of `devices`, read back to the host."""
   config = config.copy_and_resolve_references()
   config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
-  model_config = ModelConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  batch_sharding = sharding.batch_sharding(mesh, sharding.logical_axis_rules(config.mesh.rules, mesh, model_config))
+  run = config_lib.settings(config)
+  mesh = sharding.make_mesh(run.mesh, devices)
+  batch_sharding = sharding.batch_sharding(mesh, sharding.logical_axis_rules(run.mesh.rules, mesh, run.model))
   batch = int(config.train.batch_size)
   rows = train.local_rows(batch_sharding, batch)
-  corpus, _ = data.prepared_corpora(config, tokenizer_lib.load(tokenizer_file))
+  corpus, _ = data.prepared_corpora(run.data, tokenizer_lib.load(tokenizer_file))
   reader = data.train_batches(corpus, seq_len=int(config.data.seq_len), batch_size=batch,
                               seed=int(config.train.seed), shuffle_window=int(config.data.shuffle_window),
                               local_rows=rows, start=0, steps=steps)

@@ -6,7 +6,6 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -91,9 +90,8 @@ def test_step_loss_matches_the_models_logits():
 
 def test_compiled_train_step_never_holds_full_logits():
   model = ModelConfig(**{**MODEL.to_dict(), 'dtype': 'bfloat16'})
-  train = config_lib.train_section()
-  train.update(loss_chunk=16)
-  mesh_config = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, expert=1, rules=sharding.DEFAULT_RULES))
+  train, loss = config_lib.OptimizerConfig(), config_lib.LossConfig(loss_chunk=16)
+  mesh_config = config_lib.MeshConfig(data=1, fsdp=1, tensor=1, expert=1)
   mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:1])
   rules = sharding.logical_axis_rules(mesh_config.rules, mesh, model)
   tx = train_step.make_optimizer(train)
@@ -101,7 +99,7 @@ def test_compiled_train_step_never_holds_full_logits():
   batch = {k: jax.ShapeDtypeStruct((8, 64), jnp.float32 if k == 'weights' else jnp.int32)
            for k in ('inputs', 'targets', 'weights')}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(train_step.make_train_step(model, train))
+    step = jax.jit(train_step.make_train_step(model, train, loss))
     hlo = step.lower(state, batch, train_step.schedule_horizon(train)).compile().as_text()
   vocab_shapes = set(re.findall(r'(?:f32|bf16)\[[0-9,]*,512\]', hlo))
   assert 'f32[8,16,512]' in vocab_shapes  # one chunk of logits

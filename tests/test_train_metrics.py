@@ -4,11 +4,14 @@ files."""
 import dataclasses
 import json
 import os
+import struct
+import time
 
 import jax
 import numpy as np
 import optax
 import pytest
+from tensorboardX.proto import event_pb2
 
 from qwenjax import config as config_lib
 from qwenjax import metrics
@@ -56,8 +59,7 @@ def test_moe_flops_count_only_the_active_experts():
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-  train = config_lib.train_section()
-  train.update(lr=1e-3, warmup_steps=10, steps=100, lr_final_fraction=0.1)
+  train = config_lib.OptimizerConfig(lr=1e-3, warmup_steps=10, steps=100, lr_final_fraction=0.1)
   schedule = train_step.learning_rate_schedule(train)
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
@@ -69,27 +71,66 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 def optax_schedule(train):
   """The schedule built by optax's constructors from Python ints, as the train step had it before its horizon
   became an input: the reference the runtime schedule must equal."""
-  lr, warmup, steps = float(train['lr']), int(train['warmup_steps']), int(train['steps'])
-  if train['lr_schedule'] == 'constant':
+  lr, warmup, steps = train.lr, train.warmup_steps, train.steps
+  if train.lr_schedule == 'constant':
     return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
-      end_value=lr * float(train['lr_final_fraction']))
+      end_value=lr * train.lr_final_fraction)
 
 
 @pytest.mark.parametrize('kind', ['cosine', 'constant'])
 def test_learning_rate_schedule_takes_its_horizon_at_run_time_with_optax_values(kind):
-  base = config_lib.train_section().to_dict()
-  base.update(lr=3e-3, lr_schedule=kind, lr_final_fraction=0.1)
+  base = config_lib.OptimizerConfig(lr=3e-3, lr_schedule=kind, lr_final_fraction=0.1)
   counts = np.arange(160, dtype=np.int32)
   traced = jax.jit(lambda horizon: train_step.learning_rate_schedule(base, horizon)(counts))
   for warmup, steps in [(0, 0), (0, 1), (0, 100), (1, 100), (10, 100), (7, 8), (30, 30), (50, 20), (5, 150)]:
-    train = dict(base, warmup_steps=warmup, steps=steps)
+    train = dataclasses.replace(base, warmup_steps=warmup, steps=steps)
     want = np.asarray(optax_schedule(train)(counts))
     for got in (traced(train_step.schedule_horizon(train)), train_step.learning_rate_schedule(train)(counts)):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9, err_msg=f'{warmup}, {steps}')
   assert traced._cache_size() == 1  # pylint: disable=protected-access  (one trace for every horizon)
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} as TensorBoard shows a run directory's event files: the files in name order, and
+  a SessionLog START at step s (a restart) hiding what earlier events logged at steps >= s."""
+  shown = {}
+  for name in sorted(f for f in os.listdir(directory) if f.startswith('events.out.tfevents')):
+    with open(os.path.join(directory, name), 'rb') as f:
+      records = f.read()
+    offset = 0
+    while offset < len(records):  # TFRecords: length (8 bytes), its CRC (4), the event, its CRC (4)
+      (length,) = struct.unpack('<Q', records[offset:offset + 8])
+      event = event_pb2.Event.FromString(records[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.HasField('session_log') and event.session_log.status == event_pb2.SessionLog.START:
+        shown = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in shown.items()}
+      for value in event.summary.value:
+        shown.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return shown
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard_and_an_idle_one_writes_nothing(tmp_path):
+  """A run killed after logging steps 1-6 but checkpointing only step 4 replays steps 5 and 6 when it resumes:
+  TensorBoard shows each step once, the replayed values. A rerun with nothing to train writes no events file."""
+  killed = metrics.MetricWriter(str(tmp_path))
+  for step in range(1, 7):
+    killed.write(step, {'loss': 10.0 - step})
+  killed.close()
+  time.sleep(1.1)  # event files are named by the second they are opened in
+  resumed = metrics.MetricWriter(str(tmp_path), resume_step=4)
+  for step in range(5, 9):
+    resumed.write(step, {'loss': 100.0 + step})
+  resumed.close()
+  assert tensorboard_scalars(tmp_path)['loss'] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0), (5, 105.0), (6, 106.0),
+                                                   (7, 107.0), (8, 108.0)]
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert [json.loads(line)['loss'] for line in f] == [9.0, 8.0, 7.0, 6.0, 105.0, 106.0, 107.0, 108.0]
+  files = sorted(os.listdir(tmp_path))
+  metrics.MetricWriter(str(tmp_path), resume_step=8).close()  # already trained to step 8: nothing to do
+  assert sorted(os.listdir(tmp_path)) == files
 
 
 def test_metric_writer_writes_jsonl_and_tensorboard(tmp_path):

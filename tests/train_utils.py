@@ -85,7 +85,7 @@ def losses(records):
 
 def first_batches(config, tokenizer_path, steps):
   """The global batches of the first `steps` steps of a run of `config`, read as the job reads them."""
-  corpus, _ = data.prepared_corpora(config, tokenizer_lib.load(tokenizer_path))
+  corpus, _ = data.prepared_corpora(config_lib.settings(config).data, tokenizer_lib.load(tokenizer_path))
   rows = data.PackedRows(corpus, int(config.data.seq_len), int(config.train.seed), int(config.data.shuffle_window))
   batch = int(config.train.batch_size)
   return [data.StepBatches(rows, batch, range(batch))(k) for k in range(steps)]

@@ -9,10 +9,13 @@ Commands (each prints the `gcloud` commands it runs; `--dry_run` prints them and
     install  copy this checkout (`git archive HEAD`, through GCS) to every host and `pip install` it with jax[tpu]
     train    run `python -m qwenjax.train` on every host at once, streaming their output here
     logs     follow the training log of one host (--worker, default 0) from another terminal
-    stop     SIGTERM the job on every host (it saves a checkpoint and exits)
+    stop     SIGTERM the job on every host (it saves a checkpoint and exits with status 143)
     delete   delete the slice
     run      all of it: create, install, train; when the slice is preempted, delete it, create it again and
              relaunch (the job resumes from its latest checkpoint in --workdir); delete the slice at the end
+
+A job stopped by Ctrl-C or SIGTERM (exit status 130 or 143, `qwenjax.cli`) saved a checkpoint and resumes: `train`
+and `run` say so and exit with that status, not as a failure.
 
 tpu/README.md walks through a run and gives the mesh for each slice shape.
 """
@@ -23,7 +26,6 @@ import dataclasses
 import os
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Sequence
@@ -42,6 +44,8 @@ _CORES_IN_NAME = ('v4', 'v5p')
 _READY = ('ACTIVE', 'READY')
 _GONE = ('SUSPENDING', 'SUSPENDED', 'PREEMPTED', 'TERMINATED', 'FAILED', 'NOT_FOUND')
 LOG = '~/qwenjax-train.log'
+# Exit statuses of a training job stopped on a signal after saving a checkpoint (qwenjax/cli.py): it resumes.
+STOPPED = {130: 'Ctrl-C (SIGINT)', 143: 'SIGTERM'}
 
 NAME = flags.DEFINE_string('name', None, 'Queued resource and TPU node name.')
 ZONE = flags.DEFINE_string('zone', None, 'Zone, e.g. us-east5-a (v5p) or us-central2-b (v4).')
@@ -212,12 +216,21 @@ def upload(workdir: str, runner: Runner) -> None:
   check(runner, ['gcloud', 'storage', 'cp', archive, source_uri(workdir)])
 
 
-def run(tpu: Slice, runner: Runner, install: str, train: str, max_restarts: int, keep_slice: bool) -> None:
-  """Create, install, train; on preemption recreate and relaunch (the job resumes); delete at the end.
+def stopped(code: int) -> int:
+  """Says that the job stopped on a signal and resumes; returns its status."""
+  print(f'# training stopped by {STOPPED[code]} after saving a checkpoint (exit {code}); the same train or run '
+        'command resumes it from --workdir', flush=True)
+  return code
+
+
+def run(tpu: Slice, runner: Runner, install: str, train: str, max_restarts: int, keep_slice: bool) -> int:
+  """Create, install, train; on preemption recreate and relaunch (the job resumes); delete at the end. Returns 0,
+  or the job's 130 / 143 when it was stopped on a signal (it saved a checkpoint and resumes: no failure).
 
   A failure on a slice that was not preempted stops the loop and keeps the slice, to read its logs.
   """
   create(tpu, runner)
+  status = 0
   for attempt in range(max_restarts + 1):
     check(runner, tpu.ssh(install))
     code = runner.run(tpu.ssh(train))
@@ -226,6 +239,9 @@ def run(tpu: Slice, runner: Runner, install: str, train: str, max_restarts: int,
             flush=True)
       break
     state = runner.output(tpu.state(), dry_run_answer=_READY[0])
+    if state not in _GONE and code in STOPPED:  # `stop`, or Ctrl-C: the slice is up and the job saved
+      status = stopped(code)
+      break
     if state not in _GONE:
       raise SystemExit(f'training failed (exit {code}) on a slice that is still {state}, so not preempted. '
                        'The slice is kept: read `python tpu/pod.py logs ...`, then `python tpu/pod.py delete ...`.')
@@ -236,9 +252,10 @@ def run(tpu: Slice, runner: Runner, install: str, train: str, max_restarts: int,
     create(tpu, runner)
   if not keep_slice:
     check(runner, tpu.delete())
+  return status
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str]) -> int:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'give one command: {" | ".join(COMMANDS)} (got {argv[1:]})')
   command = argv[1]
@@ -271,7 +288,11 @@ def main(argv: Sequence[str]) -> None:
     upload(WORKDIR.value, runner)
     check(runner, tpu.ssh(install_command(WORKDIR.value)))
   elif command == 'train':
-    check(runner, tpu.ssh(train))
+    code = runner.run(tpu.ssh(train))
+    if code in STOPPED:
+      return stopped(code)
+    if code:
+      raise SystemExit(f'command failed (exit {code}): {shlex.join(tpu.ssh(train))}')
   elif command == 'logs':
     check(runner, tpu.ssh(f'tail -n 200 -F {LOG}', worker=WORKER.value))
   elif command == 'stop':
@@ -281,7 +302,8 @@ def main(argv: Sequence[str]) -> None:
     check(runner, tpu.delete())
   else:
     upload(WORKDIR.value, runner)
-    run(tpu, runner, install_command(WORKDIR.value), train, MAX_RESTARTS.value, KEEP_SLICE.value)
+    return run(tpu, runner, install_command(WORKDIR.value), train, MAX_RESTARTS.value, KEEP_SLICE.value)
+  return 0
 
 
 if __name__ == '__main__':
