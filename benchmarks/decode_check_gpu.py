@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax import generate, model
+from qwenjax import generate, kv_cache, model
+from qwenjax import params as params_lib
+from qwenjax.model_config import ModelConfig
 
 BASE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=512, attention_impl='xla')
@@ -52,8 +54,8 @@ def step_logits(config, params, prompts, steps: int) -> np.ndarray:
   for i, p in enumerate(prompts):
     ids[i, :len(p)] = p
   qwen = model.Qwen2(config)
-  prefill = jax.jit(lambda p, x, n: qwen.apply({'params': p}, x, cache=model.init_cache(config, len(prompts), 128),
-                                               lengths=n))
+  cache = kv_cache.init_cache(config, len(prompts), 128)
+  prefill = jax.jit(lambda p, x, n: qwen.apply({'params': p}, x, cache=cache, lengths=n))
   step = jax.jit(lambda p, t, pos, c: qwen.apply({'params': p}, t[:, None], pos[:, None], cache=c))
   logits, cache = prefill(params, ids, lengths)
   position, token = jnp.asarray(lengths), jnp.argmax(logits[:, 0], -1)
@@ -74,8 +76,8 @@ def main(argv=None) -> list[dict]:
   prompts = [rng.randint(0, BASE['vocab_size'], n).tolist() for n in PROMPT_LENGTHS]
   results = []
   for name in args.configs.split(','):
-    config = model.ModelConfig(**BASE, **CONFIGS[name])
-    params = model.init_params(config, jax.random.key(1))
+    config = ModelConfig(**BASE, **CONFIGS[name])
+    params = params_lib.init_params(config, jax.random.key(1))
     configs = {'xla': dataclasses.replace(config, decode_impl='xla'), 'kernel': dataclasses.replace(config, **kernel)}
     logits = {k: step_logits(c, params, prompts, args.steps) for k, c in configs.items()}
     tokens = {k: generate.generate(c, params, prompts, max_new_tokens=args.new_tokens) for k, c in configs.items()}

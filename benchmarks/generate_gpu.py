@@ -47,7 +47,8 @@ def parse_args(argv=None):
   parser.add_argument('--new_tokens', type=int, default=256)
   parser.add_argument('--iters', type=int, default=3)
   parser.add_argument('--attention_impl', default='', help="prefill kernel (default: 'cudnn' on GPU, 'xla' else)")
-  parser.add_argument('--decode_impl', default='auto', help="decode step's attention (model.DECODE_IMPLEMENTATIONS)")
+  parser.add_argument('--decode_impl', default='auto',
+                      help="decode step's attention (qwenjax.model_config.DECODE_IMPLEMENTATIONS)")
   parser.add_argument('--scan_layers', action='store_true',
                       help='decode through nn.scan (configs/7b.py\'s layers; generate() unrolls them, this shows why)')
   parser.add_argument('--copy_mib', type=int, default=2048,
@@ -66,7 +67,7 @@ def parse_args(argv=None):
 
 def model_config(args):
   from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   impl = args.attention_impl or ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
   values = dict(config_lib.load(args.config).model)
@@ -106,13 +107,14 @@ def bandwidths(mib: int) -> tuple[float, float]:
 def run_ours(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from qwenjax import generate, model  # pylint: disable=g-import-not-at-top
+  from qwenjax import generate  # pylint: disable=g-import-not-at-top
+  from qwenjax import params as params_lib  # pylint: disable=g-import-not-at-top
   import profile_summary  # pylint: disable=g-import-not-at-top  (benchmarks/profile_summary.py)
   config = model_config(args)
   bandwidth, read = bandwidths(args.copy_mib)
   write(args, dict(what='copy_bandwidth', bytes_per_s=bandwidth, device=jax.devices()[0].device_kind))
   write(args, dict(what='read_bandwidth', bytes_per_s=read))
-  params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
+  params = jax.jit(params_lib.init_params, static_argnums=0)(config, jax.random.key(0))
   leaves = jax.tree.leaves(params)
   weight_bytes = sum(x.nbytes for x in leaves)
   if not config.tie_word_embeddings:  # decoding reads one row of the embedding table, the whole lm_head
@@ -183,7 +185,7 @@ def run_peer(args) -> None:
   import transformers  # pylint: disable=g-import-not-at-top
   from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from qwenjax import hf  # pylint: disable=g-import-not-at-top
-  from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
   config = ModelConfig.from_dict(config_lib.load(args.config).model)
   values = hf.config_to_hf(config, 'bfloat16')
   values.pop('torch_dtype', None)

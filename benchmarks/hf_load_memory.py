@@ -54,7 +54,7 @@ def memory_gib() -> dict[str, float]:
 
 
 def model_config(config_file: str, scan_layers: bool | None):
-  from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('config_module', config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -106,7 +106,7 @@ def measure(method: str, path: str, mesh_spec: str, scan_layers: bool, coordinat
   gloo), holding only its local devices' blocks: what one host of a pod slice does.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from qwenjax import config as config_lib, hf, model, sharding  # pylint: disable=g-import-not-at-top
+  from qwenjax import config as config_lib, hf, params as params_lib, sharding  # pylint: disable=g-import-not-at-top
   if coordinator:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
@@ -116,7 +116,7 @@ def measure(method: str, path: str, mesh_spec: str, scan_layers: bool, coordinat
   mesh = sharding.make_mesh(config_lib.MeshConfig(**mesh_config))
   config = hf.load_config(path, scan_layers=scan_layers)
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, config)
-  shardings = sharding.param_shardings(model.abstract_params(config), mesh, rules)
+  shardings = sharding.param_shardings(params_lib.abstract_params(config), mesh, rules)
   jax.block_until_ready(jax.device_put(np.zeros(8), shardings['norm']['scale']))  # runtime up
   before = memory_gib()
   start = time.time()

@@ -35,7 +35,7 @@ import transformers  # pylint: disable=g-import-not-at-top
 from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
 from qwenjax import hf  # pylint: disable=g-import-not-at-top
 from qwenjax import metrics  # pylint: disable=g-import-not-at-top
-from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
 
 from timing import packed_batches  # pylint: disable=g-import-not-at-top  (benchmarks/, next to this script)
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from qwenjax import model, moe
 from qwenjax.kernels import gmm, gmm_gpu
+from qwenjax.model_config import ModelConfig
 
 from timing import median_seconds, rel_err  # benchmarks/, next to this script
 
@@ -40,8 +41,8 @@ HIDDEN, EXPERTS, TOP_K, EXPERT_WIDTH, SHARED_WIDTH = 3584, 64, 8, 2560, 20480
 INTERPRET = False  # --cpu_smoke: tiny shapes, Pallas kernels interpreted
 
 
-def moe_config(shared: bool, **overrides) -> model.ModelConfig:
-  return model.ModelConfig(
+def moe_config(shared: bool, **overrides) -> ModelConfig:
+  return ModelConfig(
       vocab_size=1024, hidden_size=HIDDEN, intermediate_size=18944, num_hidden_layers=1, num_attention_heads=28,
       num_key_value_heads=4, num_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=EXPERT_WIDTH,
       shared_expert_intermediate_size=SHARED_WIDTH if shared else 0, dtype='bfloat16', param_dtype='bfloat16',

@@ -40,7 +40,6 @@ from qwenjax import config as config_lib
 from qwenjax import metrics
 from qwenjax import sharding
 from qwenjax import train_step
-from qwenjax.model import ModelConfig
 
 import profile_summary  # benchmarks/, next to this script
 from timing import packed_batches  # benchmarks/

@@ -31,8 +31,8 @@ from jax.sharding import PartitionSpec as P
 from qwenjax import kernels
 from qwenjax import sharding
 from qwenjax.kernels import attention_contract
+from qwenjax.model_config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 
-IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'pallas_tpu', 'pallas_gpu', 'auto')
 # Logical axis names the model gives attention's inputs (see qwenjax.model.Attention).
 Q_AXES = ('activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
 KV_AXES = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')

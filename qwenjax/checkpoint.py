@@ -60,7 +60,7 @@ def _layout_hint(saved: set[str], expected: set[str]) -> str:
   if stacked(saved) != stacked(expected):
     written = 'True' if stacked(saved) else 'False'
     return (f' (it was written with model.scan_layers={written}: pass --config.model.scan_layers={written}, '
-            'or convert with qwenjax.model.stack_layers / unstack_layers)')
+            'or convert with qwenjax.params.stack_layers / unstack_layers)')
   return ''
 
 

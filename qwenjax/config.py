@@ -23,16 +23,12 @@ import dataclasses
 import difflib
 import importlib.util
 import numbers
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-if TYPE_CHECKING:
-  from qwenjax.model import ModelConfig
-
-# Until ModelConfig has a module of its own, it is imported where used: qwenjax.model imports sharding, which
-# imports this module (for the mesh settings).
+from qwenjax.model_config import ModelConfig
 
 # (logical axis name, mesh axis / tuple of mesh axes / None): where each named dimension of the model's
 # parameters and activations lives on the mesh (`qwenjax.sharding`). flax applies the first rule whose mesh axes
@@ -217,7 +213,6 @@ _OPTIONAL_TYPES = {'head_dim': int, 'sliding_window': int}
 
 def model_section(**overrides) -> ml_collections.ConfigDict:
   """A `model` section holding every ModelConfig field, defaults first, then `overrides`."""
-  from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
   values = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(overrides) - set(values))
   if unknown:
@@ -281,7 +276,6 @@ def base_config() -> ml_collections.ConfigDict:
 def settings(config: ml_collections.ConfigDict) -> RunConfig:
   """The typed settings of a run's config: every key known, every value of its default's type, every range
   checked; a ValueError naming the setting otherwise. A key the config lacks takes its default."""
-  from qwenjax.model import ModelConfig  # pylint: disable=g-import-not-at-top
   _check_keys(config, 'config', _TOP_LEVEL)
   for name in ('data', 'train', 'mesh'):
     if name in config and not isinstance(config[name], (Mapping, ml_collections.ConfigDict)):

@@ -51,7 +51,7 @@ from qwenjax import pretrained
 from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train_step
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 _SMALLEST_BUCKET = 16
 

@@ -2,7 +2,7 @@
 
 `generate` takes prompts of different lengths as token-id lists and returns each one's new tokens. The prompts
 are right-padded to a bucket length and run through the model once (`prefill`), which fills a preallocated
-cache (`qwenjax.model.init_cache`: full-attention layers hold every position, sliding-window layers a ring of
+cache (`qwenjax.kv_cache.init_cache`: full-attention layers hold every position, sliding-window layers a ring of
 `sliding_window` entries); then `decode` runs a `jax.lax.while_loop` that feeds each row its last token at its
 own position until every row has met a stop token or the step limit. Both functions are jitted on the bucket
 shapes, so a new prompt length or token count compiles nothing new unless it crosses a bucket (`TRACES`
@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenjax import kernels
+from qwenjax import kv_cache
 from qwenjax import model as model_lib
+from qwenjax import params as params_lib
 from qwenjax import sharding
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 # How often `prefill` and `decode` were traced (each trace is one compilation), for tests and benchmarks.
 TRACES = collections.Counter()
@@ -113,7 +115,7 @@ def prefill(params, input_ids, lengths, active, stop_ids, key, temperature, top_
   del mesh  # part of the jit cache key only: the caller sets the mesh (`_scope`)
   with nn.logical_axis_rules(rules):
     batch = input_ids.shape[0]
-    cache = model_lib.init_cache(config, batch, cache_len)
+    cache = kv_cache.init_cache(config, batch, cache_len)
     logits, cache = model_lib.Qwen2(config).apply({'params': params}, input_ids, cache=cache, lengths=lengths)
     token = sample_tokens(logits[:, 0], jax.random.fold_in(key, 0), temperature, top_k, top_p, sampling,
                           vocab_limit)
@@ -144,7 +146,7 @@ def _pad_rows(state: dict[str, Any], rows: int) -> dict[str, Any]:
     widths = [(0, 0)] * x.ndim
     widths[axis % x.ndim] = (0, rows - x.shape[axis])
     return jnp.pad(x, widths, constant_values=fill)
-  cache = {name: model_lib.LayerCache(pad(c.key, -4), pad(c.value, -4), pad(c.positions, -2, -1))
+  cache = {name: kv_cache.LayerCache(pad(c.key, -4), pad(c.value, -4), pad(c.positions, -2, -1))
            for name, c in state['cache'].items()}
   rest = {name: pad(x, 0, name == 'done') for name, x in state.items() if name not in ('cache', 'step')}
   return dict(rest, cache=cache, step=state['step'])
@@ -227,16 +229,16 @@ def unrolled(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
   """
   if not config.scan_layers:
     return config, params
-  return dataclasses.replace(config, scan_layers=False), model_lib.unstack_layers(params)
+  return dataclasses.replace(config, scan_layers=False), params_lib.unstack_layers(params)
 
 
 def place_params(config: ModelConfig, params: Any, mesh: jax.sharding.Mesh,
                  rules: sharding.Rules) -> Any:
   """The parameters placed on `mesh` as the logical axis rules say (tensor parallelism with the defaults)."""
-  shardings = sharding.param_shardings(model_lib.abstract_params(config), mesh, rules)
+  shardings = sharding.param_shardings(params_lib.abstract_params(config), mesh, rules)
   if 'layers' in params and 'layers' not in shardings or 'layers' in shardings and 'layers' not in params:
     raise ValueError('the parameters and config.scan_layers disagree (scanned `layers` vs `layers_{i}`): set '
-                     'scan_layers to match, or convert with qwenjax.model.stack_layers / unstack_layers')
+                     'scan_layers to match, or convert with qwenjax.params.stack_layers / unstack_layers')
   return jax.device_put(params, shardings)
 
 

@@ -36,7 +36,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from qwenjax.model import ModelConfig, abstract_params, stack_layers, unstack_layers
+from qwenjax.model_config import ModelConfig
+from qwenjax.params import abstract_params, stack_layers, unstack_layers
 
 SUPPORTED_ARCHITECTURES = ('Qwen2ForCausalLM', 'Qwen2MoeForCausalLM')
 _MODEL_TYPES = ('qwen2', 'qwen2_moe')

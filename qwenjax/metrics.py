@@ -12,7 +12,8 @@ from etils import epath
 import jax
 
 from qwenjax.kernels import attention_contract
-from qwenjax.model import ModelConfig, count_params
+from qwenjax.model_config import ModelConfig
+from qwenjax.params import count_params
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (no sparsity).
 PEAK_FLOPS = {

@@ -29,7 +29,7 @@ from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train_step
 from qwenjax import workdir as workdir_lib
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 
 @dataclasses.dataclass

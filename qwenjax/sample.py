@@ -21,7 +21,7 @@ from qwenjax import cli
 from qwenjax import generate
 from qwenjax import pretrained
 from qwenjax import tokenizer as tokenizer_lib
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 
 def sample(model_config: ModelConfig, params: Any, tok: tokenizer_lib.Tokenizer, prompt: str, *,

@@ -27,7 +27,7 @@ logical names to it in the rules.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -36,9 +36,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenjax import config as config_lib
-
-if TYPE_CHECKING:  # model imports attention and moe, which import this module
-  from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 MESH_AXES = config_lib.MESH_AXES
 # Logical axes of a batch of token ids `[batch, seq]`.
@@ -202,7 +200,10 @@ def strip_boxes(tree: Any) -> Any:
 
 
 def param_shardings(abstract_params: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
-  """NamedShardings for a tree of boxed (`nn.LogicallyPartitioned`) abstract parameters, unboxed."""
+  """NamedShardings for a tree of boxed (`nn.LogicallyPartitioned`) abstract parameters, unboxed.
+
+  The tree is `qwenjax.params.abstract_params(config)`: passed in, so that this module never imports the model.
+  """
   specs = nn.get_partition_spec(abstract_params)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = strip_boxes(abstract_params)

@@ -95,7 +95,8 @@ from qwenjax import metrics as metrics_lib
 from qwenjax import scaling
 from qwenjax import train
 from qwenjax import workdir as workdir_lib
-from qwenjax.model import ModelConfig, count_params
+from qwenjax.model_config import ModelConfig
+from qwenjax.params import count_params
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

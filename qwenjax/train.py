@@ -40,6 +40,7 @@ import numpy as np
 
 from qwenjax import checkpoint
 from qwenjax import cli
+from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
 from qwenjax import lock as lock_lib
@@ -47,7 +48,7 @@ from qwenjax import metrics as metrics_lib
 from qwenjax import sharding
 from qwenjax import train_step
 from qwenjax import workdir as workdir_lib
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 # Fields that fix parameter shapes: a Hugging Face checkpoint must agree with the config on these.
 _SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',

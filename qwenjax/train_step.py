@@ -22,7 +22,9 @@ from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
 from qwenjax.config import LossConfig, OptimizerConfig
 from qwenjax import mup
+from qwenjax import params as params_lib
 from qwenjax import sharding
+from qwenjax.model_config import ModelConfig
 
 Batch = Mapping[str, jax.Array]
 
@@ -98,7 +100,7 @@ def make_optimizer(optimizer: OptimizerConfig, horizon: Mapping[str, Any] | None
   return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
 
 
-def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch):
+def hidden_states(model_config: ModelConfig, params: Any, batch: Batch):
   """(final hidden states, output head in the compute dtype, auxiliary losses) of one forward pass.
 
   The loss builds logits from these chunk by chunk (`qwenjax.loss`), never all at once.
@@ -109,7 +111,7 @@ def hidden_states(model_config: model_lib.ModelConfig, params: Any, batch: Batch
   return hidden, head, aux
 
 
-def _sums(model_config: model_lib.ModelConfig, params: Any, batch: Batch, z_loss: float,
+def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
           chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32', loss_impl: str = 'auto'):
   """(objective to differentiate, (nll sum, z sum, target count, count-weighted aux losses)) of a (micro-)batch.
 
@@ -144,7 +146,7 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   return jax.tree.map(split, dict(batch))
 
 
-def make_train_step(model_config: model_lib.ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig()
+def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig()
                     ) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
   """`train_step(state, batch, horizon) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
 
@@ -200,7 +202,7 @@ def make_train_step(model_config: model_lib.ModelConfig, optimizer: OptimizerCon
   return train_step
 
 
-def make_eval_step(model_config: model_lib.ModelConfig,
+def make_eval_step(model_config: ModelConfig,
                    loss: LossConfig = LossConfig()) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """`eval_step(params, batch) -> (nll sum, target count)`, with the run's own memory settings.
 
@@ -234,17 +236,17 @@ def make_eval_step(model_config: model_lib.ModelConfig,
 # Parameters are initialized with the logical axis rules switched off: placement comes from `out_shardings`,
 # not from constraints inside the model.
 
-def _abstract_params(model_config: model_lib.ModelConfig):
+def _abstract_params(model_config: ModelConfig):
   with nn.logical_axis_rules(()):
-    return model_lib.abstract_params(model_config)
+    return params_lib.abstract_params(model_config)
 
 
-def param_shardings(model_config: model_lib.ModelConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Any:
+def param_shardings(model_config: ModelConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Any:
   """NamedShardings of the parameters alone (for `checkpoint.restore_params`, evaluation and sampling)."""
   return sharding.param_shardings(_abstract_params(model_config), mesh, rules)
 
 
-def state_shardings(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+def state_shardings(model_config: ModelConfig, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, rules: sharding.Rules) -> TrainState:
   """NamedShardings of every leaf of the train state: optimizer moments follow their parameters."""
   boxed = _abstract_params(model_config)
@@ -257,7 +259,7 @@ def state_shardings(model_config: model_lib.ModelConfig, tx: optax.GradientTrans
   return TrainState(step=replicated, params=params, opt_state=opt)
 
 
-def abstract_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation,
+def abstract_state(model_config: ModelConfig, tx: optax.GradientTransformation,
                    shardings: TrainState) -> TrainState:
   """The train state as ShapeDtypeStructs carrying their shardings (what checkpoint restore fills in)."""
   params = sharding.strip_boxes(_abstract_params(model_config))
@@ -266,7 +268,7 @@ def abstract_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransf
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def create_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
+def create_state(model_config: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
                  rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0) -> TrainState:
   """A new train state, each array created directly in its sharding (never whole on one device).
 
@@ -277,7 +279,7 @@ def create_state(model_config: model_lib.ModelConfig, tx: optax.GradientTransfor
   if params is None:
     def init(rng):
       with nn.logical_axis_rules(()):
-        p = model_lib.init_params(model_config, rng)
+        p = params_lib.init_params(model_config, rng)
       if mup_base_width:
         p = mup.scale_init(p, mup_base_width)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))

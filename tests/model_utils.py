@@ -1,18 +1,19 @@
-"""Random parameters (and loss inputs) for tests that need some of a config's shapes, but not `model.init_params`."""
+"""Random parameters (and loss inputs) for tests that need some of a config's shapes, but not `params.init_params`."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax import model
+from qwenjax import params as params_lib
+from qwenjax.model_config import ModelConfig
 
 
-def random_params(config: model.ModelConfig, seed: int = 0) -> dict:
-  """Host (numpy) parameters of `config`'s shapes and dtype, drawn as `model.init_params` draws them: weights and
+def random_params(config: ModelConfig, seed: int = 0) -> dict:
+  """Host (numpy) parameters of `config`'s shapes and dtype, drawn as `params.init_params` draws them: weights and
   embeddings normal(0, initializer_range), norm scales 1, biases 0.
 
-  `model.init_params` runs the model's init op by op, several seconds per config on a CPU (a MoE model's over
+  `params.init_params` runs the model's init op by op, several seconds per config on a CPU (a MoE model's over
   ten): tests whose subject is not the initialization take these instead. init_params itself is tested in
   test_model.py and test_mup.py, and through `train_step.create_state` by every training test.
   """
@@ -28,7 +29,7 @@ def random_params(config: model.ModelConfig, seed: int = 0) -> dict:
       value = config.initializer_range * rng.standard_normal(x.shape)
     return value.astype(x.dtype)
 
-  return jax.tree_util.tree_map_with_path(draw, nn.unbox(model.abstract_params(config)))
+  return jax.tree_util.tree_map_with_path(draw, nn.unbox(params_lib.abstract_params(config)))
 
 
 def loss_inputs(seed: int, batch: int = 2, seq: int = 12, embed: int = 16, vocab: int = 37):

@@ -12,7 +12,8 @@ import pytest
 
 from qwenjax import kernels
 from qwenjax.kernels import decode_gpu
-from qwenjax.model import LayerCache, rotary_angles
+from qwenjax.kv_cache import LayerCache
+from qwenjax.rotary import rotary_angles
 
 
 def ring_positions(position: np.ndarray, slots: int) -> np.ndarray:

@@ -19,12 +19,12 @@ import hf_utils
 from model_utils import random_params
 from qwenjax import config as config_lib
 from qwenjax import evaluate
-from qwenjax import model as model_lib
 from qwenjax import sharding
 from qwenjax import train_step
+from qwenjax.model_config import ModelConfig
 
-MODEL = model_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, attention_impl='xla')
+MODEL = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, attention_impl='xla')
 
 
 def _mesh(model, devices):

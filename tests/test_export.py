@@ -21,10 +21,12 @@ from qwenjax import config as config_lib
 from qwenjax import evaluate
 from qwenjax import export
 from qwenjax import model as model_lib
+from qwenjax import params as params_lib
 from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train
 from qwenjax import train_step
+from qwenjax.model_config import ModelConfig
 from train_utils import subprocess_xla_flags
 
 TINY = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
@@ -60,15 +62,15 @@ def run(tmp_path_factory):
 
 def _ours(workdir, input_ids, step=None):
   config, params, _ = checkpoint.restore_params(workdir, step)
-  model_config = model_lib.ModelConfig.from_dict(config.model)
+  model_config = ModelConfig.from_dict(config.model)
   return np.asarray(model_lib.Qwen2(model_config).apply({'params': params}, np.asarray(input_ids)))
 
 
 def test_restore_params_reads_only_the_parameters(run):
   config, params, step = checkpoint.restore_params(run)
   assert step == 3 and config.train.steps == 3 and config.model.hidden_size == 64
-  model_config = model_lib.ModelConfig.from_dict(config.model)
-  expected = sharding.strip_boxes(model_lib.abstract_params(model_config))
+  model_config = ModelConfig.from_dict(config.model)
+  expected = sharding.strip_boxes(params_lib.abstract_params(model_config))
   assert jax.tree.structure(params) == jax.tree.structure(expected)  # the parameters, no optimizer state
   assert all(x.shape == e.shape and x.dtype == e.dtype for x, e in zip(jax.tree.leaves(params),
                                                                         jax.tree.leaves(expected)))
@@ -94,7 +96,7 @@ def test_restore_params_errors_name_the_problem(run, tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
     checkpoint.restore_params(str(tmp_path))
   config, params, _ = checkpoint.restore_params(run)
-  scanned = model_lib.ModelConfig.from_dict({**config.model.to_dict(), 'scan_layers': True})
+  scanned = ModelConfig.from_dict({**config.model.to_dict(), 'scan_layers': True})
   mesh = sharding.make_mesh(config_lib.MeshConfig())
   rules = sharding.logical_axis_rules(config_lib.DEFAULT_RULES, mesh, scanned)
   with pytest.raises(checkpoint.ShapeMismatchError, match='model.scan_layers=False'):
@@ -134,8 +136,8 @@ def test_export_loads_in_transformers_with_our_logits(run, tmp_path):
                                                            dtype=torch.float32).eval()
   config, params, _ = checkpoint.restore_params(run, 2)
   rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), params)
-  ours16 = model_lib.Qwen2(model_lib.ModelConfig.from_dict(config.model)).apply({'params': rounded},
-                                                                                np.asarray(input_ids))
+  ours16 = model_lib.Qwen2(ModelConfig.from_dict(config.model)).apply({'params': rounded},
+                                                                      np.asarray(input_ids))
   assert hf_utils.relative_error(ours16, hf_utils.hf_logits(hf16, input_ids)) < 1e-5
   assert json.load(open(os.path.join(out16, 'config.json')))['torch_dtype'] == 'bfloat16'
 

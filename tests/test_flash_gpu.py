@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwenjax.kernels import attention_contract, flash_gpu
+from qwenjax.kernels import attention_contract, flash_gpu, flash_gpu_common
 
 
 def reference(q, k, v, *, window=None, segment_ids=None):
@@ -93,14 +93,14 @@ def test_block_ranges_cover_exactly_the_band(window):
   for block_rows, block_cols in [(16, 32), (32, 16), (16, 16)]:
     for start in range(0, seq, block_rows):
       visited, full = _brute_force_blocks(seq, start, None, block_rows, block_cols, window, True)
-      lo, hi = map(int, flash_gpu.kv_block_range(start, block_rows, block_cols, window))
-      f_lo, f_hi = map(int, flash_gpu.kv_full_range(start, block_rows, block_cols, window, lo, hi))
+      lo, hi = map(int, flash_gpu_common.kv_block_range(start, block_rows, block_cols, window))
+      f_lo, f_hi = map(int, flash_gpu_common.kv_full_range(start, block_rows, block_cols, window, lo, hi))
       assert set(range(lo, hi)) == visited
       assert set(range(f_lo, f_hi)) == full & visited  # contiguous, so any gap would show here
 
       visited, full = _brute_force_blocks(seq, start, None, block_rows, block_cols, window, False)
-      lo, hi = map(int, flash_gpu.q_block_range(start, block_rows, block_cols, window, seq // block_cols))
-      f_lo, f_hi = map(int, flash_gpu.q_full_range(start, block_rows, block_cols, window, lo, hi))
+      lo, hi = map(int, flash_gpu_common.q_block_range(start, block_rows, block_cols, window, seq // block_cols))
+      f_lo, f_hi = map(int, flash_gpu_common.q_full_range(start, block_rows, block_cols, window, lo, hi))
       assert set(range(lo, hi)) == visited
       assert set(range(f_lo, f_hi)) == full
 
@@ -122,22 +122,22 @@ def test_document_ranges_cover_every_visible_pair(window):
   seq, block_rows, block_cols = 96, 16, 16
   skipped = 0
   for seg in _document_layouts(seq):
-    doc_start, doc_end = (np.asarray(x)[0] for x in flash_gpu.document_bounds(jnp.asarray(seg)[None]))
+    doc_start, doc_end = (np.asarray(x)[0] for x in flash_gpu_common.document_bounds(jnp.asarray(seg)[None]))
     vis = np.array([[bool(attention_contract.visible(q, k, window, seg[q], seg[k])) for k in range(seq)]
                     for q in range(seq)])
     tiles = vis.reshape(seq // block_rows, block_rows, seq // block_cols, block_cols).transpose(0, 2, 1, 3)
     any_pair, all_pairs = tiles.any(axis=(2, 3)), tiles.all(axis=(2, 3))
     for i in range(seq // block_rows):
       start, end = i * block_rows, (i + 1) * block_rows - 1
-      lo, hi, f_lo, f_hi = map(int, flash_gpu.kv_document_range(start, block_rows, block_cols, window,
+      lo, hi, f_lo, f_hi = map(int, flash_gpu_common.kv_document_range(start, block_rows, block_cols, window,
                                                                 doc_start[start], doc_start[end]))
       assert set(np.flatnonzero(any_pair[i])) <= set(range(lo, hi))
       assert set(range(f_lo, f_hi)) <= set(np.flatnonzero(all_pairs[i]))
-      plain_lo, plain_hi = flash_gpu.kv_block_range(start, block_rows, block_cols, window)
+      plain_lo, plain_hi = flash_gpu_common.kv_block_range(start, block_rows, block_cols, window)
       skipped += (int(plain_hi) - int(plain_lo)) - (hi - lo)
     for j in range(seq // block_cols):  # keys: the mirror image
       start, end = j * block_cols, (j + 1) * block_cols - 1
-      lo, hi, f_lo, f_hi = map(int, flash_gpu.q_document_range(start, block_cols, block_rows, window,
+      lo, hi, f_lo, f_hi = map(int, flash_gpu_common.q_document_range(start, block_cols, block_rows, window,
                                                                seq // block_rows, doc_end[start], doc_end[end]))
       assert set(np.flatnonzero(any_pair[:, j])) <= set(range(lo, hi))
       assert set(range(f_lo, f_hi)) <= set(np.flatnonzero(all_pairs[:, j]))
@@ -165,7 +165,7 @@ def test_work_is_linear_in_seq_len_at_fixed_window():
   window, block = 64, 16
   for seq in (256, 1024):
     counts = [int(hi - lo) for lo, hi in
-              (flash_gpu.kv_block_range(s, block, block, window) for s in range(0, seq, block))]
+              (flash_gpu_common.kv_block_range(s, block, block, window) for s in range(0, seq, block))]
     assert max(counts) <= window // block + 1
   assert attention_contract.band_pairs(1024, 64) < 2.1 * attention_contract.band_pairs(512, 64)
 
@@ -214,7 +214,7 @@ def test_mosaic_kernels_lower_for_short_sequences(seq_len):
 
 def test_mosaic_rejects_too_much_shared_memory():
   q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
-  blocks = flash_gpu.BlockSizes(stages=3)  # 3 K/V slots of 128 x 128 do not fit next to Q
+  blocks = flash_gpu_common.BlockSizes(stages=3)  # 3 K/V slots of 128 x 128 do not fit next to Q
   fn = functools.partial(flash_gpu.flash_attention, backend='mosaic', block_sizes=blocks)
   with pytest.raises(ValueError, match='shared memory'):
     jax.jit(fn).trace(q, q, q).lower(lowering_platforms=('cuda',))

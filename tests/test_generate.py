@@ -15,9 +15,11 @@ import torch
 
 import hf_utils
 
-from qwenjax import generate, hf, model, sharding, tokenizer
+from qwenjax import generate, hf, kv_cache, model, sharding, tokenizer
+from qwenjax import params as params_lib
 from qwenjax.config import MeshConfig
 from qwenjax.kernels import decode_gpu
+from qwenjax.model_config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_LENGTHS = (3, 9, 14)
@@ -67,7 +69,7 @@ def test_greedy_matches_transformers_generate(tmp_path, kind):
 def tiny_config(**overrides):
   base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rope_theta=10_000.0, attention_impl='xla')
-  return model.ModelConfig(**{**base, **overrides})
+  return ModelConfig(**{**base, **overrides})
 
 
 @pytest.mark.parametrize('scan_layers,decode_impl', [(False, 'xla'), (True, 'xla'), (False, 'pallas')])
@@ -76,7 +78,7 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, de
 
   'pallas' runs the decode kernel (`kernels.decode_gpu`) in the Pallas interpreter on unrolled layers: a ring of 16
   slots that wraps and a 40-slot cache (not a whole number of the kernel's blocks). (Scanned layers take the XLA
-  path whatever `decode_impl` says: `model._cached_layers`.)
+  path whatever `decode_impl` says: `model._decoder_layers`.)
   """
   window, slots = (16, 40) if decode_impl == 'pallas' else (4, 32)
   kernel_calls = []  # traced kernel calls
@@ -85,14 +87,15 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, de
   config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=window, max_window_layers=1,
                        num_hidden_layers=3, decode_impl=decode_impl, attention_interpret=decode_impl == 'pallas',
                        head_dim=32)  # the kernel's smallest head_dim
-  params = model.init_params(config, jax.random.key(0))
+  params = params_lib.init_params(config, jax.random.key(0))
   ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, slots - 8))
   full = jax.jit(lambda p, x: model.Qwen2(config).apply({'params': p}, x))(params, ids)
   lengths = np.array([3, 7])
 
   @jax.jit
   def prefill(p, x, lengths):
-    return model.Qwen2(config).apply({'params': p}, x, cache=model.init_cache(config, 2, slots), lengths=lengths)
+    cache = kv_cache.init_cache(config, 2, slots)
+    return model.Qwen2(config).apply({'params': p}, x, cache=cache, lengths=lengths)
 
   @jax.jit
   def step(p, token, position, cache):
@@ -117,7 +120,7 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, de
 
 def test_ring_buffer_never_grows_past_the_window():
   config = tiny_config(use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=3)
-  params = model.init_params(config, jax.random.key(2))
+  params = params_lib.init_params(config, jax.random.key(2))
   batch = prompts(config.vocab_size, (2, 11))
   generate.TRACES.clear()
   seen = []
@@ -148,7 +151,7 @@ def test_idle_rows_added_for_decoding_change_no_token(monkeypatch):
   assert generate.decode_rows(1, 'gpu') == 2 and generate.decode_rows(1, 'cpu') == 1
   assert generate.decode_rows(3, 'gpu') == 3
   config = tiny_config(use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=2)
-  params = model.init_params(config, jax.random.key(4))
+  params = params_lib.init_params(config, jax.random.key(4))
   request = generate.make_request(config, prompts(config.vocab_size, (7,)), 12)
   knobs = (jnp.float32(1e-6), jnp.int32(0), jnp.float32(1.0), jnp.int32(97))
   static = dict(config=config, sampling=generate.Sampling())
@@ -168,7 +171,7 @@ def test_idle_rows_added_for_decoding_change_no_token(monkeypatch):
   expected = generate.generate(config, params, prompts(config.vocab_size, (7,)), max_new_tokens=12)
   assert expected == [np.asarray(alone['out'])[0, :12].tolist()]
   config = dataclasses.replace(config, num_key_value_heads=4)
-  params = model.init_params(config, jax.random.key(4))
+  params = params_lib.init_params(config, jax.random.key(4))
   expected = generate.generate(config, params, prompts(config.vocab_size, (7,)), max_new_tokens=12)
   monkeypatch.setattr(generate, 'decode_rows', lambda batch, platform: 2 if batch == 1 else batch)
   padded_rows = []
@@ -182,7 +185,7 @@ def test_idle_rows_added_for_decoding_change_no_token(monkeypatch):
 
 def test_compiles_once_per_bucket():
   config = tiny_config()
-  params = model.init_params(config, jax.random.key(3))
+  params = params_lib.init_params(config, jax.random.key(3))
   generate.TRACES.clear()
   first = generate.generate(config, params, prompts(config.vocab_size, (5, 9)), max_new_tokens=20)
   generate.generate(config, params, prompts(config.vocab_size, (10, 16), seed=1), max_new_tokens=7)  # same buckets
@@ -194,7 +197,7 @@ def test_compiles_once_per_bucket():
 
 def test_sampling_is_reproducible_from_its_seed():
   config = tiny_config()
-  params = model.init_params(config, jax.random.key(4))
+  params = params_lib.init_params(config, jax.random.key(4))
   batch = prompts(config.vocab_size, (4, 6))
   kwargs = dict(max_new_tokens=16, temperature=1.5, top_k=20, top_p=0.9)
   a = generate.generate(config, params, batch, seed=7, **kwargs)
@@ -228,7 +231,7 @@ def test_decoding_is_dropless_whatever_the_runs_expert_capacity():
   tokens do not depend on the batch they share."""
   config = tiny_config(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=48)
-  params = model.init_params(config, jax.random.key(6))
+  params = params_lib.init_params(config, jax.random.key(6))
   batch = prompts(config.vocab_size, (5, 9, 3))
   capped = dataclasses.replace(config, moe_capacity_factor=0.25)
   ids = np.array([batch[1]])
@@ -241,7 +244,7 @@ def test_decoding_is_dropless_whatever_the_runs_expert_capacity():
 
 def test_stop_tokens_end_a_row_inclusively():
   config = tiny_config()
-  params = model.init_params(config, jax.random.key(5))
+  params = params_lib.init_params(config, jax.random.key(5))
   batch = prompts(config.vocab_size, (4, 6, 8))
   free = generate.generate(config, params, batch, max_new_tokens=16)
   stop = free[1][5]  # row 1's sixth token
@@ -281,7 +284,7 @@ def test_tensor_parallel_decode_on_a_mesh_matches_one_device():
   """Layer 0 dense, layer 1 MoE, batch split over data=2 (3 rows padded to 4), heads and MLP over tensor=4."""
   config = tiny_config(num_key_value_heads=4, vocab_size=96, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=(0,))
-  params = model.init_params(config, jax.random.key(7))
+  params = params_lib.init_params(config, jax.random.key(7))
   batch = prompts(config.vocab_size, (5, 8, 3))
   single = generate.generate(config, params, batch, max_new_tokens=16)
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=4, expert=1))
@@ -338,7 +341,7 @@ def test_sample_cli_on_a_training_workdir(tmp_path):
   run_config, params, step = checkpoint.restore_params(str(workdir))
   assert step == 2
   tok = tokenizer.load(str(workdir / 'tokenizer'))
-  model_config = model.ModelConfig.from_dict(run_config.model)
+  model_config = ModelConfig.from_dict(run_config.model)
   expected = generate.generate(model_config, params, [tok.encode('def main(')], max_new_tokens=10,
                                stop_token_ids=tok.stop_ids, vocab_limit=tok.vocab_size)[0]
   expected = [t for t in expected if t not in tok.stop_ids]
@@ -377,7 +380,7 @@ def test_scanned_models_decode_with_unrolled_layers():
   unrolled model."""
   config = tiny_config(scan_layers=True, use_sliding_window=True, sliding_window=4, max_window_layers=1,
                        num_hidden_layers=3)
-  params = model.init_params(config, jax.random.key(5))
+  params = params_lib.init_params(config, jax.random.key(5))
   flat_config, flat_params = generate.unrolled(config, params)
   assert not flat_config.scan_layers and 'layers' not in flat_params and 'layers_2' in flat_params
   assert generate.unrolled(flat_config, flat_params)[1] is flat_params

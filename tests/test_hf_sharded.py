@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import transformers
 
-from qwenjax import hf, model, sharding
+from qwenjax import hf, params as params_lib, sharding
 from qwenjax.config import MeshConfig
 from train_utils import subprocess_xla_flags
 
@@ -33,7 +33,7 @@ def _random_params(config, seed):
   rng = np.random.RandomState(seed)
   dtype = jax.numpy.dtype(config.param_dtype)
   return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(dtype),
-                      nn.unbox(model.abstract_params(config)))
+                      nn.unbox(params_lib.abstract_params(config)))
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +57,7 @@ def _shardings(path, mesh_config, **overrides):
   mesh = sharding.make_mesh(MeshConfig(**dict(zip(sharding.MESH_AXES, mesh_config))))
   config = hf.load_config(path, **overrides)
   rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, config)
-  return sharding.param_shardings(model.abstract_params(config), mesh, rules)
+  return sharding.param_shardings(params_lib.abstract_params(config), mesh, rules)
 
 
 def _assert_same(sharded, plain, shardings):
@@ -144,7 +144,7 @@ import jax
 import numpy as np
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
-from qwenjax import hf, model, sharding
+from qwenjax import hf, params as params_lib, sharding
 from qwenjax.config import MeshConfig
 path, read = sys.argv[1], []
 original = hf.read_slice
@@ -156,7 +156,7 @@ hf.read_slice = counting
 mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8, tensor=1, expert=1))
 config = hf.load_config(path)
 rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh, config)
-shardings = sharding.param_shardings(model.abstract_params(config), mesh, rules)
+shardings = sharding.param_shardings(params_lib.abstract_params(config), mesh, rules)
 _, params = hf.from_pretrained(path, shardings=shardings)
 _, plain = hf.from_pretrained(path)
 equal, blocks = True, 0

@@ -13,10 +13,10 @@ from model_utils import loss_inputs
 from qwenjax import config as config_lib
 from qwenjax import kernels
 from qwenjax import loss
-from qwenjax import model as model_lib
 from qwenjax import sharding
 from qwenjax import train_step
 from qwenjax.kernels import cross_entropy_gpu
+from qwenjax.model_config import ModelConfig
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -121,7 +121,7 @@ def test_loss_impl_errors():
   assert loss.resolve_impl('auto') == 'xla'  # this CPU
   with kernels.lowering_platform('gpu'):
     assert loss.resolve_impl('auto') == 'pallas'
-  model = model_lib.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=1)
+  model = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
   with pytest.raises(ValueError, match="unknown loss impl 'fast'"):
     train_step.make_train_step(model, config_lib.OptimizerConfig(), config_lib.LossConfig(loss_impl='fast'))

@@ -3,6 +3,8 @@
 import dataclasses
 import functools
 import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -13,18 +15,21 @@ import pytest
 from qwenjax import attention
 from qwenjax import config as config_lib
 from qwenjax import model
+from qwenjax import params as params_lib
+from qwenjax.model_config import ModelConfig
 
-CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
+ROOT = pathlib.Path(__file__).parent.parent
+CONFIGS = ROOT / 'configs'
 
 # Layers 0-1 full attention, 2-3 a 5-key window; GQA 4/2.
-SMALL = model.ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0,
-                          use_sliding_window=True, sliding_window=5, max_window_layers=2)
+SMALL = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0,
+                    use_sliding_window=True, sliding_window=5, max_window_layers=2)
 
 
 @pytest.fixture(scope='module')
 def params():
-  return model.init_params(SMALL, jax.random.key(0))
+  return params_lib.init_params(SMALL, jax.random.key(0))
 
 
 def logits_of(config, params, ids, positions=None, segment_ids=None):
@@ -83,12 +88,12 @@ def test_bf16_forward_close_to_fp32(params):
     (True, 'dots_and_attention_saveable'), (False, 'activations_saveable')])
 def test_scan_and_remat_match_plain_model(params, plain_model, scan_layers, remat_policy):
   config = dataclasses.replace(SMALL, scan_layers=scan_layers, remat_policy=remat_policy)
-  variant_params = model.stack_layers(params, SMALL.num_hidden_layers) if scan_layers else params
+  variant_params = params_lib.stack_layers(params, SMALL.num_hidden_layers) if scan_layers else params
   ids, expected_logits, expected_grads = plain_model
   np.testing.assert_allclose(logits_of(config, variant_params, ids), expected_logits, rtol=1e-5, atol=1e-5)
   grads = _grads(config, variant_params, ids)
   if scan_layers:
-    grads = model.unstack_layers(grads)
+    grads = params_lib.unstack_layers(grads)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, expected_grads)
 
 
@@ -100,7 +105,7 @@ def test_remat_policies_save_what_they_promise(policy, capsys):
   config = dataclasses.replace(SMALL, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                                dtype='bfloat16', attention_impl='pallas_gpu', attention_interpret=True,
                                remat_policy=policy)
-  params = model.init_params(config, jax.random.key(0))
+  params = params_lib.init_params(config, jax.random.key(0))
   ids = jnp.zeros((1, 32), jnp.int32)
   loss = lambda p: model.Qwen2(config).apply({'params': p}, ids, return_hidden=True).astype(jnp.float32).sum()
   jax.ad_checkpoint.print_saved_residuals(loss, params)
@@ -124,10 +129,10 @@ def test_cudnn_forward_primitives_exist():
 
 
 def test_stack_unstack_round_trip(params):
-  stacked = model.stack_layers(params, SMALL.num_hidden_layers)
+  stacked = params_lib.stack_layers(params, SMALL.num_hidden_layers)
   assert stacked['layers']['mlp']['up_proj']['kernel'].shape == (4, 64, 128)
-  jax.tree.map(np.testing.assert_array_equal, model.unstack_layers(stacked), params)
-  scanned_init = model.init_params(dataclasses.replace(SMALL, scan_layers=True), jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, params_lib.unstack_layers(stacked), params)
+  scanned_init = params_lib.init_params(dataclasses.replace(SMALL, scan_layers=True), jax.random.key(0))
   assert jax.tree.structure(scanned_init) == jax.tree.structure(stacked)
 
 
@@ -137,9 +142,10 @@ def test_unrolled_init_is_one_program_per_layer_kind(params):
   layer still gets its own draw of the right shapes and scale."""
   def key_derivations(layers):  # flax folds each parameter's name into the key: one small kernel each on a GPU
     config = dataclasses.replace(SMALL, num_hidden_layers=layers, use_sliding_window=False)
-    return str(jax.make_jaxpr(lambda key: model.init_params(config, key))(jax.random.key(0))).count('random_fold_in')
+    program = jax.make_jaxpr(lambda key: params_lib.init_params(config, key))(jax.random.key(0))
+    return str(program).count('random_fold_in')
   assert key_derivations(16) == key_derivations(2)  # drawn layer by layer: 195 against 27
-  abstract = nn.unbox(model.abstract_params(SMALL))
+  abstract = nn.unbox(params_lib.abstract_params(SMALL))
   assert jax.tree.structure(params) == jax.tree.structure(abstract)
   jax.tree.map(lambda x, a: (x.shape, x.dtype) == (a.shape, a.dtype) or pytest.fail(f'{x.shape} {a.shape}'),
                params, abstract)
@@ -156,18 +162,18 @@ def load_config(name):
     ('1b', 1_083_033_600), ('qwen2_0_5b', 494_032_768), ('qwen2_1_5b', 1_543_714_304),
     ('qwen2_7b', 7_615_616_512), ('qwen2_72b', 72_706_203_648)])
 def test_parameter_counts(name, count):
-  assert model.count_params(model.ModelConfig.from_dict(load_config(name).model)) == count
+  assert params_lib.count_params(ModelConfig.from_dict(load_config(name).model)) == count
 
 
 def test_1b_shape():
-  config = model.ModelConfig.from_dict(load_config('1b').model)
+  config = ModelConfig.from_dict(load_config('1b').model)
   assert [config.is_sliding(i) for i in range(16)] == [False] * 8 + [True] * 8
   assert (config.hidden_size, config.num_key_value_heads, config.head_dim) == (2048, 4, 128)
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_every_parameter_has_logical_axis_names(scan_layers):
-  boxed = model.abstract_params(dataclasses.replace(SMALL, scan_layers=scan_layers))
+  boxed = params_lib.abstract_params(dataclasses.replace(SMALL, scan_layers=scan_layers))
   with_paths = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   leaves = [leaf for _, leaf in with_paths]
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
@@ -180,8 +186,20 @@ def test_every_parameter_has_logical_axis_names(scan_layers):
 
 def test_config_errors():
   with pytest.raises(ValueError, match="unknown model config key.*'hiden_size'"):
-    model.ModelConfig.from_dict({'hiden_size': 8})
+    ModelConfig.from_dict({'hiden_size': 8})
   with pytest.raises(ValueError, match='remat_policy'):
-    model.ModelConfig(remat_policy='sometimes')
+    ModelConfig(remat_policy='sometimes')
   with pytest.raises(ValueError, match='multiple of num_key_value_heads'):
-    model.ModelConfig(num_attention_heads=6, num_key_value_heads=4)
+    ModelConfig(num_attention_heads=6, num_key_value_heads=4)
+
+
+def test_model_config_is_a_leaf_and_the_model_knows_no_devices():
+  """Configs read `model_config` without loading jax, flax or any other qwenjax module; `model.py` picks no
+  kernel by platform or mesh (a decode step's dispatch is `kv_cache`'s)."""
+  code = ('import sys, qwenjax.model_config; '
+          'print(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "qwenjax")))')
+  loaded = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert loaded.strip() == "['qwenjax', 'qwenjax.model_config']"
+  source = (ROOT / 'qwenjax' / 'model.py').read_text()
+  for name in ('target_platform', 'get_abstract_mesh', 'free_axes', 'decode_gpu'):
+    assert name not in source, name

@@ -17,11 +17,13 @@ import transformers
 from model_utils import random_params
 from qwenjax import config as config_lib
 from qwenjax import model, moe
+from qwenjax import params as params_lib
 from qwenjax.kernels import gmm
+from qwenjax.model_config import ModelConfig
 
 CONFIGS = pathlib.Path(__file__).parent.parent / 'configs'
 
-SMALL = model.ModelConfig(
+SMALL = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
     shared_expert_intermediate_size=24, output_router_logits=True, router_z_loss_coef=1e-3, rope_theta=10_000.0)
@@ -185,7 +187,7 @@ def test_scan_remat_and_aux_plumbing():
   variants = (dict(scan_layers=True, remat_policy='full'), dict(remat_policy='dots_with_no_batch_dims_saveable'))
   for variant in variants:
     config = dataclasses.replace(SMALL, **variant)
-    p = model.stack_layers(params, 2) if config.scan_layers else params
+    p = params_lib.stack_layers(params, 2) if config.scan_layers else params
     logits2, aux2 = apply_with_aux(config, p, ids)
     np.testing.assert_allclose(logits2, logits, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), aux2, aux)
@@ -197,7 +199,7 @@ def test_scan_remat_and_aux_plumbing():
 
 
 def test_moe_parameters_have_logical_axis_names():
-  boxed = model.abstract_params(dataclasses.replace(SMALL, scan_layers=True))
+  boxed = params_lib.abstract_params(dataclasses.replace(SMALL, scan_layers=True))
   leaves = jax.tree.leaves(boxed['layers']['mlp'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
   experts = boxed['layers']['mlp']['experts']
@@ -246,8 +248,8 @@ def test_expert_parallel_meshes_give_the_same_loss_and_grads():
 @pytest.mark.parametrize('name,count', [('moe_tiny', 5_780_736), ('qwen1_5_moe_a2_7b', 14_315_784_192),
                                         ('qwen2_57b_a14b', 57_408_658_944)])
 def test_parameter_counts_match_transformers(name, count):
-  config = model.ModelConfig.from_dict(load_config(name).model)
-  assert model.count_params(config) == count
+  config = ModelConfig.from_dict(load_config(name).model)
+  assert params_lib.count_params(config) == count
   fields = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
             'num_key_value_heads', 'num_experts', 'num_experts_per_tok', 'moe_intermediate_size',
             'shared_expert_intermediate_size', 'decoder_sparse_step', 'tie_word_embeddings')
@@ -264,24 +266,24 @@ def test_mlp_only_layers_from_config_file_and_command_line():
     values = flags.FlagValues()
     config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
     values(argv)
-    return model.ModelConfig.from_dict(values.config.model)
+    return ModelConfig.from_dict(values.config.model)
 
   assert parse().mlp_only_layers == ()
   config = parse('--config.model.mlp_only_layers=(0, 2)')
   assert config.mlp_only_layers == (0, 2) and hash(config)
   assert [config.is_moe(i) for i in range(4)] == [False, True, False, True]
-  assert model.ModelConfig(num_experts=4, mlp_only_layers=[1]).mlp_only_layers == (1,)  # lists from JSON
+  assert ModelConfig(num_experts=4, mlp_only_layers=[1]).mlp_only_layers == (1,)  # lists from JSON
   with pytest.raises(ValueError, match='scan_layers=True needs every layer'):
     parse('--config.model.mlp_only_layers=(1,)', '--config.model.scan_layers=True')
   with pytest.raises(ValueError, match='num_experts_per_tok'):
-    model.ModelConfig(num_experts=4, num_experts_per_tok=5)
+    ModelConfig(num_experts=4, num_experts_per_tok=5)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training.
 
 def test_training_moe_tiny_lowers_loss():
-  config = model.ModelConfig.from_dict(load_config('moe_tiny').model)
+  config = ModelConfig.from_dict(load_config('moe_tiny').model)
   params = random_params(config)
   tokens = np.random.RandomState(0).randint(0, config.vocab_size, (4, 33))
   inputs, targets = tokens[:, :-1], tokens[:, 1:]

@@ -9,7 +9,8 @@ import pytest
 from qwenjax import config as config_lib
 from qwenjax import mup
 from qwenjax import train_step
-from qwenjax.model import ModelConfig, init_params
+from qwenjax.model_config import ModelConfig
+from qwenjax.params import init_params
 
 
 @pytest.fixture(scope='module')

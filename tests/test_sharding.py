@@ -17,11 +17,11 @@ from model_utils import random_params
 from train_utils import subprocess_xla_flags
 from qwenjax import config as config_lib
 from qwenjax import loss as loss_lib
-from qwenjax import model as model_lib
 from qwenjax import sharding
 from qwenjax import train_step
+from qwenjax.model_config import ModelConfig
 
-MODEL = model_lib.ModelConfig(
+MODEL = ModelConfig(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, use_sliding_window=True, sliding_window=12, max_window_layers=1,
     attention_impl='xla')

@@ -17,7 +17,7 @@ from qwenjax import metrics
 from qwenjax import scaling
 from qwenjax import sweep as sweep_lib
 from qwenjax import train
-from qwenjax.model import ModelConfig
+from qwenjax.model_config import ModelConfig
 
 STDLIB = sysconfig.get_paths()['stdlib']
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

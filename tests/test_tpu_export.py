@@ -19,13 +19,13 @@ import pytest
 
 from qwenjax import config as config_lib
 from qwenjax import kernels
-from qwenjax import model as model_lib
 from qwenjax import sharding
 from qwenjax import train_step
 from qwenjax.kernels import gmm_tpu
+from qwenjax.model_config import ModelConfig
 
 # Layer 0 full causal, layer 1 a window shorter than the sequence: two splash masks.
-DENSE = model_lib.ModelConfig(
+DENSE = ModelConfig(
     vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
     num_key_value_heads=1, use_sliding_window=True, sliding_window=128, max_window_layers=1,
     dtype='bfloat16', attention_impl='pallas_tpu')
@@ -36,7 +36,7 @@ BATCH, SEQ = 8, 256
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1, expert=1)
 
 
-def export_train_step(model: model_lib.ModelConfig, mesh_sizes: dict) -> jax.export.Exported:
+def export_train_step(model: ModelConfig, mesh_sizes: dict) -> jax.export.Exported:
   """The jitted train step with its state and batch shardings, exported for a TPU: as benchmarks/train_1b.py
   and the main job build it, from abstract values."""
   devices = jax.devices()[:np.prod(list(mesh_sizes.values()))]

@@ -144,8 +144,9 @@ def test_checkpoint_of_the_other_layer_layout_names_scan_layers():
 def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
   import jax  # pylint: disable=g-import-not-at-top
   from qwenjax import hf, model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
+  from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
   config = small_config()
-  model_config = model_lib.ModelConfig.from_dict(config.model)
+  model_config = ModelConfig.from_dict(config.model)
   params = random_params(model_config, seed=3)
   hf.save_pretrained(str(tmp_path / 'hf'), model_config, params)
   loaded = train.load_hf_params(str(tmp_path / 'hf'), model_config)
@@ -157,10 +158,10 @@ def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
                                   params=loaded)
   np.testing.assert_array_equal(np.asarray(state.params['layers_1']['mlp']['up_proj']['kernel']),
                                 params['layers_1']['mlp']['up_proj']['kernel'])
-  other = model_lib.ModelConfig.from_dict({**config.model, 'hidden_size': 64})
+  other = ModelConfig.from_dict({**config.model, 'hidden_size': 64})
   with pytest.raises(ValueError, match=r'hidden_size=128 but the config has model.hidden_size=64'):
     train.load_hf_params(str(tmp_path / 'hf'), other)
-  moe = model_lib.ModelConfig.from_dict({**config.model, 'num_experts': 4, 'moe_intermediate_size': 32})
+  moe = ModelConfig.from_dict({**config.model, 'num_experts': 4, 'moe_intermediate_size': 32})
   with pytest.raises(ValueError, match=r'num_experts=0 but the config has model.num_experts=4'):
     train.load_hf_params(str(tmp_path / 'hf'), moe)
 
@@ -279,7 +280,7 @@ def test_one_compiled_train_step_serves_every_schedule_length():
   learning rate of the horizon it is given."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from qwenjax import model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
+  from qwenjax import sharding, train_step  # pylint: disable=g-import-not-at-top
   config = small_config()
   config.model.update(num_hidden_layers=1, hidden_size=64, intermediate_size=128)
   config.mesh.update(data=1, fsdp=1, tensor=1)

@@ -12,10 +12,10 @@ import pytest
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import hf
-from qwenjax import model as model_lib
 from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train
+from qwenjax.model_config import ModelConfig
 from hf_utils import save_tiny_qwen2_tokenizer
 from model_utils import random_params
 from train_utils import first_batches, losses, read_metrics, small_config
@@ -118,7 +118,7 @@ def test_init_from_hf_trains_with_the_checkpoints_own_tokenizer(tmp_path, caplog
   config.model.update(vocab_size=384, num_hidden_layers=1)
   config.data.update(seq_len=32, tokenizer='train', train_files=corpus_file, eval_files=corpus_file)
   config.train.update(eval_steps=2, z_loss=0.0)
-  model_config = model_lib.ModelConfig.from_dict(config.model)
+  model_config = ModelConfig.from_dict(config.model)
   params = random_params(model_config, seed=1)
   hf.save_pretrained(checkpoint_dir, model_config, params)
   config.init_from_hf = checkpoint_dir

@@ -16,9 +16,10 @@ from qwenjax import loss
 from qwenjax import model as model_lib
 from qwenjax import sharding
 from qwenjax import train_step
+from qwenjax.model_config import ModelConfig
 
-MODEL = model_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, attention_impl='xla')
+MODEL = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, attention_impl='xla')
 
 
 def test_one_pass_logsumexp_matches_jax():
@@ -88,7 +89,7 @@ def test_step_loss_matches_the_models_logits():
 
 
 def test_compiled_train_step_never_holds_full_logits():
-  model = model_lib.ModelConfig(**{**MODEL.to_dict(), 'dtype': 'bfloat16'})
+  model = ModelConfig(**{**MODEL.to_dict(), 'dtype': 'bfloat16'})
   train, loss = config_lib.OptimizerConfig(), config_lib.LossConfig(loss_chunk=16)
   mesh_config = config_lib.MeshConfig(data=1, fsdp=1, tensor=1, expert=1)
   mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:1])

@@ -15,8 +15,8 @@ from tensorboardX.proto import event_pb2
 
 from qwenjax import config as config_lib
 from qwenjax import metrics
-from qwenjax import model as model_lib
 from qwenjax import train_step
+from qwenjax.model_config import ModelConfig
 
 
 def brute_force_flops(config, seq_len):
@@ -35,7 +35,7 @@ def brute_force_flops(config, seq_len):
 
 def test_flops_per_token_counts_weights_and_the_window():
   config = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', '1b.py'))
-  model = model_lib.ModelConfig.from_dict(config.model)
+  model = ModelConfig.from_dict(config.model)
   expected = brute_force_flops(model, 8192)
   # Biases and norm scales are in the parameter count but not in the brute-force matmuls: within 0.01%.
   np.testing.assert_allclose(metrics.flops_per_token(model, 8192), expected, rtol=1e-4)
@@ -48,7 +48,7 @@ def test_flops_per_token_counts_weights_and_the_window():
 
 def test_moe_flops_count_only_the_active_experts():
   config = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'moe_tiny.py'))
-  moe = model_lib.ModelConfig.from_dict(config.model)
+  moe = ModelConfig.from_dict(config.model)
   e, i = moe.hidden_size, moe.moe_intermediate_size
   # The same model with a dense MLP of the active width: k routed experts + shared expert, plus the router.
   dense = dataclasses.replace(moe, num_experts=0, intermediate_size=moe.num_experts_per_tok * i +

@@ -1,10 +1,11 @@
 """Pallas kernels: attention behind `qwenjax.attention.dot_product_attention`, grouped matmuls behind `gmm`.
 
 `splash_tpu` (TPU, built on JAX's splash attention) and `flash_gpu` (GPU, Mosaic GPU); `gmm` picks `gmm_gpu`
-or `gmm_tpu`; `attention_contract` is what every attention kernel computes and accepts; `decode_gpu` is a
-decode step's rotary, cache write and attention (`model.LayerCache.step`); `cross_entropy_gpu` is the loss's two
-passes over a chunk of logits (`loss.py`). Import the module you need; no kernel module is imported here, so a
-backend's kernel never loads on another backend.
+or `gmm_tpu`; a dispatcher and its backends share helpers through a leaf module (`flash_gpu_common`,
+`gmm_common`); `attention_contract` is what every attention kernel computes and accepts; `decode_gpu` is a
+decode step's rotary, cache write and attention (`kv_cache.LayerCache.step`); `cross_entropy_gpu` is the loss's
+two passes over a chunk of logits (`loss.py`). Import the module you need; no kernel module is imported here, so
+a backend's kernel never loads on another backend.
 
 Kernels are picked for `target_platform()`: the machine's backend, or the platform named by
 `lowering_platform(...)` while a program is traced for another machine (`jax.export.export(...,

@@ -51,6 +51,14 @@ def visible(q_pos, k_pos, window: int | None, q_seg=None, k_seg=None):
   return mask
 
 
+def first_visible(q_pos, window: int | None):
+  """The earliest key position a query at `q_pos` sees (without a window 0; with one it may be negative, where
+  no key is): for a kernel that reads a range of positions instead of evaluating `visible` on each."""
+  if window is None:
+    return jnp.zeros_like(q_pos)
+  return q_pos - window + 1
+
+
 def tile_visible(row, col, row_start, col_start, *, rows_are_queries: bool, window: int | None):
   """`visible` over a tile of a blocked kernel, from the tile's local row and column iotas and the first
   positions of its blocks; rows are queries, or keys in a backward kernel's transposed tile. Costs one iota

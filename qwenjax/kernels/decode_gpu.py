@@ -11,8 +11,8 @@ writes the new key and value there, in place (the cache is aliased to the output
 attended by split 0 from registers, so no program depends on another's write.
 
 Visibility is `attention_contract`'s, expressed through the positions the cache holds: a slot is seen if it
-holds a position in `[lowest, position)` (`lowest = position - window + 1`, or 0 without a window), and the
-new token is always seen. The slot written this step held either nothing or a position outside the window
+holds a position in `[lowest, position)` (`lowest` is `attention_contract.first_visible(position, window)`),
+and the new token is always seen. The slot written this step held either nothing or a position outside the window
 (a ring of `window` slots overwrites the position `window` steps back), so reading it before or after the
 write gives the same result.
 """
@@ -58,7 +58,7 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Ar
   qkv: [batch, heads + 2 * kv_heads, head_dim], this token's projections (bias added, rotary not applied): the
   query heads, then the key heads, then the value heads, as one array so that XLA writes them in one fusion;
   cos, sin: [batch, head_dim // 2] float32, the rotary angles' cosines and sines at each row's position (the
-  kernel rotates queries and key in the `rotate_half` layout, in float32, as `model.apply_rotary_embedding`);
+  kernel rotates queries and key in the `rotate_half` layout, in float32, as `rotary.apply_rotary_embedding`);
   key, value: [batch, kv_heads, slots, head_dim], the cache before this step; held: [batch, slots] int32, the
   position each slot holds (-1: none); position: [batch] int32, this token's position (written at slot
   `position % slots`); lowest: [batch] int32, the lowest visible position. Query head i belongs to kv head

@@ -2,11 +2,11 @@
 
 Every kernel is one CTA of three warpgroups: two consumers doing the math on 64-row tiles and one producer
 that streams the other operand through `stages` shared-memory slots with TMA. The producer walks the union of
-the two consumers' block ranges (from `flash_gpu`'s range helpers); a consumer walks the same steps and, for
+the two consumers' block ranges (from `flash_gpu_common`'s range helpers); a consumer walks the same steps and, for
 steps outside its own band, only keeps the barrier protocol (waits on the data barriers so their phases stay
 in step, arrives on the "slot free" barriers). Inside its band, blocks fully visible run without a mask.
 
-With packed documents the ranges also follow the documents (`flash_gpu.kv_ranges` / `q_ranges` with
+With packed documents the ranges also follow the documents (`flash_gpu_common.kv_ranges` / `q_ranges` with
 `document_bounds`): key blocks before a query block's first document and query blocks after a key block's last
 document are skipped, and blocks inside one document run unmasked. Each warpgroup reads the two bounds of its
 rows (and the producer those of the CTA's rows) from global memory, so all three agree on the steps.
@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from qwenjax.kernels import attention_contract
-from qwenjax.kernels import flash_gpu as fg
+from qwenjax.kernels import flash_gpu_common as fg
 
 _WGS = 2  # consumer warpgroups per CTA
 _RCP_LN2 = 1 / math.log(2)

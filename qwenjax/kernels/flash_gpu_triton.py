@@ -1,7 +1,7 @@
 """The blocked flash-attention algorithm as plain `pallas_call`s: Triton backend on GPU, interpreter on CPU.
 
 Same tiling, masking and block skipping as the Mosaic GPU kernels (`flash_gpu_mosaic`), through the block
-ranges of `flash_gpu`: each query block walks only the key blocks of its band, split into masked edges and an
+ranges of `flash_gpu_common`: each query block walks only the key blocks of its band, split into masked edges and an
 unmasked middle; the dK/dV program of a key block walks the query blocks of its band for every query head of
 its KV group. Used for fp32 inputs and non-Hopper GPUs, and with `interpret=True` as the CPU test of the
 algorithm. K/V (and Q/dO in dK/dV) are whole-sequence blocks left in GPU memory and sliced in the loop, so a
@@ -9,7 +9,7 @@ program reads only the blocks it visits.
 
 With packed documents (`segment_ids` in contiguous runs), the ranges also skip key blocks before a query
 block's first document and query blocks after a key block's last document, and blocks inside one document run
-unmasked (`flash_gpu.kv_ranges`, `q_ranges`), as in the Mosaic kernels.
+unmasked (`flash_gpu_common.kv_ranges`, `q_ranges`), as in the Mosaic kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from qwenjax.kernels import attention_contract
-from qwenjax.kernels import flash_gpu as fg
+from qwenjax.kernels import flash_gpu_common as fg
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b

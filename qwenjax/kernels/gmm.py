@@ -22,14 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenjax import kernels
-
-IMPLEMENTATIONS = ('auto', 'ragged_dot', 'mgpu', 'megablox')
-
-
-def mask_rows(x: jax.Array, total: jax.Array) -> jax.Array:
-  """x with its rows at or past `total` (the sum of the group sizes) set to zero."""
-  rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-  return jnp.where(rows < total, x, jnp.zeros((), x.dtype))
+from qwenjax.model_config import MOE_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 
 def resolve_impl(impl: str, lhs: jax.ShapeDtypeStruct | jax.Array, rhs: jax.ShapeDtypeStruct | jax.Array,

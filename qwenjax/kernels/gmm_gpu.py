@@ -30,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
-from qwenjax.kernels import gmm as gmm_lib
+from qwenjax.kernels import gmm_common
 
 # Tile sizes (rows, columns, contraction), software-pipeline depth and column-block swizzle. Chosen by
 # benchmarks/moe_gpu.py on the H100 (see docs/moe.md).
@@ -113,7 +113,7 @@ def _transposed(lhs, dout, group_sizes, interpret):
 
 
 def _mask(x, group_sizes):
-  return gmm_lib.mask_rows(x, jnp.sum(group_sizes))
+  return gmm_common.mask_rows(x, jnp.sum(group_sizes))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
-from qwenjax.kernels import gmm as gmm_lib
+from qwenjax.kernels import gmm_common
 
 _TILE = 128  # row tile (clipped to the row count), contraction and column tile: the TPU's 128 lanes
 
@@ -34,7 +34,7 @@ def _mask_grad_fwd(x, total):
 
 
 def _mask_grad_bwd(total, g):
-  return gmm_lib.mask_rows(g, total), None
+  return gmm_common.mask_rows(g, total), None
 
 
 _mask_grad_rows.defvjp(_mask_grad_fwd, _mask_grad_bwd)
@@ -54,4 +54,4 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, interpret: bool 
   # Positional arguments: megablox's custom_vjp marks some of them non-differentiable by position.
   out = megablox.gmm(_mask_grad_rows(lhs, total), rhs, group_sizes, lhs.dtype, (tm, _TILE, _TILE), None, None,
                      False, interpret)[:m, :n]
-  return gmm_lib.mask_rows(out, total)
+  return gmm_common.mask_rows(out, total)
