@@ -169,7 +169,7 @@ def test_ctrl_c_and_sigterm_save_and_exit_130_and_143(tmp_path, tokenizer_file):
       continue  # saved or not, depending on whether the second signal came before the save
     assert f'{signal.Signals(signals[0]).name} received: stopped at step' in last and 'checkpoint saved' in last
     step = max(r['step'] for r in read_metrics(workdir))
-    assert checkpoint.Checkpointer(workdir, 3).all_steps()[-1] == step
+    assert checkpoint.Checkpointer(workdir).all_steps()[-1] == step
     assert not saved or step > saved[-1]  # resumed, then saved again
     saved.append(step)
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released every time
@@ -211,5 +211,5 @@ def test_a_sweep_stopped_by_sigterm_saves_its_point_and_exits_143(tmp_path, toke
   last = stderr.rstrip().splitlines()[-1]
   assert last.startswith('stopped: sweep point D2.56e7-s1: SIGTERM received: stopped at step'), last
   step = max(r['step'] for r in read_metrics(point))
-  assert checkpoint.Checkpointer(point, 3).all_steps() == [step]
+  assert checkpoint.Checkpointer(point).all_steps() == [step]
   assert not os.path.exists(os.path.join(workdir, 'results.jsonl'))  # not a result: it resumes
