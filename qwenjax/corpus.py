@@ -29,6 +29,7 @@ from absl import logging
 import numpy as np
 
 from qwenjax import documents
+from qwenjax import files as files_lib
 
 DOCS_PER_SHARD = 512
 _VERSION = 1
@@ -47,24 +48,15 @@ def corpus_key(identity: Sequence[tuple[str, int, int]], text_key: str, tokenize
   return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _write_atomically(path: str, write) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  write(tmp)
-  os.replace(tmp, path)
-
-
 def _save_npy(path: str, array: np.ndarray) -> None:
   def write(tmp):
     with open(tmp, 'wb') as f:
       np.save(f, array)
-  _write_atomically(path, write)
+  files_lib.write(path, write)
 
 
 def _save_json(path: str, value: Any) -> None:
-  def write(tmp):
-    with open(tmp, 'w') as f:
-      json.dump(value, f, indent=1)
-  _write_atomically(path, write)
+  files_lib.write_json(path, value)
 
 
 def _tokenize_shard(source: documents.DocumentSource, tokenizer, shard: int, directory: str) -> dict[str, Any]:

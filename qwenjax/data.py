@@ -37,6 +37,7 @@ import numpy as np
 
 from qwenjax import corpus as corpus_lib
 from qwenjax import documents
+from qwenjax import files as files_lib
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax.config import DataConfig
 
@@ -196,7 +197,7 @@ def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: in
     wanted['fingerprint'] = found.fingerprint
   kept = epath.Path(workdir) / 'tokenizer' if workdir else None
   if kept and (kept / 'source.json').exists():
-    saved = json.loads((kept / 'source.json').read_text())
+    saved = files_lib.read_json(kept / 'source.json')
     # train.seed picked the sentences a trained tokenizer learned from; the kept copy is what the run trained
     # with, so a resumed run with another seed keeps it (its data stream changes, as train.py warns).
     if {k: v for k, v in saved.items() if k != 'seed'} != {k: v for k, v in wanted.items() if k != 'seed'}:
@@ -224,8 +225,8 @@ def keep_tokenizer(workdir: str, tokenizer: tokenizer_lib.Tokenizer, data: DataC
       wanted['fingerprint'] = tokenizer.fingerprint
     kept.mkdir(parents=True, exist_ok=True)
     for name, content in tokenizer.files.items():
-      (kept / name).write_bytes(content)
-    (kept / 'source.json').write_text(json.dumps(wanted, indent=1))  # last: marks the copy complete
+      files_lib.write(kept / name, content)
+    files_lib.write_json(kept / 'source.json', wanted)  # last: marks the copy complete
   if jax.process_count() > 1:  # the others read WORKDIR/tokenizer only once it is complete
     multihost_utils.sync_global_devices('qwenjax workdir tokenizer')
 

@@ -53,10 +53,28 @@ def stdlib_files() -> tuple[list[str], list[str]]:
 
 
 def expand_files(patterns: str, what: str = 'data.train_files') -> list[str]:
-  """Sorted files matching a glob or comma-separated globs; an error naming the patterns if none match."""
+  """Sorted files matching a glob or comma-separated globs, each file once (by its real path: a file reached
+  through links, or through a symlink that points back up, under several names, is read once, with a warning); an
+  error naming the patterns if none match."""
   globs = [p.strip() for p in str(patterns).split(',') if p.strip()]
   matches = {p: [f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f)] for p in globs}
-  files = sorted({f for found in matches.values() for f in found})
+  files, first, aliases = [], {}, []
+  # Each file under its own name where that was matched, else the shortest of its names.
+  by_preference = lambda f: (os.path.realpath(f) != os.path.abspath(f), f.count(os.sep), f)
+  for path in sorted({f for found in matches.values() for f in found}, key=by_preference):
+    real = os.path.realpath(path)
+    if real in first:
+      aliases.append(path)
+    else:
+      first[real] = path
+      files.append(path)
+  files.sort()
+  if aliases:
+    loops = sorted({link for link in map(_symlink_loop, aliases) if link})
+    logging.warning('%s: %d matched path(s) are files already matched under another name, e.g. %s (= %s): each '
+                    'file is read once.%s', what, len(aliases), aliases[0], first[os.path.realpath(aliases[0])],
+                    f' {loops[0]} is a symlink loop (it points to a directory above it): remove it or narrow the glob.'
+                    if loops else '')
   if files and not all(matches.values()):
     logging.warning('%s: %s match(es) no file (the other patterns do): a typo?', what,
                     ', '.join(repr(p) for p, found in matches.items() if not found))
@@ -67,6 +85,19 @@ def expand_files(patterns: str, what: str = 'data.train_files') -> list[str]:
         f'.jsonl, .txt or ArrayRecord files, e.g. {flag}="data/*.jsonl"'
         + (', or leave it empty to train on the built-in corpus.' if what == 'data.train_files' else '.'))
   return files
+
+
+def _symlink_loop(path: str) -> str | None:
+  """The first directory of `path` that is a symlink to itself or a directory above it (a loop a recursive glob
+  walks round until the path is too long), or None."""
+  parts = os.path.abspath(path).split(os.sep)
+  for i in range(2, len(parts)):
+    prefix = os.sep.join(parts[:i])
+    if os.path.islink(prefix):
+      target, parent = os.path.realpath(prefix), os.path.realpath(os.path.dirname(prefix))
+      if os.path.commonpath([target, parent]) == target:
+        return prefix
+  return None
 
 
 def _decode(raw: bytes, where: str) -> str:

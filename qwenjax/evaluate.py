@@ -46,6 +46,7 @@ import numpy as np
 
 from qwenjax import cli
 from qwenjax import data
+from qwenjax import files as files_lib
 from qwenjax import loss as loss_lib
 from qwenjax import pretrained
 from qwenjax import sharding
@@ -314,12 +315,11 @@ def main(argv: list[str]) -> None:
   results = evaluate(ckpt, files=f.files, tasks=f.tasks, seq_len=f.seq_len, overlap=f.overlap,
                      batch_size=f.batch_size, text_key=f.text_key, max_documents=f.max_documents,
                      choice_delimiter=f.choice_delimiter)
-  text = json.dumps(results, indent=2)
+  text = files_lib.dumps(results, indent=2)  # strict JSON: a loss that is not finite is null
   print(text)
   if f.out:
     os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
-    with open(f.out, 'w') as out:
-      out.write(text + '\n')
+    files_lib.write(f.out, text + '\n')
 
 
 if __name__ == '__main__':

@@ -25,8 +25,9 @@ larger than one accelerator exports too.
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from absl import flags
@@ -36,6 +37,7 @@ import ml_dtypes
 import numpy as np
 
 from qwenjax import cli
+from qwenjax import files
 from qwenjax import hf
 from qwenjax import pretrained
 from qwenjax import tokenizer as tokenizer_lib
@@ -52,9 +54,9 @@ _PROBES = ('Hello world', '  two leading spaces', 'Numbers 12345 and 3.14', 'def
            'café déjà vu', '我们在训练一个语言模型。', 'emoji 😀🎉')
 
 
-def autotokenizer_note(out: str, tok: tokenizer_lib.Tokenizer) -> str | None:
+def autotokenizer_note(out: str, tok: tokenizer_lib.Tokenizer, name: str | None = None) -> str | None:
   """Why `AutoTokenizer.from_pretrained(out)` would encode differently from `tok`, or None when it does not
-  (or transformers is not installed to check)."""
+  (or transformers is not installed to check). `name`: what to call `out` in the note (default: `out`)."""
   try:
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -63,8 +65,8 @@ def autotokenizer_note(out: str, tok: tokenizer_lib.Tokenizer) -> str | None:
   differ = [t for t in _PROBES if auto(t, add_special_tokens=False)['input_ids'] != tok.encode(t)]
   if not differ:
     return None
-  return (f'transformers\' AutoTokenizer loads {out} as {type(auto).__name__}, which encodes {differ[0]!r} with '
-          'other ids than the run\'s tokenizer (it rebuilds the model type\'s own pre-tokenizer); load the '
+  return (f'transformers\' AutoTokenizer loads {name or out} as {type(auto).__name__}, which encodes {differ[0]!r} '
+          'with other ids than the run\'s tokenizer (it rebuilds the model type\'s own pre-tokenizer); load the '
           'tokenizer as it is with transformers.PreTrainedTokenizerFast(tokenizer_file=".../tokenizer.json")')
 
 
@@ -95,15 +97,24 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
   if dtype:
     params = _cast(params, dtype)
 
-  hf.save_pretrained(out, model_config, params)
-  tok.save(out)
-  if not os.path.exists(os.path.join(out, 'generation_config.json')):
-    with open(os.path.join(out, 'generation_config.json'), 'w') as f:
-      json.dump(generation_config(tok), f, indent=2)
-  if isinstance(tok, tokenizer_lib.SentencePieceTokenizer):
-    note = SENTENCEPIECE_NOTE
-  else:
-    note = autotokenizer_note(out, tok)
+  # Written into a hidden directory beside `out`, renamed to `out` once complete: a failure (a full disk, a bad
+  # tensor) leaves no half export behind, and `out` stays as it was.
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-', dir=os.path.dirname(out))
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would leave the export readable by its owner alone
+    hf.save_pretrained(staging, model_config, params)
+    tok.save(staging)
+    if not os.path.exists(os.path.join(staging, 'generation_config.json')):
+      files.write_json(os.path.join(staging, 'generation_config.json'), generation_config(tok), indent=2)
+    note = SENTENCEPIECE_NOTE if isinstance(tok, tokenizer_lib.SentencePieceTokenizer) else autotokenizer_note(
+        staging, tok, out)
+    os.replace(staging, out)  # replaces `out` if it is an empty directory
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   if note:
     logging.warning('%s', note)
   dtypes = sorted({str(np.asarray(x).dtype) for x in jax.tree.leaves(params)})
@@ -122,7 +133,7 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv  # cli.run: no positional arguments
   f = flags.FLAGS
-  print(json.dumps(export(f.workdir, f.out, step=f.step, dtype=f.dtype), indent=2))
+  print(files.dumps(export(f.workdir, f.out, step=f.step, dtype=f.dtype), indent=2))
 
 
 if __name__ == '__main__':

@@ -23,6 +23,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
+from qwenjax import files
+
 
 class WorkdirBusyError(RuntimeError):
   """Another run holds the workdir's lock."""
@@ -92,6 +94,16 @@ class Lock:
     return self._mine(self._holder())
 
   def acquire(self) -> None:
+    try:
+      self._acquire()
+    except OSError as e:  # a read-only or full filesystem, a directory without write permission
+      if e.errno is None:
+        raise
+      raise OSError(e.errno, f'cannot write to the workdir {self.path.parent} ({e.strerror}): a run needs a '
+                    'writable workdir for its lock, checkpoints and metrics; give another --workdir or fix its '
+                    'permissions') from None
+
+  def _acquire(self) -> None:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
       if self._create():
@@ -123,9 +135,7 @@ class Lock:
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat):
       if self._mine(self._holder()):
-        tmp = self.path.parent / f'.lock.json.{os.getpid()}'
-        tmp.write_text(self._record())
-        tmp.replace(self.path)
+        files.write(self.path, self._record())
 
   def release(self) -> None:
     self._stop.set()

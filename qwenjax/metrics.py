@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from typing import Any, Mapping
 
+from absl import logging
 from etils import epath
 import jax
 
+from qwenjax import files
 from qwenjax.kernels import attention_contract
 from qwenjax.model_config import ModelConfig
 from qwenjax.params import count_params
@@ -103,9 +106,10 @@ class MetricWriter:
   Only process 0 writes. A run resumed at step `resume_step` replays the steps after it, which a run that stopped
   before checkpointing them may have logged already: it first drops their lines from metrics.jsonl, and its event
   file starts with TensorBoard's purge marker (a SessionLog START at `resume_step + 1`), so neither shows a step
-  twice. The event file is opened at the first write: a run with nothing to train writes none. The workdir may be
-  a URL (gs://...): metrics.jsonl then goes through epath, rewritten whole at each write, and TensorBoard files
-  are written locally and copied there at the end.
+  twice. A run that starts from step 0 over an earlier run's lines moves them to metrics.<n>.jsonl. Lines are
+  strict JSON (a NaN loss is null). The event file is opened at the first write: a run with nothing to train writes
+  none. The workdir may be a URL (gs://...): metrics.jsonl then goes through epath, rewritten whole at each write
+  (`files.write`), and TensorBoard files are written locally and copied there at the end.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
@@ -114,18 +118,43 @@ class MetricWriter:
       return
     self._path = epath.Path(workdir) / 'metrics.jsonl'
     self._local = '://' not in str(workdir)
-    lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
-    kept = [line for line in lines if line.strip() and _step_of(line) <= resume_step]
-    if len(kept) != len(lines):
-      tmp = self._path.parent / f'.metrics.jsonl.{os.getpid()}'
-      tmp.write_text(''.join(kept))
-      tmp.replace(self._path)
-    self._lines = kept
+    self._lines = self._earlier_lines(resume_step)
     self._jsonl = None
     self._tb = None
     self._tb_dir = None
     self._workdir = workdir
     self._resume_step = resume_step
+
+  def _earlier_lines(self, resume_step: int) -> list[str]:
+    """The lines of metrics.jsonl that stay: those up to `resume_step`. Lines that are not records are kept (with a
+    warning), and a line cut short by a kill is dropped. A run starting from step 0 over an earlier run's lines
+    (its checkpoints deleted, or a restart asked for) moves the old file aside, never drops it."""
+    text = self._path.read_text() if self._path.exists() else ''
+    lines = text.splitlines(keepends=True)
+    kept, later = [], 0
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        value = files.record(line, f'{self._path} line {number}', {'step': numbers.Real})
+      except json.JSONDecodeError:  # a line cut short by a kill: dropped
+        continue
+      if value is not None and value['step'] > resume_step:
+        later += 1
+      else:
+        kept.append(line if line.endswith('\n') else line + '\n')
+    if resume_step == 0 and later:
+      aside, n = self._path.parent / 'metrics.1.jsonl', 1
+      while aside.exists():
+        n += 1
+        aside = self._path.parent / f'metrics.{n}.jsonl'
+      logging.warning('%s holds %d line(s) of an earlier run, but this run starts from step 0 (no checkpoint to '
+                      'resume from): they are moved to %s', self._path, later, aside.name)
+      self._path.rename(aside)
+      return []
+    if ''.join(kept) != text:
+      files.write(self._path, ''.join(kept))
+    return kept
 
   def _open(self) -> None:
     import tensorboardX  # pylint: disable=g-import-not-at-top  (only the process that writes needs it)
@@ -140,13 +169,13 @@ class MetricWriter:
     if self._tb is None:
       self._open()
     values = {k: float(v) for k, v in values.items()}
-    line = json.dumps({'step': int(step), **values}) + '\n'
+    line = files.dumps({'step': int(step), **values}) + '\n'  # strict JSON: a NaN loss is null
     if self._jsonl is not None:
       self._jsonl.write(line)
       self._jsonl.flush()
     else:
       self._lines.append(line)
-      self._path.write_text(''.join(self._lines))
+      files.write(self._path, ''.join(self._lines))
     for name, value in values.items():
       self._tb.add_scalar(name, value, int(step))
 
@@ -160,9 +189,3 @@ class MetricWriter:
       for name in os.listdir(self._tb_dir):
         epath.Path(self._tb_dir, name).copy(epath.Path(self._workdir) / name, overwrite=True)
 
-
-def _step_of(line: str) -> float:
-  try:
-    return json.loads(line).get('step', 0)
-  except json.JSONDecodeError:  # a line cut short by a kill: dropped
-    return float('inf')

@@ -37,11 +37,10 @@ import os
 from typing import Any, Mapping, Sequence
 
 from absl import flags
-from absl import logging
-from etils import epath
 import numpy as np
 
 from qwenjax import cli
+from qwenjax import files
 
 # scipy's L-BFGS-B calls BLAS on 5-vectors; OpenBLAS threads then cost 50x the work on a busy machine (2 s
 # instead of 0.05 s a fit). Read when scipy's BLAS loads, so only if nothing imported scipy.optimize before.
@@ -63,30 +62,21 @@ APPROACH3_KEYS = ('E', 'A', 'B', 'alpha', 'beta', 'a', 'b')
 
 
 def read_results(directory: str) -> list[dict[str, Any]]:
-  """The finished points of a sweep (`DIR/results.jsonl`); a later line for the same name wins."""
+  """The finished points of a sweep (`DIR/results.jsonl`); a later line for the same name wins. A line that is not
+  a point's record (no `name`) is left out with a warning."""
   path = os.path.join(directory, 'results.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: give the --workdir of a sweep run with python -m qwenjax.sweep')
   by_name = {}
-  for record in read_jsonl(path):
+  for record in read_jsonl(path, required={'name': str}):
     by_name[record['name']] = record
   return list(by_name.values())
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a .jsonl file that runs append to (a local path or a gs:// URL). A last line cut short (a
-  run killed while writing it) is left out with a warning; a malformed line before it is an error naming it."""
-  text = epath.Path(path).read_text()
-  lines = [(n, line) for n, line in enumerate(text.splitlines(keepends=True), 1) if line.strip()]
-  records = []
-  for i, (number, line) in enumerate(lines):
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i < len(lines) - 1 or line.endswith('\n'):
-        raise ValueError(f'{path} line {number} is not JSON ({e}): fix or remove that line') from e
-      logging.warning('%s: its last line is cut short (a run killed while writing it?): left out', path)
-  return records
+def read_jsonl(path: str, required: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+  """The records of a .jsonl file that runs append to (a local path or a gs:// URL), each a JSON object with the
+  `required` keys and types (`files.read_records`: other lines are left out with a warning naming them)."""
+  return files.read_records(path, required or {})
 
 
 def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
@@ -102,11 +92,18 @@ def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[st
       excluded.append(dict(name=r.get('name'), reason=f'diverged: {r.get("error", "a non-finite loss")}'))
     elif loss is None:
       excluded.append(dict(name=r.get('name'), reason='no eval_loss (no eval data?)'))
-    elif not (isinstance(loss, (int, float)) and math.isfinite(loss) and loss > 0):
+    elif not _positive(loss):
       excluded.append(dict(name=r.get('name'), reason=f'eval_loss {loss!r} is not a positive finite number'))
+    elif not (_positive(r.get('params')) and _positive(r.get('tokens'))):
+      excluded.append(dict(name=r.get('name'), reason=f'params {r.get("params")!r} and tokens {r.get("tokens")!r} '
+                                                      'must be positive finite numbers'))
     else:
       kept.append(r)
   return kept, excluded
+
+
+def _positive(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -545,9 +542,15 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
 def _save(fig, directory: str, name: str) -> str:
   path = os.path.join(directory, name)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _savefig(fig, path)
   _pyplot().close(fig)
   return path
+
+
+def _savefig(fig, path: str) -> None:
+  """The figure written whole (`files.write`), in the format its name's extension gives (PNG by default)."""
+  kind = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
+  files.write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=kind))
 
 
 def _value(record: Mapping[str, Any], key: str):
@@ -609,7 +612,7 @@ def plot_compare(directories: Sequence[str], out: str, *, x: str = 'flops', y: s
     ax.set(xscale='log', yscale='log' if y == 'eval_loss' else 'linear', xlabel=x, ylabel=y)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out, dpi=110)
+  _savefig(fig, out)
   plt.close(fig)
   return out
 
@@ -619,8 +622,7 @@ def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0) -> dic
   results = read_results(directory)
   fitted = fit(results, bootstrap=bootstrap, seed=seed)
   fitted['plots'] = [os.path.basename(p) for p in plot_fit(results, fitted, directory)]
-  with open(os.path.join(directory, 'fit.json'), 'w') as f:
-    json.dump(fitted, f, indent=1, allow_nan=False)  # strict JSON
+  files.write_json(os.path.join(directory, 'fit.json'), fitted)  # whole or not at all; strict JSON (NaN: null)
   return fitted
 
 

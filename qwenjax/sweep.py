@@ -68,6 +68,7 @@ import hashlib
 import itertools
 import json
 import math
+import numbers
 import os
 import pathlib
 import shlex
@@ -91,6 +92,7 @@ from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
+from qwenjax import files
 from qwenjax import metrics as metrics_lib
 from qwenjax import scaling
 from qwenjax import train
@@ -516,15 +518,15 @@ def code_version(root: str = _REPO) -> dict[str, Any]:
   """What trains a point: `source`, a hash of every .py file under qwenjax/ and configs/ (`files`: each one's),
   the git `commit` and whether those files differ from it (`dirty`; None without git, e.g. a copy of the tree),
   and the jax and jaxlib versions (the kernels and numerics come with them)."""
-  files = {}
+  hashes = {}
   for folder, pattern in (('qwenjax', '**/*.py'), ('configs', '*.py')):
     for path in sorted(pathlib.Path(root, folder).glob(pattern)):
-      files[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-  source = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+      hashes[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+  source = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
   commit = _git(root, 'rev-parse', 'HEAD')
   status = _git(root, 'status', '--porcelain', '--untracked-files=no', '--', 'qwenjax', 'configs') if commit else None
   return dict(source=source, commit=commit, dirty=None if commit is None else bool(status), jax=jax.__version__,
-              jaxlib=getattr(jaxlib, '__version__', None), files=files)
+              jaxlib=getattr(jaxlib, '__version__', None), files=hashes)
 
 
 def _short(code: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -561,7 +563,7 @@ def check_code(root: epath.Path, done: Mapping[str, Mapping[str, Any]], code: Ma
   sweep.json recorded. A sweep that has started (finished or checkpointed points) under other sources or another
   jax raises CodeVersionError naming the differences, or with `allow_code_change` warns and records them."""
   path = root / 'sweep.json'
-  saved = json.loads(path.read_text()) if path.exists() else {}
+  saved = files.read_json(path, 'restore it, or start a new directory') if path.exists() else {}
   history = list(saved.get('code_history', []))
   if not started:
     return history
@@ -592,7 +594,7 @@ def check_code(root: epath.Path, done: Mapping[str, Mapping[str, Any]], code: Ma
 def read_done(workdir: str) -> dict[str, dict[str, Any]]:
   """The finished (or diverged) points of DIR/results.jsonl by name (a later line wins)."""
   path = epath.Path(workdir) / 'results.jsonl'
-  return {r['name']: r for r in scaling.read_jsonl(str(path))} if path.exists() else {}
+  return {r['name']: r for r in scaling.read_jsonl(str(path), {'name': str})} if path.exists() else {}
 
 
 def _append(path: epath.Path, record: dict[str, Any]) -> None:
@@ -600,21 +602,17 @@ def _append(path: epath.Path, record: dict[str, Any]) -> None:
   text = path.read_text() if path.exists() else ''
   if text and not text.endswith('\n'):
     text = text[:text.rfind('\n') + 1]  # a line cut short by a kill: dropped (read_done leaves it out too)
-  tmp = path.parent / f'.{path.name}.{os.getpid()}'
-  tmp.write_text(text + json.dumps(record) + '\n')
-  tmp.replace(path)
+  files.write(path, text + files.dumps(record) + '\n')
 
 
 def _write_json(path: epath.Path, value: Any) -> None:
   if jax.process_index() == 0:  # several processes (a pod slice) share the sweep's directory: one writes
-    tmp = path.parent / f'.{path.name}.{os.getpid()}'
-    tmp.write_text(json.dumps(value, indent=1, default=str))
-    tmp.replace(path)
+    files.write_json(path, value, default=str)
 
 
 def _read_metrics(point_dir: str) -> list[dict[str, Any]]:
   path = epath.Path(point_dir) / 'metrics.jsonl'
-  return scaling.read_jsonl(str(path)) if path.exists() else []
+  return scaling.read_jsonl(str(path), {'step': numbers.Real}) if path.exists() else []
 
 
 def _record(point: Point, **fields) -> dict[str, Any]:
@@ -639,8 +637,8 @@ def result(point: Point, point_dir: str, seconds: float, code: Mapping[str, Any]
     raise RuntimeError(f'{point.name}: trained to step {steps} but {point_dir}/metrics.jsonl has no eval_loss at '
                        'that step (no eval data, or the run was stopped between training and evaluating). Check the '
                        'data.eval_files of the sweep; to retrain the point, delete its directory.')
-  mfu = [r['mfu'] for r in records if 'mfu' in r]
-  speed = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
+  mfu = [r['mfu'] for r in records if r.get('mfu') is not None]  # null: not finite
+  speed = [r['tokens_per_sec'] for r in records if r.get('tokens_per_sec') is not None]
   return _record(point, eval_loss=final[-1]['eval_loss'], mfu=statistics.median(mfu) if mfu else None,
                  tokens_per_sec=statistics.median(speed) if speed else None, seconds=round(seconds, 1),
                  device=jax.devices()[0].device_kind, code=_short(code))
@@ -791,7 +789,7 @@ def check(sweep: ml_collections.ConfigDict, workdir: str, reference: str, names:
       p.overrides['train.lr'] = committed[p.name].get('overrides', {}).get('train.lr')
   corpus_tokens = check_epochs(sweep, points)
   saved = epath.Path(reference) / 'sweep.json'
-  committed_corpus = json.loads(saved.read_text()).get('corpus_tokens') if saved.exists() else None
+  committed_corpus = files.read_json(saved).get('corpus_tokens') if saved.exists() else None
   done = read_done(workdir)
   code = code_version()
   history = check_code(root, done, code, bool(done) or any((root / n).exists() for n in names),

@@ -15,6 +15,7 @@ from absl import logging
 from etils import epath
 import ml_collections
 
+from qwenjax import files
 from qwenjax import tokenizer as tokenizer_lib
 
 
@@ -66,25 +67,23 @@ def config_changes(old: dict[str, Any], new: ml_collections.ConfigDict) -> list[
 def saved_config(workdir: str) -> dict[str, Any] | None:
   """WORKDIR/config.json as written by `write_config`, or None."""
   path = epath.Path(workdir) / 'config.json'
-  return json.loads(path.read_text()) if path.exists() else None
+  return files.read_json(path, 'restore the run\'s config.json') if path.exists() else None
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
   """Writes WORKDIR/config.json; a different earlier one is kept as config.<step>.json (the config that trained
   the steps up to `step`). Called only once a run has restored its checkpoint or started fresh."""
   path = epath.Path(workdir) / 'config.json'
-  text = config.to_json_best_effort(indent=2)
+  text = files.dumps(json.loads(config.to_json_best_effort()), indent=2) + '\n'  # strict JSON
   if path.exists():
-    old = path.read_text()
-    if json.loads(old) == json.loads(text):  # the same settings, whatever the order of their keys
+    old = saved_config(workdir)
+    if old == json.loads(text):  # the same settings, whatever the order of their keys
       return
-    changes = config_changes(json.loads(old), config)
+    changes = config_changes(old, config)
     kept, n = epath.Path(workdir) / f'config.{step}.json', 1
     while kept.exists():  # changed again at the same step: keep every version
       kept, n = epath.Path(workdir) / f'config.{step}.{n}.json', n + 1
     logging.warning('config changed since step %d (the old one is kept as %s): %s', step, kept.name,
                     '; '.join(changes))
-    path.rename(kept)
-  tmp = epath.Path(workdir) / f'.config.json.{os.getpid()}'
-  tmp.write_text(text)
-  tmp.replace(path)
+    files.write(kept, path.read_text())  # a copy: config.json stays whole until the new one replaces it
+  files.write(path, text)
