@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import numbers
 from typing import Any, Mapping
 
@@ -62,6 +63,19 @@ LR_SCHEDULES = ('cosine', 'constant')
 LOGITS_DTYPES = ('float32', 'bfloat16')
 
 
+def _check_ranges(settings: Any, section: str, **minimums: float) -> None:
+  """Every float setting of a settings dataclass finite (NaN and infinity are no learning rate, no loss weight),
+  and each one named in `minimums` at least that: a ValueError naming the first that is not, before anything runs
+  (`train.lr=-1.0 must be >= 0`)."""
+  for field in dataclasses.fields(settings):
+    value = getattr(settings, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{section}.{field.name}={value!r} must be a finite number')
+    low = minimums.get(field.name)
+    if low is not None and isinstance(value, numbers.Real) and not isinstance(value, bool) and value < low:
+      raise ValueError(f'{section}.{field.name}={value!r} must be >= {low}')
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """The input pipeline (`qwenjax.data`). Empty `train_files` trains on the built-in corpus (Python's stdlib)."""
@@ -80,6 +94,9 @@ class DataConfig:
   shuffle_window: int = 512  # packed rows shuffled together so batches mix documents (aim for ~1M tokens); 0: off
   read_threads: int = 2  # threads reading batches ahead of the step
 
+  def __post_init__(self):
+    _check_ranges(self, 'data', seq_len=1, vocab_size=1, tokenizer_sentences=1, shuffle_window=0, read_threads=0)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
@@ -96,6 +113,10 @@ class LoopConfig:
   # Compiled programs kept for the next run of the same shapes (a resumed run skips most compilation):
   # 'workdir' (WORKDIR/compilation_cache), a directory runs share, or '' (off). Set by the command line only.
   compilation_cache_dir: str = 'workdir'
+
+  def __post_init__(self):
+    _check_ranges(self, 'train', steps=1, batch_size=1, log_every=0, eval_every=0, eval_steps=0,
+                  max_nonfinite_steps=0, peak_tflops=0, profile_steps=0, profile_from=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +139,11 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.lr_schedule not in LR_SCHEDULES:
       raise ValueError(f"unknown train.lr_schedule {self.lr_schedule!r}; choose 'cosine' or 'constant'")
+    _check_ranges(self, 'train', steps=0, lr=0, warmup_steps=0, lr_final_fraction=0, adam_b1=0, adam_b2=0,
+                  adam_eps=0, weight_decay=0, grad_clip=0, mup_base_width=0)
+    for name in ('adam_b1', 'adam_b2'):
+      if getattr(self, name) >= 1:
+        raise ValueError(f'train.{name}={getattr(self, name)!r} must be below 1 (a decay rate of Adam\'s moments)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +160,7 @@ class LossConfig:
       raise ValueError(f'train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}')
     if self.logits_dtype not in LOGITS_DTYPES:
       raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {self.logits_dtype!r}")
+    _check_ranges(self, 'train', z_loss=0, loss_chunk=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +174,7 @@ class CheckpointConfig:
   def __post_init__(self):
     if self.checkpoint_every < 0:
       raise ValueError(f'train.checkpoint_every={self.checkpoint_every} must be >= 0 (0: only at the end)')
+    _check_ranges(self, 'train', keep_checkpoints=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ A leaf module (no jax, no flax, nothing from qwenjax), so that configs (`qwenjax
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
 
 import ml_dtypes  # pylint: disable=unused-import  (registers bfloat16 and the float8 names with numpy)
@@ -29,6 +31,17 @@ DECODE_IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'pallas_tpu', 'pallas_gpu', 'auto')
 # The MoE experts' grouped matmul (`qwenjax.kernels.gmm.grouped_matmul` says what each one is).
 MOE_IMPLEMENTATIONS = ('auto', 'ragged_dot', 'mgpu', 'megablox')
+
+
+# The smallest value of each integer field; None is allowed for those in _OPTIONAL.
+_INT_MINIMUMS = dict(vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden_layers=1, num_attention_heads=1,
+                     num_key_value_heads=1, head_dim=1, max_position_embeddings=1, sliding_window=1,
+                     max_window_layers=0, num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0,
+                     shared_expert_intermediate_size=0, decoder_sparse_step=1)
+_OPTIONAL = ('head_dim', 'sliding_window')
+_FLOAT_MINIMUMS = dict(rope_theta=0.0, rms_norm_eps=0.0, initializer_range=0.0, router_aux_loss_coef=0.0,
+                       router_z_loss_coef=0.0, moe_capacity_factor=0.0)
+_POSITIVE_FLOATS = ('rope_theta',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +86,7 @@ class ModelConfig:
   moe_interpret: bool = False  # run a Pallas grouped-matmul kernel in its interpreter (CPU tests)
 
   def __post_init__(self):
+    self._check_values()
     if self.head_dim is None:
       object.__setattr__(self, 'head_dim', self.hidden_size // self.num_attention_heads)
     if self.num_attention_heads % self.num_key_value_heads:
@@ -96,6 +110,37 @@ class ModelConfig:
     object.__setattr__(self, 'mlp_only_layers', tuple(int(i) for i in self.mlp_only_layers or ()))
     if self.num_experts:
       self._check_moe()
+
+  def _check_values(self):
+    """Every field of its kind and range (a whole float such as 256.0 becomes an int), checked before anything is
+    computed from them: a size of -256, '256', 256.5 or a NaN epsilon is a ValueError naming the field, not an
+    error from deep inside jax."""
+    for name, low in _INT_MINIMUMS.items():
+      value = getattr(self, name)
+      if value is None and name in _OPTIONAL:
+        continue
+      if isinstance(value, float) and value.is_integer():
+        value = int(value)
+        object.__setattr__(self, name, value)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f'{name} must be an integer >= {low}{" (or None)" if name in _OPTIONAL else ""}, got '
+                         f'{value!r} ({type(value).__name__})')
+    for name, low in _FLOAT_MINIMUMS.items():
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+          or value < low or (name in _POSITIVE_FLOATS and value == 0)):
+        raise ValueError(f'{name} must be a finite number {">" if name in _POSITIVE_FLOATS else ">="} {low}, got '
+                         f'{value!r} ({type(value).__name__})')
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.type == 'bool' and not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f'{field.name} must be true or false, got {value!r} ({type(value).__name__})')
+      if field.type == 'str' and not isinstance(value, str):
+        raise ValueError(f'{field.name} must be a string, got {value!r} ({type(value).__name__})')
+    layers = self.mlp_only_layers
+    if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or any(
+        isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in layers)):
+      raise ValueError(f'mlp_only_layers must be a list of layer numbers, got {layers!r}')
 
   def _check_moe(self):
     if not 1 <= self.num_experts_per_tok <= self.num_experts:

@@ -316,7 +316,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = check_workdir(workdir)
   new = _first_missing(workdir)
   if '://' not in workdir:
-    os.makedirs(workdir, exist_ok=True)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise OSError(e.errno, f'cannot create the workdir {workdir} ({e.strerror}): give a --workdir where you can '
+                    'write') from None
   run = None
   try:
     with _workdir_lock(workdir):
@@ -346,6 +350,7 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
   nonfinite = _NonFiniteSteps(loop.max_nonfinite_steps)
   last: dict[str, float] = {}
   stopped_by = None  # (signal, message) of a stop before train.steps
+  unsaved_end = None  # the last step, when its state was not saved (steps skipped for a non-finite loss)
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
@@ -388,6 +393,8 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
           if not saved:  # the state that gave a non-finite loss (e.g. blown up by a huge lr) is suspect:
             logging.warning('step %d: not saving a checkpoint while steps are skipped for a non-finite loss or '
                             'gradient; the last good checkpoint stays', done)  # rotation would delete good ones
+            if done == steps or done == stop_after:
+              unsaved_end = done
           else:
             _save(run, done, state)
         if stopping:
@@ -400,12 +407,22 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
             logging.info('stopping at step %d (%s)', done, outcome)
           break
   finally:  # also on errors: finish the async checkpoint, close the files, give the signals back
-    profiler.close()
-    ckpt.close()
-    writer.close()
-    stop.close()
+    try:
+      profiler.close()
+      ckpt.close()  # raises checkpoint.SaveError if the last save failed (a full disk)
+    finally:
+      writer.close()
+      stop.close()
   if stopped_by:
     raise cli.Stopped(*stopped_by)
+  if unsaved_end is not None:  # exit status 0 means the run's final state is saved: `train && export` relies on it
+    what = (f'every one of its {nonfinite.checked} steps was skipped' if nonfinite.skipped == nonfinite.checked
+            else f'its last {nonfinite.in_a_row} step(s) (from step {nonfinite.first}) were skipped')
+    raise checkpoint.NonFiniteError(
+        f'the run reached step {unsaved_end} but {what} for a non-finite loss or gradient, so its final state was '
+        f'not saved (checkpoints kept: {ckpt.all_steps() or "none"}). Look at train.lr, model.param_dtype '
+        f'({settings.model.param_dtype}), model.dtype ({settings.model.dtype}) and the data, or at the checkpoint '
+        'the run resumed from.')
   return last
 
 
@@ -453,14 +470,17 @@ class _NonFiniteSteps:
 
   def __init__(self, limit: int):
     self.limit, self.in_a_row, self.first, self.seen = max(limit, 1), 0, None, -1
+    self.checked = self.skipped = 0  # steps of this run checked, and of those skipped
 
   def check(self, step_metrics, step: int) -> None:
     if step_metrics is None or step <= self.seen:
       return
     self.seen = step
+    self.checked += 1
     if not float(jax.device_get(step_metrics['skipped'])):
       self.in_a_row, self.first = 0, None
       return
+    self.skipped += 1
     self.in_a_row += 1
     self.first = self.first or step
     logging.warning('step %d: loss or gradient not finite (loss %s, grad_norm %s): update skipped (%d in a row)',
