@@ -16,7 +16,6 @@ What survives what:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -30,6 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qwenjax import files
 from qwenjax.config import CheckpointConfig
 
 
@@ -43,6 +43,11 @@ class RestoreError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
   """The train state holds NaN or infinite values."""
+
+
+class SaveError(OSError):
+  """A checkpoint could not be written (a full disk, a read-only or vanished directory); its partial files were
+  removed and the checkpoints before it are kept."""
 
 
 def _path(key_path) -> str:
@@ -133,8 +138,9 @@ class Checkpointer:
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
+    # cleanup_tmp_directories: the partial checkpoint a killed save left behind is removed when the next run opens.
     options = ocp.CheckpointManagerOptions(max_to_keep=self.settings.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True, cleanup_tmp_directories=True)
     handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -158,7 +164,7 @@ class Checkpointer:
       raise NonFiniteError(f'the train state at step {step} holds NaN or infinite values; it is not saved (the '
                            f'checkpoints kept are {self.all_steps() or "none"})')
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_record))
-    self._manager.save(step, args=args, force=True)
+    self._finishing(lambda: self._manager.save(step, args=args, force=True))  # it first waits for the last save
 
   def restore(self, abstract_state: Any) -> tuple[Any, int, dict[str, Any] | None] | None:
     """(state, step, data record) from the newest readable checkpoint, or None if no checkpoint is readable.
@@ -242,11 +248,40 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    self._finishing(self._manager.wait_until_finished)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def _finishing(self, operation) -> None:
+    """`operation()`, which finishes the save in progress: if that save failed (orbax reports it here), its partial
+    files are removed and one SaveError says why."""
+    try:
+      operation()
+    except Exception as e:  # pylint: disable=broad-except
+      removed = self._remove_partial()
+      reason = re.search(r'No space left on device|Disk quota exceeded|Read-only file system|Permission denied|'
+                         r'No such file or directory', str(e))
+      raise SaveError(f'a checkpoint could not be written to {self.directory}: '
+                      f'{reason.group(0) if reason else _first_line(e)}. Its partial files were removed'
+                      f'{f" ({removed})" if removed else ""}; the checkpoints before it are kept '
+                      f'({self.all_steps() or "none"}). Free space or fix the storage, then run again to resume.'
+                      ) from e
+
+  def _remove_partial(self) -> str:
+    """Removes orbax's temporary directories of unfinished saves (process 0); returns their names."""
+    if jax.process_index() != 0 or not self.directory.exists():
+      return ''
+    partial = [p for p in self.directory.iterdir() if '.orbax-checkpoint-tmp' in p.name]
+    for path in partial:
+      try:
+        path.rmtree()
+      except OSError as e:
+        logging.warning('could not remove the partial checkpoint %s: %s', path, e)
+    return ', '.join(p.name for p in partial)
 
 
 def restore_params(workdir: str, step: int | None = None,
@@ -262,25 +297,12 @@ def restore_params(workdir: str, step: int | None = None,
   if not (workdir / 'config.json').exists():
     raise FileNotFoundError(f'no config.json in {workdir}: give the --workdir of a training run (the directory '
                             'python -m qwenjax.train wrote its checkpoints/ and config.json to)')
-  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-  directory = workdir / 'checkpoints'
-  steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {directory}: the run has not saved one yet (train.checkpoint_every; '
-                            'a run also saves at its last step and when stopped)')
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ValueError(f'no checkpoint of step {step} in {directory}; its steps are {steps}')
-  path = directory / str(step) / 'state'
-  where = f'checkpoint {directory / str(step)}'
+  config = ml_collections.ConfigDict(files.read_json(workdir / 'config.json'))
+  step, saved = saved_params(str(workdir), step)
+  path = workdir / 'checkpoints' / str(step) / 'state'
+  where = f'checkpoint {workdir / "checkpoints" / str(step)}'
   reader = ocp.PyTreeCheckpointHandler()
   try:
-    saved = reader.metadata(path)
-    saved = getattr(saved, 'tree', saved)  # a TreeMetadata in recent orbax
-    if not saved or 'params' not in saved:
-      raise ValueError(f'{where} holds no train state parameters (state/params)')
-    saved = jax.tree.map(lambda x: x, dict(saved['params']))  # plain dicts of ArrayMetadata
     if shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       shardings = jax.tree.map(lambda _: device, saved)
@@ -290,10 +312,45 @@ def restore_params(workdir: str, step: int | None = None,
                                      shardings)}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
-    restored = reader.restore(path, args=args)
+    try:
+      restored = reader.restore(path, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_environment(e):
+        raise
+      raise ValueError(f'{where} cannot be read ({_first_line(e)}): its files are damaged or incomplete; use '
+                       'another --step') from None
   finally:
     reader.close()
+  if not all_finite(restored['params']):
+    raise ValueError(f'{where} holds NaN or infinite parameters: use another --step')
   return config, restored['params'], step
+
+
+def saved_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """(step, the parameters' metadata: a tree of orbax ArrayMetadata, with shapes and dtypes) of a training run's
+  checkpoint at `step` (None: the latest), read from its metadata alone: what a model config is checked against
+  before anything is built from it."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {directory}: the run has not saved one yet (train.checkpoint_every; '
+                            'a run also saves at its last step and when stopped)')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f'no checkpoint of step {step} in {directory}; its steps are {steps}')
+  where = f'checkpoint {directory / str(step)}'
+  reader = ocp.PyTreeCheckpointHandler()
+  try:
+    saved = reader.metadata(directory / str(step) / 'state')
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{where} cannot be read ({_first_line(e)}): its files are damaged or incomplete') from None
+  finally:
+    reader.close()
+  saved = getattr(saved, 'tree', saved)  # a TreeMetadata in recent orbax
+  if not saved or 'params' not in saved:
+    raise ValueError(f'{where} holds no train state parameters (state/params)')
+  return step, jax.tree.map(lambda x: x, dict(saved['params']))  # plain dicts of ArrayMetadata
 
 
 def _matching(saved: Any, shardings: Any, where: str) -> Any:

@@ -16,6 +16,10 @@ then ends every way a command can end with at most one line on stderr and one ex
   130  stopped by Ctrl-C (SIGINT), 143 by SIGTERM: `stopped: ...`. A command with something to save (train) saves
        it first and raises `Stopped`, and the same command resumes; a second Ctrl-C stops at once.
 
+A failure inside a library's background threads (orbax's asynchronous saves and reads, asyncio, tensorstore) is
+reported by the command's one line; the library's own reports of it (a traceback per thread and per pending read,
+"Event loop is closed" by the hundred) are kept off the terminal (`--verbose` lets them through).
+
     def _define_flags() -> None:
       flags.DEFINE_string('workdir', None, 'A training run\\'s directory.')
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import os
 import re
 import signal
@@ -40,10 +45,14 @@ import tempfile
 import time
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
+import warnings
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import ml_collections
+
+from qwenjax import files
 
 FAILURE, USAGE = 1, 2
 # Failures whose message says what to do: one line, and a traceback only with --verbose.
@@ -96,8 +105,48 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
   own = list(dict.fromkeys(flags.FLAGS[name].name for name in flags.FLAGS if name not in before))
   expected = EXPECTED + tuple(expected)
   parser = lambda argv: _guard(lambda: parse(argv, own, required=required, args=args), expected)
-  app.run(lambda positional: sys.exit(_guard(lambda: main(positional), expected)), flags_parser=parser)
+  app.run(lambda positional: sys.exit(_guard(lambda: _contained(main, positional), expected)), flags_parser=parser)
   raise AssertionError('unreachable: app.run exits')
+
+
+def _contained(main: Callable[[list[str]], int | None], positional: list[str]) -> int | None:
+  if not _verbose():
+    contain_library_noise()
+  return main(positional)
+
+
+# Where the libraries whose background threads report one failure many times log from.
+_NOISY = re.compile(r'[\\/](orbax|asyncio|tensorstore)[\\/]')
+
+
+class _LibraryTracebacks(logging.Filter):
+  """Drops the error records with tracebacks that orbax, asyncio and tensorstore log from their background threads
+  (the failure reaches the command, which reports it once)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or not _NOISY.search(record.pathname or ''):
+      return True
+    return not (record.exc_info or 'exception was never retrieved' in str(record.msg))
+
+
+def contain_library_noise() -> None:
+  """Keeps the libraries' repeated reports of one failure off the terminal (the module docstring says why):
+  their tracebacks in the log, asyncio's "Event loop is closed" from callbacks that outlive an aborted read or
+  save, and "coroutine ... was never awaited". Idempotent."""
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryTracebacks) for f in handler.filters):
+    handler.addFilter(_LibraryTracebacks())
+  if not getattr(sys.unraisablehook, '_qwenjax', False):
+    previous = sys.unraisablehook
+
+    def unraisable(info) -> None:
+      if isinstance(info.exc_value, RuntimeError) and 'Event loop is closed' in str(info.exc_value):
+        return
+      previous(info)
+
+    unraisable._qwenjax = True  # pylint: disable=protected-access
+    sys.unraisablehook = unraisable
+  warnings.filterwarnings('ignore', message='coroutine .* was never awaited', category=RuntimeWarning)
 
 
 def parse(argv: Sequence[str], own: Sequence[str], *, required: Sequence[str] = (), args: str = '') -> list[str]:
@@ -292,8 +341,7 @@ def _guard(function: Callable[[], Any], expected: tuple[type[BaseException], ...
 def _traceback_file(error: BaseException) -> str:
   name = program().split()[-1].replace('/', '_').replace('.', '_')
   path = os.path.join(tempfile.gettempdir(), f'{name}-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}.traceback')
-  with open(path, 'w') as f:
-    f.write(''.join(traceback.format_exception(error)))
+  files.write(path, ''.join(traceback.format_exception(error)))
   return path
 
 

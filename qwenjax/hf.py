@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from qwenjax import files
 from qwenjax.model_config import ModelConfig
 from qwenjax.params import abstract_params, stack_layers, unstack_layers
 
@@ -60,6 +60,14 @@ _MOE_FIELDS = ('num_experts', 'num_experts_per_tok', 'moe_intermediate_size', 's
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
   """ModelConfig from a parsed `config.json`, accepting what transformers 4 and 5 both write."""
+  if not isinstance(hf, dict):
+    raise ValueError(f'config.json must hold a JSON object, not a {type(hf).__name__}')
+  for key, kind in (('architectures', list), ('layer_types', list), ('mlp_only_layers', list),
+                    ('rope_parameters', dict), ('rope_scaling', dict)):
+    if hf.get(key) is not None and not isinstance(hf[key], (kind, tuple) if kind is list else kind):
+      raise ValueError(f'{key} must be a JSON {"array" if kind is list else "object"}, got {hf[key]!r}')
+  if not all(isinstance(a, str) for a in hf.get('architectures') or []):
+    raise ValueError(f'architectures must be a list of names, got {hf["architectures"]!r}')
   architectures = hf.get('architectures') or []
   if hf.get('model_type') not in _MODEL_TYPES and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
     raise ValueError(f'unsupported checkpoint: model_type={hf.get("model_type")!r}, architectures={architectures}; '
@@ -319,22 +327,62 @@ def hf_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------------------------
 # Reading and writing.
 
+def _member(directory: str, name: Any, named_by: str) -> str:
+  """The path of the file `name` of a checkpoint directory; a ValueError when it would leave the directory (an
+  absolute path, a `..`, a link to a file elsewhere): nothing outside a checkpoint is opened on its say. The links
+  of a Hugging Face hub snapshot (`snapshots/<revision>/FILE` -> `../../blobs/<hash>`) stay inside its repository
+  and are followed."""
+  if (not isinstance(name, str) or not name.strip() or os.path.isabs(name) or '\0' in name
+      or '..' in re.split(r'[\\/]', name)):
+    raise ValueError(f'{named_by} names the file {name!r}, which is not in the checkpoint directory {directory}: '
+                     'refused (a checkpoint names only files inside its own directory)')
+  full = os.path.join(directory, name)
+  root, real = os.path.realpath(directory), os.path.realpath(full)
+  inside = [root]
+  if os.path.basename(os.path.dirname(root)) == 'snapshots':  # the hub cache's layout
+    inside.append(os.path.join(os.path.dirname(os.path.dirname(root)), 'blobs'))
+  if not any(os.path.commonpath([real, allowed]) == allowed for allowed in inside):
+    raise ValueError(f'{full} (named by {named_by}) is a link to {real}, outside the checkpoint directory: refused '
+                     '(a checkpoint names only files inside its own directory)')
+  return full
+
+
 def _files(path: str) -> list[str]:
-  """The safetensors files of a checkpoint directory: the shards its index names, or the single file."""
+  """The safetensors files of a checkpoint directory: the shards its index names, or the single file. Each is a
+  name inside the directory (`_member`)."""
   index = os.path.join(path, _INDEX)
   if os.path.exists(index):
-    with open(index) as f:
-      return sorted(set(json.load(f)['weight_map'].values()))
+    weight_map = files.read_json(_member(path, _INDEX, 'the checkpoint'), 'it must be the index transformers '
+                                 'writes beside sharded safetensors').get('weight_map')
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f'{index} has no "weight_map" of tensor names to files')
+    names = sorted({name if isinstance(name, str) else repr(name) for name in weight_map.values()})
+    for name in names:
+      _member(path, name, index)
+    return names
   if os.path.exists(os.path.join(path, _SINGLE)):
+    _member(path, _SINGLE, 'the checkpoint')
     return [_SINGLE]
   raise FileNotFoundError(f'no {_SINGLE} or {_INDEX} in {path}: is it a transformers checkpoint directory '
                           '(saved with safe_serialization=True)?')
 
 
+def _unreadable(file: str, error: Exception) -> ValueError:
+  """The one error for a safetensors file that safetensors cannot read (a header cut short, or claiming more
+  bytes than the file has): safetensors raises a bare Exception subclass."""
+  text = ' '.join(str(error).split())[:300]
+  return ValueError(f'{file} is not a readable safetensors file ({type(error).__name__}: {text}): the checkpoint is '
+                    'damaged or was not copied whole; download or copy it again')
+
+
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
   tensors = {}
   for name in _files(path):
-    tensors.update(load_file(os.path.join(path, name)))
+    file = os.path.join(path, name)
+    try:
+      tensors.update(load_file(file))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _unreadable(file, e) from None
   return tensors
 
 
@@ -342,13 +390,74 @@ def _read_hf_config(path: str) -> dict[str, Any]:
   config_path = os.path.join(path, 'config.json')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'no config.json in {path}: expected a transformers checkpoint directory')
-  with open(config_path) as f:
-    return json.load(f)
+  return files.read_json(_member(path, 'config.json', 'the checkpoint'), 'it must be the config.json transformers '
+                         'writes')
 
 
-def _make_config(hf_config: dict, stored_dtypes: set[str], dtype: str | None, overrides: dict) -> ModelConfig:
+_LAYER = re.compile(r'^model\.layers\.(\d+)\.')
+_EXPERT = re.compile(r'^model\.layers\.\d+\.mlp\.experts\.(\d+)\.')
+
+
+def _check_sizes(path: str, hf_config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+  """The sizes of config.json that loading does work in proportion to (layers, experts, the embedding table),
+  checked against the tensors the safetensors headers list, before anything is built from them: a config.json
+  claiming 10**9 layers, or a size of the wrong type, is one error naming the file and the field."""
+  where = os.path.join(path, 'config.json')
+  if not isinstance(hf_config, dict):
+    raise ValueError(f'{where} must hold a JSON object, not a {type(hf_config).__name__}')
+
+  def size(name: str, low: int = 1) -> int | None:
+    value = hf_config.get(name)
+    if isinstance(value, float) and value.is_integer():
+      value = int(value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+      raise ValueError(f'{where}: {name} must be an integer >= {low}, got {value!r} ({type(value).__name__})')
+    return value
+
+  def differs(name: str, value: int | None, found: int, what: str) -> None:
+    if value is not None and value != found:
+      raise ValueError(f'{where} has {name}={value} but its safetensors files hold {what}: the config does not '
+                       'belong to these weights')
+
+  layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
+  count = max(layers) + 1 if layers else 0
+  differs('num_hidden_layers', size('num_hidden_layers'), count,
+          f'{count} layers (model.layers.0. to model.layers.{count - 1}.)' if count else 'no layers')
+  embed = shapes.get('model.embed_tokens.weight')
+  vocab, hidden = size('vocab_size'), size('hidden_size')
+  if embed is not None and len(embed) == 2:
+    differs('vocab_size', vocab, embed[0], f'an embedding table (model.embed_tokens.weight) of {embed[0]} rows')
+    differs('hidden_size', hidden, embed[1], f'an embedding table (model.embed_tokens.weight) {embed[1]} wide')
+  experts = {int(m.group(1)) for name in shapes if (m := _EXPERT.match(name))}
+  num_experts = size('num_experts', low=0)
+  if experts or num_experts:
+    differs('num_experts', num_experts, max(experts, default=-1) + 1, f'{max(experts, default=-1) + 1} experts a layer')
+  for name in ('intermediate_size', 'num_attention_heads', 'num_key_value_heads', 'head_dim',
+               'max_position_embeddings', 'moe_intermediate_size', 'shared_expert_intermediate_size'):
+    size(name, low=0 if name == 'shared_expert_intermediate_size' else 1)
+
+
+def _make_config(path: str, hf_config: dict, shapes: dict[str, tuple[int, ...]], stored_dtypes: set[str],
+                 dtype: str | None, overrides: dict) -> ModelConfig:
+  """The ModelConfig of a checkpoint, from its config.json checked against its tensors' shapes (`_check_sizes`)
+  first; any problem is one ValueError naming config.json."""
+  _check_sizes(path, hf_config, shapes)
   param_dtype = dtype or (stored_dtypes.pop() if len(stored_dtypes) == 1 else 'float32')
-  return config_from_hf(hf_config, **{'param_dtype': param_dtype, 'dtype': dtype or 'float32', **overrides})
+  try:
+    return config_from_hf(hf_config, **{'param_dtype': param_dtype, 'dtype': dtype or 'float32', **overrides})
+  except (ValueError, TypeError) as e:  # a value of the wrong kind or range
+    raise ValueError(f'{os.path.join(path, "config.json")}: {e}') from None
+
+
+def _check_finite(where: str, tensor: np.ndarray) -> None:
+  """A ValueError when a tensor holds NaN or infinity (a damaged file, or weights saved from a diverged model):
+  such a model would only ever produce garbage."""
+  flat = tensor.reshape(-1)
+  step = 1 << 24  # elements at a time: a bounded temporary
+  bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + step]))) for i in range(0, flat.size, step))
+  if bad:
+    raise ValueError(f'{where} holds {bad:,} NaN or infinite value(s) of {flat.size:,}: the checkpoint is damaged, or '
+                     'was saved from a model that diverged; it is not loaded')
 
 
 def _check_tensors(path: str, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -389,13 +498,17 @@ def from_pretrained(path: str, dtype: str | None = None, *, shardings: Any = Non
   if shardings is not None:
     return _load_sharded(path, dtype, shardings, config_overrides)
   hf_config = _read_hf_config(path)
+  sources = _sources(path)  # the headers alone: no tensor is read before the config is checked against them
+  shapes = {name: s.shape for name, s in sources.items()}
+  config = _make_config(path, hf_config, shapes, {s.dtype for s in sources.values()}, dtype, config_overrides)
+  _check_tensors(path, config, shapes)
   tensors = _unfuse_experts(_read_tensors(path))
-  config = _make_config(hf_config, {str(t.dtype) for t in tensors.values()}, dtype, config_overrides)
-  _check_tensors(path, config, {name: t.shape for name, t in tensors.items()})
 
   np_dtype = np.dtype(ml_dtypes.bfloat16) if config.param_dtype == 'bfloat16' else np.dtype(config.param_dtype)
-  flat = {ours: np.ascontiguousarray(layout.to_ours(tensors[name])).astype(np_dtype, copy=False)
-          for name, ours, layout in _tensor_rules(config)}
+  flat = {}
+  for name, ours, layout in _tensor_rules(config):
+    _check_finite(f'tensor {name} of {path}', tensors[name])
+    flat[ours] = np.ascontiguousarray(layout.to_ours(tensors[name])).astype(np_dtype, copy=False)
   params = traverse_util.unflatten_dict(_stack_slices(flat))
   if config.scan_layers:
     params = stack_layers(params, config.num_hidden_layers)
@@ -406,7 +519,8 @@ def from_pretrained(path: str, dtype: str | None = None, *, shardings: Any = Non
 # Loading slice by slice.
 
 # safetensors dtype names -> numpy's.
-_SAFETENSORS_DTYPES = {'BF16': 'bfloat16', 'F16': 'float16', 'F32': 'float32', 'F64': 'float64'}
+_SAFETENSORS_DTYPES = {'BF16': 'bfloat16', 'F16': 'float16', 'F32': 'float32', 'F64': 'float64', 'I8': 'int8',
+                       'I16': 'int16', 'I32': 'int32', 'I64': 'int64', 'U8': 'uint8', 'BOOL': 'bool'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,22 +539,25 @@ def _sources(path: str) -> dict[str, TensorSource]:
   """Every tensor of a checkpoint by its hub-layout name, from the files' headers only (no tensor is read)."""
   sources = {}
   for file in _files(path):
-    with safe_open(os.path.join(path, file), 'numpy') as f:
-      for name in f.keys():
-        info = f.get_slice(name)
-        shape, dtype = tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype())
-        match = _FUSED.match(name)
-        if not match:
-          sources[name] = TensorSource(file, name, shape, dtype)
-          continue
-        prefix, kind = match.groups()
-        for j in range(shape[0]):
-          if kind == 'down_proj':
-            sources[f'{prefix}.{j}.down_proj.weight'] = TensorSource(file, name, shape[1:], dtype, (j,))
-          else:
-            half = (shape[1] // 2, *shape[2:])
-            sources[f'{prefix}.{j}.gate_proj.weight'] = TensorSource(file, name, half, dtype, (j,))
-            sources[f'{prefix}.{j}.up_proj.weight'] = TensorSource(file, name, half, dtype, (j,), half[0])
+    try:
+      with safe_open(os.path.join(path, file), 'numpy') as f:
+        headers = [(name, tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()]
+    except Exception as e:  # pylint: disable=broad-except  (safetensors raises a bare Exception subclass)
+      raise _unreadable(os.path.join(path, file), e) from None
+    for name, shape, dtype in headers:
+      dtype = _SAFETENSORS_DTYPES.get(dtype, dtype)
+      match = _FUSED.match(name)
+      if not match:
+        sources[name] = TensorSource(file, name, shape, dtype)
+        continue
+      prefix, kind = match.groups()
+      for j in range(shape[0]):
+        if kind == 'down_proj':
+          sources[f'{prefix}.{j}.down_proj.weight'] = TensorSource(file, name, shape[1:], dtype, (j,))
+        else:
+          half = (shape[1] // 2, *shape[2:])
+          sources[f'{prefix}.{j}.gate_proj.weight'] = TensorSource(file, name, half, dtype, (j,))
+          sources[f'{prefix}.{j}.up_proj.weight'] = TensorSource(file, name, half, dtype, (j,), half[0])
   return sources
 
 
@@ -449,7 +566,8 @@ def load_config(path: str, dtype: str | None = None, **config_overrides) -> Mode
   safetensors headers alone: what to build `shardings` from before loading."""
   hf_config = _read_hf_config(path)
   sources = _sources(path)
-  return _make_config(hf_config, {s.dtype for s in sources.values()}, dtype, config_overrides)
+  return _make_config(path, hf_config, {name: s.shape for name, s in sources.items()},
+                      {s.dtype for s in sources.values()}, dtype, config_overrides)
 
 
 def read_slice(file: str, source: TensorSource, index: tuple[slice, ...]) -> np.ndarray:
@@ -493,8 +611,9 @@ def _load_sharded(path: str, dtype: str | None, shardings: Any,
                   config_overrides: dict) -> tuple[ModelConfig, dict]:
   hf_config = _read_hf_config(path)
   sources = _sources(path)
-  config = _make_config(hf_config, {s.dtype for s in sources.values()}, dtype, config_overrides)
-  _check_tensors(path, config, {name: s.shape for name, s in sources.items()})
+  shapes = {name: s.shape for name, s in sources.items()}
+  config = _make_config(path, hf_config, shapes, {s.dtype for s in sources.values()}, dtype, config_overrides)
+  _check_tensors(path, config, shapes)
   shapes = traverse_util.flatten_dict(nn.unbox(abstract_params(config)))
   flat_shardings = traverse_util.flatten_dict(shardings)
   if set(flat_shardings) != set(shapes):
@@ -521,6 +640,7 @@ def _load_sharded(path: str, dtype: str | None, shardings: Any,
         source = sources[entries[key][0]]
         file = os.path.join(path, source.file)
         out[pos] = layout.read_block(lambda hf_index: read_slice(file, source, hf_index), rest)
+        _check_finite(f'tensor {source.tensor} of {path}', out[pos])
       return out
 
     params[leaf] = jax.block_until_ready(
@@ -544,7 +664,7 @@ def _parse_size(size: int | str) -> int:
 def _save_file(tensors: dict[str, np.ndarray], path: str) -> None:
   """safetensors' `save_file`, with the permissions of every other file written (0644 under the usual umask):
   safetensors leaves its files readable by their owner alone."""
-  save_file(tensors, path, metadata={'format': 'pt'})
+  files.write(path, lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}))
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(path, 0o666 & ~umask)
@@ -583,8 +703,7 @@ def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size
   dtypes = {str(t.dtype) for t in tensors.values()}
   torch_dtype = dtypes.pop() if len(dtypes) == 1 else 'float32'
   os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump(config_to_hf(config, torch_dtype), f, indent=2)
+  files.write_json(os.path.join(path, 'config.json'), config_to_hf(config, torch_dtype), indent=2)
 
   limit = _parse_size(max_shard_size)
   shards: list[dict[str, np.ndarray]] = [{}]
@@ -604,5 +723,4 @@ def save_pretrained(path: str, config: ModelConfig, params: dict, max_shard_size
     _save_file(shard, os.path.join(path, name))
     weight_map.update(dict.fromkeys(shard, name))
   total = sum(t.nbytes for t in tensors.values())
-  with open(os.path.join(path, _INDEX), 'w') as f:
-    json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+  files.write_json(os.path.join(path, _INDEX), {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2)

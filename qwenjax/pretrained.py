@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 from etils import epath
+import flax.linen as nn
 import jax
 import ml_collections
 
@@ -25,6 +27,7 @@ from qwenjax import checkpoint
 from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import hf as hf_lib
+from qwenjax import params as params_lib
 from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train_step
@@ -87,7 +90,13 @@ def _from_workdir(workdir: str, step: int | None, mesh, rules, on_host: bool, ov
     raise FileNotFoundError(f'no config.json of a training run in {workdir}: give the --workdir of a training run '
                             '(the directory python -m qwenjax.train wrote its checkpoints/ and config.json to)')
   config = ml_collections.ConfigDict(saved)
-  model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
+  where = os.path.join(workdir, 'config.json')
+  try:
+    model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'{where}: model: {e}') from None
+  step, saved_params = checkpoint.saved_params(workdir, step)
+  _check_fits_checkpoint(model_config, saved_params, where, f'{workdir}/checkpoints/{step}')
   tok = workdir_lib.load_tokenizer(workdir, config)
   tokenizer_lib.check_fits(tok, model_config.vocab_size, what=f'the tokenizer of {workdir}', warn_unused=False,
                            fix='WORKDIR/tokenizer/ must be the tokenizer the run trained with: restore it from the '
@@ -120,6 +129,24 @@ def _from_hf(hf: str, mesh, rules, on_host: bool, overrides: dict) -> Pretrained
   if dtype:
     model_config = dataclasses.replace(model_config, dtype=dtype)
   return Pretrained(model_config, params, tok, path, mesh, rules)
+
+
+def _check_fits_checkpoint(model_config: ModelConfig, saved: Any, where: str, checkpoint_dir: str) -> None:
+  """Checks a run's model config against its checkpoint's parameter shapes (`checkpoint.saved_params`) before
+  anything is built from it: first the sizes that work is proportional to (layers, the embedding table), then
+  every parameter."""
+  layers = [name for name in saved if re.fullmatch(r'layers_\d+', name)]
+  if 'layers' in saved:  # scanned: the layers are the leading axis
+    layers = range(jax.tree.leaves(saved['layers'])[0].shape[0])
+  embed = getattr(saved.get('embed_tokens'), 'shape', None)
+  wanted = [('num_hidden_layers', model_config.num_hidden_layers, len(layers))]
+  if embed is not None and len(embed) == 2:
+    wanted += [('vocab_size', model_config.vocab_size, embed[0]), ('hidden_size', model_config.hidden_size, embed[1])]
+  for name, ours, found in wanted:
+    if ours != found:
+      raise ValueError(f'{where} has model.{name}={ours} but the checkpoint {checkpoint_dir} holds {found}: the '
+                       'config does not belong to the checkpoint')
+  checkpoint.check_shapes(saved, nn.unbox(params_lib.abstract_params(model_config)), f'checkpoint {checkpoint_dir}')
 
 
 def _is_hf(directory: str) -> bool:

@@ -51,10 +51,14 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from qwenjax import files as files_lib  # `files` is a Tokenizer's own attribute
+
 SENTENCEPIECE_FILE = 'tokenizer.model'
 HF_FILE = 'tokenizer.json'
 HF_CONFIG_FILES = ('tokenizer_config.json', 'generation_config.json', 'chat_template.jinja')
 _END_OF_TEXT = ('<|endoftext|>', '<|end_of_text|>')
+# Text every tokenizer must encode: letters, digits, punctuation, accents, CJK, an emoji, a word of no vocabulary.
+_PROBE = 'Probe: qwenjax 12 café 中文 😀 zqxv'
 
 # A trained model's fixed pieces: <unk>, <s>, </s>, '\n' and the 256 bytes.
 _FIXED_PIECES = 4 + 256
@@ -113,7 +117,7 @@ class Tokenizer:
                          f'one of this tokenizer\'s files ({", ".join(sorted(self.files))}) and would change '
                          'what load() reads there. Save into an empty directory or remove that file.')
     for name, data in self.files.items():
-      _write_atomically(os.path.join(directory, name), data)
+      files_lib.write(os.path.join(directory, name), data)
 
   def _check_ids(self, ids: Sequence[int]) -> list[int]:
     ids = [int(i) for i in ids]
@@ -175,6 +179,13 @@ class HuggingFaceTokenizer(Tokenizer):
     self._tokenizer.no_truncation()
     self._tokenizer.no_padding()
     vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+    if not vocab:
+      raise ValueError(f'{HF_FILE} has an empty vocabulary')
+    try:  # a tokenizer that fails on some text fails here, once, not in the middle of a run
+      self._tokenizer.encode(_PROBE, add_special_tokens=False)
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises a bare Exception)
+      raise ValueError(f'{HF_FILE} cannot encode text ({e}): a WordLevel or WordPiece tokenizer needs its unknown '
+                       'token (model.unk_token) in its vocabulary') from None
     self.vocab_size = max(vocab.values()) + 1
     tokenizer_config = self._json('tokenizer_config.json')
     generation_config = self._json('generation_config.json')
@@ -206,12 +217,18 @@ class HuggingFaceTokenizer(Tokenizer):
       raise ValueError(f'{name} beside the tokenizer.json is not valid JSON: {e}') from e
 
   def encode(self, text: str) -> list[int]:
-    return self._tokenizer.encode(text, add_special_tokens=False).ids
+    try:
+      return self._tokenizer.encode(text, add_special_tokens=False).ids
+    except Exception as e:  # pylint: disable=broad-except  (tokenizers raises a bare Exception)
+      raise ValueError(f'the tokenizer ({HF_FILE}) cannot encode {text[:40]!r}: {e}') from None
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     # encode_batch_fast (newer tokenizers releases) skips the offsets that encode_batch computes.
     encode = getattr(self._tokenizer, 'encode_batch_fast', self._tokenizer.encode_batch)
-    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+    try:
+      return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'the tokenizer ({HF_FILE}) cannot encode the text: {e}') from None
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tokenizer.decode(self._check_ids(ids), skip_special_tokens=False)
@@ -311,7 +328,7 @@ def train(texts: Iterable[str], directory: str, *, vocab_size: int, max_lines: i
                'of the text), the others bytes', vocab_size, sampled, kept, seen, 100 * coverage)
   model = _train_sentencepiece(lines, vocab_size)
   os.makedirs(directory, exist_ok=True)
-  _write_atomically(os.path.join(directory, SENTENCEPIECE_FILE), model)
+  files_lib.write(os.path.join(directory, SENTENCEPIECE_FILE), model)
   return SentencePieceTokenizer({SENTENCEPIECE_FILE: model})
 
 
@@ -379,13 +396,6 @@ def _train_sentencepiece(lines: list[str], vocab_size: int, hard_vocab_limit: bo
       return _train_sentencepiece(lines, vocab_size, hard_vocab_limit=False)
     raise ValueError(f'training a {vocab_size}-piece tokenizer on {len(lines)} lines failed: {e}') from e
   return model.getvalue()
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def check_fits(tokenizer: Tokenizer, model_vocab_size: int, *, what: str, fix: str, warn_unused: bool = True) -> None:
