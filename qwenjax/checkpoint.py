@@ -12,6 +12,8 @@ What survives what:
   out-of-memory or storage error) is left where it is, and `restore` raises an error saying what differs.
 - A state holding non-finite values is never saved (`NonFiniteError`), so rotation (`keep`) can never delete the
   last good checkpoint for a bad one.
+- A save that fails (a full disk, a read-only directory) removes its partial files and raises one `SaveError`
+  saying why; the checkpoints before it are kept.
 """
 
 from __future__ import annotations
