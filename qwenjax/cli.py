@@ -129,10 +129,22 @@ class _LibraryTracebacks(logging.Filter):
     return not (record.exc_info or 'exception was never retrieved' in str(record.msg))
 
 
+def _from_library(info: Any) -> bool:
+  """Whether an exception Python could not raise (in a finalizer, a coroutine closed at exit) comes from orbax,
+  asyncio or tensorstore: raised in their code, or in a coroutine of theirs."""
+  tb = info.exc_traceback
+  while tb is not None:
+    if _NOISY.search(tb.tb_frame.f_code.co_filename):
+      return True
+    tb = tb.tb_next
+  code = getattr(info.object, 'cr_code', None)
+  return code is not None and bool(_NOISY.search(code.co_filename))
+
+
 def contain_library_noise() -> None:
   """Keeps the libraries' repeated reports of one failure off the terminal (the module docstring says why):
   their tracebacks in the log, asyncio's "Event loop is closed" from callbacks that outlive an aborted read or
-  save, and "coroutine ... was never awaited". Idempotent."""
+  save, the exceptions of their coroutines closed at exit, and "coroutine ... was never awaited". Idempotent."""
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _LibraryTracebacks) for f in handler.filters):
     handler.addFilter(_LibraryTracebacks())
@@ -141,6 +153,8 @@ def contain_library_noise() -> None:
 
     def unraisable(info) -> None:
       if isinstance(info.exc_value, RuntimeError) and 'Event loop is closed' in str(info.exc_value):
+        return
+      if _from_library(info):  # e.g. "Exception ignored in: <coroutine ...>" of each read an aborted restore left
         return
       previous(info)
 

@@ -666,6 +666,12 @@ def main(argv):
       raise RuntimeError('Event loop is closed')
   for _ in range(50):  # what tensorstore's callbacks do once an aborted orbax read has closed its loop
     Dying()
+  # The reads an aborted orbax restore leaves, closed at exit: "Exception ignored in: <coroutine ...>" each.
+  library = {}
+  exec(compile('class Read:\n  def __del__(self):\n    raise Exception("Encountered error while reading array")\n',
+               '/site-packages/orbax/checkpoint/_src/serialization/serialization.py', 'exec'), library)
+  for _ in range(20):
+    library['Read']()
   record = logging.LogRecord('orbax', logging.ERROR, '/site-packages/orbax/checkpoint/future.py', 1,
                              'raised an exception', None, (ValueError, ValueError('boom'), None))
   logging.getLogger().handle(record)
@@ -683,7 +689,9 @@ def test_a_libraries_repeated_reports_of_one_failure_stay_off_the_terminal(tmp_p
   done = _run([str(tmp_path / 'noisy.py')])
   assert _one_error_line(done) == 'error: the one line' and 'Event loop' not in done.stderr, done.stderr
   verbose = _run([str(tmp_path / 'noisy.py'), '--verbose'])
+  assert 'Encountered error' not in done.stderr, done.stderr
   assert verbose.stderr.count('RuntimeError: Event loop is closed') == 50 and 'boom' in verbose.stderr
+  assert verbose.stderr.count('Exception: Encountered error while reading array') == 20
 
 
 CTRL_C_MID_STEP = r'''
