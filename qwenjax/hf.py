@@ -109,7 +109,7 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
       use_window = False
   values['use_sliding_window'] = use_window
   if window is not None:
-    values['sliding_window'] = int(window)
+    values['sliding_window'] = window  # ModelConfig checks its type
   values.update(overrides)
   return ModelConfig(**values)
 

@@ -464,6 +464,8 @@ HOSTILE_HF = {
     'vocab 0': (dict(config=dict(vocab_size=0)), r'config.json: vocab_size must be an integer >= 1, got 0'),
     'width a string': (dict(config=dict(hidden_size='32')), r"config.json: hidden_size must be an integer >= 1, got '32'"),
     'width 32.5': (dict(config=dict(hidden_size=32.5)), r'config.json: hidden_size must be an integer >= 1, got 32.5'),
+    'window a string': (dict(config=dict(use_sliding_window=True, sliding_window='x')),
+                        r"config.json: sliding_window must be an integer >= 1 \(or None\), got 'x'"),
     'heads a list': (dict(config=dict(num_attention_heads=[2])), r'config.json: num_attention_heads must be an integer'),
     'rms_norm_eps NaN': (dict(raw=None, config=dict(rms_norm_eps=float('nan'))),
                          r'config.json: rms_norm_eps must be a finite number >= 0.0, got nan'),
