@@ -214,6 +214,7 @@ _OPTIONAL_TYPES = {'head_dim': int, 'sliding_window': int}
 def model_section(**overrides) -> ml_collections.ConfigDict:
   """A `model` section holding every ModelConfig field, defaults first, then `overrides`."""
   values = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  values['rope_scaling'] = dataclasses.asdict(values['rope_scaling'])  # a subsection: model.rope_scaling.factor
   unknown = sorted(set(overrides) - set(values))
   if unknown:
     raise ValueError(f'unknown model config key(s) {unknown}; valid keys: {sorted(values)}')

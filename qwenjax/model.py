@@ -112,10 +112,10 @@ class Attention(nn.Module):
     if cache is not None and lengths is None:  # a decode step: rotary is part of the step (a kernel on GPUs)
       window = cfg.sliding_window if sliding is not False and cfg.use_sliding_window else None
       out, cache = cache.step(*constrain(q, k, v), positions, cfg.rope_theta, window, sliding, cfg.decode_impl,
-                              cfg.attention_interpret)
+                              cfg.attention_interpret, rope_scaling=cfg.rope_scaling)
       return output(out), cache
-    q = checkpoint_name(apply_rotary_embedding(q, positions, cfg.rope_theta), 'query')
-    k = checkpoint_name(apply_rotary_embedding(k, positions, cfg.rope_theta), 'key')
+    q = checkpoint_name(apply_rotary_embedding(q, positions, cfg.rope_theta, cfg.rope_scaling), 'query')
+    k = checkpoint_name(apply_rotary_embedding(k, positions, cfg.rope_theta, cfg.rope_scaling), 'key')
     q, k, v = constrain(q, k, checkpoint_name(v, 'value'))
 
     def attend(window):

@@ -29,6 +29,73 @@ DECODE_IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'pallas_tpu', 'pallas_gpu', 'auto')
 # The MoE experts' grouped matmul (`qwenjax.kernels.gmm.grouped_matmul` says what each one is).
 MOE_IMPLEMENTATIONS = ('auto', 'ragged_dot', 'mgpu', 'megablox')
+# Rotary scalings (`qwenjax.rotary.inverse_frequencies` computes each as transformers does). Dynamic NTK scaling
+# changes the frequencies with each batch's length (transformers keeps state across calls for it): refused by name.
+ROPE_TYPES = ('default', 'linear', 'yarn')
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Hugging Face's `rope_scaling` (transformers 5: `rope_parameters`, minus its `rope_theta`).
+
+  `linear` divides every rotary frequency by `factor`; `yarn` (Peng et al. 2023) divides only those that turn
+  fewer than `beta_slow` times over `original_max_position_embeddings` (the pretraining context), keeps those
+  turning more than `beta_fast` times, ramps between, and scales cos and sin by `attention_factor` (0: derived,
+  0.1 ln(factor) + 1, or from `mscale` / `mscale_all_dim` when both are set). Qwen2's long-context checkpoints
+  use yarn with factor 4 over 32768.
+  """
+  rope_type: str = 'default'
+  factor: float = 1.0
+  original_max_position_embeddings: int = 0
+  attention_factor: float = 0.0
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 0.0
+  mscale_all_dim: float = 0.0
+  truncate: bool = True
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f'rope_scaling.rope_type={self.rope_type!r} is not supported; supported: {ROPE_TYPES} '
+                       '(dynamic NTK scaling depends on each batch\'s length and is not)')
+    numbers = ('factor', 'attention_factor', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim')
+    for name in numbers:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f'rope_scaling.{name} must be a finite number >= 0, got {value!r}')
+      object.__setattr__(self, name, float(value))
+    if self.rope_type != 'default' and self.factor < 1.0:
+      raise ValueError(f'rope_scaling.factor must be >= 1 for {self.rope_type} scaling, got {self.factor}')
+    if self.rope_type == 'yarn' and (not isinstance(self.original_max_position_embeddings, int)
+                                     or self.original_max_position_embeddings < 1):
+      raise ValueError('rope_scaling with rope_type=yarn needs original_max_position_embeddings, the context the '
+                       f'model was pretrained on (a positive int), got {self.original_max_position_embeddings!r}')
+
+  @classmethod
+  def from_hf(cls, values: Mapping[str, Any] | None, max_position_embeddings: int) -> 'RopeScaling':
+    """From a config.json's `rope_parameters` or `rope_scaling` (`type` or `rope_type`; `rope_theta` and other
+    keys of no effect here ignored). A yarn entry without `factor` takes max_position_embeddings /
+    original_max_position_embeddings, as transformers does."""
+    values = dict(values or {})
+    rope_type = values.get('rope_type', values.get('type')) or 'default'
+    if rope_type == 'default':
+      return cls()
+    known = {f.name for f in dataclasses.fields(cls)} - {'rope_type'}
+    kwargs = {k: v for k, v in values.items() if k in known and v is not None}
+    if rope_type == 'yarn' and 'factor' not in kwargs and kwargs.get('original_max_position_embeddings'):
+      kwargs['factor'] = max_position_embeddings / kwargs['original_max_position_embeddings']
+    return cls(rope_type=rope_type, **kwargs)
+
+  def to_hf(self, rope_theta: float) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` entry of a config.json."""
+    out = {'rope_type': self.rope_type, 'rope_theta': rope_theta}
+    if self.rope_type != 'default':
+      out['factor'] = self.factor
+    if self.rope_type == 'yarn':
+      out.update(original_max_position_embeddings=self.original_max_position_embeddings, beta_fast=self.beta_fast,
+                 beta_slow=self.beta_slow, truncate=self.truncate)
+      out.update({k: getattr(self, k) for k in ('attention_factor', 'mscale', 'mscale_all_dim') if getattr(self, k)})
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +110,7 @@ class ModelConfig:
   head_dim: int | None = None  # None: hidden_size // num_attention_heads
   max_position_embeddings: int = 32768
   rope_theta: float = 1_000_000.0
+  rope_scaling: RopeScaling = RopeScaling()  # a dict in config files and config.json
   rms_norm_eps: float = 1e-6
   initializer_range: float = 0.02
   tie_word_embeddings: bool = False
@@ -75,6 +143,13 @@ class ModelConfig:
   def __post_init__(self):
     if self.head_dim is None:
       object.__setattr__(self, 'head_dim', self.hidden_size // self.num_attention_heads)
+    if not isinstance(self.rope_scaling, RopeScaling):  # a dict (config files, config.json) or ConfigDict
+      scaling = dict(self.rope_scaling or {})
+      unknown = sorted(set(scaling) - {f.name for f in dataclasses.fields(RopeScaling)})
+      if unknown:
+        raise ValueError(f'unknown rope_scaling key(s) {unknown}; valid keys: '
+                         f'{[f.name for f in dataclasses.fields(RopeScaling)]}')
+      object.__setattr__(self, 'rope_scaling', RopeScaling(**scaling))
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f'num_attention_heads ({self.num_attention_heads}) must be a multiple of '
                        f'num_key_value_heads ({self.num_key_value_heads})')

@@ -56,7 +56,7 @@ _SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_l
 _MOE_SHAPE_FIELDS = ('num_experts', 'moe_intermediate_size', 'shared_expert_intermediate_size', 'decoder_sparse_step',
                      'mlp_only_layers')
 # Fields that change what the model computes without changing shapes: a difference is only warned about.
-_ARCH_FIELDS = ('rope_theta', 'rms_norm_eps', 'use_sliding_window')
+_ARCH_FIELDS = ('rope_theta', 'rope_scaling', 'rms_norm_eps', 'use_sliding_window')
 _WINDOW_FIELDS = ('sliding_window', 'max_window_layers')  # when either side has a window
 _MOE_ARCH_FIELDS = ('num_experts_per_tok', 'norm_topk_prob')
 

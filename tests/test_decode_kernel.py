@@ -51,7 +51,7 @@ def test_kernel_matches_append_then_attend(case):
   # The XLA path: rotary, then append and attend.
   expected, expected_cache = cache.step(q, k, v, position[:, None], theta, window, impl='xla')
   lowest = position - window + 1 if window else np.zeros_like(position)
-  angles = rotary_angles(jnp.asarray(position), head_dim, theta)
+  angles, _ = rotary_angles(jnp.asarray(position), head_dim, theta)
   out, key, value, held = decode_gpu.decode_attention(
       jnp.concatenate([q[:, 0], k[:, 0], v[:, 0]], axis=1), jnp.cos(angles), jnp.sin(angles), cache.key,
       cache.value, cache.positions, jnp.asarray(position), jnp.asarray(lowest), kv_heads=kv_heads,

@@ -72,13 +72,15 @@ def tiny_config(**overrides):
   return ModelConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize('scan_layers,decode_impl', [(False, 'xla'), (True, 'xla'), (False, 'pallas')])
-def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, decode_impl, monkeypatch):
+@pytest.mark.parametrize('scan_layers,decode_impl,yarn', [(False, 'xla', False), (True, 'xla', False),
+                                                         (False, 'pallas', False), (False, 'pallas', True)])
+def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, decode_impl, yarn, monkeypatch):
   """Prefill of right-padded rows, then one token at a time: each step's logits equal a full forward pass's.
 
   'pallas' runs the decode kernel (`kernels.decode_gpu`) in the Pallas interpreter on unrolled layers: a ring of 16
   slots that wraps and a 40-slot cache (not a whole number of the kernel's blocks). (Scanned layers take the XLA
-  path whatever `decode_impl` says: `model._decoder_layers`.)
+  path whatever `decode_impl` says: `model._decoder_layers`.) `yarn`: YaRN rotary scaling over an original context
+  of 8, whose factor on cos and sin the kernel takes with them.
   """
   window, slots = (16, 40) if decode_impl == 'pallas' else (4, 32)
   kernel_calls = []  # traced kernel calls
@@ -86,7 +88,9 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, de
   monkeypatch.setattr(decode_gpu, 'decode_attention', lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
   config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=window, max_window_layers=1,
                        num_hidden_layers=3, decode_impl=decode_impl, attention_interpret=decode_impl == 'pallas',
-                       head_dim=32)  # the kernel's smallest head_dim
+                       head_dim=32,  # the kernel's smallest head_dim
+                       rope_scaling={'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 8}
+                       if yarn else {})
   params = params_lib.init_params(config, jax.random.key(0))
   ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, slots - 8))
   full = jax.jit(lambda p, x: model.Qwen2(config).apply({'params': p}, x))(params, ids)
