@@ -180,12 +180,12 @@ def candidates(settings: RunConfig, batch_shards: int) -> list[Candidate]:
   return sorted(out, key=lambda c: (-c.speed, -c.rows, order[c.remat_policy]))
 
 
-def needed_bytes(compiled: Any) -> int:
+def needed_bytes(compiled: Any) -> int | None:
   """Device memory a compiled step needs, from XLA's memory analysis: arguments + outputs + temporaries + code,
-  less what the outputs take over from donated arguments."""
+  less what the outputs take over from donated arguments. None where the backend gives no analysis."""
   m = compiled.memory_analysis()
   if m is None:
-    raise ValueError('XLA gave no memory analysis of the compiled train step')
+    return None
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
              + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
 
@@ -218,7 +218,11 @@ def choose(settings: RunConfig, batch_shards: int, limit: int | None, compile_st
   usable = int(limit * (1 - MARGIN)) if automatic else limit
   tried: dict[tuple[int, str], int | None] = {}  # compiled: bytes needed (None: out of memory compiling)
   skipped = 0
-  for c in candidates(settings, batch_shards):
+  options = candidates(settings, batch_shards)
+  if not options:
+    raise ValueError(f'train.batch_size={settings.loop.batch_size} does not divide over the {batch_shards} '
+                     'data-parallel shards')
+  for c in options:
     s = resolved(settings, c.grad_accum_steps, c.remat_policy)
     if automatic and saved_bytes is not None:
       bound = saved_bytes(s)
@@ -229,6 +233,11 @@ def choose(settings: RunConfig, batch_shards: int, limit: int | None, compile_st
         continue
     compiled, needed = _compile(compile_step, s, make(c.grad_accum_steps, c.remat_policy, None))
     tried[(c.grad_accum_steps, c.remat_policy)] = needed
+    if compiled is not None and needed is None:  # nothing to judge by: take it (its first step will tell)
+      logging.warning('memory: XLA gave no memory analysis of the train step; taking grad_accum_steps=%d, '
+                      'remat_policy=%r unchecked', c.grad_accum_steps, c.remat_policy)
+      return make(c.grad_accum_steps, c.remat_policy, None, compiled=len(tried), skipped=skipped,
+                  seconds=time.time() - start), compiled
     fits = needed is not None and needed <= usable
     logging.info('memory: grad_accum_steps=%d, remat_policy=%r needs %s of %s usable: %s', c.grad_accum_steps,
                  c.remat_policy, gib(needed), gib(usable), 'fits' if fits else 'too big')
@@ -383,8 +392,12 @@ def fit_step(settings: RunConfig, *, mesh: jax.sharding.Mesh, rules: sharding.Ru
   def saved_bytes(s: RunConfig) -> int:
     rows = settings.loop.batch_size // s.loss.grad_accum_steps
     micro = {k: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype) for k, x in batch.items()}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      residuals = train_step.saved_bytes(s.model, s.loss, state.params, micro)
+    try:
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        residuals = train_step.saved_bytes(s.model, s.loss, state.params, micro)
+    except Exception as e:  # pylint: disable=broad-except  (only a shortcut: compile instead)
+      logging.warning('memory: could not trace what the backward pass keeps (%s); compiling to find out', e)
+      return 0
     # Per device at least the even share (parameters among the residuals are already counted in the state).
     return (state_bytes + max(0, residuals - param_bytes)) // mesh.size
 
