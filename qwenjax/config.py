@@ -124,9 +124,11 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """How the loss of a batch is computed, in training and evaluation (`qwenjax.train_step`, `qwenjax.loss`)."""
-  # Micro-batches of batch_size / grad_accum_steps per step, or 'auto', a run's default (`train_section`): the
-  # fewest whose compiled step fits the device's memory (`qwenjax.fit`, docs/training.md). A LossConfig built
-  # directly (tests, benchmarks) is 1, and a step given 'auto' that nothing resolved runs one micro-batch.
+  # Micro-batches of batch_size / grad_accum_steps per step, or 'auto', a run's default (`train_section`): with
+  # train.remat_policy, the setting of fastest expected speed whose compiled step fits the device's memory: the
+  # biggest micro-batch up to 32k tokens (and 2^48 FLOPs) per data shard, the policy recomputing least, traded
+  # at ~5% per halving of the micro-batch against the FLOPs recomputed (`qwenjax.fit`, docs/training.md). A
+  # LossConfig built directly (tests, benchmarks) is 1; a step given an 'auto' nothing resolved runs one.
   grad_accum_steps: int | str = 1
   z_loss: float = 1e-4  # weight of mean(logsumexp(logits)^2); 0: off
   loss_chunk: int = 1024  # sequence positions per chunk of logits in the loss (never [batch, seq, vocab] at once)
