@@ -4,9 +4,9 @@ of the job takes, read from it once by `settings(config)`.
 The ConfigDict is what the command line (`--config.train.steps=2000`), sweeps and a workdir's config.json use. It
 has four sections and one top-level key:
 
-* `model`: the `ModelConfig` fields (Hugging Face names);
+* `model`: the `ModelConfig` fields (Hugging Face names) but `remat_policy`, which `train.remat_policy` sets;
 * `data`: `DataConfig`, the input pipeline;
-* `train`: `LoopConfig`, `OptimizerConfig`, `LossConfig` and `CheckpointConfig`, and `seed`;
+* `train`: `LoopConfig`, `OptimizerConfig`, `LossConfig`, `FitConfig` and `CheckpointConfig`, and `seed`;
 * `mesh`: `MeshConfig`, the device mesh;
 * `init_from_hf`: path of a Hugging Face checkpoint to start from ('' for random init).
 
@@ -29,6 +29,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from qwenjax.model_config import ModelConfig
+from qwenjax.model_config import REMAT_POLICIES
 
 # (logical axis name, mesh axis / tuple of mesh axes / None): where each named dimension of the model's
 # parameters and activations lives on the mesh (`qwenjax.sharding`). flax applies the first rule whose mesh axes
@@ -123,17 +124,40 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """How the loss of a batch is computed, in training and evaluation (`qwenjax.train_step`, `qwenjax.loss`)."""
-  grad_accum_steps: int = 1  # micro-batches of batch_size / grad_accum_steps per step
+  # Micro-batches of batch_size / grad_accum_steps per step, or 'auto', a run's default (`train_section`): with
+  # train.remat_policy, the setting of fastest expected speed whose compiled step fits the device's memory: the
+  # biggest micro-batch up to 32k tokens (and 2^48 FLOPs) per data shard, the policy recomputing least, traded
+  # at ~5% per halving of the micro-batch against the FLOPs recomputed (`qwenjax.fit`, docs/training.md). A
+  # LossConfig built directly (tests, benchmarks) is 1; a step given an 'auto' nothing resolved runs one.
+  grad_accum_steps: int | str = 1
   z_loss: float = 1e-4  # weight of mean(logsumexp(logits)^2); 0: off
   loss_chunk: int = 1024  # sequence positions per chunk of logits in the loss (never [batch, seq, vocab] at once)
   logits_dtype: str = 'float32'  # what the LM head's matmul writes; 'bfloat16' as under HF autocast (faster)
   loss_impl: str = 'auto'  # the loss's passes over the logits: 'xla', 'pallas' (GPU kernels), 'auto' (pallas on GPU)
 
   def __post_init__(self):
-    if self.grad_accum_steps < 1:
-      raise ValueError(f'train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}')
+    accum = self.grad_accum_steps
+    if accum != 'auto' and (isinstance(accum, bool) or not isinstance(accum, int) or accum < 1):
+      raise ValueError(f"train.grad_accum_steps must be 'auto' or an int >= 1, got {accum!r}")
     if self.logits_dtype not in LOGITS_DTYPES:
       raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {self.logits_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """How a run's step fits the device's memory, with `LossConfig.grad_accum_steps` (`qwenjax.fit`)."""
+  # What a layer keeps for the backward pass: one of model_config.REMAT_POLICIES, or 'auto', the fastest that fits
+  # (docs/training.md). `settings` hands it to the model as ModelConfig.remat_policy.
+  remat_policy: str = 'auto'
+  # The memory per device that 'auto' fits, in GiB; 0: what the device reports. A CPU reports none, so there
+  # 'auto' means one micro-batch and no remat unless this is set.
+  device_memory_gib: float = 0.0
+
+  def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES + ('auto',):
+      raise ValueError(f"unknown train.remat_policy {self.remat_policy!r}; choose 'auto' or one of {REMAT_POLICIES}")
+    if not self.device_memory_gib >= 0:
+      raise ValueError(f'train.device_memory_gib must be >= 0 (0: ask the device), got {self.device_memory_gib}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,13 +210,14 @@ class RunConfig:
   mesh: MeshConfig = MeshConfig()
   seed: int = 0  # parameter init and data order (train.seed)
   init_from_hf: str = ''
+  fit: FitConfig = FitConfig()
 
   def __post_init__(self):
     if self.data.seq_len > self.model.max_position_embeddings:
       raise ValueError(f'data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings='
                        f'{self.model.max_position_embeddings}')
     batch, accum = self.loop.batch_size, self.loss.grad_accum_steps
-    if batch < 1 or batch % accum:
+    if batch < 1 or (accum != 'auto' and batch % accum):
       raise ValueError(f'train.batch_size={batch} must be a positive multiple of train.grad_accum_steps={accum}')
     if self.optimizer.steps != self.loop.steps:
       raise ValueError(f'the optimizer\'s schedule is {self.optimizer.steps} steps long but the loop runs '
@@ -200,7 +225,9 @@ class RunConfig:
 
 
 # The `train` section: these dataclasses' fields (a name two of them share, `steps`, once), and `seed`.
-_TRAIN_PARTS = (LoopConfig, OptimizerConfig, LossConfig, CheckpointConfig)
+_TRAIN_PARTS = (LoopConfig, OptimizerConfig, LossConfig, FitConfig, CheckpointConfig)
+# Where a run's section differs from its dataclass's default: a run fits the device (`qwenjax.fit`).
+_RUN_DEFAULTS = {'grad_accum_steps': 'auto'}
 _TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'init_from_hf')
 
 
@@ -212,8 +239,12 @@ _OPTIONAL_TYPES = {'head_dim': int, 'sliding_window': int}
 
 
 def model_section(**overrides) -> ml_collections.ConfigDict:
-  """A `model` section holding every ModelConfig field, defaults first, then `overrides`."""
-  values = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  """A `model` section holding every ModelConfig field but `remat_policy` (a train setting, `train.remat_policy`,
+  which `settings` hands to the model), defaults first, then `overrides`."""
+  if 'remat_policy' in overrides:
+    raise ValueError(f"remat_policy is a train setting: set config.train.remat_policy = "
+                     f"{overrides['remat_policy']!r} (or 'auto'), not model_section(remat_policy=...)")
+  values = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != 'remat_policy'}
   values['rope_scaling'] = dataclasses.asdict(values['rope_scaling'])  # a subsection: model.rope_scaling.factor
   unknown = sorted(set(overrides) - set(values))
   if unknown:
@@ -243,9 +274,13 @@ def data_section() -> ml_collections.ConfigDict:
 
 
 def train_section() -> ml_collections.ConfigDict:
-  """Loop, optimizer, loss and checkpoints (`qwenjax.train`, `qwenjax.train_step`, `qwenjax.checkpoint`): the
-  fields of `LoopConfig`, `OptimizerConfig`, `LossConfig` and `CheckpointConfig`, and `seed`."""
-  return ml_collections.ConfigDict({**_defaults(*_TRAIN_PARTS), 'seed': RunConfig.seed})
+  """Loop, optimizer, loss, memory fit and checkpoints (`qwenjax.train`, `qwenjax.train_step`, `qwenjax.fit`,
+  `qwenjax.checkpoint`): the fields of `LoopConfig`, `OptimizerConfig`, `LossConfig`, `FitConfig` and
+  `CheckpointConfig` (`grad_accum_steps` 'auto'), and `seed`."""
+  values = {**_defaults(*_TRAIN_PARTS), 'seed': RunConfig.seed}
+  for name, value in _RUN_DEFAULTS.items():  # an int or 'auto': a field of any type, so either can be set
+    values[name] = config_dict.FieldReference(value, field_type=object)
+  return ml_collections.ConfigDict(values)
 
 
 def mesh_section() -> ml_collections.ConfigDict:
@@ -285,16 +320,27 @@ def settings(config: ml_collections.ConfigDict) -> RunConfig:
   _check_keys(data, 'config.data', [f.name for f in dataclasses.fields(DataConfig)])
   _check_keys(train, 'config.train', list(_defaults(*_TRAIN_PARTS)) + ['seed'])
   _check_keys(mesh, 'config.mesh', [f.name for f in dataclasses.fields(MeshConfig)])
+  model = dict(config.get('model', {}))
+  fit = _read(FitConfig, train, 'train')
+  if 'remat_policy' in model:  # a config.json written before the policy moved to the train section
+    legacy = model.pop('remat_policy')
+    if 'remat_policy' not in train or fit.remat_policy == 'auto':
+      fit = FitConfig(remat_policy=legacy, device_memory_gib=fit.device_memory_gib)
+    elif legacy != fit.remat_policy:
+      raise ValueError(f'model.remat_policy={legacy!r} and train.remat_policy={fit.remat_policy!r}: the policy is '
+                       'a train setting now; set train.remat_policy alone')
+  loss = _read(LossConfig, {**train, 'grad_accum_steps': train.get('grad_accum_steps', 'auto')}, 'train')
   return RunConfig(
-      model=ModelConfig.from_dict(config.get('model', {})),
+      model=ModelConfig.from_dict({**model, 'remat_policy': fit.remat_policy}),
       data=_read(DataConfig, data, 'data'),
       loop=_read(LoopConfig, train, 'train'),
       optimizer=_read(OptimizerConfig, train, 'train'),
-      loss=_read(LossConfig, train, 'train'),
+      loss=loss,
       checkpoint=_read(CheckpointConfig, train, 'train'),
       mesh=_read(MeshConfig, mesh, 'mesh'),
       seed=_typed(train.get('seed', RunConfig.seed), RunConfig.seed, 'train.seed'),
-      init_from_hf=_typed(config.get('init_from_hf', '') or '', '', 'init_from_hf'))
+      init_from_hf=_typed(config.get('init_from_hf', '') or '', '', 'init_from_hf'),
+      fit=fit)
 
 
 def _check_keys(section: Any, where: str, known: list[str] | tuple[str, ...]) -> None:
@@ -308,8 +354,18 @@ def _check_keys(section: Any, where: str, known: list[str] | tuple[str, ...]) ->
 
 def _read(cls, section: Any, where: str):
   """An instance of `cls` from the section's values of its fields (defaults for those it lacks)."""
-  return cls(**{f.name: _typed(section[f.name], f.default, f'{where}.{f.name}')
-                for f in dataclasses.fields(cls) if f.name in section})
+  def typed(name, default):
+    value = section[name]
+    if name not in _RUN_DEFAULTS:
+      return _typed(value, default, f'{where}.{name}')
+    if value == 'auto':
+      return value
+    try:  # an int, or '4' as a program may hand it over
+      return _typed(int(value) if isinstance(value, str) and value.strip().isdigit() else value, default, '')
+    except ValueError:
+      raise ValueError(f"{where}.{name} must be 'auto' or an int, got {value!r}") from None
+
+  return cls(**{f.name: typed(f.name, f.default) for f in dataclasses.fields(cls) if f.name in section})
 
 
 def _typed(value: Any, default: Any, name: str) -> Any:

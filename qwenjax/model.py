@@ -50,6 +50,8 @@ from qwenjax.rotary import apply_rotary_embedding
 
 # `checkpoint_name`s of a decoder layer's activations, for remat policies.
 ACTIVATION_NAMES = ('norm_out', 'query', 'key', 'value', 'residual', 'mlp_gate', 'mlp_up', 'mlp_hidden')
+# Attention's inputs as its backward pass reads them (q and k after rotary): what 'attention_saveable' keeps.
+ATTENTION_INPUT_NAMES = ('query', 'key', 'value')
 
 
 def _init(config: ModelConfig, *names: str):
@@ -229,7 +231,7 @@ class ScannedDecoderLayer(DecoderLayer):
 
 
 def _remat(cls, config: ModelConfig):
-  if config.remat_policy == 'none':
+  if config.remat_policy in ('none', 'auto'):  # 'auto' unresolved (`qwenjax.fit` resolves it): as with no memory figure
     return cls
   policies = jax.checkpoint_policies
   if config.remat_policy == 'full':
@@ -239,6 +241,9 @@ def _remat(cls, config: ModelConfig):
                                               attention.forward_saveable)
   elif config.remat_policy == 'activations_saveable':
     policy = policies.save_from_both_policies(policies.save_only_these_names(*ACTIVATION_NAMES),
+                                              attention.forward_saveable)
+  elif config.remat_policy == 'attention_saveable':
+    policy = policies.save_from_both_policies(policies.save_only_these_names(*ATTENTION_INPUT_NAMES),
                                               attention.forward_saveable)
   else:
     policy = getattr(policies, config.remat_policy)

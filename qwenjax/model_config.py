@@ -12,14 +12,19 @@ from typing import Any, Mapping
 import ml_dtypes  # pylint: disable=unused-import  (registers bfloat16 and the float8 names with numpy)
 import numpy as np
 
-# 'none' (no remat), 'full' (save nothing), `jax.checkpoint_policies` by name, and two of ours:
+# 'none' (no remat), 'full' (save nothing), `jax.checkpoint_policies` by name, and three of ours:
 # * 'dots_and_attention_saveable': what 'dots_with_no_batch_dims_saveable' keeps plus the attention kernels'
 #   outputs, so the backward pass recomputes only elementwise work (norms, rotary, SwiGLU).
 # * 'activations_saveable': every compute-dtype activation the backward pass reads (`model.ACTIVATION_NAMES` and
 #   the attention outputs), so it recomputes nothing, yet keeps none of the float32 temporaries that 'none' keeps.
 #   (The routed experts of an MoE block are not named: they are recomputed.)
+# * 'attention_saveable', for long sequences: what attention's backward needs (q and k after rotary, v, the
+#   kernels' output and logsumexp) and the layer's input; the backward pass recomputes the norms, the output
+#   projection and the MLP, never the attention forward, whose cost grows with the sequence.
+# A run's config sets it as `train.remat_policy`, where 'auto' (`qwenjax.fit`) picks one; a ModelConfig holding
+# 'auto' that nothing resolved runs as 'none'.
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-                  'dots_and_attention_saveable', 'activations_saveable', 'nothing_saveable',
+                  'dots_and_attention_saveable', 'activations_saveable', 'attention_saveable', 'nothing_saveable',
                   'everything_saveable')
 # A decode step's attention (`qwenjax.kv_cache`): 'xla' (LayerCache.append + attend), 'pallas'
 # (kernels.decode_gpu; on a CPU only with attention_interpret=True), 'auto' (the kernel on a GPU where it
@@ -130,7 +135,7 @@ class ModelConfig:
   # Ours.
   dtype: str = 'float32'  # activations / compute
   param_dtype: str = 'float32'  # stored parameters
-  remat_policy: str = 'none'  # one of REMAT_POLICIES
+  remat_policy: str = 'none'  # one of REMAT_POLICIES, or 'auto' (see above); set from train.remat_policy
   scan_layers: bool = False  # nn.scan over layers: one compiled layer, params stacked on a `layers` axis
   attention_impl: str = 'auto'  # one of ATTENTION_IMPLEMENTATIONS
   attention_interpret: bool = False  # run a Pallas attention kernel in its interpreter (CPU tests)
@@ -153,8 +158,8 @@ class ModelConfig:
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f'num_attention_heads ({self.num_attention_heads}) must be a multiple of '
                        f'num_key_value_heads ({self.num_key_value_heads})')
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}')
+    if self.remat_policy not in REMAT_POLICIES + ('auto',):
+      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES} or \'auto\'')
     if self.decode_impl not in DECODE_IMPLEMENTATIONS:
       raise ValueError(f'unknown decode_impl {self.decode_impl!r}; choose one of {DECODE_IMPLEMENTATIONS}')
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:

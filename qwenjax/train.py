@@ -43,6 +43,7 @@ from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
+from qwenjax import fit
 from qwenjax import lock as lock_lib
 from qwenjax import metrics as metrics_lib
 from qwenjax import sharding
@@ -212,6 +213,8 @@ class Run:
   state: train_step.TrainState
   start: int
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
+  step_fn: Any = None  # the compiled train step (`jit_train_step`, chosen by `qwenjax.fit`)
+  fit: fit.Choice | None = None  # its memory settings, what it needs and what the device has
 
 
 def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -220,7 +223,7 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   model_config, loop, data_config = settings.model, settings.loop, settings.data
   mesh = sharding.make_mesh(settings.mesh)
   rules = sharding.logical_axis_rules(settings.mesh.rules, mesh, model_config)
-  check_batch(loop.batch_size, settings.loss.grad_accum_steps, sharding.batch_shards(mesh, rules), mesh)
+  check_batch(loop.batch_size, train_step.accum_steps(settings.loss), sharding.batch_shards(mesh, rules), mesh)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   logging.info('mesh %s over %d %s device(s), %d process(es)', dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
@@ -245,6 +248,11 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   setup_start = time.time()
   tx = train_step.make_optimizer(settings.optimizer)
   shardings = train_step.state_shardings(model_config, tx, mesh, rules)
+  # The step fitted to the device's memory ('auto' resolved) and compiled: the program the loop runs.
+  settings, step_fn, choice = fit.fit_step(
+      settings, mesh=mesh, rules=rules, tx=tx, shardings=shardings, batch=abstract_batch(settings, batch_sharding),
+      jit_step=lambda s: jit_train_step(s, mesh, shardings, batch_sharding))
+  config = fit.record(config, choice)
   checkpointer = checkpoint.Checkpointer(workdir, settings.checkpoint)
   stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
   state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
@@ -256,7 +264,25 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   logging.info('model: %s parameters; train state ready in %.1f s',
                f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', time.time() - setup_start)
   return Run(settings, config, workdir, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
-             checkpointer, state, start, stream)
+             checkpointer, state, start, stream, step_fn, choice)
+
+
+def abstract_batch(settings: config_lib.RunConfig, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch a step takes, as ShapeDtypeStructs: the keys and dtypes of the data pipeline's batches."""
+  rows, seq_len = settings.loop.batch_size, settings.data.seq_len
+  packed = {k: np.zeros((1, seq_len + 1), np.int32) for k in ('tokens', 'segment_ids', 'positions')}
+  return {k: jax.ShapeDtypeStruct((rows, seq_len), v.dtype, sharding=batch_sharding)
+          for k, v in data.to_model_batch(packed).items()}
+
+
+def jit_train_step(settings: config_lib.RunConfig, mesh: jax.sharding.Mesh, shardings: train_step.TrainState,
+                   batch_sharding) -> Any:
+  """The train step jitted as the loop calls it, `(state, batch, horizon) -> (state, metrics)`: explicit
+  shardings, the state donated. Lowered and compiled under the mesh and the logical axis rules."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss),
+                 in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, None),
+                 donate_argnums=(0,))
 
 
 def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream):
@@ -346,18 +372,18 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
   nonfinite = _NonFiniteSteps(loop.max_nonfinite_steps)
   last: dict[str, float] = {}
   stopped_by = None  # (signal, message) of a stop before train.steps
+  where = [f'train step {run.start + 1}']  # what an out-of-memory error names
   try:
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), fit.out_of_memory(lambda: where[0], run.fit):
       # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
       replicated = sharding.replicated(run.mesh)
       horizon = jax.device_put(train_step.schedule_horizon(settings.optimizer), replicated)
-      step_fn = jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss),
-                        in_shardings=(run.shardings, run.batch_sharding, replicated),
-                        out_shardings=(run.shardings, None), donate_argnums=(0,))
+      step_fn = run.step_fn
       eval_fn = jax.jit(train_step.make_eval_step(settings.model, settings.loss),
                         in_shardings=(run.shardings.params, run.batch_sharding))
       timer = _StepTimer(run.start)
       for step in range(run.start, steps):
+        where[0] = f'train step {step + 1}'
         profiler.before(step)
         state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
                                                            loop.batch_size), horizon)
@@ -375,6 +401,7 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
           last.update(values)
 
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
+          where[0] = f'evaluation at step {done}'
           values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size)
           writer.write(done, values)
           logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
@@ -536,7 +563,7 @@ class _LibraryInfoFilter(pylogging.Filter):
 
 # Errors that are about the run's input or state, and whose message says how to proceed.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, lock_lib.WorkdirBusyError, checkpoint.RestoreError,
-               checkpoint.NonFiniteError)
+               checkpoint.NonFiniteError, fit.OutOfMemoryError)
 
 
 def _define_flags() -> None:

@@ -133,6 +133,26 @@ def _loss_keywords(loss: LossConfig) -> dict[str, Any]:
   return dict(chunk=loss.loss_chunk, logits_dtype=loss.logits_dtype, loss_impl=loss.loss_impl)
 
 
+def accum_steps(loss: LossConfig) -> int:
+  """The micro-batches of a step: `loss.grad_accum_steps`, where an 'auto' that nothing resolved (`qwenjax.fit`
+  resolves it for a run) is 1, what it means without a memory figure."""
+  return 1 if loss.grad_accum_steps == 'auto' else loss.grad_accum_steps
+
+
+def saved_bytes(model_config: ModelConfig, loss: LossConfig, params: Any, batch: Batch) -> int:
+  """Bytes the backward pass keeps from the forward pass of `batch` (one micro-batch) under the model's remat
+  policy: the residuals of the loss's VJP, parameters included where the backward reads them. Traced from abstract
+  arrays (`jax.ShapeDtypeStruct`s), never compiled: a lower bound of the step's memory that `qwenjax.fit` checks
+  before compiling a candidate."""
+  loss_kwargs = _loss_keywords(loss)
+
+  def backward(params, batch):
+    objective = lambda p: _sums(model_config, p, batch, loss.z_loss, **loss_kwargs)
+    return jax.vjp(objective, params, has_aux=True)[1]  # a pytree whose leaves are the residuals
+
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(backward, params, batch)))
+
+
 def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   """`[rows, ...]` arrays -> `[accum, rows / accum, ...]`: row i goes to micro-batch i % accum, so each device
   keeps its own rows (no data moves between devices)."""
@@ -157,7 +177,7 @@ def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss:
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
   batch, so any A gives the same update.
   """
-  accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
+  accum, loss_kwargs = accum_steps(loss), _loss_keywords(loss)
   grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, loss.z_loss, **loss_kwargs),
                                has_aux=True)
 
@@ -210,7 +230,7 @@ def make_eval_step(model_config: ModelConfig,
   `loss.loss_chunk` positions of `loss.logits_dtype` logits at a time, so evaluation never needs more memory
   than a training step. The default: the whole batch at once, float32 logits.
   """
-  accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
+  accum, loss_kwargs = accum_steps(loss), _loss_keywords(loss)
 
   def sums(params, batch):
     _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, **loss_kwargs)

@@ -41,6 +41,17 @@ def test_train_benchmark_times_and_profiles_a_step(tmp_path):
   assert '| b2_m2_acts_xla_unrolled | 2 x 256 | 2 | activations_saveable | xla | 64, bfloat16 |' in out
 
 
+def test_train_benchmark_times_what_auto_chooses(tmp_path):
+  """'mauto' and 'auto': the main job's defaults, fitted to the memory given (a CPU reports none)."""
+  out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_mauto_auto_xla_unrolled',
+             '--steps', '1', '--warmup', '1', '--set', 'train.device_memory_gib=100', '--out', str(tmp_path))
+  [result] = [json.loads(line) for line in (tmp_path / 'train_1b.jsonl').read_text().splitlines()]
+  assert 'error' not in result, result
+  assert result['auto'] == ['grad_accum_steps', 'remat_policy'] and result['limit_gib'] == 100
+  assert (result['micro_batch'], result['remat']) == (2, 'activations_saveable') and result['needed_gib'] > 0
+  assert '| b2_mauto_auto_xla_unrolled | 2 x 256 | 2 | activations_saveable |' in out
+
+
 def test_train_benchmark_rejects_a_bad_variant_name(tmp_path):
   with pytest.raises(AssertionError, match='bad variant'):
     _run('train_1b.py', '--variants', 'b4_m4_dots_cudnn,b4_m3_dots_cudnn', '--out', str(tmp_path))
