@@ -243,8 +243,8 @@ def context_attention(q, k, v, *, sliding_window=None, segment_ids=None, impl: s
     ids_all = None if ids is None else gather(ids)
     if impl == 'pallas_tpu':
       return splash_tpu.splash_attention_zigzag(
-          q, k_all, v_all, shard=shard, shards=shards, sliding_window=sliding_window, q_segment_ids=ids,
-          segment_ids=ids_all, interpret=interpret)
+          q, k_all, v_all, q_positions=context.zigzag_positions(q.shape[1] * shards, shards), shard=shard,
+          shards=shards, sliding_window=sliding_window, q_segment_ids=ids, segment_ids=ids_all, interpret=interpret)
 
     def attend(rows, place):  # the device's chunk `place` (0: early, 1: late) of the zig-zag order
       q_offset = (shard if place == 0 else 2 * shards - 1 - shard) * chunk

@@ -17,9 +17,9 @@ adapts it to the model's layout and semantics:
 
 Context parallelism (`splash_attention_zigzag`, called per device by `qwenjax.attention.context_attention`): the
 queries are the device's two chunks of the zig-zag order (`qwenjax.context`), the keys the whole sequence. The
-mask is `BandMask` over the zig-zag query order (splash's `q_sequence`: each query row's position), built with
-splash's own `q_seq_shards`, so each device's block metadata skips exactly the blocks outside its chunks' bands;
-the device takes its share of that metadata by its index on the context axes.
+mask is `BandMask` over the zig-zag query order (splash's `q_sequence`: each query row's position, given by the
+caller), built with splash's own `q_seq_shards`, so each device's block metadata skips exactly the blocks outside
+its chunks' bands; the device takes its share of that metadata by its index on the context axes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from qwenjax import context
 from qwenjax.kernels import attention_contract
 
 # Splash's kv blocks must be multiples of the TPU lane width.
@@ -119,11 +118,12 @@ class _ConstantBlock(np.ndarray):
 
 @functools.lru_cache(maxsize=32)
 def _kernel(num_heads: int, seq_len: int, sliding_window: int | None, block_sizes: splash.BlockSizes,
-            interpret: bool, shards: int = 1) -> splash.splash_attention_kernel.SplashAttentionKernel:
+            interpret: bool, shards: int = 1, q_positions: bytes | None = None
+            ) -> splash.splash_attention_kernel.SplashAttentionKernel:
   """Splash kernel for `num_heads` query heads sharing one causal (or local) mask over `seq_len` positions;
-  with `shards` > 1 the query rows are in the zig-zag order of that many context shards, and the metadata is
-  built per shard (splash's `q_seq_shards`; take a shard's with `_shard_of`)."""
-  positions = context.zigzag_positions(seq_len, shards) if shards > 1 else None
+  with `shards` > 1 the query rows are at `q_positions` (int32 bytes: hashable, for the cache), and the metadata
+  is built per query shard (splash's `q_seq_shards`; take a shard's with `_shard_of`)."""
+  positions = None if q_positions is None else np.frombuffer(q_positions, np.int32)
   mask = BandMask(seq_len, sliding_window, positions)
   # The kernel's mask metadata becomes jnp arrays: build them concretely even when called under jit, so the
   # cached kernel never holds a tracer.
@@ -222,6 +222,7 @@ def splash_attention_zigzag(
     k: jax.Array,
     v: jax.Array,
     *,
+    q_positions: np.ndarray,
     shard,
     shards: int,
     sliding_window: int | None = None,
@@ -234,6 +235,7 @@ def splash_attention_zigzag(
   Args:
     q: `[batch, 2 * chunk, q_heads, head_dim]`: this device's two chunks of the zig-zag order (`qwenjax.context`).
     k, v: `[batch, seq, kv_heads, head_dim]`: the whole sequence, in sequence order (all-gathered).
+    q_positions: `[seq]` (numpy) the position of every place of the zig-zag order, all devices' queries.
     shard: this device's index on the context axes (traced); shards: their size; seq = 2 * shards * chunk and
       chunk a multiple of 128.
     sliding_window: as `splash_attention`.
@@ -246,14 +248,15 @@ def splash_attention_zigzag(
   """
   _, rows, num_heads, head_dim = q.shape
   seq_len = k.shape[1]
-  chunk = context.check_seq_len(seq_len, shards)
-  if rows != 2 * chunk or chunk % LANES:
+  chunk = seq_len // (2 * shards)
+  if rows != 2 * chunk or chunk % LANES or len(q_positions) != seq_len:
     raise ValueError(f'splash under context parallelism needs q of this device\'s 2 chunks of a multiple of '
                      f'{LANES} tokens each; got {rows} rows of a {seq_len}-token sequence over {shards} shards')
   if k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f'splash attention needs q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}')
-  kernel = _shard_of(_kernel(num_heads, seq_len, sliding_window, chunk_block_sizes(chunk), interpret, shards),
-                     shard, shards)
+  positions = np.asarray(q_positions, np.int32).tobytes()
+  kernel = _kernel(num_heads, seq_len, sliding_window, chunk_block_sizes(chunk), interpret, shards, positions)
+  kernel = _shard_of(kernel, shard, shards)
   q = (q.astype(jnp.float32) * head_dim**-0.5).astype(q.dtype)
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
 
