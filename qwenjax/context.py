@@ -18,9 +18,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from qwenjax import config as config_lib
+from qwenjax import sharding
 
 
 def check_seq_len(seq_len: int, shards: int) -> int:
@@ -64,11 +66,31 @@ def zigzag_positions(seq_len: int, shards: int) -> np.ndarray:
   return _reorder(np.arange(seq_len, dtype=np.int32), chunk_order(shards), 0)
 
 
-def zigzag_batch(batch: Mapping[str, Any], shards: int) -> dict[str, Any]:
-  """A batch of `[batch, seq]` arrays in zig-zag order; rows without `positions` get their sequence positions
-  (what the model assumes without them), so the model never has to guess the order."""
-  out = {name: zigzag(x, shards) for name, x in batch.items()}
-  if 'positions' not in out:
-    rows, seq_len = batch['inputs'].shape
-    out['positions'] = jnp.broadcast_to(jnp.asarray(zigzag_positions(seq_len, shards)), (rows, seq_len))
-  return out
+def zigzag_batch(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """The step's batch of `[batch, seq]` arrays (rows whole on their devices: `sharding.INPUT_AXES`) in zig-zag
+  order, each device keeping its two chunks: cut locally inside a shard_map, so no token moves between devices.
+  Rows without `positions` get their sequence positions (what the model assumes without them). To be called
+  inside a step traced under the mesh and rules, with context parallelism on (`sharding.context_size() > 1`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = sharding.context_axes(mesh)
+  shards = sharding.axes_size(mesh, axes)
+  name = axes[0] if len(axes) == 1 else axes
+  batch = dict(batch)
+  rows, seq_len = batch['inputs'].shape
+  chunk = check_seq_len(seq_len, shards)
+  if 'positions' not in batch:
+    batch['positions'] = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (rows, seq_len))
+  row_axes = sharding.active_mesh_axes(('activation_batch',), mesh)[0]
+  if rows % sharding.axes_size(mesh, row_axes):
+    row_axes = ()
+
+  def local(x):
+    i = jax.lax.axis_index(name)
+    early = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+    late = jax.lax.dynamic_slice_in_dim(x, (2 * shards - 1 - i) * chunk, chunk, axis=1)
+    return jnp.concatenate([early, late], axis=1)
+
+  spec = P(row_axes or None, None)
+  return jax.shard_map(lambda b: jax.tree.map(local, b), mesh=mesh, in_specs=(spec,),
+                       out_specs=P(row_axes or None, name), axis_names=set(sharding.free_axes(mesh)),
+                       check_vma=False)(batch)

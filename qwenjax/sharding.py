@@ -44,6 +44,9 @@ from qwenjax.model_config import ModelConfig
 MESH_AXES = config_lib.MESH_AXES
 # Logical axes of a batch of token ids `[batch, seq]`.
 BATCH_AXES = ('activation_batch', 'activation_length')
+# ... as the step takes it in: rows split, each row whole on its devices, so that context parallelism puts the
+# sequence into its zig-zag order inside the step without moving data between devices (`qwenjax.context`).
+INPUT_AXES = ('activation_batch', None)
 DEFAULT_RULES = config_lib.DEFAULT_RULES  # where they are written: config.MeshConfig's default
 
 Rules = tuple[tuple[str, Any], ...]
@@ -215,8 +218,9 @@ def param_shardings(abstract_params: Any, mesh: jax.sharding.Mesh, rules: Rules)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
-  """Token batches `[batch, seq]`: batch split over the mesh axes of `activation_batch`."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules))
+  """Token batches `[batch, seq]` as the step takes them in: batch split over the mesh axes of `activation_batch`,
+  rows whole (`INPUT_AXES`)."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(INPUT_AXES, rules))
 
 
 def batch_shards(mesh: jax.sharding.Mesh, rules: Rules) -> int:

@@ -124,10 +124,8 @@ def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
   zig-zag order each sequence is split in (`qwenjax.context`); every term is a sum over tokens, so nothing else
   changes.
   """
-  shards = sharding.context_size()
-  if shards > 1:
-    batch = {name: nn.with_logical_constraint(x, sharding.BATCH_AXES)
-             for name, x in context.zigzag_batch(batch, shards).items()}
+  if sharding.context_size() > 1:
+    batch = context.zigzag_batch(batch)
   hidden, head, aux = hidden_states(model_config, params, batch)
   total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
                                          chunk=chunk, logits_dtype=logits_dtype, impl=loss_impl)
@@ -150,7 +148,7 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
     if rows % accum:
       raise ValueError(f'batch of {rows} rows does not split into grad_accum_steps={accum} micro-batches')
     x = x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None,) + sharding.BATCH_AXES + (None,) * (x.ndim - 3))
+    return nn.with_logical_constraint(x, (None,) + sharding.INPUT_AXES + (None,) * (x.ndim - 3))
 
   return jax.tree.map(split, dict(batch))
 
