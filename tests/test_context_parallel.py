@@ -216,3 +216,24 @@ def test_decoding_refuses_a_context_axis():
       jax.eval_shape(lambda p: model.Qwen2(config).apply({'params': p}, jnp.zeros((2, 8), jnp.int32),
                                                          cache=kv_cache.init_cache(config, 2, 8),
                                                          lengths=jnp.full((2,), 8)), params)
+
+
+@pytest.mark.slow
+def test_training_job_with_a_context_axis_logs_the_losses_of_data_parallelism(tmp_path, tokenizer_file):
+  """`--config.mesh.context=4` through the job's own path (data, mesh, step, evaluation): the packed rows of the
+  built-in corpus, sliding-window and full layers, the same losses as data=8."""
+  from qwenjax import train  # pylint: disable=g-import-not-at-top
+  from train_utils import losses, read_metrics, small_config  # pylint: disable=g-import-not-at-top
+  logged = {}
+  for name, mesh in (('data', dict(data=8, fsdp=1)), ('context', dict(data=2, fsdp=1, context=4))):
+    config = small_config(steps=3, log_every=1, eval_every=0, eval_steps=1, z_loss=0.0)
+    config.data.tokenizer = tokenizer_file
+    config.mesh.update(mesh)
+    train.train_and_evaluate(config, str(tmp_path / name))
+    records = read_metrics(str(tmp_path / name))
+    logged[name] = (losses(records), [r['eval_loss'] for r in records if 'eval_loss' in r])
+  (data_losses, data_eval), (context_losses, context_eval) = logged['data'], logged['context']
+  assert sorted(data_losses) == [1, 2, 3]
+  np.testing.assert_allclose([context_losses[s] for s in (1, 2, 3)], [data_losses[s] for s in (1, 2, 3)],
+                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(context_eval, data_eval, atol=1e-4, rtol=0)
