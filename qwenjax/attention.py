@@ -170,8 +170,9 @@ def _per_device(body: Callable, q, k, v, segment_ids, *, split_length: bool):
   kv_heads = k.shape[2]
   n_batch, n_heads = sharding.axes_size(mesh, batch_axes), sharding.axes_size(mesh, head_axes)
   if batch % n_batch or q_heads % n_heads:
+    what = 'Context-parallel attention' if split_length else 'Pallas attention'
     raise ValueError(
-        f'Pallas attention splits batch ({batch}) over mesh axes {batch_axes} (size {n_batch}) and query heads '
+        f'{what} splits batch ({batch}) over mesh axes {batch_axes} (size {n_batch}) and query heads '
         f'({q_heads}) over {head_axes} (size {n_heads}); both must divide evenly. Change the mesh or the rules '
         'for activation_batch / activation_heads.')
   kv_split = kv_head_axes == head_axes and kv_heads % n_heads == 0
