@@ -144,6 +144,33 @@ def test_splash_kernel_over_a_split_sequence_equals_the_reference():
   _assert_close(got, _reference(q, k, v, ids, 200), 5e-5)
 
 
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+def test_context_attention_lowers_with_the_kernels_of_each_platform(platform):
+  """What a GPU or TPU runs under {data: 2, context: 4}: the Hopper kernels with a query offset, or splash over
+  its share of the zig-zag mask, inside the shard_map, K/V all-gathered and their gradients reduce-scattered
+  (traced and lowered here; no accelerator needed)."""
+  from qwenjax import kernels  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh(data=2, context=4)
+  q = jax.ShapeDtypeStruct((2, 2048, 8, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 2048, 2, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((2, 2048), jnp.int32)
+
+  def loss(q, k, v, ids):
+    out = attention.dot_product_attention(q, k, v, sliding_window=300, segment_ids=ids, impl='auto')
+    return out.astype(jnp.float32).sum()
+
+  rules = sharding.logical_axis_rules(sharding.DEFAULT_RULES, mesh)
+  with kernels.lowering_platform(platform), jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, ids).lower(lowering_platforms=(platform,))
+  text = lowered.as_text()
+  if platform == 'cuda':
+    for kernel in ('flash_forward', 'flash_dq', 'flash_dkv'):
+      assert f'{kernel}_mosaic_gpu' in text, kernel
+  else:
+    assert text.count('tpu_custom_call') >= 3  # splash forward, dq, dkv
+  assert 'all_gather' in text and 'reduce_scatter' in text
+
+
 def test_kernels_refuse_chunks_they_cannot_take():
   mesh = make_mesh(data=2, context=4)
   q, k, v = _random_qkv(2, 64, 4, 2, 64)  # chunks of 8 tokens
