@@ -51,7 +51,8 @@ def test_zigzag_layout():
 
 
 def test_seq_len_that_does_not_split_is_a_usage_error():
-  config = config_lib.load(config_lib.__file__.replace('qwenjax/config.py', 'configs/tiny.py'))
+  from train_utils import TINY  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(TINY)
   config.mesh.update(context=4, fsdp=1, data=-1)
   config.data.seq_len = 100
   with pytest.raises(ValueError, match=r'data.seq_len=100 does not split into the 8 equal chunks that '
@@ -59,6 +60,17 @@ def test_seq_len_that_does_not_split_is_a_usage_error():
     config_lib.settings(config)
   config.data.seq_len = 96
   assert config_lib.settings(config).mesh.context == 4
+
+
+def test_the_command_line_reports_a_seq_len_that_does_not_split(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from train_utils import train_command  # pylint: disable=g-import-not-at-top
+  command, env = train_command(str(tmp_path / 'run'), {'mesh.context': 3})  # configs/tiny.py: seq_len 256
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: data.seq_len=256 does not split into the 6 equal chunks that mesh.context=3 needs')
+  assert not (tmp_path / 'run').exists()
 
 
 def _random_qkv(batch, seq, heads, kv_heads, head_dim, seed=0):
