@@ -39,7 +39,8 @@ def mesh_config(data, fsdp, tensor, expert=1, dcn_data=1):
 
 def test_mesh_sizes_resolve_and_errors_name_the_device_count():
   assert sharding.mesh_shape(mesh_config(2, -1, 2), 8) == (2, 2, 2, 1, 1)
-  assert sharding.make_mesh(mesh_config(1, -1, 1)).shape == {'data': 1, 'fsdp': 8, 'tensor': 1, 'expert': 1, 'context': 1}
+  assert sharding.make_mesh(mesh_config(1, -1, 1)).shape == {'data': 1, 'fsdp': 8, 'tensor': 1, 'expert': 1,
+                                                              'context': 1}
   assert sharding.mesh_shape(mesh_config(1, 2, 1, -1), 8) == (1, 2, 1, 4, 1)
   with pytest.raises(ValueError, match=r'multiply to 4 but there are 8 devices.*product is 8'):
     sharding.make_mesh(mesh_config(2, 2, 1))
@@ -113,7 +114,8 @@ def test_two_hosts_as_two_slices():
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]
     result = [line for line in out.splitlines() if line.startswith('RESULT')]
-    assert result == ["RESULT {'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1, 'context': 1} [[0], [1]] 12.0"], out[-3000:]
+    expected = "RESULT {'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1, 'context': 1} [[0], [1]] 12.0"
+    assert result == [expected], out[-3000:]
 
 
 def test_rules_leave_unsharded_what_the_mesh_does_not_divide():
