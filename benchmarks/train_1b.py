@@ -17,6 +17,8 @@ root after `pip install -e .`:
     python benchmarks/train_1b.py --variants b16_mauto_auto_pallas_unrolled,b16_m4_acts_pallas_unrolled  # 'auto'
     python benchmarks/train_1b.py --variants b4_m4_acts_cudnn_unrolled --set train.loss_chunk=4096  # config values
     python benchmarks/train_1b.py --config configs/tiny.py --variants b2_m1_none_xla  # a CPU smoke run
+    python benchmarks/train_1b.py --variants b1_m1_acts_pallas_unrolled --set data.seq_len=131072 \
+        --set mesh.fsdp=1 --set mesh.context=8   # one 128k-token sequence over 8 GPUs (context parallelism)
     python benchmarks/data_throughput.py --batch_size 4 --batches 8 --save /tmp/docs.npz   # packed documents:
     python benchmarks/train_1b.py --variants b4_m4_acts_pallas_unrolled --batches_file /tmp/docs.npz
 
@@ -93,11 +95,11 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
   two synthetic ones, or every batch of packed documents in `batches_file`."""
   v = parse_variant(name)
   config = config_lib.load(config_path)
+  config.mesh.update(data=1, fsdp=-1, tensor=1)  # every device on fsdp, unless --set mesh.* says otherwise
   v['overrides'] = apply_overrides(config, list(overrides))
   config.model.update(attention_impl=v['attention'], scan_layers=v['scan_layers'])
   config.train.update(batch_size=v['batch'], grad_accum_steps=v['batch'] // v['micro'] if v['micro'] else 'auto',
                       remat_policy=v['remat'], steps=10_000, warmup_steps=100)
-  config.mesh.update(data=1, fsdp=-1, tensor=1)
   seq_len = int(config.data.seq_len)
   run = config_lib.settings(config)
   model = run.model

@@ -37,7 +37,7 @@ from qwenjax.model_config import REMAT_POLICIES
 DEFAULT_RULES = (
     # Activations.
     ('activation_batch', ('data', 'fsdp', 'expert')),
-    ('activation_length', None),
+    ('activation_length', 'context'),  # context parallelism: each sequence split over `context` (zig-zag)
     ('activation_embed', None),
     ('activation_heads', 'tensor'),
     ('activation_kv_heads', 'tensor'),
@@ -58,7 +58,7 @@ DEFAULT_RULES = (
 )
 
 # The mesh's axes (`qwenjax.sharding`), each sized by the `mesh` section.
-MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert', 'context')
 LR_SCHEDULES = ('cosine', 'constant')
 LOGITS_DTYPES = ('float32', 'bfloat16')
 
@@ -180,6 +180,7 @@ class MeshConfig:
   fsdp: int = -1
   tensor: int = 1
   expert: int = 1  # expert > 1: expert parallelism for MoE models
+  context: int = 1  # context > 1: each sequence split over this many devices (docs/multihost.md)
   dcn_data: int = 1  # slices (TPU) or hosts (GPU) the data axis spans; the sizes above are those of one slice
   rules: tuple = DEFAULT_RULES  # (logical axis name, mesh axis / axes / None) pairs
 
@@ -213,6 +214,9 @@ class RunConfig:
   fit: FitConfig = FitConfig()
 
   def __post_init__(self):
+    context = self.mesh.context
+    if context > 1 and self.data.seq_len % (2 * context):
+      raise ValueError(context_error(self.data.seq_len, context))
     if self.data.seq_len > self.model.max_position_embeddings:
       raise ValueError(f'data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings='
                        f'{self.model.max_position_embeddings}')
@@ -222,6 +226,14 @@ class RunConfig:
     if self.optimizer.steps != self.loop.steps:
       raise ValueError(f'the optimizer\'s schedule is {self.optimizer.steps} steps long but the loop runs '
                        f'train.steps={self.loop.steps}')
+
+
+def context_error(seq_len: int, context: int) -> str:
+  """What is wrong when `seq_len` does not split into the 2 x `context` zig-zag chunks of context parallelism."""
+  chunks = 2 * context
+  return (f'data.seq_len={seq_len} does not split into the {chunks} equal chunks that mesh.context={context} '
+          f'needs (each device holds 2 chunks of the sequence, zig-zag). Use a data.seq_len that is a multiple '
+          f'of {chunks} (e.g. {max(chunks, seq_len // chunks * chunks)}), or another mesh.context.')
 
 
 # The `train` section: these dataclasses' fields (a name two of them share, `steps`, once), and `seed`.

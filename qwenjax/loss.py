@@ -11,6 +11,10 @@ chunk.
 After the head's matmul, a chunk's logits are read twice: once for each row's logsumexp, once to write the
 softmax gradient. `impl` picks who runs those two passes: XLA, or (on a GPU, `'auto'`) the Pallas kernels of
 `kernels/cross_entropy_gpu.py`, per device under the active mesh.
+
+Under context parallelism (the sequence split over `shards` devices, `qwenjax.context`) each step of the scan
+takes one chunk of every device's own piece of the sequence, so no device reads another's tokens; `loss_chunk`
+is then positions per device.
 """
 
 from __future__ import annotations
@@ -37,16 +41,26 @@ def _chunk_len(seq_len: int, chunk: int) -> int:
   return chunk
 
 
-def _split(x: jax.Array, chunk: int) -> jax.Array:
-  """[batch, seq, ...] -> [seq / chunk, batch, chunk, ...]."""
+def _split(x: jax.Array, chunk: int, shards: int = 1) -> jax.Array:
+  """[batch, seq, ...] -> [seq / chunk, batch, chunk, ...]; with `shards` > 1 (the sequence split in that many
+  pieces over the context axes) [seq / (shards * chunk), batch, shards * chunk, ...], step i holding chunk i of
+  every piece."""
   batch, seq = x.shape[:2]
-  return jnp.moveaxis(x.reshape(batch, seq // chunk, chunk, *x.shape[2:]), 1, 0)
+  if shards == 1:
+    return jnp.moveaxis(x.reshape(batch, seq // chunk, chunk, *x.shape[2:]), 1, 0)
+  steps = seq // (shards * chunk)
+  x = jnp.moveaxis(x.reshape(batch, shards, steps, chunk, *x.shape[2:]), 2, 0)
+  x = x.reshape(steps, batch, shards * chunk, *x.shape[4:])
+  return nn.with_logical_constraint(x, (None,) + LOGITS_AXES[:2] + (None,) * (x.ndim - 3))
 
 
-def _merge(x: jax.Array) -> jax.Array:
+def _merge(x: jax.Array, shards: int = 1) -> jax.Array:
   """The inverse of `_split`."""
-  chunks, batch, chunk = x.shape[:3]
-  return jnp.moveaxis(x, 0, 1).reshape(batch, chunks * chunk, *x.shape[3:])
+  (steps, batch, width), rest = x.shape[:3], x.shape[3:]
+  if shards == 1:
+    return jnp.moveaxis(x, 0, 1).reshape(batch, steps * width, *rest)
+  x = jnp.moveaxis(x.reshape(steps, batch, shards, width // shards, *rest), 0, 2)
+  return x.reshape(batch, steps * width, *rest)
 
 
 IMPLS = ('auto', 'xla', 'pallas')
@@ -171,26 +185,27 @@ def _chunk_terms(x, head, targets, weights, logits_dtype, impl, interpret):
   return logits, lse, jnp.sum((lse - target_logit) * w), jnp.sum(jnp.square(lse) * w)
 
 
-def _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
+def _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret, shards):
   """(NLL + z_coef * z, NLL, z) summed over weighted targets, without gradients."""
-  c = _chunk_len(hidden.shape[1], chunk)
+  c = _chunk_len(hidden.shape[1] // shards, chunk)
 
   def body(carry, xs):
     _, _, nll, z = _chunk_terms(xs[0], head, xs[1], xs[2], logits_dtype, impl, interpret)
     return (carry[0] + nll, carry[1] + z), None
 
   zero = jnp.zeros((), jnp.float32)
-  (nll, z), _ = jax.lax.scan(body, (zero, zero), (_split(hidden, c), _split(targets, c), _split(weights, c)))
+  split = lambda x: _split(x, c, shards)
+  (nll, z), _ = jax.lax.scan(body, (zero, zero), (split(hidden), split(targets), split(weights)))
   return nll + z_coef * z, nll, z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _fused(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
-  return _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _fused(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret, shards):
+  return _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret, shards)
 
 
-def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
-  c = _chunk_len(hidden.shape[1], chunk)
+def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret, shards):
+  c = _chunk_len(hidden.shape[1] // shards, chunk)
 
   def body(carry, xs):
     x, t, w = xs
@@ -204,12 +219,13 @@ def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl
 
   zero = jnp.zeros((), jnp.float32)
   init = (zero, zero, jnp.zeros(head.shape, jnp.float32))
-  (nll, z, dhead), dx = jax.lax.scan(body, init, (_split(hidden, c), _split(targets, c), _split(weights, c)))
-  return (nll + z_coef * z, nll, z), (_merge(dx), dhead.astype(head.dtype))
+  split = lambda x: _split(x, c, shards)
+  (nll, z, dhead), dx = jax.lax.scan(body, init, (split(hidden), split(targets), split(weights)))
+  return (nll + z_coef * z, nll, z), (_merge(dx, shards), dhead.astype(head.dtype))
 
 
-def _fused_bwd(z_coef, chunk, logits_dtype, impl, interpret, residuals, cotangents):
-  del z_coef, chunk, logits_dtype, impl, interpret
+def _fused_bwd(z_coef, chunk, logits_dtype, impl, interpret, shards, residuals, cotangents):
+  del z_coef, chunk, logits_dtype, impl, interpret, shards
   dx, dhead = residuals
   g = cotangents[0]  # the NLL and z outputs leave `cross_entropy` under stop_gradient: their cotangents are 0
   return (g * dx).astype(dx.dtype), (g * dhead).astype(dhead.dtype), None, None
@@ -229,7 +245,7 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weight
     head: `[embed, vocab]` output projection in the compute dtype (the tied embedding's transpose, or lm_head).
     targets: `[batch, seq]` int target ids. weights: `[batch, seq]`, 0 where a target does not count.
     z_coef: weight of the z-loss term in the differentiable total.
-    chunk: sequence positions per chunk (rounded down to a divisor of seq).
+    chunk: sequence positions per chunk (rounded down to a divisor of seq), per device under context parallelism.
     logits_dtype: what the head matmul writes ('float32', or 'bfloat16' as under Hugging Face's bf16 autocast:
       half the memory traffic, logits rounded to 8 bits of mantissa before the float32 softmax).
     impl: how the passes over each chunk's logits run: 'xla', 'pallas' (`kernels/cross_entropy_gpu.py`), or
@@ -239,8 +255,11 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weight
     (total, nll, z): `total = nll + z_coef * z` is differentiable; `nll` (summed negative log-likelihood) and
     `z` (summed logsumexp^2) are for logging and carry no gradient.
   """
+  shards = sharding.context_size()
+  if hidden.shape[1] % shards:  # a sequence not split over the context axes after all (e.g. a vmapped row)
+    shards = 1
   total, nll, z = _fused(hidden, head, targets, weights, float(z_coef), int(chunk), jnp.dtype(logits_dtype),
-                         resolve_impl(impl, interpret), bool(interpret))
+                         resolve_impl(impl, interpret), bool(interpret), shards)
   return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
 
 

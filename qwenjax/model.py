@@ -29,6 +29,10 @@ returns (logits, auxiliary losses). The experts' math and sharding live in `qwen
 Given a KV cache (`qwenjax.kv_cache`), `Qwen2` prefills or decodes and returns the new cache with the logits;
 how a decode step attends over the cache is decided there. The configuration is `qwenjax.model_config`'s, the
 parameter utilities (init, shapes, stacking) are in `qwenjax.params`.
+
+Under context parallelism (a `context` mesh axis, `qwenjax.context`) the sequence axis of the inputs, and so of
+every activation, is in zig-zag order: the train step puts batches in that order; without `positions` the model
+takes each place's position in it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from qwenjax import attention
+from qwenjax import context
 from qwenjax import moe
+from qwenjax import sharding
 from qwenjax.kv_cache import LayerCache
 from qwenjax.model_config import ModelConfig
 from qwenjax.rotary import apply_rotary_embedding
@@ -271,8 +277,13 @@ class Qwen2(nn.Module):
     """
     cfg = self.config
     batch, seq_len = input_ids.shape
+    shards = sharding.context_size()  # > 1: the sequence is split over devices, in zig-zag order (qwenjax.context)
+    if shards > 1 and cache is not None:
+      raise ValueError('decoding (a KV cache) does not support context parallelism: the rules split '
+                       'activation_length over the mesh. Decode on a mesh with context=1.')
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+      order = jnp.arange(seq_len, dtype=jnp.int32) if shards == 1 else context.zigzag_positions(seq_len, shards)
+      positions = jnp.broadcast_to(order, (batch, seq_len))
 
     embedding = self.param('embed_tokens', _init(cfg, 'vocab', 'embed'),
                            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwenjax import context
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
 from qwenjax.config import LossConfig, OptimizerConfig
@@ -118,7 +119,13 @@ def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
   Everything is a sum over target tokens, so micro-batches add up and one division by the total count gives
   the mean loss; the auxiliary losses (per-pass means, see `model.apply_with_aux`) are weighted by the pass's
   token count to match. `moe_aux_loss` joins the objective; every entry is logged.
+
+  Under context parallelism (the rules split `activation_length` over the mesh) the batch is first put into the
+  zig-zag order each sequence is split in (`qwenjax.context`); every term is a sum over tokens, so nothing else
+  changes.
   """
+  if sharding.context_size() > 1:
+    batch = context.zigzag_batch(batch)
   hidden, head, aux = hidden_states(model_config, params, batch)
   total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
                                          chunk=chunk, logits_dtype=logits_dtype, impl=loss_impl)
@@ -161,7 +168,7 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
     if rows % accum:
       raise ValueError(f'batch of {rows} rows does not split into grad_accum_steps={accum} micro-batches')
     x = x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None,) + sharding.BATCH_AXES + (None,) * (x.ndim - 3))
+    return nn.with_logical_constraint(x, (None,) + sharding.INPUT_AXES + (None,) * (x.ndim - 3))
 
   return jax.tree.map(split, dict(batch))
 

@@ -108,7 +108,9 @@ def _with(section: str, **values) -> ml_collections.ConfigDict:
      r'train.batch_size=10 must be a positive multiple of train.grad_accum_steps=4'),
     (_with('train', logits_dtype='bf16'), r"train.logits_dtype must be 'float32' or 'bfloat16', got 'bf16'"),
     (_with('data', seq_len=4096), r'data.seq_len=4096 exceeds model.max_position_embeddings=2048'),
-    (_with('mesh', data=-1, fsdp=-1), r'mesh sizes data=-1 x fsdp=-1 x tensor=1 x expert=1: .*at most one may be -1'),
+    (_with('mesh', data=-1, fsdp=-1),
+     r'mesh sizes data=-1 x fsdp=-1 x tensor=1 x expert=1 x context=1: .*at most one may be -1'),
+    (_with('mesh', context=3), r'data.seq_len=\d+ does not split into the 6 equal chunks that mesh.context=3 needs'),
     (_with('mesh', dcn_data=0), r'mesh.dcn_data must be a positive int \(the number of slices\), got 0'),
 ])
 def test_a_bad_setting_is_named(config, message):

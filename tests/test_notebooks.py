@@ -98,7 +98,7 @@ def test_scaling_laws_sweeps_and_fits(tmp_path):
 def test_sharding_places_parameters_and_steps(tmp_path):
   notebook = execute('sharding', tmp_path)
   out = texts(notebook)
-  assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}" in out
+  assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1, 'context': 1}" in out
   # The embedding table [vocab, embed]: vocabulary over `tensor`, width over `fsdp`.
   assert re.search(r"^embed_tokens\s+\(4096, 256\)\s+\('vocab', 'embed'\)\s+\('tensor', 'fsdp'\)\s+\(2048, 128\)$",
                    out, re.M), out
