@@ -160,10 +160,10 @@ class _StopSignal:
 
 
 def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], batch_sharding, rows: list[int],
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, frozen: tuple = ()) -> dict[str, float]:
   nll, count = 0.0, 0.0
   for batch in batches:
-    n, c = eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size))
+    n, c = eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), *frozen)
     nll, count = nll + float(n), count + float(c)
   loss = nll / max(count, 1.0)
   return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))), 'eval_tokens': count}
@@ -212,6 +212,8 @@ class Run:
   state: train_step.TrainState
   start: int
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
+  base: Any = None  # with LoRA: the frozen base parameters (the state holds the adapters)
+  base_shardings: Any = None
 
 
 def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -244,19 +246,39 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
 
   setup_start = time.time()
   tx = train_step.make_optimizer(settings.optimizer)
-  shardings = train_step.state_shardings(model_config, tx, mesh, rules)
+  shardings = train_step.state_shardings(model_config, tx, mesh, rules, settings.lora)
   checkpointer = checkpoint.Checkpointer(workdir, settings.checkpoint)
   stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
   state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
+  base = base_shardings = None
+  if settings.lora.lora_rank:
+    base_shardings = train_step.param_shardings(model_config, mesh, rules)
+    base = lora_base(settings, base_shardings)
   state = jax.block_until_ready(state)
   # The run has started: its workdir now records its tokenizer and settings (a run that failed before did not).
   data.keep_tokenizer(workdir, tokenizer, data_config, seed=settings.seed, init_from_hf=settings.init_from_hf)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, start)
-  logging.info('model: %s parameters; train state ready in %.1f s',
-               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', time.time() - setup_start)
+  trained = sum(x.size for x in jax.tree.leaves(state.params))
+  if base is None:
+    logging.info('model: %s parameters; train state ready in %.1f s', f'{trained:,}', time.time() - setup_start)
+  else:
+    frozen = sum(x.size for x in jax.tree.leaves(base))
+    logging.info('LoRA: %s adapter parameters train (%.3f%% of the %s frozen ones); train state ready in %.1f s',
+                 f'{trained:,}', 100 * trained / frozen, f'{frozen:,}', time.time() - setup_start)
   return Run(settings, config, workdir, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
-             checkpointer, state, start, stream)
+             checkpointer, state, start, stream, base, base_shardings)
+
+
+def lora_base(settings: config_lib.RunConfig, shardings: Any) -> Any:
+  """A LoRA run's frozen base, placed in `shardings`: the `init_from_hf` checkpoint, else the random parameters of
+  `train.seed` (the same ones every time, so a run resumes onto the base it trained on)."""
+  if settings.init_from_hf:
+    logging.info('LoRA: the base is the Hugging Face checkpoint %s', settings.init_from_hf)
+    return load_hf_params(settings.init_from_hf, settings.model, shardings)
+  logging.warning('LoRA without init_from_hf: the base is random (train.seed=%d); fine for tests and benchmarks',
+                  settings.seed)
+  return train_step.random_params(settings.model, shardings, jax.random.key(settings.seed))
 
 
 def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream):
@@ -266,7 +288,7 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
   model_config = settings.model
   saved_steps = checkpointer.all_steps()
   try:
-    restored = checkpointer.restore(train_step.abstract_state(model_config, tx, shardings))
+    restored = checkpointer.restore(train_step.abstract_state(model_config, tx, shardings, settings.lora))
   except (checkpoint.ShapeMismatchError, checkpoint.RestoreError) as e:
     changes = workdir_lib.config_changes(workdir_lib.saved_config(workdir) or {}, config)
     differs = ('Settings that differ from the workdir\'s config.json: ' + '; '.join(changes) + '.') if changes else ''
@@ -287,6 +309,9 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
         f'{checkpointer.corrupt_directory}: {", ".join(checkpointer.set_aside_steps())}). The run does not start '
         'over by itself: pass --config.train.restart_if_unreadable=True to train again from step 0 in this '
         'workdir, or use a new --workdir.')
+  if settings.lora.lora_rank:  # new adapters; the base is loaded apart (lora_base)
+    return train_step.create_state(model_config, tx, shardings, rng=jax.random.fold_in(
+        jax.random.key(settings.seed), 1), lora=settings.lora), 0
   if settings.init_from_hf:
     logging.info('initializing from the Hugging Face checkpoint %s', settings.init_from_hf)
     return train_step.create_state(
@@ -351,16 +376,18 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
       # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
       replicated = sharding.replicated(run.mesh)
       horizon = jax.device_put(train_step.schedule_horizon(settings.optimizer), replicated)
-      step_fn = jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss),
-                        in_shardings=(run.shardings, run.batch_sharding, replicated),
+      # With LoRA the frozen base is one more argument of the step, never donated.
+      frozen, frozen_shardings = ((run.base,), (run.base_shardings,)) if run.base is not None else ((), ())
+      step_fn = jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss, settings.lora),
+                        in_shardings=(run.shardings, run.batch_sharding, replicated) + frozen_shardings,
                         out_shardings=(run.shardings, None), donate_argnums=(0,))
-      eval_fn = jax.jit(train_step.make_eval_step(settings.model, settings.loss),
-                        in_shardings=(run.shardings.params, run.batch_sharding))
+      eval_fn = jax.jit(train_step.make_eval_step(settings.model, settings.loss, settings.lora),
+                        in_shardings=(run.shardings.params, run.batch_sharding) + frozen_shardings)
       timer = _StepTimer(run.start)
       for step in range(run.start, steps):
         profiler.before(step)
         state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
-                                                           loop.batch_size), horizon)
+                                                           loop.batch_size), horizon, *frozen)
         done = step + 1
         timer.queued(step_metrics)  # waits for the previous step: the host runs one step ahead
         nonfinite.check(timer.previous, done - 1)
@@ -375,7 +402,8 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
           last.update(values)
 
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
-          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size)
+          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size,
+                            frozen)
           writer.write(done, values)
           logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
                        values['eval_perplexity'])
