@@ -31,12 +31,12 @@ def test_sections_are_the_dataclasses_fields_and_defaults():
   assert config_lib.data_section().to_dict() == fields(config_lib.DataConfig)
   assert config_lib.mesh_section().to_dict() == fields(config_lib.MeshConfig)
   train = fields(config_lib.LoopConfig, config_lib.OptimizerConfig, config_lib.LossConfig,
-                 config_lib.CheckpointConfig)
+                 config_lib.CheckpointConfig, config_lib.LoraConfig)
   assert config_lib.train_section().to_dict() == {**train, 'seed': 0}
   run = config_lib.settings(config_lib.base_config())
-  assert (run.data, run.loop, run.optimizer, run.loss, run.checkpoint, run.mesh) == (
+  assert (run.data, run.loop, run.optimizer, run.loss, run.checkpoint, run.lora, run.mesh) == (
       config_lib.DataConfig(), config_lib.LoopConfig(), config_lib.OptimizerConfig(), config_lib.LossConfig(),
-      config_lib.CheckpointConfig(), config_lib.MeshConfig())
+      config_lib.CheckpointConfig(), config_lib.LoraConfig(), config_lib.MeshConfig())
   assert sharding.DEFAULT_RULES is config_lib.DEFAULT_RULES and sharding.MESH_AXES is config_lib.MESH_AXES
 
 
