@@ -8,9 +8,9 @@ where the target is padding or belongs to another document), and optionally `pos
 
 With LoRA (`train.lora_rank > 0`, `qwenjax.lora`) the train state's `params` are the adapters alone, and the step
 and eval step take the frozen base parameters as one more argument: `train_step(state, batch, horizon, base)`.
-The forward pass of the model with its adapters is `hidden_states(model_config, base, batch,
-lora_lib.scaled(state.params, lora))`; the base without adapters (a reference model, e.g. DPO's with LoRA) is
-`hidden_states(model_config, base, batch)`.
+The model with its adapters is `params, adapters = model_inputs(state.params, base, lora)`, then
+`hidden_states(model_config, params, batch, adapters)`; the base without adapters (a reference model, e.g. DPO's
+with LoRA) is `hidden_states(model_config, base, batch)`: no copy of the base, no second parameter tree.
 """
 
 from __future__ import annotations
@@ -155,9 +155,10 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   return jax.tree.map(split, dict(batch))
 
 
-def _model_inputs(trainable: Any, base: Any, lora: LoraConfig) -> tuple[Any, Any]:
-  """(parameters, `lora` collection or None) of the model a step trains: the state's parameters, or with LoRA the
-  frozen base and the state's adapters, scaled."""
+def model_inputs(trainable: Any, base: Any, lora: LoraConfig) -> tuple[Any, Any]:
+  """(parameters, `lora` collection or None) of the model a step trains, for `hidden_states`: the state's
+  parameters, or with LoRA the frozen base and the state's adapters, scaled. (The base alone, adapters off, is
+  `hidden_states(model_config, base, batch)`.)"""
   if lora.lora_rank:
     return base, lora_lib.scaled(trainable, lora)
   return trainable, None
@@ -181,7 +182,7 @@ def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss:
   accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
 
   def objective(trainable, batch, base):
-    params, adapters = _model_inputs(trainable, base, lora)
+    params, adapters = model_inputs(trainable, base, lora)
     return _sums(model_config, params, batch, loss.z_loss, lora=adapters, **loss_kwargs)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -239,7 +240,7 @@ def make_eval_step(model_config: ModelConfig, loss: LossConfig = LossConfig(),
   accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
 
   def sums(trainable, batch, base):
-    params, adapters = _model_inputs(trainable, base, lora)
+    params, adapters = model_inputs(trainable, base, lora)
     _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, lora=adapters, **loss_kwargs)
     return nll, count
 
