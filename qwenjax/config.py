@@ -6,7 +6,8 @@ has four sections and one top-level key:
 
 * `model`: the `ModelConfig` fields (Hugging Face names) but `remat_policy`, which `train.remat_policy` sets;
 * `data`: `DataConfig`, the input pipeline;
-* `train`: `LoopConfig`, `OptimizerConfig`, `LossConfig`, `FitConfig` and `CheckpointConfig`, and `seed`;
+* `train`: `LoopConfig`, `OptimizerConfig`, `LossConfig`, `FitConfig`, `CheckpointConfig` and `LoraConfig`, and
+  `seed`;
 * `mesh`: `MeshConfig`, the device mesh;
 * `init_from_hf`: path of a Hugging Face checkpoint to start from ('' for random init).
 
@@ -60,6 +61,9 @@ DEFAULT_RULES = (
 # The mesh's axes (`qwenjax.sharding`), each sized by the `mesh` section.
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert', 'context')
 LR_SCHEDULES = ('cosine', 'constant')
+# LoRA's target projections: attention's q, k, v, o and the SwiGLU's gate, up, down (of the dense MLP, the shared
+# expert and the routed experts alike).
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 LOGITS_DTYPES = ('float32', 'bfloat16')
 
 
@@ -174,6 +178,32 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA (`qwenjax.lora`): with a rank, only low-rank adapters on the target projections train; the base stays
+  frozen. The adapters' output is scaled by lora_alpha / lora_rank, as PEFT scales it."""
+  lora_rank: int = 0  # 0: off, every parameter trains
+  lora_alpha: float = 16.0
+  lora_targets: str = ','.join(LORA_TARGETS)  # comma-separated names of LORA_TARGETS
+
+  def __post_init__(self):
+    if self.lora_rank < 0:
+      raise ValueError(f'train.lora_rank must be >= 0 (0: LoRA off), got {self.lora_rank}')
+    if self.lora_rank and self.lora_alpha <= 0:
+      raise ValueError(f'train.lora_alpha must be positive, got {self.lora_alpha}')
+    unknown = [t for t in self.targets if t not in LORA_TARGETS]
+    if unknown or (self.lora_rank and not self.targets):
+      raise ValueError(f'train.lora_targets={self.lora_targets!r}: give comma-separated names of {LORA_TARGETS}')
+
+  @property
+  def targets(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.lora_targets.split(',') if t.strip())
+
+  @property
+  def scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """The device mesh (`qwenjax.sharding.make_mesh`): one size may be -1 (the remaining devices)."""
   data: int = 1
@@ -208,6 +238,7 @@ class RunConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   loss: LossConfig = LossConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  lora: LoraConfig = LoraConfig()
   mesh: MeshConfig = MeshConfig()
   seed: int = 0  # parameter init and data order (train.seed)
   init_from_hf: str = ''
@@ -226,6 +257,9 @@ class RunConfig:
     if self.optimizer.steps != self.loop.steps:
       raise ValueError(f'the optimizer\'s schedule is {self.optimizer.steps} steps long but the loop runs '
                        f'train.steps={self.loop.steps}')
+    if self.lora.lora_rank and self.optimizer.mup_base_width:
+      raise ValueError('train.lora_rank and train.mup_base_width do not go together: μP scales the learning rates '
+                       'of a model trained whole; set one of them to 0')
 
 
 def context_error(seq_len: int, context: int) -> str:
@@ -237,7 +271,7 @@ def context_error(seq_len: int, context: int) -> str:
 
 
 # The `train` section: these dataclasses' fields (a name two of them share, `steps`, once), and `seed`.
-_TRAIN_PARTS = (LoopConfig, OptimizerConfig, LossConfig, FitConfig, CheckpointConfig)
+_TRAIN_PARTS = (LoopConfig, OptimizerConfig, LossConfig, FitConfig, CheckpointConfig, LoraConfig)
 # Where a run's section differs from its dataclass's default: a run fits the device (`qwenjax.fit`).
 _RUN_DEFAULTS = {'grad_accum_steps': 'auto'}
 _TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'init_from_hf')
@@ -286,9 +320,9 @@ def data_section() -> ml_collections.ConfigDict:
 
 
 def train_section() -> ml_collections.ConfigDict:
-  """Loop, optimizer, loss, memory fit and checkpoints (`qwenjax.train`, `qwenjax.train_step`, `qwenjax.fit`,
-  `qwenjax.checkpoint`): the fields of `LoopConfig`, `OptimizerConfig`, `LossConfig`, `FitConfig` and
-  `CheckpointConfig` (`grad_accum_steps` 'auto'), and `seed`."""
+  """Loop, optimizer, loss, memory fit, checkpoints and LoRA (`qwenjax.train`, `qwenjax.train_step`, `qwenjax.fit`,
+  `qwenjax.checkpoint`, `qwenjax.lora`): the fields of `LoopConfig`, `OptimizerConfig`, `LossConfig`, `FitConfig`,
+  `CheckpointConfig` (`grad_accum_steps` 'auto') and `LoraConfig`, and `seed`."""
   values = {**_defaults(*_TRAIN_PARTS), 'seed': RunConfig.seed}
   for name, value in _RUN_DEFAULTS.items():  # an int or 'auto': a field of any type, so either can be set
     values[name] = config_dict.FieldReference(value, field_type=object)
@@ -349,6 +383,7 @@ def settings(config: ml_collections.ConfigDict) -> RunConfig:
       optimizer=_read(OptimizerConfig, train, 'train'),
       loss=loss,
       checkpoint=_read(CheckpointConfig, train, 'train'),
+      lora=_read(LoraConfig, train, 'train'),
       mesh=_read(MeshConfig, mesh, 'mesh'),
       seed=_typed(train.get('seed', RunConfig.seed), RunConfig.seed, 'train.seed'),
       init_from_hf=_typed(config.get('init_from_hf', '') or '', '', 'init_from_hf'),

@@ -369,32 +369,35 @@ def record(config: ml_collections.ConfigDict, choice: Choice) -> ml_collections.
 
 
 def fit_step(settings: RunConfig, *, mesh: jax.sharding.Mesh, rules: sharding.Rules, tx: Any, shardings: Any,
-             batch: Mapping[str, jax.ShapeDtypeStruct], jit_step: Callable[[RunConfig], Any]
-             ) -> tuple[RunConfig, Any, Choice]:
+             batch: Mapping[str, jax.ShapeDtypeStruct], jit_step: Callable[[RunConfig], Any],
+             frozen: tuple = ()) -> tuple[RunConfig, Any, Choice]:
   """(settings with 'auto' resolved, the compiled train step, the choice), logged.
 
   `batch`: the global batch as ShapeDtypeStructs with their sharding; `jit_step(settings)`: the train step jitted
-  as the run calls it, `(state, batch, horizon) -> (state, metrics)`.
+  as the run calls it, `(state, batch, horizon, *frozen) -> (state, metrics)`; `frozen`: the step's read-only
+  inputs as ShapeDtypeStructs (LoRA's base parameters).
   """
   batch_shards = sharding.batch_shards(mesh, rules)
   limit = device_memory(settings.fit, mesh.devices)
   replicated = sharding.replicated(mesh)
-  state = train_step.abstract_state(settings.model, tx, shardings)
+  state = train_step.abstract_state(settings.model, tx, shardings, settings.lora)
   horizon = {k: jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
              for k in train_step.schedule_horizon(settings.optimizer)}
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  state_bytes, param_bytes = nbytes(state), nbytes(state.params)
+  # The model's parameters: the state's, or with LoRA the frozen base (the state then holds the adapters).
+  params = frozen[0] if frozen else state.params
+  state_bytes, param_bytes = nbytes(state) + nbytes(frozen), nbytes(params)
 
   def compile_step(s: RunConfig):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jit_step(s).lower(state, dict(batch), horizon).compile()
+      return jit_step(s).lower(state, dict(batch), horizon, *frozen).compile()
 
   def saved_bytes(s: RunConfig) -> int:
     rows = settings.loop.batch_size // s.loss.grad_accum_steps
     micro = {k: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype) for k, x in batch.items()}
     try:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        residuals = train_step.saved_bytes(s.model, s.loss, state.params, micro)
+        residuals = train_step.saved_bytes(s.model, s.loss, params, micro)
     except Exception as e:  # pylint: disable=broad-except  (only a shortcut: compile instead)
       logging.warning('memory: could not trace what the backward pass keeps (%s); compiling to find out', e)
       return 0

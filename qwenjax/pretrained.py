@@ -8,12 +8,14 @@ Hugging Face checkpoint directory, with its model config, parameters and tokeniz
 Sampling, evaluation and export (and every later command that reads a model) start here. A run's parameters are
 read without its optimizer state (`checkpoint.restore_params`); a Hugging Face checkpoint is read slice by slice
 into the devices that hold each part (`hf.from_pretrained(shardings=...)`), so neither needs one device to hold
-the whole model.
+the whole model. A LoRA run (`train.lora_rank > 0`) opens as its merged model: its base (`init_from_hf`, or the
+random one of `train.seed`) with its adapters folded in (`qwenjax.lora.merge`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -25,6 +27,7 @@ from qwenjax import checkpoint
 from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import hf as hf_lib
+from qwenjax import lora as lora_lib
 from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax import train_step
@@ -93,10 +96,32 @@ def _from_workdir(workdir: str, step: int | None, mesh, rules, on_host: bool, ov
                            fix='WORKDIR/tokenizer/ must be the tokenizer the run trained with: restore it from the '
                            'tokenizer the run was started with (data.tokenizer in its config.json)')
   mesh, rules, shardings = _placement(model_config, mesh, rules, on_host)
-  _, params, step = checkpoint.restore_params(workdir, step, shardings)
+  settings = config_lib.settings(config)
+  if settings.lora.lora_rank:
+    params, step = _merged_lora(settings, model_config, workdir, step, mesh, rules, shardings)
+  else:
+    _, params, step = checkpoint.restore_params(workdir, step, shardings)
   if on_host:
     params = jax.device_get(params)
   return Pretrained(model_config, params, tok, workdir, mesh, rules, step=step, config=config)
+
+
+def _merged_lora(settings: config_lib.RunConfig, model_config: ModelConfig, workdir: str, step: int | None, mesh,
+                 rules, shardings) -> tuple[Any, int]:
+  """(the base with the run's adapters folded in, placed in `shardings`; the checkpoint's step)."""
+  lora = settings.lora
+  adapter_shardings = sharding.param_shardings(lora_lib.abstract(model_config, lora), mesh, rules)
+  _, adapters, step = checkpoint.restore_params(workdir, step, adapter_shardings)
+  if settings.init_from_hf:
+    if not os.path.isdir(settings.init_from_hf):
+      raise FileNotFoundError(f'{workdir} trained LoRA adapters on the base {settings.init_from_hf}, which is not '
+                              'there any more: put that Hugging Face checkpoint back to open the run')
+    _, base = hf_lib.from_pretrained(settings.init_from_hf, model_config.param_dtype, shardings=shardings,
+                                     scan_layers=model_config.scan_layers)
+  else:
+    base = train_step.random_params(model_config, shardings, jax.random.key(settings.seed))
+  merge = jax.jit(functools.partial(lora_lib.merge, lora=lora), out_shardings=shardings, donate_argnums=0)
+  return merge(base, adapters), step
 
 
 def _from_hf(hf: str, mesh, rules, on_host: bool, overrides: dict) -> Pretrained:

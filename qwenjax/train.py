@@ -161,10 +161,10 @@ class _StopSignal:
 
 
 def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], batch_sharding, rows: list[int],
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, frozen: tuple = ()) -> dict[str, float]:
   nll, count = 0.0, 0.0
   for batch in batches:
-    n, c = eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size))
+    n, c = eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), *frozen)
     nll, count = nll + float(n), count + float(c)
   loss = nll / max(count, 1.0)
   return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))), 'eval_tokens': count}
@@ -215,6 +215,10 @@ class Run:
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
   step_fn: Any = None  # the compiled train step (`jit_train_step`, chosen by `qwenjax.fit`)
   fit: fit.Choice | None = None  # its memory settings, what it needs and what the device has
+  # The train and eval steps' last inputs, read and never written: with LoRA the frozen base parameters (the
+  # state holds the adapters).
+  frozen: tuple = ()
+  frozen_shardings: tuple = ()
 
 
 def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -247,24 +251,32 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
 
   setup_start = time.time()
   tx = train_step.make_optimizer(settings.optimizer)
-  shardings = train_step.state_shardings(model_config, tx, mesh, rules)
+  shardings = train_step.state_shardings(model_config, tx, mesh, rules, settings.lora)
+  frozen_shardings = (train_step.param_shardings(model_config, mesh, rules),) if settings.lora.lora_rank else ()
   # The step fitted to the device's memory ('auto' resolved) and compiled: the program the loop runs.
   settings, step_fn, choice = fit.fit_step(
       settings, mesh=mesh, rules=rules, tx=tx, shardings=shardings, batch=abstract_batch(settings, batch_sharding),
-      jit_step=lambda s: jit_train_step(s, mesh, shardings, batch_sharding))
+      jit_step=lambda s: jit_train_step(s, mesh, shardings, batch_sharding, frozen_shardings),
+      frozen=tuple(train_step.abstract_params(model_config, sh) for sh in frozen_shardings))
   config = fit.record(config, choice)
   checkpointer = checkpoint.Checkpointer(workdir, settings.checkpoint)
   stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
   state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
+  frozen = tuple(lora_base(settings, sh) for sh in frozen_shardings)
   state = jax.block_until_ready(state)
   # The run has started: its workdir now records its tokenizer and settings (a run that failed before did not).
   data.keep_tokenizer(workdir, tokenizer, data_config, seed=settings.seed, init_from_hf=settings.init_from_hf)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, start)
-  logging.info('model: %s parameters; train state ready in %.1f s',
-               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', time.time() - setup_start)
+  trained = sum(x.size for x in jax.tree.leaves(state.params))
+  if not frozen:
+    logging.info('model: %s parameters; train state ready in %.1f s', f'{trained:,}', time.time() - setup_start)
+  else:
+    base_size = sum(x.size for x in jax.tree.leaves(frozen))
+    logging.info('LoRA: %s adapter parameters train (%.3f%% of the %s frozen ones); train state ready in %.1f s',
+                 f'{trained:,}', 100 * trained / base_size, f'{base_size:,}', time.time() - setup_start)
   return Run(settings, config, workdir, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
-             checkpointer, state, start, stream, step_fn, choice)
+             checkpointer, state, start, stream, step_fn, choice, frozen, frozen_shardings)
 
 
 def abstract_batch(settings: config_lib.RunConfig, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
@@ -276,13 +288,25 @@ def abstract_batch(settings: config_lib.RunConfig, batch_sharding) -> dict[str, 
 
 
 def jit_train_step(settings: config_lib.RunConfig, mesh: jax.sharding.Mesh, shardings: train_step.TrainState,
-                   batch_sharding) -> Any:
-  """The train step jitted as the loop calls it, `(state, batch, horizon) -> (state, metrics)`: explicit
-  shardings, the state donated. Lowered and compiled under the mesh and the logical axis rules."""
+                   batch_sharding, frozen_shardings: tuple = ()) -> Any:
+  """The train step jitted as the loop calls it, `(state, batch, horizon, *frozen) -> (state, metrics)`: explicit
+  shardings, the state donated, the frozen inputs (LoRA's base) never. Lowered and compiled under the mesh and the
+  logical axis rules."""
   replicated = sharding.replicated(mesh)
-  return jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss),
-                 in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, None),
-                 donate_argnums=(0,))
+  return jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss, settings.lora),
+                 in_shardings=(shardings, batch_sharding, replicated) + tuple(frozen_shardings),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+def lora_base(settings: config_lib.RunConfig, shardings: Any) -> Any:
+  """A LoRA run's frozen base, placed in `shardings`: the `init_from_hf` checkpoint, else the random parameters of
+  `train.seed` (the same ones every time, so a run resumes onto the base it trained on)."""
+  if settings.init_from_hf:
+    logging.info('LoRA: the base is the Hugging Face checkpoint %s', settings.init_from_hf)
+    return load_hf_params(settings.init_from_hf, settings.model, shardings)
+  logging.warning('LoRA without init_from_hf: the base is random (train.seed=%d); fine for tests and benchmarks',
+                  settings.seed)
+  return train_step.random_params(settings.model, shardings, jax.random.key(settings.seed))
 
 
 def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream):
@@ -292,7 +316,7 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
   model_config = settings.model
   saved_steps = checkpointer.all_steps()
   try:
-    restored = checkpointer.restore(train_step.abstract_state(model_config, tx, shardings))
+    restored = checkpointer.restore(train_step.abstract_state(model_config, tx, shardings, settings.lora))
   except (checkpoint.ShapeMismatchError, checkpoint.RestoreError) as e:
     changes = workdir_lib.config_changes(workdir_lib.saved_config(workdir) or {}, config)
     differs = ('Settings that differ from the workdir\'s config.json: ' + '; '.join(changes) + '.') if changes else ''
@@ -313,6 +337,9 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
         f'{checkpointer.corrupt_directory}: {", ".join(checkpointer.set_aside_steps())}). The run does not start '
         'over by itself: pass --config.train.restart_if_unreadable=True to train again from step 0 in this '
         'workdir, or use a new --workdir.')
+  if settings.lora.lora_rank:  # new adapters; the base is loaded apart (lora_base)
+    return train_step.create_state(model_config, tx, shardings, rng=jax.random.fold_in(
+        jax.random.key(settings.seed), 1), lora=settings.lora), 0
   if settings.init_from_hf:
     logging.info('initializing from the Hugging Face checkpoint %s', settings.init_from_hf)
     return train_step.create_state(
@@ -378,15 +405,15 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
       # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
       replicated = sharding.replicated(run.mesh)
       horizon = jax.device_put(train_step.schedule_horizon(settings.optimizer), replicated)
-      step_fn = run.step_fn
-      eval_fn = jax.jit(train_step.make_eval_step(settings.model, settings.loss),
-                        in_shardings=(run.shardings.params, run.batch_sharding))
+      step_fn, frozen = run.step_fn, run.frozen
+      eval_fn = jax.jit(train_step.make_eval_step(settings.model, settings.loss, settings.lora),
+                        in_shardings=(run.shardings.params, run.batch_sharding) + run.frozen_shardings)
       timer = _StepTimer(run.start)
       for step in range(run.start, steps):
         where[0] = f'train step {step + 1}'
         profiler.before(step)
         state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
-                                                           loop.batch_size), horizon)
+                                                           loop.batch_size), horizon, *frozen)
         done = step + 1
         timer.queued(step_metrics)  # waits for the previous step: the host runs one step ahead
         nonfinite.check(timer.previous, done - 1)
@@ -402,7 +429,8 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
 
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
           where[0] = f'evaluation at step {done}'
-          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size)
+          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size,
+                            frozen)
           writer.write(done, values)
           logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
                        values['eval_perplexity'])

@@ -5,6 +5,12 @@ Kept apart from the loop in `qwenjax.train` so benchmarks run the very same step
 A batch is a dict of `[batch, seq]` arrays: `inputs` and `targets` (int32 token ids), `weights` (float32, 0
 where the target is padding or belongs to another document), and optionally `positions` and `segment_ids`
 (packed documents; without them every row is one document starting at position 0).
+
+With LoRA (`train.lora_rank > 0`, `qwenjax.lora`) the train state's `params` are the adapters alone, and the step
+and eval step take the frozen base parameters as one more argument: `train_step(state, batch, horizon, base)`.
+The model with its adapters is `params, adapters = model_inputs(state.params, base, lora)`, then
+`hidden_states(model_config, params, batch, adapters)`; the base without adapters (a reference model, e.g. DPO's
+with LoRA) is `hidden_states(model_config, base, batch)`: no copy of the base, no second parameter tree.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import numpy as np
 import optax
 
 from qwenjax import context
+from qwenjax import lora as lora_lib
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
-from qwenjax.config import LossConfig, OptimizerConfig
+from qwenjax.config import LoraConfig, LossConfig, OptimizerConfig
 from qwenjax import mup
 from qwenjax import params as params_lib
 from qwenjax import sharding
@@ -101,19 +108,21 @@ def make_optimizer(optimizer: OptimizerConfig, horizon: Mapping[str, Any] | None
   return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
 
 
-def hidden_states(model_config: ModelConfig, params: Any, batch: Batch):
+def hidden_states(model_config: ModelConfig, params: Any, batch: Batch, lora: Any = None):
   """(final hidden states, output head in the compute dtype, auxiliary losses) of one forward pass.
 
-  The loss builds logits from these chunk by chunk (`qwenjax.loss`), never all at once.
+  The loss builds logits from these chunk by chunk (`qwenjax.loss`), never all at once. `lora`: the model's `lora`
+  collection (`qwenjax.lora.scaled(adapters, ...)`), or None for the model of `params` alone.
   """
   hidden, aux = model_lib.apply_with_aux(model_config, params, batch['inputs'], batch.get('positions'),
-                                         batch.get('segment_ids'), return_hidden=True)
+                                         batch.get('segment_ids'), return_hidden=True, lora=lora)
   head = model_lib.output_head(model_config, params).astype(model_config.dtype)
   return hidden, head, aux
 
 
 def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
-          chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32', loss_impl: str = 'auto'):
+          chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32', loss_impl: str = 'auto',
+          lora: Any = None):
   """(objective to differentiate, (nll sum, z sum, target count, count-weighted aux losses)) of a (micro-)batch.
 
   Everything is a sum over target tokens, so micro-batches add up and one division by the total count gives
@@ -126,7 +135,7 @@ def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
   """
   if sharding.context_size() > 1:
     batch = context.zigzag_batch(batch)
-  hidden, head, aux = hidden_states(model_config, params, batch)
+  hidden, head, aux = hidden_states(model_config, params, batch, lora)
   total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
                                          chunk=chunk, logits_dtype=logits_dtype, impl=loss_impl)
   count = jnp.sum(batch['weights'].astype(jnp.float32))
@@ -173,8 +182,18 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   return jax.tree.map(split, dict(batch))
 
 
-def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig()
-                    ) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
+def model_inputs(trainable: Any, base: Any, lora: LoraConfig) -> tuple[Any, Any]:
+  """(parameters, `lora` collection or None) of the model a step trains, for `hidden_states`: the state's
+  parameters, or with LoRA the frozen base and the state's adapters, scaled. (The base alone, adapters off, is
+  `hidden_states(model_config, base, batch)`.)"""
+  if lora.lora_rank:
+    return base, lora_lib.scaled(trainable, lora)
+  return trainable, None
+
+
+def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig(),
+                    lora: LoraConfig = LoraConfig()
+                    ) -> Callable[..., tuple[TrainState, dict]]:
   """`train_step(state, batch, horizon) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
 
   The optimizer is `make_optimizer(optimizer, horizon)`, with `horizon = schedule_horizon(optimizer)` passed at
@@ -183,22 +202,29 @@ def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss:
   With `loss.grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
   batch, so any A gives the same update.
+
+  With LoRA (`lora.lora_rank > 0`) it is `train_step(state, batch, horizon, base)`: `state.params` are the
+  adapters, the only thing differentiated and updated; `base`, the frozen parameters, is read and never written.
   """
   accum, loss_kwargs = accum_steps(loss), _loss_keywords(loss)
-  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, loss.z_loss, **loss_kwargs),
-                               has_aux=True)
 
-  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array]):
+  def objective(trainable, batch, base):
+    params, adapters = model_inputs(trainable, base, lora)
+    return _sums(model_config, params, batch, loss.z_loss, lora=adapters, **loss_kwargs)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array], base: Any = None):
     tx = make_optimizer(optimizer, horizon)
     if accum == 1:
-      (_, sums), grads = grad_fn(state.params, batch)
+      (_, sums), grads = grad_fn(state.params, batch, base)
     else:
       def body(carry, micro):
-        (_, sums), grads = grad_fn(state.params, micro)
+        (_, sums), grads = grad_fn(state.params, micro, base)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
       micro = micro_batches(batch, accum)
-      sums_shape = jax.eval_shape(lambda p, b: grad_fn(p, b)[0][1], state.params,
+      sums_shape = jax.eval_shape(lambda p, b: grad_fn(p, b, base)[0][1], state.params,
                                   jax.tree.map(lambda x: x[0], micro))
       zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
       (grads, sums), _ = jax.lax.scan(body, zeros, micro)
@@ -229,26 +255,28 @@ def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss:
   return train_step
 
 
-def make_eval_step(model_config: ModelConfig,
-                   loss: LossConfig = LossConfig()) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+def make_eval_step(model_config: ModelConfig, loss: LossConfig = LossConfig(),
+                   lora: LoraConfig = LoraConfig()) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """`eval_step(params, batch) -> (nll sum, target count)`, with the run's own memory settings.
 
   Like the train step, the batch is evaluated in `loss.grad_accum_steps` micro-batches (a `lax.scan`), with
   `loss.loss_chunk` positions of `loss.logits_dtype` logits at a time, so evaluation never needs more memory
-  than a training step. The default: the whole batch at once, float32 logits.
+  than a training step. The default: the whole batch at once, float32 logits. With LoRA it is
+  `eval_step(adapters, batch, base)`.
   """
   accum, loss_kwargs = accum_steps(loss), _loss_keywords(loss)
 
-  def sums(params, batch):
-    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, **loss_kwargs)
+  def sums(trainable, batch, base):
+    params, adapters = model_inputs(trainable, base, lora)
+    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, lora=adapters, **loss_kwargs)
     return nll, count
 
-  def eval_step(params, batch):
+  def eval_step(params, batch, base=None):
     if accum == 1:
-      return sums(params, batch)
+      return sums(params, batch, base)
 
     def body(carry, micro):
-      return jax.tree.map(jnp.add, carry, sums(params, micro)), None
+      return jax.tree.map(jnp.add, carry, sums(params, micro, base)), None
 
     zero = jnp.zeros((), jnp.float32)
     (nll, count), _ = jax.lax.scan(body, (zero, zero), micro_batches(batch, accum))
@@ -268,15 +296,28 @@ def _abstract_params(model_config: ModelConfig):
     return params_lib.abstract_params(model_config)
 
 
+def _abstract_trainable(model_config: ModelConfig, lora: LoraConfig):
+  """The boxed abstract tree the train state's `params` hold: the model's parameters, or the LoRA adapters."""
+  return lora_lib.abstract(model_config, lora) if lora.lora_rank else _abstract_params(model_config)
+
+
 def param_shardings(model_config: ModelConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Any:
   """NamedShardings of the parameters alone (for `checkpoint.restore_params`, evaluation and sampling)."""
   return sharding.param_shardings(_abstract_params(model_config), mesh, rules)
 
 
+def abstract_params(model_config: ModelConfig, shardings: Any) -> Any:
+  """The model's parameters as ShapeDtypeStructs carrying `shardings` (`param_shardings`): a frozen input of the
+  step (LoRA's base) as compiling it for the memory fit sees it."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      sharding.strip_boxes(_abstract_params(model_config)), shardings)
+
+
 def state_shardings(model_config: ModelConfig, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, rules: sharding.Rules) -> TrainState:
-  """NamedShardings of every leaf of the train state: optimizer moments follow their parameters."""
-  boxed = _abstract_params(model_config)
+                    mesh: jax.sharding.Mesh, rules: sharding.Rules, lora: LoraConfig = LoraConfig()) -> TrainState:
+  """NamedShardings of every leaf of the train state: optimizer moments follow their parameters (with LoRA, the
+  adapters, each placed like the kernel it adapts)."""
+  boxed = _abstract_trainable(model_config, lora)
   params = sharding.param_shardings(boxed, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, sharding.strip_boxes(boxed))
   replicated = sharding.replicated(mesh)
@@ -287,22 +328,39 @@ def state_shardings(model_config: ModelConfig, tx: optax.GradientTransformation,
 
 
 def abstract_state(model_config: ModelConfig, tx: optax.GradientTransformation,
-                   shardings: TrainState) -> TrainState:
+                   shardings: TrainState, lora: LoraConfig = LoraConfig()) -> TrainState:
   """The train state as ShapeDtypeStructs carrying their shardings (what checkpoint restore fills in)."""
-  params = sharding.strip_boxes(_abstract_params(model_config))
+  params = sharding.strip_boxes(_abstract_trainable(model_config, lora))
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                       opt_state=jax.eval_shape(tx.init, params))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
+def random_params(model_config: ModelConfig, shardings: Any, rng: jax.Array) -> Any:
+  """Random model parameters, as a new train state draws them from `rng`, each created in its sharding: a LoRA
+  run's base when it has no `init_from_hf`."""
+  def init(rng):
+    with nn.logical_axis_rules(()):
+      return params_lib.init_params(model_config, rng)
+
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
 def create_state(model_config: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
-                 rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0) -> TrainState:
+                 rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0,
+                 lora: LoraConfig = LoraConfig()) -> TrainState:
   """A new train state, each array created directly in its sharding (never whole on one device).
 
   Random parameters from `rng`, or `params` (host numpy arrays, or jax arrays already in `shardings.params` as a
   sharded Hugging Face load gives them), which are cast to `model_config.param_dtype` and placed shard by shard. `mup_base_width` > 0: random parameters
-  scaled by width as μP does (`qwenjax.mup.scale_init`).
+  scaled by width as μP does (`qwenjax.mup.scale_init`). With LoRA, new adapters from `rng` (`qwenjax.lora.init`).
   """
+  if lora.lora_rank:
+    def init_adapters(rng):
+      adapters = lora_lib.init(model_config, lora, rng)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters))
+
+    return jax.jit(init_adapters, out_shardings=shardings)(rng)
   if params is None:
     def init(rng):
       with nn.logical_axis_rules(()):

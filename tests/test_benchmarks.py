@@ -178,3 +178,38 @@ def test_peer_loss_keeps_packed_documents_apart():
   assert abs(float(packed) - total / count) < 1e-5
   with torch.no_grad():  # without the positions the documents see each other: a different loss
     assert abs(float(hf_peer_1b.peer_loss(model, ids, None, labels)) - total / count) > 1e-3
+
+
+@pytest.mark.slow
+def test_lora_sft_benchmark_runs_both_sides_on_cpu(tmp_path):
+  """lora_sft_gpu.py on a 2-layer model: qwenjax's LoRA step and transformers + PEFT's (eager), each in its own
+  process, on the same packed SFT batches, and the table with their ratio."""
+  pytest.importorskip('peft')
+  config = tmp_path / 'small.py'
+  config.write_text('from qwenjax.config import base_config, model_section\n\n\ndef get_config():\n'
+                    '  config = base_config()\n'
+                    '  config.model = model_section(vocab_size=256, hidden_size=64, intermediate_size=128,\n'
+                    '                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)\n'
+                    '  return config\n')
+  out = _run('lora_sft_gpu.py', '--config', str(config), '--seq-len', '64', '--batch', '2', '--micro-batch', '1',
+             '--peer-micro-batch', '2', '--rank', '4', '--steps', '1', '--warmup', '1', '--device', 'cpu',
+             '--compile', 'no', '--attn', 'sdpa', '--out', str(tmp_path))
+  ours, peer = [json.loads(line) for line in (tmp_path / 'lora_sft_gpu.jsonl').read_text().splitlines()]
+  assert 'error' not in ours and 'error' not in peer, (ours, peer)
+  assert ours['run'] == 'qwenjax' and peer['run'] == 'transformers + PEFT (sdpa, eager)'
+  assert ours['batches'] == peer['batches'] and ours['adapter_params'] == peer['adapter_params']
+  assert ours['tokens_per_s'] > 0 and peer['tokens_per_s'] > 0
+  assert abs(ours['loss'] - peer['loss']) < 0.1 * ours['loss']  # the same model shape on the same batches
+  assert 'qwenjax / transformers + PEFT (sdpa, eager), tokens_per_s:' in out
+
+
+def test_lora_sft_batches_pack_conversations_and_train_the_responses():
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import lora_sft_gpu  # pylint: disable=g-import-not-at-top
+  [batch] = lora_sft_gpu.sft_batches(1, 4, 256, 100)
+  segments, positions, weights = batch['segment_ids'], batch['positions'], batch['weights']
+  assert segments.max() > 1 and np.all(positions[segments != np.roll(segments, 1, axis=1)] == 0)
+  last = segments != np.roll(segments, -1, axis=1)  # a conversation's last token: its target is the next one's
+  assert not np.any(weights[:, :-1][last[:, :-1]]) and 0.3 < weights.mean() < 0.8
+  np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+  assert lora_sft_gpu.fingerprint([batch]) == lora_sft_gpu.fingerprint(lora_sft_gpu.sft_batches(1, 4, 256, 100))

@@ -31,15 +31,15 @@ def test_sections_are_the_dataclasses_fields_and_defaults():
   assert config_lib.data_section().to_dict() == fields(config_lib.DataConfig)
   assert config_lib.mesh_section().to_dict() == fields(config_lib.MeshConfig)
   train = fields(config_lib.LoopConfig, config_lib.OptimizerConfig, config_lib.LossConfig, config_lib.FitConfig,
-                 config_lib.CheckpointConfig)
+                 config_lib.CheckpointConfig, config_lib.LoraConfig)
   # A run fits the device's memory ('auto'); a LossConfig built directly accumulates nothing.
   assert config_lib.train_section().to_dict() == {**train, 'seed': 0, 'grad_accum_steps': 'auto'}
   assert 'remat_policy' not in config_lib.model_section()  # a train setting, handed to the model
   run = config_lib.settings(config_lib.base_config())
-  assert (run.data, run.loop, run.optimizer, run.loss, run.checkpoint, run.mesh, run.fit) == (
+  assert (run.data, run.loop, run.optimizer, run.loss, run.checkpoint, run.lora, run.mesh, run.fit) == (
       config_lib.DataConfig(), config_lib.LoopConfig(), config_lib.OptimizerConfig(),
-      config_lib.LossConfig(grad_accum_steps='auto'), config_lib.CheckpointConfig(), config_lib.MeshConfig(),
-      config_lib.FitConfig())
+      config_lib.LossConfig(grad_accum_steps='auto'), config_lib.CheckpointConfig(), config_lib.LoraConfig(),
+      config_lib.MeshConfig(), config_lib.FitConfig())
   assert run.model.remat_policy == run.fit.remat_policy == 'auto'
   assert sharding.DEFAULT_RULES is config_lib.DEFAULT_RULES and sharding.MESH_AXES is config_lib.MESH_AXES
 
