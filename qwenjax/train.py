@@ -38,11 +38,14 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from qwenjax import chat_data
 from qwenjax import checkpoint
 from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
+from qwenjax import documents
+from qwenjax import dpo
 from qwenjax import lock as lock_lib
 from qwenjax import metrics as metrics_lib
 from qwenjax import sharding
@@ -160,7 +163,11 @@ class _StopSignal:
 
 
 def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], batch_sharding, rows: list[int],
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, reference: Any = None) -> dict[str, float]:
+  if reference is not None:  # DPO: the pairs' loss and rewards, as in training
+    sums = [eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), reference) for batch in batches]
+    total = jax.tree.map(lambda *x: sum(float(v) for v in x), *sums)
+    return {f'eval_{k}': float(v) for k, v in dpo.metrics(total).items() if k != 'target_tokens'}
   nll, count = 0.0, 0.0
   for batch in batches:
     n, c = eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size))
@@ -212,6 +219,7 @@ class Run:
   state: train_step.TrainState
   start: int
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
+  reference: Any = None  # DPO's reference model: the frozen initial parameters (`reference_params`)
 
 
 def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -226,9 +234,16 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
                jax.devices()[0].device_kind, jax.process_count())
 
   setup_start = time.time()
+  if data_config.format != 'text':
+    chat_data.check_tokenizer(data_config, settings.init_from_hf)
   tokenizer = data.get_tokenizer(data_config, workdir, model_vocab_size=model_config.vocab_size, seed=settings.seed,
                                  init_from_hf=settings.init_from_hf)
-  corpus, held_out = data.prepared_corpora(data_config, tokenizer)
+  if data_config.format == 'text':
+    corpus, held_out = data.prepared_corpora(data_config, tokenizer)
+  else:  # chat or preference records: encoded once, packed whole into rows (qwenjax.chat_data)
+    encoded, held_out = chat_data.prepared(data_config, tokenizer)
+    corpus = chat_data.PackedExamples(encoded, data_config.seq_len, settings.seed)
+    logging.info('data: %s', corpus.describe())
   rows = local_rows(batch_sharding, loop.batch_size)
   if jax.process_count() > 1:
     for process in range(jax.process_count()):
@@ -236,8 +251,9 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
                    local_rows(batch_sharding, loop.batch_size, process))
   eval_data = []
   if held_out is not None and loop.eval_steps > 0:
-    eval_data = data.eval_batches(held_out, seq_len=data_config.seq_len, batch_size=loop.batch_size,
-                                  num_batches=loop.eval_steps, local_rows=rows)
+    batches_of = data.eval_batches if data_config.format == 'text' else chat_data.eval_batches
+    eval_data = batches_of(held_out, seq_len=data_config.seq_len, batch_size=loop.batch_size,
+                           num_batches=loop.eval_steps, local_rows=rows)
   if not eval_data:
     logging.info('no eval data (set data.eval_files): eval loss is not computed')
   logging.info('data: tokenizer and prepared corpora ready in %.1f s', time.time() - setup_start)
@@ -246,8 +262,17 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   tx = train_step.make_optimizer(settings.optimizer)
   shardings = train_step.state_shardings(model_config, tx, mesh, rules)
   checkpointer = checkpoint.Checkpointer(workdir, settings.checkpoint)
-  stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
+  if data_config.format == 'text':
+    stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
+  else:
+    stream = chat_data.stream_record(corpus.encoded, seq_len=data_config.seq_len, seed=settings.seed,
+                                     batch_size=loop.batch_size)
+  reference = None
+  if settings.loss.objective == 'dpo':
+    stream['reference'] = _reference_source(settings)
   state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
+  if settings.loss.objective == 'dpo':
+    reference = reference_params(settings, shardings.params)
   state = jax.block_until_ready(state)
   # The run has started: its workdir now records its tokenizer and settings (a run that failed before did not).
   data.keep_tokenizer(workdir, tokenizer, data_config, seed=settings.seed, init_from_hf=settings.init_from_hf)
@@ -256,7 +281,31 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   logging.info('model: %s parameters; train state ready in %.1f s',
                f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', time.time() - setup_start)
   return Run(settings, config, workdir, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
-             checkpointer, state, start, stream)
+             checkpointer, state, start, stream, reference)
+
+
+def _reference_source(settings: config_lib.RunConfig) -> dict[str, Any]:
+  """What DPO's reference model is made from, in the stream record: a resumed run that makes another one is
+  warned about (`data.stream_changes`)."""
+  if settings.init_from_hf:
+    files = sorted(f for f in os.listdir(settings.init_from_hf) if f.endswith('.safetensors'))
+    identity = documents.file_identity([os.path.join(settings.init_from_hf, f) for f in files])
+    return {'init_from_hf': os.path.abspath(settings.init_from_hf), 'files': [list(f) for f in identity]}
+  return {'seed': settings.seed, 'mup_base_width': settings.optimizer.mup_base_width}
+
+
+def reference_params(settings: config_lib.RunConfig, param_shardings: Any) -> Any:
+  """DPO's reference model: the run's initial parameters, made again as every run of the workdir starts (fresh
+  or resumed), so a resumed run has the reference the interrupted one had. Frozen: the step never updates them.
+
+  With LoRA this is where the reference becomes the base model without adapters: the base parameters the
+  policy already holds, not a second copy (see `qwenjax.dpo`).
+  """
+  model_config = settings.model
+  if settings.init_from_hf:
+    return load_hf_params(settings.init_from_hf, model_config, param_shardings)
+  return train_step.random_params(model_config, param_shardings, jax.random.key(settings.seed),
+                                  settings.optimizer.mup_base_width)
 
 
 def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream):
@@ -334,9 +383,13 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
   loop, steps, seq_len = settings.loop, settings.loop.steps, settings.data.seq_len
   if run.start >= steps:
     logging.info('already trained to step %d of train.steps=%d: nothing to do', run.start, steps)
-  batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=settings.seed,
-                               shuffle_window=settings.data.shuffle_window, local_rows=run.rows,
-                               start=run.start, steps=steps, read_threads=settings.data.read_threads)
+  if settings.data.format == 'text':
+    batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=settings.seed,
+                                 shuffle_window=settings.data.shuffle_window, local_rows=run.rows,
+                                 start=run.start, steps=steps, read_threads=settings.data.read_threads)
+  else:
+    batches = chat_data.train_batches(run.corpus, batch_size=loop.batch_size, local_rows=run.rows, start=run.start,
+                                      steps=steps, read_threads=settings.data.read_threads)
   flops = metrics_lib.flops_per_token(settings.model, seq_len)
   writer = metrics_lib.MetricWriter(run.workdir, resume_step=run.start)
   peak = loop.peak_tflops * 1e12 or metrics_lib.peak_flops_per_device()
@@ -351,16 +404,19 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
       # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
       replicated = sharding.replicated(run.mesh)
       horizon = jax.device_put(train_step.schedule_horizon(settings.optimizer), replicated)
+      # DPO: the reference model's parameters are one more input (never donated), placed as the parameters.
+      reference = () if run.reference is None else (run.reference,)
+      more = () if run.reference is None else (run.shardings.params,)
       step_fn = jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss),
-                        in_shardings=(run.shardings, run.batch_sharding, replicated),
+                        in_shardings=(run.shardings, run.batch_sharding, replicated) + more,
                         out_shardings=(run.shardings, None), donate_argnums=(0,))
       eval_fn = jax.jit(train_step.make_eval_step(settings.model, settings.loss),
-                        in_shardings=(run.shardings.params, run.batch_sharding))
+                        in_shardings=(run.shardings.params, run.batch_sharding) + more)
       timer = _StepTimer(run.start)
       for step in range(run.start, steps):
         profiler.before(step)
         state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
-                                                           loop.batch_size), horizon)
+                                                           loop.batch_size), horizon, *reference)
         done = step + 1
         timer.queued(step_metrics)  # waits for the previous step: the host runs one step ahead
         nonfinite.check(timer.previous, done - 1)
@@ -370,15 +426,23 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
         if done % log_every == 0 or done == steps or stopping:
           nonfinite.check(step_metrics, done)
           values = timer.collect(done, tokens_per_step, flops, peak)
+          if settings.data.format != 'text' and 'step_time' in values:  # rows hold padding and untrained tokens
+            values['trained_tokens_per_sec'] = values['target_tokens'] / values['step_time']
           writer.write(done, values)
           logging.info(metrics_lib.progress_line(done, steps, values, timer.eta(done, steps)))
           last.update(values)
 
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
-          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size)
+          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size,
+                            run.reference)
           writer.write(done, values)
-          logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
-                       values['eval_perplexity'])
+          if run.reference is None:
+            logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
+                         values['eval_perplexity'])
+          else:
+            logging.info('step %d/%d | eval_loss %.4f | eval_rewards/accuracies %.3f | eval_rewards/margins %.4f',
+                         done, steps, values['eval_loss'], values['eval_rewards/accuracies'],
+                         values['eval_rewards/margins'])
           last.update(values)
           timer.restart(done)  # keep eval time out of the step timings
 

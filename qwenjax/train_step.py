@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwenjax import dpo
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
 from qwenjax.config import LossConfig, OptimizerConfig
@@ -147,64 +148,84 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
 
 
 def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig()
-                    ) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
-  """`train_step(state, batch, horizon) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """`train_step(state, batch, horizon[, reference]) -> (state, metrics)`, to be jitted under the mesh and logical
+  axis rules.
 
   The optimizer is `make_optimizer(optimizer, horizon)`, with `horizon = schedule_horizon(optimizer)` passed at
   each call (replicated int32 scalars): one compiled step serves every `train.steps` and `train.warmup_steps`.
 
   With `loss.grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
-  batch, so any A gives the same update.
+  batch (with `loss.objective='dpo'`: of pairs), so any A gives the same update.
+
+  `loss.objective='dpo'` (`qwenjax.dpo`): `reference` holds the reference model's parameters; each micro-batch
+  runs their forward pass (`dpo.reference_logprobs`, no gradient) before the policy's forward and backward.
   """
   accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
-  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, loss.z_loss, **loss_kwargs),
-                               has_aux=True)
+  dpo_objective = loss.objective == 'dpo'
+  if dpo_objective:
+    grad_fn = jax.value_and_grad(lambda p, b, ref: dpo.sums(model_config, p, b, ref, loss.dpo_beta, **loss_kwargs),
+                                 has_aux=True)
+  else:
+    grad_fn = jax.value_and_grad(lambda p, b, _: _sums(model_config, p, b, loss.z_loss, **loss_kwargs),
+                                 has_aux=True)
 
-  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array]):
+  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array], reference: Any = None):
     tx = make_optimizer(optimizer, horizon)
+
+    def micro_step(micro):
+      ref = dpo.reference_logprobs(model_config, reference, micro, **loss_kwargs) if dpo_objective else None
+      (_, sums), grads = grad_fn(state.params, micro, ref)
+      return sums, grads
+
     if accum == 1:
-      (_, sums), grads = grad_fn(state.params, batch)
+      sums, grads = micro_step(batch)
     else:
       def body(carry, micro):
-        (_, sums), grads = grad_fn(state.params, micro)
+        sums, grads = micro_step(micro)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
       micro = micro_batches(batch, accum)
-      sums_shape = jax.eval_shape(lambda p, b: grad_fn(p, b)[0][1], state.params,
-                                  jax.tree.map(lambda x: x[0], micro))
+      sums_shape = jax.eval_shape(lambda b: micro_step(b)[0], jax.tree.map(lambda x: x[0], micro))
       zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
       (grads, sums), _ = jax.lax.scan(body, zeros, micro)
-    nll, z, count, aux = sums
-    denom = jnp.maximum(count, 1.0)
+    if dpo_objective:
+      denom = jnp.maximum(sums['pairs'], 1.0)
+      loss_metrics, counts, aux_metrics = dpo.metrics(sums, model_config.num_experts), {}, {}
+    else:
+      nll, z, count, aux = sums
+      denom = jnp.maximum(count, 1.0)
+      loss_metrics, counts = {'loss': nll / denom, 'z_loss': z / denom}, {'target_tokens': count}
+      aux_metrics = {name: value / denom for name, value in aux.items()} if model_config.num_experts else {}
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient is not applied: parameters and optimizer state stay as they were, the step
     # counter moves on (the loop counts skipped steps and stops the run after too many in a row).
-    finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss_metrics['loss']) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                      (state.params, state.opt_state))
     metrics = {
-        'loss': nll / denom,
-        'z_loss': z / denom,
+        **loss_metrics,
         'grad_norm': grad_norm,
         'param_norm': optax.tree.norm(params),
         'lr': learning_rate_schedule(optimizer, horizon)(state.step),
-        'target_tokens': count,
+        **counts,
         'skipped': 1.0 - finite.astype(jnp.float32),
+        **aux_metrics,
     }
-    if model_config.num_experts:
-      metrics.update({name: value / denom for name, value in aux.items()})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
 def make_eval_step(model_config: ModelConfig,
-                   loss: LossConfig = LossConfig()) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-  """`eval_step(params, batch) -> (nll sum, target count)`, with the run's own memory settings.
+                   loss: LossConfig = LossConfig()) -> Callable[..., Any]:
+  """`eval_step(params, batch) -> (nll sum, target count)`, with the run's own memory settings; with
+  `loss.objective='dpo'`, `eval_step(params, batch, reference) -> dpo.sums` of the batch (`dpo.metrics` of their
+  total gives the means).
 
   Like the train step, the batch is evaluated in `loss.grad_accum_steps` micro-batches (a `lax.scan`), with
   `loss.loss_chunk` positions of `loss.logits_dtype` logits at a time, so evaluation never needs more memory
@@ -212,20 +233,25 @@ def make_eval_step(model_config: ModelConfig,
   """
   accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
 
-  def sums(params, batch):
+  def sums(params, batch, reference):
+    if loss.objective == 'dpo':
+      ref = dpo.reference_logprobs(model_config, reference, batch, **loss_kwargs)
+      return dpo.sums(model_config, params, batch, ref, loss.dpo_beta, **loss_kwargs)[1]
     _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, **loss_kwargs)
     return nll, count
 
-  def eval_step(params, batch):
+  def eval_step(params, batch, reference=None):
     if accum == 1:
-      return sums(params, batch)
+      return sums(params, batch, reference)
 
     def body(carry, micro):
-      return jax.tree.map(jnp.add, carry, sums(params, micro)), None
+      return jax.tree.map(jnp.add, carry, sums(params, micro, reference)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    (nll, count), _ = jax.lax.scan(body, (zero, zero), micro_batches(batch, accum))
-    return nll, count
+    micro = micro_batches(batch, accum)
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda b: sums(params, b, reference),
+                                                       jax.tree.map(lambda x: x[0], micro)))
+    total, _ = jax.lax.scan(body, zero, micro)
+    return total
 
   return eval_step
 
@@ -268,6 +294,17 @@ def abstract_state(model_config: ModelConfig, tx: optax.GradientTransformation,
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
+def _random_params(model_config: ModelConfig, rng: jax.Array, mup_base_width: int) -> Any:
+  with nn.logical_axis_rules(()):
+    p = params_lib.init_params(model_config, rng)
+  return mup.scale_init(p, mup_base_width) if mup_base_width else p
+
+
+def random_params(model_config: ModelConfig, param_shardings: Any, rng: jax.Array, mup_base_width: int = 0) -> Any:
+  """The parameters `create_state` draws from `rng`, alone (no optimizer state), created in their shardings."""
+  return jax.jit(lambda r: _random_params(model_config, r, mup_base_width), out_shardings=param_shardings)(rng)
+
+
 def create_state(model_config: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
                  rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0) -> TrainState:
   """A new train state, each array created directly in its sharding (never whole on one device).
@@ -278,10 +315,7 @@ def create_state(model_config: ModelConfig, tx: optax.GradientTransformation, sh
   """
   if params is None:
     def init(rng):
-      with nn.logical_axis_rules(()):
-        p = params_lib.init_params(model_config, rng)
-      if mup_base_width:
-        p = mup.scale_init(p, mup_base_width)
+      p = _random_params(model_config, rng, mup_base_width)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
     return jax.jit(init, out_shardings=shardings)(rng)
