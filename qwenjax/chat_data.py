@@ -41,7 +41,7 @@ from qwenjax import chat
 from qwenjax import data as data_lib
 from qwenjax import documents
 from qwenjax import tokenizer as tokenizer_lib
-from qwenjax.config import DataConfig
+from qwenjax.config import DataConfig, RunConfig
 
 _VERSION = 1
 
@@ -341,12 +341,24 @@ def stream_record(encoded: Encoded, *, seq_len: int, seed: int, batch_size: int)
           'seed': seed, 'seq_len': seq_len, 'batch_size': batch_size}
 
 
-def check_tokenizer(data: DataConfig, init_from_hf: str) -> None:
-  """Chat and preference data are encoded with the model's own tokenizer and template, never a newly trained one."""
-  if data_lib.tokenizer_source(data, seed=0, init_from_hf=init_from_hf)['kind'] == 'train':
+def check_settings(settings: RunConfig) -> None:
+  """What chat and preference data need besides the config file: the user's records and the model's own tokenizer
+  and template, never a newly trained one (config files leave both to the command line, so `config.settings`
+  accepts them without)."""
+  data = settings.data
+  if data.format == 'text':
+    return
+  if not data.train_files:
+    raise ValueError(f'data.format={data.format!r} trains on your own records: set data.train_files to .jsonl files '
+                     'of them (docs/post_training.md)')
+  if (data.tokenizer or 'train') == 'train' and not settings.init_from_hf:
     raise ValueError(f'data.format={data.format!r} needs the tokenizer (and chat template) of the model it '
-                     f'fine-tunes, but init_from_hf={init_from_hf!r} holds no tokenizer.json or tokenizer.model: set '
+                     'fine-tunes: set --config.init_from_hf=DIR (a Hugging Face checkpoint with its tokenizer) or '
                      '--config.data.tokenizer=PATH')
+  if data_lib.tokenizer_source(data, seed=0, init_from_hf=settings.init_from_hf)['kind'] == 'train':
+    raise ValueError(f'data.format={data.format!r} needs the tokenizer (and chat template) of the model it '
+                     f'fine-tunes, but init_from_hf={settings.init_from_hf!r} holds no tokenizer.json or '
+                     'tokenizer.model: set --config.data.tokenizer=PATH')
 
 
 def prepared(data: DataConfig, tok: tokenizer_lib.Tokenizer) -> tuple[Encoded, Encoded | None]:

@@ -217,13 +217,6 @@ class RunConfig:
       raise ValueError(f'train.objective={self.loss.objective!r} with data.format={self.data.format!r}: DPO trains '
                        "on preference pairs, so set both train.objective='dpo' and data.format='preference' (or "
                        'neither)')
-    if self.data.format != 'text' and not self.data.train_files:
-      raise ValueError(f'data.format={self.data.format!r} trains on your own records: set data.train_files to '
-                       '.jsonl files of them (docs/post_training.md)')
-    if self.data.format != 'text' and (self.data.tokenizer or 'train') == 'train' and not self.init_from_hf:
-      raise ValueError(f'data.format={self.data.format!r} needs the tokenizer (and chat template) of the model it '
-                       'fine-tunes: set --config.init_from_hf=DIR (a Hugging Face checkpoint with its tokenizer) or '
-                       '--config.data.tokenizer=PATH')
     if self.optimizer.steps != self.loop.steps:
       raise ValueError(f'the optimizer\'s schedule is {self.optimizer.steps} steps long but the loop runs '
                        f'train.steps={self.loop.steps}')

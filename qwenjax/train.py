@@ -234,8 +234,7 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
                jax.devices()[0].device_kind, jax.process_count())
 
   setup_start = time.time()
-  if data_config.format != 'text':
-    chat_data.check_tokenizer(data_config, settings.init_from_hf)
+  chat_data.check_settings(settings)
   tokenizer = data.get_tokenizer(data_config, workdir, model_vocab_size=model_config.vocab_size, seed=settings.seed,
                                  init_from_hf=settings.init_from_hf)
   if data_config.format == 'text':
@@ -615,7 +614,7 @@ def main(argv: list[str]) -> None:
   del argv  # cli.run: no positional arguments
   config = flags.FLAGS.config
   try:  # a value out of range or of the wrong kind is a usage error, found before anything starts
-    config_lib.settings(config)
+    chat_data.check_settings(config_lib.settings(config))
     workdir = check_workdir(flags.FLAGS.workdir)
   except ValueError as e:
     raise cli.UsageError(str(e)) from None

@@ -151,7 +151,8 @@ def test_dpo_loss_and_rewards_equal_trl(chat_model, records, tmp_path):
     assert abs(float(value) - got[name]) < 1e-5, name
 
 
-def test_token_log_probs_and_their_gradient_equal_the_full_softmax():
+@pytest.mark.parametrize('impl', ['xla', 'pallas'])  # pallas: the GPU kernels, in the interpreter
+def test_token_log_probs_and_their_gradient_equal_the_full_softmax(impl):
   rng = np.random.default_rng(0)
   hidden = jax.numpy.asarray(rng.standard_normal((2, 12, 16)), jax.numpy.float32)
   head = jax.numpy.asarray(rng.standard_normal((16, 50)) * 0.3, jax.numpy.float32)
@@ -162,7 +163,7 @@ def test_token_log_probs_and_their_gradient_equal_the_full_softmax():
     logp = jax.nn.log_softmax(h @ w, axis=-1)
     return jax.numpy.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
-  chunked = lambda h, w: loss_lib.token_log_probs(h, w, targets, chunk=4, impl='xla')
+  chunked = lambda h, w: loss_lib.token_log_probs(h, w, targets, chunk=4, impl=impl, interpret=impl == 'pallas')
   np.testing.assert_allclose(chunked(hidden, head), full(hidden, head), atol=1e-5)
   ours = jax.grad(lambda h, w: jax.numpy.sum(chunked(h, w) * g), argnums=(0, 1))(hidden, head)
   want = jax.grad(lambda h, w: jax.numpy.sum(full(h, w) * g), argnums=(0, 1))(hidden, head)
@@ -263,7 +264,7 @@ def test_settings_name_what_post_training_needs(change, message):
   for key, value in change.items():
     (config.train if key == 'objective' else config.data)[key] = value
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
-    config_lib.settings(config)
+    chat_data.check_settings(config_lib.settings(config))
 
 
 def run_config(model_dir: str, fmt: str, train_file: str, init: str, **train_overrides):
