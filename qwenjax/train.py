@@ -163,9 +163,10 @@ class _StopSignal:
 
 
 def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], batch_sharding, rows: list[int],
-             batch_size: int, reference: Any = None) -> dict[str, float]:
-  if reference is not None:  # DPO: the pairs' loss and rewards, as in training
-    sums = [eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), reference) for batch in batches]
+             batch_size: int, objective: str = 'cross_entropy', reference: tuple = ()) -> dict[str, float]:
+  """The eval metrics of `batches`; `reference`: the eval step's extra inputs (DPO: the reference model)."""
+  if objective == 'dpo':  # the pairs' loss and rewards, as in training
+    sums = [eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), *reference) for batch in batches]
     total = jax.tree.map(lambda *x: sum(float(v) for v in x), *sums)
     return {f'eval_{k}': float(v) for k, v in dpo.metrics(total).items() if k != 'target_tokens'}
   nll, count = 0.0, 0.0
@@ -219,7 +220,8 @@ class Run:
   state: train_step.TrainState
   start: int
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
-  reference: Any = None  # DPO's reference model: the frozen initial parameters (`reference_params`)
+  # DPO's reference model: the frozen initial parameters (`reference_params`), the train and eval steps' last input.
+  reference: Any = None
 
 
 def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -404,6 +406,7 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
       replicated = sharding.replicated(run.mesh)
       horizon = jax.device_put(train_step.schedule_horizon(settings.optimizer), replicated)
       # DPO: the reference model's parameters are one more input (never donated), placed as the parameters.
+      # (With LoRA, the reference is the base inside the train state: no input, `run.reference` None.)
       reference = () if run.reference is None else (run.reference,)
       more = () if run.reference is None else (run.shardings.params,)
       step_fn = jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss),
@@ -433,9 +436,9 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
 
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
           values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size,
-                            run.reference)
+                            settings.loss.objective, reference)
           writer.write(done, values)
-          if run.reference is None:
+          if settings.loss.objective != 'dpo':
             logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
                          values['eval_perplexity'])
           else:

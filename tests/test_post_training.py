@@ -297,9 +297,11 @@ def test_runs_resume_exactly_and_dpo_starts_at_ln2(tmp_path, chat_model, fmt, in
                 {'prompt': question, 'chosen': answer(a + b), 'rejected': answer(a + b + 1 + i % 3)})
       f.write(json.dumps(record) + '\n')
   config = run_config(chat_model, fmt, str(path), init)
+  config.data.eval_files = str(path)  # evaluated at the end, in the same format
+  config.train.update(eval_every=0, eval_steps=1)
   straight = str(tmp_path / 'straight')
   train.train_and_evaluate(config, straight)
-  expected = read_metrics(straight)
+  expected = [r for r in read_metrics(straight) if 'loss' in r]
   if fmt == 'preference':
     assert abs(expected[0]['loss'] - math.log(2)) < 1e-5, expected[0]
     # The policy is its reference: rewards zero up to rounding (which is all rewards/accuracies would count).
@@ -312,6 +314,10 @@ def test_runs_resume_exactly_and_dpo_starts_at_ln2(tmp_path, chat_model, fmt, in
   got = losses(read_metrics(resumed))
   assert sorted(got) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in (3, 4)], [losses(expected)[s] for s in (3, 4)], rtol=0, atol=1e-6)
+  evals = [[r for r in read_metrics(w) if 'eval_loss' in r][-1] for w in (straight, resumed)]
+  assert evals[0]['step'] == evals[1]['step'] == 4 and abs(evals[0]['eval_loss'] - evals[1]['eval_loss']) < 1e-6
+  if fmt == 'preference':
+    assert {'eval_rewards/accuracies', 'eval_rewards/margins', 'eval_pairs'} <= set(evals[0])
 
 
 @pytest.mark.slow
