@@ -65,6 +65,9 @@ LR_SCHEDULES = ('cosine', 'constant')
 # expert and the routed experts alike).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 LOGITS_DTYPES = ('float32', 'bfloat16')
+# What the training files hold (`data.format`) and what the step minimizes (`train.objective`): docs/post_training.md.
+DATA_FORMATS = ('text', 'chat', 'preference')
+OBJECTIVES = ('cross_entropy', 'dpo')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +87,13 @@ class DataConfig:
   prepared_dir: str = ''
   shuffle_window: int = 512  # packed rows shuffled together so batches mix documents (aim for ~1M tokens); 0: off
   read_threads: int = 2  # threads reading batches ahead of the step
+  # 'text': documents (text_key); 'chat': {"messages": [...]} conversations, trained on the assistant's tokens;
+  # 'preference': {"prompt", "chosen", "rejected"} pairs for train.objective='dpo' (qwenjax.chat_data).
+  format: str = 'text'
+
+  def __post_init__(self):
+    if self.format not in DATA_FORMATS:
+      raise ValueError(f'unknown data.format {self.format!r}; choose one of {", ".join(DATA_FORMATS)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +148,19 @@ class LossConfig:
   loss_chunk: int = 1024  # sequence positions per chunk of logits in the loss (never [batch, seq, vocab] at once)
   logits_dtype: str = 'float32'  # what the LM head's matmul writes; 'bfloat16' as under HF autocast (faster)
   loss_impl: str = 'auto'  # the loss's passes over the logits: 'xla', 'pallas' (GPU kernels), 'auto' (pallas on GPU)
+  # 'cross_entropy': next-token loss on the weighted targets (pretraining, SFT); 'dpo': Rafailov et al.'s sigmoid
+  # loss against the initial model, on data.format='preference' pairs (qwenjax.dpo).
+  objective: str = 'cross_entropy'
+  dpo_beta: float = 0.1  # DPO's beta: the strength of the pull towards the reference model
 
   def __post_init__(self):
     accum = self.grad_accum_steps
     if accum != 'auto' and (isinstance(accum, bool) or not isinstance(accum, int) or accum < 1):
       raise ValueError(f"train.grad_accum_steps must be 'auto' or an int >= 1, got {accum!r}")
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f'unknown train.objective {self.objective!r}; choose one of {", ".join(OBJECTIVES)}')
+    if self.dpo_beta <= 0:
+      raise ValueError(f'train.dpo_beta must be > 0, got {self.dpo_beta}')
     if self.logits_dtype not in LOGITS_DTYPES:
       raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {self.logits_dtype!r}")
 
@@ -254,6 +272,11 @@ class RunConfig:
     batch, accum = self.loop.batch_size, self.loss.grad_accum_steps
     if batch < 1 or (accum != 'auto' and batch % accum):
       raise ValueError(f'train.batch_size={batch} must be a positive multiple of train.grad_accum_steps={accum}')
+    dpo, pairs = self.loss.objective == 'dpo', self.data.format == 'preference'
+    if dpo != pairs:
+      raise ValueError(f'train.objective={self.loss.objective!r} with data.format={self.data.format!r}: DPO trains '
+                       "on preference pairs, so set both train.objective='dpo' and data.format='preference' (or "
+                       'neither)')
     if self.optimizer.steps != self.loop.steps:
       raise ValueError(f'the optimizer\'s schedule is {self.optimizer.steps} steps long but the loop runs '
                        f'train.steps={self.loop.steps}')

@@ -272,3 +272,69 @@ def full_logits_cross_entropy(logits: jax.Array, targets: jax.Array,
   target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
   weights = weights.astype(jnp.float32)
   return jnp.sum((lse - target_logit) * weights), jnp.sum(jnp.square(lse) * weights)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token log-probabilities (DPO), chunk by chunk as the loss above.
+
+def _token_log_probs(hidden, head, targets, chunk, logits_dtype, impl, interpret):
+  """(log p(target) per position [batch, seq], logsumexp per position), float32, chunk by chunk."""
+  c = _chunk_len(hidden.shape[1], chunk)
+
+  def body(_, xs):
+    x, t = xs
+    logits = nn.with_logical_constraint(
+        jnp.einsum('bce,ev->bcv', x, head, preferred_element_type=logits_dtype), LOGITS_AXES)
+    lse = logsumexp(logits, impl, interpret)
+    target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return None, (target_logit - lse, lse)
+
+  _, (logp, lse) = jax.lax.scan(body, None, (_split(hidden, c), _split(targets, c)))
+  return _merge(logp), _merge(lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _log_probs(hidden, head, targets, chunk, logits_dtype, impl, interpret):
+  return _token_log_probs(hidden, head, targets, chunk, logits_dtype, impl, interpret)[0]
+
+
+def _log_probs_fwd(hidden, head, targets, chunk, logits_dtype, impl, interpret):
+  logp, lse = _token_log_probs(hidden, head, targets, chunk, logits_dtype, impl, interpret)
+  return logp, (hidden, head, targets, lse)
+
+
+def _log_probs_bwd(chunk, logits_dtype, impl, interpret, residuals, g):
+  """The chunk's logits again, then d logp / d logits = onehot - softmax, scaled by the cotangent `g` of each
+  position: the softmax gradient of the loss above with weights -g (one kernel serves both)."""
+  hidden, head, targets, lse = residuals
+  c = _chunk_len(hidden.shape[1], chunk)
+
+  def body(dhead, xs):
+    x, t, l, w = xs
+    logits = nn.with_logical_constraint(
+        jnp.einsum('bce,ev->bcv', x, head, preferred_element_type=logits_dtype), LOGITS_AXES)
+    dlogits = softmax_grad(logits, l, t, -w, 0.0, head.dtype, impl, interpret)
+    dlogits = nn.with_logical_constraint(dlogits, LOGITS_AXES)
+    dx = jnp.einsum('bcv,ev->bce', dlogits, head, preferred_element_type=jnp.float32).astype(x.dtype)
+    return dhead + jnp.einsum('bce,bcv->ev', x, dlogits, preferred_element_type=jnp.float32), dx
+
+  split = lambda a: _split(a, c)
+  dhead, dx = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32),
+                           (split(hidden), split(targets), split(lse), split(g.astype(jnp.float32))))
+  return _merge(dx), dhead.astype(head.dtype), None
+
+
+_log_probs.defvjp(_log_probs_fwd, _log_probs_bwd)
+
+
+def token_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk: int = DEFAULT_CHUNK,
+                    logits_dtype: str = 'float32', impl: str = 'auto', interpret: bool = False) -> jax.Array:
+  """`[batch, seq]` float32 log-probabilities of `targets` under `logits = hidden @ head`, differentiable.
+
+  What DPO sums over each completion (`qwenjax.dpo`). Like `cross_entropy`, never more than one chunk of
+  logits at a time: the forward pass keeps only each position's logsumexp, the backward pass computes each chunk's
+  logits again (one more head matmul than `cross_entropy`'s fused pass) and its gradient with the same passes
+  over the logits (`impl`). Arguments as for `cross_entropy`.
+  """
+  return _log_probs(hidden, head, targets, int(chunk), jnp.dtype(logits_dtype), resolve_impl(impl, interpret),
+                    bool(interpret))

@@ -38,11 +38,14 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from qwenjax import chat_data
 from qwenjax import checkpoint
 from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
+from qwenjax import documents
+from qwenjax import dpo
 from qwenjax import fit
 from qwenjax import lock as lock_lib
 from qwenjax import metrics as metrics_lib
@@ -161,7 +164,12 @@ class _StopSignal:
 
 
 def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], batch_sharding, rows: list[int],
-             batch_size: int, frozen: tuple = ()) -> dict[str, float]:
+             batch_size: int, objective: str = 'cross_entropy', frozen: tuple = ()) -> dict[str, float]:
+  """The eval metrics of `batches`; `frozen`: the eval step's read-only inputs (LoRA's base, DPO's reference)."""
+  if objective == 'dpo':  # the pairs' loss and rewards, as in training
+    sums = [eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), *frozen) for batch in batches]
+    total = jax.tree.map(lambda *x: sum(float(v) for v in x), *sums)
+    return {f'eval_{k}': float(v) for k, v in dpo.metrics(total).items() if k != 'target_tokens'}
   nll, count = 0.0, 0.0
   for batch in batches:
     n, c = eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), *frozen)
@@ -215,8 +223,8 @@ class Run:
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
   step_fn: Any = None  # the compiled train step (`jit_train_step`, chosen by `qwenjax.fit`)
   fit: fit.Choice | None = None  # its memory settings, what it needs and what the device has
-  # The train and eval steps' last inputs, read and never written: with LoRA the frozen base parameters (the
-  # state holds the adapters).
+  # The train and eval steps' last inputs, read and never written (`train_step.frozen_inputs`): the initial
+  # model's parameters (`initial_params`), LoRA's frozen base (the state holds the adapters) or DPO's reference.
   frozen: tuple = ()
   frozen_shardings: tuple = ()
 
@@ -233,9 +241,15 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
                jax.devices()[0].device_kind, jax.process_count())
 
   setup_start = time.time()
+  chat_data.check_settings(settings)
   tokenizer = data.get_tokenizer(data_config, workdir, model_vocab_size=model_config.vocab_size, seed=settings.seed,
                                  init_from_hf=settings.init_from_hf)
-  corpus, held_out = data.prepared_corpora(data_config, tokenizer)
+  if data_config.format == 'text':
+    corpus, held_out = data.prepared_corpora(data_config, tokenizer)
+  else:  # chat or preference records: encoded once, packed whole into rows (qwenjax.chat_data)
+    encoded, held_out = chat_data.prepared(data_config, tokenizer)
+    corpus = chat_data.PackedExamples(encoded, data_config.seq_len, settings.seed)
+    logging.info('data: %s', corpus.describe())
   rows = local_rows(batch_sharding, loop.batch_size)
   if jax.process_count() > 1:
     for process in range(jax.process_count()):
@@ -243,8 +257,9 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
                    local_rows(batch_sharding, loop.batch_size, process))
   eval_data = []
   if held_out is not None and loop.eval_steps > 0:
-    eval_data = data.eval_batches(held_out, seq_len=data_config.seq_len, batch_size=loop.batch_size,
-                                  num_batches=loop.eval_steps, local_rows=rows)
+    batches_of = data.eval_batches if data_config.format == 'text' else chat_data.eval_batches
+    eval_data = batches_of(held_out, seq_len=data_config.seq_len, batch_size=loop.batch_size,
+                           num_batches=loop.eval_steps, local_rows=rows)
   if not eval_data:
     logging.info('no eval data (set data.eval_files): eval loss is not computed')
   logging.info('data: tokenizer and prepared corpora ready in %.1f s', time.time() - setup_start)
@@ -252,7 +267,8 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   setup_start = time.time()
   tx = train_step.make_optimizer(settings.optimizer)
   shardings = train_step.state_shardings(model_config, tx, mesh, rules, settings.lora)
-  frozen_shardings = (train_step.param_shardings(model_config, mesh, rules),) if settings.lora.lora_rank else ()
+  frozen_shardings = (train_step.param_shardings(model_config, mesh, rules),) * train_step.frozen_inputs(
+      settings.loss, settings.lora)
   # The step fitted to the device's memory ('auto' resolved) and compiled: the program the loop runs.
   settings, step_fn, choice = fit.fit_step(
       settings, mesh=mesh, rules=rules, tx=tx, shardings=shardings, batch=abstract_batch(settings, batch_sharding),
@@ -260,16 +276,22 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
       frozen=tuple(train_step.abstract_params(model_config, sh) for sh in frozen_shardings))
   config = fit.record(config, choice)
   checkpointer = checkpoint.Checkpointer(workdir, settings.checkpoint)
-  stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
+  if data_config.format == 'text':
+    stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
+  else:
+    stream = chat_data.stream_record(corpus.encoded, seq_len=data_config.seq_len, seed=settings.seed,
+                                     batch_size=loop.batch_size)
+  if settings.loss.objective == 'dpo':
+    stream['reference'] = _reference_source(settings)
   state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
-  frozen = tuple(lora_base(settings, sh) for sh in frozen_shardings)
+  frozen = tuple(initial_params(settings, sh) for sh in frozen_shardings)
   state = jax.block_until_ready(state)
   # The run has started: its workdir now records its tokenizer and settings (a run that failed before did not).
   data.keep_tokenizer(workdir, tokenizer, data_config, seed=settings.seed, init_from_hf=settings.init_from_hf)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, start)
   trained = sum(x.size for x in jax.tree.leaves(state.params))
-  if not frozen:
+  if not settings.lora.lora_rank:
     logging.info('model: %s parameters; train state ready in %.1f s', f'{trained:,}', time.time() - setup_start)
   else:
     base_size = sum(x.size for x in jax.tree.leaves(frozen))
@@ -290,23 +312,39 @@ def abstract_batch(settings: config_lib.RunConfig, batch_sharding) -> dict[str, 
 def jit_train_step(settings: config_lib.RunConfig, mesh: jax.sharding.Mesh, shardings: train_step.TrainState,
                    batch_sharding, frozen_shardings: tuple = ()) -> Any:
   """The train step jitted as the loop calls it, `(state, batch, horizon, *frozen) -> (state, metrics)`: explicit
-  shardings, the state donated, the frozen inputs (LoRA's base) never. Lowered and compiled under the mesh and the
-  logical axis rules."""
+  shardings, the state donated, the frozen inputs (LoRA's base, DPO's reference) never. Lowered and compiled under
+  the mesh and the logical axis rules."""
   replicated = sharding.replicated(mesh)
   return jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss, settings.lora),
                  in_shardings=(shardings, batch_sharding, replicated) + tuple(frozen_shardings),
                  out_shardings=(shardings, None), donate_argnums=(0,))
 
 
-def lora_base(settings: config_lib.RunConfig, shardings: Any) -> Any:
-  """A LoRA run's frozen base, placed in `shardings`: the `init_from_hf` checkpoint, else the random parameters of
-  `train.seed` (the same ones every time, so a run resumes onto the base it trained on)."""
+def _reference_source(settings: config_lib.RunConfig) -> dict[str, Any]:
+  """What DPO's reference model is made from, in the stream record: a resumed run that makes another one is
+  warned about (`data.stream_changes`)."""
   if settings.init_from_hf:
-    logging.info('LoRA: the base is the Hugging Face checkpoint %s', settings.init_from_hf)
-    return load_hf_params(settings.init_from_hf, settings.model, shardings)
-  logging.warning('LoRA without init_from_hf: the base is random (train.seed=%d); fine for tests and benchmarks',
-                  settings.seed)
-  return train_step.random_params(settings.model, shardings, jax.random.key(settings.seed))
+    files = sorted(f for f in os.listdir(settings.init_from_hf) if f.endswith('.safetensors'))
+    identity = documents.file_identity([os.path.join(settings.init_from_hf, f) for f in files])
+    return {'init_from_hf': os.path.abspath(settings.init_from_hf), 'files': [list(f) for f in identity]}
+  return {'seed': settings.seed, 'mup_base_width': settings.optimizer.mup_base_width}
+
+
+def initial_params(settings: config_lib.RunConfig, param_shardings: Any) -> Any:
+  """The run's initial model, made again as every run of the workdir starts (fresh or resumed) and never trained:
+  a LoRA run's frozen base, and DPO's reference model (with LoRA the same base, applied without adapters: no
+  second copy; see `qwenjax.dpo`). The `init_from_hf` checkpoint, else the random parameters of `train.seed`
+  (the ones a new train state draws), so a resumed run has what the interrupted one had."""
+  model_config = settings.model
+  if settings.init_from_hf:
+    logging.info('the initial model (frozen%s) is the Hugging Face checkpoint %s',
+                 ': the LoRA base' if settings.lora.lora_rank else ': the DPO reference', settings.init_from_hf)
+    return load_hf_params(settings.init_from_hf, model_config, param_shardings)
+  if settings.lora.lora_rank:
+    logging.warning('LoRA without init_from_hf: the base is random (train.seed=%d); fine for tests and benchmarks',
+                    settings.seed)
+  return train_step.random_params(model_config, param_shardings, jax.random.key(settings.seed),
+                                  settings.optimizer.mup_base_width)
 
 
 def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream):
@@ -337,7 +375,7 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
         f'{checkpointer.corrupt_directory}: {", ".join(checkpointer.set_aside_steps())}). The run does not start '
         'over by itself: pass --config.train.restart_if_unreadable=True to train again from step 0 in this '
         'workdir, or use a new --workdir.')
-  if settings.lora.lora_rank:  # new adapters; the base is loaded apart (lora_base)
+  if settings.lora.lora_rank:  # new adapters; the base is loaded apart (initial_params)
     return train_step.create_state(model_config, tx, shardings, rng=jax.random.fold_in(
         jax.random.key(settings.seed), 1), lora=settings.lora), 0
   if settings.init_from_hf:
@@ -387,9 +425,13 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
   loop, steps, seq_len = settings.loop, settings.loop.steps, settings.data.seq_len
   if run.start >= steps:
     logging.info('already trained to step %d of train.steps=%d: nothing to do', run.start, steps)
-  batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=settings.seed,
-                               shuffle_window=settings.data.shuffle_window, local_rows=run.rows,
-                               start=run.start, steps=steps, read_threads=settings.data.read_threads)
+  if settings.data.format == 'text':
+    batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=settings.seed,
+                                 shuffle_window=settings.data.shuffle_window, local_rows=run.rows,
+                                 start=run.start, steps=steps, read_threads=settings.data.read_threads)
+  else:
+    batches = chat_data.train_batches(run.corpus, batch_size=loop.batch_size, local_rows=run.rows, start=run.start,
+                                      steps=steps, read_threads=settings.data.read_threads)
   flops = metrics_lib.flops_per_token(settings.model, seq_len)
   writer = metrics_lib.MetricWriter(run.workdir, resume_step=run.start)
   peak = loop.peak_tflops * 1e12 or metrics_lib.peak_flops_per_device()
@@ -423,6 +465,8 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
         if done % log_every == 0 or done == steps or stopping:
           nonfinite.check(step_metrics, done)
           values = timer.collect(done, tokens_per_step, flops, peak)
+          if settings.data.format != 'text' and 'step_time' in values:  # rows hold padding and untrained tokens
+            values['trained_tokens_per_sec'] = values['target_tokens'] / values['step_time']
           writer.write(done, values)
           logging.info(metrics_lib.progress_line(done, steps, values, timer.eta(done, steps)))
           last.update(values)
@@ -430,10 +474,15 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
           where[0] = f'evaluation at step {done}'
           values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size,
-                            frozen)
+                            settings.loss.objective, frozen)
           writer.write(done, values)
-          logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
-                       values['eval_perplexity'])
+          if settings.loss.objective != 'dpo':
+            logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
+                         values['eval_perplexity'])
+          else:
+            logging.info('step %d/%d | eval_loss %.4f | eval_rewards/accuracies %.3f | eval_rewards/margins %.4f',
+                         done, steps, values['eval_loss'], values['eval_rewards/accuracies'],
+                         values['eval_rewards/margins'])
           last.update(values)
           timer.restart(done)  # keep eval time out of the step timings
 
@@ -606,7 +655,7 @@ def main(argv: list[str]) -> None:
   del argv  # cli.run: no positional arguments
   config = flags.FLAGS.config
   try:  # a value out of range or of the wrong kind is a usage error, found before anything starts
-    config_lib.settings(config)
+    chat_data.check_settings(config_lib.settings(config))
     workdir = check_workdir(flags.FLAGS.workdir)
   except ValueError as e:
     raise cli.UsageError(str(e)) from None

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from qwenjax import context
+from qwenjax import dpo
 from qwenjax import lora as lora_lib
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
@@ -120,6 +121,12 @@ def hidden_states(model_config: ModelConfig, params: Any, batch: Batch, lora: An
   return hidden, head, aux
 
 
+def _context_order(batch: Batch) -> Batch:
+  """The batch in the zig-zag order a sequence is split in under context parallelism (`qwenjax.context`), else
+  as it is. Losses are sums over tokens (or segments), so the order changes nothing else."""
+  return context.zigzag_batch(batch) if sharding.context_size() > 1 else batch
+
+
 def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
           chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32', loss_impl: str = 'auto',
           lora: Any = None):
@@ -133,8 +140,7 @@ def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
   zig-zag order each sequence is split in (`qwenjax.context`); every term is a sum over tokens, so nothing else
   changes.
   """
-  if sharding.context_size() > 1:
-    batch = context.zigzag_batch(batch)
+  batch = _context_order(batch)
   hidden, head, aux = hidden_states(model_config, params, batch, lora)
   total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
                                          chunk=chunk, logits_dtype=logits_dtype, impl=loss_impl)
@@ -182,82 +188,109 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   return jax.tree.map(split, dict(batch))
 
 
-def model_inputs(trainable: Any, base: Any, lora: LoraConfig) -> tuple[Any, Any]:
+def model_inputs(trainable: Any, frozen: tuple, lora: LoraConfig) -> tuple[Any, Any]:
   """(parameters, `lora` collection or None) of the model a step trains, for `hidden_states`: the state's
-  parameters, or with LoRA the frozen base and the state's adapters, scaled. (The base alone, adapters off, is
-  `hidden_states(model_config, base, batch)`.)"""
+  parameters, or with LoRA the frozen base (`frozen[0]`) and the state's adapters, scaled. (The base alone,
+  adapters off, is `hidden_states(model_config, base, batch)`.)"""
   if lora.lora_rank:
-    return base, lora_lib.scaled(trainable, lora)
+    return frozen[0], lora_lib.scaled(trainable, lora)
   return trainable, None
+
+
+def frozen_inputs(loss: LossConfig, lora: LoraConfig) -> int:
+  """How many read-only inputs the train and eval steps take after their others: LoRA's base parameters, or
+  DPO's reference model (with LoRA the base is the reference: the model without its adapters)."""
+  return 1 if lora.lora_rank or loss.objective == 'dpo' else 0
 
 
 def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig(),
                     lora: LoraConfig = LoraConfig()
                     ) -> Callable[..., tuple[TrainState, dict]]:
-  """`train_step(state, batch, horizon) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
+  """`train_step(state, batch, horizon, *frozen) -> (state, metrics)`, to be jitted under the mesh and logical
+  axis rules.
 
   The optimizer is `make_optimizer(optimizer, horizon)`, with `horizon = schedule_horizon(optimizer)` passed at
   each call (replicated int32 scalars): one compiled step serves every `train.steps` and `train.warmup_steps`.
 
   With `loss.grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
-  batch, so any A gives the same update.
+  batch (with `loss.objective='dpo'`: of pairs), so any A gives the same update.
 
-  With LoRA (`lora.lora_rank > 0`) it is `train_step(state, batch, horizon, base)`: `state.params` are the
-  adapters, the only thing differentiated and updated; `base`, the frozen parameters, is read and never written.
+  `frozen` (`frozen_inputs` of them) is read and never written. With LoRA (`lora.lora_rank > 0`) it is `(base,)`,
+  the frozen parameters, and `state.params` are the adapters, the only thing differentiated and updated. With
+  `loss.objective='dpo'` (`qwenjax.dpo`) `frozen[0]` is the reference model (with LoRA the base, applied without
+  adapters); each micro-batch runs its forward pass (`dpo.reference_logprobs`, no gradient) before the policy's
+  forward and backward.
   """
   accum, loss_kwargs = accum_steps(loss), _loss_keywords(loss)
+  dpo_objective = loss.objective == 'dpo'
 
-  def objective(trainable, batch, base):
-    params, adapters = model_inputs(trainable, base, lora)
-    return _sums(model_config, params, batch, loss.z_loss, lora=adapters, **loss_kwargs)
+  def objective(trainable, micro, frozen, reference):
+    params, adapters = model_inputs(trainable, frozen, lora)
+    if dpo_objective:
+      return dpo.sums(model_config, params, micro, reference, loss.dpo_beta, lora=adapters, **loss_kwargs)
+    return _sums(model_config, params, micro, loss.z_loss, lora=adapters, **loss_kwargs)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array], base: Any = None):
+  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array], *frozen: Any):
     tx = make_optimizer(optimizer, horizon)
+
+    def micro_step(micro):
+      reference = None
+      if dpo_objective:
+        micro = _context_order(micro)
+        reference = dpo.reference_logprobs(model_config, frozen[0], micro, **loss_kwargs)
+      (_, sums), grads = grad_fn(state.params, micro, frozen, reference)
+      return sums, grads
+
     if accum == 1:
-      (_, sums), grads = grad_fn(state.params, batch, base)
+      sums, grads = micro_step(batch)
     else:
       def body(carry, micro):
-        (_, sums), grads = grad_fn(state.params, micro, base)
+        sums, grads = micro_step(micro)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
       micro = micro_batches(batch, accum)
-      sums_shape = jax.eval_shape(lambda p, b: grad_fn(p, b, base)[0][1], state.params,
-                                  jax.tree.map(lambda x: x[0], micro))
+      sums_shape = jax.eval_shape(lambda b: micro_step(b)[0], jax.tree.map(lambda x: x[0], micro))
       zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
       (grads, sums), _ = jax.lax.scan(body, zeros, micro)
-    nll, z, count, aux = sums
-    denom = jnp.maximum(count, 1.0)
+    if dpo_objective:
+      denom = jnp.maximum(sums['pairs'], 1.0)
+      loss_metrics, counts, aux_metrics = dpo.metrics(sums, model_config.num_experts), {}, {}
+    else:
+      nll, z, count, aux = sums
+      denom = jnp.maximum(count, 1.0)
+      loss_metrics, counts = {'loss': nll / denom, 'z_loss': z / denom}, {'target_tokens': count}
+      aux_metrics = {name: value / denom for name, value in aux.items()} if model_config.num_experts else {}
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient is not applied: parameters and optimizer state stay as they were, the step
     # counter moves on (the loop counts skipped steps and stops the run after too many in a row).
-    finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss_metrics['loss']) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                      (state.params, state.opt_state))
     metrics = {
-        'loss': nll / denom,
-        'z_loss': z / denom,
+        **loss_metrics,
         'grad_norm': grad_norm,
         'param_norm': optax.tree.norm(params),
         'lr': learning_rate_schedule(optimizer, horizon)(state.step),
-        'target_tokens': count,
+        **counts,
         'skipped': 1.0 - finite.astype(jnp.float32),
+        **aux_metrics,
     }
-    if model_config.num_experts:
-      metrics.update({name: value / denom for name, value in aux.items()})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
 def make_eval_step(model_config: ModelConfig, loss: LossConfig = LossConfig(),
-                   lora: LoraConfig = LoraConfig()) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """`eval_step(params, batch) -> (nll sum, target count)`, with the run's own memory settings.
+                   lora: LoraConfig = LoraConfig()) -> Callable[..., Any]:
+  """`eval_step(params, batch, *frozen) -> (nll sum, target count)`, with the run's own memory settings; with
+  `loss.objective='dpo'`, `dpo.sums` of the batch (`dpo.metrics` of their total gives the means). `frozen` as for
+  `make_train_step` (with LoRA `params` are the adapters).
 
   Like the train step, the batch is evaluated in `loss.grad_accum_steps` micro-batches (a `lax.scan`), with
   `loss.loss_chunk` positions of `loss.logits_dtype` logits at a time, so evaluation never needs more memory
@@ -266,21 +299,27 @@ def make_eval_step(model_config: ModelConfig, loss: LossConfig = LossConfig(),
   """
   accum, loss_kwargs = accum_steps(loss), _loss_keywords(loss)
 
-  def sums(trainable, batch, base):
-    params, adapters = model_inputs(trainable, base, lora)
+  def sums(trainable, batch, frozen):
+    params, adapters = model_inputs(trainable, frozen, lora)
+    if loss.objective == 'dpo':
+      batch = _context_order(batch)
+      ref = dpo.reference_logprobs(model_config, frozen[0], batch, **loss_kwargs)
+      return dpo.sums(model_config, params, batch, ref, loss.dpo_beta, lora=adapters, **loss_kwargs)[1]
     _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, lora=adapters, **loss_kwargs)
     return nll, count
 
-  def eval_step(params, batch, base=None):
+  def eval_step(params, batch, *frozen):
     if accum == 1:
-      return sums(params, batch, base)
+      return sums(params, batch, frozen)
 
     def body(carry, micro):
-      return jax.tree.map(jnp.add, carry, sums(params, micro, base)), None
+      return jax.tree.map(jnp.add, carry, sums(params, micro, frozen)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    (nll, count), _ = jax.lax.scan(body, (zero, zero), micro_batches(batch, accum))
-    return nll, count
+    micro = micro_batches(batch, accum)
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda b: sums(params, b, frozen),
+                                                       jax.tree.map(lambda x: x[0], micro)))
+    total, _ = jax.lax.scan(body, zero, micro)
+    return total
 
   return eval_step
 
@@ -336,14 +375,16 @@ def abstract_state(model_config: ModelConfig, tx: optax.GradientTransformation,
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def random_params(model_config: ModelConfig, shardings: Any, rng: jax.Array) -> Any:
-  """Random model parameters, as a new train state draws them from `rng`, each created in its sharding: a LoRA
-  run's base when it has no `init_from_hf`."""
-  def init(rng):
-    with nn.logical_axis_rules(()):
-      return params_lib.init_params(model_config, rng)
+def _random_params(model_config: ModelConfig, rng: jax.Array, mup_base_width: int) -> Any:
+  with nn.logical_axis_rules(()):
+    p = params_lib.init_params(model_config, rng)
+  return mup.scale_init(p, mup_base_width) if mup_base_width else p
 
-  return jax.jit(init, out_shardings=shardings)(rng)
+
+def random_params(model_config: ModelConfig, param_shardings: Any, rng: jax.Array, mup_base_width: int = 0) -> Any:
+  """The parameters `create_state` draws from `rng`, alone (no optimizer state), created in their shardings: a
+  LoRA run's base when it has no `init_from_hf`."""
+  return jax.jit(lambda r: _random_params(model_config, r, mup_base_width), out_shardings=param_shardings)(rng)
 
 
 def create_state(model_config: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
@@ -363,10 +404,7 @@ def create_state(model_config: ModelConfig, tx: optax.GradientTransformation, sh
     return jax.jit(init_adapters, out_shardings=shardings)(rng)
   if params is None:
     def init(rng):
-      with nn.logical_axis_rules(()):
-        p = params_lib.init_params(model_config, rng)
-      if mup_base_width:
-        p = mup.scale_init(p, mup_base_width)
+      p = _random_params(model_config, rng, mup_base_width)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
     return jax.jit(init, out_shardings=shardings)(rng)

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(ROOT, 'colabs')
-NOTEBOOKS = ('quickstart', 'hf_round_trip', 'scaling_laws', 'sharding')
+NOTEBOOKS = ('quickstart', 'hf_round_trip', 'scaling_laws', 'sharding', 'post_training')
 MAX_BYTES = 300_000
 
 
@@ -106,6 +106,19 @@ def test_sharding_places_parameters_and_steps(tmp_path):
   assert 'CPU 0' in out  # jax.debug.visualize_array_sharding's picture
   loss = number(r'loss ([\d.]+) \(the same batch', out)
   assert math.isfinite(loss) and loss < number(r'first step \(compiling\): [\d.]+ s, loss ([\d.]+)', out)
+
+
+def test_post_training_runs_sft_then_dpo(tmp_path):
+  notebook = execute('post_training', tmp_path)
+  out = texts(notebook)
+  assert images(notebook) == 1  # SFT loss, DPO loss, DPO rewards
+  assert "'The sky is blue.' + the end of turn" in out  # the mask: the reply and its end-of-turn token
+  first, last = number(r'SFT loss: ([\d.]+) at step', out), number(r'SFT loss: [\d.]+ at step \d+ -> ([\d.]+)', out)
+  assert last < first - 1.0 and math.isfinite(number(r'; eval loss ([\d.]+)', out))
+  assert abs(number(r'DPO loss at step 1: ([\d.]+)', out) - math.log(2)) < 1e-4  # the policy starts as its reference
+  assert number(r'\) -> ([\d.]+) at step', out) < math.log(2) - 0.05
+  assert number(r'rewards/accuracies ([\d.]+)', out) > 0.5 and number(r'rewards/margins ([\d.-]+)', out) > 0
+  assert re.search(r"^What color is the sky\?\s+'.*'\s*'.*'$", out, re.M), out  # a reply after each stage
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
