@@ -289,13 +289,13 @@ def setup_group(points: list[tuple[config_lib.RunConfig, ml_collections.ConfigDi
   stacked along a leading member axis. Every member must resume from the same step (GroupError otherwise)."""
   run = setup(*points[0])
   others = [_start_member(*point, run.tx, run.shardings, run.stream, run.tokenizer) for point in points[1:]]
-  starts = {m.workdir: start for m, _, start in [(run.members[0], None, run.start)] + others}
-  if len(set(starts.values())) > 1:
-    for member, _, _ in others:
+  starts = [run.start] + [start for _, _, start in others]
+  if len(set(starts)) > 1:
+    for member in run.members + [m for m, _, _ in others]:
       member.checkpointer.close()
-    run.checkpointer.close()
-    raise group_lib.GroupError(f'the members of the group resume from different steps ({starts}): train them '
-                               'one at a time (train_and_evaluate) until they agree')
+    where = ', '.join(f'{workdir}: step {start}' for (_, _, workdir), start in zip(points, starts))
+    raise group_lib.GroupError(f'the members of the group resume from different steps ({where}): train them one '
+                               'at a time (train_and_evaluate) until they agree')
   state = group_lib.stack([run.state] + [state for _, state, _ in others], run.shardings)
   logging.info('group of %d runs: one step vmapped over them', len(points))
   return dataclasses.replace(run, state=state, members=run.members + [m for m, _, _ in others])
@@ -389,12 +389,18 @@ def _train(configs, workdirs, *, stop_after):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _step_functions(run: Run):
+  """(train step, eval step), jitted, kept for later runs of this process with the same shape, optimizer settings
+  and group size: the points of one shape in a sweep reuse the compiled programs, whatever their learning rate
+  and schedule (inputs of the step, zeroed in the key)."""
+  static = dataclasses.replace(run.settings.optimizer, lr=0.0, lr_final_fraction=0.0, warmup_steps=0, steps=0)
+  return _jitted_steps(run.settings.model, static, run.settings.loss, run.mesh, run.rules, len(run.members))
+
+
 @functools.lru_cache(maxsize=16)
-def _step_functions(model_config: ModelConfig, optimizer: config_lib.OptimizerConfig, loss: config_lib.LossConfig,
-                    mesh: jax.sharding.Mesh, rules: Any, members: int):
-  """(train step, eval step), jitted, kept for the next run of this process with the same key: the points of one
-  shape in a sweep reuse the compiled programs (their schedules are inputs: `optimizer` comes with them zeroed).
-  `members` > 1: vmapped over a group's stacked state (the batch is the members' one)."""
+def _jitted_steps(model_config: ModelConfig, optimizer: config_lib.OptimizerConfig, loss: config_lib.LossConfig,
+                  mesh: jax.sharding.Mesh, rules: Any, members: int):
+  """`_step_functions`; `members` > 1: vmapped over a group's stacked state (the batch is the members' one)."""
   shardings = train_step.state_shardings(model_config, train_step.make_optimizer(optimizer), mesh, rules)
   batch_sharding, replicated = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
   step = train_step.make_train_step(model_config, optimizer, loss)
@@ -443,11 +449,18 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
         logging.warning('%s%s', label(k), error)
         outcomes[k] = error
 
+  def report(done: int, values_by_member: list[dict[str, float]], line) -> None:
+    """Each training member's values to its metrics.jsonl, its outcome and the log (`line(values)`)."""
+    for k, values in enumerate(values_by_member):
+      if isinstance(outcomes[k], dict):
+        writers[k].write(done, values)
+        logging.info(label(k) + line(values))
+        outcomes[k].update(values)
+
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       # The schedule (lr, warmup, length) is an input, not a constant: runs of one shape share the compiled step.
-      static = dataclasses.replace(settings.optimizer, lr=0.0, lr_final_fraction=0.0, warmup_steps=0, steps=0)
-      step_fn, eval_fn = _step_functions(settings.model, static, settings.loss, run.mesh, run.rules, len(members))
+      step_fn, eval_fn = _step_functions(run)
       optimizers = [m.settings.optimizer for m in members]
       horizon = jax.device_put(group_lib.horizon(optimizers) if grouped
                                else train_step.schedule_horizon(optimizers[0]), sharding.replicated(run.mesh))
@@ -464,20 +477,14 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
 
         if done % log_every == 0 or done == steps or stopping:
           diverged(nonfinite.check(step_metrics, done))
-          for k, values in enumerate(timer.collect(done, tokens_per_step, flops, peak, len(members))):
-            if isinstance(outcomes[k], dict):
-              writers[k].write(done, values)
-              logging.info(label(k) + metrics_lib.progress_line(done, steps, values, timer.eta(done, steps)))
-              outcomes[k].update(values)
+          report(done, timer.collect(done, tokens_per_step, flops, peak, len(members)),
+                 lambda v: metrics_lib.progress_line(done, steps, v, timer.eta(done, steps)))
 
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
           evaluated = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size)
-          for k, values in enumerate(evaluated if grouped else [evaluated]):
-            if isinstance(outcomes[k], dict):
-              writers[k].write(done, values)
-              logging.info('%sstep %d/%d | eval_loss %.4f | eval_perplexity %.2f', label(k), done, steps,
-                           values['eval_loss'], values['eval_perplexity'])
-              outcomes[k].update(values)
+          report(done, evaluated if grouped else [evaluated],
+                 lambda v: f'step {done}/{steps} | eval_loss {v["eval_loss"]:.4f} | eval_perplexity '
+                           f'{v["eval_perplexity"]:.2f}')
           timer.restart(done)  # keep eval time out of the step timings
 
         if ckpt.due(done) or done == steps or stopping:
