@@ -40,20 +40,24 @@ A sweep file's `get_config()` returns an ml-collections config with
   sizes between and beyond them get a rate too (within the grid's range). No `lr_sweep.sizes`: train.lr.
 * `axes`: any other config values to sweep (`axes.train.lr = (1e-3, 3e-3)`): every combination is a point.
 * `max_epochs`: a point that would see the training corpus more often than this is an error at planning time.
+* `group_size`: train up to this many points at once, as one step vmapped over them (`qwenjax.train.train_group`):
+  within a stage and budget, points that differ only in `qwenjax.group.MEMBER_KEYS` (learning rate and schedule),
+  e.g. the lr stage's points of one size (`groups`). 0 (default): one point at a time.
 * `estimate`: the plan's GPU-time assumptions (`ESTIMATE`'s keys), for `plan_table` and `pieces`.
 
 Every point is trained by `qwenjax.train.train_and_evaluate` (the code of `python -m qwenjax.train`) in
-`DIR/<name>/`, evaluated once at its end. All points share the tokenizer and the tokenized corpus
-(`data.prepared_dir`, by default `DIR/prepared`) and one compilation cache (`DIR/compilation_cache`). Each
-finished point appends one line to `DIR/results.jsonl`: `name`, `stage` ('lr', 'isoflop' or 'tokens'), `params`
-(the N of the fits, as `counting` says), `params_with_head`, `params_non_embedding`, `params_total`, `tokens` (D),
-`flops` (C as counted: tokens x flops_per_token), `flops_actual` (what the step computes), `budget`,
-`eval_loss` (final), `overrides` (the point's config values), `code` (`code_version`: the sources' hash, the git
-commit, the jax version), and `epochs`, `mfu`, `tokens_per_sec`, `seconds`. Running the same command again skips
-finished points and resumes an interrupted one from its last checkpoint, under the same code only: a sweep with
-finished or started points refuses other sources or another jax (`CodeVersionError`, naming the files) unless
-`allow_code_change`, which records the change in sweep.json's `code_history`. `check` retrains committed points
-and compares their eval losses.
+`DIR/<name>/`, evaluated once at its end (a group's members each in their own). All points share the tokenizer and
+the tokenized corpus (`data.prepared_dir`, by default `DIR/prepared`; its files listed once per command,
+`documents.fixed_listing`) and one compilation cache (`DIR/compilation_cache`). Each finished point appends one line
+to `DIR/results.jsonl`: `name`, `stage` ('lr', 'isoflop' or 'tokens'), `params` (the N of the fits, as `counting`
+says), `params_with_head`, `params_non_embedding`, `params_total`, `tokens` (D), `flops` (C as counted: tokens x
+flops_per_token), `flops_actual` (what the step computes), `budget`, `eval_loss` (final), `overrides` (the point's
+config values), `code` (`code_version`: the sources' hash, the git commit, the jax version), and `epochs`, `mfu`,
+`tokens_per_sec`, `seconds` (a grouped point's: its group's, with `group` naming the members). Running the same
+command again skips finished points and resumes an interrupted one from its last checkpoint, under the same code
+only: a sweep with finished or started points refuses other sources or another jax (`CodeVersionError`, naming the
+files) unless `allow_code_change`, which records the change in sweep.json's `code_history`. `check` retrains
+committed points and compares their eval losses.
 
 `--emit` prints one `python -m qwenjax.train ...` command per unfinished point instead (for a cluster queue),
 after preparing the shared tokenizer and corpus; `plan_table` is the plan as a table (N, D, steps, epochs,
@@ -91,6 +95,7 @@ from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
+from qwenjax import documents
 from qwenjax import group as group_lib
 from qwenjax import metrics as metrics_lib
 from qwenjax import scaling
@@ -755,6 +760,16 @@ def _after_lr_stage(sweep: ml_collections.ConfigDict, workdir: str, points: list
   return points, choice
 
 
+def _one_listing(fn):
+  """`fn` under `documents.fixed_listing`: the corpus's files are listed and stat'ed once for all its points."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with documents.fixed_listing():
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+@_one_listing
 def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...] = (),
         allow_code_change: bool = False) -> list[dict[str, Any]]:
   """Trains every unfinished point (or those named in `only`), appending to DIR/results.jsonl; returns the
@@ -813,6 +828,7 @@ def plan_differences(planned: Mapping[str, Any], committed: Mapping[str, Any]) -
   return out
 
 
+@_one_listing
 def check(sweep: ml_collections.ConfigDict, workdir: str, reference: str, names: Sequence[str], *,
           tolerance: float = 0.02, allow_code_change: bool = False) -> list[dict[str, Any]]:
   """Retrains points of a committed sweep (`reference`: its directory, with results.jsonl and sweep.json) in

@@ -354,10 +354,18 @@ def test_points_that_differ_only_in_lr_form_groups_with_a_shared_estimate(prepar
 
 
 @pytest.mark.slow
-def test_an_lr_stage_trained_in_groups_records_what_its_points_give_alone(prepared_dir, tmp_path):
+def test_an_lr_stage_trained_in_groups_records_what_its_points_give_alone(prepared_dir, tmp_path, monkeypatch):
+  """The lr stage's points of one size, trained as one group, record what each gives alone. A sweep lists its
+  corpus's files once (each glob expanded once), not once or more per point."""
+  from qwenjax import documents  # pylint: disable=g-import-not-at-top
   sweep = lr_staged_sweep(prepared_dir)
   names = tuple(p.name for p in sweep_lib.plan(sweep, str(tmp_path))[:3])  # size 1 at three rates
+  globs = []
+  original = documents.glob.glob
+  monkeypatch.setattr(documents.glob, 'glob', lambda pattern, **kw: globs.append(pattern) or original(pattern, **kw))
   alone = {r['name']: r for r in sweep_lib.run(sweep, str(tmp_path / 'alone'), only=names)}
+  data = sweep.overrides.data
+  assert [g for g in globs if g in (data.train_files, data.eval_files)] == [data.train_files, data.eval_files]
   sweep.group_size = 4
   grouped = {r['name']: r for r in sweep_lib.run(sweep, str(tmp_path / 'grouped'), only=names)}
   assert sorted(grouped) == sorted(alone) == sorted(names)
