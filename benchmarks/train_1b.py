@@ -126,7 +126,7 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
   abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding) for k, x in batches[0].items()}
   start = time.perf_counter()
   run, compiled, choice = fit.fit_step(run, mesh=mesh, rules=rules, tx=tx, shardings=shardings, batch=abstract,
-                                       jit_step=lambda s: train.jit_train_step(s, mesh, shardings, batch_sharding))
+                                       jit_step=lambda s: train.jitted_steps(s, mesh, rules)[0])
   v.update(seq_len=seq_len, model=run.model, compile_s=time.perf_counter() - start, data=batches_file or 'random',
            loss_chunk=int(config.train.loss_chunk), logits_dtype=config.train.logits_dtype, horizon=horizon,
            micro=v['batch'] // choice.grad_accum_steps, remat=choice.remat_policy, needed_gib=choice.needed / 2**30,

@@ -381,8 +381,8 @@ def fit_step(settings: RunConfig, *, mesh: jax.sharding.Mesh, rules: sharding.Ru
   limit = device_memory(settings.fit, mesh.devices)
   replicated = sharding.replicated(mesh)
   state = train_step.abstract_state(settings.model, tx, shardings, settings.lora)
-  horizon = {k: jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-             for k in train_step.schedule_horizon(settings.optimizer)}
+  horizon = {k: jax.ShapeDtypeStruct((), np.asarray(v).dtype, sharding=replicated)
+             for k, v in train_step.schedule_horizon(settings.optimizer).items()}
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   # The model's parameters: the state's, or with LoRA the frozen base (the state then holds the adapters).
   params = frozen[0] if frozen else state.params

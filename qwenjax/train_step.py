@@ -48,14 +48,16 @@ class TrainState:
   opt_state: Any
 
 
-def schedule_horizon(optimizer: OptimizerConfig) -> dict[str, np.int32]:
-  """`{'warmup_steps', 'steps'}` of the schedule as int32 scalars: the train step's `horizon` argument.
+def schedule_horizon(optimizer: OptimizerConfig) -> dict[str, np.ndarray]:
+  """The schedule's values as scalars: `warmup_steps`, `steps` (int32), `lr`, `lr_final_fraction` (float32): the
+  train step's `horizon` argument.
 
-  The schedule's length is an input of the compiled step, not a constant in it, so runs that differ only in their
-  step counts (the points of one model shape in a scaling sweep) run one compiled program and share it through
-  the compilation cache.
+  They are inputs of the compiled step, not constants in it, so runs that differ only in them (the points of one
+  model shape in a scaling sweep: their lengths, warmups and learning rates) run one compiled program and share
+  it through the compilation cache; a group of such runs (`qwenjax.train.train_group`) stacks them.
   """
-  return {'warmup_steps': np.int32(optimizer.warmup_steps), 'steps': np.int32(optimizer.steps)}
+  return {'warmup_steps': np.int32(optimizer.warmup_steps), 'steps': np.int32(optimizer.steps),
+          'lr': np.float32(optimizer.lr), 'lr_final_fraction': np.float32(optimizer.lr_final_fraction)}
 
 
 def learning_rate_schedule(optimizer: OptimizerConfig, horizon: Mapping[str, Any] | None = None
@@ -64,14 +66,16 @@ def learning_rate_schedule(optimizer: OptimizerConfig, horizon: Mapping[str, Any
 
   The values of optax's `warmup_cosine_decay_schedule(0, lr, warmup, max(steps, warmup + 1), ...)` and of
   `join_schedules` of `linear_schedule(0, lr, max(warmup, 1))` and `constant_schedule(lr)`. `horizon`
-  (`schedule_horizon`; None: the optimizer's own) may hold traced values, which the train step passes: optax's
-  schedule constructors need Python ints (they branch on them and raise on tracers), so the schedule is written
-  out here in jnp. (OptimizerConfig has checked that `lr_schedule` is one of the two.)
+  (`schedule_horizon`; None: the optimizer's own) gives lr, its final fraction, warmup and length, and may hold
+  traced values, which the train step passes: optax's schedule constructors need Python ints (they branch on them
+  and raise on tracers), so the schedule is written out here in jnp. (OptimizerConfig has checked that
+  `lr_schedule` is one of the two.)
   """
-  kind, lr, final = optimizer.lr_schedule, optimizer.lr, optimizer.lr_final_fraction
+  kind = optimizer.lr_schedule
   horizon = schedule_horizon(optimizer) if horizon is None else horizon
 
   def schedule(step):
+    lr, final = jnp.asarray(horizon['lr'], jnp.float32), jnp.asarray(horizon['lr_final_fraction'], jnp.float32)
     step = jnp.asarray(step, jnp.float32)
     warmup = jnp.asarray(horizon['warmup_steps'], jnp.float32)
     warming = lr * step / jnp.maximum(warmup, 1.0)
@@ -210,7 +214,8 @@ def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss:
   axis rules.
 
   The optimizer is `make_optimizer(optimizer, horizon)`, with `horizon = schedule_horizon(optimizer)` passed at
-  each call (replicated int32 scalars): one compiled step serves every `train.steps` and `train.warmup_steps`.
+  each call (replicated scalars): one compiled step serves every `train.steps`, `train.warmup_steps`, `train.lr`
+  and `train.lr_final_fraction`.
 
   With `loss.grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole

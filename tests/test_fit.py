@@ -144,7 +144,7 @@ def _needed(config) -> int:
   batch_sharding = sharding.batch_sharding(mesh, rules)
   _, _, choice = fit.fit_step(s, mesh=mesh, rules=rules, tx=tx, shardings=shardings,
                               batch=train.abstract_batch(s, batch_sharding),
-                              jit_step=lambda s: train.jit_train_step(s, mesh, shardings, batch_sharding))
+                              jit_step=lambda s: train.jitted_steps(s, mesh, rules)[0])
   return choice.needed
 
 

@@ -215,8 +215,8 @@ def test_unknown_config_key_on_the_command_line():
 def test_sigterm_saves_a_checkpoint_and_a_run_of_the_same_shape_compiles_nothing_new(tmp_path, tokenizer_file):
   """`python -m qwenjax.train` as users run it, SIGTERM (preemption) mid-run: a checkpoint, the lock released, the
   compiled step kept for the next run (train.compilation_cache_dir='workdir'). Then a second run of the same shape
-  with other steps and warmup on that cache (as the points of one shape in a sweep share one): it compiles nothing
-  new, and its learning rate follows its own schedule."""
+  with other steps, warmup and learning rate on that cache (as the points of one shape in a sweep share one): it
+  compiles nothing new, and its learning rate follows its own schedule."""
   from qwenjax import train_step  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   command, env = train_command(workdir, tiny_overrides(tokenizer_file))
@@ -239,7 +239,8 @@ def test_sigterm_saves_a_checkpoint_and_a_run_of_the_same_shape_compiles_nothing
   assert any(name.startswith('jit_train_step') for name in entries), entries
 
   overrides = dict(tiny_overrides(tokenizer_file), **{
-      'train.steps': 5, 'train.warmup_steps': 3, 'train.compilation_cache_dir': cache})
+      'train.steps': 5, 'train.warmup_steps': 3, 'train.lr': 1e-3, 'train.lr_final_fraction': 0.5,
+      'train.compilation_cache_dir': cache})
   command, env = train_command(str(tmp_path / 'other'), overrides)
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
@@ -276,8 +277,8 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, tokenizer_file, monkeypat
 
 
 def test_one_compiled_train_step_serves_every_schedule_length():
-  """`train.steps` and `train.warmup_steps` are inputs of the jitted step: one trace, and AdamW steps with the
-  learning rate of the horizon it is given."""
+  """`train.steps`, `train.warmup_steps`, `train.lr` and `train.lr_final_fraction` are inputs of the jitted step:
+  one trace, and AdamW steps with the learning rate of the horizon it is given."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from qwenjax import sharding, train_step  # pylint: disable=g-import-not-at-top
@@ -299,8 +300,8 @@ def test_one_compiled_train_step_serves_every_schedule_length():
                    out_shardings=(shardings, None))
     initial = train_step.create_state(model_config, tx, shardings, rng=jax.random.key(0))
     first = jax.device_get(initial.params)
-    for warmup, steps in ((0, 10), (2, 10), (3, 50)):
-      train = dataclasses.replace(run.optimizer, warmup_steps=warmup, steps=steps)
+    for warmup, steps, lr, final in ((0, 10, 3e-3, 0.1), (2, 10, 1e-2, 0.1), (3, 50, 3e-3, 0.5), (0, 4, 1e-3, 0.0)):
+      train = dataclasses.replace(run.optimizer, warmup_steps=warmup, steps=steps, lr=lr, lr_final_fraction=final)
       state = initial
       schedule = train_step.learning_rate_schedule(train)
       for k in range(3):

@@ -164,10 +164,44 @@ def _kernels(config: _Config):
   return impl
 
 
+def _batch_folded(fn, shared: int):
+  """`fn(*arrays, config)`, whose arrays (or None) all lead with the batch axis but the one at position `shared`
+  (the query offset, the same for every row), made so that `jax.vmap` folds the mapped axis into the batch: one
+  kernel over K x batch rows rather than a grid axis jax adds per vmapped kernel. A group of training runs
+  (`qwenjax.train.train_group`) vmaps the whole step over its members; inputs the members share (their
+  segment_ids) are repeated for each."""
+
+  @functools.lru_cache(maxsize=None)
+  def for_config(config: _Config):
+    @jax.custom_batching.custom_vmap
+    def call(*arrays):
+      return fn(*arrays, config)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, *arrays):
+      def fold(i, x, batched):
+        if x is None:
+          return None
+        if i == shared:
+          if batched:
+            raise NotImplementedError('a query offset that differs between vmapped members')
+          return x
+        x = x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+        return x.reshape((axis_size * x.shape[1],) + x.shape[2:])
+
+      out = call(*map(fold, range(len(arrays)), arrays, in_batched))
+      unfold = lambda y: y.reshape((axis_size, y.shape[0] // axis_size) + y.shape[1:])
+      return jax.tree.map(unfold, out), jax.tree.map(lambda _: True, out)
+
+    return call
+
+  return lambda *args: for_config(args[-1])(*args[:-1])
+
+
 # The kernels sit behind jax.jit so that every layer's call site (unrolled layers, rematerialization) shares one
 # traced and lowered kernel instead of compiling its own copy. `q_offset`: None, or an int32 `[1]` array.
 @functools.partial(jax.jit, static_argnums=(5,))
-def _forward(q, k, v, segment_ids, q_offset, config: _Config):
+def _forward_kernel(q, k, v, segment_ids, q_offset, config: _Config):
   impl = _kernels(config)
   return impl.forward(q, k, v, segment_ids, window=config.window, blocks=config.blocks,
                       interpret=config.interpret, **_offset(q_offset))
@@ -176,6 +210,9 @@ def _forward(q, k, v, segment_ids, q_offset, config: _Config):
 def _offset(q_offset) -> dict:
   """The kernels' keyword for a query offset; none without one, so their code is what it was without offsets."""
   return {} if q_offset is None else {'q_offset': q_offset}
+
+
+_forward = _batch_folded(_forward_kernel, shared=4)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -193,11 +230,14 @@ def _attention_fwd(q, k, v, segment_ids, q_offset, config: _Config):
 
 
 @functools.partial(jax.jit, static_argnums=(8,))
-def _backward(q, k, v, segment_ids, q_offset, d_out, out, lse, config: _Config):
+def _backward_kernels(q, k, v, segment_ids, q_offset, d_out, out, lse, config: _Config):
   # delta = rowsum(dO * O): one fused XLA pass, laid out [batch, heads, seq] like lse.
   delta = jnp.einsum('bshd,bshd->bhs', d_out.astype(jnp.float32), out.astype(jnp.float32))
   return _kernels(config).backward(q, k, v, segment_ids, d_out.astype(q.dtype), lse, delta, window=config.window,
                                    blocks=config.blocks, interpret=config.interpret, **_offset(q_offset))
+
+
+_backward = _batch_folded(_backward_kernels, shared=4)
 
 
 def _attention_bwd(config: _Config, residuals, d_out):
