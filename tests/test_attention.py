@@ -244,6 +244,7 @@ def test_pallas_under_mesh_with_sharded_length_is_context_parallel():
     # train step runs it (gradients checked too).
     (True, True),
 ])
+@pytest.mark.slow
 def test_model_with_pallas_tpu_equals_xla_model(scan_layers, sharded):
   cfg = ModelConfig(
       vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

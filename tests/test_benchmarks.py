@@ -25,6 +25,7 @@ def _run(script, *args):
   return done.stdout
 
 
+@pytest.mark.slow
 def test_train_benchmark_times_and_profiles_a_step(tmp_path):
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m2_acts_xla_unrolled',
              '--steps', '1', '--warmup', '1', '--set', 'train.loss_chunk=64', '--set=train.logits_dtype=bfloat16',
@@ -58,6 +59,7 @@ def test_train_benchmark_rejects_a_bad_variant_name(tmp_path):
   assert not (tmp_path / 'train_1b.jsonl').exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_peer_benchmark_runs_on_cpu(tmp_path):
   _run('hf_peer_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--attn', 'sdpa', '--batch', '2',
        '--micro-batch', '1', '--seq-len', '64', '--steps', '1', '--warmup', '1', '--device', 'cpu',
@@ -136,6 +138,7 @@ def test_loss_benchmark_times_both_ways_on_cpu(tmp_path):
   assert all(r['ms'] > 0 and r['rel_err'] < 1e-2 for r in results), results
 
 
+@pytest.mark.slow
 def test_step_benchmarks_train_on_saved_packed_documents(saved_documents, tmp_path):
   docs = saved_documents[2]
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m1_acts_xla_unrolled',

@@ -105,6 +105,7 @@ def test_lowers_for_a_gpu_from_this_cpu():
     assert 'decode_attention' in text and 'triton' in text
 
 
+@pytest.mark.slow
 def test_decode_check_script_runs_on_cpu():
   """benchmarks/decode_check_gpu.py (run on a GPU for docs/generation.md), here with the interpreted kernel."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))

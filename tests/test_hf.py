@@ -26,6 +26,7 @@ def random_ids(shape, vocab, seed=0):
   return np.random.RandomState(seed).randint(0, vocab, shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(PARITY_CASES))
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_load_transformers_checkpoint_gives_same_logits(tmp_path, case, scan_layers):
@@ -42,6 +43,7 @@ def test_load_transformers_checkpoint_gives_same_logits(tmp_path, case, scan_lay
   assert hf_utils.relative_error(logits, expected) < 1e-4
 
 
+@pytest.mark.slow
 def test_sliding_window_is_read_and_matters(tmp_path):
   torch_model = hf_utils.random_qwen2(seed=2, **PARITY_CASES['tied_sliding_gqa'])
   torch_model.save_pretrained(tmp_path)
@@ -57,6 +59,7 @@ def test_sliding_window_is_read_and_matters(tmp_path):
   assert np.abs(windowed[:, 3:] - full[:, 3:]).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(PARITY_CASES))
 def test_saved_params_load_in_transformers(tmp_path, case):
   config = hf.config_from_hf({'model_type': 'qwen2', **hf_utils.tiny_hf_config(**PARITY_CASES[case])})
@@ -74,6 +77,7 @@ def test_saved_params_load_in_transformers(tmp_path, case):
   assert hf_utils.relative_error(logits, expected) < 1e-4
 
 
+@pytest.mark.slow
 def test_sharded_bf16_round_trip(tmp_path):
   torch_model = hf_utils.random_qwen2(seed=5, tie_word_embeddings=False).to(torch.bfloat16)
   torch_model.save_pretrained(tmp_path / 'hf', max_shard_size='40KB')

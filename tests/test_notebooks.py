@@ -57,6 +57,7 @@ def number(pattern: str, text: str) -> float:
   return float(match[1])
 
 
+@pytest.mark.slow
 def test_quickstart_trains_plots_and_samples(tmp_path):
   notebook = execute('quickstart', tmp_path)
   out = texts(notebook)
@@ -73,6 +74,7 @@ def test_quickstart_trains_plots_and_samples(tmp_path):
   assert any(len(sample.strip()) > len(prompt.strip()) for prompt, sample in zip(prompts, samples)), samples
 
 
+@pytest.mark.slow
 def test_hf_round_trip_matches_transformers(tmp_path):
   notebook = execute('hf_round_trip', tmp_path)
   out = texts(notebook)
@@ -82,6 +84,7 @@ def test_hf_round_trip_matches_transformers(tmp_path):
   assert number(r'exported checkpoint: logits max relative difference: ([\d.e+-]+)', out) < 1e-6
 
 
+@pytest.mark.slow
 def test_scaling_laws_sweeps_and_fits(tmp_path):
   notebook = execute('scaling_laws', tmp_path)
   out = texts(notebook)
@@ -95,6 +98,7 @@ def test_scaling_laws_sweeps_and_fits(tmp_path):
   assert a + b == pytest.approx(1.0, abs=0.011)  # C = 6 N D: the two exponents add up to 1
 
 
+@pytest.mark.slow
 def test_sharding_places_parameters_and_steps(tmp_path):
   notebook = execute('sharding', tmp_path)
   out = texts(notebook)

@@ -284,8 +284,11 @@ def run_config(model_dir: str, fmt: str, train_file: str, init: str, **train_ove
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('fmt, init', [('chat', 'hf'), ('preference', 'random')])
-def test_runs_resume_exactly_and_dpo_starts_at_ln2(tmp_path, chat_model, fmt, init):
+@pytest.mark.parametrize('fmt, init, lora_rank', [('chat', 'hf', 0), ('preference', 'random', 0),
+                                                  ('preference', 'hf', 4)])
+def test_runs_resume_exactly_and_dpo_starts_at_ln2(tmp_path, chat_model, fmt, init, lora_rank):
+  """SFT and DPO runs resume exactly; DPO starts at ln 2 (the policy is its reference), with LoRA too (the
+  reference is the base without adapters, which start at zero), and its rewards move once the policy trains."""
   rng = np.random.default_rng(2)
   path = tmp_path / 'records.jsonl'
   with open(path, 'w') as f:
@@ -296,7 +299,7 @@ def test_runs_resume_exactly_and_dpo_starts_at_ln2(tmp_path, chat_model, fmt, in
       record = ({'messages': question + answer(a + b)} if fmt == 'chat' else
                 {'prompt': question, 'chosen': answer(a + b), 'rejected': answer(a + b + 1 + i % 3)})
       f.write(json.dumps(record) + '\n')
-  config = run_config(chat_model, fmt, str(path), init)
+  config = run_config(chat_model, fmt, str(path), init, lora_rank=lora_rank)
   config.data.eval_files = str(path)  # evaluated at the end, in the same format
   config.train.update(eval_every=0, eval_steps=1)
   straight = str(tmp_path / 'straight')
@@ -307,6 +310,7 @@ def test_runs_resume_exactly_and_dpo_starts_at_ln2(tmp_path, chat_model, fmt, in
     # The policy is its reference: rewards zero up to rounding (which is all rewards/accuracies would count).
     assert abs(expected[0]['rewards/chosen']) < 1e-5 and abs(expected[0]['rewards/margins']) < 1e-5
     assert {'rewards/chosen', 'rewards/rejected', 'logps/chosen', 'logps/rejected', 'pairs'} <= set(expected[0])
+    assert abs(expected[-1]['rewards/margins']) > 1e-4, expected[-1]  # trained away from the reference
   assert all(r['target_tokens'] > 0 for r in expected) and 'trained_tokens_per_sec' in expected[-1]
   resumed = str(tmp_path / 'resumed')
   train.train_and_evaluate(config, resumed, stop_after=3)

@@ -100,6 +100,7 @@ print('RESULT', dict(mesh.shape), hosts, float(total))
 """
 
 
+@pytest.mark.slow
 def test_two_hosts_as_two_slices():
   """Two processes of 4 CPU devices with mesh.dcn_data=2: hosts are the slices (no slice_index), each one
   half of the data axis, and a reduction across them is right."""
@@ -193,6 +194,7 @@ def reference(setup):
   return run_steps(*setup, (8, 1, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh_sizes,accum', [((1, 8, 1), 1), ((2, 2, 2), 1), ((1, 4, 2), 1), ((8, 1, 1), 2)])
 def test_same_losses_on_every_mesh(setup, reference, mesh_sizes, accum):
   losses = run_steps(*setup, mesh_sizes, grad_accum_steps=accum)
@@ -207,6 +209,7 @@ def moe_params():
   return random_params(MOE_MODEL, seed=1)
 
 
+@pytest.mark.slow
 def test_moe_train_step_is_the_same_on_expert_meshes(setup, moe_params):
   """Qwen2-MoE through the real train step: expert parallelism (all-to-all) changes no number."""
   batches = setup[1]

@@ -106,6 +106,7 @@ def read_lines(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_sweep_runs_resumes_fits_and_emits(prepared_dir, tmp_path):
   sweep = tiny_sweep(prepared_dir)
   workdir = str(tmp_path / 'sweep')
@@ -161,6 +162,7 @@ def test_sweep_runs_resumes_fits_and_emits(prepared_dir, tmp_path):
   assert values.config.model.hidden_size == 16 and values.config.train.steps == want.train.steps
 
 
+@pytest.mark.slow
 def test_a_diverging_point_is_recorded_and_the_sweep_goes_on(prepared_dir, tmp_path):
   """A learning rate that blows up is a result of a sweep: recorded (eval_loss null, `diverged`), not retrained
   by a rerun, left out of the fits; the other points run. A results line cut short by a kill is left out."""

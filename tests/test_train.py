@@ -35,6 +35,7 @@ def _collect_abandoned_reads():
   gc.collect()
 
 
+@pytest.mark.slow
 def test_training_on_the_default_corpus_beats_the_unigram_entropy(tmp_path):
   config = small_config()  # tokenizer='train': trained on the stdlib files into the workdir
   workdir = str(tmp_path / 'run')
@@ -71,6 +72,7 @@ def uninterrupted(tmp_path_factory, tokenizer_file):
   return config, workdir, losses(read_metrics(workdir))
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, uninterrupted):
   config, _, expected = uninterrupted
   config = config.copy_and_resolve_references()
@@ -95,6 +97,7 @@ def test_profile_steps_writes_a_trace_that_profile_summary_reads(uninterrupted):
   assert done.stdout.startswith('GPU: wall') and '| ms/step | launches |' in done.stdout
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted, caplog):
   config, source_dir, expected = uninterrupted
   workdir = str(tmp_path / 'run')
@@ -141,6 +144,7 @@ def test_checkpoint_of_the_other_layer_layout_names_scan_layers():
     checkpoint.check_shapes(unrolled, stacked, 'checkpoint 4')
 
 
+@pytest.mark.slow
 def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
   import jax  # pylint: disable=g-import-not-at-top
   from qwenjax import hf, model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
@@ -202,6 +206,7 @@ def test_clear_errors(tmp_path, tokenizer_file, change, error, message):
     train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_unknown_config_key_on_the_command_line():
   argv = ['train', f'--config={TINY}', '--workdir=/tmp/x', '--config.train.steps=5',
           '--config.train.lr_shedule=x']
@@ -212,6 +217,7 @@ def test_unknown_config_key_on_the_command_line():
   # On the command line (one error line, status 2): tests/test_cli.py.
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_a_run_of_the_same_shape_compiles_nothing_new(tmp_path, tokenizer_file):
   """`python -m qwenjax.train` as users run it, SIGTERM (preemption) mid-run: a checkpoint, the lock released, the
   compiled step kept for the next run (train.compilation_cache_dir='workdir'). Then a second run of the same shape
@@ -276,6 +282,7 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, tokenizer_file, monkeypat
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released
 
 
+@pytest.mark.slow
 def test_one_compiled_train_step_serves_every_schedule_length():
   """`train.steps`, `train.warmup_steps`, `train.lr` and `train.lr_final_fraction` are inputs of the jitted step:
   one trace, and AdamW steps with the learning rate of the horizon it is given."""
