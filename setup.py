@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-        'test': ['pytest', 'transformers>=4.45', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel'],
+        # trl: the SFT and DPO references of tests/test_post_training.py (it needs Python >= 3.11; skipped before).
+        'test': ['pytest', 'transformers>=4.45', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel',
+                 'trl==1.16.0; python_version >= "3.11"'],
         'cuda': ['jax[cuda13]'],
         'tpu': ['jax[tpu]'],
     },

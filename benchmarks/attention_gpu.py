@@ -4,6 +4,7 @@ Run on a Hopper GPU (jax with CUDA), from the repository root after `pip install
 docs/performance.md):
 
     python benchmarks/attention_gpu.py --check            # correctness on fresh random bf16/fp32 inputs
+                                                          # (cases 10-13: query chunks at an offset)
     python benchmarks/attention_gpu.py --bench --out DIR  # the issue-5 timing table (markdown, last)
     python benchmarks/attention_gpu.py --bench --only ours cuDNN --profile  # and the time of each kernel
 
@@ -71,6 +72,14 @@ def check(args) -> bool:
       (2, 4096, 16, 4, 128, None, 600, jnp.bfloat16, 'mosaic'),  # the same, plain causal
       (1, 2000, 8, 2, 128, 500, -300, jnp.bfloat16, 'mosaic'),  # ids not ascending: mask everything
   ]
+  # Context parallelism's chunks (q_offset): (first row, rows) of the queries, against the whole sequence.
+  chunks = dict(zip(range(len(cases), len(cases) + 4), [(0, 256), (1024, 512), (3584, 512), (256, 128)]))
+  cases += [
+      (2, 2048, 14, 2, 128, 300, 0, jnp.bfloat16, 'mosaic'),  # the first chunk, window
+      (1, 4096, 16, 4, 128, 1024, 900, jnp.bfloat16, 'mosaic'),  # a middle chunk, window, documents
+      (1, 4096, 16, 4, 128, None, 0, jnp.bfloat16, 'mosaic'),  # the last chunk, plain causal
+      (1, 1024, 4, 2, 128, 100, 250, jnp.float32, 'triton'),  # fp32 path
+  ]
   ok = True
   results = []
   for i, (b, s, hq, hkv, d, w, doc_len, dtype, backend) in enumerate(cases):
@@ -83,6 +92,11 @@ def check(args) -> bool:
       fn = functools.partial(flash_gpu.flash_attention, sliding_window=w, segment_ids=seg, backend=backend,
                              block_sizes=_blocks(args) if backend == 'mosaic' else None)
       ref_fn = functools.partial(xla_attention, sliding_window=w, segment_ids=seg)
+      if i in chunks:  # queries of rows first .. first + rows - 1 only, at a traced offset
+        first, rows = chunks[i]
+        fn = functools.partial(lambda f, q, k, v: f(q[:, first:first + rows], k, v, q_offset=jnp.int32(first)), fn)
+        ref_fn = functools.partial(lambda f, q, k, v: f(q, k, v)[:, first:first + rows], ref_fn)
+        do = do[:, first:first + rows]
 
       @jax.jit
       def ours(q, k, v, do):
@@ -106,6 +120,7 @@ def check(args) -> bool:
       errs, passed = [repr(e)[:400]], False
     ok &= passed
     line = dict(case=i, blocks=args.blocks, b=b, s=s, hq=hq, hkv=hkv, d=d, window=w, doc_len=doc_len,
+                q_chunk=chunks.get(i),
                 dtype=jnp.dtype(dtype).name, backend=backend, errors_out_dq_dk_dv=errs, passed=passed,
                 seconds=round(time.perf_counter() - t0, 1))
     results.append(line)

@@ -6,14 +6,19 @@ donation. Batches are random token ids without packing (cuDNN attention cannot m
 grain is needed; or, with `--batches_file` (from `data_throughput.py --save`), packed documents of the main job's
 pipeline, with segment ids and positions, as `python -m qwenjax.train` trains on (use a `pallas` variant).
 A variant's name fixes the global batch, the micro-batch (grad accumulation), the remat policy, the attention
-kernel and scanned or unrolled layers (`parse_variant`); MFU counts `qwenjax.metrics.flops_per_token` against
-the device's bf16 peak (989 TFLOP/s on an H100). From the repository root after `pip install -e .`:
+kernel and scanned or unrolled layers (`parse_variant`); `mauto` and `auto` leave the micro-batch and the policy to
+`qwenjax.fit`, as the main job's defaults do, and the result records what it chose. MFU counts
+`qwenjax.metrics.flops_per_token` against the device's bf16 peak (989 TFLOP/s on an H100). From the repository
+root after `pip install -e .`:
 
     python benchmarks/train_1b.py --out /tmp/bench            # DEFAULT_VARIANTS, a table at the end
     python benchmarks/train_1b.py --variants b4_m1_none_cudnn  # others
     python benchmarks/train_1b.py --variants b4_m4_dots_cudnn --profile  # and where the GPU time goes
+    python benchmarks/train_1b.py --variants b16_mauto_auto_pallas_unrolled,b16_m4_acts_pallas_unrolled  # 'auto'
     python benchmarks/train_1b.py --variants b4_m4_acts_cudnn_unrolled --set train.loss_chunk=4096  # config values
     python benchmarks/train_1b.py --config configs/tiny.py --variants b2_m1_none_xla  # a CPU smoke run
+    python benchmarks/train_1b.py --variants b1_m1_acts_pallas_unrolled --set data.seq_len=131072 \
+        --set mesh.fsdp=1 --set mesh.context=8   # one 128k-token sequence over 8 GPUs (context parallelism)
     python benchmarks/data_throughput.py --batch_size 4 --batches 8 --save /tmp/docs.npz   # packed documents:
     python benchmarks/train_1b.py --variants b4_m4_acts_pallas_unrolled --batches_file /tmp/docs.npz
 
@@ -32,13 +37,14 @@ import sys
 import time
 import traceback
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from qwenjax import config as config_lib
+from qwenjax import fit
 from qwenjax import metrics
 from qwenjax import sharding
+from qwenjax import train
 from qwenjax import train_step
 
 import profile_summary  # benchmarks/, next to this script
@@ -47,22 +53,25 @@ from timing import packed_batches  # benchmarks/
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 REMAT = {'none': 'none', 'full': 'full', 'dots': 'dots_with_no_batch_dims_saveable',
-         'dotsattn': 'dots_and_attention_saveable', 'acts': 'activations_saveable'}
+         'dotsattn': 'dots_and_attention_saveable', 'acts': 'activations_saveable', 'attn': 'attention_saveable',
+         'auto': 'auto'}
 ATTENTION = {'cudnn': 'cudnn', 'pallas': 'pallas_gpu', 'xla': 'xla'}
 DEFAULT_VARIANTS = ('b4_m4_acts_cudnn_unrolled', 'b4_m4_dotsattn_cudnn_unrolled', 'b4_m4_dots_cudnn')
 
 
 def parse_variant(name: str) -> dict:
   """'b{batch}_m{micro}_{remat}_{attention}[_unrolled]', e.g. b4_m4_dots_cudnn: global batch 4, micro-batch 4,
-  remat 'dots' (see REMAT), cuDNN attention (see ATTENTION), scanned layers unless '_unrolled'."""
+  remat 'dots' (see REMAT), cuDNN attention (see ATTENTION), scanned layers unless '_unrolled'. Micro-batch
+  'mauto' and remat 'auto': chosen by `qwenjax.fit` (micro None)."""
   parts = name.split('_')
   try:
-    batch, micro = int(parts[0].removeprefix('b')), int(parts[1].removeprefix('m'))
+    batch = int(parts[0].removeprefix('b'))
+    micro = None if parts[1] == 'mauto' else int(parts[1].removeprefix('m'))
     remat, impl = REMAT[parts[2]], ATTENTION[parts[3]]
-    if parts[4:] not in ([], ['unrolled']) or batch % micro:
+    if parts[4:] not in ([], ['unrolled']) or (micro and batch % micro):
       raise ValueError
   except (IndexError, KeyError, ValueError):
-    raise SystemExit(f'bad variant {name!r}: expected b{{batch}}_m{{micro}}_{{{"|".join(REMAT)}}}_'
+    raise SystemExit(f'bad variant {name!r}: expected b{{batch}}_m{{micro|auto}}_{{{"|".join(REMAT)}}}_'
                      f'{{{"|".join(ATTENTION)}}}[_unrolled], micro dividing batch') from None
   return dict(batch=batch, micro=micro, remat=remat, attention=impl, scan_layers=parts[4:] != ['unrolled'])
 
@@ -86,11 +95,11 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
   two synthetic ones, or every batch of packed documents in `batches_file`."""
   v = parse_variant(name)
   config = config_lib.load(config_path)
+  config.mesh.update(data=1, fsdp=-1, tensor=1)  # every device on fsdp, unless --set mesh.* says otherwise
   v['overrides'] = apply_overrides(config, list(overrides))
-  config.model.update(remat_policy=v['remat'], attention_impl=v['attention'], scan_layers=v['scan_layers'])
-  config.train.update(batch_size=v['batch'], grad_accum_steps=v['batch'] // v['micro'], steps=10_000,
-                      warmup_steps=100)
-  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  config.model.update(attention_impl=v['attention'], scan_layers=v['scan_layers'])
+  config.train.update(batch_size=v['batch'], grad_accum_steps=v['batch'] // v['micro'] if v['micro'] else 'auto',
+                      remat_policy=v['remat'], steps=10_000, warmup_steps=100)
   seq_len = int(config.data.seq_len)
   run = config_lib.settings(config)
   model = run.model
@@ -113,14 +122,15 @@ def build(name: str, config_path: str, overrides: list[str] = (), batches_file: 
   replicated = sharding.replicated(mesh)
   horizon = jax.device_put(train_step.schedule_horizon(run.optimizer), replicated)
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(train_step.make_train_step(model, run.optimizer, run.loss),
-                      in_shardings=(shardings, batch_sharding, replicated),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0], horizon).compile()
-  v.update(seq_len=seq_len, model=model, compile_s=time.perf_counter() - start, data=batches_file or 'random',
-           loss_chunk=int(config.train.loss_chunk), logits_dtype=config.train.logits_dtype, horizon=horizon)
+  # The main job's way: fitted to the device's memory ('auto' resolved, an explicit setting checked) and compiled.
+  abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding) for k, x in batches[0].items()}
+  start = time.perf_counter()
+  run, compiled, choice = fit.fit_step(run, mesh=mesh, rules=rules, tx=tx, shardings=shardings, batch=abstract,
+                                       jit_step=lambda s: train.jitted_steps(s, mesh, rules)[0])
+  v.update(seq_len=seq_len, model=run.model, compile_s=time.perf_counter() - start, data=batches_file or 'random',
+           loss_chunk=int(config.train.loss_chunk), logits_dtype=config.train.logits_dtype, horizon=horizon,
+           micro=v['batch'] // choice.grad_accum_steps, remat=choice.remat_policy, needed_gib=choice.needed / 2**30,
+           limit_gib=(choice.limit or 0) / 2**30, chosen=list(choice.automatic))
   return compiled, state, batches, v
 
 
@@ -151,6 +161,7 @@ def run_variant(name: str, steps: int, warmup: int, config_path: str, out: str, 
   result = {
       'variant': name, 'batch': v['batch'], 'micro_batch': v['micro'], 'remat': v['remat'],
       'attention': v['attention'], 'scan_layers': v['scan_layers'], 'seq_len': v['seq_len'],
+      'auto': v['chosen'], 'needed_gib': v['needed_gib'], 'limit_gib': v['limit_gib'],
       'loss_chunk': v['loss_chunk'], 'logits_dtype': v['logits_dtype'], 'overrides': v['overrides'],
       'data': v['data'],
       'step_s': step_s,

@@ -14,17 +14,17 @@ def get_config():
       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
       use_sliding_window=True, sliding_window=4096, max_window_layers=8,
       dtype='bfloat16', param_dtype='float32',
-      # The fastest on one H100 (docs/training.md): unrolled layers (no scan-carried stacks to copy) and a
-      # remat policy that recomputes nothing but keeps no float32 temporaries (48.7 GiB at 4 x 8192).
-      scan_layers=False, remat_policy='activations_saveable')
+      # The fastest on one H100 (docs/training.md): unrolled layers, no scan-carried stacks to copy.
+      scan_layers=False)
   config.data.seq_len = 8192
   # Qwen2's 151,936-row vocabulary: train with Qwen's own tokenizer, --config.data.tokenizer=DIR of any Qwen2
   # checkpoint (its tokenizer.json, 151,665 ids). The default instead trains a data.vocab_size-piece BPE on the
   # training files and warns that the other rows are never used (--config.model.vocab_size=32000 sizes the model
   # for it).
   config.data.shuffle_window = 128  # rows: ~1M tokens
-  # 64 x 8192 = 524k tokens per step. One H100 fits 4 sequences per micro-batch (docs/training.md):
-  # --config.train.grad_accum_steps=16 there; on a pod slice the batch splits over data x fsdp instead.
+  # 64 x 8192 = 524k tokens per step. train.grad_accum_steps and train.remat_policy are 'auto' (the defaults):
+  # the micro-batch and remat policy that fit the device and run fastest (docs/training.md says how they are
+  # chosen, docs/performance.md what they are on one GPU); on a pod slice the batch splits over data x fsdp.
   config.train.batch_size = 64
   config.train.steps = 100_000
   config.train.lr = 3e-4

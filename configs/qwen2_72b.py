@@ -10,5 +10,6 @@ def get_config():
       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072,
       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
       use_sliding_window=False, sliding_window=131072, max_window_layers=80,
-      dtype='bfloat16', scan_layers=True, remat_policy='dots_with_no_batch_dims_saveable')
+      dtype='bfloat16', scan_layers=True)
+  config.train.remat_policy = 'dots_with_no_batch_dims_saveable'  # 'auto': the fastest that fits
   return config

@@ -44,10 +44,14 @@ point reads it more than 4 times (`max_epochs`); 3e16's smallest size (s10, 568M
 than the `.py` files alone give. A 4096-piece BPE trained on it.
 
 Order and pieces: the lr stage first, then the budgets, smallest first, each budget's sizes in order; a stopped
-sweep resumes where it stopped. `estimate` holds the GPU-time assumptions of the plan's table (40% MFU of an
-H100's 989 TFLOP/s, 20 s of compilation per compiled program, 10 s per point of setup and evaluation, and an
-assumed floor of 4 ms a step for the small models, which host overhead and kernel launches bound): replace them
-with the first piece's measurements.
+sweep resumes where it stopped. The lr stage's four rates of one size train as one group (`group_size = 4`: one
+step vmapped over the four runs, each computing what it would alone; docs/scaling.md): a model of a few million
+parameters alone leaves most of an H100 idle, four at once give its kernels four times the work. One compiled
+program per shape and group size: learning rates, warmups and lengths are inputs of the step. `estimate` holds the
+GPU-time assumptions of the plan's table (40% MFU of an H100's 989 TFLOP/s, 20 s of compilation per compiled
+program, 10 s per point of setup and evaluation, and an assumed floor of 4 ms a step, once per group, for the
+small models, which host overhead and kernel launches bound): replace them with the first piece's measurements
+(`benchmarks/groups_gpu.py` measures every size alone and in groups).
 """
 
 import os
@@ -98,6 +102,7 @@ def get_config():
                                                   tokens_per_param=20.0))
   sweep.axes = ml_collections.ConfigDict()
   sweep.max_epochs = 4.0
+  sweep.group_size = 4  # the lr stage's rates of one size: one vmapped step
   sweep.estimate = ml_collections.ConfigDict(dict(mfu=0.4, peak_flops=989e12, compile_s=20.0, overhead_s=10.0,
                                                   step_s=0.004))
   return sweep

@@ -12,6 +12,14 @@ One entry point, `dot_product_attention`, picks an implementation:
 Pallas calls cannot be partitioned by XLA, so under a multi-device mesh (`jax.set_mesh`) they run inside a
 `jax.shard_map` over the mesh axes that the active Flax logical axis rules give to batch and heads.
 
+Context parallelism (the rules split `activation_length` over mesh axes, `mesh.context`): each device holds two
+chunks of every sequence in the zig-zag order of `qwenjax.context`. `context_attention` all-gathers keys, values
+and document ids over the context axes, puts them in sequence order, and lets each of the device's two query
+chunks attend to the whole sequence through the kernel: `'xla'` and the GPU kernel take the chunk's first
+position as a query offset; splash (TPU) takes the device's share of a mask over the zig-zag query order. In
+the backward pass the all-gather's transpose reduce-scatters the key and value gradients. `'cudnn'` has no such
+input and is refused.
+
 Masking follows Hugging Face: a query at position q sees keys k with `q - sliding_window < k <= q` (no
 window: `k <= q`), and only keys of its own document when `segment_ids` are given. That contract (mask, input
 checks, visible-pair count) is defined once, in `qwenjax.kernels.attention_contract`, for every kernel.
@@ -28,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from qwenjax import context
 from qwenjax import kernels
 from qwenjax import sharding
 from qwenjax.kernels import attention_contract
@@ -38,11 +47,13 @@ Q_AXES = ('activation_batch', 'activation_length', 'activation_heads', 'activati
 KV_AXES = ('activation_batch', 'activation_length', 'activation_kv_heads', 'activation_head_dim')
 
 
-def xla_attention(q, k, v, *, sliding_window=None, segment_ids=None):
+def xla_attention(q, k, v, *, sliding_window=None, segment_ids=None, q_offset=None):
   """Reference attention. Keys and values are never repeated per query head.
 
   q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
   Softmax runs in float32; the output has q's dtype.
+  `q_offset` (an int, may be traced): q holds the rows q_offset, q_offset + 1, ... of the sequence whose keys,
+  values and `segment_ids` are given whole (context parallelism's chunks).
   """
   batch, seq_len, q_heads, head_dim = q.shape
   kv_heads = k.shape[2]
@@ -50,7 +61,11 @@ def xla_attention(q, k, v, *, sliding_window=None, segment_ids=None):
   q = q.reshape(batch, seq_len, kv_heads, groups, head_dim)
   scores = jnp.einsum('bqkgd,bskd->bkgqs', q, k, preferred_element_type=jnp.float32)
   scores *= head_dim**-0.5
-  mask = attention_contract.mask(seq_len, sliding_window=sliding_window, segment_ids=segment_ids)
+  if q_offset is None:
+    mask = attention_contract.mask(seq_len, sliding_window=sliding_window, segment_ids=segment_ids)
+  else:
+    mask = attention_contract.chunk_mask(q_offset, seq_len, k.shape[1], sliding_window=sliding_window,
+                                         segment_ids=segment_ids)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v)
@@ -133,13 +148,20 @@ def shard_kernel(kernel: Callable, q, k, v, segment_ids):
   `activation_kv_heads` maps to the same axes and divides evenly, else they are replicated and each device
   takes the kv heads its query heads use. Sequence and head_dim must stay whole.
   """
+  return _per_device(kernel, q, k, v, segment_ids, split_length=False)
+
+
+def _per_device(body: Callable, q, k, v, segment_ids, *, split_length: bool):
+  """`body(q, k, v, segment_ids)` inside a shard_map over the active mesh's free axes (see `shard_kernel`); with
+  `split_length` the sequence stays split over the axes of `activation_length` (context parallelism)."""
   mesh = jax.sharding.get_abstract_mesh()
   free = sharding.free_axes(mesh)
   if not free:
-    return kernel(q, k, v, segment_ids)
+    return body(q, k, v, segment_ids)
   batch_axes, length_axes, head_axes, dim_axes = sharding.active_mesh_axes(Q_AXES, mesh)
   kv_head_axes = sharding.active_mesh_axes(KV_AXES, mesh)[2]
-  for name, axes in (('activation_length', length_axes), ('activation_head_dim', dim_axes)):
+  whole = [('activation_head_dim', dim_axes)] + ([] if split_length else [('activation_length', length_axes)])
+  for name, axes in whole:
     if sharding.axes_size(mesh, axes) > 1:
       raise ValueError(
           f'Pallas attention needs whole sequences and head dims on each device, but the logical axis rules '
@@ -148,15 +170,16 @@ def shard_kernel(kernel: Callable, q, k, v, segment_ids):
   kv_heads = k.shape[2]
   n_batch, n_heads = sharding.axes_size(mesh, batch_axes), sharding.axes_size(mesh, head_axes)
   if batch % n_batch or q_heads % n_heads:
+    what = 'Context-parallel attention' if split_length else 'Pallas attention'
     raise ValueError(
-        f'Pallas attention splits batch ({batch}) over mesh axes {batch_axes} (size {n_batch}) and query heads '
+        f'{what} splits batch ({batch}) over mesh axes {batch_axes} (size {n_batch}) and query heads '
         f'({q_heads}) over {head_axes} (size {n_heads}); both must divide evenly. Change the mesh or the rules '
         'for activation_batch / activation_heads.')
   kv_split = kv_head_axes == head_axes and kv_heads % n_heads == 0
   local_heads = q_heads // n_heads
   groups = q_heads // kv_heads
 
-  def body(q, k, v, ids):
+  def local(q, k, v, ids):
     if not kv_split and n_heads > 1:
       first = jax.lax.axis_index(head_axes) * local_heads  # first global query head on this device
       if local_heads % groups == 0 or groups % local_heads == 0:  # whole kv heads (or one) serve this device
@@ -165,17 +188,76 @@ def shard_kernel(kernel: Callable, q, k, v, segment_ids):
       else:  # query heads straddle kv heads: give each query head its own copy
         index = (first + jnp.arange(local_heads)) // groups
         k, v = (jnp.take(x, index, axis=2) for x in (k, v))
-    return kernel(q, k, v, ids)
+    return body(q, k, v, ids)
 
   batch_spec = batch_axes or None
   head_spec = head_axes or None
-  q_spec = P(batch_spec, None, head_spec, None)
-  kv_spec = P(batch_spec, None, head_spec if kv_split else None, None)
-  ids_spec = None if segment_ids is None else P(batch_spec, None)
+  length_spec = (length_axes or None) if split_length else None
+  q_spec = P(batch_spec, length_spec, head_spec, None)
+  kv_spec = P(batch_spec, length_spec, head_spec if kv_split else None, None)
+  ids_spec = None if segment_ids is None else P(batch_spec, length_spec)
   in_specs = (q_spec, kv_spec, kv_spec, ids_spec)
   args = [_reshard_explicit(x, spec, mesh) for x, spec in zip((q, k, v, segment_ids), in_specs)]
-  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=q_spec, axis_names=set(free),
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, axis_names=set(free),
                        check_vma=False)(*args)
+
+
+def context_attention(q, k, v, *, sliding_window=None, segment_ids=None, impl: str = 'xla',
+                      interpret: bool = False):
+  """Attention over sequences split over the context axes in zig-zag order (`qwenjax.context`).
+
+  Per device and layer: one all-gather of k and v (and of the document ids) over the context axes, a local
+  reorder into sequence order, then the kernel for the device's two query chunks against the whole sequence
+  (each skips the key blocks outside its causal band or window). Its gradient reduce-scatters dk and dv back.
+  `impl` is a resolved kernel name (`resolve_impl`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = sharding.context_axes(mesh)
+  shards = sharding.axes_size(mesh, axes)
+  chunk = context.check_seq_len(q.shape[1], shards)
+  if impl == 'cudnn':
+    raise ValueError("attention impl 'cudnn' cannot run under context parallelism (mesh.context > 1): jax has "
+                     "no public cuDNN input for a query chunk's offset. Use attention_impl='pallas' (or 'auto').")
+  if impl == 'pallas_gpu':
+    from qwenjax.kernels import flash_gpu  # pylint: disable=g-import-not-at-top
+    multiple = flash_gpu.chunk_multiple(q.dtype, q.shape[3], interpret)
+    if chunk % multiple:
+      raise ValueError(
+          f'context parallelism with the Pallas GPU kernel needs chunks (seq_len / (2 x context) = {chunk} '
+          f'tokens) of a multiple of {multiple} tokens: use a data.seq_len that is a multiple of '
+          f'{2 * shards * multiple}, or attention_impl="xla".')
+  if impl == 'pallas_tpu':
+    from qwenjax.kernels import splash_tpu  # pylint: disable=g-import-not-at-top
+    if chunk % splash_tpu.LANES:
+      raise ValueError(
+          f'context parallelism with the splash kernel needs chunks (seq_len / (2 x context) = {chunk} tokens) '
+          f'of a multiple of {splash_tpu.LANES} tokens: use a data.seq_len that is a multiple of '
+          f'{2 * shards * splash_tpu.LANES}, or attention_impl="xla".')
+  name = axes[0] if len(axes) == 1 else axes
+
+  def gather(x):  # [batch, 2 * chunk, ...] of each device -> [batch, seq, ...] in sequence order
+    return context.unzigzag(jax.lax.all_gather(x, name, axis=1, tiled=True), shards)
+
+  def body(q, k, v, ids):
+    shard = jax.lax.axis_index(name)
+    k_all, v_all = gather(k), gather(v)
+    ids_all = None if ids is None else gather(ids)
+    if impl == 'pallas_tpu':
+      return splash_tpu.splash_attention_zigzag(
+          q, k_all, v_all, q_positions=context.zigzag_positions(q.shape[1] * shards, shards), shard=shard,
+          shards=shards, sliding_window=sliding_window, q_segment_ids=ids, segment_ids=ids_all, interpret=interpret)
+
+    def attend(rows, place):  # the device's chunk `place` (0: early, 1: late) of the zig-zag order
+      q_offset = (shard if place == 0 else 2 * shards - 1 - shard) * chunk
+      if impl == 'xla':
+        return xla_attention(rows, k_all, v_all, sliding_window=sliding_window, segment_ids=ids_all,
+                             q_offset=q_offset)
+      return flash_gpu.flash_attention(rows, k_all, v_all, sliding_window=sliding_window, segment_ids=ids_all,
+                                       q_offset=q_offset, interpret=interpret)
+
+    return jnp.concatenate([attend(q[:, :chunk], 0), attend(q[:, chunk:], 1)], axis=1)
+
+  return _per_device(body, q, k, v, segment_ids, split_length=True)
 
 
 def _reshard_explicit(x, spec, mesh):
@@ -215,6 +297,9 @@ def dot_product_attention(
   """
   attention_contract.check_inputs(q, k, v, sliding_window, segment_ids)
   impl = resolve_impl(impl, interpret)
+  if sharding.context_axes():  # the sequence is split over devices (zig-zag): every impl goes through here
+    return context_attention(q, k, v, sliding_window=sliding_window, segment_ids=segment_ids, impl=impl,
+                             interpret=interpret)
   if impl == 'xla':
     return xla_attention(q, k, v, sliding_window=sliding_window, segment_ids=segment_ids)
   if impl == 'cudnn':

@@ -595,6 +595,7 @@ class ReadStats:
   kept: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   prefix_mismatches: int = 0  # DPO completions whose prompt + completion ids do not start with the prompt ids
+  where: list = dataclasses.field(default_factory=list)  # the warnings naming the first skipped records
 
   def summary(self) -> str:
     reasons = ', '.join(f'{n} {kind}' for kind, n in self.skipped.most_common())
@@ -774,6 +775,8 @@ def _read(paths: str | Iterable[str], convert, stats: ReadStats | None) -> Itera
         except ChatError as e:
           skipped[e.kind] += 1
           stats.skipped[e.kind] += 1
+          if len(stats.where) < _WARNINGS_PER_FILE:
+            stats.where.append(f'{source}: skipped, {e}')
           if sum(skipped.values()) <= _WARNINGS_PER_FILE:
             logging.warning('%s: skipped, %s', source, e)
           continue

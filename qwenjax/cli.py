@@ -236,8 +236,11 @@ def config_override_error(argv: Sequence[str], name: str = 'config') -> str | No
       if part not in node:
         section = '.'.join([name] + parts[:depth])
         keys = sorted(node.keys())
-        close = difflib.get_close_matches(part, keys, n=1)
-        hint = f' Did you mean {section}.{close[0]}?' if close else ''
+        close = [f'{section}.{key}' for key in difflib.get_close_matches(part, keys, n=1)]
+        # A key of another section (e.g. model.remat_policy, which is train.remat_policy).
+        moved = [f'{name}.{other}.{part}' for other in config.keys() if depth == 1 and other != parts[0]
+                 and isinstance(config[other], ml_collections.ConfigDict) and part in config[other]]
+        hint = f' Did you mean {(moved or close)[0]}?' if moved or close else ''
         return f'unknown config key in {arg}: {section} has no key {part!r}.{hint} Its keys are: {", ".join(keys)}.'
       node = node[part]
   return None

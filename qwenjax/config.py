@@ -4,9 +4,10 @@ of the job takes, read from it once by `settings(config)`.
 The ConfigDict is what the command line (`--config.train.steps=2000`), sweeps and a workdir's config.json use. It
 has four sections and one top-level key:
 
-* `model`: the `ModelConfig` fields (Hugging Face names);
+* `model`: the `ModelConfig` fields (Hugging Face names) but `remat_policy`, which `train.remat_policy` sets;
 * `data`: `DataConfig`, the input pipeline;
-* `train`: `LoopConfig`, `OptimizerConfig`, `LossConfig` and `CheckpointConfig`, and `seed`;
+* `train`: `LoopConfig`, `OptimizerConfig`, `LossConfig`, `FitConfig`, `CheckpointConfig` and `LoraConfig`, and
+  `seed`;
 * `mesh`: `MeshConfig`, the device mesh;
 * `init_from_hf`: path of a Hugging Face checkpoint to start from ('' for random init).
 
@@ -30,6 +31,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from qwenjax.model_config import ModelConfig
+from qwenjax.model_config import REMAT_POLICIES
 
 # (logical axis name, mesh axis / tuple of mesh axes / None): where each named dimension of the model's
 # parameters and activations lives on the mesh (`qwenjax.sharding`). flax applies the first rule whose mesh axes
@@ -37,7 +39,7 @@ from qwenjax.model_config import ModelConfig
 DEFAULT_RULES = (
     # Activations.
     ('activation_batch', ('data', 'fsdp', 'expert')),
-    ('activation_length', None),
+    ('activation_length', 'context'),  # context parallelism: each sequence split over `context` (zig-zag)
     ('activation_embed', None),
     ('activation_heads', 'tensor'),
     ('activation_kv_heads', 'tensor'),
@@ -58,9 +60,15 @@ DEFAULT_RULES = (
 )
 
 # The mesh's axes (`qwenjax.sharding`), each sized by the `mesh` section.
-MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert', 'context')
 LR_SCHEDULES = ('cosine', 'constant')
+# LoRA's target projections: attention's q, k, v, o and the SwiGLU's gate, up, down (of the dense MLP, the shared
+# expert and the routed experts alike).
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 LOGITS_DTYPES = ('float32', 'bfloat16')
+# What the training files hold (`data.format`) and what the step minimizes (`train.objective`): docs/post_training.md.
+DATA_FORMATS = ('text', 'chat', 'preference')
+OBJECTIVES = ('cross_entropy', 'dpo')
 
 
 def _check_ranges(settings: Any, section: str, **minimums: float) -> None:
@@ -93,6 +101,13 @@ class DataConfig:
   prepared_dir: str = ''
   shuffle_window: int = 512  # packed rows shuffled together so batches mix documents (aim for ~1M tokens); 0: off
   read_threads: int = 2  # threads reading batches ahead of the step
+  # 'text': documents (text_key); 'chat': {"messages": [...]} conversations, trained on the assistant's tokens;
+  # 'preference': {"prompt", "chosen", "rejected"} pairs for train.objective='dpo' (qwenjax.chat_data).
+  format: str = 'text'
+
+  def __post_init__(self):
+    if self.format not in DATA_FORMATS:
+      raise ValueError(f'unknown data.format {self.format!r}; choose one of {", ".join(DATA_FORMATS)}')
 
   def __post_init__(self):
     _check_ranges(self, 'data', seq_len=1, vocab_size=1, tokenizer_sentences=1, shuffle_window=0, read_threads=0)
@@ -149,18 +164,49 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """How the loss of a batch is computed, in training and evaluation (`qwenjax.train_step`, `qwenjax.loss`)."""
-  grad_accum_steps: int = 1  # micro-batches of batch_size / grad_accum_steps per step
+  # Micro-batches of batch_size / grad_accum_steps per step, or 'auto', a run's default (`train_section`): with
+  # train.remat_policy, the setting of fastest expected speed whose compiled step fits the device's memory: the
+  # biggest micro-batch up to 32k tokens (and 2^48 FLOPs) per data shard, the policy recomputing least, traded
+  # at ~5% per halving of the micro-batch against the FLOPs recomputed (`qwenjax.fit`, docs/training.md). A
+  # LossConfig built directly (tests, benchmarks) is 1; a step given an 'auto' nothing resolved runs one.
+  grad_accum_steps: int | str = 1
   z_loss: float = 1e-4  # weight of mean(logsumexp(logits)^2); 0: off
   loss_chunk: int = 1024  # sequence positions per chunk of logits in the loss (never [batch, seq, vocab] at once)
   logits_dtype: str = 'float32'  # what the LM head's matmul writes; 'bfloat16' as under HF autocast (faster)
   loss_impl: str = 'auto'  # the loss's passes over the logits: 'xla', 'pallas' (GPU kernels), 'auto' (pallas on GPU)
+  # 'cross_entropy': next-token loss on the weighted targets (pretraining, SFT); 'dpo': Rafailov et al.'s sigmoid
+  # loss against the initial model, on data.format='preference' pairs (qwenjax.dpo).
+  objective: str = 'cross_entropy'
+  dpo_beta: float = 0.1  # DPO's beta: the strength of the pull towards the reference model
 
   def __post_init__(self):
-    if self.grad_accum_steps < 1:
-      raise ValueError(f'train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}')
+    accum = self.grad_accum_steps
+    if accum != 'auto' and (isinstance(accum, bool) or not isinstance(accum, int) or accum < 1):
+      raise ValueError(f"train.grad_accum_steps must be 'auto' or an int >= 1, got {accum!r}")
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f'unknown train.objective {self.objective!r}; choose one of {", ".join(OBJECTIVES)}')
+    if self.dpo_beta <= 0:
+      raise ValueError(f'train.dpo_beta must be > 0, got {self.dpo_beta}')
     if self.logits_dtype not in LOGITS_DTYPES:
       raise ValueError(f"train.logits_dtype must be 'float32' or 'bfloat16', got {self.logits_dtype!r}")
     _check_ranges(self, 'train', z_loss=0, loss_chunk=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """How a run's step fits the device's memory, with `LossConfig.grad_accum_steps` (`qwenjax.fit`)."""
+  # What a layer keeps for the backward pass: one of model_config.REMAT_POLICIES, or 'auto', the fastest that fits
+  # (docs/training.md). `settings` hands it to the model as ModelConfig.remat_policy.
+  remat_policy: str = 'auto'
+  # The memory per device that 'auto' fits, in GiB; 0: what the device reports. A CPU reports none, so there
+  # 'auto' means one micro-batch and no remat unless this is set.
+  device_memory_gib: float = 0.0
+
+  def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES + ('auto',):
+      raise ValueError(f"unknown train.remat_policy {self.remat_policy!r}; choose 'auto' or one of {REMAT_POLICIES}")
+    if not self.device_memory_gib >= 0:
+      raise ValueError(f'train.device_memory_gib must be >= 0 (0: ask the device), got {self.device_memory_gib}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,12 +224,39 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA (`qwenjax.lora`): with a rank, only low-rank adapters on the target projections train; the base stays
+  frozen. The adapters' output is scaled by lora_alpha / lora_rank, as PEFT scales it."""
+  lora_rank: int = 0  # 0: off, every parameter trains
+  lora_alpha: float = 16.0
+  lora_targets: str = ','.join(LORA_TARGETS)  # comma-separated names of LORA_TARGETS
+
+  def __post_init__(self):
+    if self.lora_rank < 0:
+      raise ValueError(f'train.lora_rank must be >= 0 (0: LoRA off), got {self.lora_rank}')
+    if self.lora_rank and self.lora_alpha <= 0:
+      raise ValueError(f'train.lora_alpha must be positive, got {self.lora_alpha}')
+    unknown = [t for t in self.targets if t not in LORA_TARGETS]
+    if unknown or (self.lora_rank and not self.targets):
+      raise ValueError(f'train.lora_targets={self.lora_targets!r}: give comma-separated names of {LORA_TARGETS}')
+
+  @property
+  def targets(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.lora_targets.split(',') if t.strip())
+
+  @property
+  def scale(self) -> float:
+    return self.lora_alpha / self.lora_rank
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """The device mesh (`qwenjax.sharding.make_mesh`): one size may be -1 (the remaining devices)."""
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
   expert: int = 1  # expert > 1: expert parallelism for MoE models
+  context: int = 1  # context > 1: each sequence split over this many devices (docs/multihost.md)
   dcn_data: int = 1  # slices (TPU) or hosts (GPU) the data axis spans; the sizes above are those of one slice
   rules: tuple = DEFAULT_RULES  # (logical axis name, mesh axis / axes / None) pairs
 
@@ -211,24 +284,47 @@ class RunConfig:
   optimizer: OptimizerConfig = OptimizerConfig()
   loss: LossConfig = LossConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  lora: LoraConfig = LoraConfig()
   mesh: MeshConfig = MeshConfig()
   seed: int = 0  # parameter init and data order (train.seed)
   init_from_hf: str = ''
+  fit: FitConfig = FitConfig()
 
   def __post_init__(self):
+    context = self.mesh.context
+    if context > 1 and self.data.seq_len % (2 * context):
+      raise ValueError(context_error(self.data.seq_len, context))
     if self.data.seq_len > self.model.max_position_embeddings:
       raise ValueError(f'data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings='
                        f'{self.model.max_position_embeddings}')
     batch, accum = self.loop.batch_size, self.loss.grad_accum_steps
-    if batch < 1 or batch % accum:
+    if batch < 1 or (accum != 'auto' and batch % accum):
       raise ValueError(f'train.batch_size={batch} must be a positive multiple of train.grad_accum_steps={accum}')
+    dpo, pairs = self.loss.objective == 'dpo', self.data.format == 'preference'
+    if dpo != pairs:
+      raise ValueError(f'train.objective={self.loss.objective!r} with data.format={self.data.format!r}: DPO trains '
+                       "on preference pairs, so set both train.objective='dpo' and data.format='preference' (or "
+                       'neither)')
     if self.optimizer.steps != self.loop.steps:
       raise ValueError(f'the optimizer\'s schedule is {self.optimizer.steps} steps long but the loop runs '
                        f'train.steps={self.loop.steps}')
+    if self.lora.lora_rank and self.optimizer.mup_base_width:
+      raise ValueError('train.lora_rank and train.mup_base_width do not go together: μP scales the learning rates '
+                       'of a model trained whole; set one of them to 0')
+
+
+def context_error(seq_len: int, context: int) -> str:
+  """What is wrong when `seq_len` does not split into the 2 x `context` zig-zag chunks of context parallelism."""
+  chunks = 2 * context
+  return (f'data.seq_len={seq_len} does not split into the {chunks} equal chunks that mesh.context={context} '
+          f'needs (each device holds 2 chunks of the sequence, zig-zag). Use a data.seq_len that is a multiple '
+          f'of {chunks} (e.g. {max(chunks, seq_len // chunks * chunks)}), or another mesh.context.')
 
 
 # The `train` section: these dataclasses' fields (a name two of them share, `steps`, once), and `seed`.
-_TRAIN_PARTS = (LoopConfig, OptimizerConfig, LossConfig, CheckpointConfig)
+_TRAIN_PARTS = (LoopConfig, OptimizerConfig, LossConfig, FitConfig, CheckpointConfig, LoraConfig)
+# Where a run's section differs from its dataclass's default: a run fits the device (`qwenjax.fit`).
+_RUN_DEFAULTS = {'grad_accum_steps': 'auto'}
 _TOP_LEVEL = ('model', 'data', 'train', 'mesh', 'init_from_hf')
 
 
@@ -240,8 +336,13 @@ _OPTIONAL_TYPES = {'head_dim': int, 'sliding_window': int}
 
 
 def model_section(**overrides) -> ml_collections.ConfigDict:
-  """A `model` section holding every ModelConfig field, defaults first, then `overrides`."""
-  values = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  """A `model` section holding every ModelConfig field but `remat_policy` (a train setting, `train.remat_policy`,
+  which `settings` hands to the model), defaults first, then `overrides`."""
+  if 'remat_policy' in overrides:
+    raise ValueError(f"remat_policy is a train setting: set config.train.remat_policy = "
+                     f"{overrides['remat_policy']!r} (or 'auto'), not model_section(remat_policy=...)")
+  values = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != 'remat_policy'}
+  values['rope_scaling'] = dataclasses.asdict(values['rope_scaling'])  # a subsection: model.rope_scaling.factor
   unknown = sorted(set(overrides) - set(values))
   if unknown:
     raise ValueError(f'unknown model config key(s) {unknown}; valid keys: {sorted(values)}')
@@ -270,9 +371,13 @@ def data_section() -> ml_collections.ConfigDict:
 
 
 def train_section() -> ml_collections.ConfigDict:
-  """Loop, optimizer, loss and checkpoints (`qwenjax.train`, `qwenjax.train_step`, `qwenjax.checkpoint`): the
-  fields of `LoopConfig`, `OptimizerConfig`, `LossConfig` and `CheckpointConfig`, and `seed`."""
-  return ml_collections.ConfigDict({**_defaults(*_TRAIN_PARTS), 'seed': RunConfig.seed})
+  """Loop, optimizer, loss, memory fit, checkpoints and LoRA (`qwenjax.train`, `qwenjax.train_step`, `qwenjax.fit`,
+  `qwenjax.checkpoint`, `qwenjax.lora`): the fields of `LoopConfig`, `OptimizerConfig`, `LossConfig`, `FitConfig`,
+  `CheckpointConfig` (`grad_accum_steps` 'auto') and `LoraConfig`, and `seed`."""
+  values = {**_defaults(*_TRAIN_PARTS), 'seed': RunConfig.seed}
+  for name, value in _RUN_DEFAULTS.items():  # an int or 'auto': a field of any type, so either can be set
+    values[name] = config_dict.FieldReference(value, field_type=object)
+  return ml_collections.ConfigDict(values)
 
 
 def mesh_section() -> ml_collections.ConfigDict:
@@ -312,16 +417,28 @@ def settings(config: ml_collections.ConfigDict) -> RunConfig:
   _check_keys(data, 'config.data', [f.name for f in dataclasses.fields(DataConfig)])
   _check_keys(train, 'config.train', list(_defaults(*_TRAIN_PARTS)) + ['seed'])
   _check_keys(mesh, 'config.mesh', [f.name for f in dataclasses.fields(MeshConfig)])
+  model = dict(config.get('model', {}))
+  fit = _read(FitConfig, train, 'train')
+  if 'remat_policy' in model:  # a config.json written before the policy moved to the train section
+    legacy = model.pop('remat_policy')
+    if 'remat_policy' not in train or fit.remat_policy == 'auto':
+      fit = FitConfig(remat_policy=legacy, device_memory_gib=fit.device_memory_gib)
+    elif legacy != fit.remat_policy:
+      raise ValueError(f'model.remat_policy={legacy!r} and train.remat_policy={fit.remat_policy!r}: the policy is '
+                       'a train setting now; set train.remat_policy alone')
+  loss = _read(LossConfig, {**train, 'grad_accum_steps': train.get('grad_accum_steps', 'auto')}, 'train')
   return RunConfig(
-      model=ModelConfig.from_dict(config.get('model', {})),
+      model=ModelConfig.from_dict({**model, 'remat_policy': fit.remat_policy}),
       data=_read(DataConfig, data, 'data'),
       loop=_read(LoopConfig, train, 'train'),
       optimizer=_read(OptimizerConfig, train, 'train'),
-      loss=_read(LossConfig, train, 'train'),
+      loss=loss,
       checkpoint=_read(CheckpointConfig, train, 'train'),
+      lora=_read(LoraConfig, train, 'train'),
       mesh=_read(MeshConfig, mesh, 'mesh'),
       seed=_typed(train.get('seed', RunConfig.seed), RunConfig.seed, 'train.seed'),
-      init_from_hf=_typed(config.get('init_from_hf', '') or '', '', 'init_from_hf'))
+      init_from_hf=_typed(config.get('init_from_hf', '') or '', '', 'init_from_hf'),
+      fit=fit)
 
 
 def _check_keys(section: Any, where: str, known: list[str] | tuple[str, ...]) -> None:
@@ -335,8 +452,18 @@ def _check_keys(section: Any, where: str, known: list[str] | tuple[str, ...]) ->
 
 def _read(cls, section: Any, where: str):
   """An instance of `cls` from the section's values of its fields (defaults for those it lacks)."""
-  return cls(**{f.name: _typed(section[f.name], f.default, f'{where}.{f.name}')
-                for f in dataclasses.fields(cls) if f.name in section})
+  def typed(name, default):
+    value = section[name]
+    if name not in _RUN_DEFAULTS:
+      return _typed(value, default, f'{where}.{name}')
+    if value == 'auto':
+      return value
+    try:  # an int, or '4' as a program may hand it over
+      return _typed(int(value) if isinstance(value, str) and value.strip().isdigit() else value, default, '')
+    except ValueError:
+      raise ValueError(f"{where}.{name} must be 'auto' or an int, got {value!r}") from None
+
+  return cls(**{f.name: typed(f.name, f.default) for f in dataclasses.fields(cls) if f.name in section})
 
 
 def _typed(value: Any, default: Any, name: str) -> Any:

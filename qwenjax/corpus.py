@@ -93,12 +93,13 @@ def _tokenize_shard(source: documents.DocumentSource, tokenizer, shard: int, dir
 def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: str = 'data.train_files',
             process_index: int = 0, process_count: int = 1) -> 'Corpus':
   """The prepared corpus of `files` under `root`, tokenizing it first unless an unchanged one is there."""
-  source = documents.DocumentSource(files, text_key)
-  directory = os.path.join(os.path.expanduser(root), corpus_key(source.identity(), text_key, tokenizer.fingerprint))
+  identity = documents.file_identity(files)  # without reading the files: a prepared corpus needs no more
+  directory = os.path.join(os.path.expanduser(root), corpus_key(identity, text_key, tokenizer.fingerprint))
   if os.path.exists(os.path.join(directory, 'meta.json')):
     corpus = Corpus(directory)
     logging.info('data: %s already tokenized in %s: %s', what, directory, describe(corpus.meta))
     return corpus
+  source = documents.DocumentSource(files, text_key)
   os.makedirs(directory, exist_ok=True)
   shards = -(-len(source) // DOCS_PER_SHARD)
   start = time.time()
@@ -116,7 +117,7 @@ def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: 
     for shard in range(shards):
       with open(os.path.join(directory, f'shard-{shard:05d}.json')) as f:
         infos.append(json.load(f))
-    meta = {'files': [list(f) for f in source.identity()], 'text_key': text_key,
+    meta = {'files': [list(f) for f in identity], 'text_key': text_key,
             'tokenizer': tokenizer.fingerprint, 'eos_id': int(tokenizer.eos_id), 'shards': len(infos),
             'documents': sum(i['documents'] for i in infos), 'tokens': sum(i['tokens'] for i in infos),
             'bytes': sum(i['bytes'] for i in infos), 'skipped': sum(i['skipped'] for i in infos),

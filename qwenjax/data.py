@@ -371,5 +371,6 @@ def stream_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
   """Human-readable differences between the stream a checkpoint was trained on and this run's."""
   names = {'corpus': 'the training corpus (data.train_files or their contents)', 'tokenizer': 'the tokenizer',
            'seed': 'train.seed', 'seq_len': 'data.seq_len', 'batch_size': 'train.batch_size',
-           'shuffle_window': 'data.shuffle_window'}
+           'shuffle_window': 'data.shuffle_window', 'format': 'data.format',
+           'reference': 'DPO\'s reference model (init_from_hf or its files)'}
   return [f'{names.get(k, k)}: {saved.get(k)!r} -> {current.get(k)!r}' for k in names if saved.get(k) != current.get(k)]

@@ -15,13 +15,14 @@ No jax here: `qwenjax.prepare` reads documents in worker processes.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import glob
 import json
 import os
 import re
 import sysconfig
 import zlib
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -52,12 +53,39 @@ def stdlib_files() -> tuple[list[str], list[str]]:
   return ([f for f, e in zip(files, is_eval) if not e], [f for f, e in zip(files, is_eval) if e])
 
 
+# Listings kept while `fixed_listing` is active, or None.
+_LISTINGS: dict[Any, Any] | None = None
+
+
+@contextlib.contextmanager
+def fixed_listing() -> Iterator[None]:
+  """Within it, each glob is expanded and each list of files stat'ed once, then reused: the runs of a sweep read
+  one listing of the corpus (taken when it starts) instead of walking its directories and stat'ing its files again
+  for every point (seconds per point for a corpus of tens of thousands of files)."""
+  global _LISTINGS
+  outer = _LISTINGS
+  _LISTINGS = {} if outer is None else outer
+  try:
+    yield
+  finally:
+    _LISTINGS = outer
+
+
+def _listed(key: Any, compute) -> Any:
+  if _LISTINGS is None:
+    return compute()
+  if key not in _LISTINGS:
+    _LISTINGS[key] = compute()
+  return _LISTINGS[key]
+
+
 def expand_files(patterns: str, what: str = 'data.train_files') -> list[str]:
   """Sorted files matching a glob or comma-separated globs, each file once (by its real path: a file reached
   through links, or through a symlink that points back up, under several names, is read once, with a warning); an
   error naming the patterns if none match."""
   globs = [p.strip() for p in str(patterns).split(',') if p.strip()]
-  matches = {p: [f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f)] for p in globs}
+  matches = {p: _listed(('glob', os.getcwd(), p), lambda p=p: [
+      f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f)]) for p in globs}
   files, first, aliases = [], {}, []
   # Each file under its own name where that was matched, else the shortest of its names.
   by_preference = lambda f: (os.path.realpath(f) != os.path.abspath(f), f.count(os.sep), f)
@@ -230,7 +258,8 @@ class DocumentSource:
 def file_identity(paths: Sequence[str]) -> list[tuple[str, int, int]]:
   """(absolute path, size, modification time in ns) of each file, without reading it: a touched or rewritten
   file gets another identity."""
-  return [(os.path.abspath(p), (stat := os.stat(p)).st_size, stat.st_mtime_ns) for p in paths]
+  return list(_listed(('stat', os.getcwd(), tuple(paths)), lambda: [
+      (os.path.abspath(p), (stat := os.stat(p)).st_size, stat.st_mtime_ns) for p in paths]))
 
 
 def sources(train_files: str, eval_files: str) -> tuple[list[str], list[str]]:

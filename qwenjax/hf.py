@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from qwenjax import files
-from qwenjax.model_config import ModelConfig
+from qwenjax.model_config import ROPE_TYPES, ModelConfig, RopeScaling
 from qwenjax.params import abstract_params, stack_layers, unstack_layers
 
 SUPPORTED_ARCHITECTURES = ('Qwen2ForCausalLM', 'Qwen2MoeForCausalLM')
@@ -83,9 +83,7 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
       raise ValueError('Qwen2-MoE checkpoint with num_experts=0; qwenjax expects num_experts > 0')
   if hf.get('hidden_act', 'silu') != 'silu':
     raise ValueError(f'unsupported hidden_act {hf["hidden_act"]!r}: qwenjax implements SwiGLU (silu) only')
-  for rope in (hf.get('rope_parameters') or {}, hf.get('rope_scaling') or {}):  # a scaling added beside either
-    if rope.get('rope_type', rope.get('type', 'default')) != 'default':
-      raise ValueError(f'unsupported rope type {rope}: only the default rotary embedding is implemented')
+  values['rope_scaling'] = _rope_scaling(hf)
   theta = (hf.get('rope_parameters') or {}).get('rope_theta', hf.get('rope_theta'))
   values['rope_theta'] = float(theta) if theta is not None else 10_000.0  # transformers' Qwen2 default
 
@@ -114,6 +112,23 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
   return ModelConfig(**values)
 
 
+def _rope_scaling(hf: dict[str, Any]) -> RopeScaling:
+  """The rotary scaling of a config.json as transformers reads it: `rope_scaling` (transformers 4, and what
+  Qwen2's long-context checkpoints add) over `rope_parameters` (transformers 5); yarn's pretraining context
+  defaults to max_position_embeddings."""
+  entry = hf.get('rope_scaling') or {}
+  if not isinstance(entry, dict) or (entry.get('rope_type', entry.get('type')) or 'default') == 'default':
+    entry = hf.get('rope_parameters') or {}
+  if not isinstance(entry, dict):
+    raise ValueError(f'rope_parameters / rope_scaling must be a JSON object, got {entry!r}')
+  rope_type = entry.get('rope_type', entry.get('type')) or 'default'
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f'unsupported rope type {rope_type!r} ({entry}): qwenjax implements {", ".join(ROPE_TYPES)}')
+  if rope_type == 'yarn' and not entry.get('original_max_position_embeddings'):
+    entry = dict(entry, original_max_position_embeddings=hf.get('max_position_embeddings'))
+  return RopeScaling.from_hf(entry, hf.get('max_position_embeddings') or 0)
+
+
 def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
   """A `config.json` dict that transformers 4.4x and 5 both read as the same model."""
   out = {k: getattr(config, k) for k in _SHARED_FIELDS}
@@ -126,10 +141,12 @@ def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
     out.update(architectures=['Qwen2ForCausalLM'], model_type='qwen2')
   out.update(
       hidden_act='silu', attention_dropout=0.0,
-      rope_theta=config.rope_theta, rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
+      rope_theta=config.rope_theta, rope_parameters=config.rope_scaling.to_hf(config.rope_theta),
       use_sliding_window=config.use_sliding_window,
       sliding_window=config.sliding_window if config.use_sliding_window else None,
       layer_types=layer_types, torch_dtype=torch_dtype, dtype=torch_dtype, use_cache=True)
+  if config.rope_scaling.rope_type != 'default':  # transformers 4 reads the scaling from here
+    out['rope_scaling'] = {k: v for k, v in out['rope_parameters'].items() if k != 'rope_theta'}
   return out
 
 

@@ -25,7 +25,7 @@ from qwenjax import kernels
 from qwenjax import sharding
 from qwenjax.kernels import attention_contract
 from qwenjax.kernels import decode_gpu
-from qwenjax.model_config import ModelConfig
+from qwenjax.model_config import ModelConfig, RopeScaling
 from qwenjax.rotary import apply_rotary_embedding, rotary_angles
 
 CACHE_AXES = ('activation_batch', 'activation_kv_heads', 'activation_length', 'activation_head_dim')
@@ -81,8 +81,8 @@ class LayerCache:
                       self.positions.at[rows, slot].set(positions.astype(jnp.int32))).constrained()
 
   def step(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, rope_theta: float,
-           window: int | None, sliding=True, impl: str = 'xla', interpret: bool = False
-           ) -> tuple[jax.Array, 'LayerCache']:
+           window: int | None, sliding=True, impl: str = 'xla', interpret: bool = False,
+           rope_scaling: RopeScaling | None = None) -> tuple[jax.Array, 'LayerCache']:
     """A decode step from this token's projections before rotary: rotary on `q` and `k`, `append(k, v,
     positions)`, then `attend(q, ...)`; returns (attention output, new cache).
 
@@ -92,17 +92,17 @@ class LayerCache:
     layers always take the XLA path (`qwenjax.model` decodes them so).
     """
     if not self._takes_kernel(q, impl, interpret):
-      q = apply_rotary_embedding(q, positions, rope_theta)
-      cache = self.append(apply_rotary_embedding(k, positions, rope_theta), v, positions)
+      q = apply_rotary_embedding(q, positions, rope_theta, rope_scaling)
+      cache = self.append(apply_rotary_embedding(k, positions, rope_theta, rope_scaling), v, positions)
       return cache.attend(q, positions, window, sliding), cache
     batch, _, heads, head_dim = q.shape
     position = positions[:, 0].astype(jnp.int32)
     lowest = _per_kind(sliding, window, lambda w: attention_contract.first_visible(position, w))
-    angles = rotary_angles(position, head_dim, rope_theta)  # [batch, head_dim // 2]
+    angles, factor = rotary_angles(position, head_dim, rope_theta, rope_scaling)  # [batch, head_dim // 2]
     # One array of all heads' projections: XLA writes it in one fusion with the biases (three before).
     qkv = jnp.concatenate([q[:, 0], k[:, 0].astype(q.dtype), v[:, 0].astype(q.dtype)], axis=1)
     out, key, value, held = decode_gpu.decode_attention(
-        qkv, jnp.cos(angles), jnp.sin(angles), self.key, self.value, self.positions, position, lowest,
+        qkv, jnp.cos(angles) * factor, jnp.sin(angles) * factor, self.key, self.value, self.positions, position, lowest,
         kv_heads=self.key.shape[1], interpret=interpret)
     return out.reshape(batch, 1, heads, head_dim), LayerCache(key, value, held).constrained()
 

@@ -11,6 +11,10 @@ chunk.
 After the head's matmul, a chunk's logits are read twice: once for each row's logsumexp, once to write the
 softmax gradient. `impl` picks who runs those two passes: XLA, or (on a GPU, `'auto'`) the Pallas kernels of
 `kernels/cross_entropy_gpu.py`, per device under the active mesh.
+
+Under context parallelism (the sequence split over `shards` devices, `qwenjax.context`) each step of the scan
+takes one chunk of every device's own piece of the sequence, so no device reads another's tokens; `loss_chunk`
+is then positions per device.
 """
 
 from __future__ import annotations
@@ -37,16 +41,26 @@ def _chunk_len(seq_len: int, chunk: int) -> int:
   return chunk
 
 
-def _split(x: jax.Array, chunk: int) -> jax.Array:
-  """[batch, seq, ...] -> [seq / chunk, batch, chunk, ...]."""
+def _split(x: jax.Array, chunk: int, shards: int = 1) -> jax.Array:
+  """[batch, seq, ...] -> [seq / chunk, batch, chunk, ...]; with `shards` > 1 (the sequence split in that many
+  pieces over the context axes) [seq / (shards * chunk), batch, shards * chunk, ...], step i holding chunk i of
+  every piece."""
   batch, seq = x.shape[:2]
-  return jnp.moveaxis(x.reshape(batch, seq // chunk, chunk, *x.shape[2:]), 1, 0)
+  if shards == 1:
+    return jnp.moveaxis(x.reshape(batch, seq // chunk, chunk, *x.shape[2:]), 1, 0)
+  steps = seq // (shards * chunk)
+  x = jnp.moveaxis(x.reshape(batch, shards, steps, chunk, *x.shape[2:]), 2, 0)
+  x = x.reshape(steps, batch, shards * chunk, *x.shape[4:])
+  return nn.with_logical_constraint(x, (None,) + LOGITS_AXES[:2] + (None,) * (x.ndim - 3))
 
 
-def _merge(x: jax.Array) -> jax.Array:
+def _merge(x: jax.Array, shards: int = 1) -> jax.Array:
   """The inverse of `_split`."""
-  chunks, batch, chunk = x.shape[:3]
-  return jnp.moveaxis(x, 0, 1).reshape(batch, chunks * chunk, *x.shape[3:])
+  (steps, batch, width), rest = x.shape[:3], x.shape[3:]
+  if shards == 1:
+    return jnp.moveaxis(x, 0, 1).reshape(batch, steps * width, *rest)
+  x = jnp.moveaxis(x.reshape(steps, batch, shards, width // shards, *rest), 0, 2)
+  return x.reshape(batch, steps * width, *rest)
 
 
 IMPLS = ('auto', 'xla', 'pallas')
@@ -171,26 +185,27 @@ def _chunk_terms(x, head, targets, weights, logits_dtype, impl, interpret):
   return logits, lse, jnp.sum((lse - target_logit) * w), jnp.sum(jnp.square(lse) * w)
 
 
-def _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
+def _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret, shards):
   """(NLL + z_coef * z, NLL, z) summed over weighted targets, without gradients."""
-  c = _chunk_len(hidden.shape[1], chunk)
+  c = _chunk_len(hidden.shape[1] // shards, chunk)
 
   def body(carry, xs):
     _, _, nll, z = _chunk_terms(xs[0], head, xs[1], xs[2], logits_dtype, impl, interpret)
     return (carry[0] + nll, carry[1] + z), None
 
   zero = jnp.zeros((), jnp.float32)
-  (nll, z), _ = jax.lax.scan(body, (zero, zero), (_split(hidden, c), _split(targets, c), _split(weights, c)))
+  split = lambda x: _split(x, c, shards)
+  (nll, z), _ = jax.lax.scan(body, (zero, zero), (split(hidden), split(targets), split(weights)))
   return nll + z_coef * z, nll, z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _fused(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
-  return _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _fused(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret, shards):
+  return _sums(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret, shards)
 
 
-def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret):
-  c = _chunk_len(hidden.shape[1], chunk)
+def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl, interpret, shards):
+  c = _chunk_len(hidden.shape[1] // shards, chunk)
 
   def body(carry, xs):
     x, t, w = xs
@@ -204,12 +219,13 @@ def _fused_fwd(hidden, head, targets, weights, z_coef, chunk, logits_dtype, impl
 
   zero = jnp.zeros((), jnp.float32)
   init = (zero, zero, jnp.zeros(head.shape, jnp.float32))
-  (nll, z, dhead), dx = jax.lax.scan(body, init, (_split(hidden, c), _split(targets, c), _split(weights, c)))
-  return (nll + z_coef * z, nll, z), (_merge(dx), dhead.astype(head.dtype))
+  split = lambda x: _split(x, c, shards)
+  (nll, z, dhead), dx = jax.lax.scan(body, init, (split(hidden), split(targets), split(weights)))
+  return (nll + z_coef * z, nll, z), (_merge(dx, shards), dhead.astype(head.dtype))
 
 
-def _fused_bwd(z_coef, chunk, logits_dtype, impl, interpret, residuals, cotangents):
-  del z_coef, chunk, logits_dtype, impl, interpret
+def _fused_bwd(z_coef, chunk, logits_dtype, impl, interpret, shards, residuals, cotangents):
+  del z_coef, chunk, logits_dtype, impl, interpret, shards
   dx, dhead = residuals
   g = cotangents[0]  # the NLL and z outputs leave `cross_entropy` under stop_gradient: their cotangents are 0
   return (g * dx).astype(dx.dtype), (g * dhead).astype(dhead.dtype), None, None
@@ -229,7 +245,7 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weight
     head: `[embed, vocab]` output projection in the compute dtype (the tied embedding's transpose, or lm_head).
     targets: `[batch, seq]` int target ids. weights: `[batch, seq]`, 0 where a target does not count.
     z_coef: weight of the z-loss term in the differentiable total.
-    chunk: sequence positions per chunk (rounded down to a divisor of seq).
+    chunk: sequence positions per chunk (rounded down to a divisor of seq), per device under context parallelism.
     logits_dtype: what the head matmul writes ('float32', or 'bfloat16' as under Hugging Face's bf16 autocast:
       half the memory traffic, logits rounded to 8 bits of mantissa before the float32 softmax).
     impl: how the passes over each chunk's logits run: 'xla', 'pallas' (`kernels/cross_entropy_gpu.py`), or
@@ -239,8 +255,11 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weight
     (total, nll, z): `total = nll + z_coef * z` is differentiable; `nll` (summed negative log-likelihood) and
     `z` (summed logsumexp^2) are for logging and carry no gradient.
   """
+  shards = sharding.context_size()
+  if hidden.shape[1] % shards:  # a sequence not split over the context axes after all (e.g. a vmapped row)
+    shards = 1
   total, nll, z = _fused(hidden, head, targets, weights, float(z_coef), int(chunk), jnp.dtype(logits_dtype),
-                         resolve_impl(impl, interpret), bool(interpret))
+                         resolve_impl(impl, interpret), bool(interpret), shards)
   return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
 
 
@@ -253,3 +272,69 @@ def full_logits_cross_entropy(logits: jax.Array, targets: jax.Array,
   target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
   weights = weights.astype(jnp.float32)
   return jnp.sum((lse - target_logit) * weights), jnp.sum(jnp.square(lse) * weights)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token log-probabilities (DPO), chunk by chunk as the loss above.
+
+def _token_log_probs(hidden, head, targets, chunk, logits_dtype, impl, interpret):
+  """(log p(target) per position [batch, seq], logsumexp per position), float32, chunk by chunk."""
+  c = _chunk_len(hidden.shape[1], chunk)
+
+  def body(_, xs):
+    x, t = xs
+    logits = nn.with_logical_constraint(
+        jnp.einsum('bce,ev->bcv', x, head, preferred_element_type=logits_dtype), LOGITS_AXES)
+    lse = logsumexp(logits, impl, interpret)
+    target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return None, (target_logit - lse, lse)
+
+  _, (logp, lse) = jax.lax.scan(body, None, (_split(hidden, c), _split(targets, c)))
+  return _merge(logp), _merge(lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _log_probs(hidden, head, targets, chunk, logits_dtype, impl, interpret):
+  return _token_log_probs(hidden, head, targets, chunk, logits_dtype, impl, interpret)[0]
+
+
+def _log_probs_fwd(hidden, head, targets, chunk, logits_dtype, impl, interpret):
+  logp, lse = _token_log_probs(hidden, head, targets, chunk, logits_dtype, impl, interpret)
+  return logp, (hidden, head, targets, lse)
+
+
+def _log_probs_bwd(chunk, logits_dtype, impl, interpret, residuals, g):
+  """The chunk's logits again, then d logp / d logits = onehot - softmax, scaled by the cotangent `g` of each
+  position: the softmax gradient of the loss above with weights -g (one kernel serves both)."""
+  hidden, head, targets, lse = residuals
+  c = _chunk_len(hidden.shape[1], chunk)
+
+  def body(dhead, xs):
+    x, t, l, w = xs
+    logits = nn.with_logical_constraint(
+        jnp.einsum('bce,ev->bcv', x, head, preferred_element_type=logits_dtype), LOGITS_AXES)
+    dlogits = softmax_grad(logits, l, t, -w, 0.0, head.dtype, impl, interpret)
+    dlogits = nn.with_logical_constraint(dlogits, LOGITS_AXES)
+    dx = jnp.einsum('bcv,ev->bce', dlogits, head, preferred_element_type=jnp.float32).astype(x.dtype)
+    return dhead + jnp.einsum('bce,bcv->ev', x, dlogits, preferred_element_type=jnp.float32), dx
+
+  split = lambda a: _split(a, c)
+  dhead, dx = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32),
+                           (split(hidden), split(targets), split(lse), split(g.astype(jnp.float32))))
+  return _merge(dx), dhead.astype(head.dtype), None
+
+
+_log_probs.defvjp(_log_probs_fwd, _log_probs_bwd)
+
+
+def token_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk: int = DEFAULT_CHUNK,
+                    logits_dtype: str = 'float32', impl: str = 'auto', interpret: bool = False) -> jax.Array:
+  """`[batch, seq]` float32 log-probabilities of `targets` under `logits = hidden @ head`, differentiable.
+
+  What DPO sums over each completion (`qwenjax.dpo`). Like `cross_entropy`, never more than one chunk of
+  logits at a time: the forward pass keeps only each position's logsumexp, the backward pass computes each chunk's
+  logits again (one more head matmul than `cross_entropy`'s fused pass) and its gradient with the same passes
+  over the logits (`impl`). Arguments as for `cross_entropy`.
+  """
+  return _log_probs(hidden, head, targets, int(chunk), jnp.dtype(logits_dtype), resolve_impl(impl, interpret),
+                    bool(interpret))

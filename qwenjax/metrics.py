@@ -85,6 +85,9 @@ def progress_line(step: int, steps: int, metrics: Mapping[str, float], eta_secon
   if 'moe_load_balancing_loss' in metrics:  # MoE models only; dense models log moe_aux_loss = 0 alone
     parts.append(f'load_balancing {metrics["moe_load_balancing_loss"]:.4f}')
     parts.append(f'router_z {metrics["moe_router_z_loss"]:.4f}')
+  if 'rewards/accuracies' in metrics:  # DPO (qwenjax.dpo)
+    parts.append(f'rewards/accuracies {metrics["rewards/accuracies"]:.3f}')
+    parts.append(f'rewards/margins {metrics["rewards/margins"]:.4f}')
   if 'lr' in metrics:
     parts.append(f'lr {metrics["lr"]:.2e}')
   if 'grad_norm' in metrics:

@@ -26,9 +26,18 @@ MoE layers (`config.is_moe(i)`, Qwen2-MoE) replace `layers_{i}/mlp` with:
 and sow router statistics into the `moe_stats` collection (a plain `apply` drops them); `apply_with_aux`
 returns (logits, auxiliary losses). The experts' math and sharding live in `qwenjax.moe`.
 
+LoRA adapters (`qwenjax.lora`) are a second collection, `lora`, beside `params`: under a projection's path (its
+kernel's path without `kernel`) it holds `a` and `b`, and the projection adds (x @ a) @ b to x @ W; the routed
+experts add a @ b to their stacked weights. Without that collection (a plain `apply({'params': ...})`) the model is
+the base model, exactly.
+
 Given a KV cache (`qwenjax.kv_cache`), `Qwen2` prefills or decodes and returns the new cache with the logits;
 how a decode step attends over the cache is decided there. The configuration is `qwenjax.model_config`'s, the
 parameter utilities (init, shapes, stacking) are in `qwenjax.params`.
+
+Under context parallelism (a `context` mesh axis, `qwenjax.context`) the sequence axis of the inputs, and so of
+every activation, is in zig-zag order: the train step puts batches in that order; without `positions` the model
+takes each place's position in it.
 """
 
 from __future__ import annotations
@@ -43,13 +52,19 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from qwenjax import attention
+from qwenjax import context
 from qwenjax import moe
+from qwenjax import sharding
 from qwenjax.kv_cache import LayerCache
 from qwenjax.model_config import ModelConfig
 from qwenjax.rotary import apply_rotary_embedding
 
+LORA = 'lora'  # the collection of LoRA adapters: {'a', 'b'} under a projection's name (qwenjax.lora)
+
 # `checkpoint_name`s of a decoder layer's activations, for remat policies.
 ACTIVATION_NAMES = ('norm_out', 'query', 'key', 'value', 'residual', 'mlp_gate', 'mlp_up', 'mlp_hidden')
+# Attention's inputs as its backward pass reads them (q and k after rotary): what 'attention_saveable' keeps.
+ATTENTION_INPUT_NAMES = ('query', 'key', 'value')
 
 
 def _init(config: ModelConfig, *names: str):
@@ -58,6 +73,29 @@ def _init(config: ModelConfig, *names: str):
 
 def _constrain(x, *names: str):
   return nn.with_logical_constraint(x, names)
+
+
+def _with_lora(module: nn.Module, name: str, x, y):
+  """`y`, the projection `name` of `x`, plus (x @ a) @ b when the `lora` collection holds its adapters.
+
+  `a` is `[*input dims, rank]` and `b` `[rank, *output dims]` (qwenjax.lora scales b by alpha / rank beforehand).
+  """
+  if not module.has_variable(LORA, name):
+    return y
+  adapter = module.get_variable(LORA, name)
+  a, b = adapter['a'].astype(x.dtype), adapter['b'].astype(x.dtype)
+  low_rank = jnp.tensordot(x, a, axes=a.ndim - 1)
+  return y + jnp.tensordot(low_rank, b, axes=1).astype(y.dtype)
+
+
+def _with_lora_weight(module: nn.Module, name: str, w):
+  """Stacked expert weights `[expert, in, out]` plus a @ b per expert when the `lora` collection holds adapters
+  for `name` (the grouped matmuls take one weight per expert, so the low-rank update is folded in)."""
+  if not module.has_variable(LORA, name):
+    return w
+  adapter = module.get_variable(LORA, name)
+  a, b = adapter['a'].astype(w.dtype), adapter['b'].astype(w.dtype)
+  return w + jnp.einsum('eir,ero->eio', a, b)
 
 
 class RMSNorm(nn.Module):
@@ -91,10 +129,11 @@ class Attention(nn.Module):
     einsum = functools.partial(nn.Einsum, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def qkv(name, heads, heads_axis):
-      return einsum(
+      y = einsum(
           (cfg.hidden_size, heads, cfg.head_dim), 'bse,ehd->bshd', use_bias=True, name=name,
           kernel_init=_init(cfg, 'embed', heads_axis, 'head_dim'),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (heads_axis, 'head_dim')))(x)
+      return _with_lora(self, name, x, y)
 
     def constrain(q, k, v):
       return (_constrain(q, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim'),
@@ -103,8 +142,9 @@ class Attention(nn.Module):
 
     def output(out):
       out = _constrain(out, 'activation_batch', 'activation_length', 'activation_heads', 'activation_head_dim')
-      return einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
-                    name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+      y = einsum((cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size), 'bshd,hde->bse', use_bias=False,
+                 name='o_proj', kernel_init=_init(cfg, 'heads', 'head_dim', 'embed'))(out)
+      return _with_lora(self, 'o_proj', out, y)
 
     q = qkv('q_proj', cfg.num_attention_heads, 'heads')
     k = qkv('k_proj', cfg.num_key_value_heads, 'kv_heads')
@@ -112,10 +152,10 @@ class Attention(nn.Module):
     if cache is not None and lengths is None:  # a decode step: rotary is part of the step (a kernel on GPUs)
       window = cfg.sliding_window if sliding is not False and cfg.use_sliding_window else None
       out, cache = cache.step(*constrain(q, k, v), positions, cfg.rope_theta, window, sliding, cfg.decode_impl,
-                              cfg.attention_interpret)
+                              cfg.attention_interpret, rope_scaling=cfg.rope_scaling)
       return output(out), cache
-    q = checkpoint_name(apply_rotary_embedding(q, positions, cfg.rope_theta), 'query')
-    k = checkpoint_name(apply_rotary_embedding(k, positions, cfg.rope_theta), 'key')
+    q = checkpoint_name(apply_rotary_embedding(q, positions, cfg.rope_theta, cfg.rope_scaling), 'query')
+    k = checkpoint_name(apply_rotary_embedding(k, positions, cfg.rope_theta, cfg.rope_scaling), 'key')
     q, k, v = constrain(q, k, checkpoint_name(v, 'value'))
 
     def attend(window):
@@ -142,12 +182,17 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     size = self.intermediate_size or cfg.intermediate_size
-    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    gate = checkpoint_name(dense(size, name='gate_proj', kernel_init=_init(cfg, 'embed', 'mlp'))(x), 'mlp_gate')
-    up = checkpoint_name(dense(size, name='up_proj', kernel_init=_init(cfg, 'embed', 'mlp'))(x), 'mlp_up')
+
+    def dense(features, name, x, *names):
+      y = nn.DenseGeneral(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                          kernel_init=_init(cfg, *names))(x)
+      return _with_lora(self, name, x, y)
+
+    gate = checkpoint_name(dense(size, 'gate_proj', x, 'embed', 'mlp'), 'mlp_gate')
+    up = checkpoint_name(dense(size, 'up_proj', x, 'embed', 'mlp'), 'mlp_up')
     hidden = checkpoint_name(nn.silu(gate) * up, 'mlp_hidden')
     hidden = _constrain(hidden, 'activation_batch', 'activation_length', 'activation_mlp')
-    return dense(cfg.hidden_size, name='down_proj', kernel_init=_init(cfg, 'mlp', 'embed'))(hidden)
+    return dense(cfg.hidden_size, 'down_proj', hidden, 'mlp', 'embed')
 
 
 class Experts(nn.Module):
@@ -161,9 +206,10 @@ class Experts(nn.Module):
     gate = self.param('gate_proj', _init(cfg, 'expert', 'embed', 'mlp'), (e, h, i), cfg.param_dtype)
     up = self.param('up_proj', _init(cfg, 'expert', 'embed', 'mlp'), (e, h, i), cfg.param_dtype)
     down = self.param('down_proj', _init(cfg, 'expert', 'mlp', 'embed'), (e, i, h), cfg.param_dtype)
-    return moe.experts_ffn(x, expert_ids, weights, gate.astype(cfg.dtype), up.astype(cfg.dtype),
-                           down.astype(cfg.dtype), capacity_factor=cfg.moe_capacity_factor, impl=cfg.moe_impl,
-                           interpret=cfg.moe_interpret)
+    gate, up, down = (_with_lora_weight(self, name, w.astype(cfg.dtype))
+                      for name, w in (('gate_proj', gate), ('up_proj', up), ('down_proj', down)))
+    return moe.experts_ffn(x, expert_ids, weights, gate, up, down, capacity_factor=cfg.moe_capacity_factor,
+                           impl=cfg.moe_impl, interpret=cfg.moe_interpret)
 
 
 class SparseMoeBlock(nn.Module):
@@ -229,7 +275,7 @@ class ScannedDecoderLayer(DecoderLayer):
 
 
 def _remat(cls, config: ModelConfig):
-  if config.remat_policy == 'none':
+  if config.remat_policy in ('none', 'auto'):  # 'auto' unresolved (`qwenjax.fit` resolves it): as with no memory figure
     return cls
   policies = jax.checkpoint_policies
   if config.remat_policy == 'full':
@@ -239,6 +285,9 @@ def _remat(cls, config: ModelConfig):
                                               attention.forward_saveable)
   elif config.remat_policy == 'activations_saveable':
     policy = policies.save_from_both_policies(policies.save_only_these_names(*ACTIVATION_NAMES),
+                                              attention.forward_saveable)
+  elif config.remat_policy == 'attention_saveable':
+    policy = policies.save_from_both_policies(policies.save_only_these_names(*ATTENTION_INPUT_NAMES),
                                               attention.forward_saveable)
   else:
     policy = getattr(policies, config.remat_policy)
@@ -266,8 +315,13 @@ class Qwen2(nn.Module):
     """
     cfg = self.config
     batch, seq_len = input_ids.shape
+    shards = sharding.context_size()  # > 1: the sequence is split over devices, in zig-zag order (qwenjax.context)
+    if shards > 1 and cache is not None:
+      raise ValueError('decoding (a KV cache) does not support context parallelism: the rules split '
+                       'activation_length over the mesh. Decode on a mesh with context=1.')
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+      order = jnp.arange(seq_len, dtype=jnp.int32) if shards == 1 else context.zigzag_positions(seq_len, shards)
+      positions = jnp.broadcast_to(order, (batch, seq_len))
 
     embedding = self.param('embed_tokens', _init(cfg, 'vocab', 'embed'),
                            (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype)
@@ -319,9 +373,10 @@ def _decoder_layers(cfg: ModelConfig, x: jax.Array, positions: jax.Array, segmen
     cfg = dataclasses.replace(cfg, decode_impl='xla')
   sliding = cfg.is_sliding(0) if not cfg.has_mixed_layers else None
   flags = jnp.array([cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)])
-  # Scanned over: each layer's parameters, router statistics, sliding flag and cache; the rest is broadcast.
+  # Scanned over: each layer's parameters, adapters, router statistics, sliding flag and cache; the rest is
+  # broadcast.
   stack = nn.scan(
-      layer_cls, variable_axes={'params': 0, moe.MOE_STATS: 0}, split_rngs={'params': True},
+      layer_cls, variable_axes={'params': 0, moe.MOE_STATS: 0, LORA: 0}, split_rngs={'params': True},
       in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast), length=cfg.num_hidden_layers,
       metadata_params={nn.PARTITION_NAME: 'layers'})
   x, layers = stack(cfg, sliding, cfg.is_moe(0), name='layers')(
@@ -335,14 +390,16 @@ def output_head(config: ModelConfig, params: Any) -> jax.Array:
 
 
 def apply_with_aux(config: ModelConfig, params: Any, input_ids: jax.Array, positions: jax.Array | None = None,
-                   segment_ids: jax.Array | None = None,
-                   return_hidden: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   segment_ids: jax.Array | None = None, return_hidden: bool = False,
+                   lora: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(float32 logits, auxiliary losses): the one call a train step needs, dense or MoE.
 
   With `return_hidden`, the final hidden states instead of logits (see `Qwen2.__call__`).
   `aux['moe_aux_loss']` is the scalar to add to the mean token loss (0 for dense models); MoE models also
   return the unweighted `moe_load_balancing_loss` and `moe_router_z_loss` for logging. See `moe.aux_losses`.
+  `lora`: the `lora` collection (`qwenjax.lora.scaled`), or None for the base model.
   """
-  out, state = Qwen2(config).apply({'params': params}, input_ids, positions, segment_ids, return_hidden,
+  variables = {'params': params} if lora is None else {'params': params, LORA: lora}
+  out, state = Qwen2(config).apply(variables, input_ids, positions, segment_ids, return_hidden,
                                    mutable=[moe.MOE_STATS])
   return out, moe.aux_losses(config, state.get(moe.MOE_STATS))

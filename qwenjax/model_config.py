@@ -14,14 +14,19 @@ from typing import Any, Mapping
 import ml_dtypes  # pylint: disable=unused-import  (registers bfloat16 and the float8 names with numpy)
 import numpy as np
 
-# 'none' (no remat), 'full' (save nothing), `jax.checkpoint_policies` by name, and two of ours:
+# 'none' (no remat), 'full' (save nothing), `jax.checkpoint_policies` by name, and three of ours:
 # * 'dots_and_attention_saveable': what 'dots_with_no_batch_dims_saveable' keeps plus the attention kernels'
 #   outputs, so the backward pass recomputes only elementwise work (norms, rotary, SwiGLU).
 # * 'activations_saveable': every compute-dtype activation the backward pass reads (`model.ACTIVATION_NAMES` and
 #   the attention outputs), so it recomputes nothing, yet keeps none of the float32 temporaries that 'none' keeps.
 #   (The routed experts of an MoE block are not named: they are recomputed.)
+# * 'attention_saveable', for long sequences: what attention's backward needs (q and k after rotary, v, the
+#   kernels' output and logsumexp) and the layer's input; the backward pass recomputes the norms, the output
+#   projection and the MLP, never the attention forward, whose cost grows with the sequence.
+# A run's config sets it as `train.remat_policy`, where 'auto' (`qwenjax.fit`) picks one; a ModelConfig holding
+# 'auto' that nothing resolved runs as 'none'.
 REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-                  'dots_and_attention_saveable', 'activations_saveable', 'nothing_saveable',
+                  'dots_and_attention_saveable', 'activations_saveable', 'attention_saveable', 'nothing_saveable',
                   'everything_saveable')
 # A decode step's attention (`qwenjax.kv_cache`): 'xla' (LayerCache.append + attend), 'pallas'
 # (kernels.decode_gpu; on a CPU only with attention_interpret=True), 'auto' (the kernel on a GPU where it
@@ -31,6 +36,73 @@ DECODE_IMPLEMENTATIONS = ('auto', 'xla', 'pallas')
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'pallas_tpu', 'pallas_gpu', 'auto')
 # The MoE experts' grouped matmul (`qwenjax.kernels.gmm.grouped_matmul` says what each one is).
 MOE_IMPLEMENTATIONS = ('auto', 'ragged_dot', 'mgpu', 'megablox')
+# Rotary scalings (`qwenjax.rotary.inverse_frequencies` computes each as transformers does). Dynamic NTK scaling
+# changes the frequencies with each batch's length (transformers keeps state across calls for it): refused by name.
+ROPE_TYPES = ('default', 'linear', 'yarn')
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Hugging Face's `rope_scaling` (transformers 5: `rope_parameters`, minus its `rope_theta`).
+
+  `linear` divides every rotary frequency by `factor`; `yarn` (Peng et al. 2023) divides only those that turn
+  fewer than `beta_slow` times over `original_max_position_embeddings` (the pretraining context), keeps those
+  turning more than `beta_fast` times, ramps between, and scales cos and sin by `attention_factor` (0: derived,
+  0.1 ln(factor) + 1, or from `mscale` / `mscale_all_dim` when both are set). Qwen2's long-context checkpoints
+  use yarn with factor 4 over 32768.
+  """
+  rope_type: str = 'default'
+  factor: float = 1.0
+  original_max_position_embeddings: int = 0
+  attention_factor: float = 0.0
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 0.0
+  mscale_all_dim: float = 0.0
+  truncate: bool = True
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f'rope_scaling.rope_type={self.rope_type!r} is not supported; supported: {ROPE_TYPES} '
+                       '(dynamic NTK scaling depends on each batch\'s length and is not)')
+    numbers = ('factor', 'attention_factor', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim')
+    for name in numbers:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f'rope_scaling.{name} must be a finite number >= 0, got {value!r}')
+      object.__setattr__(self, name, float(value))
+    if self.rope_type != 'default' and self.factor < 1.0:
+      raise ValueError(f'rope_scaling.factor must be >= 1 for {self.rope_type} scaling, got {self.factor}')
+    if self.rope_type == 'yarn' and (not isinstance(self.original_max_position_embeddings, int)
+                                     or self.original_max_position_embeddings < 1):
+      raise ValueError('rope_scaling with rope_type=yarn needs original_max_position_embeddings, the context the '
+                       f'model was pretrained on (a positive int), got {self.original_max_position_embeddings!r}')
+
+  @classmethod
+  def from_hf(cls, values: Mapping[str, Any] | None, max_position_embeddings: int) -> 'RopeScaling':
+    """From a config.json's `rope_parameters` or `rope_scaling` (`type` or `rope_type`; `rope_theta` and other
+    keys of no effect here ignored). A yarn entry without `factor` takes max_position_embeddings /
+    original_max_position_embeddings, as transformers does."""
+    values = dict(values or {})
+    rope_type = values.get('rope_type', values.get('type')) or 'default'
+    if rope_type == 'default':
+      return cls()
+    known = {f.name for f in dataclasses.fields(cls)} - {'rope_type'}
+    kwargs = {k: v for k, v in values.items() if k in known and v is not None}
+    if rope_type == 'yarn' and 'factor' not in kwargs and kwargs.get('original_max_position_embeddings'):
+      kwargs['factor'] = max_position_embeddings / kwargs['original_max_position_embeddings']
+    return cls(rope_type=rope_type, **kwargs)
+
+  def to_hf(self, rope_theta: float) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` entry of a config.json."""
+    out = {'rope_type': self.rope_type, 'rope_theta': rope_theta}
+    if self.rope_type != 'default':
+      out['factor'] = self.factor
+    if self.rope_type == 'yarn':
+      out.update(original_max_position_embeddings=self.original_max_position_embeddings, beta_fast=self.beta_fast,
+                 beta_slow=self.beta_slow, truncate=self.truncate)
+      out.update({k: getattr(self, k) for k in ('attention_factor', 'mscale', 'mscale_all_dim') if getattr(self, k)})
+    return out
 
 
 # The smallest value of each integer field; None is allowed for those in _OPTIONAL.
@@ -56,6 +128,7 @@ class ModelConfig:
   head_dim: int | None = None  # None: hidden_size // num_attention_heads
   max_position_embeddings: int = 32768
   rope_theta: float = 1_000_000.0
+  rope_scaling: RopeScaling = RopeScaling()  # a dict in config files and config.json
   rms_norm_eps: float = 1e-6
   initializer_range: float = 0.02
   tie_word_embeddings: bool = False
@@ -75,7 +148,7 @@ class ModelConfig:
   # Ours.
   dtype: str = 'float32'  # activations / compute
   param_dtype: str = 'float32'  # stored parameters
-  remat_policy: str = 'none'  # one of REMAT_POLICIES
+  remat_policy: str = 'none'  # one of REMAT_POLICIES, or 'auto' (see above); set from train.remat_policy
   scan_layers: bool = False  # nn.scan over layers: one compiled layer, params stacked on a `layers` axis
   attention_impl: str = 'auto'  # one of ATTENTION_IMPLEMENTATIONS
   attention_interpret: bool = False  # run a Pallas attention kernel in its interpreter (CPU tests)
@@ -89,11 +162,18 @@ class ModelConfig:
     self._check_values()
     if self.head_dim is None:
       object.__setattr__(self, 'head_dim', self.hidden_size // self.num_attention_heads)
+    if not isinstance(self.rope_scaling, RopeScaling):  # a dict (config files, config.json) or ConfigDict
+      scaling = dict(self.rope_scaling or {})
+      unknown = sorted(set(scaling) - {f.name for f in dataclasses.fields(RopeScaling)})
+      if unknown:
+        raise ValueError(f'unknown rope_scaling key(s) {unknown}; valid keys: '
+                         f'{[f.name for f in dataclasses.fields(RopeScaling)]}')
+      object.__setattr__(self, 'rope_scaling', RopeScaling(**scaling))
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f'num_attention_heads ({self.num_attention_heads}) must be a multiple of '
                        f'num_key_value_heads ({self.num_key_value_heads})')
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}')
+    if self.remat_policy not in REMAT_POLICIES + ('auto',):
+      raise ValueError(f'unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES} or \'auto\'')
     if self.decode_impl not in DECODE_IMPLEMENTATIONS:
       raise ValueError(f'unknown decode_impl {self.decode_impl!r}; choose one of {DECODE_IMPLEMENTATIONS}')
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:

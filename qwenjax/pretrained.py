@@ -8,12 +8,14 @@ Hugging Face checkpoint directory, with its model config, parameters and tokeniz
 Sampling, evaluation and export (and every later command that reads a model) start here. A run's parameters are
 read without its optimizer state (`checkpoint.restore_params`); a Hugging Face checkpoint is read slice by slice
 into the devices that hold each part (`hf.from_pretrained(shardings=...)`), so neither needs one device to hold
-the whole model.
+the whole model. A LoRA run (`train.lora_rank > 0`) opens as its merged model: its base (`init_from_hf`, or the
+random one of `train.seed`) with its adapters folded in (`qwenjax.lora.merge`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any
@@ -27,6 +29,7 @@ from qwenjax import checkpoint
 from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import hf as hf_lib
+from qwenjax import lora as lora_lib
 from qwenjax import params as params_lib
 from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
@@ -95,17 +98,41 @@ def _from_workdir(workdir: str, step: int | None, mesh, rules, on_host: bool, ov
     model_config = ModelConfig.from_dict({**config.model.to_dict(), **overrides})
   except (ValueError, TypeError) as e:
     raise ValueError(f'{where}: model: {e}') from None
+  lora = config_lib.settings(config).lora
   step, saved_params = checkpoint.saved_params(workdir, step)
-  _check_fits_checkpoint(model_config, saved_params, where, f'{workdir}/checkpoints/{step}')
+  _check_fits_checkpoint(model_config, saved_params, where, f'{workdir}/checkpoints/{step}',
+                         lora if lora.lora_rank else None)
   tok = workdir_lib.load_tokenizer(workdir, config)
   tokenizer_lib.check_fits(tok, model_config.vocab_size, what=f'the tokenizer of {workdir}', warn_unused=False,
                            fix='WORKDIR/tokenizer/ must be the tokenizer the run trained with: restore it from the '
                            'tokenizer the run was started with (data.tokenizer in its config.json)')
   mesh, rules, shardings = _placement(model_config, mesh, rules, on_host)
-  _, params, step = checkpoint.restore_params(workdir, step, shardings)
+  settings = config_lib.settings(config)
+  if settings.lora.lora_rank:
+    params, step = _merged_lora(settings, model_config, workdir, step, mesh, rules, shardings)
+  else:
+    _, params, step = checkpoint.restore_params(workdir, step, shardings)
   if on_host:
     params = jax.device_get(params)
   return Pretrained(model_config, params, tok, workdir, mesh, rules, step=step, config=config)
+
+
+def _merged_lora(settings: config_lib.RunConfig, model_config: ModelConfig, workdir: str, step: int | None, mesh,
+                 rules, shardings) -> tuple[Any, int]:
+  """(the base with the run's adapters folded in, placed in `shardings`; the checkpoint's step)."""
+  lora = settings.lora
+  adapter_shardings = sharding.param_shardings(lora_lib.abstract(model_config, lora), mesh, rules)
+  _, adapters, step = checkpoint.restore_params(workdir, step, adapter_shardings)
+  if settings.init_from_hf:
+    if not os.path.isdir(settings.init_from_hf):
+      raise FileNotFoundError(f'{workdir} trained LoRA adapters on the base {settings.init_from_hf}, which is not '
+                              'there any more: put that Hugging Face checkpoint back to open the run')
+    _, base = hf_lib.from_pretrained(settings.init_from_hf, model_config.param_dtype, shardings=shardings,
+                                     scan_layers=model_config.scan_layers)
+  else:
+    base = train_step.random_params(model_config, shardings, jax.random.key(settings.seed))
+  merge = jax.jit(functools.partial(lora_lib.merge, lora=lora), out_shardings=shardings, donate_argnums=0)
+  return merge(base, adapters), step
 
 
 def _from_hf(hf: str, mesh, rules, on_host: bool, overrides: dict) -> Pretrained:
@@ -131,22 +158,24 @@ def _from_hf(hf: str, mesh, rules, on_host: bool, overrides: dict) -> Pretrained
   return Pretrained(model_config, params, tok, path, mesh, rules)
 
 
-def _check_fits_checkpoint(model_config: ModelConfig, saved: Any, where: str, checkpoint_dir: str) -> None:
-  """Checks a run's model config against its checkpoint's parameter shapes (`checkpoint.saved_params`) before
-  anything is built from it: first the sizes that work is proportional to (layers, the embedding table), then
-  every parameter."""
+def _check_fits_checkpoint(model_config: ModelConfig, saved: Any, where: str, checkpoint_dir: str,
+                           lora: config_lib.LoraConfig | None = None) -> None:
+  """Checks a run's model config against its checkpoint's parameter shapes (`checkpoint.saved_params`; a LoRA
+  run's: its adapters) before anything is built from it: first the sizes that work is proportional to (layers, the
+  embedding table), then every parameter."""
   layers = [name for name in saved if re.fullmatch(r'layers_\d+', name)]
   if 'layers' in saved:  # scanned: the layers are the leading axis
     layers = range(jax.tree.leaves(saved['layers'])[0].shape[0])
   embed = getattr(saved.get('embed_tokens'), 'shape', None)
-  wanted = [('num_hidden_layers', model_config.num_hidden_layers, len(layers))]
+  wanted = [('num_hidden_layers', model_config.num_hidden_layers, len(layers))] if layers or not lora else []
   if embed is not None and len(embed) == 2:
     wanted += [('vocab_size', model_config.vocab_size, embed[0]), ('hidden_size', model_config.hidden_size, embed[1])]
   for name, ours, found in wanted:
     if ours != found:
       raise ValueError(f'{where} has model.{name}={ours} but the checkpoint {checkpoint_dir} holds {found}: the '
                        'config does not belong to the checkpoint')
-  checkpoint.check_shapes(saved, nn.unbox(params_lib.abstract_params(model_config)), f'checkpoint {checkpoint_dir}')
+  expected = lora_lib.abstract(model_config, lora) if lora else params_lib.abstract_params(model_config)
+  checkpoint.check_shapes(saved, nn.unbox(expected), f'checkpoint {checkpoint_dir}')
 
 
 def _is_hf(directory: str) -> bool:

@@ -9,7 +9,10 @@ devices:
 * `fsdp`: data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style);
 * `tensor`: tensor parallelism over attention heads, MLP width and vocabulary;
 * `expert`: expert parallelism for Qwen2-MoE: routed experts split over it, tokens exchanged with all-to-all
-  (`qwenjax.moe`); outside the MoE blocks it is one more data-parallel axis.
+  (`qwenjax.moe`); outside the MoE blocks it is one more data-parallel axis;
+* `context`: context parallelism: each sequence split over it (`activation_length`), in the zig-zag order of
+  `qwenjax.context`; attention all-gathers keys and values over it (`qwenjax.attention`), parameters are
+  replicated over it.
 
 The train step is traced under `with jax.set_mesh(mesh), nn.logical_axis_rules(rules):`, so the model's
 `nn.with_logical_constraint` calls and the Pallas attention wrapper (which reads
@@ -17,8 +20,8 @@ The train step is traced under `with jax.set_mesh(mesh), nn.logical_axis_rules(r
 
 Multi-slice (several TPU slices joined by the data-center network, DCN, or several GPU hosts): the config's
 `mesh.dcn_data` is the number of slices, and the `data` axis spans them (`dcn_data` x `data` devices long);
-`fsdp`, `tensor` and `expert` stay inside a slice, on the fast interconnect (ICI), sized as for one slice.
-Only data parallelism, whose one gradient all-reduce per step tolerates the slower network, crosses slices.
+`fsdp`, `tensor`, `expert` and `context` stay inside a slice, on the fast interconnect (ICI), sized as for one
+slice. Only data parallelism, whose one gradient all-reduce per step tolerates the slower network, crosses slices.
 
 To add a mesh axis, append it to `qwenjax.config.MESH_AXES`, give `MeshConfig` a field of its size and map
 logical names to it in the rules.
@@ -41,6 +44,9 @@ from qwenjax.model_config import ModelConfig
 MESH_AXES = config_lib.MESH_AXES
 # Logical axes of a batch of token ids `[batch, seq]`.
 BATCH_AXES = ('activation_batch', 'activation_length')
+# ... as the step takes it in: rows split, each row whole on its devices, so that context parallelism puts the
+# sequence into its zig-zag order inside the step without moving data between devices (`qwenjax.context`).
+INPUT_AXES = ('activation_batch', None)
 DEFAULT_RULES = config_lib.DEFAULT_RULES  # where they are written: config.MeshConfig's default
 
 Rules = tuple[tuple[str, Any], ...]
@@ -56,7 +62,7 @@ def hybrid_mesh_shapes(mesh_config: config_lib.MeshConfig, num_devices: int
                        ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(sizes within one slice, sizes across slices) of `MESH_AXES`, as `create_hybrid_device_mesh` takes them.
 
-  The config's data/fsdp/tensor/expert sizes are those of one slice of `num_devices / mesh.dcn_data` devices,
+  The config's data/fsdp/tensor/expert/context sizes are those of one slice of `num_devices / mesh.dcn_data` devices,
   one of them possibly -1 (the rest of the slice); across slices only `data` is longer than 1.
   """
   slices = mesh_config.dcn_data  # a positive int: MeshConfig checks
@@ -83,8 +89,8 @@ def _slice_mesh_shape(mesh_config: config_lib.MeshConfig, num_devices: int, slic
   if math.prod(sizes) != num_devices:
     raise ValueError(
         f'mesh sizes {described} multiply to {math.prod(sizes)} but there are {devices}. Set '
-        f'--config.mesh.data/fsdp/tensor/expert so that their product is {num_devices}, or set one of them to -1 '
-        '(the remaining devices).')
+        f'--config.mesh.data/fsdp/tensor/expert/context so that their product is {num_devices}, or set one of them '
+        'to -1 (the remaining devices).')
   return tuple(sizes)
 
 
@@ -121,7 +127,7 @@ def make_mesh(mesh_config: config_lib.MeshConfig, devices: Sequence[jax.Device] 
     return jax.sharding.Mesh(hybrid_device_array(mesh_config, devices), MESH_AXES, axis_types=axis_types)
   slices = len({getattr(d, 'slice_index', 0) for d in devices})
   if slices > 1:
-    logging.warning('sharding: the devices are in %d slices but mesh.dcn_data=1, so fsdp/tensor/expert may '
+    logging.warning('sharding: the devices are in %d slices but mesh.dcn_data=1, so fsdp/tensor/expert/context may '
                     'cross the slow network between slices; set mesh.dcn_data=%d.', slices, slices)
   return jax.make_mesh(mesh_shape(mesh_config, len(devices)), MESH_AXES, axis_types=axis_types, devices=devices)
 
@@ -212,8 +218,9 @@ def param_shardings(abstract_params: Any, mesh: jax.sharding.Mesh, rules: Rules)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
-  """Token batches `[batch, seq]`: batch split over the mesh axes of `activation_batch`."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules))
+  """Token batches `[batch, seq]` as the step takes them in: batch split over the mesh axes of `activation_batch`,
+  rows whole (`INPUT_AXES`)."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(INPUT_AXES, rules))
 
 
 def batch_shards(mesh: jax.sharding.Mesh, rules: Rules) -> int:
@@ -241,6 +248,22 @@ def active_mesh_axes(logical: Sequence[str], mesh) -> list[tuple[str, ...]]:
   manual = set(mesh.manual_axes)
   return [tuple(a for a in _axes_tuple(entry) if a in mesh.axis_names and a not in manual and mesh.shape[a] > 1)
           for entry in tuple(spec) + (None,) * (len(logical) - len(spec))]
+
+
+def context_axes(mesh=None) -> tuple[str, ...]:
+  """The mesh axes the active rules split the sequence over (`activation_length`; manual and size-1 axes left
+  out): empty without context parallelism. Read inside a step traced under `jax.set_mesh` and the rules."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh.empty:
+    return ()
+  return active_mesh_axes(('activation_length',), mesh)[0]
+
+
+def context_size(mesh=None) -> int:
+  """How many devices each sequence is split over (1 without context parallelism)."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  axes = context_axes(mesh)
+  return axes_size(mesh, axes) if axes else 1
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

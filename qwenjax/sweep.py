@@ -40,20 +40,24 @@ A sweep file's `get_config()` returns an ml-collections config with
   sizes between and beyond them get a rate too (within the grid's range). No `lr_sweep.sizes`: train.lr.
 * `axes`: any other config values to sweep (`axes.train.lr = (1e-3, 3e-3)`): every combination is a point.
 * `max_epochs`: a point that would see the training corpus more often than this is an error at planning time.
+* `group_size`: train up to this many points at once, as one step vmapped over them (`qwenjax.train.train_group`):
+  within a stage and budget, points that differ only in `qwenjax.group.MEMBER_KEYS` (learning rate and schedule),
+  e.g. the lr stage's points of one size (`groups`). 0 (default): one point at a time.
 * `estimate`: the plan's GPU-time assumptions (`ESTIMATE`'s keys), for `plan_table` and `pieces`.
 
 Every point is trained by `qwenjax.train.train_and_evaluate` (the code of `python -m qwenjax.train`) in
-`DIR/<name>/`, evaluated once at its end. All points share the tokenizer and the tokenized corpus
-(`data.prepared_dir`, by default `DIR/prepared`) and one compilation cache (`DIR/compilation_cache`). Each
-finished point appends one line to `DIR/results.jsonl`: `name`, `stage` ('lr', 'isoflop' or 'tokens'), `params`
-(the N of the fits, as `counting` says), `params_with_head`, `params_non_embedding`, `params_total`, `tokens` (D),
-`flops` (C as counted: tokens x flops_per_token), `flops_actual` (what the step computes), `budget`,
-`eval_loss` (final), `overrides` (the point's config values), `code` (`code_version`: the sources' hash, the git
-commit, the jax version), and `epochs`, `mfu`, `tokens_per_sec`, `seconds`. Running the same command again skips
-finished points and resumes an interrupted one from its last checkpoint, under the same code only: a sweep with
-finished or started points refuses other sources or another jax (`CodeVersionError`, naming the files) unless
-`allow_code_change`, which records the change in sweep.json's `code_history`. `check` retrains committed points
-and compares their eval losses.
+`DIR/<name>/`, evaluated once at its end (a group's members each in their own). All points share the tokenizer and
+the tokenized corpus (`data.prepared_dir`, by default `DIR/prepared`; its files listed once per command,
+`documents.fixed_listing`) and one compilation cache (`DIR/compilation_cache`). Each finished point appends one line
+to `DIR/results.jsonl`: `name`, `stage` ('lr', 'isoflop' or 'tokens'), `params` (the N of the fits, as `counting`
+says), `params_with_head`, `params_non_embedding`, `params_total`, `tokens` (D), `flops` (C as counted: tokens x
+flops_per_token), `flops_actual` (what the step computes), `budget`, `eval_loss` (final), `overrides` (the point's
+config values), `code` (`code_version`: the sources' hash, the git commit, the jax version), and `epochs`, `mfu`,
+`tokens_per_sec`, `seconds` (a grouped point's: its group's, with `group` naming the members). Running the same
+command again skips finished points and resumes an interrupted one from its last checkpoint, under the same code
+only: a sweep with finished or started points refuses other sources or another jax (`CodeVersionError`, naming the
+files) unless `allow_code_change`, which records the change in sweep.json's `code_history`. `check` retrains
+committed points and compares their eval losses.
 
 `--emit` prints one `python -m qwenjax.train ...` command per unfinished point instead (for a cluster queue),
 after preparing the shared tokenizer and corpus; `plan_table` is the plan as a table (N, D, steps, epochs,
@@ -92,7 +96,9 @@ from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
+from qwenjax import documents
 from qwenjax import files
+from qwenjax import group as group_lib
 from qwenjax import metrics as metrics_lib
 from qwenjax import scaling
 from qwenjax import train
@@ -233,7 +239,7 @@ def _axis_values(axes: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
 
 SWEEP_KEYS = ('base', 'overrides', 'ladder', 'budgets', 'tokens', 'tokens_per_param', 'budget_sizes', 'axes',
               'counting', 'warmup_fraction', 'warmup_tokens_per_param', 'warmup_tokens', 'warmup_max_fraction',
-              'warmup_min_steps', 'batch_sizes', 'lr_sweep', 'max_epochs', 'estimate')
+              'warmup_min_steps', 'batch_sizes', 'lr_sweep', 'max_epochs', 'estimate', 'group_size')
 LADDER_KEYS = ('sizes', 'width_per_size', 'depth', 'depth_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
 LR_SWEEP_KEYS = ('sizes', 'lrs', 'tokens_per_param')
 _LADDER_NEEDED = ('sizes', 'width_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
@@ -300,6 +306,9 @@ def check_sweep(sweep: ml_collections.ConfigDict) -> None:
       raise ValueError('lr_sweep.tokens_per_param must be positive: each lr point trains on that many tokens per N')
     if 'train.lr' in flatten(sweep.get('axes', {})):
       raise ValueError('axes.train.lr and lr_sweep both set learning rates: keep one')
+  group_size = sweep.get('group_size', 0)
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+    raise ValueError(f'group_size must be a whole number >= 0 (the most points trained at once), got {group_size!r}')
   unknown = sorted(set(sweep.get('estimate', {})) - set(ESTIMATE))
   if unknown:
     raise ValueError(f'estimate: unknown key(s) {unknown}; it has {", ".join(ESTIMATE)}')
@@ -628,8 +637,10 @@ def _record(point: Point, **fields) -> dict[str, Any]:
       epochs=point.epochs)
 
 
-def result(point: Point, point_dir: str, seconds: float, code: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The results.jsonl record of a finished point, from its metrics.jsonl (the final eval at the last step)."""
+def result(point: Point, point_dir: str, seconds: float, code: Mapping[str, Any] | None = None,
+           **fields) -> dict[str, Any]:
+  """The results.jsonl record of a finished point, from its metrics.jsonl (the final eval at the last step), with
+  `fields` added (a grouped point's `group`)."""
   records = _read_metrics(point_dir)
   steps = point.overrides['train.steps']
   final = [r for r in records if r.get('step') == steps and 'eval_loss' in r]
@@ -641,42 +652,86 @@ def result(point: Point, point_dir: str, seconds: float, code: Mapping[str, Any]
   speed = [r['tokens_per_sec'] for r in records if r.get('tokens_per_sec') is not None]
   return _record(point, eval_loss=final[-1]['eval_loss'], mfu=statistics.median(mfu) if mfu else None,
                  tokens_per_sec=statistics.median(speed) if speed else None, seconds=round(seconds, 1),
-                 device=jax.devices()[0].device_kind, code=_short(code))
+                 device=jax.devices()[0].device_kind, code=_short(code), **fields)
+
+
+def groups(points: Sequence[Point], group_size: int) -> list[list[Point]]:
+  """`points` cut into the groups `_train` trains together (`qwenjax.train.train_group`), in run order: within each
+  stage and budget, points whose config values differ only in `group.MEMBER_KEYS` (the lr stage's points of one
+  size; points of one shape and budget with other rates), at most `group_size` to a group; 0 or 1: one point
+  each."""
+  out = []
+  for _, unit in itertools.groupby(points, key=lambda p: (p.stage, p.budget)):
+    by_key: dict[tuple, list[list[Point]]] = {}
+    for point in unit:
+      key = tuple(sorted((k, str(v)) for k, v in point.overrides.items() if k not in group_lib.MEMBER_KEYS))
+      open_groups = by_key.setdefault(key, [])
+      if open_groups and len(open_groups[-1]) < max(group_size, 1):
+        open_groups[-1].append(point)
+      else:
+        open_groups.append([point])
+        out.append(open_groups[-1])
+  return out
+
+
+def _train_members(sweep: ml_collections.ConfigDict, root: epath.Path, members: Sequence[Point]) -> list[Any]:
+  """Each point's last metrics, or the NonFiniteError that stopped it: a group trained as one vmapped step, or
+  one point alone. A group whose members resume from different steps trains them one at a time."""
+  if len(members) > 1:
+    try:
+      return train.train_group([point_config(sweep, p) for p in members], [str(root / p.name) for p in members])
+    except group_lib.GroupError as e:
+      logging.warning('sweep: %s; training them one at a time', e)
+  outcomes = []
+  for point in members:
+    try:
+      outcomes.append(train.train_and_evaluate(point_config(sweep, point), str(root / point.name)))
+    except checkpoint.NonFiniteError as e:  # e.g. a learning rate too high: a result of the sweep, not a failure
+      outcomes.append(e)
+  return outcomes
 
 
 def _train(sweep: ml_collections.ConfigDict, root: epath.Path, points: Sequence[Point],
            done: dict[str, dict[str, Any]], code: Mapping[str, Any]) -> bool:
-  """Trains `points` in order, appending each finished one to DIR/results.jsonl and to `done`; False when a
-  SIGTERM / Ctrl-C stopped a point (checkpointed: it resumes next time)."""
-  for i, point in enumerate(points):
-    logging.info('sweep: point %d/%d %s: N=%s, D=%s, %.3g FLOPs, %.2f epochs%s', i + 1, len(points), point.name,
-                 f'{point.params:,}', f'{point.tokens:,}', point.flops, point.epochs or 0.0,
-                 f', lr {point.lr:.3g}' if point.lr else '')
-    point_dir = str(root / point.name)
+  """Trains `points` in order (in groups of `sweep.group_size`: `groups`), appending each finished one to
+  DIR/results.jsonl and to `done`; False when a SIGTERM / Ctrl-C stopped a point (checkpointed: it resumes next
+  time)."""
+  count = 0
+  for members in groups(points, int(sweep.get('group_size', 0))):
+    for point in members:
+      count += 1
+      logging.info('sweep: point %d/%d %s: N=%s, D=%s, %.3g FLOPs, %.2f epochs%s%s', count, len(points), point.name,
+                   f'{point.params:,}', f'{point.tokens:,}', point.flops, point.epochs or 0.0,
+                   f', lr {point.lr:.3g}' if point.lr else '',
+                   f' (group of {len(members)}: {members[0].name}...)' if len(members) > 1 else '')
     start = time.time()
     try:
-      train.train_and_evaluate(point_config(sweep, point), point_dir)
+      outcomes = _train_members(sweep, root, members)
     except cli.Stopped as e:  # SIGTERM / Ctrl-C: the point checkpointed (unless stopped at once) and resumes
-      raise cli.Stopped(e.signum, f'sweep point {point.name}: {e}', at_once=e.at_once) from e
-    except checkpoint.NonFiniteError as e:  # e.g. a learning rate too high: a result of the sweep, not a failure
-      record = _record(point, eval_loss=None, diverged=True, error=str(e), seconds=round(time.time() - start, 1),
-                       code=_short(code))
+      raise cli.Stopped(e.signum, f'sweep point {", ".join(p.name for p in members)}: {e}', at_once=e.at_once) from e
+    seconds = time.time() - start
+    group = dict(group=[p.name for p in members]) if len(members) > 1 else {}
+    for point, outcome in zip(members, outcomes):
+      if isinstance(outcome, checkpoint.NonFiniteError):  # a result of the sweep, not a failure
+        record = _record(point, eval_loss=None, diverged=True, error=str(outcome), seconds=round(seconds, 1),
+                         code=_short(code), **group)
+        if jax.process_index() == 0:
+          _append(root / 'results.jsonl', record)
+        done[point.name] = record
+        logging.warning('sweep: %s diverged (recorded; the fits leave it out): %s', point.name, outcome)
+        continue
+      point_dir = str(root / point.name)
+      trained = max((r['step'] for r in _read_metrics(point_dir)), default=0)
+      if trained < point.overrides['train.steps']:  # stopped by SIGTERM / Ctrl-C: checkpointed, resumes next time
+        logging.warning('sweep: %s stopped at step %d of %d; run the sweep again to resume it', point.name, trained,
+                        point.overrides['train.steps'])
+        return False
+      record = result(point, point_dir, seconds, code, **group)
       if jax.process_index() == 0:
         _append(root / 'results.jsonl', record)
       done[point.name] = record
-      logging.warning('sweep: %s diverged (recorded; the fits leave it out): %s', point.name, e)
-      continue
-    trained = max((r['step'] for r in _read_metrics(point_dir)), default=0)
-    if trained < point.overrides['train.steps']:  # stopped by SIGTERM / Ctrl-C: checkpointed, resumes next time
-      logging.warning('sweep: %s stopped at step %d of %d; run the sweep again to resume it', point.name, trained,
-                      point.overrides['train.steps'])
-      return False
-    record = result(point, point_dir, time.time() - start, code)
-    if jax.process_index() == 0:
-      _append(root / 'results.jsonl', record)
-    done[point.name] = record
-    logging.info('sweep: %s done: eval_loss %.4f in %.0f s%s', point.name, record['eval_loss'], record['seconds'],
-                 f', MFU {100 * record["mfu"]:.1f}%' if record['mfu'] else '')
+      logging.info('sweep: %s done: eval_loss %.4f in %.0f s%s', point.name, record['eval_loss'], record['seconds'],
+                   f', MFU {100 * record["mfu"]:.1f}%' if record['mfu'] else '')
   return True
 
 
@@ -703,6 +758,16 @@ def _after_lr_stage(sweep: ml_collections.ConfigDict, workdir: str, points: list
   return points, choice
 
 
+def _one_listing(fn):
+  """`fn` under `documents.fixed_listing`: the corpus's files are listed and stat'ed once for all its points."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with documents.fixed_listing():
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+@_one_listing
 def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...] = (),
         allow_code_change: bool = False) -> list[dict[str, Any]]:
   """Trains every unfinished point (or those named in `only`), appending to DIR/results.jsonl; returns the
@@ -761,6 +826,7 @@ def plan_differences(planned: Mapping[str, Any], committed: Mapping[str, Any]) -
   return out
 
 
+@_one_listing
 def check(sweep: ml_collections.ConfigDict, workdir: str, reference: str, names: Sequence[str], *,
           tolerance: float = 0.02, allow_code_change: bool = False) -> list[dict[str, Any]]:
   """Retrains points of a committed sweep (`reference`: its directory, with results.jsonl and sweep.json) in
@@ -834,29 +900,34 @@ def check_report(rows: Sequence[Mapping[str, Any]]) -> str:
 # The plan as a table, with estimated GPU times.
 
 def _program(point: Point) -> tuple:
-  """What makes a point's compiled step its own: everything but the schedule's length (a runtime input)."""
+  """What makes a point's compiled step its own: everything but the schedule (its length, warmup and learning
+  rate are inputs of the step) and the data."""
   return tuple(sorted((k, str(v)) for k, v in point.overrides.items()
-                      if k not in ('train.steps', 'train.warmup_steps') and not k.startswith('data.')))
+                      if k not in ('train.steps',) + group_lib.MEMBER_KEYS and not k.startswith('data.')))
 
 
 def schedule(points: Sequence[Point], estimate: Mapping[str, float] | None = None,
-             piece_seconds: float = 0.0) -> list[tuple[int, float]]:
+             piece_seconds: float = 0.0, group_size: int = 0) -> list[tuple[int, float]]:
   """(piece, estimated seconds) of each point, in run order. Points are cut into pieces of at most
   `piece_seconds` (0: one piece) at the ends of stages and budgets where they can be: a budget that fits in what
   is left of a piece goes whole into it, else into the next one; a budget longer than a piece is cut between
-  points. Each piece pays compile_s once per compiled program it runs (a fresh process, maybe a fresh machine)."""
+  points. Each piece pays compile_s once per compiled program it runs (a fresh process, maybe a fresh machine).
+  Points trained as a group (`groups`) share its time: its FLOPs at `mfu`, or its steps at `step_s` once."""
   est = dict(ESTIMATE, **dict(estimate or {}))
-
-  def seconds(p: Point) -> float:
-    return (max(p.flops_actual / (est['mfu'] * est['peak_flops']), p.overrides['train.steps'] * est['step_s'])
-            + est['overhead_s'])
+  share, program = {}, {}
+  for members in groups(points, group_size):
+    flops = sum(p.flops_actual for p in members)
+    seconds = (max(flops / (est['mfu'] * est['peak_flops']), members[0].overrides['train.steps'] * est['step_s'])
+               + est['overhead_s'])
+    for p in members:
+      share[p.name], program[p.name] = seconds / len(members), (_program(p), len(members))
 
   units = [list(g) for _, g in itertools.groupby(points, key=lambda p: (p.stage, p.budget))]
   out, piece, used, seen = [], 0, 0.0, set()
 
   def cost(group: Sequence[Point], programs: set) -> float:
-    fresh = {_program(p) for p in group} - programs
-    return sum(map(seconds, group)) + est['compile_s'] * len(fresh)
+    fresh = {program[p.name] for p in group} - programs
+    return sum(share[p.name] for p in group) + est['compile_s'] * len(fresh)
 
   for unit in units:
     if piece_seconds and used and used + cost(unit, seen) > piece_seconds:
@@ -866,7 +937,7 @@ def schedule(points: Sequence[Point], estimate: Mapping[str, float] | None = Non
       if piece_seconds and used and used + t > piece_seconds:
         piece, used, seen = piece + 1, 0.0, set()
         t = cost([p], seen)
-      seen.add(_program(p))
+      seen.add(program[p.name])
       used += t
       out.append((piece, t))
   return out
@@ -880,12 +951,13 @@ def _si(value: float) -> str:
 
 
 def plan_table(points: Sequence[Point], *, done: Mapping[str, Mapping[str, Any]] | None = None,
-               estimate: Mapping[str, float] | None = None, piece_seconds: float = 0.0) -> str:
+               estimate: Mapping[str, float] | None = None, piece_seconds: float = 0.0, group_size: int = 0) -> str:
   """The plan as a text table, one row per point in run order: its piece (`schedule`), name, N, D, D/N, batch,
-  steps, warmup, lr, epochs, C spent, estimated seconds, and its eval loss once finished; then the totals of each
-  piece and of the whole sweep (estimates, finished points included)."""
+  steps, warmup, lr, epochs, C spent, estimated seconds (a grouped point's share of its group's), and its eval
+  loss once finished; then the totals of each piece and of the whole sweep (estimates, finished points
+  included)."""
   done = done or {}
-  timing = schedule(points, estimate, piece_seconds)
+  timing = schedule(points, estimate, piece_seconds, group_size)
   header = ('piece', 'name', 'N', 'D', 'D/N', 'batch', 'steps', 'warmup', 'lr', 'epochs', 'C', 'est. s', 'eval loss')
   rows = []
   for p, (piece, seconds) in zip(points, timing):
@@ -934,7 +1006,8 @@ def emit_plan(sweep: ml_collections.ConfigDict, workdir: str, *, piece_seconds: 
     args = ['python', '-m', 'qwenjax.train', f'--config={base}', f'--workdir={epath.Path(workdir) / point.name}']
     args += [f'--config.{k}={_flag_value(v)}' for k, v in point.overrides.items()]
     commands.append(' '.join(shlex.quote(a) for a in args))
-  return plan_table(points, done=done, estimate=sweep.get('estimate'), piece_seconds=piece_seconds), commands
+  return plan_table(points, done=done, estimate=sweep.get('estimate'), piece_seconds=piece_seconds,
+                    group_size=int(sweep.get('group_size', 0))), commands
 
 
 def emit(sweep: ml_collections.ConfigDict, workdir: str) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging as pylogging
 import os
 import shutil
@@ -38,11 +39,16 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from qwenjax import chat_data
 from qwenjax import checkpoint
 from qwenjax import cli
 from qwenjax import config as config_lib
 from qwenjax import data
 from qwenjax import distributed
+from qwenjax import documents
+from qwenjax import dpo
+from qwenjax import fit
+from qwenjax import group as group_lib
 from qwenjax import lock as lock_lib
 from qwenjax import metrics as metrics_lib
 from qwenjax import sharding
@@ -56,7 +62,7 @@ _SHAPE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_l
 _MOE_SHAPE_FIELDS = ('num_experts', 'moe_intermediate_size', 'shared_expert_intermediate_size', 'decoder_sparse_step',
                      'mlp_only_layers')
 # Fields that change what the model computes without changing shapes: a difference is only warned about.
-_ARCH_FIELDS = ('rope_theta', 'rms_norm_eps', 'use_sliding_window')
+_ARCH_FIELDS = ('rope_theta', 'rope_scaling', 'rms_norm_eps', 'use_sliding_window')
 _WINDOW_FIELDS = ('sliding_window', 'max_window_layers')  # when either side has a window
 _MOE_ARCH_FIELDS = ('num_experts_per_tok', 'norm_topk_prob')
 
@@ -160,13 +166,25 @@ class _StopSignal:
 
 
 def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], batch_sharding, rows: list[int],
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, objective: str = 'cross_entropy', frozen: tuple = ()
+             ) -> dict[str, float] | list[dict[str, float]]:
+  """Eval loss, perplexity and token count over `batches` (DPO: the pairs' loss and rewards, as in training); a
+  list of them, one per member, when `eval_fn` returns a group's `[K]` sums. `frozen`: the eval step's read-only
+  inputs (LoRA's base, DPO's reference)."""
+  if objective == 'dpo':
+    sums = [eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), *frozen) for batch in batches]
+    total = jax.tree.map(lambda *x: sum(float(v) for v in x), *sums)
+    return {f'eval_{k}': float(v) for k, v in dpo.metrics(total).items() if k != 'target_tokens'}
   nll, count = 0.0, 0.0
   for batch in batches:
-    n, c = eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size))
-    nll, count = nll + float(n), count + float(c)
-  loss = nll / max(count, 1.0)
-  return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))), 'eval_tokens': count}
+    n, c = jax.device_get(eval_fn(params, _global_batch(batch, batch_sharding, rows, batch_size), *frozen))
+    nll, count = nll + np.asarray(n, np.float64), count + np.asarray(c, np.float64)
+
+  def values(nll, count):
+    loss = float(nll) / max(float(count), 1.0)
+    return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 80.0))), 'eval_tokens': float(count)}
+
+  return values(nll, count) if np.ndim(nll) == 0 else [values(n, c) for n, c in zip(nll, count)]
 
 
 def _global_batch(batch: dict[str, np.ndarray], batch_sharding, rows: list[int], batch_size: int
@@ -195,8 +213,17 @@ def local_rows(batch_sharding: jax.sharding.Sharding, batch_size: int, process: 
 
 
 @dataclasses.dataclass
+class Member:
+  """One run the loop trains: a plain run's, or one of a group's (`train_group`)."""
+  settings: config_lib.RunConfig
+  config: ml_collections.ConfigDict
+  workdir: str
+  checkpointer: checkpoint.Checkpointer
+
+
+@dataclasses.dataclass
 class Run:
-  """Everything the step loop needs, made by `setup`."""
+  """Everything the step loop needs, made by `setup` (or `setup_group`)."""
   settings: config_lib.RunConfig
   config: ml_collections.ConfigDict  # what config.json records
   workdir: str
@@ -212,6 +239,14 @@ class Run:
   state: train_step.TrainState
   start: int
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
+  step_fn: Any = None  # the compiled train step (`jitted_steps`' as `qwenjax.fit` chose it); None: a group's
+  fit: fit.Choice | None = None  # its memory settings, what it needs and what the device has
+  # The train and eval steps' last inputs, read and never written (`train_step.frozen_inputs`): the initial
+  # model's parameters (`initial_params`), LoRA's frozen base (the state holds the adapters) or DPO's reference.
+  frozen: tuple = ()
+  frozen_shardings: tuple = ()
+  tokenizer: Any = None
+  members: list[Member] = dataclasses.field(default_factory=list)  # a group's: the state is stacked over them
 
 
 def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -220,15 +255,21 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   model_config, loop, data_config = settings.model, settings.loop, settings.data
   mesh = sharding.make_mesh(settings.mesh)
   rules = sharding.logical_axis_rules(settings.mesh.rules, mesh, model_config)
-  check_batch(loop.batch_size, settings.loss.grad_accum_steps, sharding.batch_shards(mesh, rules), mesh)
+  check_batch(loop.batch_size, train_step.accum_steps(settings.loss), sharding.batch_shards(mesh, rules), mesh)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   logging.info('mesh %s over %d %s device(s), %d process(es)', dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind, jax.process_count())
 
   setup_start = time.time()
+  chat_data.check_settings(settings)
   tokenizer = data.get_tokenizer(data_config, workdir, model_vocab_size=model_config.vocab_size, seed=settings.seed,
                                  init_from_hf=settings.init_from_hf)
-  corpus, held_out = data.prepared_corpora(data_config, tokenizer)
+  if data_config.format == 'text':
+    corpus, held_out = data.prepared_corpora(data_config, tokenizer)
+  else:  # chat or preference records: encoded once, packed whole into rows (qwenjax.chat_data)
+    encoded, held_out = chat_data.prepared(data_config, tokenizer)
+    corpus = chat_data.PackedExamples(encoded, data_config.seq_len, settings.seed)
+    logging.info('data: %s', corpus.describe())
   rows = local_rows(batch_sharding, loop.batch_size)
   if jax.process_count() > 1:
     for process in range(jax.process_count()):
@@ -236,27 +277,114 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
                    local_rows(batch_sharding, loop.batch_size, process))
   eval_data = []
   if held_out is not None and loop.eval_steps > 0:
-    eval_data = data.eval_batches(held_out, seq_len=data_config.seq_len, batch_size=loop.batch_size,
-                                  num_batches=loop.eval_steps, local_rows=rows)
+    batches_of = data.eval_batches if data_config.format == 'text' else chat_data.eval_batches
+    eval_data = batches_of(held_out, seq_len=data_config.seq_len, batch_size=loop.batch_size,
+                           num_batches=loop.eval_steps, local_rows=rows)
   if not eval_data:
     logging.info('no eval data (set data.eval_files): eval loss is not computed')
   logging.info('data: tokenizer and prepared corpora ready in %.1f s', time.time() - setup_start)
 
   setup_start = time.time()
   tx = train_step.make_optimizer(settings.optimizer)
-  shardings = train_step.state_shardings(model_config, tx, mesh, rules)
+  shardings = train_step.state_shardings(model_config, tx, mesh, rules, settings.lora)
+  frozen_shardings = (train_step.param_shardings(model_config, mesh, rules),) * train_step.frozen_inputs(
+      settings.loss, settings.lora)
+  # The step fitted to the device's memory ('auto' resolved) and compiled: the program the loop runs.
+  settings, step_fn, choice = fit.fit_step(
+      settings, mesh=mesh, rules=rules, tx=tx, shardings=shardings, batch=abstract_batch(settings, batch_sharding),
+      jit_step=lambda s: jitted_steps(s, mesh, rules)[0],
+      frozen=tuple(train_step.abstract_params(model_config, sh) for sh in frozen_shardings))
+  config = fit.record(config, choice)
+  if data_config.format == 'text':
+    stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
+  else:
+    stream = chat_data.stream_record(corpus.encoded, seq_len=data_config.seq_len, seed=settings.seed,
+                                     batch_size=loop.batch_size)
+  if settings.loss.objective == 'dpo':
+    stream['reference'] = _reference_source(settings)
+  member, state, start = _start_member(settings, config, workdir, tx, shardings, stream, tokenizer)
+  frozen = tuple(initial_params(settings, sh) for sh in frozen_shardings)
+  trained = sum(x.size for x in jax.tree.leaves(state.params))
+  if not settings.lora.lora_rank:
+    logging.info('model: %s parameters; train state ready in %.1f s', f'{trained:,}', time.time() - setup_start)
+  else:
+    base_size = sum(x.size for x in jax.tree.leaves(frozen))
+    logging.info('LoRA: %s adapter parameters train (%.3f%% of the %s frozen ones); train state ready in %.1f s',
+                 f'{trained:,}', 100 * trained / base_size, f'{base_size:,}', time.time() - setup_start)
+  return Run(settings, config, workdir, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
+             member.checkpointer, state, start, stream, step_fn, choice, frozen, frozen_shardings, tokenizer,
+             [member])
+
+
+def abstract_batch(settings: config_lib.RunConfig, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch a step takes, as ShapeDtypeStructs: the keys and dtypes of the data pipeline's batches."""
+  rows, seq_len = settings.loop.batch_size, settings.data.seq_len
+  packed = {k: np.zeros((1, seq_len + 1), np.int32) for k in ('tokens', 'segment_ids', 'positions')}
+  return {k: jax.ShapeDtypeStruct((rows, seq_len), v.dtype, sharding=batch_sharding)
+          for k, v in data.to_model_batch(packed).items()}
+
+
+def _reference_source(settings: config_lib.RunConfig) -> dict[str, Any]:
+  """What DPO's reference model is made from, in the stream record: a resumed run that makes another one is
+  warned about (`data.stream_changes`)."""
+  if settings.init_from_hf:
+    files = sorted(f for f in os.listdir(settings.init_from_hf) if f.endswith('.safetensors'))
+    identity = documents.file_identity([os.path.join(settings.init_from_hf, f) for f in files])
+    return {'init_from_hf': os.path.abspath(settings.init_from_hf), 'files': [list(f) for f in identity]}
+  return {'seed': settings.seed, 'mup_base_width': settings.optimizer.mup_base_width}
+
+
+def initial_params(settings: config_lib.RunConfig, param_shardings: Any) -> Any:
+  """The run's initial model, made again as every run of the workdir starts (fresh or resumed) and never trained:
+  a LoRA run's frozen base, and DPO's reference model (with LoRA the same base, applied without adapters: no
+  second copy; see `qwenjax.dpo`). The `init_from_hf` checkpoint, else the random parameters of `train.seed`
+  (the ones a new train state draws), so a resumed run has what the interrupted one had."""
+  model_config = settings.model
+  if settings.init_from_hf:
+    logging.info('the initial model (frozen%s) is the Hugging Face checkpoint %s',
+                 ': the LoRA base' if settings.lora.lora_rank else ': the DPO reference', settings.init_from_hf)
+    return load_hf_params(settings.init_from_hf, model_config, param_shardings)
+  if settings.lora.lora_rank:
+    logging.warning('LoRA without init_from_hf: the base is random (train.seed=%d); fine for tests and benchmarks',
+                    settings.seed)
+  return train_step.random_params(model_config, param_shardings, jax.random.key(settings.seed),
+                                  settings.optimizer.mup_base_width)
+
+
+def _start_member(settings, config, workdir, tx, shardings, stream, tokenizer) -> tuple[Member, Any, int]:
+  """(the run, its train state restored or new, the first step); then its workdir records its tokenizer and
+  settings (a run that failed before did not)."""
   checkpointer = checkpoint.Checkpointer(workdir, settings.checkpoint)
-  stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
   state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
   state = jax.block_until_ready(state)
-  # The run has started: its workdir now records its tokenizer and settings (a run that failed before did not).
-  data.keep_tokenizer(workdir, tokenizer, data_config, seed=settings.seed, init_from_hf=settings.init_from_hf)
+  data.keep_tokenizer(workdir, tokenizer, settings.data, seed=settings.seed, init_from_hf=settings.init_from_hf)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, start)
-  logging.info('model: %s parameters; train state ready in %.1f s',
-               f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', time.time() - setup_start)
-  return Run(settings, config, workdir, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
-             checkpointer, state, start, stream)
+  return Member(settings, config, workdir, checkpointer), state, start
+
+
+def setup_group(points: list[tuple[config_lib.RunConfig, ml_collections.ConfigDict, str]]) -> Run:
+  """`setup` of the first member, then the others' train states, each restored from its own workdir or new, all
+  stacked along a leading member axis. Every member must resume from the same step (GroupError otherwise)."""
+  run = setup(*points[0])
+  if run.frozen:
+    run.checkpointer.close()
+    raise group_lib.GroupError('a group trains runs of the whole model (no LoRA, no DPO): train them one at a time')
+  # Each member takes the first one's memory settings ('auto' resolved once: the members have one shape).
+  a, p = run.settings.loss.grad_accum_steps, run.settings.model.remat_policy
+  others = [_start_member(fit.resolved(s, a, p), fit.record(c, run.fit), w, run.tx, run.shardings, run.stream,
+                          run.tokenizer) for s, c, w in points[1:]]
+  starts = [run.start] + [start for _, _, start in others]
+  if len(set(starts)) > 1:
+    for member in run.members + [m for m, _, _ in others]:
+      member.checkpointer.close()
+    where = ', '.join(f'{workdir}: step {start}' for (_, _, workdir), start in zip(points, starts))
+    raise group_lib.GroupError(f'the members of the group resume from different steps ({where}): train them one '
+                               'at a time (train_and_evaluate) until they agree')
+  state = group_lib.stack([run.state] + [state for _, state, _ in others], run.shardings)
+  logging.info('group of %d runs: one step vmapped over them', len(points))
+  # The loop runs the step vmapped over the members (`jitted_steps`), not the single run's compiled one.
+  return dataclasses.replace(run, state=state, members=run.members + [m for m, _, _ in others], step_fn=None)
 
 
 def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream):
@@ -266,7 +394,7 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
   model_config = settings.model
   saved_steps = checkpointer.all_steps()
   try:
-    restored = checkpointer.restore(train_step.abstract_state(model_config, tx, shardings))
+    restored = checkpointer.restore(train_step.abstract_state(model_config, tx, shardings, settings.lora))
   except (checkpoint.ShapeMismatchError, checkpoint.RestoreError) as e:
     changes = workdir_lib.config_changes(workdir_lib.saved_config(workdir) or {}, config)
     differs = ('Settings that differ from the workdir\'s config.json: ' + '; '.join(changes) + '.') if changes else ''
@@ -287,6 +415,9 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
         f'{checkpointer.corrupt_directory}: {", ".join(checkpointer.set_aside_steps())}). The run does not start '
         'over by itself: pass --config.train.restart_if_unreadable=True to train again from step 0 in this '
         'workdir, or use a new --workdir.')
+  if settings.lora.lora_rank:  # new adapters; the base is loaded apart (initial_params)
+    return train_step.create_state(model_config, tx, shardings, rng=jax.random.fold_in(
+        jax.random.key(settings.seed), 1), lora=settings.lora), 0
   if settings.init_from_hf:
     logging.info('initializing from the Hugging Face checkpoint %s', settings.init_from_hf)
     return train_step.create_state(
@@ -295,9 +426,9 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
                                  mup_base_width=settings.optimizer.mup_base_width), 0
 
 
-def _save(run: Run, step: int, state) -> None:
+def _save(member: Member, stream: dict[str, Any], step: int, state) -> None:
   try:
-    run.checkpointer.save(step, state, run.stream)
+    member.checkpointer.save(step, state, stream)
   except checkpoint.NonFiniteError as e:
     raise checkpoint.NonFiniteError(f'{e}. Stopping: lower train.lr or look for bad data before the last good '
                                     'checkpoint; the run resumes from it.') from e
@@ -312,91 +443,180 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   it was. `stop_after`: stop after that step, checkpointing as on SIGTERM (tests and time-sliced jobs). Stopped by
   SIGTERM or Ctrl-C before the last step, it checkpoints and raises `cli.Stopped`.
   """
-  settings = config_lib.settings(config)
-  workdir = check_workdir(workdir)
-  new = _first_missing(workdir)
-  if '://' not in workdir:
-    try:
-      os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-      raise OSError(e.errno, f'cannot create the workdir {workdir} ({e.strerror}): give a --workdir where you can '
-                    'write') from None
+  return _train([config], [workdir], stop_after=stop_after)[0]
+
+
+def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, stop_after: int | None = None
+                ) -> list[dict[str, float] | checkpoint.NonFiniteError]:
+  """Trains (or resumes) several runs of one shape at once, as one step vmapped over them (`qwenjax.group`): the
+  configs may differ only in `group.MEMBER_KEYS` (learning rate and schedule). Each member's workdir is written as
+  `train_and_evaluate` would write it, and each member computes what it would alone.
+
+  Returns each member's last logged metrics, or the NonFiniteError that stopped it (a diverging member stops
+  alone; the others go on). All members must resume from the same step (`group.GroupError` otherwise).
+  """
+  group_lib.check(configs, [check_workdir(w) for w in workdirs])
+  return _train(configs, workdirs, stop_after=stop_after)
+
+
+def _train(configs, workdirs, *, stop_after):
+  points = [(config_lib.settings(c), c, check_workdir(w)) for c, w in zip(configs, workdirs)]
+  new = [_first_missing(workdir) for _, _, workdir in points]
+  for _, _, workdir in points:
+    if '://' not in workdir:
+      try:
+        os.makedirs(workdir, exist_ok=True)
+      except OSError as e:
+        raise OSError(e.errno, f'cannot create the workdir {workdir} ({e.strerror}): give a --workdir where you '
+                      'can write') from None
   run = None
   try:
-    with _workdir_lock(workdir):
-      run = setup(settings, config, workdir)
+    with contextlib.ExitStack() as locks:
+      for _, _, workdir in points:
+        locks.enter_context(_workdir_lock(workdir))
+      run = setup(*points[0]) if len(points) == 1 else setup_group(points)
       return train_loop(run, stop_after=stop_after)
   finally:
-    if new and run is None:  # nothing of this run's is worth keeping: its tokenizer and data are in the cache
-      shutil.rmtree(new, ignore_errors=True)
+    for path in new:
+      if path and run is None:  # nothing of this run's is worth keeping: its tokenizer and data are in the cache
+        shutil.rmtree(path, ignore_errors=True)
 
 
-def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
-  """Steps from `run.start` to `train.steps`: step, log, evaluate, checkpoint; on SIGTERM / Ctrl-C (or a
-  preemption another host saw) it checkpoints and raises `cli.Stopped` once everything is closed."""
-  settings, state, ckpt = run.settings, run.state, run.checkpointer
+def jitted_steps(settings: config_lib.RunConfig, mesh: jax.sharding.Mesh, rules: Any, members: int = 1
+                 ) -> tuple[Any, Any]:
+  """(train step, eval step) as the loop calls them, `(state, batch, horizon, *frozen) -> (state, metrics)` and
+  `(params, batch, *frozen) -> sums`: jitted with explicit shardings, the state donated, the frozen inputs (LoRA's
+  base, DPO's reference) never. Lowered and compiled under the mesh and the logical axis rules.
+
+  Kept for later runs of this process with the same shape, optimizer settings and group size: the points of one
+  shape in a sweep reuse the compiled programs, whatever their learning rate and schedule (inputs of the step,
+  zeroed in the key). `members` > 1: vmapped over a group's stacked state (the batch is the members' one)."""
+  static = dataclasses.replace(settings.optimizer, lr=0.0, lr_final_fraction=0.0, warmup_steps=0, steps=0)
+  return _jitted_steps(settings.model, static, settings.loss, settings.lora, mesh, rules, members)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_steps(model_config: ModelConfig, optimizer: config_lib.OptimizerConfig, loss: config_lib.LossConfig,
+                  lora: config_lib.LoraConfig, mesh: jax.sharding.Mesh, rules: Any, members: int):
+  shardings = train_step.state_shardings(model_config, train_step.make_optimizer(optimizer), mesh, rules, lora)
+  frozen = (train_step.param_shardings(model_config, mesh, rules),) * train_step.frozen_inputs(loss, lora)
+  batch_sharding, replicated = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
+  step = train_step.make_train_step(model_config, optimizer, loss, lora)
+  evaluate_step = train_step.make_eval_step(model_config, loss, lora)
+  if members > 1:  # a group: whole models only (`setup_group`), no frozen inputs
+    step, evaluate_step = jax.vmap(step, in_axes=(0, None, 0)), jax.vmap(evaluate_step, in_axes=(0, None))
+    shardings = group_lib.stacked_shardings(shardings)
+  step_fn = jax.jit(step, in_shardings=(shardings, batch_sharding, replicated) + frozen,
+                    out_shardings=(shardings, None), donate_argnums=(0,))
+  eval_fn = jax.jit(evaluate_step, in_shardings=(shardings.params, batch_sharding) + frozen)
+  return step_fn, eval_fn
+
+
+def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, float] | checkpoint.NonFiniteError]:
+  """Steps from `run.start` to `train.steps`: step, log, evaluate, checkpoint, for each of `run.members` (one, or
+  a group's); on SIGTERM / Ctrl-C (or a preemption another host saw) it checkpoints and raises `cli.Stopped` once
+  everything is closed. Returns each member's last logged metrics, or, in a group, the NonFiniteError that
+  stopped a member (a plain run raises it)."""
+  settings, state, members = run.settings, run.state, run.members
   loop, steps, seq_len = settings.loop, settings.loop.steps, settings.data.seq_len
+  grouped, ckpt = len(members) > 1, run.checkpointer
   if run.start >= steps:
     logging.info('already trained to step %d of train.steps=%d: nothing to do', run.start, steps)
-  batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=settings.seed,
-                               shuffle_window=settings.data.shuffle_window, local_rows=run.rows,
-                               start=run.start, steps=steps, read_threads=settings.data.read_threads)
+  if settings.data.format == 'text':
+    batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=settings.seed,
+                                 shuffle_window=settings.data.shuffle_window, local_rows=run.rows,
+                                 start=run.start, steps=steps, read_threads=settings.data.read_threads)
+  else:
+    batches = chat_data.train_batches(run.corpus, batch_size=loop.batch_size, local_rows=run.rows, start=run.start,
+                                      steps=steps, read_threads=settings.data.read_threads)
   flops = metrics_lib.flops_per_token(settings.model, seq_len)
-  writer = metrics_lib.MetricWriter(run.workdir, resume_step=run.start)
+  writers = [metrics_lib.MetricWriter(m.workdir, resume_step=run.start) for m in members]
   peak = loop.peak_tflops * 1e12 or metrics_lib.peak_flops_per_device()
-  tokens_per_step = loop.batch_size * seq_len
+  tokens_per_step = loop.batch_size * seq_len * len(members)  # a group's: all its members'
   log_every, eval_every = max(loop.log_every, 1), loop.eval_every
   stop, profiler = _StopSignal(), _Profiler(run.workdir, loop.profile_steps, loop.profile_from, steps)
-  nonfinite = _NonFiniteSteps(loop.max_nonfinite_steps)
-  last: dict[str, float] = {}
+  nonfinite = _NonFiniteSteps(loop.max_nonfinite_steps, [m.workdir for m in members] if grouped else None)
+  outcomes: list[Any] = [{} for _ in members]  # each member's last values, or the error that stopped it
+  take = group_lib.taker(run.shardings) if grouped else (lambda state, _: state)
+  label = (lambda k: f'{os.path.basename(members[k].workdir)}: ') if grouped else (lambda _: '')
   stopped_by = None  # (signal, message) of a stop before train.steps
-  unsaved_end = None  # the last step, when its state was not saved (steps skipped for a non-finite loss)
+  unsaved_end: dict[int, int] = {}  # member -> the last step, when its state was not saved (non-finite steps)
+  where = [f'train step {run.start + 1}']  # what an out-of-memory error names
+
+  def diverged(errors: dict[int, checkpoint.NonFiniteError]) -> None:
+    for k, error in errors.items():
+      if not grouped:
+        raise error
+      if isinstance(outcomes[k], dict):  # the member stops here; the others go on
+        logging.warning('%s%s', label(k), error)
+        outcomes[k] = error
+
+  def report(done: int, values_by_member: list[dict[str, float]], line) -> None:
+    """Each training member's values to its metrics.jsonl, its outcome and the log (`line(values)`)."""
+    for k, values in enumerate(values_by_member):
+      if isinstance(outcomes[k], dict):
+        writers[k].write(done, values)
+        logging.info(label(k) + line(values))
+        outcomes[k].update(values)
+
   try:
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-      # The schedule's warmup and length are inputs, not constants: runs of one shape share the compiled step.
-      replicated = sharding.replicated(run.mesh)
-      horizon = jax.device_put(train_step.schedule_horizon(settings.optimizer), replicated)
-      step_fn = jax.jit(train_step.make_train_step(settings.model, settings.optimizer, settings.loss),
-                        in_shardings=(run.shardings, run.batch_sharding, replicated),
-                        out_shardings=(run.shardings, None), donate_argnums=(0,))
-      eval_fn = jax.jit(train_step.make_eval_step(settings.model, settings.loss),
-                        in_shardings=(run.shardings.params, run.batch_sharding))
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), fit.out_of_memory(lambda: where[0], run.fit):
+      # The schedule (lr, warmup, length) is an input, not a constant: runs of one shape share the compiled step.
+      step_fn, eval_fn = jitted_steps(settings, run.mesh, run.rules, len(members))
+      step_fn, frozen = run.step_fn or step_fn, run.frozen  # a single run's: the one `qwenjax.fit` compiled
+      optimizers = [m.settings.optimizer for m in members]
+      horizon = jax.device_put(group_lib.horizon(optimizers) if grouped
+                               else train_step.schedule_horizon(optimizers[0]), sharding.replicated(run.mesh))
       timer = _StepTimer(run.start)
       for step in range(run.start, steps):
+        where[0] = f'train step {step + 1}'
         profiler.before(step)
         state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
-                                                           loop.batch_size), horizon)
+                                                           loop.batch_size), horizon, *frozen)
         done = step + 1
         timer.queued(step_metrics)  # waits for the previous step: the host runs one step ahead
-        nonfinite.check(timer.previous, done - 1)
+        diverged(nonfinite.check(timer.previous, done - 1))
         profiler.after(done, step_metrics)
         stopping = stop.received or done == stop_after or ckpt.reached_preemption(done)
 
         if done % log_every == 0 or done == steps or stopping:
-          nonfinite.check(step_metrics, done)
-          values = timer.collect(done, tokens_per_step, flops, peak)
-          writer.write(done, values)
-          logging.info(metrics_lib.progress_line(done, steps, values, timer.eta(done, steps)))
-          last.update(values)
+          diverged(nonfinite.check(step_metrics, done))
+          collected = timer.collect(done, tokens_per_step, flops, peak, len(members))
+          for values in collected:
+            if settings.data.format != 'text' and 'step_time' in values:  # rows hold padding, untrained tokens
+              values['trained_tokens_per_sec'] = values['target_tokens'] / values['step_time']
+          report(done, collected, lambda v: metrics_lib.progress_line(done, steps, v, timer.eta(done, steps)))
 
         if run.eval_data and ((eval_every > 0 and done % eval_every == 0) or done == steps):
-          values = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size)
-          writer.write(done, values)
-          logging.info('step %d/%d | eval_loss %.4f | eval_perplexity %.2f', done, steps, values['eval_loss'],
-                       values['eval_perplexity'])
-          last.update(values)
+          where[0] = f'evaluation at step {done}'
+          evaluated = evaluate(eval_fn, state.params, run.eval_data, run.batch_sharding, run.rows, loop.batch_size,
+                               settings.loss.objective, frozen)
+          if settings.loss.objective == 'dpo':
+            line = lambda v: (f'step {done}/{steps} | eval_loss {v["eval_loss"]:.4f} | eval_rewards/accuracies '
+                              f'{v["eval_rewards/accuracies"]:.3f} | eval_rewards/margins '
+                              f'{v["eval_rewards/margins"]:.4f}')
+          else:
+            line = lambda v: (f'step {done}/{steps} | eval_loss {v["eval_loss"]:.4f} | eval_perplexity '
+                              f'{v["eval_perplexity"]:.2f}')
+          report(done, evaluated if grouped else [evaluated], line)
           timer.restart(done)  # keep eval time out of the step timings
 
         if ckpt.due(done) or done == steps or stopping:
-          nonfinite.check(step_metrics, done)
-          saved = not nonfinite.in_a_row
-          if not saved:  # the state that gave a non-finite loss (e.g. blown up by a huge lr) is suspect:
-            logging.warning('step %d: not saving a checkpoint while steps are skipped for a non-finite loss or '
-                            'gradient; the last good checkpoint stays', done)  # rotation would delete good ones
-            if done == steps or done == stop_after:
-              unsaved_end = done
-          else:
-            _save(run, done, state)
+          diverged(nonfinite.check(step_metrics, done))
+          saved = True
+          for k, member in enumerate(members):
+            if not isinstance(outcomes[k], dict):
+              continue  # stopped by non-finite steps: its last good checkpoint stays
+            if nonfinite.in_a_row[k]:  # the state that gave a non-finite loss (e.g. blown up by a huge lr) is
+              saved = False  # suspect: rotation would delete good ones
+              logging.warning('%sstep %d: not saving a checkpoint while steps are skipped for a non-finite loss '
+                              'or gradient; the last good checkpoint stays', label(k), done)
+              if done == steps or done == stop_after:  # the run ends without its final state: a failure
+                unsaved_end[k] = done
+            else:
+              _save(member, run.stream, done, take(state, k))
+        if not any(isinstance(o, dict) for o in outcomes):
+          break  # every member of the group stopped on non-finite steps
         if stopping:
           outcome = 'checkpoint saved' if saved else 'no checkpoint written'
           if done < steps and done != stop_after:  # a signal, or a preemption that another host received
@@ -406,24 +626,31 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> dict[str, float]:
           else:
             logging.info('stopping at step %d (%s)', done, outcome)
           break
-  finally:  # also on errors: finish the async checkpoint, close the files, give the signals back
+  finally:  # also on errors: finish the async checkpoints, close the files, give the signals back
     try:
       profiler.close()
-      ckpt.close()  # raises checkpoint.SaveError if the last save failed (a full disk)
+      for member in members:
+        member.checkpointer.close()  # raises checkpoint.SaveError if the last save failed (a full disk)
     finally:
-      writer.close()
+      for writer in writers:
+        writer.close()
       stop.close()
   if stopped_by:
     raise cli.Stopped(*stopped_by)
-  if unsaved_end is not None:  # exit status 0 means the run's final state is saved: `train && export` relies on it
-    what = (f'every one of its {nonfinite.checked} steps was skipped' if nonfinite.skipped == nonfinite.checked
-            else f'its last {nonfinite.in_a_row} step(s) (from step {nonfinite.first}) were skipped')
-    raise checkpoint.NonFiniteError(
-        f'the run reached step {unsaved_end} but {what} for a non-finite loss or gradient, so its final state was '
-        f'not saved (checkpoints kept: {ckpt.all_steps() or "none"}). Look at train.lr, model.param_dtype '
-        f'({settings.model.param_dtype}), model.dtype ({settings.model.dtype}) and the data, or at the checkpoint '
-        'the run resumed from.')
-  return last
+  # Exit status 0 means the run's final state is saved: `train && export` relies on it.
+  for k, end in unsaved_end.items():
+    what = (f'every one of its {nonfinite.checked} steps was skipped' if nonfinite.skipped[k] == nonfinite.checked
+            else f'its last {nonfinite.in_a_row[k]} step(s) (from step {nonfinite.first[k]}) were skipped')
+    error = checkpoint.NonFiniteError(
+        f'the run reached step {end} but {what} for a non-finite loss or gradient, so its final state was not '
+        f'saved (checkpoints kept: {members[k].checkpointer.all_steps() or "none"}). Look at train.lr, '
+        f'model.param_dtype ({settings.model.param_dtype}), model.dtype ({settings.model.dtype}) and the data, or '
+        'at the checkpoint the run resumed from.')
+    if not grouped:
+      raise error
+    logging.warning('%s%s', label(k), error)
+    outcomes[k] = error
+  return outcomes
 
 
 class _StepTimer:
@@ -448,15 +675,24 @@ class _StepTimer:
   def restart(self, done: int) -> None:
     self.timed_from, self.time = done, time.time()
 
-  def collect(self, done: int, tokens_per_step: int, flops: float, peak: float | None) -> dict[str, float]:
-    values = {k: float(np.mean([jax.device_get(m[k]) for m in self.pending])) for k in self.pending[0]}
-    values['skipped'] = float(sum(jax.device_get(m['skipped']) for m in self.pending))
+  def collect(self, done: int, tokens_per_step: int, flops: float, peak: float | None, members: int = 1
+              ) -> list[dict[str, float]]:
+    """Each member's metrics averaged over the steps since the last call, with the step time and throughput
+    (a group's: `tokens_per_step` counts all its members, and so do tokens_per_sec and mfu)."""
+    pending = jax.device_get(self.pending)
+    means = {k: np.mean(np.stack([m[k] for m in pending]), axis=0) for k in pending[0]}
+    means['skipped'] = sum(m['skipped'] for m in pending)
+    values = [{k: float(np.reshape(v, -1)[i]) for k, v in means.items()} for i in range(members)]
     self.pending, self.previous = [], None
     if done > self.timed_from:
       step_time = (time.time() - self.time) / (done - self.timed_from)
-      values.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
+      timing = dict(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
       if peak:
-        values['mfu'] = tokens_per_step * flops / step_time / (peak * jax.device_count())
+        timing['mfu'] = tokens_per_step * flops / step_time / (peak * jax.device_count())
+      if members > 1:
+        timing['group_size'] = float(members)
+      for v in values:
+        v.update(timing)
       self.last_step_time = step_time
       self.restart(done)
     return values
@@ -466,30 +702,46 @@ class _StepTimer:
 
 
 class _NonFiniteSteps:
-  """Counts steps skipped for a non-finite loss or gradient; too many in a row stop the run."""
+  """Counts steps skipped for a non-finite loss or gradient, per member (`names`: a group's workdirs; None: a
+  plain run); too many in a row stop the run (in a group, that member)."""
 
-  def __init__(self, limit: int):
-    self.limit, self.in_a_row, self.first, self.seen = max(limit, 1), 0, None, -1
-    self.checked = self.skipped = 0  # steps of this run checked, and of those skipped
+  def __init__(self, limit: int, names: list[str] | None = None):
+    self.names = names
+    members = len(names) if names else 1
+    self.limit, self.in_a_row, self.first, self.seen = max(limit, 1), [0] * members, [None] * members, -1
+    self.checked, self.skipped = 0, [0] * members  # steps of this run checked, and of those each member skipped
 
-  def check(self, step_metrics, step: int) -> None:
+  def check(self, step_metrics, step: int) -> dict[int, checkpoint.NonFiniteError]:
+    """The members that have just reached the limit, with the error that stops each."""
     if step_metrics is None or step <= self.seen:
-      return
+      return {}
     self.seen = step
+    skipped = np.reshape(jax.device_get(step_metrics['skipped']), -1)
     self.checked += 1
-    if not float(jax.device_get(step_metrics['skipped'])):
-      self.in_a_row, self.first = 0, None
-      return
-    self.skipped += 1
-    self.in_a_row += 1
-    self.first = self.first or step
-    logging.warning('step %d: loss or gradient not finite (loss %s, grad_norm %s): update skipped (%d in a row)',
-                    step, float(step_metrics['loss']), float(step_metrics['grad_norm']), self.in_a_row)
-    if self.in_a_row >= self.limit:
-      raise checkpoint.NonFiniteError(
-          f'{self.in_a_row} steps in a row (steps {self.first}-{step}) had a non-finite loss or gradient, so their '
-          f'updates were skipped (train.max_nonfinite_steps={self.limit}). Stopping without saving: lower '
-          'train.lr, look at the data of those steps, or check the checkpoint the run resumed from.')
+    for k in np.flatnonzero(skipped):
+      self.skipped[k] += 1
+    if not skipped.any():
+      self.in_a_row, self.first = [0] * len(skipped), [None] * len(skipped)
+      return {}
+    loss, grad_norm = (np.reshape(jax.device_get(step_metrics[k]), -1) for k in ('loss', 'grad_norm'))
+    errors = {}
+    for k in range(len(skipped)):
+      if not skipped[k]:
+        self.in_a_row[k], self.first[k] = 0, None
+        continue
+      self.in_a_row[k] += 1
+      self.first[k] = self.first[k] or step
+      if self.in_a_row[k] > self.limit:
+        continue  # a group's member that has stopped already
+      where = f' ({self.names[k]})' if self.names else ''
+      logging.warning('step %d%s: loss or gradient not finite (loss %s, grad_norm %s): update skipped (%d in a row)',
+                      step, where, float(loss[k]), float(grad_norm[k]), self.in_a_row[k])
+      if self.in_a_row[k] == self.limit:
+        errors[k] = checkpoint.NonFiniteError(
+            f'{self.in_a_row[k]} steps in a row (steps {self.first[k]}-{step}) had a non-finite loss or gradient, so '
+            f'their updates were skipped (train.max_nonfinite_steps={self.limit}). Stopping without saving: lower '
+            'train.lr, look at the data of those steps, or check the checkpoint the run resumed from.')
+    return errors
 
 
 class _Profiler:
@@ -556,7 +808,7 @@ class _LibraryInfoFilter(pylogging.Filter):
 
 # Errors that are about the run's input or state, and whose message says how to proceed.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, lock_lib.WorkdirBusyError, checkpoint.RestoreError,
-               checkpoint.NonFiniteError)
+               checkpoint.NonFiniteError, fit.OutOfMemoryError)
 
 
 def _define_flags() -> None:
@@ -571,7 +823,7 @@ def main(argv: list[str]) -> None:
   del argv  # cli.run: no positional arguments
   config = flags.FLAGS.config
   try:  # a value out of range or of the wrong kind is a usage error, found before anything starts
-    config_lib.settings(config)
+    chat_data.check_settings(config_lib.settings(config))
     workdir = check_workdir(flags.FLAGS.workdir)
   except ValueError as e:
     raise cli.UsageError(str(e)) from None

@@ -5,6 +5,12 @@ Kept apart from the loop in `qwenjax.train` so benchmarks run the very same step
 A batch is a dict of `[batch, seq]` arrays: `inputs` and `targets` (int32 token ids), `weights` (float32, 0
 where the target is padding or belongs to another document), and optionally `positions` and `segment_ids`
 (packed documents; without them every row is one document starting at position 0).
+
+With LoRA (`train.lora_rank > 0`, `qwenjax.lora`) the train state's `params` are the adapters alone, and the step
+and eval step take the frozen base parameters as one more argument: `train_step(state, batch, horizon, base)`.
+The model with its adapters is `params, adapters = model_inputs(state.params, base, lora)`, then
+`hidden_states(model_config, params, batch, adapters)`; the base without adapters (a reference model, e.g. DPO's
+with LoRA) is `hidden_states(model_config, base, batch)`: no copy of the base, no second parameter tree.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwenjax import context
+from qwenjax import dpo
+from qwenjax import lora as lora_lib
 from qwenjax import loss as loss_lib
 from qwenjax import model as model_lib
-from qwenjax.config import LossConfig, OptimizerConfig
+from qwenjax.config import LoraConfig, LossConfig, OptimizerConfig
 from qwenjax import mup
 from qwenjax import params as params_lib
 from qwenjax import sharding
@@ -39,14 +48,16 @@ class TrainState:
   opt_state: Any
 
 
-def schedule_horizon(optimizer: OptimizerConfig) -> dict[str, np.int32]:
-  """`{'warmup_steps', 'steps'}` of the schedule as int32 scalars: the train step's `horizon` argument.
+def schedule_horizon(optimizer: OptimizerConfig) -> dict[str, np.ndarray]:
+  """The schedule's values as scalars: `warmup_steps`, `steps` (int32), `lr`, `lr_final_fraction` (float32): the
+  train step's `horizon` argument.
 
-  The schedule's length is an input of the compiled step, not a constant in it, so runs that differ only in their
-  step counts (the points of one model shape in a scaling sweep) run one compiled program and share it through
-  the compilation cache.
+  They are inputs of the compiled step, not constants in it, so runs that differ only in them (the points of one
+  model shape in a scaling sweep: their lengths, warmups and learning rates) run one compiled program and share
+  it through the compilation cache; a group of such runs (`qwenjax.train.train_group`) stacks them.
   """
-  return {'warmup_steps': np.int32(optimizer.warmup_steps), 'steps': np.int32(optimizer.steps)}
+  return {'warmup_steps': np.int32(optimizer.warmup_steps), 'steps': np.int32(optimizer.steps),
+          'lr': np.float32(optimizer.lr), 'lr_final_fraction': np.float32(optimizer.lr_final_fraction)}
 
 
 def learning_rate_schedule(optimizer: OptimizerConfig, horizon: Mapping[str, Any] | None = None
@@ -55,14 +66,16 @@ def learning_rate_schedule(optimizer: OptimizerConfig, horizon: Mapping[str, Any
 
   The values of optax's `warmup_cosine_decay_schedule(0, lr, warmup, max(steps, warmup + 1), ...)` and of
   `join_schedules` of `linear_schedule(0, lr, max(warmup, 1))` and `constant_schedule(lr)`. `horizon`
-  (`schedule_horizon`; None: the optimizer's own) may hold traced values, which the train step passes: optax's
-  schedule constructors need Python ints (they branch on them and raise on tracers), so the schedule is written
-  out here in jnp. (OptimizerConfig has checked that `lr_schedule` is one of the two.)
+  (`schedule_horizon`; None: the optimizer's own) gives lr, its final fraction, warmup and length, and may hold
+  traced values, which the train step passes: optax's schedule constructors need Python ints (they branch on them
+  and raise on tracers), so the schedule is written out here in jnp. (OptimizerConfig has checked that
+  `lr_schedule` is one of the two.)
   """
-  kind, lr, final = optimizer.lr_schedule, optimizer.lr, optimizer.lr_final_fraction
+  kind = optimizer.lr_schedule
   horizon = schedule_horizon(optimizer) if horizon is None else horizon
 
   def schedule(step):
+    lr, final = jnp.asarray(horizon['lr'], jnp.float32), jnp.asarray(horizon['lr_final_fraction'], jnp.float32)
     step = jnp.asarray(step, jnp.float32)
     warmup = jnp.asarray(horizon['warmup_steps'], jnp.float32)
     warming = lr * step / jnp.maximum(warmup, 1.0)
@@ -100,26 +113,39 @@ def make_optimizer(optimizer: OptimizerConfig, horizon: Mapping[str, Any] | None
   return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adamw)
 
 
-def hidden_states(model_config: ModelConfig, params: Any, batch: Batch):
+def hidden_states(model_config: ModelConfig, params: Any, batch: Batch, lora: Any = None):
   """(final hidden states, output head in the compute dtype, auxiliary losses) of one forward pass.
 
-  The loss builds logits from these chunk by chunk (`qwenjax.loss`), never all at once.
+  The loss builds logits from these chunk by chunk (`qwenjax.loss`), never all at once. `lora`: the model's `lora`
+  collection (`qwenjax.lora.scaled(adapters, ...)`), or None for the model of `params` alone.
   """
   hidden, aux = model_lib.apply_with_aux(model_config, params, batch['inputs'], batch.get('positions'),
-                                         batch.get('segment_ids'), return_hidden=True)
+                                         batch.get('segment_ids'), return_hidden=True, lora=lora)
   head = model_lib.output_head(model_config, params).astype(model_config.dtype)
   return hidden, head, aux
 
 
+def _context_order(batch: Batch) -> Batch:
+  """The batch in the zig-zag order a sequence is split in under context parallelism (`qwenjax.context`), else
+  as it is. Losses are sums over tokens (or segments), so the order changes nothing else."""
+  return context.zigzag_batch(batch) if sharding.context_size() > 1 else batch
+
+
 def _sums(model_config: ModelConfig, params: Any, batch: Batch, z_loss: float,
-          chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32', loss_impl: str = 'auto'):
+          chunk: int = loss_lib.DEFAULT_CHUNK, logits_dtype: str = 'float32', loss_impl: str = 'auto',
+          lora: Any = None):
   """(objective to differentiate, (nll sum, z sum, target count, count-weighted aux losses)) of a (micro-)batch.
 
   Everything is a sum over target tokens, so micro-batches add up and one division by the total count gives
   the mean loss; the auxiliary losses (per-pass means, see `model.apply_with_aux`) are weighted by the pass's
   token count to match. `moe_aux_loss` joins the objective; every entry is logged.
+
+  Under context parallelism (the rules split `activation_length` over the mesh) the batch is first put into the
+  zig-zag order each sequence is split in (`qwenjax.context`); every term is a sum over tokens, so nothing else
+  changes.
   """
-  hidden, head, aux = hidden_states(model_config, params, batch)
+  batch = _context_order(batch)
+  hidden, head, aux = hidden_states(model_config, params, batch, lora)
   total, nll, z = loss_lib.cross_entropy(hidden, head, batch['targets'], batch['weights'], z_coef=z_loss,
                                          chunk=chunk, logits_dtype=logits_dtype, impl=loss_impl)
   count = jnp.sum(batch['weights'].astype(jnp.float32))
@@ -133,6 +159,26 @@ def _loss_keywords(loss: LossConfig) -> dict[str, Any]:
   return dict(chunk=loss.loss_chunk, logits_dtype=loss.logits_dtype, loss_impl=loss.loss_impl)
 
 
+def accum_steps(loss: LossConfig) -> int:
+  """The micro-batches of a step: `loss.grad_accum_steps`, where an 'auto' that nothing resolved (`qwenjax.fit`
+  resolves it for a run) is 1, what it means without a memory figure."""
+  return 1 if loss.grad_accum_steps == 'auto' else loss.grad_accum_steps
+
+
+def saved_bytes(model_config: ModelConfig, loss: LossConfig, params: Any, batch: Batch) -> int:
+  """Bytes the backward pass keeps from the forward pass of `batch` (one micro-batch) under the model's remat
+  policy: the residuals of the loss's VJP, parameters included where the backward reads them. Traced from abstract
+  arrays (`jax.ShapeDtypeStruct`s), never compiled: a lower bound of the step's memory that `qwenjax.fit` checks
+  before compiling a candidate."""
+  loss_kwargs = _loss_keywords(loss)
+
+  def backward(params, batch):
+    objective = lambda p: _sums(model_config, p, batch, loss.z_loss, **loss_kwargs)
+    return jax.vjp(objective, params, has_aux=True)[1]  # a pytree whose leaves are the residuals
+
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(backward, params, batch)))
+
+
 def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
   """`[rows, ...]` arrays -> `[accum, rows / accum, ...]`: row i goes to micro-batch i % accum, so each device
   keeps its own rows (no data moves between devices)."""
@@ -141,91 +187,144 @@ def micro_batches(batch: Batch, accum: int) -> dict[str, jax.Array]:
     if rows % accum:
       raise ValueError(f'batch of {rows} rows does not split into grad_accum_steps={accum} micro-batches')
     x = x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None,) + sharding.BATCH_AXES + (None,) * (x.ndim - 3))
+    return nn.with_logical_constraint(x, (None,) + sharding.INPUT_AXES + (None,) * (x.ndim - 3))
 
   return jax.tree.map(split, dict(batch))
 
 
-def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig()
-                    ) -> Callable[[TrainState, Batch, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
-  """`train_step(state, batch, horizon) -> (state, metrics)`, to be jitted under the mesh and logical axis rules.
+def model_inputs(trainable: Any, frozen: tuple, lora: LoraConfig) -> tuple[Any, Any]:
+  """(parameters, `lora` collection or None) of the model a step trains, for `hidden_states`: the state's
+  parameters, or with LoRA the frozen base (`frozen[0]`) and the state's adapters, scaled. (The base alone,
+  adapters off, is `hidden_states(model_config, base, batch)`.)"""
+  if lora.lora_rank:
+    return frozen[0], lora_lib.scaled(trainable, lora)
+  return trainable, None
+
+
+def frozen_inputs(loss: LossConfig, lora: LoraConfig) -> int:
+  """How many read-only inputs the train and eval steps take after their others: LoRA's base parameters, or
+  DPO's reference model (with LoRA the base is the reference: the model without its adapters)."""
+  return 1 if lora.lora_rank or loss.objective == 'dpo' else 0
+
+
+def make_train_step(model_config: ModelConfig, optimizer: OptimizerConfig, loss: LossConfig = LossConfig(),
+                    lora: LoraConfig = LoraConfig()
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """`train_step(state, batch, horizon, *frozen) -> (state, metrics)`, to be jitted under the mesh and logical
+  axis rules.
 
   The optimizer is `make_optimizer(optimizer, horizon)`, with `horizon = schedule_horizon(optimizer)` passed at
-  each call (replicated int32 scalars): one compiled step serves every `train.steps` and `train.warmup_steps`.
+  each call (replicated scalars): one compiled step serves every `train.steps`, `train.warmup_steps`, `train.lr`
+  and `train.lr_final_fraction`.
 
   With `loss.grad_accum_steps = A`, the batch is cut into A micro-batches (`micro_batches`) and their gradients
   are summed in a `lax.scan`. Loss and gradient are normalized by the number of target tokens in the whole
-  batch, so any A gives the same update.
-  """
-  accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
-  grad_fn = jax.value_and_grad(lambda p, b: _sums(model_config, p, b, loss.z_loss, **loss_kwargs),
-                               has_aux=True)
+  batch (with `loss.objective='dpo'`: of pairs), so any A gives the same update.
 
-  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array]):
+  `frozen` (`frozen_inputs` of them) is read and never written. With LoRA (`lora.lora_rank > 0`) it is `(base,)`,
+  the frozen parameters, and `state.params` are the adapters, the only thing differentiated and updated. With
+  `loss.objective='dpo'` (`qwenjax.dpo`) `frozen[0]` is the reference model (with LoRA the base, applied without
+  adapters); each micro-batch runs its forward pass (`dpo.reference_logprobs`, no gradient) before the policy's
+  forward and backward.
+  """
+  accum, loss_kwargs = accum_steps(loss), _loss_keywords(loss)
+  dpo_objective = loss.objective == 'dpo'
+
+  def objective(trainable, micro, frozen, reference):
+    params, adapters = model_inputs(trainable, frozen, lora)
+    if dpo_objective:
+      return dpo.sums(model_config, params, micro, reference, loss.dpo_beta, lora=adapters, **loss_kwargs)
+    return _sums(model_config, params, micro, loss.z_loss, lora=adapters, **loss_kwargs)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch, horizon: Mapping[str, jax.Array], *frozen: Any):
     tx = make_optimizer(optimizer, horizon)
+
+    def micro_step(micro):
+      reference = None
+      if dpo_objective:
+        micro = _context_order(micro)
+        reference = dpo.reference_logprobs(model_config, frozen[0], micro, **loss_kwargs)
+      (_, sums), grads = grad_fn(state.params, micro, frozen, reference)
+      return sums, grads
+
     if accum == 1:
-      (_, sums), grads = grad_fn(state.params, batch)
+      sums, grads = micro_step(batch)
     else:
       def body(carry, micro):
-        (_, sums), grads = grad_fn(state.params, micro)
+        sums, grads = micro_step(micro)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
       micro = micro_batches(batch, accum)
-      sums_shape = jax.eval_shape(lambda p, b: grad_fn(p, b)[0][1], state.params,
-                                  jax.tree.map(lambda x: x[0], micro))
+      sums_shape = jax.eval_shape(lambda b: micro_step(b)[0], jax.tree.map(lambda x: x[0], micro))
       zeros = jax.tree.map(jnp.zeros_like, (state.params, sums_shape))
       (grads, sums), _ = jax.lax.scan(body, zeros, micro)
-    nll, z, count, aux = sums
-    denom = jnp.maximum(count, 1.0)
+    if dpo_objective:
+      denom = jnp.maximum(sums['pairs'], 1.0)
+      loss_metrics, counts, aux_metrics = dpo.metrics(sums, model_config.num_experts), {}, {}
+    else:
+      nll, z, count, aux = sums
+      denom = jnp.maximum(count, 1.0)
+      loss_metrics, counts = {'loss': nll / denom, 'z_loss': z / denom}, {'target_tokens': count}
+      aux_metrics = {name: value / denom for name, value in aux.items()} if model_config.num_experts else {}
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient is not applied: parameters and optimizer state stay as they were, the step
     # counter moves on (the loop counts skipped steps and stops the run after too many in a row).
-    finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss_metrics['loss']) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
                                      (state.params, state.opt_state))
     metrics = {
-        'loss': nll / denom,
-        'z_loss': z / denom,
+        **loss_metrics,
         'grad_norm': grad_norm,
         'param_norm': optax.tree.norm(params),
         'lr': learning_rate_schedule(optimizer, horizon)(state.step),
-        'target_tokens': count,
+        **counts,
         'skipped': 1.0 - finite.astype(jnp.float32),
+        **aux_metrics,
     }
-    if model_config.num_experts:
-      metrics.update({name: value / denom for name, value in aux.items()})
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
-def make_eval_step(model_config: ModelConfig,
-                   loss: LossConfig = LossConfig()) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-  """`eval_step(params, batch) -> (nll sum, target count)`, with the run's own memory settings.
+def make_eval_step(model_config: ModelConfig, loss: LossConfig = LossConfig(),
+                   lora: LoraConfig = LoraConfig()) -> Callable[..., Any]:
+  """`eval_step(params, batch, *frozen) -> (nll sum, target count)`, with the run's own memory settings; with
+  `loss.objective='dpo'`, `dpo.sums` of the batch (`dpo.metrics` of their total gives the means). `frozen` as for
+  `make_train_step` (with LoRA `params` are the adapters).
 
   Like the train step, the batch is evaluated in `loss.grad_accum_steps` micro-batches (a `lax.scan`), with
   `loss.loss_chunk` positions of `loss.logits_dtype` logits at a time, so evaluation never needs more memory
-  than a training step. The default: the whole batch at once, float32 logits.
+  than a training step. The default: the whole batch at once, float32 logits. With LoRA it is
+  `eval_step(adapters, batch, base)`.
   """
-  accum, loss_kwargs = loss.grad_accum_steps, _loss_keywords(loss)
+  accum, loss_kwargs = accum_steps(loss), _loss_keywords(loss)
 
-  def sums(params, batch):
-    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, **loss_kwargs)
+  def sums(trainable, batch, frozen):
+    params, adapters = model_inputs(trainable, frozen, lora)
+    if loss.objective == 'dpo':
+      batch = _context_order(batch)
+      ref = dpo.reference_logprobs(model_config, frozen[0], batch, **loss_kwargs)
+      return dpo.sums(model_config, params, batch, ref, loss.dpo_beta, lora=adapters, **loss_kwargs)[1]
+    _, (nll, _, count, _) = _sums(model_config, params, batch, 0.0, lora=adapters, **loss_kwargs)
     return nll, count
 
-  def eval_step(params, batch):
+  def eval_step(params, batch, *frozen):
     if accum == 1:
-      return sums(params, batch)
+      return sums(params, batch, frozen)
 
     def body(carry, micro):
-      return jax.tree.map(jnp.add, carry, sums(params, micro)), None
+      return jax.tree.map(jnp.add, carry, sums(params, micro, frozen)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    (nll, count), _ = jax.lax.scan(body, (zero, zero), micro_batches(batch, accum))
-    return nll, count
+    micro = micro_batches(batch, accum)
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda b: sums(params, b, frozen),
+                                                       jax.tree.map(lambda x: x[0], micro)))
+    total, _ = jax.lax.scan(body, zero, micro)
+    return total
 
   return eval_step
 
@@ -241,15 +340,28 @@ def _abstract_params(model_config: ModelConfig):
     return params_lib.abstract_params(model_config)
 
 
+def _abstract_trainable(model_config: ModelConfig, lora: LoraConfig):
+  """The boxed abstract tree the train state's `params` hold: the model's parameters, or the LoRA adapters."""
+  return lora_lib.abstract(model_config, lora) if lora.lora_rank else _abstract_params(model_config)
+
+
 def param_shardings(model_config: ModelConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Any:
   """NamedShardings of the parameters alone (for `checkpoint.restore_params`, evaluation and sampling)."""
   return sharding.param_shardings(_abstract_params(model_config), mesh, rules)
 
 
+def abstract_params(model_config: ModelConfig, shardings: Any) -> Any:
+  """The model's parameters as ShapeDtypeStructs carrying `shardings` (`param_shardings`): a frozen input of the
+  step (LoRA's base) as compiling it for the memory fit sees it."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      sharding.strip_boxes(_abstract_params(model_config)), shardings)
+
+
 def state_shardings(model_config: ModelConfig, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, rules: sharding.Rules) -> TrainState:
-  """NamedShardings of every leaf of the train state: optimizer moments follow their parameters."""
-  boxed = _abstract_params(model_config)
+                    mesh: jax.sharding.Mesh, rules: sharding.Rules, lora: LoraConfig = LoraConfig()) -> TrainState:
+  """NamedShardings of every leaf of the train state: optimizer moments follow their parameters (with LoRA, the
+  adapters, each placed like the kernel it adapts)."""
+  boxed = _abstract_trainable(model_config, lora)
   params = sharding.param_shardings(boxed, mesh, rules)
   abstract_opt = jax.eval_shape(tx.init, sharding.strip_boxes(boxed))
   replicated = sharding.replicated(mesh)
@@ -260,28 +372,44 @@ def state_shardings(model_config: ModelConfig, tx: optax.GradientTransformation,
 
 
 def abstract_state(model_config: ModelConfig, tx: optax.GradientTransformation,
-                   shardings: TrainState) -> TrainState:
+                   shardings: TrainState, lora: LoraConfig = LoraConfig()) -> TrainState:
   """The train state as ShapeDtypeStructs carrying their shardings (what checkpoint restore fills in)."""
-  params = sharding.strip_boxes(_abstract_params(model_config))
+  params = sharding.strip_boxes(_abstract_trainable(model_config, lora))
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                       opt_state=jax.eval_shape(tx.init, params))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
+def _random_params(model_config: ModelConfig, rng: jax.Array, mup_base_width: int) -> Any:
+  with nn.logical_axis_rules(()):
+    p = params_lib.init_params(model_config, rng)
+  return mup.scale_init(p, mup_base_width) if mup_base_width else p
+
+
+def random_params(model_config: ModelConfig, param_shardings: Any, rng: jax.Array, mup_base_width: int = 0) -> Any:
+  """The parameters `create_state` draws from `rng`, alone (no optimizer state), created in their shardings: a
+  LoRA run's base when it has no `init_from_hf`."""
+  return jax.jit(lambda r: _random_params(model_config, r, mup_base_width), out_shardings=param_shardings)(rng)
+
+
 def create_state(model_config: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
-                 rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0) -> TrainState:
+                 rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0,
+                 lora: LoraConfig = LoraConfig()) -> TrainState:
   """A new train state, each array created directly in its sharding (never whole on one device).
 
   Random parameters from `rng`, or `params` (host numpy arrays, or jax arrays already in `shardings.params` as a
   sharded Hugging Face load gives them), which are cast to `model_config.param_dtype` and placed shard by shard. `mup_base_width` > 0: random parameters
-  scaled by width as μP does (`qwenjax.mup.scale_init`).
+  scaled by width as μP does (`qwenjax.mup.scale_init`). With LoRA, new adapters from `rng` (`qwenjax.lora.init`).
   """
+  if lora.lora_rank:
+    def init_adapters(rng):
+      adapters = lora_lib.init(model_config, lora, rng)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters))
+
+    return jax.jit(init_adapters, out_shardings=shardings)(rng)
   if params is None:
     def init(rng):
-      with nn.logical_axis_rules(()):
-        p = params_lib.init_params(model_config, rng)
-      if mup_base_width:
-        p = mup.scale_init(p, mup_base_width)
+      p = _random_params(model_config, rng, mup_base_width)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
     return jax.jit(init, out_shardings=shardings)(rng)

@@ -57,11 +57,18 @@ def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def config_changes(old: dict[str, Any], new: ml_collections.ConfigDict) -> list[str]:
-  """`KEY: old -> new` for every setting that differs between a saved config.json and `new`."""
+# Settings that change how a step fits the device's memory, not what it computes (micro-batches and remat give the
+# same update): a run resumed with other values, e.g. on a device of other memory where 'auto' chooses others, is
+# not a changed run. (model.remat_policy: where config.json files of earlier versions kept the policy.)
+MEMORY_KEYS = ('train.grad_accum_steps', 'train.remat_policy', 'train.device_memory_gib', 'model.remat_policy')
+
+
+def config_changes(old: dict[str, Any], new: ml_collections.ConfigDict, *, memory: bool = False) -> list[str]:
+  """`KEY: old -> new` for every setting that differs between a saved config.json and `new`; those of
+  `MEMORY_KEYS` only with `memory=True`."""
   old, new = _flat(old), _flat(json.loads(new.to_json_best_effort()))
   return [f'{k}: {old.get(k, "(unset)")!r} -> {new.get(k, "(unset)")!r}' for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k)]
+          if old.get(k) != new.get(k) and (memory or k not in MEMORY_KEYS)]
 
 
 def saved_config(workdir: str) -> dict[str, Any] | None:
@@ -80,10 +87,14 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> 
     if old == json.loads(text):  # the same settings, whatever the order of their keys
       return
     changes = config_changes(old, config)
-    kept, n = epath.Path(workdir) / f'config.{step}.json', 1
-    while kept.exists():  # changed again at the same step: keep every version
-      kept, n = epath.Path(workdir) / f'config.{step}.{n}.json', n + 1
-    logging.warning('config changed since step %d (the old one is kept as %s): %s', step, kept.name,
-                    '; '.join(changes))
-    files.write(kept, path.read_text())  # a copy: config.json stays whole until the new one replaces it
+    if changes:
+      kept, n = epath.Path(workdir) / f'config.{step}.json', 1
+      while kept.exists():  # changed again at the same step: keep every version
+        kept, n = epath.Path(workdir) / f'config.{step}.{n}.json', n + 1
+      logging.warning('config changed since step %d (the old one is kept as %s): %s', step, kept.name,
+                      '; '.join(changes))
+      files.write(kept, path.read_text())  # a copy: config.json stays whole until the new one replaces it
+    else:  # the same run, fitted to other memory: config.json says what this one uses
+      logging.info('resumed with other memory settings (the same steps): %s',
+                   '; '.join(config_changes(old, config, memory=True)))
   files.write(path, text)

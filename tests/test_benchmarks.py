@@ -25,6 +25,7 @@ def _run(script, *args):
   return done.stdout
 
 
+@pytest.mark.slow
 def test_train_benchmark_times_and_profiles_a_step(tmp_path):
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m2_acts_xla_unrolled',
              '--steps', '1', '--warmup', '1', '--set', 'train.loss_chunk=64', '--set=train.logits_dtype=bfloat16',
@@ -41,12 +42,24 @@ def test_train_benchmark_times_and_profiles_a_step(tmp_path):
   assert '| b2_m2_acts_xla_unrolled | 2 x 256 | 2 | activations_saveable | xla | 64, bfloat16 |' in out
 
 
+def test_train_benchmark_times_what_auto_chooses(tmp_path):
+  """'mauto' and 'auto': the main job's defaults, fitted to the memory given (a CPU reports none)."""
+  out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_mauto_auto_xla_unrolled',
+             '--steps', '1', '--warmup', '1', '--set', 'train.device_memory_gib=100', '--out', str(tmp_path))
+  [result] = [json.loads(line) for line in (tmp_path / 'train_1b.jsonl').read_text().splitlines()]
+  assert 'error' not in result, result
+  assert result['auto'] == ['grad_accum_steps', 'remat_policy'] and result['limit_gib'] == 100
+  assert (result['micro_batch'], result['remat']) == (2, 'activations_saveable') and result['needed_gib'] > 0
+  assert '| b2_mauto_auto_xla_unrolled | 2 x 256 | 2 | activations_saveable |' in out
+
+
 def test_train_benchmark_rejects_a_bad_variant_name(tmp_path):
   with pytest.raises(AssertionError, match='bad variant'):
     _run('train_1b.py', '--variants', 'b4_m4_dots_cudnn,b4_m3_dots_cudnn', '--out', str(tmp_path))
   assert not (tmp_path / 'train_1b.jsonl').exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_peer_benchmark_runs_on_cpu(tmp_path):
   _run('hf_peer_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--attn', 'sdpa', '--batch', '2',
        '--micro-batch', '1', '--seq-len', '64', '--steps', '1', '--warmup', '1', '--device', 'cpu',
@@ -125,6 +138,7 @@ def test_loss_benchmark_times_both_ways_on_cpu(tmp_path):
   assert all(r['ms'] > 0 and r['rel_err'] < 1e-2 for r in results), results
 
 
+@pytest.mark.slow
 def test_step_benchmarks_train_on_saved_packed_documents(saved_documents, tmp_path):
   docs = saved_documents[2]
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_m1_acts_xla_unrolled',
@@ -167,3 +181,38 @@ def test_peer_loss_keeps_packed_documents_apart():
   assert abs(float(packed) - total / count) < 1e-5
   with torch.no_grad():  # without the positions the documents see each other: a different loss
     assert abs(float(hf_peer_1b.peer_loss(model, ids, None, labels)) - total / count) > 1e-3
+
+
+@pytest.mark.slow
+def test_lora_sft_benchmark_runs_both_sides_on_cpu(tmp_path):
+  """lora_sft_gpu.py on a 2-layer model: qwenjax's LoRA step and transformers + PEFT's (eager), each in its own
+  process, on the same packed SFT batches, and the table with their ratio."""
+  pytest.importorskip('peft')
+  config = tmp_path / 'small.py'
+  config.write_text('from qwenjax.config import base_config, model_section\n\n\ndef get_config():\n'
+                    '  config = base_config()\n'
+                    '  config.model = model_section(vocab_size=256, hidden_size=64, intermediate_size=128,\n'
+                    '                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)\n'
+                    '  return config\n')
+  out = _run('lora_sft_gpu.py', '--config', str(config), '--seq-len', '64', '--batch', '2', '--micro-batch', '1',
+             '--peer-micro-batch', '2', '--rank', '4', '--steps', '1', '--warmup', '1', '--device', 'cpu',
+             '--compile', 'no', '--attn', 'sdpa', '--out', str(tmp_path))
+  ours, peer = [json.loads(line) for line in (tmp_path / 'lora_sft_gpu.jsonl').read_text().splitlines()]
+  assert 'error' not in ours and 'error' not in peer, (ours, peer)
+  assert ours['run'] == 'qwenjax' and peer['run'] == 'transformers + PEFT (sdpa, eager)'
+  assert ours['batches'] == peer['batches'] and ours['adapter_params'] == peer['adapter_params']
+  assert ours['tokens_per_s'] > 0 and peer['tokens_per_s'] > 0
+  assert abs(ours['loss'] - peer['loss']) < 0.1 * ours['loss']  # the same model shape on the same batches
+  assert 'qwenjax / transformers + PEFT (sdpa, eager), tokens_per_s:' in out
+
+
+def test_lora_sft_batches_pack_conversations_and_train_the_responses():
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import lora_sft_gpu  # pylint: disable=g-import-not-at-top
+  [batch] = lora_sft_gpu.sft_batches(1, 4, 256, 100)
+  segments, positions, weights = batch['segment_ids'], batch['positions'], batch['weights']
+  assert segments.max() > 1 and np.all(positions[segments != np.roll(segments, 1, axis=1)] == 0)
+  last = segments != np.roll(segments, -1, axis=1)  # a conversation's last token: its target is the next one's
+  assert not np.any(weights[:, :-1][last[:, :-1]]) and 0.3 < weights.mean() < 0.8
+  np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+  assert lora_sft_gpu.fingerprint([batch]) == lora_sft_gpu.fingerprint(lora_sft_gpu.sft_batches(1, 4, 256, 100))

@@ -30,13 +30,17 @@ def test_sections_are_the_dataclasses_fields_and_defaults():
   fields = lambda *classes: {f.name: f.default for c in classes for f in dataclasses.fields(c)}
   assert config_lib.data_section().to_dict() == fields(config_lib.DataConfig)
   assert config_lib.mesh_section().to_dict() == fields(config_lib.MeshConfig)
-  train = fields(config_lib.LoopConfig, config_lib.OptimizerConfig, config_lib.LossConfig,
-                 config_lib.CheckpointConfig)
-  assert config_lib.train_section().to_dict() == {**train, 'seed': 0}
+  train = fields(config_lib.LoopConfig, config_lib.OptimizerConfig, config_lib.LossConfig, config_lib.FitConfig,
+                 config_lib.CheckpointConfig, config_lib.LoraConfig)
+  # A run fits the device's memory ('auto'); a LossConfig built directly accumulates nothing.
+  assert config_lib.train_section().to_dict() == {**train, 'seed': 0, 'grad_accum_steps': 'auto'}
+  assert 'remat_policy' not in config_lib.model_section()  # a train setting, handed to the model
   run = config_lib.settings(config_lib.base_config())
-  assert (run.data, run.loop, run.optimizer, run.loss, run.checkpoint, run.mesh) == (
-      config_lib.DataConfig(), config_lib.LoopConfig(), config_lib.OptimizerConfig(), config_lib.LossConfig(),
-      config_lib.CheckpointConfig(), config_lib.MeshConfig())
+  assert (run.data, run.loop, run.optimizer, run.loss, run.checkpoint, run.lora, run.mesh, run.fit) == (
+      config_lib.DataConfig(), config_lib.LoopConfig(), config_lib.OptimizerConfig(),
+      config_lib.LossConfig(grad_accum_steps='auto'), config_lib.CheckpointConfig(), config_lib.LoraConfig(),
+      config_lib.MeshConfig(), config_lib.FitConfig())
+  assert run.model.remat_policy == run.fit.remat_policy == 'auto'
   assert sharding.DEFAULT_RULES is config_lib.DEFAULT_RULES and sharding.MESH_AXES is config_lib.MESH_AXES
 
 
@@ -47,6 +51,35 @@ def test_command_line_overrides_reach_the_typed_settings():
   assert (run.loop.steps, run.optimizer.steps, run.optimizer.lr, run.loss.grad_accum_steps) == (7, 7, 0.01, 2)
   assert (run.checkpoint.keep_checkpoints, run.seed, run.data.seq_len) == (1, 3, 64)
   assert (run.mesh.data, run.mesh.fsdp) == (-1, 2)
+
+
+def test_grad_accum_steps_and_remat_policy_take_auto_or_a_value():
+  """An int or 'auto' from the command line and from a program; the remat policy reaches the model."""
+  run = config_lib.settings(config_from_overrides({'train.grad_accum_steps': '4', 'train.remat_policy': 'full',
+                                                   'train.device_memory_gib': '8'}))
+  assert (run.loss.grad_accum_steps, run.model.remat_policy, run.fit.device_memory_gib) == (4, 'full', 8.0)
+  config = config_lib.load(TINY)
+  config.train.grad_accum_steps = 2  # an int where the default is 'auto'
+  assert config_lib.settings(config).loss.grad_accum_steps == 2
+  config.train.grad_accum_steps = 'auto'
+  assert config_lib.settings(config).loss.grad_accum_steps == 'auto'
+  with pytest.raises(ValueError, match='remat_policy is a train setting: set config.train.remat_policy'):
+    config_lib.model_section(remat_policy='full')
+
+
+def test_a_config_json_of_before_keeps_its_remat_policy():
+  """config.json files of earlier runs have the policy in the model section and no train.remat_policy."""
+  old = config_lib.load(TINY).to_dict()
+  old['model']['remat_policy'] = 'dots_with_no_batch_dims_saveable'
+  for name in ('remat_policy', 'device_memory_gib'):
+    del old['train'][name]
+  old['train']['grad_accum_steps'] = 2
+  run = config_lib.settings(ml_collections.ConfigDict(old))
+  assert (run.model.remat_policy, run.fit.remat_policy, run.loss.grad_accum_steps) == (
+      'dots_with_no_batch_dims_saveable', 'dots_with_no_batch_dims_saveable', 2)
+  both = ml_collections.ConfigDict({**old, 'train': {**old['train'], 'remat_policy': 'full'}})
+  with pytest.raises(ValueError, match='set train.remat_policy alone'):
+    config_lib.settings(both)
 
 
 def _with(section: str, **values) -> ml_collections.ConfigDict:
@@ -67,12 +100,17 @@ def _with(section: str, **values) -> ml_collections.ConfigDict:
     (_with('mesh', tensor=None), r'mesh.tensor must be an int, got None'),
     (_with('train', lr_schedule='linear'), r"unknown train.lr_schedule 'linear'; choose 'cosine' or 'constant'"),
     (_with('train', checkpoint_every=-1), r'train.checkpoint_every=-1 must be >= 0'),
-    (_with('train', grad_accum_steps=0), r'train.grad_accum_steps must be >= 1, got 0'),
+    (_with('train', grad_accum_steps=0), r"train.grad_accum_steps must be 'auto' or an int >= 1, got 0"),
+    (_with('train', grad_accum_steps='some'), r"train.grad_accum_steps must be 'auto' or an int, got 'some'"),
+    (_with('train', remat_policy='most'), r"unknown train.remat_policy 'most'; choose 'auto' or one of"),
+    (_with('train', device_memory_gib=-1), r'train.device_memory_gib must be >= 0'),
     (_with('train', batch_size=10, grad_accum_steps=4),
      r'train.batch_size=10 must be a positive multiple of train.grad_accum_steps=4'),
     (_with('train', logits_dtype='bf16'), r"train.logits_dtype must be 'float32' or 'bfloat16', got 'bf16'"),
     (_with('data', seq_len=4096), r'data.seq_len=4096 exceeds model.max_position_embeddings=2048'),
-    (_with('mesh', data=-1, fsdp=-1), r'mesh sizes data=-1 x fsdp=-1 x tensor=1 x expert=1: .*at most one may be -1'),
+    (_with('mesh', data=-1, fsdp=-1),
+     r'mesh sizes data=-1 x fsdp=-1 x tensor=1 x expert=1 x context=1: .*at most one may be -1'),
+    (_with('mesh', context=3), r'data.seq_len=\d+ does not split into the 6 equal chunks that mesh.context=3 needs'),
     (_with('mesh', dcn_data=0), r'mesh.dcn_data must be a positive int \(the number of slices\), got 0'),
 ])
 def test_a_bad_setting_is_named(config, message):

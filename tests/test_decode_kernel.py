@@ -51,7 +51,7 @@ def test_kernel_matches_append_then_attend(case):
   # The XLA path: rotary, then append and attend.
   expected, expected_cache = cache.step(q, k, v, position[:, None], theta, window, impl='xla')
   lowest = position - window + 1 if window else np.zeros_like(position)
-  angles = rotary_angles(jnp.asarray(position), head_dim, theta)
+  angles, _ = rotary_angles(jnp.asarray(position), head_dim, theta)
   out, key, value, held = decode_gpu.decode_attention(
       jnp.concatenate([q[:, 0], k[:, 0], v[:, 0]], axis=1), jnp.cos(angles), jnp.sin(angles), cache.key,
       cache.value, cache.positions, jnp.asarray(position), jnp.asarray(lowest), kv_heads=kv_heads,
@@ -105,6 +105,7 @@ def test_lowers_for_a_gpu_from_this_cpu():
     assert 'decode_attention' in text and 'triton' in text
 
 
+@pytest.mark.slow
 def test_decode_check_script_runs_on_cpu():
   """benchmarks/decode_check_gpu.py (run on a GPU for docs/generation.md), here with the interpreted kernel."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))

@@ -212,6 +212,7 @@ def test_evaluate_from_the_workdir_equals_transformers_on_the_export(run, tmp_pa
   np.testing.assert_allclose(got['bits_per_byte'], nll / (math.log(2) * total_bytes), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_command_lines(run, tmp_path):
   """`python -m qwenjax.export`, then `python -m qwenjax.evaluate --hf` on what it wrote."""
   out = str(tmp_path / 'hf')

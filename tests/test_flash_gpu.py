@@ -212,6 +212,50 @@ def test_mosaic_kernels_lower_for_short_sequences(seq_len):
   assert lowered.as_text().count('mosaic_gpu') >= 3
 
 
+@pytest.mark.parametrize('window,segments', [pytest.param(None, False, marks=pytest.mark.slow), (20, True)])
+def test_query_offset_chunks_equal_the_whole_sequence(window, segments):
+  """Context parallelism's chunks: queries at a (traced) offset against the whole sequence give the rows of the
+  whole attention, and their gradients add up to the whole's."""
+  keys = jax.random.split(jax.random.key(3), 5)
+  q = jax.random.normal(keys[0], (1, 64, 2, 64))
+  k, v = (jax.random.normal(key, (1, 64, 1, 64)) for key in keys[1:3])
+  d_out = jax.random.normal(keys[3], q.shape)
+  ids = jnp.cumsum(jax.random.bernoulli(keys[4], 3 / 64, (1, 64)), axis=1) if segments else None
+  whole, whole_vjp = jax.vjp(functools.partial(reference, window=window, segment_ids=ids), q, k, v)
+
+  def chunks(q, k, v):  # the zig-zag pair of device 0 of 2: chunks 0 and 3 of 16 rows
+    run = jax.jit(lambda rows, offset: flash_gpu.flash_attention(rows, k, v, sliding_window=window, segment_ids=ids,
+                                                                   q_offset=offset, interpret=True))
+    return run(q[:, :16], 0), run(q[:, 48:], 48)
+
+  (first, last), vjp = jax.vjp(chunks, q, k, v)
+  assert _rel(first, whole[:, :16]) < 1e-5 and _rel(last, whole[:, 48:]) < 1e-5
+  zero = jnp.zeros_like(d_out)
+  grads = vjp((d_out[:, :16], d_out[:, 48:]))
+  expected = whole_vjp(zero.at[:, :16].set(d_out[:, :16]).at[:, 48:].set(d_out[:, 48:]))
+  for name, grad, expected_grad in zip('qkv', grads, expected):
+    assert _rel(grad, expected_grad) < 1e-5, name
+
+
+def test_mosaic_kernels_with_a_query_offset_lower_for_cuda():
+  q = jax.ShapeDtypeStruct((2, 256, 14, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+  offset = jax.ShapeDtypeStruct((), jnp.int32)
+
+  def loss(q, k, v, seg, offset):
+    out = flash_gpu.flash_attention(q, k, v, sliding_window=300, segment_ids=seg, q_offset=offset, backend='mosaic')
+    return out.astype(jnp.float32).sum()
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg, offset).lower(lowering_platforms=('cuda',))
+  text = lowered.as_text()
+  for kernel in ('flash_forward', 'flash_dq', 'flash_dkv'):
+    assert f'{kernel}_mosaic_gpu' in text, kernel
+  with pytest.raises(ValueError, match='multiples of 128'):
+    flash_gpu.flash_attention(jnp.zeros((1, 64, 2, 64), jnp.bfloat16), jnp.zeros((1, 256, 2, 64), jnp.bfloat16),
+                              jnp.zeros((1, 256, 2, 64), jnp.bfloat16), q_offset=0, backend='mosaic')
+
+
 def test_mosaic_rejects_too_much_shared_memory():
   q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
   blocks = flash_gpu_common.BlockSizes(stages=3)  # 3 K/V slots of 128 x 128 do not fit next to Q

@@ -72,13 +72,16 @@ def tiny_config(**overrides):
   return ModelConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize('scan_layers,decode_impl', [(False, 'xla'), (True, 'xla'), (False, 'pallas')])
-def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, decode_impl, monkeypatch):
+@pytest.mark.parametrize('scan_layers,decode_impl,yarn', [(False, 'xla', False), (True, 'xla', False),
+                                                         (False, 'pallas', False), (False, 'pallas', True)])
+@pytest.mark.slow
+def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, decode_impl, yarn, monkeypatch):
   """Prefill of right-padded rows, then one token at a time: each step's logits equal a full forward pass's.
 
   'pallas' runs the decode kernel (`kernels.decode_gpu`) in the Pallas interpreter on unrolled layers: a ring of 16
   slots that wraps and a 40-slot cache (not a whole number of the kernel's blocks). (Scanned layers take the XLA
-  path whatever `decode_impl` says: `model._decoder_layers`.)
+  path whatever `decode_impl` says: `model._decoder_layers`.) `yarn`: YaRN rotary scaling over an original context
+  of 8, whose factor on cos and sin the kernel takes with them.
   """
   window, slots = (16, 40) if decode_impl == 'pallas' else (4, 32)
   kernel_calls = []  # traced kernel calls
@@ -86,7 +89,9 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, de
   monkeypatch.setattr(decode_gpu, 'decode_attention', lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
   config = tiny_config(scan_layers=scan_layers, use_sliding_window=True, sliding_window=window, max_window_layers=1,
                        num_hidden_layers=3, decode_impl=decode_impl, attention_interpret=decode_impl == 'pallas',
-                       head_dim=32)  # the kernel's smallest head_dim
+                       head_dim=32,  # the kernel's smallest head_dim
+                       rope_scaling={'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 8}
+                       if yarn else {})
   params = params_lib.init_params(config, jax.random.key(0))
   ids = np.random.RandomState(1).randint(0, config.vocab_size, (2, slots - 8))
   full = jax.jit(lambda p, x: model.Qwen2(config).apply({'params': p}, x))(params, ids)
@@ -145,6 +150,7 @@ def test_ring_buffer_never_grows_past_the_window():
   assert generate.TRACES == {'prefill': 1, 'decode': 1}
 
 
+@pytest.mark.slow
 def test_idle_rows_added_for_decoding_change_no_token(monkeypatch):
   """`pad_rows` (how a single row decodes on a GPU, `decode_rows`): the real rows' tokens are unchanged and the
   idle rows are done from the start, on one device and through `generate` on a tensor-parallel mesh."""
@@ -226,6 +232,7 @@ def test_top_k_and_top_p_keep_the_likely_tokens():
   assert set(torch.nonzero(torch.isfinite(warped[0])).flatten().tolist()) == {0}
 
 
+@pytest.mark.slow
 def test_decoding_is_dropless_whatever_the_runs_expert_capacity():
   """A run trained with expert capacity decodes dropless (as Hugging Face's Qwen2-MoE does): its rows'
   tokens do not depend on the batch they share."""
@@ -242,6 +249,7 @@ def test_decoding_is_dropless_whatever_the_runs_expert_capacity():
   assert generate.generate(capped, params, batch[1:2], max_new_tokens=6) == dropless[1:2]
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_a_row_inclusively():
   config = tiny_config()
   params = params_lib.init_params(config, jax.random.key(5))
@@ -280,6 +288,7 @@ def test_bad_prompts_get_clear_errors():
     generate.generate(config, params, [[1, 2]], max_new_tokens=4, vocab_limit=0)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_decode_on_a_mesh_matches_one_device():
   """Layer 0 dense, layer 1 MoE, batch split over data=2 (3 rows padded to 4), heads and MLP over tensor=4."""
   config = tiny_config(num_key_value_heads=4, vocab_size=96, num_experts=4, num_experts_per_tok=2,
@@ -302,6 +311,7 @@ def _run_sample(*args):
                         text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_sample_cli_on_a_hf_directory(tmp_path):
   torch_model = hf_utils.random_qwen2(seed=8, vocab_size=353)  # the tiny tokenizer's size
   torch_model.save_pretrained(tmp_path)
@@ -321,6 +331,7 @@ def test_sample_cli_on_a_hf_directory(tmp_path):
   assert long.returncode == 1 and 'max_position_embeddings' in long.stderr
 
 
+@pytest.mark.slow
 def test_sample_cli_on_a_training_workdir(tmp_path):
   """Two steps of the training job (its tokenizer trained into WORKDIR/tokenizer/), then sample the workdir."""
   import shutil  # pylint: disable=import-outside-toplevel
@@ -353,6 +364,7 @@ def test_sample_cli_on_a_training_workdir(tmp_path):
   assert no_checkpoint.returncode == 1 and 'no checkpoint' in no_checkpoint.stderr
 
 
+@pytest.mark.slow
 def test_decode_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
   """Both parts of benchmarks/generate_gpu.py in this process (`--part all` runs the peer's in a subprocess)."""
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
@@ -375,6 +387,7 @@ def test_decode_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
   assert '| ours (auto) | 2 |' in out and '| peer (loop) | 2 |' in out and 'read bandwidth' in out
 
 
+@pytest.mark.slow
 def test_scanned_models_decode_with_unrolled_layers():
   """`generate` decodes a scanned model with its layers unrolled (`generate.unrolled`): the same tokens as the
   unrolled model."""

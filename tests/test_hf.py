@@ -26,6 +26,7 @@ def random_ids(shape, vocab, seed=0):
   return np.random.RandomState(seed).randint(0, vocab, shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(PARITY_CASES))
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_load_transformers_checkpoint_gives_same_logits(tmp_path, case, scan_layers):
@@ -42,6 +43,7 @@ def test_load_transformers_checkpoint_gives_same_logits(tmp_path, case, scan_lay
   assert hf_utils.relative_error(logits, expected) < 1e-4
 
 
+@pytest.mark.slow
 def test_sliding_window_is_read_and_matters(tmp_path):
   torch_model = hf_utils.random_qwen2(seed=2, **PARITY_CASES['tied_sliding_gqa'])
   torch_model.save_pretrained(tmp_path)
@@ -57,6 +59,7 @@ def test_sliding_window_is_read_and_matters(tmp_path):
   assert np.abs(windowed[:, 3:] - full[:, 3:]).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(PARITY_CASES))
 def test_saved_params_load_in_transformers(tmp_path, case):
   config = hf.config_from_hf({'model_type': 'qwen2', **hf_utils.tiny_hf_config(**PARITY_CASES[case])})
@@ -74,6 +77,7 @@ def test_saved_params_load_in_transformers(tmp_path, case):
   assert hf_utils.relative_error(logits, expected) < 1e-4
 
 
+@pytest.mark.slow
 def test_sharded_bf16_round_trip(tmp_path):
   torch_model = hf_utils.random_qwen2(seed=5, tie_word_embeddings=False).to(torch.bfloat16)
   torch_model.save_pretrained(tmp_path / 'hf', max_shard_size='40KB')
@@ -123,12 +127,46 @@ def test_hub_style_config_fields(tmp_path):
   assert (v5.rope_theta, v5.use_sliding_window, v5.sliding_window, v5.max_window_layers) == (5e5, True, 8, 2)
   dense = {k: v for k, v in base.items() if k != 'rope_theta'} | {'model_type': 'qwen2'}
   assert hf.config_from_hf(dense).rope_theta == 10_000.0  # no theta at all: transformers' Qwen2 default
-  # What would be silently wrong is refused: another activation, a rope scaling beside default rope_parameters.
+  # What would be silently wrong is refused: another activation, a rope scaling qwenjax does not implement.
   with pytest.raises(ValueError, match="unsupported hidden_act 'gelu'"):
     hf.config_from_hf({**dense, 'hidden_act': 'gelu'})
-  with pytest.raises(ValueError, match='unsupported rope type'):
-    hf.config_from_hf({**dense, 'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e6},
-                       'rope_scaling': {'type': 'yarn', 'factor': 4.0}})
+  for rope_type in ('dynamic', 'longrope', 'llama3'):
+    with pytest.raises(ValueError, match=f"unsupported rope type '{rope_type}'"):
+      hf.config_from_hf({**dense, 'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e6},
+                         'rope_scaling': {'type': rope_type, 'factor': 4.0}})
+  # A scaling added beside transformers 5's default rope_parameters (as Qwen2's long-context model cards say) is
+  # the one transformers applies.
+  yarn = hf.config_from_hf({**dense, 'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e6},
+                            'rope_scaling': {'type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32}})
+  assert (yarn.rope_scaling.rope_type, yarn.rope_scaling.factor) == ('yarn', 4.0)
+
+
+ROPE_CASES = {
+    'yarn': {'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32, 'rope_theta': 1e4},
+    'yarn_betas': {'rope_type': 'yarn', 'factor': 2.5, 'original_max_position_embeddings': 24, 'beta_fast': 16.0,
+                   'beta_slow': 2.0, 'attention_factor': 1.3, 'rope_theta': 1e4},
+    'linear': {'rope_type': 'linear', 'factor': 3.0, 'rope_theta': 1e4},
+}
+
+
+@pytest.mark.parametrize('case', sorted(ROPE_CASES))
+def test_scaled_rope_gives_transformers_logits_beyond_the_original_context(tmp_path, case):
+  """YaRN and linear scaling, read from transformers' config.json, give its logits at positions past the original
+  context (96 tokens where YaRN's was 32), and survive a save and a load in transformers."""
+  torch_model = hf_utils.random_qwen2(seed=11, rope_parameters=ROPE_CASES[case], max_position_embeddings=128)
+  torch_model.save_pretrained(tmp_path / 'hf')
+  config, params = hf.from_pretrained(str(tmp_path / 'hf'))
+  assert config.rope_scaling.rope_type == ROPE_CASES[case]['rope_type']
+  ids = random_ids((2, 96), config.vocab_size, seed=12)
+  expected = hf_utils.hf_logits(torch_model, ids)
+  logits = model.Qwen2(config).apply({'params': params}, ids)
+  assert hf_utils.relative_error(logits, expected) < 1e-4
+  plain = model.Qwen2(dataclasses.replace(config, rope_scaling=type(config.rope_scaling)())).apply(
+      {'params': params}, ids)
+  assert hf_utils.relative_error(plain, expected) > 1e-2  # the scaling matters: it was applied, not ignored
+  hf.save_pretrained(str(tmp_path / 'ours'), config, params)
+  reloaded = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path / 'ours'), attn_implementation='eager')
+  assert hf_utils.relative_error(hf_utils.hf_logits(reloaded.eval(), ids), expected) < 1e-4
 
 
 def test_bad_checkpoints_give_named_errors(tmp_path):

@@ -172,6 +172,7 @@ print(json.dumps({'equal': bool(equal), 'read': sum(read), 'blocks': blocks, 'to
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_each_read_only_their_half(dense_dir, tmp_path):
   script = tmp_path / 'load.py'
   script.write_text(TWO_PROCESS_SCRIPT)
@@ -194,6 +195,7 @@ def test_two_processes_each_read_only_their_half(dense_dir, tmp_path):
     assert 0.5 <= result['read'] / result['total'] < 0.51
 
 
+@pytest.mark.slow
 def test_memory_benchmark_runs(tmp_path):
   """benchmarks/hf_load_memory.py on the tiny config: both methods load the whole model into 8 devices."""
   out_dir = tmp_path / 'checkpoint'

@@ -80,8 +80,10 @@ def _one_error_line(done, status=1):
 ALLOWED_WRITES = {
     ('files.py', 'write'): 'the one writer: a temporary file renamed over the target',
     ('corpus.py', '_save_npy.write'): 'the callable given to files.write',
+    ('chat_data.py', '_save_npy.write'): 'the callable given to files.write',
     ('scaling.py', '_savefig'): 'the callable given to files.write',
     ('hf.py', '_save_file'): 'the callable given to files.write',
+    ('export.py', '_save_safetensors.write'): 'the callable given to files.write',
     ('lock.py', '_create'): 'an exclusive create (O_EXCL); a lock cut short is taken over (test_robustness)',
     ('metrics.py', '_open'): 'metrics.jsonl appended to during a run: a kill loses at most the line being written',
     ('data.py', 'shared_by_all_processes'): 'a probe file, removed at once',

@@ -19,6 +19,7 @@ from qwenjax.kernels import cross_entropy_gpu
 from qwenjax.model_config import ModelConfig
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_kernels_match_a_float32_reference(dtype):
   rows, vocab, z_coef = 5, 1000, 1e-2  # 1000 columns: the last block of 256 is partly outside the row
@@ -52,6 +53,7 @@ def _loss_and_grads(impl, hidden, head, targets, weights, logits_dtype='float32'
   return [t, nll, z], grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('logits_dtype', ['float32', 'bfloat16'])
 def test_cross_entropy_with_the_kernels_matches_xla(logits_dtype):
   hidden, head, targets, weights = loss_inputs(1, vocab=64)
@@ -65,6 +67,7 @@ def test_cross_entropy_with_the_kernels_matches_xla(logits_dtype):
     np.testing.assert_allclose(g.astype(jnp.float32), w.astype(jnp.float32), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_kernels_on_a_mesh_with_the_vocabulary_split():
   """data=2 x tensor=4: rows split over data, the vocabulary over tensor; each device's logsumexp is combined
   over tensor and its targets offset to its slice. Also under vmap, as the evaluator scores rows."""

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,7 @@ def plain_model(params):
   return ids, logits_of(SMALL, params, ids), _grads(SMALL, params, ids)
 
 
+@pytest.mark.slow
 def test_packed_documents_equal_documents_alone(params):
   lengths = (7, 4, 9)
   docs = [np.random.RandomState(i).randint(0, SMALL.vocab_size, n) for i, n in enumerate(lengths)]
@@ -72,6 +74,7 @@ def test_packed_documents_equal_documents_alone(params):
   assert np.abs(unmasked[0, lengths[0]:] - packed[0, lengths[0]:]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_forward_close_to_fp32(params):
   ids = np.random.RandomState(1).randint(0, SMALL.vocab_size, (2, 16))
   fp32 = logits_of(SMALL, params, ids)
@@ -85,7 +88,8 @@ def test_bf16_forward_close_to_fp32(params):
 
 @pytest.mark.parametrize('scan_layers,remat_policy', [
     (True, 'none'), (False, 'full'), (True, 'dots_with_no_batch_dims_saveable'),
-    (True, 'dots_and_attention_saveable'), (False, 'activations_saveable')])
+    (True, 'dots_and_attention_saveable'), (False, 'activations_saveable'), (True, 'attention_saveable')])
+@pytest.mark.slow
 def test_scan_and_remat_match_plain_model(params, plain_model, scan_layers, remat_policy):
   config = dataclasses.replace(SMALL, scan_layers=scan_layers, remat_policy=remat_policy)
   variant_params = params_lib.stack_layers(params, SMALL.num_hidden_layers) if scan_layers else params
@@ -98,10 +102,12 @@ def test_scan_and_remat_match_plain_model(params, plain_model, scan_layers, rema
 
 
 @pytest.mark.parametrize('policy', ['dots_with_no_batch_dims_saveable', 'dots_and_attention_saveable',
-                                    'activations_saveable'])
+                                    'activations_saveable', 'attention_saveable'])
+@pytest.mark.slow
 def test_remat_policies_save_what_they_promise(policy, capsys):
   """Our policies keep the attention kernel's output and logsumexp (no second attention forward in the backward
-  pass); 'activations_saveable' keeps every named activation and no matmul output besides."""
+  pass); 'activations_saveable' keeps every named activation and no matmul output besides; 'attention_saveable'
+  keeps attention's inputs and outputs alone (the layer's input aside): norms, projections and MLP recomputed."""
   config = dataclasses.replace(SMALL, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                                dtype='bfloat16', attention_impl='pallas_gpu', attention_interpret=True,
                                remat_policy=policy)
@@ -114,6 +120,10 @@ def test_remat_policies_save_what_they_promise(policy, capsys):
   assert keeps_attention == (policy != 'dots_with_no_batch_dims_saveable'), saved
   if policy == 'activations_saveable':
     assert all(f"named '{name}'" in saved for name in model.ACTIVATION_NAMES), saved
+    assert 'output of dot_general' not in saved, saved
+  elif policy == 'attention_saveable':
+    named = set(re.findall(r"named '(\w+)'", saved))
+    assert named == {'query', 'key', 'value', 'attention_out', 'attention_lse'}, saved
     assert 'output of dot_general' not in saved, saved
   else:
     assert 'output of dot_general' in saved, saved

@@ -49,6 +49,7 @@ def dense_grouped_matmul(lhs, rhs, group_sizes):
 
 @pytest.mark.parametrize('impl,dtype,tol', [('ragged_dot', jnp.float32, 1e-5), ('megablox', jnp.float32, 1e-5),
                                             ('mgpu', jnp.bfloat16, 2e-2)])
+@pytest.mark.slow
 def test_grouped_matmul_backends_match_dense_reference(impl, dtype, tol):
   # 150 rows (not a multiple of any tile), an empty group, and 15 padding rows past the groups.
   m, k, n = 150, 128, 128
@@ -130,6 +131,7 @@ def routed():
   return x, ids, weights, w_gate, w_up, w_down
 
 
+@pytest.mark.slow
 def test_dropless_and_capacity_modes(routed):
   expected, _ = reference_experts(*routed)
   dropless = moe.experts_ffn(*routed)
@@ -171,6 +173,7 @@ def test_router_matches_transformers():
 # ---------------------------------------------------------------------------------------------------------
 # The model: scan, remat and aux-loss plumbing.
 
+@pytest.mark.slow
 def test_scan_remat_and_aux_plumbing():
   params = random_params(SMALL)
   ids = np.random.RandomState(0).randint(0, SMALL.vocab_size, (2, 10))
@@ -217,6 +220,7 @@ RULES = (('activation_batch', 'data'), ('activation_length', None), ('activation
 TOKENS_OVER_EXPERT = (('activation_batch', ('data', 'expert')),) + RULES[1:]
 
 
+@pytest.mark.slow
 def test_expert_parallel_meshes_give_the_same_loss_and_grads():
   config = dataclasses.replace(SMALL, num_hidden_layers=1)
   params = random_params(config, seed=2)
@@ -282,6 +286,7 @@ def test_mlp_only_layers_from_config_file_and_command_line():
 # ---------------------------------------------------------------------------------------------------------
 # Training.
 
+@pytest.mark.slow
 def test_training_moe_tiny_lowers_loss():
   config = ModelConfig.from_dict(load_config('moe_tiny').model)
   params = random_params(config)

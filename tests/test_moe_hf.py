@@ -59,6 +59,7 @@ def check_parity(config, params, torch_model, ids):
   assert np.isclose(float(aux['moe_aux_loss']), config.router_aux_loss_coef * expected_aux, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_load_transformers_checkpoint(tmp_path, case):
   torch_model = random_qwen2_moe(seed=1, **CASES[case])
@@ -72,6 +73,7 @@ def test_load_transformers_checkpoint(tmp_path, case):
   check_parity(config, params, torch_model, random_ids((2, 11)))
 
 
+@pytest.mark.slow
 def test_load_fused_layout_and_scanned(tmp_path):
   torch_model = random_qwen2_moe(seed=2, **CASES['norm_topk_tied'])
   torch_model.save_pretrained(tmp_path, save_original_format=False)
@@ -84,6 +86,7 @@ def test_load_fused_layout_and_scanned(tmp_path):
 
 @pytest.mark.parametrize('case,layout', [('mlp_only_untied', 'hub'), ('norm_topk_tied', 'fused'),
                                          ('no_shared_expert', 'hub')])
+@pytest.mark.slow
 def test_saved_params_load_in_transformers(tmp_path, case, layout):
   config = hf.config_from_hf({'model_type': 'qwen2_moe', **transformers.Qwen2MoeConfig(
       **{**TINY_MOE, **CASES[case]}).to_dict()})

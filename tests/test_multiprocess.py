@@ -57,6 +57,7 @@ def one_process(tmp_path_factory, overrides):
   return losses(read_metrics(workdir))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_share_checkpoints(tmp_path, overrides, one_process):
   """One process trains steps 1-2, two processes resume to step 4, one process finishes step 5: every step's loss
   is the uninterrupted one-process run's."""

@@ -45,6 +45,7 @@ def test_init_scales_by_width(params):
     mup.scale_init(tied, 64)
 
 
+@pytest.mark.slow
 def test_adam_updates_shrink_by_width(params):
   train = config_lib.OptimizerConfig(lr=1e-2, warmup_steps=0, steps=10, lr_schedule='constant',
                                      lr_final_fraction=0.1, adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8,

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(ROOT, 'colabs')
-NOTEBOOKS = ('quickstart', 'hf_round_trip', 'scaling_laws', 'sharding')
+NOTEBOOKS = ('quickstart', 'hf_round_trip', 'scaling_laws', 'sharding', 'post_training')
 MAX_BYTES = 300_000
 
 
@@ -57,6 +57,7 @@ def number(pattern: str, text: str) -> float:
   return float(match[1])
 
 
+@pytest.mark.slow
 def test_quickstart_trains_plots_and_samples(tmp_path):
   notebook = execute('quickstart', tmp_path)
   out = texts(notebook)
@@ -73,6 +74,7 @@ def test_quickstart_trains_plots_and_samples(tmp_path):
   assert any(len(sample.strip()) > len(prompt.strip()) for prompt, sample in zip(prompts, samples)), samples
 
 
+@pytest.mark.slow
 def test_hf_round_trip_matches_transformers(tmp_path):
   notebook = execute('hf_round_trip', tmp_path)
   out = texts(notebook)
@@ -82,6 +84,7 @@ def test_hf_round_trip_matches_transformers(tmp_path):
   assert number(r'exported checkpoint: logits max relative difference: ([\d.e+-]+)', out) < 1e-6
 
 
+@pytest.mark.slow
 def test_scaling_laws_sweeps_and_fits(tmp_path):
   notebook = execute('scaling_laws', tmp_path)
   out = texts(notebook)
@@ -95,10 +98,11 @@ def test_scaling_laws_sweeps_and_fits(tmp_path):
   assert a + b == pytest.approx(1.0, abs=0.011)  # C = 6 N D: the two exponents add up to 1
 
 
+@pytest.mark.slow
 def test_sharding_places_parameters_and_steps(tmp_path):
   notebook = execute('sharding', tmp_path)
   out = texts(notebook)
-  assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}" in out
+  assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1, 'context': 1}" in out
   # The embedding table [vocab, embed]: vocabulary over `tensor`, width over `fsdp`.
   assert re.search(r"^embed_tokens\s+\(4096, 256\)\s+\('vocab', 'embed'\)\s+\('tensor', 'fsdp'\)\s+\(2048, 128\)$",
                    out, re.M), out
@@ -106,6 +110,19 @@ def test_sharding_places_parameters_and_steps(tmp_path):
   assert 'CPU 0' in out  # jax.debug.visualize_array_sharding's picture
   loss = number(r'loss ([\d.]+) \(the same batch', out)
   assert math.isfinite(loss) and loss < number(r'first step \(compiling\): [\d.]+ s, loss ([\d.]+)', out)
+
+
+def test_post_training_runs_sft_then_dpo(tmp_path):
+  notebook = execute('post_training', tmp_path)
+  out = texts(notebook)
+  assert images(notebook) == 1  # SFT loss, DPO loss, DPO rewards
+  assert "'The sky is blue.' + the end of turn" in out  # the mask: the reply and its end-of-turn token
+  first, last = number(r'SFT loss: ([\d.]+) at step', out), number(r'SFT loss: [\d.]+ at step \d+ -> ([\d.]+)', out)
+  assert last < first - 1.0 and math.isfinite(number(r'; eval loss ([\d.]+)', out))
+  assert abs(number(r'DPO loss at step 1: ([\d.]+)', out) - math.log(2)) < 1e-4  # the policy starts as its reference
+  assert number(r'\) -> ([\d.]+) at step', out) < math.log(2) - 0.05
+  assert number(r'rewards/accuracies ([\d.]+)', out) > 0.5 and number(r'rewards/margins ([\d.-]+)', out) > 0
+  assert re.search(r"^What color is the sky\?\s+'.*'\s*'.*'$", out, re.M), out  # a reply after each stage
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)

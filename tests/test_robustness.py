@@ -168,6 +168,7 @@ def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path, tokenizer_file, m
   assert checkpoint.all_finite(params)
 
 
+@pytest.mark.slow
 def test_a_nonfinite_state_is_never_written_and_a_nonfinite_checkpoint_is_corrupt(four_steps, tmp_path, caplog):
   config, workdir = copy_run(four_steps, tmp_path)
   ckpt = checkpoint.Checkpointer(workdir, config_lib.CheckpointConfig(keep_checkpoints=1))
@@ -242,6 +243,7 @@ def test_a_failed_restart_leaves_config_json_as_it_was(four_steps, tmp_path):
   assert not [n for n in os.listdir(workdir) if n.startswith('config.') and n != 'config.json']
 
 
+@pytest.mark.slow
 def test_switching_grad_clip_on_resume_works(four_steps, tmp_path):
   config, workdir = copy_run(four_steps, tmp_path)
   config.train.update(grad_clip=0.0, steps=5)
@@ -296,6 +298,7 @@ def test_a_workdir_that_is_a_file_is_a_clear_error(tmp_path, tokenizer_file):
     train.train_and_evaluate(fast_config(tokenizer_file), str(tmp_path / 'file'))
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_logs_each_step_once(tmp_path, tokenizer_file):
   workdir = str(tmp_path / 'run')
   overrides = {**tiny_overrides(tokenizer_file), 'train.checkpoint_every': 3}

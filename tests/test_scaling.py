@@ -41,6 +41,7 @@ def true_a(law):
   return law[4] / (law[3] + law[4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('law,budget_range', LAWS, ids=['chinchilla', 'besiroglu', 'small'])
 def test_fits_recover_the_law(law, budget_range):
   fitted = scaling.fit(isoflop_points(law, budget_range), bootstrap=0)
@@ -55,6 +56,7 @@ def test_fits_recover_the_law(law, budget_range):
   assert len(fit2['minima']) == 5 and not fit2['skipped']
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_contain_the_truth():
   fitted = scaling.fit(isoflop_points(CHINCHILLA, (1e18, 1e21)), bootstrap=40, seed=1)
   truth = dict(as_dict(CHINCHILLA), a=true_a(CHINCHILLA), b=1 - true_a(CHINCHILLA))
@@ -81,6 +83,7 @@ def columns(rows):
   return [np.array([r[k] for r in rows], float) for k in ('budget', 'params', 'tokens', 'eval_loss')]
 
 
+@pytest.mark.slow
 def test_bootstrap_gives_no_interval_where_resamples_cannot_vary_the_fit():
   """3 sizes a budget: a resample keeps 3 distinct sizes only as the points themselves, so approach 2's refits
   all equal the fit (no interval); 5 sizes give an interval around it. Repeated sizes are never fitted."""
@@ -107,6 +110,7 @@ def test_approach2_skips_budgets_it_cannot_fit_and_names_the_problem():
     scaling.approach2(*columns(falling + [r for r in rows if r['budget'] == budgets[2]]))
 
 
+@pytest.mark.slow
 def test_points_without_a_law_give_a_finite_fit_that_says_so(tmp_path):
   """Losses that do not fall with N (here they grow) or do not depend on N and D at all: the fit stays finite
   (strict JSON, no overflow warnings), names the parameters it left on the edge of its bounds, and plots."""

@@ -38,28 +38,31 @@ def mesh_config(data, fsdp, tensor, expert=1, dcn_data=1):
 
 
 def test_mesh_sizes_resolve_and_errors_name_the_device_count():
-  assert sharding.mesh_shape(mesh_config(2, -1, 2), 8) == (2, 2, 2, 1)
-  assert sharding.make_mesh(mesh_config(1, -1, 1)).shape == {'data': 1, 'fsdp': 8, 'tensor': 1, 'expert': 1}
-  assert sharding.mesh_shape(mesh_config(1, 2, 1, -1), 8) == (1, 2, 1, 4)
+  assert sharding.mesh_shape(mesh_config(2, -1, 2), 8) == (2, 2, 2, 1, 1)
+  assert sharding.make_mesh(mesh_config(1, -1, 1)).shape == {'data': 1, 'fsdp': 8, 'tensor': 1, 'expert': 1,
+                                                              'context': 1}
+  assert sharding.mesh_shape(mesh_config(1, 2, 1, -1), 8) == (1, 2, 1, 4, 1)
   with pytest.raises(ValueError, match=r'multiply to 4 but there are 8 devices.*product is 8'):
     sharding.make_mesh(mesh_config(2, 2, 1))
   with pytest.raises(ValueError, match='does not divide the 8 devices'):
     sharding.mesh_shape(mesh_config(3, -1, 1), 8)
   with pytest.raises(ValueError, match='at most one may be -1'):
     sharding.mesh_shape(mesh_config(-1, -1, 1), 8)
+  context = config_lib.MeshConfig(data=2, fsdp=1, context=-1)
+  assert sharding.make_mesh(context).shape == {'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 1, 'context': 4}
 
 
 def test_multi_slice_shapes_put_only_data_across_slices():
   """mesh.dcn_data slices: the ICI sizes are one slice's, and the data axis runs over the slices."""
   two_slices = mesh_config(1, -1, 2, dcn_data=2)
-  assert sharding.hybrid_mesh_shapes(two_slices, 16) == ((1, 4, 2, 1), (2, 1, 1, 1))
-  assert sharding.mesh_shape(two_slices, 16) == (2, 4, 2, 1)
-  assert sharding.hybrid_mesh_shapes(mesh_config(2, -1, 1), 8) == ((2, 4, 1, 1), (1, 1, 1, 1))  # no dcn_data
+  assert sharding.hybrid_mesh_shapes(two_slices, 16) == ((1, 4, 2, 1, 1), (2, 1, 1, 1, 1))
+  assert sharding.mesh_shape(two_slices, 16) == (2, 4, 2, 1, 1)
+  assert sharding.hybrid_mesh_shapes(mesh_config(2, -1, 1), 8) == ((2, 4, 1, 1, 1), (1, 1, 1, 1, 1))  # no dcn_data
   # Fake devices of 2 slices (numbered so the slices interleave): each slice is one contiguous half of `data`.
   devices = [types.SimpleNamespace(id=i, slice_index=i % 2, process_index=i // 8, platform='fake',
                                    device_kind='fake') for i in range(16)]
   array = sharding.hybrid_device_array(two_slices, devices)
-  assert array.shape == (2, 4, 2, 1)
+  assert array.shape == (2, 4, 2, 1, 1)
   assert [{d.slice_index for d in array[i].flat} for i in range(2)] == [{0}, {1}]
   # Without slice_index (GPUs), hosts are the slices.
   for d in devices:
@@ -97,6 +100,7 @@ print('RESULT', dict(mesh.shape), hosts, float(total))
 """
 
 
+@pytest.mark.slow
 def test_two_hosts_as_two_slices():
   """Two processes of 4 CPU devices with mesh.dcn_data=2: hosts are the slices (no slice_index), each one
   half of the data axis, and a reduction across them is right."""
@@ -111,7 +115,8 @@ def test_two_hosts_as_two_slices():
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]
     result = [line for line in out.splitlines() if line.startswith('RESULT')]
-    assert result == ["RESULT {'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1} [[0], [1]] 12.0"], out[-3000:]
+    expected = "RESULT {'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1, 'context': 1} [[0], [1]] 12.0"
+    assert result == [expected], out[-3000:]
 
 
 def test_rules_leave_unsharded_what_the_mesh_does_not_divide():
@@ -189,6 +194,7 @@ def reference(setup):
   return run_steps(*setup, (8, 1, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh_sizes,accum', [((1, 8, 1), 1), ((2, 2, 2), 1), ((1, 4, 2), 1), ((8, 1, 1), 2)])
 def test_same_losses_on_every_mesh(setup, reference, mesh_sizes, accum):
   losses = run_steps(*setup, mesh_sizes, grad_accum_steps=accum)
@@ -203,6 +209,7 @@ def moe_params():
   return random_params(MOE_MODEL, seed=1)
 
 
+@pytest.mark.slow
 def test_moe_train_step_is_the_same_on_expert_meshes(setup, moe_params):
   """Qwen2-MoE through the real train step: expert parallelism (all-to-all) changes no number."""
   batches = setup[1]

@@ -106,6 +106,7 @@ def read_lines(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_sweep_runs_resumes_fits_and_emits(prepared_dir, tmp_path):
   sweep = tiny_sweep(prepared_dir)
   workdir = str(tmp_path / 'sweep')
@@ -161,6 +162,7 @@ def test_sweep_runs_resumes_fits_and_emits(prepared_dir, tmp_path):
   assert values.config.model.hidden_size == 16 and values.config.train.steps == want.train.steps
 
 
+@pytest.mark.slow
 def test_a_diverging_point_is_recorded_and_the_sweep_goes_on(prepared_dir, tmp_path):
   """A learning rate that blows up is a result of a sweep: recorded (eval_loss null, `diverged`), not retrained
   by a rerun, left out of the fits; the other points run. A results line cut short by a kill is left out."""
@@ -327,6 +329,53 @@ def test_lr_stage_chooses_the_rates_the_isoflop_points_train_at(prepared_dir, tm
     f.write(''.join(json.dumps(line) + '\n' for line in lines))
   with pytest.raises(ValueError, match='chooses other rates than some finished points'):
     sweep_lib.run(sweep, workdir)
+
+
+def test_points_that_differ_only_in_lr_form_groups_with_a_shared_estimate(prepared_dir):
+  """With group_size, the lr stage's points of one size train as one group (and share its time in the plan:
+  its FLOPs, or its steps once); other points stay alone."""
+  sweep = lr_staged_sweep(prepared_dir)
+  points = sweep_lib.plan(sweep, '/tmp/sweep')
+  names = lambda groups: [[p.name for p in g] for g in groups]
+  assert names(sweep_lib.groups(points, 0)) == [[p.name] for p in points]
+  grouped = names(sweep_lib.groups(points, 3))
+  assert grouped[:2] == [[p.name for p in points[:3]], [p.name for p in points[3:6]]]
+  assert grouped[2:] == [[p.name] for p in points[6:]]
+  assert [len(g) for g in sweep_lib.groups(points, 2)][:4] == [2, 1, 2, 1]
+  estimate = dict(mfu=0.5, peak_flops=1e12, compile_s=30.0, overhead_s=5.0, step_s=1.0)  # step-bound
+  alone, together = sweep_lib.schedule(points, estimate), sweep_lib.schedule(points, estimate, group_size=3)
+  steps = points[0].overrides['train.steps']
+  assert [t for _, t in alone[:3]] == pytest.approx([steps + 5.0 + 30.0, steps + 5.0, steps + 5.0])
+  assert [t for _, t in together[:3]] == pytest.approx([(steps + 5.0) / 3 + 30.0, (steps + 5.0) / 3,
+                                                        (steps + 5.0) / 3])
+  # Alone, sizes 1 and 3 reuse the step the lr stage compiled; in groups, the lr stage compiled a vmapped one.
+  assert [t for _, t in together[6:]] == pytest.approx([p.overrides['train.steps'] + 5.0 + 30.0 for p in points[6:]])
+  sweep.group_size = -1
+  with pytest.raises(ValueError, match='group_size'):
+    sweep_lib.plan(sweep, '/tmp/sweep')
+
+
+@pytest.mark.slow
+def test_an_lr_stage_trained_in_groups_records_what_its_points_give_alone(prepared_dir, tmp_path, monkeypatch):
+  """The lr stage's points of one size, trained as one group, record what each gives alone. A sweep lists its
+  corpus's files once (each glob expanded once), not once or more per point."""
+  from qwenjax import documents  # pylint: disable=g-import-not-at-top
+  sweep = lr_staged_sweep(prepared_dir)
+  names = tuple(p.name for p in sweep_lib.plan(sweep, str(tmp_path))[:3])  # size 1 at three rates
+  globs = []
+  original = documents.glob.glob
+  monkeypatch.setattr(documents.glob, 'glob', lambda pattern, **kw: globs.append(pattern) or original(pattern, **kw))
+  alone = {r['name']: r for r in sweep_lib.run(sweep, str(tmp_path / 'alone'), only=names)}
+  data = sweep.overrides.data
+  assert [g for g in globs if g in (data.train_files, data.eval_files)] == [data.train_files, data.eval_files]
+  sweep.group_size = 4
+  grouped = {r['name']: r for r in sweep_lib.run(sweep, str(tmp_path / 'grouped'), only=names)}
+  assert sorted(grouped) == sorted(alone) == sorted(names)
+  for name in names:
+    assert grouped[name]['group'] == list(names) and 'group' not in alone[name]
+    assert grouped[name]['eval_loss'] == pytest.approx(alone[name]['eval_loss'], rel=1e-5)
+    assert grouped[name]['lr'] == alone[name]['lr'] and grouped[name]['steps'] == alone[name]['steps']
+  assert len(sweep_lib.run(sweep, str(tmp_path / 'grouped'), only=names)) == 3  # finished: nothing retrained
 
 
 def test_a_sweep_refuses_to_resume_under_other_code(prepared_dir, tmp_path, monkeypatch):

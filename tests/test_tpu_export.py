@@ -74,6 +74,7 @@ def tpu_kernels(module: str) -> dict[str, list[str]]:
 MESHES = {'one_device': ONE_DEVICE, 'mesh_2x2x2': None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', sorted(MESHES))
 def test_dense_train_step_with_splash_lowers_for_tpu(mesh):
   sizes = MESHES[mesh] or dict(data=2, fsdp=2, tensor=2, expert=1)
@@ -88,6 +89,7 @@ def test_dense_train_step_with_splash_lowers_for_tpu(mesh):
     assert 'manual_computation' in exported.mlir_module()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', sorted(MESHES))
 def test_moe_train_step_with_megablox_lowers_for_tpu(mesh):
   sizes = MESHES[mesh] or dict(data=2, fsdp=2, tensor=1, expert=2)  # experts split over expert=2
@@ -99,6 +101,7 @@ def test_moe_train_step_with_megablox_lowers_for_tpu(mesh):
   assert 'splash_mha_dkv_segmented_no_residuals' in names
 
 
+@pytest.mark.slow
 def test_export_rejects_a_block_shape_tpu_rejects(monkeypatch):
   """The check is not vacuous: the same export fails when a kernel's block shape breaks TPU's rule (last
   dimension a multiple of 128 or whole), while the interpreter runs that very kernel.

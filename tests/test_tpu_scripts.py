@@ -164,7 +164,11 @@ def test_a_job_stopped_on_a_signal_is_not_a_failure(tmp_path):
     (['--num_slices=2', '--noqueued'], 'needs a queued resource'),
     (['--mesh=tensor4'], 'comma-separated AXIS=SIZE'),
     (['--mesh=tensr=4'], 'comma-separated AXIS=SIZE'),
+    (['--nmae=x'], 'unknown flag --nmae: did you mean --name?'),
+    (['--num_slices=two'], '--num_slices'),
 ])
 def test_bad_flags_give_named_errors(tmp_path, args, message):
+  """A usage error is one `error:` line naming the flag, exit status 2, and no gcloud call (qwenjax.cli)."""
   code, out, calls = _pod('run', *V5P_64, *args, '--dry_run', tmp_path=tmp_path)
-  assert code != 0 and message in out and not calls
+  assert code == 2 and message in out and not calls, out
+  assert [line for line in out.splitlines() if line.strip()] == [next(l for l in out.splitlines() if 'error:' in l)]

@@ -35,6 +35,7 @@ def _collect_abandoned_reads():
   gc.collect()
 
 
+@pytest.mark.slow
 def test_training_on_the_default_corpus_beats_the_unigram_entropy(tmp_path):
   config = small_config()  # tokenizer='train': trained on the stdlib files into the workdir
   workdir = str(tmp_path / 'run')
@@ -71,6 +72,7 @@ def uninterrupted(tmp_path_factory, tokenizer_file):
   return config, workdir, losses(read_metrics(workdir))
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, uninterrupted):
   config, _, expected = uninterrupted
   config = config.copy_and_resolve_references()
@@ -95,6 +97,7 @@ def test_profile_steps_writes_a_trace_that_profile_summary_reads(uninterrupted):
   assert done.stdout.startswith('GPU: wall') and '| ms/step | launches |' in done.stdout
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterrupted, caplog):
   config, source_dir, expected = uninterrupted
   workdir = str(tmp_path / 'run')
@@ -141,6 +144,7 @@ def test_checkpoint_of_the_other_layer_layout_names_scan_layers():
     checkpoint.check_shapes(unrolled, stacked, 'checkpoint 4')
 
 
+@pytest.mark.slow
 def test_init_from_hf_checks_the_model_shape(tmp_path, tokenizer_file):
   import jax  # pylint: disable=g-import-not-at-top
   from qwenjax import hf, model as model_lib, sharding, train_step  # pylint: disable=g-import-not-at-top
@@ -202,6 +206,7 @@ def test_clear_errors(tmp_path, tokenizer_file, change, error, message):
     train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_unknown_config_key_on_the_command_line():
   argv = ['train', f'--config={TINY}', '--workdir=/tmp/x', '--config.train.steps=5',
           '--config.train.lr_shedule=x']
@@ -212,11 +217,12 @@ def test_unknown_config_key_on_the_command_line():
   # On the command line (one error line, status 2): tests/test_cli.py.
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_a_run_of_the_same_shape_compiles_nothing_new(tmp_path, tokenizer_file):
   """`python -m qwenjax.train` as users run it, SIGTERM (preemption) mid-run: a checkpoint, the lock released, the
   compiled step kept for the next run (train.compilation_cache_dir='workdir'). Then a second run of the same shape
-  with other steps and warmup on that cache (as the points of one shape in a sweep share one): it compiles nothing
-  new, and its learning rate follows its own schedule."""
+  with other steps, warmup and learning rate on that cache (as the points of one shape in a sweep share one): it
+  compiles nothing new, and its learning rate follows its own schedule."""
   from qwenjax import train_step  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   command, env = train_command(workdir, tiny_overrides(tokenizer_file))
@@ -239,7 +245,8 @@ def test_sigterm_saves_a_checkpoint_and_a_run_of_the_same_shape_compiles_nothing
   assert any(name.startswith('jit_train_step') for name in entries), entries
 
   overrides = dict(tiny_overrides(tokenizer_file), **{
-      'train.steps': 5, 'train.warmup_steps': 3, 'train.compilation_cache_dir': cache})
+      'train.steps': 5, 'train.warmup_steps': 3, 'train.lr': 1e-3, 'train.lr_final_fraction': 0.5,
+      'train.compilation_cache_dir': cache})
   command, env = train_command(str(tmp_path / 'other'), overrides)
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
@@ -275,9 +282,10 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, tokenizer_file, monkeypat
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # released
 
 
+@pytest.mark.slow
 def test_one_compiled_train_step_serves_every_schedule_length():
-  """`train.steps` and `train.warmup_steps` are inputs of the jitted step: one trace, and AdamW steps with the
-  learning rate of the horizon it is given."""
+  """`train.steps`, `train.warmup_steps`, `train.lr` and `train.lr_final_fraction` are inputs of the jitted step:
+  one trace, and AdamW steps with the learning rate of the horizon it is given."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from qwenjax import sharding, train_step  # pylint: disable=g-import-not-at-top
@@ -299,8 +307,8 @@ def test_one_compiled_train_step_serves_every_schedule_length():
                    out_shardings=(shardings, None))
     initial = train_step.create_state(model_config, tx, shardings, rng=jax.random.key(0))
     first = jax.device_get(initial.params)
-    for warmup, steps in ((0, 10), (2, 10), (3, 50)):
-      train = dataclasses.replace(run.optimizer, warmup_steps=warmup, steps=steps)
+    for warmup, steps, lr, final in ((0, 10, 3e-3, 0.1), (2, 10, 1e-2, 0.1), (3, 50, 3e-3, 0.5), (0, 4, 1e-3, 0.0)):
+      train = dataclasses.replace(run.optimizer, warmup_steps=warmup, steps=steps, lr=lr, lr_final_fraction=final)
       state = initial
       schedule = train_step.learning_rate_schedule(train)
       for k in range(3):

@@ -46,6 +46,7 @@ def corpus_file(tmp_path_factory):
   return str(path)
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_on_mixed_scripts_with_default_settings(tmp_path):
   rng = np.random.default_rng(0)
   with open(tmp_path / 'train.jsonl', 'w') as f:
@@ -68,6 +69,7 @@ def test_tiny_config_trains_on_mixed_scripts_with_default_settings(tmp_path):
     assert json.load(f)['kind'] == 'train'
 
 
+@pytest.mark.slow
 def test_the_workdirs_tokenizer_is_reused_only_while_it_matches(tmp_path, tokenizer_file, corpus_file):
   config = small_config(steps=1, log_every=1)
   config.model.update(num_hidden_layers=1)
@@ -89,6 +91,7 @@ def test_the_workdirs_tokenizer_is_reused_only_while_it_matches(tmp_path, tokeni
   train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_fixing_a_too_large_tokenizer_works_on_the_same_workdir(tmp_path, corpus_file):
   """The error's advice (a smaller data.vocab_size) works on the same workdir: nothing was kept from the
   failed start. A corpus rewritten in place trains a new tokenizer, not the cached one of the old text."""
@@ -111,6 +114,7 @@ def test_fixing_a_too_large_tokenizer_works_on_the_same_workdir(tmp_path, corpus
   assert tokenizer_lib.load(os.path.join(tmp_path, 'run2', 'tokenizer')).fingerprint != before
 
 
+@pytest.mark.slow
 def test_init_from_hf_trains_with_the_checkpoints_own_tokenizer(tmp_path, caplog, corpus_file):
   checkpoint_dir = save_tiny_qwen2_tokenizer(str(tmp_path / 'qwen'))
   hf_tokenizer = tokenizer_lib.load(checkpoint_dir)
@@ -168,6 +172,7 @@ def global_batches(config, tokenizer_file, devices, mesh_shape, steps=3):
           for b in reader]
 
 
+@pytest.mark.slow
 def test_batches_do_not_depend_on_the_mesh_or_a_restart(tmp_path, tokenizer_file):
   config = small_config(steps=4, log_every=1, checkpoint_every=2, warmup_steps=2)
   config.model.update(num_hidden_layers=1)

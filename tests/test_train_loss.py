@@ -33,6 +33,7 @@ def test_one_pass_logsumexp_matches_jax():
 
 
 
+@pytest.mark.slow
 def test_bfloat16_logits_are_the_rounded_float32_logits():
   """logits_dtype='bfloat16' computes the loss and gradients of the head's output rounded to bfloat16 (as
   Hugging Face's bf16 autocast does), with the softmax still in float32."""
@@ -75,6 +76,7 @@ def test_chunked_loss_matches_full_logits(chunk, z_coef):
     np.testing.assert_allclose(g, 3.0 * w, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_step_loss_matches_the_models_logits():
   params = random_params(MODEL)
   rng = np.random.default_rng(0)
@@ -88,6 +90,7 @@ def test_step_loss_matches_the_models_logits():
   np.testing.assert_allclose(total, want_nll + 0.5 * want_z, rtol=2e-6)
 
 
+@pytest.mark.slow
 def test_compiled_train_step_never_holds_full_logits():
   model = ModelConfig(**{**MODEL.to_dict(), 'dtype': 'bfloat16'})
   train, loss = config_lib.OptimizerConfig(), config_lib.LossConfig(loss_chunk=16)

@@ -33,6 +33,7 @@ def brute_force_flops(config, seq_len):
   return 3 * forward  # backward = 2x forward
 
 
+@pytest.mark.slow
 def test_flops_per_token_counts_weights_and_the_window():
   config = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', '1b.py'))
   model = ModelConfig.from_dict(config.model)

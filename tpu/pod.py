@@ -30,8 +30,9 @@ import tempfile
 import time
 from typing import Sequence
 
-from absl import app
 from absl import flags
+
+from qwenjax import cli  # the command convention (an installed qwenjax: pip install -e .)
 
 COMMANDS = ('create', 'install', 'train', 'logs', 'stop', 'delete', 'run')
 
@@ -47,26 +48,28 @@ LOG = '~/qwenjax-train.log'
 # Exit statuses of a training job stopped on a signal after saving a checkpoint (qwenjax/cli.py): it resumes.
 STOPPED = {130: 'Ctrl-C (SIGINT)', 143: 'SIGTERM'}
 
-NAME = flags.DEFINE_string('name', None, 'Queued resource and TPU node name.')
-ZONE = flags.DEFINE_string('zone', None, 'Zone, e.g. us-east5-a (v5p) or us-central2-b (v4).')
-PROJECT = flags.DEFINE_string('project', None, 'Google Cloud project (default: gcloud\'s configured one).')
-ACCELERATOR = flags.DEFINE_string('accelerator', None, 'Accelerator type: v4-32, v5litepod-16, v5p-64, v6e-32, ...')
-RUNTIME_VERSION = flags.DEFINE_string('runtime_version', None, 'TPU software version (default: by generation).')
-SPOT = flags.DEFINE_bool('spot', False, 'Spot capacity: cheaper, preemptible; `run` recreates it when taken.')
-QUEUED = flags.DEFINE_bool('queued', True, 'Request through a queued resource (needed for multi-slice); '
-                           '--noqueued uses `tpu-vm create`.')
-NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-center network (multi-slice).')
-WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s workdir on GCS (gs://BUCKET/PATH): checkpoints, logs, '
-                              'and the uploaded source.')
-CONFIG = flags.DEFINE_string('config', 'configs/1b.py', 'Config file, relative to the repository root.')
-MESH = flags.DEFINE_string('mesh', 'auto', 'Mesh sizes, e.g. "fsdp=-1,tensor=4"; "auto": fsdp over every chip '
-                           'of a slice and dcn_data over slices.')
-SET = flags.DEFINE_multi_string('set', [], 'More config overrides KEY=VALUE, passed as --config.KEY=VALUE.')
-WORKER = flags.DEFINE_string('worker', '0', 'Host whose log `logs` follows.')
-MAX_RESTARTS = flags.DEFINE_integer('max_restarts', 20, 'Preemptions `run` recovers from before giving up.')
-POLL_SECONDS = flags.DEFINE_float('poll_seconds', 60, 'Seconds between state checks while waiting for the slice.')
-KEEP_SLICE = flags.DEFINE_bool('keep_slice', False, '`run` leaves the slice up at the end.')
-DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the commands instead of running them (gcloud is never called).')
+def _define_flags() -> None:
+  """The command's flags (defined when it runs, through `qwenjax.cli`)."""
+  flags.DEFINE_string('name', None, 'Queued resource and TPU node name.')
+  flags.DEFINE_string('zone', None, 'Zone, e.g. us-east5-a (v5p) or us-central2-b (v4).')
+  flags.DEFINE_string('project', None, 'Google Cloud project (default: gcloud\'s configured one).')
+  flags.DEFINE_string('accelerator', None, 'Accelerator type: v4-32, v5litepod-16, v5p-64, v6e-32, ...')
+  flags.DEFINE_string('runtime_version', None, 'TPU software version (default: by generation).')
+  flags.DEFINE_bool('spot', False, 'Spot capacity: cheaper, preemptible; `run` recreates it when taken.')
+  flags.DEFINE_bool('queued', True, 'Request through a queued resource (needed for multi-slice); '
+                    '--noqueued uses `tpu-vm create`.')
+  flags.DEFINE_integer('num_slices', 1, 'Slices joined over the data-center network (multi-slice).')
+  flags.DEFINE_string('workdir', None, 'The run\'s workdir on GCS (gs://BUCKET/PATH): checkpoints, logs, '
+                      'and the uploaded source.')
+  flags.DEFINE_string('config', 'configs/1b.py', 'Config file, relative to the repository root.')
+  flags.DEFINE_string('mesh', 'auto', 'Mesh sizes, e.g. "fsdp=-1,tensor=4"; "auto": fsdp over every chip '
+                      'of a slice and dcn_data over slices.')
+  flags.DEFINE_multi_string('set', [], 'More config overrides KEY=VALUE, passed as --config.KEY=VALUE.')
+  flags.DEFINE_string('worker', '0', 'Host whose log `logs` follows.')
+  flags.DEFINE_integer('max_restarts', 20, 'Preemptions `run` recovers from before giving up.')
+  flags.DEFINE_float('poll_seconds', 60, 'Seconds between state checks while waiting for the slice.')
+  flags.DEFINE_bool('keep_slice', False, '`run` leaves the slice up at the end.')
+  flags.DEFINE_bool('dry_run', False, 'Print the commands instead of running them (gcloud is never called).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +142,7 @@ def mesh_overrides(mesh: str, tpu: Slice) -> list[str]:
     axes = ('data', 'fsdp', 'tensor', 'expert', 'dcn_data')
     if not all('=' in item and item.split('=', 1)[0] in axes and item.split('=', 1)[1].lstrip('-').isdigit()
                for item in items):
-      raise app.UsageError(f'--mesh={mesh}: give "auto" or comma-separated AXIS=SIZE with AXIS one of {axes} and '
+      raise cli.UsageError(f'--mesh={mesh}: give "auto" or comma-separated AXIS=SIZE with AXIS one of {axes} and '
                            'SIZE an integer (-1: the rest of the chips), e.g. --mesh=tensor=4,fsdp=-1')
     sizes = dict(item.split('=', 1) for item in items)
     if tpu.num_slices > 1:
@@ -192,7 +195,7 @@ class Runner:
 def check(runner: Runner, argv: Sequence[str]) -> None:
   code = runner.run(argv)
   if code:
-    raise SystemExit(f'command failed (exit {code}): {shlex.join(argv)}')
+    raise RuntimeError(f'command failed (exit {code}): {shlex.join(argv)}')
 
 
 def create(tpu: Slice, runner: Runner) -> None:
@@ -203,7 +206,7 @@ def create(tpu: Slice, runner: Runner) -> None:
     if state in _READY:
       return
     if state == 'FAILED':
-      raise SystemExit(f'{tpu.name} is {state}; see `gcloud compute tpus queued-resources describe {tpu.name}`')
+      raise RuntimeError(f'{tpu.name} is {state}; see `gcloud compute tpus queued-resources describe {tpu.name}`')
     print(f'# {tpu.name}: {state or "no state yet"}; waiting', flush=True)
     runner.sleep()
 
@@ -243,11 +246,11 @@ def run(tpu: Slice, runner: Runner, install: str, train: str, max_restarts: int,
       status = stopped(code)
       break
     if state not in _GONE:
-      raise SystemExit(f'training failed (exit {code}) on a slice that is still {state}, so not preempted. '
+      raise RuntimeError(f'training failed (exit {code}) on a slice that is still {state}, so not preempted. '
                        'The slice is kept: read `python tpu/pod.py logs ...`, then `python tpu/pod.py delete ...`.')
     runner.run(tpu.delete())
     if attempt == max_restarts:
-      raise SystemExit(f'{tpu.name} was preempted {attempt + 1} times; giving up (--max_restarts)')
+      raise RuntimeError(f'{tpu.name} was preempted {attempt + 1} times; giving up (--max_restarts)')
     print(f'# {tpu.name} is {state}: recreating it (restart {attempt + 1} of at most {max_restarts})', flush=True)
     create(tpu, runner)
   if not keep_slice:
@@ -256,55 +259,55 @@ def run(tpu: Slice, runner: Runner, install: str, train: str, max_restarts: int,
 
 
 def main(argv: Sequence[str]) -> int:
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f'give one command: {" | ".join(COMMANDS)} (got {argv[1:]})')
-  command = argv[1]
-  missing = [f'--{f.name}' for f in (NAME, ZONE, ACCELERATOR) if not f.value]
-  if command in ('install', 'train', 'run') and not WORKDIR.value:
+  if len(argv) != 1 or argv[0] not in COMMANDS:
+    raise cli.UsageError(f'give one command: {" | ".join(COMMANDS)} (got {list(argv)})')
+  command = argv[0]
+  missing = [f'--{name}' for name in ('name', 'zone', 'accelerator') if not getattr(flags.FLAGS, name)]
+  if command in ('install', 'train', 'run') and not flags.FLAGS.workdir:
     missing.append('--workdir')
   if missing:
-    raise app.UsageError(f'`{command}` needs {", ".join(missing)}')
-  generation = ACCELERATOR.value.rsplit('-', 1)[0]
-  if generation not in RUNTIME_VERSIONS or not ACCELERATOR.value.rsplit('-', 1)[-1].isdigit():
-    raise app.UsageError(f'--accelerator={ACCELERATOR.value}: expected GENERATION-SIZE with GENERATION one of '
+    raise cli.UsageError(f'`{command}` needs {", ".join(missing)}')
+  generation = flags.FLAGS.accelerator.rsplit('-', 1)[0]
+  if generation not in RUNTIME_VERSIONS or not flags.FLAGS.accelerator.rsplit('-', 1)[-1].isdigit():
+    raise cli.UsageError(f'--accelerator={flags.FLAGS.accelerator}: expected GENERATION-SIZE with GENERATION one of '
                          f'{sorted(RUNTIME_VERSIONS)} (e.g. v5p-64, v5litepod-16, v6e-32, v4-32)')
-  if WORKDIR.value and not WORKDIR.value.startswith('gs://'):
-    raise app.UsageError(f'--workdir={WORKDIR.value}: every host must read and write it, so it must be on GCS '
+  if flags.FLAGS.workdir and not flags.FLAGS.workdir.startswith('gs://'):
+    raise cli.UsageError(f'--workdir={flags.FLAGS.workdir}: every host must read and write it, so it must be on GCS '
                          '(gs://BUCKET/PATH)')
-  if NUM_SLICES.value > 1 and not QUEUED.value:
-    raise app.UsageError('--num_slices > 1 needs a queued resource: drop --noqueued')
-  tpu = Slice(NAME.value, ZONE.value, ACCELERATOR.value, RUNTIME_VERSION.value or RUNTIME_VERSIONS[generation],
-              spot=SPOT.value, queued=QUEUED.value, num_slices=NUM_SLICES.value, project=PROJECT.value)
-  runner = Runner(DRY_RUN.value, POLL_SECONDS.value)
+  if flags.FLAGS.num_slices > 1 and not flags.FLAGS.queued:
+    raise cli.UsageError('--num_slices > 1 needs a queued resource: drop --noqueued')
+  tpu = Slice(flags.FLAGS.name, flags.FLAGS.zone, flags.FLAGS.accelerator, flags.FLAGS.runtime_version or RUNTIME_VERSIONS[generation],
+              spot=flags.FLAGS.spot, queued=flags.FLAGS.queued, num_slices=flags.FLAGS.num_slices, project=flags.FLAGS.project)
+  runner = Runner(flags.FLAGS.dry_run, flags.FLAGS.poll_seconds)
   multihost = tpu.hosts > 1 or tpu.num_slices > 1
-  overrides = mesh_overrides(MESH.value, tpu) + [f'--config.{item}' for item in SET.value]
-  train = train_command(CONFIG.value, WORKDIR.value, overrides, multihost) if WORKDIR.value else ''
+  overrides = mesh_overrides(flags.FLAGS.mesh, tpu) + [f'--config.{item}' for item in flags.FLAGS.set]
+  train = train_command(flags.FLAGS.config, flags.FLAGS.workdir, overrides, multihost) if flags.FLAGS.workdir else ''
   print(f'# {tpu.name}: {tpu.num_slices} x {tpu.accelerator} ({tpu.chips} chips, {tpu.hosts} hosts a slice), '
         f'{"spot" if tpu.spot else "on-demand"}, runtime {tpu.runtime_version}', flush=True)
 
   if command == 'create':
     create(tpu, runner)
   elif command == 'install':
-    upload(WORKDIR.value, runner)
-    check(runner, tpu.ssh(install_command(WORKDIR.value)))
+    upload(flags.FLAGS.workdir, runner)
+    check(runner, tpu.ssh(install_command(flags.FLAGS.workdir)))
   elif command == 'train':
     code = runner.run(tpu.ssh(train))
     if code in STOPPED:
       return stopped(code)
     if code:
-      raise SystemExit(f'command failed (exit {code}): {shlex.join(tpu.ssh(train))}')
+      raise RuntimeError(f'command failed (exit {code}): {shlex.join(tpu.ssh(train))}')
   elif command == 'logs':
-    check(runner, tpu.ssh(f'tail -n 200 -F {LOG}', worker=WORKER.value))
+    check(runner, tpu.ssh(f'tail -n 200 -F {LOG}', worker=flags.FLAGS.worker))
   elif command == 'stop':
     # "[q]wenjax" matches the job but not this command's own shell, whose text holds "[q]wenjax".
     check(runner, tpu.ssh('pkill -TERM -f "[q]wenjax.train" || true'))
   elif command == 'delete':
     check(runner, tpu.delete())
   else:
-    upload(WORKDIR.value, runner)
-    return run(tpu, runner, install_command(WORKDIR.value), train, MAX_RESTARTS.value, KEEP_SLICE.value)
+    upload(flags.FLAGS.workdir, runner)
+    return run(tpu, runner, install_command(flags.FLAGS.workdir), train, flags.FLAGS.max_restarts, flags.FLAGS.keep_slice)
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, _define_flags, args=' | '.join(COMMANDS))

@@ -89,6 +89,19 @@ def mask(seq_len: int, *, sliding_window: int | None = None, segment_ids: jax.Ar
   return dense
 
 
+def chunk_mask(q_offset, q_len: int, seq_len: int, *, sliding_window: int | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+  """`mask`'s rows q_offset .. q_offset + q_len - 1 (q_offset may be traced): `[batch or 1, q_len, seq_len]`,
+  for a chunk of queries against the whole sequence of keys (context parallelism); `segment_ids [batch, seq_len]`
+  are the whole sequence's."""
+  q_pos = q_offset + jnp.arange(q_len)
+  dense = visible(q_pos[:, None], jnp.arange(seq_len)[None, :], sliding_window)[None]
+  if segment_ids is not None:
+    q_ids = jax.lax.dynamic_slice_in_dim(segment_ids, q_offset, q_len, axis=1)
+    dense = dense & (q_ids[:, :, None] == segment_ids[:, None, :])
+  return dense
+
+
 def band_pairs(seq_len: int, window: int | None) -> int:
   """Visible (query, key) pairs of one head over one document of `seq_len` tokens: the useful work."""
   if window is None or window >= seq_len:

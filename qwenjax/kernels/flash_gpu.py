@@ -20,6 +20,12 @@ the band run without a mask. The softmax works in base 2: the saved logsumexp is
 
 Grouped-query attention never repeats K/V in memory: each query head's kernel instance reads its KV head, and the
 dK/dV kernels loop over the query heads of a group, accumulating in registers.
+
+A query offset (`q_offset`, context parallelism's chunks, `qwenjax.attention.context_attention`): the queries are
+rows `q_offset ..` of the sequence whose keys, values and document ids are given whole. The offset is a traced
+scalar the kernels read from memory (one compiled kernel serves every device's chunk); their block ranges and masks
+work in sequence positions, so a chunk visits only the key blocks of its band. The dK/dV kernels run over every key
+block of the sequence and skip those no query of the chunk sees.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ def flash_attention(
     *,
     sliding_window: int | None = None,
     segment_ids: jax.Array | None = None,
+    q_offset: jax.Array | int | None = None,
     interpret: bool = False,
     backend: str | None = None,
     block_sizes: BlockSizes | None = None,
@@ -70,15 +77,25 @@ def flash_attention(
     k, v: `[batch, seq, kv_heads, head_dim]`, q's dtype; q_heads a multiple of kv_heads.
     sliding_window: a query sees the last `sliding_window` keys, itself included; None: all earlier keys.
     segment_ids: `[batch, seq]` int document ids; attention stays inside a document.
+    q_offset: None, or an int32 scalar (may be traced): q `[batch, q_len, ...]` holds the rows q_offset ..
+      q_offset + q_len - 1 of the sequence of k, v and segment_ids (`[batch, seq]`). q_len, seq and q_offset
+      must then be multiples of `chunk_multiple(...)`, and q_offset + q_len <= seq.
     interpret: run the blocked algorithm in the Pallas interpreter (CPU tests).
     backend: 'mosaic' (Hopper, bf16/fp16) or 'triton'; None picks by device and dtype.
     block_sizes: tile sizes; defaults suit the backend.
 
   Returns:
-    `[batch, seq, q_heads, head_dim]` in q's dtype. Softmax scale is `1/sqrt(head_dim)`.
+    `[batch, seq, q_heads, head_dim]` (q's length) in q's dtype. Softmax scale is `1/sqrt(head_dim)`.
   """
-  attention_contract.check_inputs(q, k, v, sliding_window, segment_ids)
-  seq_len, head_dim = q.shape[1], q.shape[3]
+  if q_offset is None:
+    attention_contract.check_inputs(q, k, v, sliding_window, segment_ids)
+  else:  # check_inputs' rules for the whole sequence, and a chunk of it as q
+    whole = jax.ShapeDtypeStruct(k.shape[:2] + q.shape[2:], q.dtype)
+    attention_contract.check_inputs(whole, k, v, sliding_window, segment_ids)
+    if q.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[1] > k.shape[1]:
+      raise ValueError(f'with q_offset, q [b, q_len, h, d] must be a chunk of the sequence of k, v {k.shape}; '
+                       f'got {q.shape}')
+  seq_len, head_dim = k.shape[1], q.shape[3]
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f'q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}. Cast them first.')
   if jnp.dtype(q.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float32)):
@@ -102,18 +119,33 @@ def flash_attention(
     block_sizes = INTERPRET_BLOCK_SIZES if interpret else BlockSizes()
 
   multiple = block_sizes.seq_multiple(backend)
-  padded = -(-seq_len // multiple) * multiple
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
+  config = _Config(backend=backend, window=sliding_window, blocks=block_sizes, interpret=bool(interpret))
+  if q_offset is not None:
+    if q.shape[1] % multiple or seq_len % multiple:
+      raise ValueError(f'with q_offset, the chunk ({q.shape[1]} rows) and the sequence ({seq_len}) must be '
+                       f'multiples of {multiple} (the kernels\' blocks: no padding inside a sequence)')
+    return _attention(q, k, v, segment_ids, jnp.asarray(q_offset, jnp.int32).reshape(1), config)
+  padded = -(-seq_len // multiple) * multiple
   if padded != seq_len:
     # Padded keys sit after every real query, so causality already hides them; padded queries are dropped.
     pad = ((0, 0), (0, padded - seq_len), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     if segment_ids is not None:
       segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - seq_len)), constant_values=-1)
-  config = _Config(backend=backend, window=sliding_window, blocks=block_sizes, interpret=bool(interpret))
-  out = _attention(q, k, v, segment_ids, config)
+  out = _attention(q, k, v, segment_ids, None, config)
   return out[:, :seq_len]
+
+
+def chunk_multiple(dtype, head_dim: int, interpret: bool = False) -> int:
+  """What the chunk length and the sequence must be multiples of for `flash_attention(..., q_offset=...)` with
+  the default block sizes of the backend that would run."""
+  if interpret:
+    return INTERPRET_BLOCK_SIZES.seq_multiple('triton')
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  backend = 'mosaic' if half and head_dim % 64 == 0 else 'triton'  # what a GPU kernel picks, Hopper or not
+  return max(BlockSizes().seq_multiple(backend), BlockSizes().seq_multiple('triton'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,42 +164,86 @@ def _kernels(config: _Config):
   return impl
 
 
+def _batch_folded(fn, shared: int):
+  """`fn(*arrays, config)`, whose arrays (or None) all lead with the batch axis but the one at position `shared`
+  (the query offset, the same for every row), made so that `jax.vmap` folds the mapped axis into the batch: one
+  kernel over K x batch rows rather than a grid axis jax adds per vmapped kernel. A group of training runs
+  (`qwenjax.train.train_group`) vmaps the whole step over its members; inputs the members share (their
+  segment_ids) are repeated for each."""
+
+  @functools.lru_cache(maxsize=None)
+  def for_config(config: _Config):
+    @jax.custom_batching.custom_vmap
+    def call(*arrays):
+      return fn(*arrays, config)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, *arrays):
+      def fold(i, x, batched):
+        if x is None:
+          return None
+        if i == shared:
+          if batched:
+            raise NotImplementedError('a query offset that differs between vmapped members')
+          return x
+        x = x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+        return x.reshape((axis_size * x.shape[1],) + x.shape[2:])
+
+      out = call(*map(fold, range(len(arrays)), arrays, in_batched))
+      unfold = lambda y: y.reshape((axis_size, y.shape[0] // axis_size) + y.shape[1:])
+      return jax.tree.map(unfold, out), jax.tree.map(lambda _: True, out)
+
+    return call
+
+  return lambda *args: for_config(args[-1])(*args[:-1])
+
+
 # The kernels sit behind jax.jit so that every layer's call site (unrolled layers, rematerialization) shares one
-# traced and lowered kernel instead of compiling its own copy.
-@functools.partial(jax.jit, static_argnums=(4,))
-def _forward(q, k, v, segment_ids, config: _Config):
+# traced and lowered kernel instead of compiling its own copy. `q_offset`: None, or an int32 `[1]` array.
+@functools.partial(jax.jit, static_argnums=(5,))
+def _forward_kernel(q, k, v, segment_ids, q_offset, config: _Config):
   impl = _kernels(config)
   return impl.forward(q, k, v, segment_ids, window=config.window, blocks=config.blocks,
-                      interpret=config.interpret)
+                      interpret=config.interpret, **_offset(q_offset))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, segment_ids, config: _Config):
-  out, _ = _forward(q, k, v, segment_ids, config)
+def _offset(q_offset) -> dict:
+  """The kernels' keyword for a query offset; none without one, so their code is what it was without offsets."""
+  return {} if q_offset is None else {'q_offset': q_offset}
+
+
+_forward = _batch_folded(_forward_kernel, shared=4)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, segment_ids, q_offset, config: _Config):
+  out, _ = _forward(q, k, v, segment_ids, q_offset, config)
   return out
 
 
-def _attention_fwd(q, k, v, segment_ids, config: _Config):
-  out, lse = _forward(q, k, v, segment_ids, config)
+def _attention_fwd(q, k, v, segment_ids, q_offset, config: _Config):
+  out, lse = _forward(q, k, v, segment_ids, q_offset, config)
   # Named so that a remat policy can keep them (qwenjax.attention.forward_saveable) instead of rerunning this.
   out = checkpoint_name(out, 'attention_out')
   lse = checkpoint_name(lse, 'attention_lse')
-  return out, (q, k, v, segment_ids, out, lse)
+  return out, (q, k, v, segment_ids, q_offset, out, lse)
 
 
-@functools.partial(jax.jit, static_argnums=(7,))
-def _backward(q, k, v, segment_ids, d_out, out, lse, config: _Config):
+@functools.partial(jax.jit, static_argnums=(8,))
+def _backward_kernels(q, k, v, segment_ids, q_offset, d_out, out, lse, config: _Config):
   # delta = rowsum(dO * O): one fused XLA pass, laid out [batch, heads, seq] like lse.
   delta = jnp.einsum('bshd,bshd->bhs', d_out.astype(jnp.float32), out.astype(jnp.float32))
   return _kernels(config).backward(q, k, v, segment_ids, d_out.astype(q.dtype), lse, delta, window=config.window,
-                                   blocks=config.blocks, interpret=config.interpret)
+                                   blocks=config.blocks, interpret=config.interpret, **_offset(q_offset))
+
+
+_backward = _batch_folded(_backward_kernels, shared=4)
 
 
 def _attention_bwd(config: _Config, residuals, d_out):
-  q, k, v, segment_ids, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, segment_ids, d_out, out, lse, config)
-  d_seg = None
-  return dq, dk, dv, d_seg
+  q, k, v, segment_ids, q_offset, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, segment_ids, q_offset, d_out, out, lse, config)
+  return dq, dk, dv, None, None  # no gradient for the document ids and the offset
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -177,3 +177,13 @@ def q_ranges(k_start, k_rows: int, block_q: int, window: int | None, num_q_block
     return q_document_range(k_start, k_rows, block_q, window, num_q_blocks, *doc_ends)
   lo, hi = q_block_range(k_start, k_rows, block_q, window, num_q_blocks)
   return (lo, hi) + tuple(q_full_range(k_start, k_rows, block_q, window, lo, hi))
+
+
+def chunk_q_ranges(k_start, k_rows: int, block_q: int, window: int | None, seq_blocks: int, q_offset,
+                   chunk_blocks: int, doc_ends=None):
+  """`q_ranges` for queries that are a chunk of the sequence (a query offset): the ranges over the whole
+  sequence's `seq_blocks` query blocks, as block indices into the chunk of `chunk_blocks` blocks that starts at
+  position `q_offset` (a multiple of block_q), clipped to it (blocks outside the chunk are skipped)."""
+  ranges = q_ranges(k_start, k_rows, block_q, window, seq_blocks, doc_ends)
+  first = lax.div(q_offset, block_q)
+  return tuple(_clip(r - first, 0, chunk_blocks) for r in ranges)

@@ -22,6 +22,10 @@ rows (and the producer those of the CTA's rows) from global memory, so all three
 
 In both backward kernels a step issues the S and dP wgmmas, waits for S only, and computes P's exponentials
 while dP's wgmma runs.
+
+With a query offset (context parallelism's chunks, `flash_gpu`) every warpgroup reads it from global memory like
+the document bounds: the forward and dQ kernels add it to their rows' positions, the dK/dV kernel clips its query
+block range to the chunk (`flash_gpu_common.chunk_q_ranges`); loads and stores stay in the chunk's own rows.
 """
 
 from __future__ import annotations
@@ -68,6 +72,24 @@ def _visible(shape, row_start, col_start, *, rows_are_queries: bool, window, row
   if row_seg is not None:
     mask = mask & (row_seg == col_seg)
   return mask
+
+
+def _chunk_inputs(segment_ids, q_offset, q_len: int, doc_kind: int):
+  """(query rows' ids, their `document_bounds` entry `doc_kind` (0: starts, 1: ends)) for queries that are rows
+  q_offset .. of the sequence of `segment_ids` (q_offset: an int32 `[1]` array, or None: all rows)."""
+  bounds = fg.document_bounds(segment_ids)[doc_kind]
+  if q_offset is None:
+    return segment_ids, bounds
+  cut = lambda x: lax.dynamic_slice_in_dim(x, q_offset[0], q_len, axis=1)
+  return cut(segment_ids), cut(bounds)
+
+
+def _shift(off_ref):
+  """Chunk row -> sequence position: adds the query offset read from `off_ref` (None: no offset, no op)."""
+  if off_ref is None:
+    return lambda x: x
+  offset = off_ref[0]
+  return lambda x: x + offset
 
 
 def _doc_pair(doc_ref, b, start, rows: int):
@@ -139,20 +161,30 @@ def _check(blocks: fg.BlockSizes, head_dim: int):
 # Forward.
 
 
-def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: bool = False):
-  """Returns (out [b, s, hq, d], lse [b, hq, s] fp32 base-2 logsumexp of the scaled scores)."""
+def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: bool = False, q_offset=None):
+  """Returns (out [b, s, hq, d], lse [b, hq, s] fp32 base-2 logsumexp of the scaled scores).
+
+  `q_offset` (an int32 `[1]` array): q holds the rows q_offset .. of the sequence of k, v and segment_ids."""
   del interpret  # The Mosaic GPU interpreter of jax 0.10 cannot run these kernels; see flash_gpu.
-  batch, seq_len, q_heads, head_dim = q.shape
+  batch, q_len, q_heads, head_dim = q.shape
+  seq_len = k.shape[1]
   groups = q_heads // k.shape[2]
   _check(blocks, head_dim)
   bq, bkv, stages = blocks.block_q, blocks.block_kv, blocks.stages
   dtype = q.dtype
   scale = fg.LOG2E / math.sqrt(head_dim)
   has_seg = segment_ids is not None
+  has_off = q_offset is not None
 
   def flash_forward(q_ref, k_ref, v_ref, *refs):
+    if has_off:
+      off_ref, *refs = refs
     if has_seg:
-      seg_ref, doc_ref, out_ref, lse_ref, smem, bars = refs
+      if has_off:  # the chunk's own ids, then the sequence's
+        qseg_ref, seg_ref, doc_ref, out_ref, lse_ref, smem, bars = refs
+      else:
+        seg_ref, doc_ref, out_ref, lse_ref, smem, bars = refs
+        qseg_ref = seg_ref
       qo_smem2, k_smem, v_smem, lse_smem2, qseg_smem2, kseg_smem = smem
     else:
       out_ref, lse_ref, smem, bars = refs
@@ -160,11 +192,13 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
     q_bar, k_bar, v_bar, k_free, v_free, sched = bars
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
+    shift = _shift(off_ref if has_off else None)  # chunk rows -> sequence positions
     # Last query block first: later blocks see more keys (up to the window), so the light ones fill the last wave.
-    q0 = (seq_len // (_WGS * bq) - 1 - lax.axis_index('q_seq')) * (_WGS * bq)
+    q0 = (q_len // (_WGS * bq) - 1 - lax.axis_index('q_seq')) * (_WGS * bq)
 
-    def ranges(start, rows):
-      return fg.kv_ranges(start, rows, bkv, window, _doc_pair(doc_ref, b, start, rows) if has_seg else None)
+    def ranges(start, rows):  # start: the first of the rows, in the chunk
+      docs = _doc_pair(doc_ref, b, start, rows) if has_seg else None
+      return fg.kv_ranges(shift(start), rows, bkv, window, docs)
 
     lo, hi, _, _ = ranges(q0, _WGS * bq)
 
@@ -183,7 +217,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
       rows = pl.ds(qw, bq)
       plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], qo_smem, q_bar.at[wg])
       if has_seg:
-        plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem2.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(qseg_ref.at[b, rows], qseg_smem2.at[wg], q_bar.at[wg])
       lo_w, hi_w, f_lo, f_hi = ranges(qw, bq)
       plgpu.barrier_wait(q_bar.at[wg])
       q_seg = None
@@ -217,7 +251,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
             k_seg = plgpu.load(kseg_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
             row_seg, col_seg = _rows(q_seg, (bq, bkv)), _cols(k_seg, (bq, bkv))
           plgpu.barrier_arrive(k_free.at[slot])
-          mask = _visible((bq, bkv), qw, j * bkv, rows_are_queries=True, window=window,
+          mask = _visible((bq, bkv), shift(qw), j * bkv, rows_are_queries=True, window=window,
                           row_seg=row_seg, col_seg=col_seg)
           s = jnp.where(mask, s, fg.MASK_VALUE)
         else:
@@ -304,9 +338,12 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),  # v slot free
       plgpu.Barrier(num_arrivals=_WGS),  # consumer ping-pong
   )
-  out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, seq_len), jnp.float32))
-  args = (q, k, v) + ((segment_ids, fg.document_bounds(segment_ids)[0]) if has_seg else ())
-  grid = (q_heads, seq_len // (_WGS * bq), batch)
+  out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32))
+  args = (q, k, v) + ((q_offset,) if has_off else ())
+  if has_seg:
+    q_ids, q_doc = _chunk_inputs(segment_ids, q_offset, q_len, 0)
+    args += ((q_ids,) if has_off else ()) + (segment_ids, q_doc)
+  grid = (q_heads, q_len // (_WGS * bq), batch)
   out, lse = _kernel(flash_forward, out_type, (tuple(smem), bars), grid, ('heads', 'q_seq', 'batch'))(*args)
   return out, lse
 
@@ -315,26 +352,35 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
 # Backward.
 
 
-def backward(q, k, v, segment_ids, d_out, lse, delta, *, window, blocks: fg.BlockSizes, interpret: bool = False):
+def backward(q, k, v, segment_ids, d_out, lse, delta, *, window, blocks: fg.BlockSizes, interpret: bool = False,
+             q_offset=None):
   """Returns (dq, dk, dv) in the input dtype."""
   del interpret
   _check(blocks, q.shape[3])
-  dq = _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks)
-  dk, dv = _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks)
+  dq = _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, q_offset)
+  dk, dv = _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, q_offset)
   return dq, dk, dv
 
 
-def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
-  batch, seq_len, q_heads, head_dim = q.shape
+def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, q_offset):
+  batch, q_len, q_heads, head_dim = q.shape
+  seq_len = k.shape[1]
   groups = q_heads // k.shape[2]
   bq, bkv, stages = blocks.block_q, blocks.block_kv_dq, blocks.stages_bwd
   dtype = q.dtype
   scale = fg.LOG2E / math.sqrt(head_dim)
   has_seg = segment_ids is not None
+  has_off = q_offset is not None
 
   def flash_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    if has_off:
+      off_ref, *refs = refs
     if has_seg:
-      seg_ref, doc_ref, dq_ref, smem, bars = refs
+      if has_off:  # the chunk's own ids, then the sequence's
+        qseg_ref, seg_ref, doc_ref, dq_ref, smem, bars = refs
+      else:
+        seg_ref, doc_ref, dq_ref, smem, bars = refs
+        qseg_ref = seg_ref
       q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, qseg_smem2, kseg_smem = smem
     else:
       dq_ref, smem, bars = refs
@@ -343,11 +389,13 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
     b, h = lax.axis_index('batch'), lax.axis_index('heads')
     wg = lax.axis_index('wg')
     pingpong = _PingPong(sched[0] if sched else None, wg)
+    shift = _shift(off_ref if has_off else None)  # chunk rows -> sequence positions
     # Last query block first: later blocks see more keys (up to the window), so the light ones fill the last wave.
-    q0 = (seq_len // (_WGS * bq) - 1 - lax.axis_index('q_seq')) * (_WGS * bq)
+    q0 = (q_len // (_WGS * bq) - 1 - lax.axis_index('q_seq')) * (_WGS * bq)
 
-    def ranges(start, rows):
-      return fg.kv_ranges(start, rows, bkv, window, _doc_pair(doc_ref, b, start, rows) if has_seg else None)
+    def ranges(start, rows):  # start: the first of the rows, in the chunk
+      docs = _doc_pair(doc_ref, b, start, rows) if has_seg else None
+      return fg.kv_ranges(shift(start), rows, bkv, window, docs)
 
     lo, hi, _, _ = ranges(q0, _WGS * bq)
 
@@ -365,7 +413,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
       plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem2.at[wg], q_bar.at[wg])
       plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem2.at[wg], q_bar.at[wg])
       if has_seg:
-        plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem2.at[wg], q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(qseg_ref.at[b, rows], qseg_smem2.at[wg], q_bar.at[wg])
       lo_w, hi_w, f_lo, f_hi = ranges(qw, bq)
       plgpu.barrier_wait(q_bar.at[wg])
       row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -387,7 +435,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
             if has_seg:
               k_seg = plgpu.load(kseg_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
               row_seg, col_seg = _rows(q_seg, (bq, bkv)), _cols(k_seg, (bq, bkv))
-            mask = _visible((bq, bkv), qw, j * bkv, rows_are_queries=True, window=window,
+            mask = _visible((bq, bkv), shift(qw), j * bkv, rows_are_queries=True, window=window,
                             row_seg=row_seg, col_seg=col_seg)
             s = jnp.where(mask, s, fg.MASK_VALUE)
           p = jnp.exp2(s * scale - _rows(lse_r, s.shape))
@@ -458,25 +506,36 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
       plgpu.Barrier(num_arrivals=2 + has_seg, num_barriers=stages),  # k, v loaded
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),  # slot free
   ) + ((plgpu.Barrier(num_arrivals=_WGS),) if blocks.pingpong_bwd else ())
-  args = (q, k, v, d_out, lse, delta) + ((segment_ids, fg.document_bounds(segment_ids)[0]) if has_seg else ())
-  grid = (q_heads, seq_len // (_WGS * bq), batch)
+  args = (q, k, v, d_out, lse, delta) + ((q_offset,) if has_off else ())
+  if has_seg:
+    q_ids, q_doc = _chunk_inputs(segment_ids, q_offset, q_len, 0)
+    args += ((q_ids,) if has_off else ()) + (segment_ids, q_doc)
+  grid = (q_heads, q_len // (_WGS * bq), batch)
   return _kernel(flash_dq, jax.ShapeDtypeStruct(q.shape, dtype), (tuple(smem), bars), grid,
                  ('heads', 'q_seq', 'batch'))(*args)
 
 
-def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
-  batch, seq_len, q_heads, head_dim = q.shape
+def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, q_offset):
+  batch, q_len, q_heads, head_dim = q.shape
+  seq_len = k.shape[1]
   kv_heads = k.shape[2]
   groups = q_heads // kv_heads
   bq, bkv, stages = blocks.block_q_dkv, blocks.block_kv_dkv, blocks.stages_bwd
-  num_q_blocks = seq_len // bq
+  num_q_blocks = q_len // bq
   dtype = q.dtype
   scale = fg.LOG2E / math.sqrt(head_dim)
   has_seg = segment_ids is not None
+  has_off = q_offset is not None
 
   def flash_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    if has_off:
+      off_ref, *refs = refs
     if has_seg:
-      seg_ref, doc_ref, dk_ref, dv_ref, smem, bars = refs
+      if has_off:  # the chunk's own ids, then the sequence's
+        qseg_ref, seg_ref, doc_ref, dk_ref, dv_ref, smem, bars = refs
+      else:
+        seg_ref, doc_ref, dk_ref, dv_ref, smem, bars = refs
+        qseg_ref = seg_ref
       k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, kseg_smem2, qseg_smem = smem
     else:
       dk_ref, dv_ref, smem, bars = refs
@@ -486,9 +545,12 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
     wg = lax.axis_index('wg')
     pingpong = _PingPong(sched[0] if sched else None, wg)
     k0 = lax.axis_index('kv_seq') * (_WGS * bkv)
+    shift = _shift(off_ref if has_off else None)  # chunk rows -> sequence positions
 
-    def ranges(start, rows):
+    def ranges(start, rows):  # query blocks of the chunk
       doc_ends = _doc_pair(doc_ref, b, start, rows) if has_seg else None
+      if has_off:
+        return fg.chunk_q_ranges(start, rows, bq, window, seq_len // bq, off_ref[0], num_q_blocks, doc_ends)
       return fg.q_ranges(start, rows, bq, window, num_q_blocks, doc_ends)
 
     lo, hi, _, _ = ranges(k0, _WGS * bkv)
@@ -526,7 +588,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
             if has_seg:
               q_seg = plgpu.load(qseg_smem.at[slot], (), layout=col_layout)
               row_seg, col_seg = _rows(k_seg, shape), _cols(q_seg, shape)
-            mask = _visible(shape, kw, i * bq, rows_are_queries=False, window=window,
+            mask = _visible(shape, kw, shift(i * bq), rows_are_queries=False, window=window,
                             row_seg=row_seg, col_seg=col_seg)
             s_t = jnp.where(mask, s_t, fg.MASK_VALUE)
           p_t = jnp.exp2(s_t * scale - _cols(lse_c, shape))
@@ -590,7 +652,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
         plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_smem.at[slot], q_bar.at[slot])
         plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_smem.at[slot], q_bar.at[slot])
         if has_seg:
-          plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], qseg_smem.at[slot], q_bar.at[slot])
+          plgpu.copy_gmem_to_smem(qseg_ref.at[b, rows], qseg_smem.at[slot], q_bar.at[slot])
 
       for i in range(stages):
         pl.when(i < total)(lambda i=i: load(i, i, False))
@@ -609,7 +671,10 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks):
       plgpu.Barrier(num_arrivals=4 + has_seg, num_barriers=stages),  # q, dO, lse, delta loaded
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),  # slot free
   ) + ((plgpu.Barrier(num_arrivals=_WGS),) if blocks.pingpong_bwd else ())
-  args = (q, k, v, d_out, lse, delta) + ((segment_ids, fg.document_bounds(segment_ids)[1]) if has_seg else ())
+  args = (q, k, v, d_out, lse, delta) + ((q_offset,) if has_off else ())
+  if has_seg:
+    q_ids, _ = _chunk_inputs(segment_ids, q_offset, q_len, 1)
+    args += ((q_ids,) if has_off else ()) + (segment_ids, fg.document_bounds(segment_ids)[1])
   out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
   grid = (kv_heads, seq_len // (_WGS * bkv), batch)
   return _kernel(flash_dkv, out_type, (tuple(smem), bars), grid, ('heads', 'kv_seq', 'batch'))(*args)

@@ -45,21 +45,41 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, name):
                         interpret=interpret, name=name, **kwargs)
 
 
-def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: bool):
-  """Returns (out [b, s, hq, d], lse [b, hq, s] fp32, base-2 logsumexp of the scaled scores)."""
-  batch, seq_len, q_heads, head_dim = q.shape
+def _chunk_inputs(segment_ids, q_offset, q_len: int, doc_kind: int):
+  """(query rows' ids, their `document_bounds` entry `doc_kind` (0: starts, 1: ends)) for queries that are rows
+  q_offset .. of the sequence of `segment_ids` (q_offset: an int32 `[1]` array, or None: all rows)."""
+  bounds = fg.document_bounds(segment_ids)[doc_kind]
+  if q_offset is None:
+    return segment_ids, bounds
+  cut = lambda x: lax.dynamic_slice_in_dim(x, q_offset[0], q_len, axis=1)
+  return cut(segment_ids), cut(bounds)
+
+
+def _offset_spec():
+  return pl.BlockSpec((1,), lambda *_: (0,))
+
+
+def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: bool, q_offset=None):
+  """Returns (out [b, s, hq, d], lse [b, hq, s] fp32, base-2 logsumexp of the scaled scores).
+
+  `q_offset` (an int32 `[1]` array): q holds the rows q_offset .. of the sequence of k, v and segment_ids."""
+  batch, q_len, q_heads, head_dim = q.shape
+  seq_len = k.shape[1]
   groups = q_heads // k.shape[2]
   bq, bkv = blocks.block_q, blocks.block_kv
   scale = fg.LOG2E / math.sqrt(head_dim)
   precision = _precision(q.dtype)
   has_seg = segment_ids is not None
+  has_off = q_offset is not None
 
   def kernel(q_ref, k_ref, v_ref, *refs):
+    if has_off:
+      off_ref, *refs = refs
     if has_seg:
       qseg_ref, kseg_ref, qdoc_ref, o_ref, lse_ref = refs
     else:
       o_ref, lse_ref = refs
-    q_start = pl.program_id(2) * bq
+    q_start = pl.program_id(2) * bq + off_ref[0] if has_off else pl.program_id(2) * bq
     qs = q_ref[...]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
     q_seg = qseg_ref[...][:, None] if has_seg else None
@@ -95,41 +115,50 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
       pl.BlockSpec((None, seq_len, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0)),
   ]
   args = [q, k, v]
+  if has_off:
+    in_specs.append(_offset_spec())
+    args.append(q_offset)
   if has_seg:
     in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
                  pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0)),
                  pl.BlockSpec((None, bq), lambda b, h, i: (b, i))]
-    args += [segment_ids, segment_ids, fg.document_bounds(segment_ids)[0]]
+    q_ids, q_doc = _chunk_inputs(segment_ids, q_offset, q_len, 0)
+    args += [q_ids, segment_ids, q_doc]
   out_specs = [pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0)),
                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((batch, q_heads, seq_len), jnp.float32)]
-  out, lse = _call(kernel, (batch, q_heads, seq_len // bq), in_specs, out_specs, out_shape, interpret,
+               jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32)]
+  out, lse = _call(kernel, (batch, q_heads, q_len // bq), in_specs, out_specs, out_shape, interpret,
                    'flash_gpu_fwd')(*args)
   return out, lse
 
 
-def backward(q, k, v, segment_ids, d_out, lse, delta, *, window, blocks: fg.BlockSizes, interpret: bool):
+def backward(q, k, v, segment_ids, d_out, lse, delta, *, window, blocks: fg.BlockSizes, interpret: bool,
+             q_offset=None):
   """Returns (dq, dk, dv) in the input dtype."""
-  dq = _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interpret)
-  dk, dv = _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interpret)
+  dq = _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interpret, q_offset)
+  dk, dv = _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interpret, q_offset)
   return dq, dk, dv
 
 
-def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interpret):
-  batch, seq_len, q_heads, head_dim = q.shape
+def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interpret, q_offset):
+  batch, q_len, q_heads, head_dim = q.shape
+  seq_len = k.shape[1]
   groups = q_heads // k.shape[2]
   bq, bkv = blocks.block_q, blocks.block_kv_dq
   scale = fg.LOG2E / math.sqrt(head_dim)
   precision = _precision(q.dtype)
   has_seg = segment_ids is not None
+  has_off = q_offset is not None
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    if has_off:
+      off_ref, *refs = refs
     if has_seg:
       qseg_ref, kseg_ref, qdoc_ref, dq_ref = refs
     else:
       (dq_ref,) = refs
-    q_start = pl.program_id(2) * bq
+    q_start = pl.program_id(2) * bq + off_ref[0] if has_off else pl.program_id(2) * bq
     qs, dos = q_ref[...], do_ref[...]
     lse_rows, delta_rows = lse_ref[...][:, None], delta_ref[...][:, None]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
@@ -160,26 +189,34 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
   vec_spec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
   in_specs = [row_spec, kv_spec, kv_spec, row_spec, vec_spec, vec_spec]
   args = [q, k, v, d_out, lse, delta]
+  if has_off:
+    in_specs.append(_offset_spec())
+    args.append(q_offset)
   if has_seg:
     in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
                  pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0)),
                  pl.BlockSpec((None, bq), lambda b, h, i: (b, i))]
-    args += [segment_ids, segment_ids, fg.document_bounds(segment_ids)[0]]
-  return _call(kernel, (batch, q_heads, seq_len // bq), in_specs, row_spec,
+    q_ids, q_doc = _chunk_inputs(segment_ids, q_offset, q_len, 0)
+    args += [q_ids, segment_ids, q_doc]
+  return _call(kernel, (batch, q_heads, q_len // bq), in_specs, row_spec,
                jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, 'flash_gpu_dq')(*args)
 
 
-def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interpret):
-  batch, seq_len, q_heads, head_dim = q.shape
+def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interpret, q_offset):
+  batch, q_len, q_heads, head_dim = q.shape
+  seq_len = k.shape[1]
   kv_heads = k.shape[2]
   groups = q_heads // kv_heads
   bq, bkv = blocks.block_q_dkv, blocks.block_kv_dkv
-  num_q_blocks = seq_len // bq
+  num_q_blocks = q_len // bq
   scale = fg.LOG2E / math.sqrt(head_dim)
   precision = _precision(q.dtype)
   has_seg = segment_ids is not None
+  has_off = q_offset is not None
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    if has_off:
+      off_ref, *refs = refs
     if has_seg:
       qseg_ref, kseg_ref, kdoc_ref, dk_ref, dv_ref = refs
     else:
@@ -189,8 +226,12 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
     ks, vs = k_ref[...], v_ref[...]
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bkv, bq), 0)
     k_seg = kseg_ref[...][:, None] if has_seg else None
-    lo, hi, f_lo, f_hi = fg.q_ranges(k_start, bkv, bq, window, num_q_blocks,
-                                     (kdoc_ref[0], kdoc_ref[bkv - 1]) if has_seg else None)
+    doc_ends = (kdoc_ref[0], kdoc_ref[bkv - 1]) if has_seg else None
+    if has_off:  # block indices into the chunk of queries; positions still count from the sequence's start
+      lo, hi, f_lo, f_hi = fg.chunk_q_ranges(k_start, bkv, bq, window, seq_len // bq, off_ref[0], num_q_blocks,
+                                             doc_ends)
+    else:
+      lo, hi, f_lo, f_hi = fg.q_ranges(k_start, bkv, bq, window, num_q_blocks, doc_ends)
 
     def step(i, carry, head, masked):
       dk, dv = carry
@@ -199,7 +240,8 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
       dos = do_ref[pl.ds(start, bq), head, :]
       s_t = _dot(ks, qs, _NT, precision) * scale  # [keys, queries]
       if masked:
-        q_pos = start + lax.broadcasted_iota(jnp.int32, (bkv, bq), 1)
+        q_start = start + off_ref[0] if has_off else start  # the block's first position in the sequence
+        q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bkv, bq), 1)
         q_seg = qseg_ref[pl.ds(start, bq)][None, :] if has_seg else None
         s_t = jnp.where(attention_contract.visible(q_pos, k_pos, window, q_seg, k_seg), s_t, fg.MASK_VALUE)
       p_t = jnp.exp2(s_t - lse_ref[head, pl.ds(start, bq)][None, :])
@@ -220,16 +262,20 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
     dk_ref[...] = (dk * (1 / math.sqrt(head_dim))).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
-  full_spec = pl.BlockSpec((None, seq_len, q_heads, head_dim), lambda b, h, j: (b, 0, 0, 0))
+  full_spec = pl.BlockSpec((None, q_len, q_heads, head_dim), lambda b, h, j: (b, 0, 0, 0))
   kv_spec = pl.BlockSpec((None, bkv, None, head_dim), lambda b, h, j: (b, j, h, 0))
-  vec_spec = pl.BlockSpec((None, q_heads, seq_len), lambda b, h, j: (b, 0, 0))
+  vec_spec = pl.BlockSpec((None, q_heads, q_len), lambda b, h, j: (b, 0, 0))
   in_specs = [full_spec, kv_spec, kv_spec, full_spec, vec_spec, vec_spec]
   args = [q, k, v, d_out, lse, delta]
+  if has_off:
+    in_specs.append(_offset_spec())
+    args.append(q_offset)
   if has_seg:
-    in_specs += [pl.BlockSpec((None, seq_len), lambda b, h, j: (b, 0)),
+    in_specs += [pl.BlockSpec((None, q_len), lambda b, h, j: (b, 0)),
                  pl.BlockSpec((None, bkv), lambda b, h, j: (b, j)),
                  pl.BlockSpec((None, bkv), lambda b, h, j: (b, j))]
-    args += [segment_ids, segment_ids, fg.document_bounds(segment_ids)[1]]
+    q_ids, _ = _chunk_inputs(segment_ids, q_offset, q_len, 1)
+    args += [q_ids, segment_ids, fg.document_bounds(segment_ids)[1]]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   return _call(kernel, (batch, kv_heads, seq_len // bkv), in_specs, [kv_spec, kv_spec], out_shape, interpret,
                'flash_gpu_dkv')(*args)
