@@ -629,8 +629,7 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
   finally:  # also on errors: finish the async checkpoints, close the files, give the signals back
     try:
       profiler.close()
-      for member in members:
-        member.checkpointer.close()  # raises checkpoint.SaveError if the last save failed (a full disk)
+      _close_all([member.checkpointer for member in members])  # checkpoint.SaveError: a last save failed
     finally:
       for writer in writers:
         writer.close()
@@ -651,6 +650,18 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
     logging.warning('%s%s', label(k), error)
     outcomes[k] = error
   return outcomes
+
+
+def _close_all(checkpointers: list[checkpoint.Checkpointer]) -> None:
+  """Closes every checkpointer (each finishes its save in progress), then raises the first failure."""
+  first = None
+  for checkpointer in checkpointers:
+    try:
+      checkpointer.close()
+    except Exception as e:  # pylint: disable=broad-except
+      first = first or e
+  if first is not None:
+    raise first
 
 
 class _StepTimer:
