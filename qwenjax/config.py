@@ -108,8 +108,6 @@ class DataConfig:
   def __post_init__(self):
     if self.format not in DATA_FORMATS:
       raise ValueError(f'unknown data.format {self.format!r}; choose one of {", ".join(DATA_FORMATS)}')
-
-  def __post_init__(self):
     _check_ranges(self, 'data', seq_len=1, vocab_size=1, tokenizer_sentences=1, shuffle_window=0, read_threads=0)
 
 
