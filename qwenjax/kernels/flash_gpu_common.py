@@ -187,3 +187,12 @@ def chunk_q_ranges(k_start, k_rows: int, block_q: int, window: int | None, seq_b
   ranges = q_ranges(k_start, k_rows, block_q, window, seq_blocks, doc_ends)
   first = lax.div(q_offset, block_q)
   return tuple(_clip(r - first, 0, chunk_blocks) for r in ranges)
+
+def chunk_inputs(segment_ids, q_offset, q_len: int, doc_kind: int):
+  """(query rows' ids, their `document_bounds` entry `doc_kind` (0: starts, 1: ends)) for queries that are rows
+  q_offset .. of the sequence of `segment_ids` (q_offset: an int32 `[1]` array, or None: all rows)."""
+  bounds = document_bounds(segment_ids)[doc_kind]
+  if q_offset is None:
+    return segment_ids, bounds
+  cut = lambda x: lax.dynamic_slice_in_dim(x, q_offset[0], q_len, axis=1)
+  return cut(segment_ids), cut(bounds)

@@ -74,15 +74,6 @@ def _visible(shape, row_start, col_start, *, rows_are_queries: bool, window, row
   return mask
 
 
-def _chunk_inputs(segment_ids, q_offset, q_len: int, doc_kind: int):
-  """(query rows' ids, their `document_bounds` entry `doc_kind` (0: starts, 1: ends)) for queries that are rows
-  q_offset .. of the sequence of `segment_ids` (q_offset: an int32 `[1]` array, or None: all rows)."""
-  bounds = fg.document_bounds(segment_ids)[doc_kind]
-  if q_offset is None:
-    return segment_ids, bounds
-  cut = lambda x: lax.dynamic_slice_in_dim(x, q_offset[0], q_len, axis=1)
-  return cut(segment_ids), cut(bounds)
-
 
 def _shift(off_ref):
   """Chunk row -> sequence position: adds the query offset read from `off_ref` (None: no offset, no op)."""
@@ -341,7 +332,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, q_len), jnp.float32))
   args = (q, k, v) + ((q_offset,) if has_off else ())
   if has_seg:
-    q_ids, q_doc = _chunk_inputs(segment_ids, q_offset, q_len, 0)
+    q_ids, q_doc = fg.chunk_inputs(segment_ids, q_offset, q_len, 0)
     args += ((q_ids,) if has_off else ()) + (segment_ids, q_doc)
   grid = (q_heads, q_len // (_WGS * bq), batch)
   out, lse = _kernel(flash_forward, out_type, (tuple(smem), bars), grid, ('heads', 'q_seq', 'batch'))(*args)
@@ -508,7 +499,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, q_offs
   ) + ((plgpu.Barrier(num_arrivals=_WGS),) if blocks.pingpong_bwd else ())
   args = (q, k, v, d_out, lse, delta) + ((q_offset,) if has_off else ())
   if has_seg:
-    q_ids, q_doc = _chunk_inputs(segment_ids, q_offset, q_len, 0)
+    q_ids, q_doc = fg.chunk_inputs(segment_ids, q_offset, q_len, 0)
     args += ((q_ids,) if has_off else ()) + (segment_ids, q_doc)
   grid = (q_heads, q_len // (_WGS * bq), batch)
   return _kernel(flash_dq, jax.ShapeDtypeStruct(q.shape, dtype), (tuple(smem), bars), grid,
@@ -673,7 +664,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, q_off
   ) + ((plgpu.Barrier(num_arrivals=_WGS),) if blocks.pingpong_bwd else ())
   args = (q, k, v, d_out, lse, delta) + ((q_offset,) if has_off else ())
   if has_seg:
-    q_ids, _ = _chunk_inputs(segment_ids, q_offset, q_len, 1)
+    q_ids, _ = fg.chunk_inputs(segment_ids, q_offset, q_len, 1)
     args += ((q_ids,) if has_off else ()) + (segment_ids, fg.document_bounds(segment_ids)[1])
   out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
   grid = (kv_heads, seq_len // (_WGS * bkv), batch)

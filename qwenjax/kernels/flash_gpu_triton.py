@@ -45,15 +45,6 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, name):
                         interpret=interpret, name=name, **kwargs)
 
 
-def _chunk_inputs(segment_ids, q_offset, q_len: int, doc_kind: int):
-  """(query rows' ids, their `document_bounds` entry `doc_kind` (0: starts, 1: ends)) for queries that are rows
-  q_offset .. of the sequence of `segment_ids` (q_offset: an int32 `[1]` array, or None: all rows)."""
-  bounds = fg.document_bounds(segment_ids)[doc_kind]
-  if q_offset is None:
-    return segment_ids, bounds
-  cut = lambda x: lax.dynamic_slice_in_dim(x, q_offset[0], q_len, axis=1)
-  return cut(segment_ids), cut(bounds)
-
 
 def _offset_spec():
   return pl.BlockSpec((1,), lambda *_: (0,))
@@ -122,7 +113,7 @@ def forward(q, k, v, segment_ids, *, window, blocks: fg.BlockSizes, interpret: b
     in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
                  pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0)),
                  pl.BlockSpec((None, bq), lambda b, h, i: (b, i))]
-    q_ids, q_doc = _chunk_inputs(segment_ids, q_offset, q_len, 0)
+    q_ids, q_doc = fg.chunk_inputs(segment_ids, q_offset, q_len, 0)
     args += [q_ids, segment_ids, q_doc]
   out_specs = [pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0)),
                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))]
@@ -196,7 +187,7 @@ def _backward_dq(q, k, v, segment_ids, d_out, lse, delta, window, blocks, interp
     in_specs += [pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
                  pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0)),
                  pl.BlockSpec((None, bq), lambda b, h, i: (b, i))]
-    q_ids, q_doc = _chunk_inputs(segment_ids, q_offset, q_len, 0)
+    q_ids, q_doc = fg.chunk_inputs(segment_ids, q_offset, q_len, 0)
     args += [q_ids, segment_ids, q_doc]
   return _call(kernel, (batch, q_heads, q_len // bq), in_specs, row_spec,
                jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, 'flash_gpu_dq')(*args)
@@ -274,7 +265,7 @@ def _backward_dkv(q, k, v, segment_ids, d_out, lse, delta, window, blocks, inter
     in_specs += [pl.BlockSpec((None, q_len), lambda b, h, j: (b, 0)),
                  pl.BlockSpec((None, bkv), lambda b, h, j: (b, j)),
                  pl.BlockSpec((None, bkv), lambda b, h, j: (b, j))]
-    q_ids, _ = _chunk_inputs(segment_ids, q_offset, q_len, 1)
+    q_ids, _ = fg.chunk_inputs(segment_ids, q_offset, q_len, 1)
     args += [q_ids, segment_ids, fg.document_bounds(segment_ids)[1]]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   return _call(kernel, (batch, kv_heads, seq_len // bkv), in_specs, [kv_spec, kv_spec], out_shape, interpret,
