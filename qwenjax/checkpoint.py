@@ -255,8 +255,14 @@ class Checkpointer:
   def close(self) -> None:
     try:
       self.wait()
-    finally:
-      self._manager.close()
+    except SaveError:
+      try:
+        self._manager.close()  # joins the save's threads, which may still be writing its temporary directory
+      except Exception:  # pylint: disable=broad-except
+        pass  # the same failure, reported once
+      self._remove_partial()  # what they wrote after the first removal
+      raise
+    self._manager.close()
 
   def _finishing(self, operation) -> None:
     """`operation()`, which finishes the save in progress: if that save failed (orbax reports it here), its partial
