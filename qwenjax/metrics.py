@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import numbers
 import os
@@ -12,6 +13,7 @@ from typing import Any, Mapping
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 
 from qwenjax import files
 from qwenjax.kernels import attention_contract
@@ -33,6 +35,19 @@ PEAK_FLOPS = {
 }
 
 
+@functools.lru_cache(maxsize=64)
+def _weight_params(config: ModelConfig) -> int:
+  """N of `6 * N`: every weight a token multiplies (see `flops_per_token`); counted once per shape (it traces the
+  model's init)."""
+  params = count_params(config)
+  if not config.tie_word_embeddings:
+    params -= config.vocab_size * config.hidden_size  # the input embedding is a lookup
+  # Qwen2-MoE: a token multiplies only its top-k routed experts (router and shared expert count in full).
+  moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
+  idle_experts = config.num_experts - config.num_experts_per_tok if config.num_experts else 0
+  return params - moe_layers * idle_experts * 3 * config.hidden_size * config.moe_intermediate_size
+
+
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Training FLOPs (forward + backward) per token of a `seq_len`-token row, as MFU counts them.
 
@@ -41,21 +56,40 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   `num_experts_per_tok` experts a token is routed to. Plus attention's two matmuls
   (scores and weighted values), `2 * 2 * heads * head_dim` FLOPs per (query, visible key) pair forward and
   3x that for forward + backward, counting only the keys a query sees: causal (position i sees i + 1 keys)
-  and capped by the sliding window on the layers that use one. Recomputation (remat) is not counted.
+  and capped by the sliding window on the layers that use one. Recomputation (remat) is not counted. A row of
+  packed documents does less attention work than one document: `batch_flops` counts that.
   """
-  params = count_params(config)
-  if not config.tie_word_embeddings:
-    params -= config.vocab_size * config.hidden_size  # the input embedding is a lookup
-  # Qwen2-MoE: a token multiplies only its top-k routed experts (router and shared expert count in full).
-  moe_layers = sum(config.is_moe(i) for i in range(config.num_hidden_layers))
-  idle_experts = config.num_experts - config.num_experts_per_tok if config.num_experts else 0
-  params -= moe_layers * idle_experts * 3 * config.hidden_size * config.moe_intermediate_size
   attention = 0.0
   for layer in range(config.num_hidden_layers):
     window = config.sliding_window if config.is_sliding(layer) else None
     visible = attention_contract.band_pairs(seq_len, window) / seq_len  # keys a query sees, on average
     attention += 12 * config.num_attention_heads * config.head_dim * visible
-  return 6 * params + attention
+  return 6 * _weight_params(config) + attention
+
+
+def document_lengths(segment_ids: np.ndarray) -> np.ndarray:
+  """The lengths of the runs of one id along each row of `[rows, seq]` `segment_ids`: the packed documents (a
+  row's padding is one more run)."""
+  segment_ids = np.asarray(segment_ids)
+  starts = np.ones(segment_ids.shape, bool)
+  starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return np.diff(np.append(np.flatnonzero(starts), segment_ids.size))
+
+
+def batch_flops(config: ModelConfig, segment_ids: np.ndarray) -> float:
+  """Training FLOPs of a batch of rows of packed documents, as `flops_per_token` counts them, but with each
+  document's own causal band: its queries see only its keys, and the attention kernels skip the rest. So MFU
+  stays the share of the peak the device did useful work at, whatever the documents' lengths (with
+  `flops_per_token(seq_len)` a row of many short documents would count work never done, and pass 100%)."""
+  lengths = document_lengths(segment_ids).astype(np.float64)
+  attention = 0.0
+  for layer in range(config.num_hidden_layers):
+    window = config.sliding_window if config.is_sliding(layer) else None
+    full = lengths * (lengths + 1) / 2
+    pairs = full if window is None else np.where(lengths <= window, full,
+                                                 window * (window + 1) / 2 + (lengths - window) * window)
+    attention += 12 * config.num_attention_heads * config.head_dim * float(pairs.sum())
+  return 6 * _weight_params(config) * float(lengths.sum()) + attention
 
 
 def peak_flops(device_kind: str) -> float | None:

@@ -49,9 +49,11 @@ def abstract_params(config: ModelConfig):
 
 
 def count_params(config: ModelConfig) -> int:
-  """Total number of parameters, computed from shapes alone."""
-  leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
-  return sum(int(x.size) for x in leaves)
+  """Total number of parameters, computed from shapes alone (the boxes' values read directly: unboxing would
+  apply the logical axis rules of a mesh in use)."""
+  boxed = nn.LogicallyPartitioned
+  leaves = jax.tree.leaves(abstract_params(config), is_leaf=lambda x: isinstance(x, boxed))
+  return sum(int((x.value if isinstance(x, boxed) else x).size) for x in leaves)
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:

@@ -529,7 +529,6 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
   else:
     batches = chat_data.train_batches(run.corpus, batch_size=loop.batch_size, local_rows=run.rows, start=run.start,
                                       steps=steps, read_threads=settings.data.read_threads)
-  flops = metrics_lib.flops_per_token(settings.model, seq_len)
   writers = [metrics_lib.MetricWriter(m.workdir, resume_step=run.start) for m in members]
   peak = loop.peak_tflops * 1e12 or metrics_lib.peak_flops_per_device()
   tokens_per_step = loop.batch_size * seq_len * len(members)  # a group's: all its members'
@@ -571,17 +570,22 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
       for step in range(run.start, steps):
         where[0] = f'train step {step + 1}'
         profiler.before(step)
-        state, step_metrics = step_fn(state, _global_batch(next(batches), run.batch_sharding, run.rows,
+        host_batch = next(batches)
+        state, step_metrics = step_fn(state, _global_batch(host_batch, run.batch_sharding, run.rows,
                                                            loop.batch_size), horizon, *frozen)
         done = step + 1
-        timer.queued(step_metrics)  # waits for the previous step: the host runs one step ahead
+        # The FLOPs MFU counts: each document's own attention band (this process's rows scaled to the global
+        # batch; a group's: all its members').
+        work = (metrics_lib.batch_flops(settings.model, host_batch['segment_ids']) * loop.batch_size
+                / len(run.rows) * len(members)) if peak else 0.0
+        timer.queued(step_metrics, work)  # waits for the previous step: the host runs one step ahead
         diverged(nonfinite.check(timer.previous, done - 1))
         profiler.after(done, step_metrics)
         stopping = stop.received or done == stop_after or ckpt.reached_preemption(done)
 
         if done % log_every == 0 or done == steps or stopping:
           diverged(nonfinite.check(step_metrics, done))
-          collected = timer.collect(done, tokens_per_step, flops, peak, len(members))
+          collected = timer.collect(done, tokens_per_step, peak, len(members))
           for values in collected:
             if settings.data.format != 'text' and 'step_time' in values:  # rows hold padding, untrained tokens
               values['trained_tokens_per_sec'] = values['target_tokens'] / values['step_time']
@@ -668,25 +672,27 @@ class _StepTimer:
   """Step times and throughput over the steps since the last log, leaving out the first (compiling) step."""
 
   def __init__(self, start: int):
-    self.start, self.timed_from, self.time = start, start, time.time()
+    self.start, self.timed_from, self.time, self.flops = start, start, time.time(), 0.0
     self.pending: list[dict[str, jax.Array]] = []
     self.previous: dict[str, jax.Array] | None = None
     self.last_step_time: float | None = None
 
-  def queued(self, step_metrics) -> None:
+  def queued(self, step_metrics, flops: float = 0.0) -> None:
+    """A step was queued; `flops`: what it computes (`metrics.batch_flops`), for MFU."""
     if self.pending:
       jax.block_until_ready(self.pending[-1])
       self.previous = self.pending[-1]
     self.pending.append(step_metrics)
+    self.flops += flops
     if len(self.pending) == 1 and self.timed_from == self.start:  # the first step compiles
       jax.block_until_ready(step_metrics)
       logging.info('first step (compilation included) took %.1f s', time.time() - self.time)
       self.restart(self.start + 1)
 
   def restart(self, done: int) -> None:
-    self.timed_from, self.time = done, time.time()
+    self.timed_from, self.time, self.flops = done, time.time(), 0.0
 
-  def collect(self, done: int, tokens_per_step: int, flops: float, peak: float | None, members: int = 1
+  def collect(self, done: int, tokens_per_step: int, peak: float | None, members: int = 1
               ) -> list[dict[str, float]]:
     """Each member's metrics averaged over the steps since the last call, with the step time and throughput
     (a group's: `tokens_per_step` counts all its members, and so do tokens_per_sec and mfu)."""
@@ -699,7 +705,7 @@ class _StepTimer:
       step_time = (time.time() - self.time) / (done - self.timed_from)
       timing = dict(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
       if peak:
-        timing['mfu'] = tokens_per_step * flops / step_time / (peak * jax.device_count())
+        timing['mfu'] = self.flops / (done - self.timed_from) / step_time / (peak * jax.device_count())
       if members > 1:
         timing['group_size'] = float(members)
       for v in values:

@@ -47,6 +47,24 @@ def test_flops_per_token_counts_weights_and_the_window():
   assert metrics.flops_per_token(model, 1024) == metrics.flops_per_token(no_window, 1024)  # window >= seq
 
 
+def test_batch_flops_count_each_documents_own_band():
+  """MFU's numerator for packed rows: the weights for every position, attention over each document alone (what
+  the kernels compute), with the window; one document a row is `flops_per_token` of the row."""
+  model = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_sliding_window=True,
+                      sliding_window=3, max_window_layers=1)  # layer 0 full, layer 1 windowed
+  one = np.ones((2, 10), np.int32)
+  np.testing.assert_allclose(metrics.batch_flops(model, one), 20 * metrics.flops_per_token(model, 10), rtol=1e-12)
+  rows = np.array([[1, 1, 1, 1, 2, 2, 3, 3, 3, 3], [5] * 10])  # documents of 4, 2, 4 and 10 tokens
+  assert metrics.document_lengths(rows).tolist() == [4, 2, 4, 10]
+  weights = metrics.flops_per_token(model, 1) - 12 * 4 * 8 * 2  # 6 N: the weights' part alone
+  full = lambda n: n * (n + 1) / 2
+  windowed = lambda n: sum(min(i + 1, 3) for i in range(n))
+  pairs = sum(full(n) + windowed(n) for n in (4, 2, 4, 10))
+  np.testing.assert_allclose(metrics.batch_flops(model, rows), 20 * weights + 12 * 4 * 8 * pairs, rtol=1e-12)
+  assert metrics.batch_flops(model, rows) < metrics.batch_flops(model, one)
+
+
 def test_moe_flops_count_only_the_active_experts():
   config = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'moe_tiny.py'))
   moe = ModelConfig.from_dict(config.model)
@@ -150,3 +168,20 @@ def test_metric_writer_writes_jsonl_and_tensorboard(tmp_path):
   moe = metrics.progress_line(10, 100, {'loss': 2.0, 'moe_aux_loss': 0.004, 'moe_load_balancing_loss': 1.25,
                                          'moe_router_z_loss': 0.5}, None)
   assert 'load_balancing 1.2500' in moe and 'router_z 0.5000' in moe
+
+
+def test_a_runs_mfu_counts_what_its_batches_compute(tmp_path, tokenizer_file):
+  """The logged MFU is the FLOPs of the timed steps' own batches (`metrics.batch_flops`: documents packed into a
+  row attend only within themselves) over their time, not `flops_per_token` of whole rows."""
+  from qwenjax import train  # pylint: disable=g-import-not-at-top
+  from train_utils import config_from_overrides, first_batches, read_metrics, tiny_overrides  # pylint: disable=g-import-not-at-top
+  config = config_from_overrides(dict(tiny_overrides(tokenizer_file), **{
+      'data.seq_len': 512, 'train.steps': 4, 'train.log_every': 4, 'train.peak_tflops': 1e-3}))
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  [record] = [r for r in read_metrics(str(tmp_path / 'run')) if 'mfu' in r]
+  model = config_lib.settings(config).model
+  work = [metrics.batch_flops(model, b['segment_ids'])
+          for b in first_batches(config, tokenizer_file, 4)[1:]]  # the first step (compiling) is not timed
+  np.testing.assert_allclose(record['mfu'] * record['step_time'] * 1e9 * jax.device_count(), np.mean(work),
+                             rtol=1e-9)
+  assert min(work) < 8 * 512 * metrics.flops_per_token(model, 512)  # some row holds several documents
