@@ -27,9 +27,10 @@ setup(
     ],
     extras_require={
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
-        # trl: the SFT and DPO references of tests/test_post_training.py (it needs Python >= 3.11; skipped before).
-        'test': ['pytest', 'transformers>=4.45', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel',
-                 'trl==1.16.0; python_version >= "3.11"'],
+        # trl: the SFT and DPO references of tests/test_post_training.py (it needs Python >= 3.11); peft: the LoRA
+        # adapters' reference (tests/test_lora.py); pytest-xdist: the suite on two processes (README).
+        'test': ['pytest', 'pytest-xdist', 'transformers>=4.45', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel',
+                 'trl==1.16.0; python_version >= "3.11"', 'peft==0.21.2'],
         'cuda': ['jax[cuda13]'],
         'tpu': ['jax[tpu]'],
     },

@@ -156,8 +156,8 @@ def test_step_benchmarks_train_on_saved_packed_documents(saved_documents, tmp_pa
 def test_peer_loss_keeps_packed_documents_apart():
   """The peer's loss on a packed row equals its loss on each document alone: transformers masks across
   documents from the restarting positions, and the labels drop the targets that cross a boundary."""
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(ROOT / 'benchmarks'))
   import hf_peer_1b  # pylint: disable=g-import-not-at-top
   config = transformers.Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -187,7 +187,6 @@ def test_peer_loss_keeps_packed_documents_apart():
 def test_lora_sft_benchmark_runs_both_sides_on_cpu(tmp_path):
   """lora_sft_gpu.py on a 2-layer model: qwenjax's LoRA step and transformers + PEFT's (eager), each in its own
   process, on the same packed SFT batches, and the table with their ratio."""
-  pytest.importorskip('peft')
   config = tmp_path / 'small.py'
   config.write_text('from qwenjax.config import base_config, model_section\n\n\ndef get_config():\n'
                     '  config = base_config()\n'

@@ -36,7 +36,7 @@ from qwenjax.model_config import ModelConfig
 from model_utils import random_params
 from train_utils import ROOT, TINY, first_batches, losses, read_metrics, subprocess_xla_flags
 
-peft = pytest.importorskip('peft')
+import peft  # pylint: disable=g-import-not-at-top,wrong-import-order
 
 DENSE = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=128, rope_theta=10_000.0, attention_impl='xla')

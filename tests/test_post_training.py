@@ -80,8 +80,8 @@ def packed_batch(path: str, fmt: str, tok, root: str, seq_len: int = 255) -> dic
 
 
 def trl_trainer(kind: str, model, tokenizer_dir: str, rows: list, tmp_path, **kwargs):
-  datasets = pytest.importorskip('datasets')
-  trl = pytest.importorskip('trl')
+  import datasets  # pylint: disable=import-outside-toplevel
+  import trl  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
   common = dict(output_dir=str(tmp_path / 'trl'), report_to=[], per_device_train_batch_size=len(rows), use_cpu=True,
