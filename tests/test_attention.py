@@ -158,6 +158,7 @@ SPLASH_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(SPLASH_CASES))
 def test_splash_matches_xla_reference(case):
   batch, seq, heads, kv_heads, dim, window, boundaries, block, dtype = SPLASH_CASES[case]
@@ -215,6 +216,7 @@ MESH_RULES = (('activation_batch', ('data', 'fsdp')), ('activation_heads', 'tens
     (6, 3, 'Explicit'),
     (4, 1, 'Auto'),  # one kv head, replicated: each device slices the one its query heads use
 ])
+@pytest.mark.slow
 def test_pallas_under_mesh_matches_xla(heads, kv_heads, axis_type):
   mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
                        axis_types=(getattr(jax.sharding.AxisType, axis_type),) * 3)

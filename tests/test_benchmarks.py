@@ -42,6 +42,7 @@ def test_train_benchmark_times_and_profiles_a_step(tmp_path):
   assert '| b2_m2_acts_xla_unrolled | 2 x 256 | 2 | activations_saveable | xla | 64, bfloat16 |' in out
 
 
+@pytest.mark.slow
 def test_train_benchmark_times_what_auto_chooses(tmp_path):
   """'mauto' and 'auto': the main job's defaults, fitted to the memory given (a CPU reports none)."""
   out = _run('train_1b.py', '--config', str(ROOT / 'configs' / 'tiny.py'), '--variants', 'b2_mauto_auto_xla_unrolled',
@@ -53,6 +54,7 @@ def test_train_benchmark_times_what_auto_chooses(tmp_path):
   assert '| b2_mauto_auto_xla_unrolled | 2 x 256 | 2 | activations_saveable |' in out
 
 
+@pytest.mark.slow
 def test_train_benchmark_rejects_a_bad_variant_name(tmp_path):
   with pytest.raises(AssertionError, match='bad variant'):
     _run('train_1b.py', '--variants', 'b4_m4_dots_cudnn,b4_m3_dots_cudnn', '--out', str(tmp_path))
@@ -82,6 +84,7 @@ def saved_documents(tmp_path_factory):
   return json.loads(out.strip().splitlines()[-1]), workdir, docs
 
 
+@pytest.mark.slow
 def test_data_throughput_benchmark_reads_batches(saved_documents):
   result, workdir, docs = saved_documents
   assert result['tokens_per_s'] > 0 and result['batch_size'] == 2 and result['batches'] == 4
@@ -115,6 +118,7 @@ def test_median_seconds_times_calls_back_to_back(monkeypatch):
   assert seconds == 2.0  # each sample spans 6 clock units for 3 calls
 
 
+@pytest.mark.slow
 def test_attention_benchmark_times_and_profiles_on_cpu(tmp_path):
   """attention_gpu.py --bench --profile, on the XLA reference (the kernels need a GPU): a timed row with its
   per-kernel profile."""
@@ -127,6 +131,7 @@ def test_attention_benchmark_times_and_profiles_on_cpu(tmp_path):
   assert 'profile of fwd+bwd, 256_XLA masked reference, per call' in out and '| 256 | XLA masked reference |' in out
 
 
+@pytest.mark.slow
 def test_loss_benchmark_times_both_ways_on_cpu(tmp_path):
   """loss_gpu.py on a small chunk, the kernels in the interpreter: both passes timed both ways, and the kernels'
   results checked against the float32 reference."""

@@ -80,6 +80,7 @@ def test_a_usage_error_is_one_line_and_status_2(usage_results, case):
   assert not done.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands_own_flags_one_line_each():
   results = _commands({'sweep': ['sweep', '--help'], 'train': ['train', '--help'], 'scaling': ['scaling', '-h']})
   for name, done in results.items():
@@ -92,6 +93,7 @@ def test_help_lists_the_commands_own_flags_one_line_each():
   assert '--config=FILE' in results['train'].stdout and '--bootstrap=N' in results['scaling'].stdout
 
 
+@pytest.mark.slow
 def test_importing_a_command_defines_no_flags():
   """The sweep imports train and scaling; notebooks import any command: their flags come only with running them."""
   code = ('from absl import flags\n'
@@ -114,6 +116,7 @@ def workdir_without_checkpoints(tmp_path, tokenizer_file):
   return str(workdir)
 
 
+@pytest.mark.slow
 def test_a_failure_at_run_time_is_one_line_and_status_1(workdir_without_checkpoints, tmp_path):
   workdir = workdir_without_checkpoints
   (tmp_path / 'a.txt').write_text('some text')

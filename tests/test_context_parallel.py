@@ -62,6 +62,7 @@ def test_seq_len_that_does_not_split_is_a_usage_error():
   assert config_lib.settings(config).mesh.context == 4
 
 
+@pytest.mark.slow
 def test_the_command_line_reports_a_seq_len_that_does_not_split(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   from train_utils import train_command  # pylint: disable=g-import-not-at-top
@@ -127,6 +128,7 @@ def _assert_close(got, expected, atol):
     ({'fsdp': 2, 'context': 2, 'tensor': 2}, 11, True),
     pytest.param({'context': 8}, 5, True, marks=pytest.mark.slow),
 ])
+@pytest.mark.slow
 def test_xla_attention_over_a_split_sequence_equals_the_reference(sizes, window, packed):
   mesh = make_mesh(**sizes)
   q, k, v = _random_qkv(2, 64, 4, 2, 16)
@@ -156,6 +158,7 @@ def test_splash_kernel_over_a_split_sequence_equals_the_reference():
   _assert_close(got, _reference(q, k, v, ids, 200), 5e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('platform', ['cuda', 'tpu'])
 def test_context_attention_lowers_with_the_kernels_of_each_platform(platform):
   """What a GPU or TPU runs under {data: 2, context: 4}: the Hopper kernels with a query offset, or splash over

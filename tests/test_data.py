@@ -146,6 +146,7 @@ def test_documents_left_out_are_counted_and_warned_about_once(tmp_path, caplog):
   assert caplog.text.count('image.txt: binary data') == 1, caplog.text
 
 
+@pytest.mark.slow
 def test_the_prepare_command_prints_the_corpora(tmp_path):
   (tmp_path / 'a.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in _docs(40)))
   done = subprocess.run(

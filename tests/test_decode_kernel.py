@@ -36,6 +36,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(CASES))
 def test_kernel_matches_append_then_attend(case):
   position, kv_heads, group, head_dim, slots, window, dtype, block, programs = CASES[case]

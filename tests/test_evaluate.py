@@ -54,6 +54,7 @@ def _run_eval_step(train, params, batch):
   return float(nll), float(count)
 
 
+@pytest.mark.slow
 def test_eval_step_in_micro_batches_gives_the_whole_batch_loss():
   params = random_params(MODEL)
   batch = _eval_batch()

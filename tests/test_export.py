@@ -66,6 +66,7 @@ def _ours(workdir, input_ids, step=None):
   return np.asarray(model_lib.Qwen2(model_config).apply({'params': params}, np.asarray(input_ids)))
 
 
+@pytest.mark.slow
 def test_restore_params_reads_only_the_parameters(run):
   config, params, step = checkpoint.restore_params(run)
   assert step == 3 and config.train.steps == 3 and config.model.hidden_size == 64
@@ -104,6 +105,7 @@ def test_restore_params_errors_name_the_problem(run, tmp_path):
   del params
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_our_logits(run, tmp_path):
   out = str(tmp_path / 'hf')
   summary = export.export(run, out)
@@ -188,6 +190,7 @@ def test_a_tokenizer_that_autotokenizer_reads_differently_is_named(run, tmp_path
   assert as_is(text, add_special_tokens=False)['input_ids'] == tokenizer_lib.load(out).encode(text)
 
 
+@pytest.mark.slow
 def test_evaluate_from_the_workdir_equals_transformers_on_the_export(run, tmp_path):
   out = str(tmp_path / 'hf')
   export.export(run, out)

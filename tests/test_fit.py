@@ -57,6 +57,7 @@ def _choose(settings, needs, limit_gib, bounds=None):
   return choice, compiled
 
 
+@pytest.mark.slow
 def test_auto_picks_the_fastest_measured_setting_of_configs_1b_on_one_h100():
   """At 64 x 8192 the first candidate is 16 micro-batches of 4 rows with 'activations_saveable', the fastest
   setting measured (67,150 tokens/s against 63,626 for micro-batch 2 without remat and 64,507 for 8 with
@@ -71,6 +72,7 @@ def test_auto_picks_the_fastest_measured_setting_of_configs_1b_on_one_h100():
       16, 'activations_saveable', 4, [(16, 'activations_saveable')])
 
 
+@pytest.mark.slow
 def test_long_context_picks_attention_saveable_then_full_then_says_what_the_smallest_needs():
   """At 131,072 tokens 'attention_saveable' is the fastest that fits (it never recomputes attention); the
   policies whose saved activations alone exceed the device are not compiled."""

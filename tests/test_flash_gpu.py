@@ -46,6 +46,7 @@ def _rel(a, b):
         (1, 37, 2, 2, 128, None, False, jnp.float32),  # causal, GQA 1, head_dim 128
         (1, 50, 4, 2, 64, 20, True, jnp.bfloat16),  # bf16 in, fp32 accumulation
     ])
+@pytest.mark.slow
 def test_matches_reference(batch, seq, q_heads, kv_heads, head_dim, window, segments, dtype):
   keys = jax.random.split(jax.random.key(seq * 7 + q_heads), 5)
   q = jax.random.normal(keys[0], (batch, seq, q_heads, head_dim)).astype(dtype)
@@ -144,6 +145,7 @@ def test_document_ranges_cover_every_visible_pair(window):
   assert skipped > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', range(5))
 def test_matches_reference_for_each_document_layout(layout):
   seq, window = 96, 40
@@ -183,6 +185,7 @@ def test_triton_kernels_with_documents_lower_for_cuda():
   assert lowered.as_text().count('__gpu$xla.gpu.triton') == 3  # forward, dQ and dK/dV kernels
 
 
+@pytest.mark.slow
 def test_mosaic_kernels_lower_for_cuda():
   """The Hopper kernels (forward, dQ, dK/dV) trace and lower to Mosaic GPU without a GPU."""
   q = jax.ShapeDtypeStruct((2, 1000, 14, 128), jnp.bfloat16)
@@ -237,6 +240,7 @@ def test_query_offset_chunks_equal_the_whole_sequence(window, segments):
     assert _rel(grad, expected_grad) < 1e-5, name
 
 
+@pytest.mark.slow
 def test_mosaic_kernels_with_a_query_offset_lower_for_cuda():
   q = jax.ShapeDtypeStruct((2, 256, 14, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)

@@ -53,6 +53,7 @@ def hf_greedy(torch_model, prompt, new_tokens):
 DENSE = dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, tie_word_embeddings=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['dense_sliding', 'moe'])
 def test_greedy_matches_transformers_generate(tmp_path, kind):
   torch_model = hf_utils.random_qwen2(seed=3, **DENSE) if kind == 'dense_sliding' else random_qwen2_moe(seed=4)
@@ -123,6 +124,7 @@ def test_cached_decoding_gives_full_forward_logits_at_every_step(scan_layers, de
     assert [sorted(r) for r in ring] == [list(range(e - window, e)) for e in position]
 
 
+@pytest.mark.slow
 def test_ring_buffer_never_grows_past_the_window():
   config = tiny_config(use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=3)
   params = params_lib.init_params(config, jax.random.key(2))
@@ -189,6 +191,7 @@ def test_idle_rows_added_for_decoding_change_no_token(monkeypatch):
   assert padded_rows == [2]
 
 
+@pytest.mark.slow
 def test_compiles_once_per_bucket():
   config = tiny_config()
   params = params_lib.init_params(config, jax.random.key(3))
@@ -201,6 +204,7 @@ def test_compiles_once_per_bucket():
   assert [len(r) for r in first] == [20, 20]
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_from_its_seed():
   config = tiny_config()
   params = params_lib.init_params(config, jax.random.key(4))
@@ -214,6 +218,7 @@ def test_sampling_is_reproducible_from_its_seed():
   assert len({t for row in a for t in row}) > 8  # really sampled: a random tiny model's greedy text repeats
 
 
+@pytest.mark.slow
 def test_top_k_and_top_p_keep_the_likely_tokens():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
   keys = jax.random.key(0)

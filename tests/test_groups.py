@@ -96,6 +96,7 @@ def test_a_stopped_group_resumes_and_a_member_resumes_alone(tmp_path, tokenizer_
                       [str(tmp_path / 'ahead'), str(tmp_path / 'behind')])
 
 
+@pytest.mark.slow
 def test_a_diverging_member_stops_alone(tmp_path, tokenizer_file):
   configs = [member_config(tokenizer_file, lr, 1, max_nonfinite_steps=2) for lr in (1e30, 3e-3)]
   workdirs = [str(tmp_path / 'huge'), str(tmp_path / 'good')]
@@ -121,6 +122,7 @@ def test_only_runs_of_one_shape_and_stream_form_a_group(tmp_path, tokenizer_file
   assert not os.path.exists(tmp_path / 'a')
 
 
+@pytest.mark.slow
 def test_points_of_one_shape_reuse_the_compiled_step_whatever_their_lr(tmp_path, tokenizer_file):
   """A second run of one shape in the same process, with another lr, warmup, length and final fraction, runs the
   train and eval steps the first one compiled: neither is traced or compiled again."""
@@ -144,6 +146,7 @@ def test_points_of_one_shape_reuse_the_compiled_step_whatever_their_lr(tmp_path,
   assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-3, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_gpu_attention_folds_the_member_axis_into_the_batch():
   """Vmapped, the Pallas GPU flash attention runs one kernel over members x batch rows (the Hopper kernels trace
   and lower for CUDA here without a GPU), and in the interpreter gives each member what it gives alone."""

@@ -149,6 +149,7 @@ ROPE_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(ROPE_CASES))
 def test_scaled_rope_gives_transformers_logits_beyond_the_original_context(tmp_path, case):
   """YaRN and linear scaling, read from transformers' config.json, give its logits at positions past the original

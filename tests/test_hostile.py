@@ -124,6 +124,7 @@ def _write_calls():
   return found
 
 
+@pytest.mark.slow
 def test_every_file_the_project_writes_goes_through_files_write():
   """Class: a file written in place (open 'w', write_text, json.dump, savefig, a safetensors save) is truncated by
   a failure halfway; every writer goes through files.write (a temporary file renamed over the target)."""
@@ -713,6 +714,7 @@ cli.run(main, lambda: None)
 '''
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_mid_step_is_one_line_and_status_130(tmp_path):
   """A second Ctrl-C while a step runs stops at once: one `stopped:` line, exit status 130, no traceback (was a
   40-line KeyboardInterrupt traceback and status -2)."""

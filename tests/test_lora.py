@@ -122,6 +122,7 @@ def test_adapters_have_their_kernels_axes_and_placement():
 
 @pytest.mark.parametrize('config', [DENSE, pytest.param(dataclasses.replace(MOE, scan_layers=True),
                                                          marks=pytest.mark.slow)], ids=['dense', 'moe_scanned'])
+@pytest.mark.slow
 def test_adapters_off_is_the_base_and_new_adapters_change_nothing(config):
   params = random_params(config)
   lora = LoraConfig(lora_rank=4, lora_alpha=8.0)
@@ -245,6 +246,7 @@ def _peft_logits(base_dir, adapter_dir, moe):
 @pytest.mark.parametrize('moe,targets,scan', [
     (False, 'q,k,v,o,gate,up,down', True), pytest.param(True, 'q,k,v,o,gate,up,down', False, marks=pytest.mark.slow),
     pytest.param(True, 'o,up,down', False, marks=pytest.mark.slow)], ids=['dense_scanned', 'moe', 'moe_some_targets'])
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:The following (rank|alpha)_pattern keys did not match')  # PEFT checks modules only
 def test_peft_loads_the_adapters_onto_the_base_with_the_merged_logits(tmp_path, moe, targets, scan):
   if moe:

@@ -171,6 +171,7 @@ def load_config(name):
 @pytest.mark.parametrize('name,count', [
     ('1b', 1_083_033_600), ('qwen2_0_5b', 494_032_768), ('qwen2_1_5b', 1_543_714_304),
     ('qwen2_7b', 7_615_616_512), ('qwen2_72b', 72_706_203_648)])
+@pytest.mark.slow
 def test_parameter_counts(name, count):
   assert params_lib.count_params(ModelConfig.from_dict(load_config(name).model)) == count
 

@@ -21,6 +21,7 @@ def params():
   return init_params(config, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_kinds_follow_the_mup_table(params):
   kinds = {'/'.join(mup._names(path)): mup.kind(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
   assert kinds['embed_tokens'] == 'embedding_or_vector'

@@ -112,6 +112,7 @@ def test_sharding_places_parameters_and_steps(tmp_path):
   assert math.isfinite(loss) and loss < number(r'first step \(compiling\): [\d.]+ s, loss ([\d.]+)', out)
 
 
+@pytest.mark.slow
 def test_post_training_runs_sft_then_dpo(tmp_path):
   notebook = execute('post_training', tmp_path)
   out = texts(notebook)

@@ -151,6 +151,7 @@ def test_dpo_loss_and_rewards_equal_trl(chat_model, records, tmp_path):
     assert abs(float(value) - got[name]) < 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['xla', 'pallas'])  # pallas: the GPU kernels, in the interpreter
 def test_token_log_probs_and_their_gradient_equal_the_full_softmax(impl):
   rng = np.random.default_rng(0)

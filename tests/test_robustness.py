@@ -122,6 +122,7 @@ def test_damage_outside_the_arrays_is_corruption_too(four_steps, tmp_path, damag
   assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4, 5]  # resumed from step 2
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_can_be_read_the_run_stops(four_steps, tmp_path):
   config, workdir = copy_run(four_steps, tmp_path)
   for step in ('2', '4'):  # both damaged: their array data is gone
@@ -231,6 +232,7 @@ def test_one_run_per_workdir(four_steps, tmp_path):
       lock.release()
 
 
+@pytest.mark.slow
 def test_a_failed_restart_leaves_config_json_as_it_was(four_steps, tmp_path):
   config, workdir = copy_run(four_steps, tmp_path)
   with open(os.path.join(workdir, 'config.json')) as f:
@@ -272,6 +274,7 @@ def test_bad_training_files_are_named(tmp_path, content, message):
   assert not os.path.exists(tmp_path / 'run')  # nothing was trained: no workdir is left behind
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_training_leaves_no_new_directory(tmp_path, tokenizer_file):
   config = fast_config(tokenizer_file)
   config.data.train_files = str(tmp_path / 'missing' / '*.jsonl')

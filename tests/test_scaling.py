@@ -158,6 +158,7 @@ def write_results(directory, rows):
       f.write(json.dumps(row) + '\n')
 
 
+@pytest.mark.slow
 def test_fit_command_writes_fit_json_and_plots(tmp_path):
   directory = str(tmp_path / 'sweep')
   write_results(directory, isoflop_points(SMALL_DATA, (1e14, 1e17), budgets=3, sizes=5))
@@ -201,6 +202,7 @@ def with_code(rows, source='abc'):
   return [dict(r, code=dict(source=source, commit=None, dirty=None, jax='0')) for r in rows]
 
 
+@pytest.mark.slow
 def test_quality_passes_a_study_that_recovers_its_law_and_fails_the_committed_h200_one(tmp_path):
   fitted = scaling.fit(with_code(isoflop_points(CHINCHILLA, (1e18, 1e21))), bootstrap=40, seed=1)
   quality = fitted['quality']

@@ -235,6 +235,7 @@ def test_expert_axis_shards_experts_and_tokens():
   assert sharding.batch_shards(mesh, rules) == 8
 
 
+@pytest.mark.slow
 def test_loss_ignores_masked_targets():
   logits = jax.random.normal(jax.random.key(0), (2, 5, 11))
   targets = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])

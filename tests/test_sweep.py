@@ -295,6 +295,7 @@ def lr_staged_sweep(prepared_dir):
   return sweep
 
 
+@pytest.mark.slow
 def test_lr_stage_chooses_the_rates_the_isoflop_points_train_at(prepared_dir, tmp_path):
   sweep = lr_staged_sweep(prepared_dir)
   workdir = str(tmp_path / 'sweep')
@@ -378,6 +379,7 @@ def test_an_lr_stage_trained_in_groups_records_what_its_points_give_alone(prepar
   assert len(sweep_lib.run(sweep, str(tmp_path / 'grouped'), only=names)) == 3  # finished: nothing retrained
 
 
+@pytest.mark.slow
 def test_a_sweep_refuses_to_resume_under_other_code(prepared_dir, tmp_path, monkeypatch):
   """Each result records the code that trained it; a started sweep refuses other sources or another jax (naming
   the files), or with allow_code_change goes on and records the change."""
@@ -423,6 +425,7 @@ def test_code_version_hashes_the_sources(tmp_path):
   assert repo['commit'] and len(repo['commit']) == 40 and isinstance(repo['dirty'], bool)
 
 
+@pytest.mark.slow
 def test_check_reruns_a_committed_point(prepared_dir, tmp_path):
   """A committed point rerun gives its eval loss again (within 0.02); a record that says otherwise, or was
   planned otherwise, fails the check."""
@@ -479,6 +482,7 @@ def load_sweep(name: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['isoflop_gpu.py', 'isoflop_gpu_kaplan.py'])
 def test_gpu_studies_meet_the_issue(name):
   """Issue 35's study: 4 budgets or more over a factor of 30 up to 3e16 FLOPs, 5 sizes or more a budget, the

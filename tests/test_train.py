@@ -87,6 +87,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path, uninterr
                              atol=1e-6)
 
 
+@pytest.mark.slow
 def test_profile_steps_writes_a_trace_that_profile_summary_reads(uninterrupted):
   _, workdir, _ = uninterrupted
   profile_dir = os.path.join(workdir, 'profile')
@@ -114,6 +115,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, uninterr
   np.testing.assert_allclose([got[5], got[6]], [expected[5], expected[6]], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_shape_names_the_parameter(uninterrupted):
   config, workdir, _ = uninterrupted
   config = config.copy_and_resolve_references()
@@ -123,6 +125,7 @@ def test_checkpoint_of_another_model_shape_names_the_parameter(uninterrupted):
     train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_names_the_parameter_not_the_optimizer_state(uninterrupted):
   """The optimizer state follows the parameters, so another model's shape shows in both: the message names the
   parameter and the model config (and ends its sentence before the settings that differ)."""

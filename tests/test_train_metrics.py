@@ -99,6 +99,7 @@ def optax_schedule(train):
       end_value=lr * train.lr_final_fraction)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['cosine', 'constant'])
 def test_learning_rate_schedule_takes_its_horizon_at_run_time_with_optax_values(kind):
   base = config_lib.OptimizerConfig(lr=3e-3, lr_schedule=kind, lr_final_fraction=0.1)
