@@ -27,7 +27,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qwenjax.attention import xla_attention
 from qwenjax.kernels import attention_contract, flash_gpu
@@ -191,9 +190,7 @@ def tune(args) -> flash_gpu.BlockSizes:
 
 def _document_pairs(seg, window) -> int:
   """Visible (query, key) pairs of one head over the batch with packed documents."""
-  ids = np.asarray(seg)
-  return sum(attention_contract.band_pairs(int(n), window)
-             for row in ids for n in np.unique(row, return_counts=True)[1])
+  return attention_contract.documents_band_pairs(attention_contract.document_lengths(seg), window)
 
 
 def _profile(fn, inputs, calls: int, out: str | None, label: str) -> dict:

@@ -60,20 +60,15 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   packed documents does less attention work than one document: `batch_flops` counts that.
   """
   attention = 0.0
-  for layer in range(config.num_hidden_layers):
-    window = config.sliding_window if config.is_sliding(layer) else None
+  for window in _layer_windows(config):
     visible = attention_contract.band_pairs(seq_len, window) / seq_len  # keys a query sees, on average
     attention += 12 * config.num_attention_heads * config.head_dim * visible
   return 6 * _weight_params(config) + attention
 
 
-def document_lengths(segment_ids: np.ndarray) -> np.ndarray:
-  """The lengths of the runs of one id along each row of `[rows, seq]` `segment_ids`: the packed documents (a
-  row's padding is one more run)."""
-  segment_ids = np.asarray(segment_ids)
-  starts = np.ones(segment_ids.shape, bool)
-  starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return np.diff(np.append(np.flatnonzero(starts), segment_ids.size))
+def _layer_windows(config: ModelConfig) -> list[int | None]:
+  """Each layer's sliding window, None for full attention."""
+  return [config.sliding_window if config.is_sliding(i) else None for i in range(config.num_hidden_layers)]
 
 
 def batch_flops(config: ModelConfig, segment_ids: np.ndarray) -> float:
@@ -81,15 +76,9 @@ def batch_flops(config: ModelConfig, segment_ids: np.ndarray) -> float:
   document's own causal band: its queries see only its keys, and the attention kernels skip the rest. So MFU
   stays the share of the peak the device did useful work at, whatever the documents' lengths (with
   `flops_per_token(seq_len)` a row of many short documents would count work never done, and pass 100%)."""
-  lengths = document_lengths(segment_ids).astype(np.float64)
-  attention = 0.0
-  for layer in range(config.num_hidden_layers):
-    window = config.sliding_window if config.is_sliding(layer) else None
-    full = lengths * (lengths + 1) / 2
-    pairs = full if window is None else np.where(lengths <= window, full,
-                                                 window * (window + 1) / 2 + (lengths - window) * window)
-    attention += 12 * config.num_attention_heads * config.head_dim * float(pairs.sum())
-  return 6 * _weight_params(config) * float(lengths.sum()) + attention
+  lengths = attention_contract.document_lengths(segment_ids)
+  pairs = sum(attention_contract.documents_band_pairs(lengths, window) for window in _layer_windows(config))
+  return 6 * _weight_params(config) * int(lengths.sum()) + 12 * config.num_attention_heads * config.head_dim * pairs
 
 
 def peak_flops(device_kind: str) -> float | None:

@@ -16,6 +16,7 @@ from tensorboardX.proto import event_pb2
 from qwenjax import config as config_lib
 from qwenjax import metrics
 from qwenjax import train_step
+from qwenjax.kernels import attention_contract
 from qwenjax.model_config import ModelConfig
 
 
@@ -56,7 +57,7 @@ def test_batch_flops_count_each_documents_own_band():
   one = np.ones((2, 10), np.int32)
   np.testing.assert_allclose(metrics.batch_flops(model, one), 20 * metrics.flops_per_token(model, 10), rtol=1e-12)
   rows = np.array([[1, 1, 1, 1, 2, 2, 3, 3, 3, 3], [5] * 10])  # documents of 4, 2, 4 and 10 tokens
-  assert metrics.document_lengths(rows).tolist() == [4, 2, 4, 10]
+  assert attention_contract.document_lengths(rows).tolist() == [4, 2, 4, 10]
   weights = metrics.flops_per_token(model, 1) - 12 * 4 * 8 * 2  # 6 N: the weights' part alone
   full = lambda n: n * (n + 1) / 2
   windowed = lambda n: sum(min(i + 1, 3) for i in range(n))

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_inputs(q, k, v, sliding_window: int | None, segment_ids) -> None:
@@ -107,3 +108,20 @@ def band_pairs(seq_len: int, window: int | None) -> int:
   if window is None or window >= seq_len:
     return seq_len * (seq_len + 1) // 2
   return window * (window + 1) // 2 + (seq_len - window) * window
+
+
+def document_lengths(segment_ids: np.ndarray) -> np.ndarray:
+  """The lengths of the runs of one id along each row of `[rows, seq]` `segment_ids`: the packed documents (a
+  row's padding is one more run)."""
+  segment_ids = np.asarray(segment_ids)
+  starts = np.ones(segment_ids.shape, bool)
+  starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return np.diff(np.append(np.flatnonzero(starts), segment_ids.size))
+
+
+def documents_band_pairs(lengths: np.ndarray, window: int | None) -> int:
+  """`band_pairs` summed over documents of these `lengths`, each attending only within itself (at once: a host
+  computes it for every training step)."""
+  lengths = np.asarray(lengths, np.int64)
+  seen = lengths if window is None else np.minimum(lengths, window)  # the first `seen` queries see 1.. keys
+  return int(np.sum(seen * (seen + 1) // 2 + (lengths - seen) * seen))
