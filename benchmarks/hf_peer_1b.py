@@ -42,6 +42,17 @@ from timing import packed_batches  # pylint: disable=g-import-not-at-top  (bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for the default config
 
 
+def qwen2_config(model_config: ModelConfig, dtype: str, attn: str) -> transformers.Qwen2Config:
+  """transformers' `Qwen2Config` of our model's shape (`qwenjax.hf.config_to_hf`), with `attn` as its attention
+  implementation; the parameters' dtype is the caller's to set."""
+  values = hf.config_to_hf(model_config, dtype)
+  values.pop('torch_dtype', None)
+  values.pop('dtype', None)
+  config = transformers.Qwen2Config(**values)
+  config._attn_implementation = attn  # pylint: disable=protected-access
+  return config
+
+
 def packed_labels(inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
   """Labels for `Qwen2ForCausalLM`, which shifts them (labels[t + 1] is the target of position t): the inputs,
   with -100 (ignored) where qwenjax's loss weight of position t is 0 (a target in another document)."""
@@ -59,11 +70,7 @@ def peer_loss(forward, ids, positions, labels):
 def run(attn: str, args) -> dict:
   model_config = ModelConfig.from_dict(config_lib.load(args.config).model)
   seq_len = args.seq_len or int(config_lib.load(args.config).data.seq_len)
-  values = hf.config_to_hf(model_config, 'float32')
-  values.pop('torch_dtype', None)
-  values.pop('dtype', None)
-  hf_config = transformers.Qwen2Config(**values)
-  hf_config._attn_implementation = attn  # pylint: disable=protected-access
+  hf_config = qwen2_config(model_config, 'float32', attn)
   device = torch.device(args.device)
   torch.manual_seed(0)
   with device:

@@ -155,18 +155,13 @@ def run_peer(args, attn: str, compiled: bool) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from hf_peer_1b import packed_labels, peer_loss  # pylint: disable=g-import-not-at-top
+  from hf_peer_1b import packed_labels, peer_loss, qwen2_config  # pylint: disable=g-import-not-at-top
   from qwenjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from qwenjax import hf  # pylint: disable=g-import-not-at-top
   from qwenjax import lora as lora_lib  # pylint: disable=g-import-not-at-top
   from qwenjax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top
 
   model_config = ModelConfig.from_dict(config_lib.load(args.config).model)
-  values = hf.config_to_hf(model_config, 'bfloat16')
-  values.pop('torch_dtype', None)
-  values.pop('dtype', None)
-  hf_config = transformers.Qwen2Config(**values)
-  hf_config._attn_implementation = attn  # pylint: disable=protected-access
+  hf_config = qwen2_config(model_config, 'bfloat16', attn)
   device = torch.device(args.device)
   torch.manual_seed(0)
   with device:
