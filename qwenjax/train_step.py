@@ -7,8 +7,9 @@ where the target is padding or belongs to another document), and optionally `pos
 (packed documents; without them every row is one document starting at position 0).
 
 With LoRA (`train.lora_rank > 0`, `qwenjax.lora`) the train state's `params` are the adapters alone, and the step
-and eval step take the frozen base parameters as one more argument: `train_step(state, batch, horizon, base)`.
-The model with its adapters is `params, adapters = model_inputs(state.params, base, lora)`, then
+and eval step take the frozen base parameters as one more argument (`frozen_inputs`; DPO's reference model is
+taken the same way): `train_step(state, batch, horizon, base)`. The model with its adapters is
+`params, adapters = model_inputs(state.params, (base,), lora)`, then
 `hidden_states(model_config, params, batch, adapters)`; the base without adapters (a reference model, e.g. DPO's
 with LoRA) is `hidden_states(model_config, base, batch)`: no copy of the base, no second parameter tree.
 """
