@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from qwenjax import attention
+from qwenjax import group as group_lib
 from qwenjax import metrics
 from qwenjax import sharding
 from qwenjax import train_step
@@ -370,22 +371,27 @@ def record(config: ml_collections.ConfigDict, choice: Choice) -> ml_collections.
 
 def fit_step(settings: RunConfig, *, mesh: jax.sharding.Mesh, rules: sharding.Rules, tx: Any, shardings: Any,
              batch: Mapping[str, jax.ShapeDtypeStruct], jit_step: Callable[[RunConfig], Any],
-             frozen: tuple = ()) -> tuple[RunConfig, Any, Choice]:
+             frozen: tuple = (), members: int = 1) -> tuple[RunConfig, Any, Choice]:
   """(settings with 'auto' resolved, the compiled train step, the choice), logged.
 
   `batch`: the global batch as ShapeDtypeStructs with their sharding; `jit_step(settings)`: the train step jitted
   as the run calls it, `(state, batch, horizon, *frozen) -> (state, metrics)`; `frozen`: the step's read-only
-  inputs as ShapeDtypeStructs (LoRA's base parameters).
+  inputs as ShapeDtypeStructs (LoRA's base parameters); `members` > 1: a group's step, vmapped over that many
+  stacked train states (`qwenjax.group`), so the program fitted is the one the group runs.
   """
   batch_shards = sharding.batch_shards(mesh, rules)
   limit = device_memory(settings.fit, mesh.devices)
   replicated = sharding.replicated(mesh)
   state = train_step.abstract_state(settings.model, tx, shardings, settings.lora)
-  horizon = {k: jax.ShapeDtypeStruct((), np.asarray(v).dtype, sharding=replicated)
+  stacked = () if members == 1 else (members,)
+  if stacked:
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(stacked + x.shape, x.dtype, sharding=s), state,
+                         group_lib.stacked_shardings(shardings))
+  horizon = {k: jax.ShapeDtypeStruct(stacked, np.asarray(v).dtype, sharding=replicated)
              for k, v in train_step.schedule_horizon(settings.optimizer).items()}
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   # The model's parameters: the state's, or with LoRA the frozen base (the state then holds the adapters).
-  params = frozen[0] if frozen else state.params
+  params = frozen[0] if frozen else train_step.abstract_state(settings.model, tx, shardings, settings.lora).params
   state_bytes, param_bytes = nbytes(state) + nbytes(frozen), nbytes(params)
 
   def compile_step(s: RunConfig):
@@ -401,8 +407,9 @@ def fit_step(settings: RunConfig, *, mesh: jax.sharding.Mesh, rules: sharding.Ru
     except Exception as e:  # pylint: disable=broad-except  (only a shortcut: compile instead)
       logging.warning('memory: could not trace what the backward pass keeps (%s); compiling to find out', e)
       return 0
-    # Per device at least the even share (parameters among the residuals are already counted in the state).
-    return (state_bytes + max(0, residuals - param_bytes)) // mesh.size
+    # Per device at least the even share (parameters among the residuals are already counted in the state); a
+    # group's members each keep their own.
+    return (state_bytes + members * max(0, residuals - param_bytes)) // mesh.size
 
   source = 'train.device_memory_gib' if settings.fit.device_memory_gib else 'the device'
   choice, compiled = choose(settings, batch_shards, limit, compile_step, saved_bytes, source)

@@ -239,7 +239,7 @@ class Run:
   state: train_step.TrainState
   start: int
   stream: dict[str, Any]  # what fixes the data stream, saved with each checkpoint
-  step_fn: Any = None  # the compiled train step (`jitted_steps`' as `qwenjax.fit` chose it); None: a group's
+  step_fn: Any = None  # the compiled train step (`jitted_steps`' as `qwenjax.fit` chose it; a group's vmapped)
   fit: fit.Choice | None = None  # its memory settings, what it needs and what the device has
   # The train and eval steps' last inputs, read and never written (`train_step.frozen_inputs`): the initial
   # model's parameters (`initial_params`), LoRA's frozen base (the state holds the adapters) or DPO's reference.
@@ -249,9 +249,10 @@ class Run:
   members: list[Member] = dataclasses.field(default_factory=list)  # a group's: the state is stacked over them
 
 
-def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str) -> Run:
+def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str, members: int = 1) -> Run:
   """Mesh, tokenizer and prepared data, then the train state: restored, or new. Only then does the workdir record
-  the run's tokenizer and `config` (config.json)."""
+  the run's tokenizer and `config` (config.json). `members` > 1: the step is fitted and compiled for a group of that
+  many runs (`setup_group` adds the others)."""
   model_config, loop, data_config = settings.model, settings.loop, settings.data
   mesh = sharding.make_mesh(settings.mesh)
   rules = sharding.logical_axis_rules(settings.mesh.rules, mesh, model_config)
@@ -289,11 +290,13 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
   shardings = train_step.state_shardings(model_config, tx, mesh, rules, settings.lora)
   frozen_shardings = (train_step.param_shardings(model_config, mesh, rules),) * train_step.frozen_inputs(
       settings.loss, settings.lora)
+  if members > 1 and frozen_shardings:
+    raise group_lib.GroupError('a group trains runs of the whole model (no LoRA, no DPO): train them one at a time')
   # The step fitted to the device's memory ('auto' resolved) and compiled: the program the loop runs.
   settings, step_fn, choice = fit.fit_step(
       settings, mesh=mesh, rules=rules, tx=tx, shardings=shardings, batch=abstract_batch(settings, batch_sharding),
-      jit_step=lambda s: jitted_steps(s, mesh, rules)[0],
-      frozen=tuple(train_step.abstract_params(model_config, sh) for sh in frozen_shardings))
+      jit_step=lambda s: jitted_steps(s, mesh, rules, members)[0],
+      frozen=tuple(train_step.abstract_params(model_config, sh) for sh in frozen_shardings), members=members)
   config = fit.record(config, choice)
   if data_config.format == 'text':
     stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
@@ -366,10 +369,7 @@ def _start_member(settings, config, workdir, tx, shardings, stream, tokenizer) -
 def setup_group(points: list[tuple[config_lib.RunConfig, ml_collections.ConfigDict, str]]) -> Run:
   """`setup` of the first member, then the others' train states, each restored from its own workdir or new, all
   stacked along a leading member axis. Every member must resume from the same step (GroupError otherwise)."""
-  run = setup(*points[0])
-  if run.frozen:
-    run.checkpointer.close()
-    raise group_lib.GroupError('a group trains runs of the whole model (no LoRA, no DPO): train them one at a time')
+  run = setup(*points[0], members=len(points))
   # Each member takes the first one's memory settings ('auto' resolved once: the members have one shape).
   a, p = run.settings.loss.grad_accum_steps, run.settings.model.remat_policy
   others = [_start_member(fit.resolved(s, a, p), fit.record(c, run.fit), w, run.tx, run.shardings, run.stream,
@@ -383,8 +383,7 @@ def setup_group(points: list[tuple[config_lib.RunConfig, ml_collections.ConfigDi
                                'at a time (train_and_evaluate) until they agree')
   state = group_lib.stack([run.state] + [state for _, state, _ in others], run.shardings)
   logging.info('group of %d runs: one step vmapped over them', len(points))
-  # The loop runs the step vmapped over the members (`jitted_steps`), not the single run's compiled one.
-  return dataclasses.replace(run, state=state, members=run.members + [m for m, _, _ in others], step_fn=None)
+  return dataclasses.replace(run, state=state, members=run.members + [m for m, _, _ in others])
 
 
 def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream):
@@ -562,7 +561,7 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), fit.out_of_memory(lambda: where[0], run.fit):
       # The schedule (lr, warmup, length) is an input, not a constant: runs of one shape share the compiled step.
       step_fn, eval_fn = jitted_steps(settings, run.mesh, run.rules, len(members))
-      step_fn, frozen = run.step_fn or step_fn, run.frozen  # a single run's: the one `qwenjax.fit` compiled
+      step_fn, frozen = run.step_fn or step_fn, run.frozen  # the one `qwenjax.fit` compiled
       optimizers = [m.settings.optimizer for m in members]
       horizon = jax.device_put(group_lib.horizon(optimizers) if grouped
                                else train_step.schedule_horizon(optimizers[0]), sharding.replicated(run.mesh))
