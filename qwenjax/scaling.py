@@ -79,6 +79,9 @@ def read_jsonl(path: str, required: Mapping[str, Any] | None = None) -> list[dic
   return files.read_records(path, required or {})
 
 
+LR_STAGE = 'learning-rate stage: it chose the other points\' rates'  # why its points are left out of the fits
+
+
 def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
   """(points with a finite, positive eval loss, [{name, reason}] of the others): diverged points, points
   without eval data, the points of a learning-rate stage. The fits and plots use the first; fit.json lists the
@@ -87,7 +90,7 @@ def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[st
   for r in results:
     loss = r.get('eval_loss')
     if r.get('stage') == 'lr':
-      excluded.append(dict(name=r.get('name'), reason='learning-rate stage: it chose the other points\' rates'))
+      excluded.append(dict(name=r.get('name'), reason=LR_STAGE))
     elif r.get('diverged'):
       excluded.append(dict(name=r.get('name'), reason=f'diverged: {r.get("error", "a non-finite loss")}'))
     elif loss is None:
@@ -629,8 +632,14 @@ def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0) -> dic
 def summary(fitted: Mapping[str, Any]) -> str:
   lines = []
   if fitted.get('excluded'):
-    lines.append(f'left out {len(fitted["excluded"])} point(s) without a finite eval loss: '
-                 + '; '.join(f'{x["name"]} ({x["reason"]})' for x in fitted['excluded'][:5]))
+    excluded = fitted['excluded']
+    lr_stage = [x for x in excluded if x['reason'] == LR_STAGE]
+    if lr_stage:
+      lines.append(f'left out the {len(lr_stage)} point(s) of the learning-rate stage (they chose the others\' rates)')
+    others = [x for x in excluded if x not in lr_stage]
+    if others:
+      lines.append(f'left out {len(others)} point(s): ' + '; '.join(f'{x["name"]} ({x["reason"]})' for x in others[:5])
+                   + ('; ...' if len(others) > 5 else ''))
   for approach, keys in (('approach2', APPROACH2_KEYS[:2]), ('approach3', APPROACH3_KEYS)):
     if approach not in fitted:
       continue

@@ -293,3 +293,13 @@ def test_learning_rate_stage_points_are_left_out_of_the_fits():
   fitted = scaling.fit(rows + stage, bootstrap=0)
   assert fitted['points'] == len(rows) and 'error' not in fitted['approach2']
   assert [x['name'] for x in fitted['excluded']] == [r['name'] for r in stage]
+
+
+def test_the_summary_names_points_left_out_and_counts_the_learning_rate_stage_apart():
+  rows = isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3, sizes=5)
+  lr_stage = [dict(rows[0], name=f'LR-{i}', stage='lr') for i in range(4)]
+  diverged = [dict(rows[1], name='C-big', eval_loss=None, diverged=True, error='loss nan at step 3')]
+  fitted = scaling.fit(rows + lr_stage + diverged, bootstrap=0)
+  lines = scaling.summary(fitted).splitlines()
+  assert lines[0] == "left out the 4 point(s) of the learning-rate stage (they chose the others' rates)"
+  assert lines[1] == 'left out 1 point(s): C-big (diverged: loss nan at step 3)'
