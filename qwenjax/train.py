@@ -416,13 +416,14 @@ def _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, str
         'workdir, or use a new --workdir.')
   if settings.lora.lora_rank:  # new adapters; the base is loaded apart (initial_params)
     return train_step.create_state(model_config, tx, shardings, rng=jax.random.fold_in(
-        jax.random.key(settings.seed), 1), lora=settings.lora), 0
+        jax.random.key(settings.seed), 1), lora=settings.lora, optimizer_key=_static_optimizer(settings)), 0
   if settings.init_from_hf:
     logging.info('initializing from the Hugging Face checkpoint %s', settings.init_from_hf)
     return train_step.create_state(
         model_config, tx, shardings, params=load_hf_params(settings.init_from_hf, model_config, shardings.params)), 0
   return train_step.create_state(model_config, tx, shardings, rng=jax.random.key(settings.seed),
-                                 mup_base_width=settings.optimizer.mup_base_width), 0
+                                 mup_base_width=settings.optimizer.mup_base_width,
+                                 optimizer_key=_static_optimizer(settings)), 0
 
 
 def _save(member: Member, stream: dict[str, Any], step: int, state) -> None:
@@ -490,8 +491,13 @@ def jitted_steps(settings: config_lib.RunConfig, mesh: jax.sharding.Mesh, rules:
   Kept for later runs of this process with the same shape, optimizer settings and group size: the points of one
   shape in a sweep reuse the compiled programs, whatever their learning rate and schedule (inputs of the step,
   zeroed in the key). `members` > 1: vmapped over a group's stacked state (the batch is the members' one)."""
-  static = dataclasses.replace(settings.optimizer, lr=0.0, lr_final_fraction=0.0, warmup_steps=0, steps=0)
-  return _jitted_steps(settings.model, static, settings.loss, settings.lora, mesh, rules, members)
+  return _jitted_steps(settings.model, _static_optimizer(settings), settings.loss, settings.lora, mesh, rules, members)
+
+
+def _static_optimizer(settings: config_lib.RunConfig) -> config_lib.OptimizerConfig:
+  """The optimizer settings a compiled program depends on: the learning rate and its schedule zeroed (inputs of
+  the step; the optimizer state holds none of them)."""
+  return dataclasses.replace(settings.optimizer, lr=0.0, lr_final_fraction=0.0, warmup_steps=0, steps=0)
 
 
 @functools.lru_cache(maxsize=16)

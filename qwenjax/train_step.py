@@ -387,33 +387,55 @@ def _random_params(model_config: ModelConfig, rng: jax.Array, mup_base_width: in
   return mup.scale_init(p, mup_base_width) if mup_base_width else p
 
 
+_INITS: dict[Any, Any] = {}  # jitted initializers by what fixes their program: runs of one shape compile one
+
+
+def _jitted_init(key: Any, init: Callable[[jax.Array], Any], shardings: Any) -> Callable[[jax.Array], Any]:
+  """`init` jitted into `shardings`; the one jitted for `key` (with these shardings) by an earlier call, if any.
+  `key` None: not kept."""
+  if key is None:
+    return jax.jit(init, out_shardings=shardings)
+  leaves, treedef = jax.tree.flatten(shardings)
+  key = (key, treedef, tuple(leaves))
+  if key not in _INITS:
+    if len(_INITS) >= 16:
+      _INITS.clear()
+    _INITS[key] = jax.jit(init, out_shardings=shardings)
+  return _INITS[key]
+
+
 def random_params(model_config: ModelConfig, param_shardings: Any, rng: jax.Array, mup_base_width: int = 0) -> Any:
   """The parameters `create_state` draws from `rng`, alone (no optimizer state), created in their shardings: a
   LoRA run's base when it has no `init_from_hf`."""
-  return jax.jit(lambda r: _random_params(model_config, r, mup_base_width), out_shardings=param_shardings)(rng)
+  init = lambda r: _random_params(model_config, r, mup_base_width)
+  return _jitted_init(('params', model_config, mup_base_width), init, param_shardings)(rng)
 
 
 def create_state(model_config: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState,
                  rng: jax.Array | None = None, params: Any = None, mup_base_width: int = 0,
-                 lora: LoraConfig = LoraConfig()) -> TrainState:
+                 lora: LoraConfig = LoraConfig(), optimizer_key: Any = None) -> TrainState:
   """A new train state, each array created directly in its sharding (never whole on one device).
 
   Random parameters from `rng`, or `params` (host numpy arrays, or jax arrays already in `shardings.params` as a
-  sharded Hugging Face load gives them), which are cast to `model_config.param_dtype` and placed shard by shard. `mup_base_width` > 0: random parameters
-  scaled by width as μP does (`qwenjax.mup.scale_init`). With LoRA, new adapters from `rng` (`qwenjax.lora.init`).
+  sharded Hugging Face load gives them), which are cast to `model_config.param_dtype` and placed shard by shard.
+  `mup_base_width` > 0: random parameters scaled by width as μP does (`qwenjax.mup.scale_init`). With LoRA, new
+  adapters from `rng` (`qwenjax.lora.init`). `optimizer_key`: a hashable value that fixes what `tx.init` makes
+  (the optimizer settings without the learning rate and schedule, which its state does not hold); later states of
+  the same shape and key reuse the compiled initializer instead of compiling their own (None: never).
   """
+  key = None if optimizer_key is None else (model_config, mup_base_width, lora, optimizer_key)
   if lora.lora_rank:
     def init_adapters(rng):
       adapters = lora_lib.init(model_config, lora, rng)
       return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters))
 
-    return jax.jit(init_adapters, out_shardings=shardings)(rng)
+    return _jitted_init(key, init_adapters, shardings)(rng)
   if params is None:
     def init(rng):
       p = _random_params(model_config, rng, mup_base_width)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
-    return jax.jit(init, out_shardings=shardings)(rng)
+    return _jitted_init(key, init, shardings)(rng)
 
   dtype = jnp.dtype(model_config.param_dtype)
 
