@@ -124,8 +124,12 @@ def test_only_runs_of_one_shape_and_stream_form_a_group(tmp_path, tokenizer_file
   with pytest.raises(group_lib.GroupError, match='workdirs of their own'):
     train.train_group([one, one], [str(tmp_path / 'a'), str(tmp_path / 'a')])
   assert not os.path.exists(tmp_path / 'a')
+
+
+@pytest.mark.slow
+def test_lora_runs_are_refused_as_a_group_before_anything_is_compiled(tmp_path, tokenizer_file):
   lora = [member_config(tokenizer_file, lr, 1, lora_rank=2) for lr in (1e-3, 3e-3)]
-  with pytest.raises(group_lib.GroupError, match='no LoRA, no DPO'):  # frozen inputs: refused before compiling
+  with pytest.raises(group_lib.GroupError, match='no LoRA, no DPO'):  # frozen inputs: the step cannot be vmapped
     train.train_group(lora, [str(tmp_path / 'l1'), str(tmp_path / 'l2')])
   assert not os.path.exists(tmp_path / 'l1' / 'config.json')
 
