@@ -382,16 +382,16 @@ def fit_step(settings: RunConfig, *, mesh: jax.sharding.Mesh, rules: sharding.Ru
   batch_shards = sharding.batch_shards(mesh, rules)
   limit = device_memory(settings.fit, mesh.devices)
   replicated = sharding.replicated(mesh)
-  state = train_step.abstract_state(settings.model, tx, shardings, settings.lora)
+  single = train_step.abstract_state(settings.model, tx, shardings, settings.lora)
   stacked = () if members == 1 else (members,)
-  if stacked:
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(stacked + x.shape, x.dtype, sharding=s), state,
-                         group_lib.stacked_shardings(shardings))
+  state = single if not stacked else jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(stacked + x.shape, x.dtype, sharding=s), single,
+      group_lib.stacked_shardings(shardings))
   horizon = {k: jax.ShapeDtypeStruct(stacked, np.asarray(v).dtype, sharding=replicated)
              for k, v in train_step.schedule_horizon(settings.optimizer).items()}
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   # The model's parameters: the state's, or with LoRA the frozen base (the state then holds the adapters).
-  params = frozen[0] if frozen else train_step.abstract_state(settings.model, tx, shardings, settings.lora).params
+  params = frozen[0] if frozen else single.params
   state_bytes, param_bytes = nbytes(state) + nbytes(frozen), nbytes(params)
 
   def compile_step(s: RunConfig):
