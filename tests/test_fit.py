@@ -13,11 +13,9 @@ import pytest
 
 from qwenjax import config as config_lib
 from qwenjax import fit
-from qwenjax import sharding
 from qwenjax import train
-from qwenjax import train_step
 from qwenjax import workdir as workdir_lib
-from train_utils import ROOT, read_metrics, small_config, train_command
+from train_utils import ROOT, read_metrics, small_config, step_bytes, train_command
 
 GIB = fit.GIB
 
@@ -136,20 +134,6 @@ def _config(tokenizer_file, **train_overrides):
   return config
 
 
-def _needed(config) -> int:
-  """Bytes per device of the compiled step of an explicit config, as the run computes them."""
-  s = config_lib.settings(config)
-  mesh = sharding.make_mesh(s.mesh)
-  rules = sharding.logical_axis_rules(s.mesh.rules, mesh, s.model)
-  tx = train_step.make_optimizer(s.optimizer)
-  shardings = train_step.state_shardings(s.model, tx, mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  _, _, choice = fit.fit_step(s, mesh=mesh, rules=rules, tx=tx, shardings=shardings,
-                              batch=train.abstract_batch(s, batch_sharding),
-                              jit_step=lambda s: train.jitted_steps(s, mesh, rules)[0])
-  return choice.needed
-
-
 def _saved_config(workdir):
   with open(os.path.join(workdir, 'config.json')) as f:
     return json.load(f)
@@ -179,7 +163,7 @@ def test_auto_picks_more_micro_batches_with_little_memory_and_a_resumed_run_may_
   """Little memory: 2 micro-batches, config.json holds the int, the losses are those of the explicit 2. Resumed
   with plenty of memory (another device), 'auto' picks 1 and the run goes on without a word about a changed
   config."""
-  one, two = (_needed(_config(tokenizer_file, grad_accum_steps=a, remat_policy='full')) for a in (1, 2))
+  one, two = (step_bytes(_config(tokenizer_file, grad_accum_steps=a, remat_policy='full')) for a in (1, 2))
   assert two < one
   little = (one + two) / 2 / (1 - fit.MARGIN) / GIB  # usable memory between the two
   auto = str(tmp_path / 'auto')

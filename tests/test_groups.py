@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 
 from qwenjax import checkpoint
-from qwenjax import config as config_lib
-from qwenjax import fit
 from qwenjax import group as group_lib
-from qwenjax import sharding
 from qwenjax import train
-from qwenjax import train_step
-from train_utils import losses, read_metrics, small_config
+from train_utils import jax_events, losses, read_metrics, small_config, step_bytes
 
 # (lr, warmup_steps) of the three members: learning rates and warmups are inputs of the compiled step.
 MEMBERS = ((1e-3, 2), (3e-3, 1), (1e-2, 2))
@@ -139,19 +135,10 @@ def test_points_of_one_shape_reuse_the_compiled_step_whatever_their_lr(tmp_path,
   """A second run of one shape in the same process, with another lr, warmup, length and final fraction, runs the
   train and eval steps the first one compiled and creates its state with the first one's initializer: none of
   them is traced or compiled again."""
-  events = []
-
-  def listen(event, duration, **kwargs):
-    del duration
-    events.append((event.rsplit('/', 1)[-1], kwargs.get('fun_name')))
-
   train.train_and_evaluate(member_config(tokenizer_file, 1e-3, 2), str(tmp_path / 'a'))
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
+  with jax_events() as events:
     train.train_and_evaluate(member_config(tokenizer_file, 5e-3, 1, steps=3, lr_final_fraction=0.5),
                              str(tmp_path / 'b'))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
   traced = {name for event, name in events if event == 'jaxpr_trace_duration'}
   assert not traced & {'train_step', 'eval_step', 'init'}, sorted(traced)
   compiled = {name for event, name in events if event == 'backend_compile_duration'}
@@ -164,36 +151,16 @@ def test_points_of_one_shape_reuse_the_compiled_step_whatever_their_lr(tmp_path,
 def test_a_group_fits_the_memory_of_its_vmapped_step_and_compiles_it_once(tmp_path, tokenizer_file):
   """The memory fit compiles the program the group runs (K stacked states, K members' activations), which the loop
   then runs: the train step is compiled once, not once alone and again vmapped."""
-  events = []
-
-  def listen(event, duration, **kwargs):
-    del duration
-    events.append((event.rsplit('/', 1)[-1], kwargs.get('fun_name')))
-
   def config(lr, warmup):
     c = member_config(tokenizer_file, lr, warmup, steps=2, eval_steps=0, checkpoint_every=0)
     c.model.intermediate_size = 96  # a shape no other test compiles in this process
     return c
 
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
+  with jax_events() as events:
     train.train_group([config(lr, warmup) for lr, warmup in MEMBERS], [str(tmp_path / f'{lr}') for lr, _ in MEMBERS])
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
   compiled = [name for event, name in events if event == 'backend_compile_duration' and 'train_step' in str(name)]
   assert len(compiled) == 1, events
-
-  def needed(members):
-    s = config_lib.settings(config(1e-3, 1))
-    mesh = sharding.make_mesh(s.mesh)
-    rules = sharding.logical_axis_rules(s.mesh.rules, mesh, s.model)
-    tx = train_step.make_optimizer(s.optimizer)
-    _, _, choice = fit.fit_step(s, mesh=mesh, rules=rules, tx=tx, shardings=train_step.state_shardings(
-        s.model, tx, mesh, rules), batch=train.abstract_batch(s, sharding.batch_sharding(mesh, rules)),
-        jit_step=lambda s: train.jitted_steps(s, mesh, rules, members)[0], members=members)
-    return choice.needed
-
-  assert needed(3) > 2 * needed(1)
+  assert step_bytes(config(1e-3, 1), members=3) > 2 * step_bytes(config(1e-3, 1))
 
 
 @pytest.mark.slow

@@ -1,13 +1,21 @@
-"""Helpers for the tests that run the training job: a fast config, metrics, and the batches a run reads."""
+"""Helpers for the tests that run the training job: a fast config, metrics, the batches a run reads, the memory
+its compiled step needs, and jax's compile events."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 
+import jax
+
 from qwenjax import config as config_lib
 from qwenjax import data
+from qwenjax import fit
+from qwenjax import sharding
 from qwenjax import tokenizer as tokenizer_lib
+from qwenjax import train
+from qwenjax import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny.py')
@@ -89,3 +97,34 @@ def first_batches(config, tokenizer_path, steps):
   rows = data.PackedRows(corpus, int(config.data.seq_len), int(config.train.seed), int(config.data.shuffle_window))
   batch = int(config.train.batch_size)
   return [data.StepBatches(rows, batch, range(batch))(k) for k in range(steps)]
+
+
+def step_bytes(config, members: int = 1) -> int:
+  """Bytes per device of the compiled train step of an explicit config (vmapped over `members` runs for a group),
+  as the run's memory fit computes them."""
+  s = config_lib.settings(config)
+  mesh = sharding.make_mesh(s.mesh)
+  rules = sharding.logical_axis_rules(s.mesh.rules, mesh, s.model)
+  tx = train_step.make_optimizer(s.optimizer)
+  shardings = train_step.state_shardings(s.model, tx, mesh, rules)
+  _, _, choice = fit.fit_step(s, mesh=mesh, rules=rules, tx=tx, shardings=shardings,
+                              batch=train.abstract_batch(s, sharding.batch_sharding(mesh, rules)),
+                              jit_step=lambda s: train.jitted_steps(s, mesh, rules, members)[0], members=members)
+  return choice.needed
+
+
+@contextlib.contextmanager
+def jax_events():
+  """The (event, function name) pairs jax reports while inside: traces ('jaxpr_trace_duration', 'train_step'),
+  compiles ('backend_compile_duration', 'jit(train_step)'), ..."""
+  events = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    events.append((event.rsplit('/', 1)[-1], kwargs.get('fun_name')))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
