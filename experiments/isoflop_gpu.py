@@ -24,11 +24,13 @@ Setup, point by point (the corrections of Porian et al. 2024, section 3):
   parameter, where N tokens would be a third of the run or more) and at least 10 steps. A warmup proportional to
   each run (the old study's 5%) gives small models at large budgets thousands of warmup steps and large models at
   small budgets a few dozen; Kaplan et al.'s fixed long warmup eats the short runs.
-* Learning rate per size, by a small sweep: the lr stage trains sizes 5, 7, 9 and 11 (N 1.8M-11.6M) at
-  lr 2e-3, 4e-3, 8e-3 and 1.6e-2 on 20 tokens per parameter (the expected optimum) and picks each size's best
-  rate (a parabola in log lr); lr = k N^gamma fitted through those four gives every size its rate, within the
-  grid (`qwenjax.sweep.choose_lrs`, written to DIR/lr.json). A best rate at the grid's end is a warning in the
-  log: extend `lr_sweep.lrs` and rerun (finished points are kept; the IsoFLOP points must then be retrained).
+* Learning rate per size, by a small sweep: the lr stage trains sizes 5, 7, 9 and 11 (N 1.8M-11.6M) at seven
+  rates from 2.5e-4 to 1.6e-2 (factors of 2) on 20 tokens per parameter (the expected optimum) and picks each
+  size's best rate (a parabola in log lr); lr = k N^gamma fitted through those four gives every size its rate,
+  within the grid (`qwenjax.sweep.choose_lrs`, written to DIR/lr.json). A best rate at the grid's end is a warning
+  in the log: extend `lr_sweep.lrs` and rerun (finished points are kept; the IsoFLOP points must then be
+  retrained). The grid began at 2e-3: the first piece put every size's best there, at its end, so the second
+  added 2.5e-4, 5e-4 and 1e-3 (best: s5 1.9e-3, s7 1.7e-3, s9 0.91e-3; experiments/results/isoflop_gpu).
   One rate for every size (the Kaplan setting) over-trains the small or under-trains the large models.
 * AdamW beta2 = 0.99 for every point: these batches (32k-131k tokens) are small, and Porian et al. find the
   usual 0.95 costs loss at small batch sizes while 0.99 does not at larger ones.
@@ -44,14 +46,15 @@ point reads it more than 4 times (`max_epochs`); 3e16's smallest size (s10, 568M
 than the `.py` files alone give. A 4096-piece BPE trained on it.
 
 Order and pieces: the lr stage first, then the budgets, smallest first, each budget's sizes in order; a stopped
-sweep resumes where it stopped. The lr stage's four rates of one size train as one group (`group_size = 4`: one
+sweep resumes where it stopped. The lr stage's rates of one size train in groups of four (`group_size = 4`: one
 step vmapped over the four runs, each computing what it would alone; docs/scaling.md): a model of a few million
 parameters alone leaves most of an H100 idle, four at once give its kernels four times the work. One compiled
 program per shape and group size: learning rates, warmups and lengths are inputs of the step. `estimate` holds the
-GPU-time assumptions of the plan's table (40% MFU of an H100's 989 TFLOP/s, 20 s of compilation per compiled
-program, 10 s per point of setup and evaluation, and an assumed floor of 4 ms a step, once per group, for the
-small models, which host overhead and kernel launches bound): replace them with the first piece's measurements
-(`benchmarks/groups_gpu.py` measures every size alone and in groups).
+GPU-time assumptions of the plan's table, from the first two pieces (groups of 1.8M-6.9M models on an H100,
+experiments/results/isoflop_gpu/piece*.log): 12-20% MFU in groups of four (s5 12%, s7 17%, s9 20%), 21 s to
+compile a shape, about 30 s more per point for data, state, evaluation and saving; the floor of a lone small
+model's step (8 ms) is assumed, not measured. At these figures the study takes about an hour of GPU time: run
+pieces back to back on one machine, several points at once (experiments/sweep_workers.py).
 """
 
 import os
@@ -98,11 +101,12 @@ def get_config():
   sweep.warmup_tokens = 0.0
   sweep.warmup_max_fraction = 0.1
   sweep.warmup_min_steps = 10
-  sweep.lr_sweep = ml_collections.ConfigDict(dict(sizes=(5, 7, 9, 11), lrs=(2e-3, 4e-3, 8e-3, 1.6e-2),
+  sweep.lr_sweep = ml_collections.ConfigDict(dict(sizes=(5, 7, 9, 11),
+                                                  lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
                                                   tokens_per_param=20.0))
   sweep.axes = ml_collections.ConfigDict()
   sweep.max_epochs = 4.0
   sweep.group_size = 4  # the lr stage's rates of one size: one vmapped step
-  sweep.estimate = ml_collections.ConfigDict(dict(mfu=0.4, peak_flops=989e12, compile_s=20.0, overhead_s=10.0,
-                                                  step_s=0.004))
+  sweep.estimate = ml_collections.ConfigDict(dict(mfu=0.2, peak_flops=989e12, compile_s=21.0, overhead_s=30.0,
+                                                  step_s=0.008))
   return sweep
