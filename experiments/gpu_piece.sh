@@ -7,7 +7,8 @@
 #   2. starts the sweep's directory from the committed experiments/results/STUDY/{results.jsonl,sweep.json} unless
 #      this machine already has one (a fresh machine has none of the points finished so far);
 #   3. runs the sweep for at most SECONDS (SIGTERM then: the point in progress checkpoints, and resumes next time
-#      on this machine; on a fresh one it starts again);
+#      on this machine; on a fresh one it starts again); with WORKERS=K (K > 1), K points at once
+#      (experiments/sweep_workers.py, stopping its workers a minute before the limit);
 #   4. copies results.jsonl, sweep.json, lr.json and the log to $OUT/STUDY, to be committed to
 #      experiments/results/STUDY before the next piece. sweep.json holds the code version: the sweep refuses to go
 #      on under other code, so run every piece from one commit.
@@ -25,12 +26,22 @@ python3 experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus || exit 1
 for name in results.jsonl sweep.json; do
   if [ -f "$SAVED/$name" ] && [ ! -f "$DIR/$name" ]; then cp "$SAVED/$name" "$DIR/$name"; fi
 done
-timeout -s TERM -k 30 "$LIMIT" python3 -m qwenjax.sweep --sweep="experiments/$STUDY.py" --workdir="$DIR" "$@" \
-  >> "$OUT/$STUDY/sweep.log" 2>&1
-status=$?
+WORKERS=${WORKERS:-1}
+if [ "$WORKERS" -gt 1 ]; then
+  timeout -s TERM -k 30 "$LIMIT" python3 experiments/sweep_workers.py --sweep="experiments/$STUDY.py" --workdir="$DIR" \
+    --workers="$WORKERS" --seconds=$((LIMIT > 120 ? LIMIT - 60 : LIMIT / 2)) "$@" >> "$OUT/$STUDY/sweep.log" 2>&1
+  status=$?
+  for log in "$DIR"/workers/*/sweep.log; do
+    [ -f "$log" ] && cp "$log" "$OUT/$STUDY/worker$(basename "$(dirname "$log")").log"
+  done
+else
+  timeout -s TERM -k 30 "$LIMIT" python3 -m qwenjax.sweep --sweep="experiments/$STUDY.py" --workdir="$DIR" "$@" \
+    >> "$OUT/$STUDY/sweep.log" 2>&1
+  status=$?
+fi
 for name in results.jsonl sweep.json lr.json; do
   if [ -f "$DIR/$name" ]; then cp "$DIR/$name" "$OUT/$STUDY/$name"; fi
 done
-grep -h 'sweep: .* done\|sweep: .* stopped\|lr stage\|error' "$OUT/$STUDY/sweep.log" | tail -40
+grep -h 'sweep: .* done\|sweep: .* stopped\|lr stage\|sweep_workers\|error' "$OUT/$STUDY"/*.log | tail -40
 finished=$( (wc -l < "$DIR/results.jsonl") 2>/dev/null || echo 0)
-echo "$STUDY: exit $status (0: done; 124: the time limit stopped it, run the next piece); $finished points finished"
+echo "$STUDY: exit $status (0: done, or with WORKERS its workers stopped in time; 124: the time limit stopped it; run the next piece until every point is finished); $finished points finished"
