@@ -148,8 +148,14 @@ def run_workers(argv_sweep: list[str], root: pathlib.Path, assignment: list[list
     while any(p.poll() is None for p in procs):
       if deadline is not None and time.time() > deadline and stopped is None:
         logging.info('sweep_workers: time is up; stopping the workers (each checkpoints its point)')
-        stopped = signal.SIGTERM
+        stopped = time.time()
         _stop(procs)
+      if stopped is not None and time.time() > stopped + STOP_GRACE_S:
+        for p in procs:
+          if p.poll() is None:
+            logging.warning('sweep_workers: worker %d did not stop in %d s; killing it', procs.index(p),
+                            STOP_GRACE_S)
+            p.kill()
       time.sleep(1.0)
   except cli.Stopped as e:  # Ctrl-C or SIGTERM to this command: the workers save and stop too
     _stop(procs)
