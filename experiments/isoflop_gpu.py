@@ -29,8 +29,8 @@ Setup, point by point (the corrections of Porian et al. 2024, section 3):
   size's best rate (a parabola in log lr); lr = k N^gamma fitted through those four gives every size its rate,
   within the grid (`qwenjax.sweep.choose_lrs`, written to DIR/lr.json). A best rate at the grid's end is a warning
   in the log: extend `lr_sweep.lrs` and rerun (finished points are kept; the IsoFLOP points must then be
-  retrained). The grid began at 2e-3: the first piece put every size's best there, at its end, so the second
-  added 2.5e-4, 5e-4 and 1e-3 (best: s5 1.9e-3, s7 1.7e-3, s9 0.91e-3; experiments/results/isoflop_gpu).
+  retrained). The grid began at 2e-3, the best rate of every size in the first piece, so the second piece added
+  2.5e-4, 5e-4 and 1e-3 (experiments/README.md).
   One rate for every size (the Kaplan setting) over-trains the small or under-trains the large models.
 * AdamW beta2 = 0.99 for every point: these batches (32k-131k tokens) are small, and Porian et al. find the
   usual 0.95 costs loss at small batch sizes while 0.99 does not at larger ones.
@@ -50,11 +50,9 @@ sweep resumes where it stopped. The lr stage's rates of one size train in groups
 step vmapped over the four runs, each computing what it would alone; docs/scaling.md): a model of a few million
 parameters alone leaves most of an H100 idle, four at once give its kernels four times the work. One compiled
 program per shape and group size: learning rates, warmups and lengths are inputs of the step. `estimate` holds the
-GPU-time assumptions of the plan's table, from the first two pieces (groups of 1.8M-6.9M models on an H100,
-experiments/results/isoflop_gpu/piece*.log): 12-20% MFU in groups of four (s5 12%, s7 17%, s9 20%), 21 s to
-compile a shape, about 30 s more per point for data, state, evaluation and saving; the floor of a lone small
-model's step (8 ms) is assumed, not measured. At these figures the study takes about an hour of GPU time: run
-pieces back to back on one machine, several points at once (experiments/sweep_workers.py).
+GPU-time assumptions of the plan's table, set from the first two pieces (experiments/README.md: MFU, compiling,
+and the fixed costs of a point); the floor of a lone small model's step is assumed, not measured. Run pieces back
+to back on one machine, several points at once (`WORKERS`, experiments/sweep_workers.py).
 """
 
 import os

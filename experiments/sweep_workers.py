@@ -9,9 +9,9 @@ exactly as it would alone (its own process, its own step), so the results are th
 
 Worker i runs in DIR/workers/i, a directory of its own whose point directories, prepared corpus and compilation
 cache are links into DIR: a point stopped in one piece resumes from its checkpoint in whichever worker trains it
-next. The workers start from DIR's results.jsonl, sweep.json and lr.json; when they end, the points they finished
-are added to DIR/results.jsonl (the only file two workers would both write), with DIR in their paths, and sweep.json
-and lr.json are copied back. Points are dealt whole groups at a time (`qwenjax.sweep.groups`), longest first to
+next. The workers start from copies of DIR's results.jsonl, sweep.json and lr.json (files the sweep rewrites whole,
+which two processes must not share); when they end, the points they finished are added to DIR/results.jsonl with
+DIR in their paths, and sweep.json and lr.json are copied back. Points are dealt whole groups at a time (`qwenjax.sweep.groups`), longest first to
 the least loaded worker, by the plan's estimate. While the lr stage is unfinished its points run first (the
 others need its choice); then the rest, in the same command if time is left.
 
