@@ -113,11 +113,8 @@ def merge(root: pathlib.Path, homes: list[pathlib.Path]) -> list[str]:
       if name not in done:
         done[name] = _in_root(record, home, root)
         added.append(name)
-  if added:
-    path = root / 'results.jsonl'
-    text = path.read_text() if path.exists() else ''
-    text = text[:text.rfind('\n') + 1] if text and not text.endswith('\n') else text
-    files.write(path, text + ''.join(files.dumps(done[n]) + '\n' for n in added))
+  for name in added:  # as the sweep adds a line (a line cut short by a kill dropped)
+    sweep_lib._append(root / 'results.jsonl', done[name])  # pylint: disable=protected-access
   for name in ('sweep.json', 'lr.json'):
     for home in homes:
       if (home / name).exists():
