@@ -1,0 +1,56 @@
+"""experiments/design_power.py: simulated studies on a sweep's plan, scored by the fit's quality bar."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+  spec = importlib.util.spec_from_file_location('design_power', os.path.join(ROOT, 'experiments', 'design_power.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_noise_widens_the_interval_and_a_clean_study_recovers_the_law():
+  power = _module()
+  spec = importlib.util.spec_from_file_location('isoflop_gpu', os.path.join(ROOT, 'experiments', 'isoflop_gpu.py'))
+  sweep_file = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep_file)
+  points = power.isoflop_points(sweep_file.get_config())
+  assert len(points) == 24 and all(p['budget'] and p['stage'] == 'isoflop' for p in points)
+  clean = power.simulate(points, power.BESIROGLU, 0.0, 1, bootstrap=20)
+  noisy = power.simulate(points, power.BESIROGLU, 0.05, 3, bootstrap=20)
+  assert clean['true_a'] == pytest.approx(0.3658 / (0.3478 + 0.3658))
+  assert abs(clean['a_error_mean']) < 0.03 and clean['all'] == 1.0
+  assert noisy['a_interval_median'] > 2 * clean['a_interval_median']
+  assert 0.0 <= noisy['all'] <= noisy['a_interval'] <= 1.0
+
+
+def test_law_from_a_fit(tmp_path):
+  power = _module()
+  law = dict(E=1.5, A=400.0, alpha=0.3, B=900.0, beta=0.3)
+  (tmp_path / 'fit.json').write_text(json.dumps(dict(approach3=dict(law, a=0.5, ci={}))))
+  assert power.law_from_fit(str(tmp_path / 'fit.json')) == law
+  (tmp_path / 'bad.json').write_text(json.dumps(dict(approach3=dict(error='too few points'))))
+  with pytest.raises(ValueError, match='too few points'):
+    power.law_from_fit(str(tmp_path / 'bad.json'))
+
+
+@pytest.mark.parametrize('args,status,message', [
+    (['--sweep=experiments/isoflop_gpu.py', '--noise=0.01,x'], 2, '--noise'),
+    (['--noise=0.01'], 2, '--sweep'),
+    (['--sweep=experiments/isoflop_gpu.py', '--law=/nonexistent/fit.json'], 1, 'nonexistent'),
+])
+def test_command_errors(args, status, message):
+  done = subprocess.run([sys.executable, 'experiments/design_power.py', *args], cwd=ROOT, capture_output=True,
+                        text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+  assert done.returncode == status, done.stderr
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith('error:') and message in last
