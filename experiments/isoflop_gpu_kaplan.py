@@ -13,9 +13,8 @@ al. trace Kaplan et al.'s a ~ 0.73 to:
 * a long warmup, the same for every point: 50M tokens (Kaplan et al.: 3000 steps for every model), at most half
   of a run;
 * one learning rate and the usual AdamW beta2 (0.95) for every size: no lr stage. The rate, 2e-3, is the grid
-  rate of the main study's lr stage with the lowest mean eval loss over its sizes (s5-s9: 2.268 nats, against
-  2.421 at 1e-3 and 2.657 at 4e-3; experiments/README.md): the best one rate a Kaplan-style study could pick from
-  the same sweep, best for s5 and s7 and 0.06 nats off s9's best.
+  rate with the lowest mean eval loss over the sizes of the main study's lr stage (its losses: experiments/README.md),
+  the best single rate a Kaplan-style study could pick from the same sweep.
 Kaplan's counting buys a model more tokens than the main study's (1.1-1.9x), so the same sizes would sit further
 to the data-rich side, and the smallest of 1e16 and 3e16 would read the corpus more than 4 times: each budget's
 sizes are the main study's shifted one to three ladder steps up (to s22, 70.9M non-embedding parameters).
