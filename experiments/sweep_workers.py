@@ -16,7 +16,9 @@ the least loaded worker, by the plan's estimate. While the lr stage is unfinishe
 others need its choice); then the rest, in the same command if time is left.
 
 `--seconds`: stop the workers (SIGTERM: each checkpoints its point) this long after the start; run the command again
-to go on. Flags `--sweep.*` go to every worker as given. Ctrl-C or SIGTERM stops the workers the same way.
+to go on. With it, each phase starts only the groups whose estimated times (the sweep's `estimate`, added up as if
+run one after another) fit in the time left, longest first (`within`): a fresh machine keeps no checkpoint of a
+point cut short, and the command ends early rather than start what cannot finish. Flags `--sweep.*` go to every worker as given. Ctrl-C or SIGTERM stops the workers the same way.
 """
 
 from __future__ import annotations
@@ -60,9 +62,27 @@ def deal(units: list[list[sweep_lib.Point]], seconds: list[float], workers: int)
   return [[p.name for u in sorted(us) for p in units[u]] for us in mine if us]
 
 
-def next_phase(sweep, workdir: str, workers: int) -> list[list[str]]:
+def within(seconds: list[float], left: float, started: bool) -> list[int]:
+  """The units (indices, in run order) to start with `left` seconds to go: longest first, each while the estimated
+  times of those chosen, added up as if they ran one after another, stay within `left`. A unit cut at the deadline
+  resumes only on the machine that holds its checkpoint, so on a fresh machine its work would be lost; K workers
+  at once should take less than the sum, so this errs on the safe side. When none fits: the shortest, so that a
+  unit longer than any piece still runs, unless this command has trained something already (then none)."""
+  chosen, total = [], 0.0
+  for u in sorted(range(len(seconds)), key=lambda u: (-seconds[u], u)):
+    if total + seconds[u] <= left:
+      chosen.append(u)
+      total += seconds[u]
+  if not chosen and not started and seconds:
+    chosen = [min(range(len(seconds)), key=lambda u: (seconds[u], u))]
+  return sorted(chosen)
+
+
+def next_phase(sweep, workdir: str, workers: int, left: float | None = None,
+               started: bool = False) -> list[list[str]]:
   """The names each worker trains next: the lr stage's unfinished points while there are any, else every other
-  unfinished point (its rate chosen); [] when the sweep is done."""
+  unfinished point (its rate chosen); [] when the sweep is done. With `left` (seconds to the deadline), only the
+  groups `within` chooses by the sweep's `estimate`."""
   points = sweep_lib.plan(sweep, workdir)
   done = sweep_lib.read_done(workdir)
   if any(p.stage == 'lr' and p.name not in done for p in points):
@@ -76,7 +96,14 @@ def next_phase(sweep, workdir: str, workers: int) -> list[list[str]]:
   timing = dict(zip((p.name for p in wanted), (s for _, s in sweep_lib.schedule(wanted, sweep.get('estimate'), 0.0,
                                                                                  group_size))))
   units = sweep_lib.groups(wanted, group_size)
-  return deal(units, [sum(timing[p.name] for p in unit) for unit in units], workers)
+  seconds = [sum(timing[p.name] for p in unit) for unit in units]
+  if left is not None:
+    chosen = within(seconds, left, started)
+    later = [f'{units[u][0].name} ({seconds[u]:.0f} s)' for u in range(len(units)) if u not in chosen]
+    if later:
+      logging.info('sweep_workers: %.0f s left; left for the next piece by the estimate: %s', left, ', '.join(later))
+    units, seconds = [units[u] for u in chosen], [seconds[u] for u in chosen]
+  return deal(units, seconds, workers)
 
 
 def prepare_worker(root: pathlib.Path, index: int, names: list[str]) -> pathlib.Path:
@@ -201,13 +228,15 @@ def main(argv: list[str]) -> int | None:
     files.write_json(root / 'sweep.json', dict(
         sweep=sweep.to_dict(), corpus_tokens=sweep_lib.check_epochs(sweep, points), code=sweep_lib.code_version(),
         code_history=[], points=[dataclasses.asdict(p) for p in points]), default=str)
-  failed = []
+  failed, started = [], False
   while not failed and (deadline is None or time.time() < deadline):
-    assignment = next_phase(sweep, str(root), flags.FLAGS.workers)
+    left = None if deadline is None else deadline - time.time()
+    assignment = next_phase(sweep, str(root), flags.FLAGS.workers, left, started)
     if not assignment:
       break
     homes, statuses = run_workers(argv_sweep, root, assignment, deadline)
     added = merge(root, homes)
+    started = True
     logging.info('sweep_workers: %d point(s) finished: %s', len(added), ', '.join(added) or '-')
     failed = [f'worker {i} (exit {s}; log {homes[i] / "sweep.log"})' for i, s in enumerate(statuses)
               if s not in (0, 128 + signal.SIGTERM)]

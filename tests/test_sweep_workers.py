@@ -32,6 +32,21 @@ def test_points_are_dealt_longest_first_to_the_least_loaded_worker():
   assert deal(units[:1], [1.0], 3) == [['p0']]  # no idle worker is started
 
 
+def test_a_piece_starts_only_what_its_time_left_can_finish():
+  within = load_script().within
+  # Size 11's lr groups by the GPU study's estimate: 410 s and 320 s. 490 s left: the longer one alone (the two
+  # would take 730 s one after another); then 80 s left: nothing more this piece.
+  assert within([410.0, 320.0], 490.0, started=False) == [0]
+  assert within([320.0], 80.0, started=True) == []
+  # Longest first, then whatever still fits, in run order.
+  assert within([100.0, 300.0, 250.0, 90.0], 400.0, started=False) == [0, 1]
+  assert within([100.0, 300.0, 250.0, 90.0], 500.0, started=False) == [0, 1, 3]
+  assert within([100.0, 300.0, 250.0, 90.0], 560.0, started=False) == [1, 2]
+  # A group longer than any piece still runs, alone, when the command has trained nothing yet.
+  assert within([900.0, 700.0], 480.0, started=False) == [1]
+  assert within([], 480.0, started=False) == []
+
+
 @pytest.mark.slow
 def test_two_workers_train_what_one_sweep_trains(tmp_path):
   sweep = lr_staged_sweep(str(tmp_path / 'prepared'))
