@@ -11,14 +11,15 @@ Worker i runs in DIR/workers/i, a directory of its own whose point directories, 
 cache are links into DIR: a point stopped in one piece resumes from its checkpoint in whichever worker trains it
 next. The workers start from copies of DIR's results.jsonl, sweep.json and lr.json (files the sweep rewrites whole,
 which two processes must not share); when they end, the points they finished are added to DIR/results.jsonl with
-DIR in their paths, and sweep.json and lr.json are copied back. Points are dealt whole groups at a time (`qwenjax.sweep.groups`), longest first to
-the least loaded worker, by the plan's estimate. While the lr stage is unfinished its points run first (the
-others need its choice); then the rest, in the same command if time is left.
+DIR in their paths, and sweep.json and lr.json are copied back. Points are dealt whole groups at a time
+(`qwenjax.sweep.groups`), longest first to the least loaded worker, by the plan's estimate. While the lr stage is
+unfinished its points run first (the others need its choice); then the rest, in the same command if time is left.
 
 `--seconds`: stop the workers (SIGTERM: each checkpoints its point) this long after the start; run the command again
 to go on. With it, each phase starts only the groups whose estimated times (the sweep's `estimate`, added up as if
 run one after another) fit in the time left, longest first (`within`): a fresh machine keeps no checkpoint of a
-point cut short, and the command ends early rather than start what cannot finish. Flags `--sweep.*` go to every worker as given. Ctrl-C or SIGTERM stops the workers the same way.
+point cut short, and the command ends early rather than start what cannot finish. Flags `--sweep.*` go to every
+worker as given. Ctrl-C or SIGTERM stops the workers the same way.
 """
 
 from __future__ import annotations
