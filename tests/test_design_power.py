@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from test_sweep import load_sweep  # pylint: disable=g-bad-import-order
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,10 +22,7 @@ def _module():
 
 def test_noise_widens_the_interval_and_a_clean_study_recovers_the_law():
   power = _module()
-  spec = importlib.util.spec_from_file_location('isoflop_gpu', os.path.join(ROOT, 'experiments', 'isoflop_gpu.py'))
-  sweep_file = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(sweep_file)
-  points = power.isoflop_points(sweep_file.get_config())
+  points = power.isoflop_points(load_sweep('isoflop_gpu.py'))
   assert len(points) == 24 and all(p['budget'] and p['stage'] == 'isoflop' for p in points)
   clean = power.simulate(points, power.BESIROGLU, 0.0, 1, bootstrap=20)
   noisy = power.simulate(points, power.BESIROGLU, 0.05, 3, bootstrap=20)
