@@ -24,21 +24,26 @@ Setup, point by point (the corrections of Porian et al. 2024, section 3):
   parameter, where N tokens would be a third of the run or more) and at least 10 steps. A warmup proportional to
   each run (the old study's 5%) gives small models at large budgets thousands of warmup steps and large models at
   small budgets a few dozen; Kaplan et al.'s fixed long warmup eats the short runs.
-* Learning rate per size, by a small sweep: the lr stage trains sizes 5, 7, 9 and 11 (N 1.8M-11.6M) at seven
-  rates from 2.5e-4 to 1.6e-2 (factors of 2) on 20 tokens per parameter (the expected optimum) and picks each
+* Learning rate per size, by a small sweep: the lr stage trains sizes 5, 7, 9 and 11 (N 1.8M-11.6M) at five
+  rates from 2.5e-4 to 4e-3 (factors of 2) on 20 tokens per parameter (the expected optimum) and picks each
   size's best rate (a parabola in log lr); lr = k N^gamma fitted through those four gives every size its rate,
-  within the grid (`qwenjax.sweep.choose_lrs`, written to DIR/lr.json). A best rate at the grid's end is a warning
-  in the log: extend `lr_sweep.lrs` and rerun (finished points are kept; the IsoFLOP points must then be
-  retrained). The grid began at 2e-3, the best rate of every size in the first piece, so the second piece added
-  2.5e-4, 5e-4 and 1e-3 (experiments/README.md).
+  within the grid (`qwenjax.sweep.choose_lrs`, written to DIR/lr.json). A point that trains at another batch than
+  its size's lr stage point scales that rate by the square root of the batch ratio (`lr_batch_exponent`, Adam's
+  square-root rule). A best rate at the grid's end is a warning in the log: extend `lr_sweep.lrs` and rerun
+  (finished points are kept; the IsoFLOP points must then be retrained). The first attempt's stage
+  (experiments/README.md) found every rate of 8e-3 and up far worse at every size, hence the grid.
   One rate for every size (the Kaplan setting) over-trains the small or under-trains the large models.
 * AdamW beta2 = 0.99 for every point: these batches (32k-131k tokens) are small, and Porian et al. find the
   usual 0.95 costs loss at small batch sizes while 0.99 does not at larger ones.
-* Batch by size ("sized to the GPU"): 64 rows of 512 tokens (32,768 tokens a step) below 4M parameters, 128 rows
-  (65,536) below 16M, 256 rows (131,072) above: small models keep enough steps, larger ones fill the GPU.
+* Batch by size ("sized to the GPU"), lowered to keep 4096 steps or more (`min_steps`): 64 rows of 512 tokens
+  (32,768 tokens a step) below 4M parameters, 128 rows (65,536) below 16M, 256 rows (131,072) above, or fewer rows
+  where a point's D would fill fewer than 4096 steps (10-120 rows: most points train 4100-4400 steps). The first
+  attempt (experiments/results/isoflop_gpu_v1) kept the batch by size and gave the large models of each budget
+  330-650 steps: their losses were still falling steeply at the end (3.58 for 18M parameters at 1e16, against
+  1.58 for 3.7M), so each IsoFLOP curve would have measured how few updates its large models got, not N and D.
 * Cosine schedule to 10% of the peak at each point's last step; weight decay 0.1; bf16 compute, float32
-  parameters; z-loss 1e-4; eval on the built-in corpus's held-out 2% of the standard library (73,673 tokens at
-  the last study), the same tokens for every point.
+  parameters; z-loss 1e-4; eval on the built-in corpus's held-out 2% of the standard library (72,232 tokens at
+  the last study), the same tokens, all of them, for every point (64 eval batches cover them at 3 rows or more).
 
 Corpus: the `.py` files of the installed packages (139,137,526 tokens at the last study) plus
 experiments/gpu_corpus.py's file (the standard library's training split and the packages' other text files). No
@@ -46,13 +51,13 @@ point reads it more than 4 times (`max_epochs`); 3e16's smallest size (s10, 568M
 than the `.py` files alone give. A 4096-piece BPE trained on it.
 
 Order and pieces: the lr stage first, then the budgets, smallest first, each budget's sizes in order; a stopped
-sweep resumes where it stopped. The lr stage's rates of one size train in groups of four (`group_size = 4`: one
-step vmapped over the four runs, each computing what it would alone; docs/scaling.md): a model of a few million
-parameters alone leaves most of an H100 idle, four at once give its kernels four times the work. One compiled
-program per shape and group size: learning rates, warmups and lengths are inputs of the step. `estimate` holds the
-GPU-time assumptions of the plan's table, set from the first two pieces (experiments/README.md: MFU, compiling,
-and the fixed costs of a point); the floor of a lone small model's step is assumed, not measured. Run pieces back
-to back on one machine, several points at once (`WORKERS`, experiments/sweep_workers.py).
+sweep resumes where it stopped. The lr stage's rates of one size train three at a time (`group_size = 3`: one
+step vmapped over the three runs, each computing what it would alone; docs/scaling.md): a model of a few million
+parameters alone leaves most of an H100 idle, and a group of size 11 still fits a piece of a fresh machine. One
+compiled program per shape and group size: learning rates, warmups and lengths are inputs of the step.
+`estimate` holds the GPU-time assumptions of the plan's table, set from the first attempt's pieces
+(experiments/README.md). Run pieces back to back on one machine, several points at once (`WORKERS`,
+experiments/sweep_workers.py).
 """
 
 import os
@@ -81,7 +86,7 @@ def get_config():
       data=dict(vocab_size=4096, seq_len=512, train_files=corpus_globs(), eval_files=','.join(held_out),
                 shuffle_window=1024, read_threads=8, prepared_dir=''),  # '': DIR/prepared
       train=dict(batch_size=64, lr=3e-3, adam_b2=0.99, weight_decay=0.1, lr_schedule='cosine',
-                 lr_final_fraction=0.1, log_every=50, eval_steps=8, logits_dtype='bfloat16'),
+                 lr_final_fraction=0.1, log_every=50, eval_steps=64, logits_dtype='bfloat16'),
   ))
   sweep.ladder = ml_collections.ConfigDict(dict(sizes=(4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 20), width_per_size=32,
                                                 depth=0, depth_per_size=0.5, head_dim=64, q_per_kv=1, mlp_ratio=3.0))
@@ -94,17 +99,19 @@ def get_config():
                         (1e16, (7, 8, 9, 11, 13, 15)),
                         (3e16, (10, 11, 13, 15, 17, 20)))
   sweep.batch_sizes = ((4e6, 64), (16e6, 128), (1e12, 256))
+  sweep.min_steps = 4096
+  sweep.lr_batch_exponent = 0.5
   sweep.warmup_fraction = 0.0
   sweep.warmup_tokens_per_param = 1.0
   sweep.warmup_tokens = 0.0
   sweep.warmup_max_fraction = 0.1
   sweep.warmup_min_steps = 10
   sweep.lr_sweep = ml_collections.ConfigDict(dict(sizes=(5, 7, 9, 11),
-                                                  lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+                                                  lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3),
                                                   tokens_per_param=20.0))
   sweep.axes = ml_collections.ConfigDict()
   sweep.max_epochs = 4.0
-  sweep.group_size = 4  # the lr stage's rates of one size: one vmapped step
+  sweep.group_size = 3  # the lr stage's rates of one size, three at a time: one vmapped step
   sweep.estimate = ml_collections.ConfigDict(dict(mfu=0.2, peak_flops=989e12, compile_s=21.0, overhead_s=30.0,
                                                   step_s=0.008))
   return sweep

@@ -12,9 +12,11 @@ al. trace Kaplan et al.'s a ~ 0.73 to:
   smallest model: `flops_actual` in its result, the GPU time in the plan);
 * a long warmup, the same for every point: 50M tokens (Kaplan et al.: 3000 steps for every model), at most half
   of a run;
-* one learning rate and the usual AdamW beta2 (0.95) for every size: no lr stage. The rate, 2e-3, is the grid
-  rate with the lowest mean eval loss over the sizes of the main study's lr stage (its losses: experiments/README.md),
-  the best single rate a Kaplan-style study could pick from the same sweep.
+* one learning rate and the usual AdamW beta2 (0.95) for every size and batch: no lr stage. The rate, 2e-3, is
+  the grid rate with the lowest mean eval loss over the sizes of the first attempt's lr stage (its losses:
+  experiments/README.md), the best single rate a Kaplan-style study could pick from the same sweep. The main
+  study's new lr stage (at its smaller batches) replaces those losses: pick the rate again from it before running
+  this file.
 Kaplan's counting buys a model more tokens than the main study's (1.1-1.9x), so the same sizes would sit further
 to the data-rich side, and the smallest of 1e16 and 3e16 would read the corpus more than 4 times: each budget's
 sizes are the main study's shifted one to three ladder steps up (to s22, 70.9M non-embedding parameters).
@@ -35,6 +37,7 @@ def get_config():
   sweep.warmup_tokens = 50e6
   sweep.warmup_max_fraction = 0.5
   sweep.lr_sweep = {}
+  sweep.lr_batch_exponent = 0.0  # one rate at every batch
   sweep.overrides.train.lr = 2e-3
   sweep.overrides.train.adam_b2 = 0.95
   sweep.ladder.sizes = tuple(sweep.ladder.sizes) + (22,)

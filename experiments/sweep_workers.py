@@ -24,7 +24,6 @@ worker as given. Ctrl-C or SIGTERM stops the workers the same way.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import json
 import os
@@ -226,9 +225,7 @@ def main(argv: list[str]) -> int | None:
   print(table, flush=True)
   if not (root / 'sweep.json').exists():  # as `qwenjax.sweep` starts a sweep: the code version its points need
     points = sweep_lib.plan(sweep, str(root))
-    files.write_json(root / 'sweep.json', dict(
-        sweep=sweep.to_dict(), corpus_tokens=sweep_lib.check_epochs(sweep, points), code=sweep_lib.code_version(),
-        code_history=[], points=[dataclasses.asdict(p) for p in points]), default=str)
+    sweep_lib.write_record(root, sweep, points, sweep_lib.check_epochs(sweep, points), sweep_lib.code_version(), [])
   failed, started = [], False
   while not failed and (deadline is None or time.time() < deadline):
     left = None if deadline is None else deadline - time.time()

@@ -33,6 +33,14 @@ A sweep file's `get_config()` returns an ml-collections config with
 * `batch_sizes = ((N_max, batch), ...)`: a model of N parameters (`params_with_head`, whatever the counting, so
   that both countings train a model alike) trains at the batch (sequences of data.seq_len) of the first pair
   with N < N_max; empty: train.batch_size for every point.
+* `min_steps`: every point takes at least this many optimizer steps: a point whose tokens would fill fewer steps
+  at that batch trains at a smaller one, D / (data.seq_len x min_steps) rows rounded down (on several devices,
+  check that they divide over the data axes). Otherwise the large models of small budgets are judged by how few
+  updates they got rather than by N and D: a loss still falling steeply after a few hundred steps. 0 (default):
+  the batch above for every point.
+* `lr_batch_exponent`: with an lr stage, a point that trains at another batch than its size's lr stage point
+  would (at `lr_sweep.tokens_per_param`, by the rules above) takes the size's rate times (batch ratio)^exponent:
+  0.5 is Adam's square-root rule (Malladi et al. 2022). 0 (default): the size's rate at any batch.
 * `lr_sweep`: a learning-rate stage run before the other points: each size of `lr_sweep.sizes` at each rate of
   `lr_sweep.lrs`, on `lr_sweep.tokens_per_param` x N tokens (`LR-s<size>-lr<lr>`). Its results choose every other
   point's train.lr (`choose_lrs`, written to DIR/lr.json): per size the best rate (the vertex of a parabola in
@@ -239,7 +247,8 @@ def _axis_values(axes: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
 
 SWEEP_KEYS = ('base', 'overrides', 'ladder', 'budgets', 'tokens', 'tokens_per_param', 'budget_sizes', 'axes',
               'counting', 'warmup_fraction', 'warmup_tokens_per_param', 'warmup_tokens', 'warmup_max_fraction',
-              'warmup_min_steps', 'batch_sizes', 'lr_sweep', 'max_epochs', 'estimate', 'group_size')
+              'warmup_min_steps', 'batch_sizes', 'min_steps', 'lr_batch_exponent', 'lr_sweep', 'max_epochs',
+              'estimate', 'group_size')
 LADDER_KEYS = ('sizes', 'width_per_size', 'depth', 'depth_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
 LR_SWEEP_KEYS = ('sizes', 'lrs', 'tokens_per_param')
 _LADDER_NEEDED = ('sizes', 'width_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
@@ -283,6 +292,14 @@ def check_sweep(sweep: ml_collections.ConfigDict) -> None:
   for pair in sweep.get('batch_sizes', ()):
     if len(pair) != 2 or not _positive_numbers(pair) or int(pair[1]) != pair[1]:
       raise ValueError(f'batch_sizes holds (N_max, batch) pairs of positive numbers, the batch whole; got {pair!r}')
+  min_steps = sweep.get('min_steps', 0)
+  if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 0:
+    raise ValueError(f'min_steps must be a whole number >= 0 (the fewest steps a point trains), got {min_steps!r}')
+  exponent = sweep.get('lr_batch_exponent', 0.0)
+  if isinstance(exponent, bool) or not isinstance(exponent, numbers.Real) or not math.isfinite(exponent):
+    raise ValueError(f'lr_batch_exponent must be a number (0.5: the square-root rule), got {exponent!r}')
+  if exponent and not sweep.get('lr_sweep', {}).get('sizes'):
+    raise ValueError('lr_batch_exponent scales the lr stage\'s rates to each point\'s batch: it needs lr_sweep.sizes')
   if sweep.get('budget_sizes'):
     if sweep.get('tokens_per_param'):
       raise ValueError('set budget_sizes (the sizes of each budget) or tokens_per_param (a filter), not both')
@@ -319,6 +336,15 @@ def _batch_size(sweep: ml_collections.ConfigDict, n_with_head: int) -> int | Non
     if n_with_head < n_max:
       return int(batch)
   return None
+
+
+def rows_for(sweep: ml_collections.ConfigDict, batch: int, tokens: float, seq_len: int) -> int:
+  """The batch (rows) of a point training on `tokens`: `batch`, or as many rows as leave it `min_steps` steps
+  when `batch` would leave it fewer."""
+  min_steps = int(sweep.get('min_steps', 0))
+  if not min_steps or tokens / (batch * seq_len) >= min_steps:
+    return batch
+  return max(1, int(tokens // (seq_len * min_steps)))
 
 
 def warmup_steps(sweep: ml_collections.ConfigDict, config: ml_collections.ConfigDict, n: int, steps: int) -> int:
@@ -377,15 +403,24 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str, *, lrs: Mapping[int, fl
     if batch:
       overrides['train.batch_size'] = batch
     overrides.update(axis)
-    if staged:
-      overrides['train.lr'] = lr
     config = apply_overrides(base, overrides)
     model_config = ModelConfig.from_dict(config.model)
     seq_len, batch = int(config.data.seq_len), int(config.train.batch_size)
     if seq_len < 1 or batch < 1:
       raise ValueError(f'data.seq_len ({seq_len}) and train.batch_size ({batch}) must be positive')
     n, per_token = counted(model_config, seq_len, counting)
-    steps = max(1, round(wanted(n, per_token) / (batch * seq_len)))
+    tokens = wanted(n, per_token)
+    rows = rows_for(sweep, batch, tokens, seq_len)
+    exponent = float(sweep.get('lr_batch_exponent', 0.0))
+    if staged and stage != 'lr' and lr is not None and exponent:  # the size's rate is for its lr stage's batch
+      lr_rows = rows_for(sweep, batch, float(lr_sweep.tokens_per_param) * n, seq_len)
+      lr = float(f'{lr * (rows / lr_rows) ** exponent:.3g}') if rows != lr_rows else lr
+    if staged:
+      overrides['train.lr'] = lr
+    if rows != batch:
+      overrides['train.batch_size'] = batch = rows
+    config = apply_overrides(base, overrides)
+    steps = max(1, round(tokens / (batch * seq_len)))
     overrides.update({'train.steps': steps, 'train.warmup_steps': warmup_steps(sweep, config, n, steps)})
     return Point(name=name, overrides=overrides, params=n, params_total=_count_params(model_config),
                  flops_per_token=per_token, tokens=steps * batch * seq_len, budget=budget, size=int(size), stage=stage,
@@ -619,6 +654,15 @@ def _write_json(path: epath.Path, value: Any) -> None:
     files.write_json(path, value, default=str)
 
 
+def write_record(root: epath.Path | pathlib.Path, sweep: ml_collections.ConfigDict, points: Sequence[Point],
+                 corpus_tokens: int, code: Mapping[str, Any], history: Sequence[Any], **extra: Any) -> None:
+  """DIR/sweep.json: the sweep, its corpus's size, the code its points were trained by (and any changes of it),
+  and the plan, point by point."""
+  _write_json(epath.Path(root) / 'sweep.json', dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens, code=code,
+                                                    code_history=list(history), **extra,
+                                                    points=[dataclasses.asdict(p) for p in points]))
+
+
 def _read_metrics(point_dir: str) -> list[dict[str, Any]]:
   path = epath.Path(point_dir) / 'metrics.jsonl'
   return scaling.read_jsonl(str(path), {'step': numbers.Real}) if path.exists() else []
@@ -787,8 +831,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
   code = code_version()
   started = bool(done) or any((root / p.name).exists() for p in points)
   history = check_code(root, done, code, started, allow_code_change=allow_code_change)
-  _write_json(root / 'sweep.json', dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens, code=code,
-                                        code_history=history, points=[dataclasses.asdict(p) for p in points]))
+  write_record(root, sweep, points, corpus_tokens, code, history)
   wanted = lambda p: p.name not in done and (not only or p.name in only)
   logging.info('sweep: %d points, %d finished, %d to run; corpus of %s tokens', len(points), len(done),
                sum(map(wanted, points)), f'{corpus_tokens:,}')
@@ -860,9 +903,7 @@ def check(sweep: ml_collections.ConfigDict, workdir: str, reference: str, names:
   code = code_version()
   history = check_code(root, done, code, bool(done) or any((root / n).exists() for n in names),
                        allow_code_change=allow_code_change)
-  _write_json(root / 'sweep.json', dict(sweep=sweep.to_dict(), corpus_tokens=corpus_tokens, code=code,
-                                        code_history=history, checks=reference,
-                                        points=[dataclasses.asdict(p) for p in points]))
+  write_record(root, sweep, points, corpus_tokens, code, history, checks=reference)
   if not _train(sweep, root, [p for p in points if p.name not in done], done, code):
     raise RuntimeError('check: stopped before every point finished; run it again to resume')
   rows = []

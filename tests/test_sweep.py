@@ -260,6 +260,49 @@ def test_batch_per_size_and_sizes_per_budget(prepared_dir):
     sweep_lib.plan(sweep, '/tmp/sweep')
 
 
+def test_min_steps_lowers_the_batch_and_the_rate_follows_it(prepared_dir):
+  """A point whose tokens fill fewer than min_steps steps at its batch trains at fewer rows; with an lr stage and
+  lr_batch_exponent, its rate is its size's times (rows / the lr stage's rows)^exponent."""
+  sweep = lr_staged_sweep(prepared_dir)
+  sweep.budgets = (6e7, 2e8)
+  plain = {p.name: p for p in sweep_lib.plan(sweep, '/tmp/sweep', lrs={1: 1e-2, 2: 1e-2, 3: 1e-2})}
+  sweep.min_steps = 20
+  sweep.lr_batch_exponent = 0.5
+  points = sweep_lib.plan(sweep, '/tmp/sweep', lrs={1: 1e-2, 2: 1e-2, 3: 1e-2})
+  lowered = 0
+  for point in points:
+    rows, steps = point.overrides.get('train.batch_size', 8), point.overrides['train.steps']
+    before = plain[point.name]
+    if before.overrides['train.steps'] >= 20:
+      assert rows == 8 and steps == before.overrides['train.steps'], point.name
+    else:  # as many rows as leave 20 steps; one row is the least
+      lowered += 1
+      wanted = point.budget / point.flops_per_token
+      assert rows == max(1, int(wanted // (32 * 20))) < 8 and (steps >= 20 or rows == 1), point.name
+      assert point.tokens == steps * rows * 32, point.name
+      assert abs(point.flops - point.budget) <= 32 * rows * point.flops_per_token / 2, point.name  # the same budget
+    if point.stage == 'lr':
+      assert point.lr == before.lr  # the stage's own grid, whatever its rows
+    else:
+      reference = sweep_lib.rows_for(sweep, 8, 0.5 * point.params, 32)
+      assert point.lr == pytest.approx(1e-2 * (rows / reference)**0.5, rel=5e-3), point.name
+  assert lowered >= 3 and any(p.lr != 1e-2 for p in points if p.stage != 'lr')
+  sweep.lr_batch_exponent = 0.0
+  assert {p.lr for p in sweep_lib.plan(sweep, '/tmp/sweep', lrs={1: 1e-2, 2: 1e-2, 3: 1e-2})
+          if p.stage != 'lr'} == {1e-2}
+  for key, value, message in (('min_steps', -1, 'min_steps must be a whole number'),
+                              ('min_steps', 2.5, 'min_steps must be a whole number'),
+                              ('lr_batch_exponent', 'sqrt', 'lr_batch_exponent must be a number')):
+    bad = lr_staged_sweep(prepared_dir)
+    bad[key] = value
+    with pytest.raises(ValueError, match=message):
+      sweep_lib.plan(bad, '/tmp/sweep')
+  bad = tiny_sweep(prepared_dir)
+  bad.lr_batch_exponent = 0.5
+  with pytest.raises(ValueError, match='it needs lr_sweep.sizes'):
+    sweep_lib.plan(bad, '/tmp/sweep')
+
+
 def test_best_lr_and_the_choice_across_sizes():
   lrs = (1e-3, 2e-3, 4e-3, 8e-3)
   # A parabola in log lr with its vertex at 3e-3: found between the grid's rates.
@@ -487,7 +530,8 @@ def load_sweep(name: str) -> ml_collections.ConfigDict:
 def test_gpu_studies_meet_the_issue(name):
   """Issue 35's study: 4 budgets or more over a factor of 30 up to 3e16 FLOPs, 5 sizes or more a budget, the
   largest model over 50M non-embedding parameters, no point over 4 epochs of the corpus (the .py files' 139.1M
-  tokens and the extra file's standard library, about 10M), pieces of at most 8 minutes at the file's estimate.
+  tokens and the extra file's standard library, about 10M), 4096 steps or more a point, pieces of at most 8
+  minutes at the file's estimate.
   The main study brackets D / N = 20 at every budget and chooses its learning rates in an lr stage; the ablation
   counts as Kaplan et al., with one learning rate and a long warmup."""
   sweep = load_sweep(name)
@@ -497,6 +541,7 @@ def test_gpu_studies_meet_the_issue(name):
   assert len(budgets) >= 4 and budgets[-1] >= 3e16 and budgets[-1] / budgets[0] >= 30
   assert max(p.params_non_embedding for p in isoflop) >= 50e6
   assert max(p.tokens for p in points) <= 4 * 149e6
+  assert min(p.overrides['train.steps'] for p in points) >= sweep.min_steps >= 4096  # no point starved of updates
   for budget in budgets:
     ratios = [p.tokens / p.params for p in isoflop if p.budget == budget]
     assert len(ratios) >= 5, budget
