@@ -33,14 +33,15 @@ Setup, point by point (the corrections of Porian et al. 2024, section 3):
   (finished points are kept; the IsoFLOP points must then be retrained). The first attempt's stage
   (experiments/README.md) found every rate of 8e-3 and up far worse at every size, hence the grid.
   One rate for every size (the Kaplan setting) over-trains the small or under-trains the large models.
-* AdamW beta2 = 0.99 for every point: these batches (32k-131k tokens) are small, and Porian et al. find the
+* AdamW beta2 = 0.99 for every point: these batches (5k-66k tokens) are small, and Porian et al. find the
   usual 0.95 costs loss at small batch sizes while 0.99 does not at larger ones.
 * Batch by size ("sized to the GPU"), lowered to keep 4096 steps or more (`min_steps`): 64 rows of 512 tokens
   (32,768 tokens a step) below 4M parameters, 128 rows (65,536) below 16M, 256 rows (131,072) above, or fewer rows
-  where a point's D would fill fewer than 4096 steps (10-120 rows: most points train 4100-4400 steps). The first
-  attempt (experiments/results/isoflop_gpu_v1) kept the batch by size and gave the large models of each budget
-  330-650 steps: their losses were still falling steeply at the end (3.58 for 18M parameters at 1e16, against
-  1.58 for 3.7M), so each IsoFLOP curve would have measured how few updates its large models got, not N and D.
+  where a point's D would fill fewer than 4096 steps (10-128 rows: 37 of the 44 points train 4100-4400 steps).
+  The first attempt (experiments/results/isoflop_gpu_v1) kept the batch by size and gave the large models of each
+  budget 330-650 steps: their losses were still falling steeply at the end (3.58 for 18M parameters at 1e16,
+  against 1.58 for 3.7M), so each IsoFLOP curve would have measured how few updates its large models got, not N
+  and D.
 * Cosine schedule to 10% of the peak at each point's last step; weight decay 0.1; bf16 compute, float32
   parameters; z-loss 1e-4; eval on the built-in corpus's held-out 2% of the standard library (72,232 tokens at
   the last study), the same tokens, all of them, for every point (64 eval batches cover them at 3 rows or more).
