@@ -556,3 +556,14 @@ def test_gpu_studies_meet_the_issue(name):
   else:
     assert sweep.counting == 'kaplan' and not sweep.get('lr_sweep') and sweep.warmup_tokens >= 1e7
     assert {p.lr for p in isoflop} == {2e-3} and sweep.overrides.train.adam_b2 == 0.95
+
+
+def test_the_cpu_check_of_the_square_root_rule_pairs_its_points():
+  """experiments/lr_batch_cpu.py: the pairs its docstring reads, same steps at 4x the batch and tokens, same tokens
+  at 4x the batch, each over the same six rates."""
+  points = sweep_lib.plan(load_sweep('lr_batch_cpu.py'), '/tmp/sweep')
+  steps = {}
+  for p in points:
+    steps.setdefault((p.tokens, p.overrides['train.batch_size']), set()).add(p.overrides['train.steps'])
+  assert len(points) == 24 and {p.lr for p in points} == {1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2}
+  assert steps == {(2**19, 4): {1024}, (2**21, 16): {1024}, (2**21, 4): {4096}, (2**19, 16): {256}}
