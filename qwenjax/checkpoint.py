@@ -137,6 +137,7 @@ class Checkpointer:
     self.directory = workdir / 'checkpoints'
     self.corrupt_directory = workdir / 'checkpoints_corrupt'
     self.settings = settings
+    self._failed = False  # a save failed: its threads may write its temporary directory until the manager closes
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -263,6 +264,8 @@ class Checkpointer:
       self._remove_partial()  # what they wrote after the first removal
       raise
     self._manager.close()
+    if self._failed:  # a failure reported earlier (an earlier wait): remove what its threads wrote since
+      self._remove_partial()
 
   def _finishing(self, operation) -> None:
     """`operation()`, which finishes the save in progress: if that save failed (orbax reports it here), its partial
@@ -270,6 +273,7 @@ class Checkpointer:
     try:
       operation()
     except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
       removed = self._remove_partial()
       reason = re.search(r'No space left on device|Disk quota exceeded|Read-only file system|Permission denied|'
                          r'No such file or directory', str(e))
