@@ -11,20 +11,20 @@ Worker i runs in DIR/workers/i, a directory of its own whose point directories, 
 cache are links into DIR: a point stopped in one piece resumes from its checkpoint in whichever worker trains it
 next. The workers start from copies of DIR's results.jsonl, sweep.json and lr.json (files the sweep rewrites whole,
 which two processes must not share); when they end, the points they finished are added to DIR/results.jsonl with
-DIR in their paths, and sweep.json and lr.json are copied back. Points are dealt whole groups at a time
-(`qwenjax.sweep.groups`), longest first to the least loaded worker, by the plan's estimate. While the lr stage is
-unfinished its points run first (the others need its choice); then the rest, in the same command if time is left.
+DIR in their paths, and sweep.json and lr.json are copied back. Each worker trains one group of points
+(`qwenjax.sweep.groups`) at a time; when it ends, its points are merged into DIR and it starts the longest group
+not yet trained (`pick`, by the plan's estimate). While the lr stage is unfinished only its groups start (the others
+need its choice); then the rest, in the same command if time is left.
 
 `--seconds`: stop the workers (SIGTERM: each checkpoints its point) this long after the start; run the command again
-to go on. With it, each phase starts only the groups whose estimated times (the sweep's `estimate`, added up as if
-run one after another) fit in the time left, longest first (`within`): a fresh machine keeps no checkpoint of a
-point cut short, and the command ends early rather than start what cannot finish. Flags `--sweep.*` go to every
-worker as given. Ctrl-C or SIGTERM stops the workers the same way.
+to go on. With it, a worker starts only a group whose estimate (the sweep's `estimate`, times SLOWDOWN for sharing
+the GPU) fits in the time left: a fresh machine keeps no checkpoint of a point cut short, and a worker idles rather
+than start what cannot finish. Flags `--sweep.*` go to every worker as given. Ctrl-C or SIGTERM stops the workers
+the same way.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import pathlib
@@ -48,62 +48,46 @@ from qwenjax import workdir as workdir_lib
 SHARED = ('prepared', 'compilation_cache')  # the sweep's shared directories, linked into each worker's
 COPIED = ('results.jsonl', 'sweep.json', 'lr.json')  # DIR's files a worker starts from
 STOP_GRACE_S = 90  # how long a stopped worker may take to checkpoint before it is killed
+SLOWDOWN = 1.25  # a point among others on one GPU may take this much longer than its estimate
+_choice_logged = False  # whether the lr stage's warnings were logged by this command
 
 
-def deal(units: list[list[sweep_lib.Point]], seconds: list[float], workers: int) -> list[list[str]]:
-  """The names each of `workers` trains: `units` (groups of points, in run order) dealt longest first to the
-  least loaded worker (ties: the lowest index); each worker keeps run order."""
-  load = [(0.0, i) for i in range(workers)]
-  mine: list[list[int]] = [[] for _ in range(workers)]
-  for u in sorted(range(len(units)), key=lambda u: (-seconds[u], u)):
-    total, i = heapq.heappop(load)
-    mine[i].append(u)
-    heapq.heappush(load, (total + seconds[u], i))
-  return [[p.name for u in sorted(us) for p in units[u]] for us in mine if us]
+def pick(seconds: list[float], left: float | None, started: bool) -> int | None:
+  """The unit (index) a free worker starts with `left` seconds to go (None: no deadline): the longest whose
+  estimate, times SLOWDOWN, fits. A unit cut at the deadline resumes only on the machine that holds its
+  checkpoint, so on a fresh machine its work would be lost. When none fits: the shortest, so that a unit longer
+  than any piece still runs, unless this command has started one already (then none)."""
+  order = sorted(range(len(seconds)), key=lambda u: (-seconds[u], u))
+  fits = [u for u in order if left is None or seconds[u] * SLOWDOWN <= left]
+  if fits:
+    return fits[0]
+  return order[-1] if order and not started else None
 
 
-def within(seconds: list[float], left: float, started: bool) -> list[int]:
-  """The units (indices, in run order) to start with `left` seconds to go: longest first, each while the estimated
-  times of those chosen, added up as if they ran one after another, stay within `left`. A unit cut at the deadline
-  resumes only on the machine that holds its checkpoint, so on a fresh machine its work would be lost; K workers
-  at once should take less than the sum, so this errs on the safe side. When none fits: the shortest, so that a
-  unit longer than any piece still runs, unless this command has trained something already (then none)."""
-  chosen, total = [], 0.0
-  for u in sorted(range(len(seconds)), key=lambda u: (-seconds[u], u)):
-    if total + seconds[u] <= left:
-      chosen.append(u)
-      total += seconds[u]
-  if not chosen and not started and seconds:
-    chosen = [min(range(len(seconds)), key=lambda u: (seconds[u], u))]
-  return sorted(chosen)
-
-
-def next_phase(sweep, workdir: str, workers: int, left: float | None = None,
-               started: bool = False) -> list[list[str]]:
-  """The names each worker trains next: the lr stage's unfinished points while there are any, else every other
-  unfinished point (its rate chosen); [] when the sweep is done. With `left` (seconds to the deadline), only the
-  groups `within` chooses by the sweep's `estimate`."""
+def ready(sweep, workdir: str, busy: set[str]) -> tuple[list[list[sweep_lib.Point]], list[float]]:
+  """The groups (`qwenjax.sweep.groups`) a free worker may start, in run order, with their estimated seconds: the
+  lr stage's unfinished groups while the stage is unfinished (the other points need its choice), else every other
+  unfinished group; none with a point in `busy` (names a worker is training)."""
   points = sweep_lib.plan(sweep, workdir)
   done = sweep_lib.read_done(workdir)
   if any(p.stage == 'lr' and p.name not in done for p in points):
     wanted = [p for p in points if p.stage == 'lr' and p.name not in done]
   else:
-    points, _ = sweep_lib._after_lr_stage(sweep, workdir, points, done)  # pylint: disable=protected-access
+    global _choice_logged
+    verbosity = logging.get_verbosity()
+    if _choice_logged:  # the lr stage's warnings, once a command
+      logging.set_verbosity(logging.ERROR)
+    try:
+      points, _ = sweep_lib._after_lr_stage(sweep, workdir, points, done)  # pylint: disable=protected-access
+    finally:
+      logging.set_verbosity(verbosity)
+    _choice_logged = True
     wanted = [p for p in points if p.name not in done]
-  if not wanted:
-    return []
   group_size = int(sweep.get('group_size', 0))
   timing = dict(zip((p.name for p in wanted), (s for _, s in sweep_lib.schedule(wanted, sweep.get('estimate'), 0.0,
                                                                                  group_size))))
-  units = sweep_lib.groups(wanted, group_size)
-  seconds = [sum(timing[p.name] for p in unit) for unit in units]
-  if left is not None:
-    chosen = within(seconds, left, started)
-    later = [f'{units[u][0].name} ({seconds[u]:.0f} s)' for u in range(len(units)) if u not in chosen]
-    if later:
-      logging.info('sweep_workers: %.0f s left; left for the next piece by the estimate: %s', left, ', '.join(later))
-    units, seconds = [units[u] for u in chosen], [seconds[u] for u in chosen]
-  return deal(units, seconds, workers)
+  units = [u for u in sweep_lib.groups(wanted, group_size) if not busy & {p.name for p in u}]
+  return units, [sum(timing[p.name] for p in unit) for unit in units]
 
 
 def prepare_worker(root: pathlib.Path, index: int, names: list[str]) -> pathlib.Path:
@@ -150,44 +134,65 @@ def merge(root: pathlib.Path, homes: list[pathlib.Path]) -> list[str]:
   return added
 
 
-def run_workers(argv_sweep: list[str], root: pathlib.Path, assignment: list[list[str]],
-                deadline: float | None) -> tuple[list[pathlib.Path], list[int]]:
-  """Starts one `python -m qwenjax.sweep` per list of names and waits for all; at `deadline` (or on a signal to
-  this process) stops them with SIGTERM. Returns their directories and exit statuses."""
+def run_workers(argv_sweep: list[str], sweep, root: pathlib.Path, workers: int,
+                deadline: float | None) -> list[str]:
+  """Keeps `workers` processes busy, each `python -m qwenjax.sweep --only=<one group>`: whenever one ends, its points
+  are merged into DIR and the worker starts the group `pick` chooses among those `ready`. At `deadline` (or on a
+  signal to this process) stops them with SIGTERM. Returns the workers that failed, described."""
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
   if _PLATFORMS is not None:
     env['JAX_PLATFORMS'] = _PLATFORMS
-  env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / len(assignment):.2f}')
-  homes, procs = [], []
-  for i, names in enumerate(assignment):
-    home = prepare_worker(root, i, names)
-    log = open(home / 'sweep.log', 'ab')  # pylint: disable=consider-using-with
-    command = [sys.executable, '-m', 'qwenjax.sweep', *argv_sweep, f'--workdir={home}', f'--only={",".join(names)}']
-    logging.info('sweep_workers: worker %d trains %d point(s): %s (log: %s)', i, len(names), ', '.join(names),
-                 home / 'sweep.log')
-    procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
-    homes.append(home)
-  stopped = None
+  env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / workers:.2f}')
+  running: dict[int, tuple[subprocess.Popen, pathlib.Path, list[str]]] = {}
+  failed, started, stopped = [], False, None
   try:
-    while any(p.poll() is None for p in procs):
+    while True:
+      for i, (proc, home, names) in list(running.items()):
+        if proc.poll() is None:
+          continue
+        del running[i]
+        added = merge(root, [home])
+        logging.info('sweep_workers: worker %d ended (exit %d); finished: %s', i, proc.returncode,
+                     ', '.join(added) or '-')
+        if proc.returncode == 128 + signal.SIGTERM:
+          stopped = stopped or time.time()  # stopped by us, or by someone else: start nothing more
+        elif proc.returncode != 0:
+          failed.append(f'worker {i} (exit {proc.returncode}; log {home / "sweep.log"})')
+      for i in range(workers):
+        if failed or stopped or i in running:
+          continue
+        busy = {name for _, _, names in running.values() for name in names}
+        units, seconds = ready(sweep, str(root), busy)
+        u = pick(seconds, None if deadline is None else deadline - time.time(), started)
+        if u is None:
+          break
+        names = [p.name for p in units[u]]
+        home = prepare_worker(root, i, names)
+        log = open(home / 'sweep.log', 'ab')  # pylint: disable=consider-using-with
+        command = [sys.executable, '-m', 'qwenjax.sweep', *argv_sweep, f'--workdir={home}', f'--only={",".join(names)}']
+        logging.info('sweep_workers: worker %d trains %s (%.0f s by the estimate; log: %s)', i, ', '.join(names),
+                     seconds[u], home / 'sweep.log')
+        running[i] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), home, names)
+        log.close()
+        started = True
+      if not running:
+        return failed
       if deadline is not None and time.time() > deadline and stopped is None:
         logging.info('sweep_workers: time is up; stopping the workers (each checkpoints its point)')
         stopped = time.time()
-        _stop(procs)
+        _stop([proc for proc, _, _ in running.values()])
       if stopped is not None and time.time() > stopped + STOP_GRACE_S:
-        for p in procs:
-          if p.poll() is None:
-            logging.warning('sweep_workers: worker %d did not stop in %d s; killing it', procs.index(p),
-                            STOP_GRACE_S)
-            p.kill()
+        for i, (proc, _, _) in running.items():
+          if proc.poll() is None:
+            logging.warning('sweep_workers: worker %d did not stop in %d s; killing it', i, STOP_GRACE_S)
+            proc.kill()
       time.sleep(1.0)
   except cli.Stopped as e:  # Ctrl-C or SIGTERM to this command: the workers save and stop too
-    _stop(procs)
-    for p in procs:
-      _wait(p)
-    merge(root, homes)
+    _stop([proc for proc, _, _ in running.values()])
+    for proc, _, _ in running.values():
+      _wait(proc)
+    merge(root, [home for _, home, _ in running.values()])
     raise e
-  return homes, [p.returncode for p in procs]
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -226,22 +231,13 @@ def main(argv: list[str]) -> int | None:
   if not (root / 'sweep.json').exists():  # as `qwenjax.sweep` starts a sweep: the code version its points need
     points = sweep_lib.plan(sweep, str(root))
     sweep_lib.write_record(root, sweep, points, sweep_lib.check_epochs(sweep, points), sweep_lib.code_version(), [])
-  failed, started = [], False
-  while not failed and (deadline is None or time.time() < deadline):
-    left = None if deadline is None else deadline - time.time()
-    assignment = next_phase(sweep, str(root), flags.FLAGS.workers, left, started)
-    if not assignment:
-      break
-    homes, statuses = run_workers(argv_sweep, root, assignment, deadline)
-    added = merge(root, homes)
-    started = True
-    logging.info('sweep_workers: %d point(s) finished: %s', len(added), ', '.join(added) or '-')
-    failed = [f'worker {i} (exit {s}; log {homes[i] / "sweep.log"})' for i, s in enumerate(statuses)
-              if s not in (0, 128 + signal.SIGTERM)]
-    if any(s == 128 + signal.SIGTERM for s in statuses):
-      break
+  failed = run_workers(argv_sweep, sweep, root, flags.FLAGS.workers, deadline)
   if failed:
     raise RuntimeError(f'{", ".join(failed)} failed; the points they finished are in {root / "results.jsonl"}')
+  units, seconds = ready(sweep, str(root), set())
+  if units:
+    logging.info('sweep_workers: left for the next piece (estimated seconds): %s',
+                 ', '.join(f'{u[0].name} ({s:.0f} s)' for u, s in zip(units, seconds)))
   finished, planned = len(sweep_lib.read_done(str(root))), len(sweep_lib.plan(sweep, str(root)))
   print(f'{finished} of {planned} point(s) finished; results in {root / "results.jsonl"}', flush=True)
   return None

@@ -370,14 +370,19 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
 
 
 def code_versions(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """The code versions (`code` of each result: sources' hash, commit, jax) the points were trained by, with how
-  many points each; points from before versions were recorded count under None."""
-  counts: dict[str, list] = {}
+  """The code versions the points were trained by, with how many points each: a version is the sources' hash and
+  the jax and jaxlib versions of each result's `code`; the git commits recorded with it are labels (a copy of the
+  tree has none, or its enclosing checkout's), listed under `commits`. Points from before versions were recorded
+  count under None."""
+  counts: dict[str, dict[str, Any]] = {}
   for r in results:
     code = r.get('code')
-    key = json.dumps(code, sort_keys=True)
-    counts.setdefault(key, [code, 0])[1] += 1
-  return [dict(code=code, points=n) for code, n in counts.values()]
+    version = None if code is None else {k: code.get(k) for k in ('source', 'jax', 'jaxlib')}
+    entry = counts.setdefault(json.dumps(version, sort_keys=True), dict(code=version, points=0, commits=set()))
+    entry['points'] += 1
+    if code is not None and code.get('commit'):
+      entry['commits'].add(code['commit'])
+  return [dict(entry, commits=sorted(entry['commits'])) for entry in counts.values()]
 
 
 QUALITY_LIMITS = dict(a_interval=0.2, a_plus_b=0.05, approaches_agree=0.1)

@@ -560,14 +560,16 @@ def _git(root: str, *args: str) -> str | None:
 
 def code_version(root: str = _REPO) -> dict[str, Any]:
   """What trains a point: `source`, a hash of every .py file under qwenjax/ and configs/ (`files`: each one's),
-  the git `commit` and whether those files differ from it (`dirty`; None without git, e.g. a copy of the tree),
-  and the jax and jaxlib versions (the kernels and numerics come with them)."""
+  the git `commit` and whether those files differ from it (`dirty`; None unless `root` is the top of a checkout:
+  a copy of the tree has none, even inside another checkout), and the jax and jaxlib versions (the kernels and
+  numerics come with them)."""
   hashes = {}
   for folder, pattern in (('qwenjax', '**/*.py'), ('configs', '*.py')):
     for path in sorted(pathlib.Path(root, folder).glob(pattern)):
       hashes[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
   source = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
-  commit = _git(root, 'rev-parse', 'HEAD')
+  top = _git(root, 'rev-parse', '--show-toplevel')  # a copy of the tree inside another checkout is not that commit
+  commit = _git(root, 'rev-parse', 'HEAD') if top and os.path.samefile(top, root) else None
   status = _git(root, 'status', '--porcelain', '--untracked-files=no', '--', 'qwenjax', 'configs') if commit else None
   return dict(source=source, commit=commit, dirty=None if commit is None else bool(status), jax=jax.__version__,
               jaxlib=getattr(jaxlib, '__version__', None), files=hashes)

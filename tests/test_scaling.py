@@ -214,6 +214,10 @@ def test_quality_passes_a_study_that_recovers_its_law_and_fails_the_committed_h2
   rows = isoflop_points(CHINCHILLA, (1e18, 1e21))
   mixed = scaling.fit(with_code(rows[:20]) + with_code(rows[20:], 'other'), bootstrap=0)['quality']
   assert not mixed['one_code_version']['passed'] and mixed['one_code_version']['value'] == 2
+  # One source under two commit labels (a pinned copy of the tree run from two checkouts) is one version.
+  relabelled = [dict(r, code=dict(r['code'], commit=f'c{i % 2}')) for i, r in enumerate(with_code(rows))]
+  versions = scaling.code_versions(relabelled)
+  assert [(v['code']['source'], v['points'], v['commits']) for v in versions] == [('abc', len(rows), ['c0', 'c1'])]
   # The committed H200 study: every criterion fails, and fit.json and the command's summary say so.
   directory = str(tmp_path / 'h200')
   os.makedirs(directory)

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shlex
+import shutil
+import subprocess
 import sysconfig
 
 from absl import flags
@@ -466,6 +468,18 @@ def test_code_version_hashes_the_sources(tmp_path):
   assert sweep_lib.code_changes(first, second) == ['files qwenjax/kernels/b.py']
   repo = sweep_lib.code_version()  # this checkout: a git worktree
   assert repo['commit'] and len(repo['commit']) == 40 and isinstance(repo['dirty'], bool)
+  # A copy of the tree inside another checkout (as a study's pinned code travels inside the repository) is not
+  # that checkout's commit; at the checkout's top the commit is found.
+  git = ['git', '-C', str(tmp_path), '-c', 'user.name=t', '-c', 'user.email=t@t']
+  subprocess.run(git + ['init', '-q'], check=True)
+  subprocess.run(git + ['add', '.'], check=True)
+  subprocess.run(git + ['commit', '-q', '-m', 'tree'], check=True)
+  for folder in ('qwenjax', 'configs'):
+    shutil.copytree(tmp_path / folder, tmp_path / 'copy' / folder)
+  copy = sweep_lib.code_version(str(tmp_path / 'copy'))
+  assert copy['source'] == second['source'] and copy['commit'] is None and copy['dirty'] is None
+  top = sweep_lib.code_version(str(tmp_path))
+  assert top['source'] == second['source'] and len(top['commit']) == 40 and top['dirty'] is False
 
 
 @pytest.mark.slow

@@ -23,28 +23,102 @@ def load_script():
   return module
 
 
-def test_points_are_dealt_longest_first_to_the_least_loaded_worker():
-  deal = load_script().deal
-  units = [[types.SimpleNamespace(name=f'p{i}')] for i in range(5)]
-  # Longest first: p1 (9 s) to worker 0, p2 (5) to 1, p0 (4) to 1, p3 (3) to 0 (9 against 9: the lower index),
-  # p4 (1) to 1; each worker in run order.
-  assert deal(units, [4.0, 9.0, 5.0, 3.0, 1.0], 2) == [['p1', 'p3'], ['p0', 'p2', 'p4']]
-  assert deal(units[:1], [1.0], 3) == [['p0']]  # no idle worker is started
+def test_a_free_worker_starts_the_longest_group_its_time_left_can_finish():
+  script = load_script()
+  pick, slow = script.pick, script.SLOWDOWN
+  # Size 11's lr groups by the GPU study's estimate: 410 s and 320 s. 490 s left: the longer one does not fit once
+  # shared (410 x SLOWDOWN > 490), the shorter does.
+  assert 410.0 * slow > 490.0 >= 320.0 * slow
+  assert pick([410.0, 320.0], 490.0, started=False) == 1
+  assert pick([410.0, 320.0], 600.0, started=False) == 0
+  assert pick([410.0, 320.0], None, started=True) == 0  # no deadline: the longest
+  assert pick([100.0, 300.0, 300.0, 90.0], 380.0, started=True) == 1  # ties: the first in run order
+  assert pick([100.0, 300.0, 250.0, 90.0], 120.0, started=True) == 3
+  # Nothing fits: the shortest when this command has started nothing (a group longer than any piece still runs),
+  # else the worker stays idle.
+  assert pick([900.0, 700.0], 480.0, started=False) == 1
+  assert pick([320.0], 80.0, started=True) is None
+  assert pick([], 480.0, started=False) is None
 
 
-def test_a_piece_starts_only_what_its_time_left_can_finish():
-  within = load_script().within
-  # Size 11's lr groups by the GPU study's estimate: 410 s and 320 s. 490 s left: the longer one alone (the two
-  # would take 730 s one after another); then 80 s left: nothing more this piece.
-  assert within([410.0, 320.0], 490.0, started=False) == [0]
-  assert within([320.0], 80.0, started=True) == []
-  # Longest first, then whatever still fits, in run order.
-  assert within([100.0, 300.0, 250.0, 90.0], 400.0, started=False) == [0, 1]
-  assert within([100.0, 300.0, 250.0, 90.0], 500.0, started=False) == [0, 1, 3]
-  assert within([100.0, 300.0, 250.0, 90.0], 560.0, started=False) == [1, 2]
-  # A group longer than any piece still runs, alone, when the command has trained nothing yet.
-  assert within([900.0, 700.0], 480.0, started=False) == [1]
-  assert within([], 480.0, started=False) == []
+class FakeWorker:
+  """A worker process that ends `seconds` after it starts on the test's clock, or at once when stopped."""
+
+  def __init__(self, clock, name, seconds):
+    self.clock, self.name, self.end, self.returncode = clock, name, clock[0] + seconds, None
+
+  def poll(self):
+    if self.returncode is None and self.clock[0] >= self.end:
+      self.returncode = 0
+    return self.returncode
+
+  def send_signal(self, sig):
+    del sig
+    self.returncode = 143
+
+  def kill(self):
+    self.returncode = -9
+
+
+def fake_workers(monkeypatch, tmp_path, seconds):
+  """sweep_workers with its processes, plan and DIR replaced: groups of one point each, `seconds` apiece (the
+  estimate and the real time alike); returns (the script, the clock, the log of starts, the names finished)."""
+  script, clock, starts, done = load_script(), [0.0], [], []
+  homes = {}
+
+  def ready(sweep, root, busy):
+    del sweep, root
+    names = [n for n in seconds if n not in done and n not in busy]
+    return [[types.SimpleNamespace(name=n)] for n in names], [seconds[n] for n in names]
+
+  def prepare_worker(root, i, names):
+    del root
+    home = tmp_path / f'worker{i}'
+    home.mkdir(exist_ok=True)
+    homes[home] = names
+    return home
+
+  def popen(command, **kwargs):
+    del kwargs
+    names = command[-1].removeprefix('--only=').split(',')
+    starts.append((clock[0], names))
+    processes[names[0]] = FakeWorker(clock, names[0], seconds[names[0]])
+    return processes[names[0]]
+
+  def merge(root, finished):  # a stopped worker's point is unfinished
+    del root
+    names = [n for home in finished for n in homes[home] if processes[n].returncode == 0]
+    done.extend(names)
+    return names
+
+  processes = {}
+  monkeypatch.setattr(script, 'ready', ready)
+  monkeypatch.setattr(script, 'prepare_worker', prepare_worker)
+  monkeypatch.setattr(script, 'merge', merge)
+  monkeypatch.setattr(script.subprocess, 'Popen', popen)
+  monkeypatch.setattr(script, 'time', types.SimpleNamespace(time=lambda: clock[0],
+                                                          sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+  return script, clock, starts, done
+
+
+def test_a_worker_that_ends_starts_the_next_group_without_waiting_for_the_others(monkeypatch, tmp_path):
+  script, clock, starts, done = fake_workers(monkeypatch, tmp_path, {'a': 3.0, 'b': 1.0, 'c': 1.0, 'd': 1.0})
+  assert script.run_workers([], None, tmp_path, 2, deadline=None) == []
+  # a (the longest) and b start together; b's worker goes on to c, then d, while a trains.
+  assert [(t, names) for t, names in starts] == [(0.0, ['a']), (0.0, ['b']), (1.0, ['c']), (2.0, ['d'])]
+  assert sorted(done) == ['a', 'b', 'c', 'd'] and clock[0] <= 4.0
+
+
+def test_at_the_deadline_the_workers_stop_and_nothing_new_starts(monkeypatch, tmp_path):
+  seconds = {'a': 10.0, 'b': 2.0, 'c': 2.0}
+  script, clock, starts, done = fake_workers(monkeypatch, tmp_path, seconds)
+  assert script.run_workers([], None, tmp_path, 2, deadline=5.0) == []
+  # a does not fit in 5 s, so the two short groups start, then nothing (a would be cut short): a is left.
+  assert [names for _, names in starts] == [['b'], ['c']]
+  assert sorted(done) == ['b', 'c'] and clock[0] < 6.0
+  script, clock, starts, done = fake_workers(monkeypatch, tmp_path, {'a': 10.0})
+  assert script.run_workers([], None, tmp_path, 2, deadline=5.0) == []  # nothing fits: the shortest, stopped
+  assert [names for _, names in starts] == [['a']] and done == [] and 5.0 <= clock[0] <= 7.0
 
 
 @pytest.mark.slow
