@@ -13,10 +13,9 @@ al. trace Kaplan et al.'s a ~ 0.73 to:
 * a long warmup, the same for every point: 50M tokens (Kaplan et al.: 3000 steps for every model), at most half
   of a run;
 * one learning rate and the usual AdamW beta2 (0.95) for every size and batch: no lr stage. The rate, 2e-3, is
-  the grid rate with the lowest mean eval loss over the sizes of the first attempt's lr stage (its losses:
-  experiments/README.md), the best single rate a Kaplan-style study could pick from the same sweep. The main
-  study's new lr stage (at its smaller batches) replaces those losses: pick the rate again from it before running
-  this file.
+  the grid rate with the lowest mean eval loss over the four sizes of the main study's lr stage
+  (experiments/results/isoflop_gpu/lr.json: 1.822 against 1.831 at 1e-3 and 1.884 at 4e-3), the best single
+  rate a Kaplan-style study could pick from the same sweep.
 Kaplan's counting buys a model more tokens than the main study's (1.1-1.9x), so the same sizes would sit further
 to the data-rich side, and the smallest of 1e16 and 3e16 would read the corpus more than 4 times: each budget's
 sizes are the main study's shifted one to three ladder steps up (to s22, 70.9M non-embedding parameters).

@@ -569,7 +569,12 @@ def test_gpu_studies_meet_the_issue(name):
     assert all(p.overrides['train.warmup_steps'] <= 0.1 * p.overrides['train.steps'] + 1 for p in isoflop)
   else:
     assert sweep.counting == 'kaplan' and not sweep.get('lr_sweep') and sweep.warmup_tokens >= 1e7
-    assert {p.lr for p in isoflop} == {2e-3} and sweep.overrides.train.adam_b2 == 0.95
+    # Its one rate: the grid rate with the lowest mean eval loss over the main study's committed lr stage.
+    with open(os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu', 'lr.json')) as f:
+      anchors = json.load(f)['anchors']
+    rates = anchors[0]['losses']
+    best = min(rates, key=lambda r: sum(a['losses'][r] for a in anchors) / len(anchors))
+    assert {p.lr for p in isoflop} == {float(best)} and sweep.overrides.train.adam_b2 == 0.95
 
 
 def test_the_cpu_check_of_the_square_root_rule_pairs_its_points():
