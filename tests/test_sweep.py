@@ -586,3 +586,27 @@ def test_the_cpu_check_of_the_square_root_rule_pairs_its_points():
     steps.setdefault((p.tokens, p.overrides['train.batch_size']), set()).add(p.overrides['train.steps'])
   assert len(points) == 24 and {p.lr for p in points} == {1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2}
   assert steps == {(2**19, 4): {1024}, (2**21, 16): {1024}, (2**21, 4): {4096}, (2**19, 16): {256}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['C3e16-s20', 'C3e15-s5'])
+def test_the_lr_check_trains_a_study_point_at_half_its_rate_and_twice_it(name):
+  """experiments/isoflop_gpu_lrcheck.py: the named point of the study, planned as the study plans it (the rate from
+  the committed lr stage, scaled to its batch), at 1/2, 1 and 2 times that rate, as one group."""
+  spec = importlib.util.spec_from_file_location('_lrcheck', os.path.join(ROOT, 'experiments', 'isoflop_gpu_lrcheck.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with open(os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu', 'lr.json')) as f:
+    rates = {int(size): float(lr) for size, lr in json.load(f)['lr'].items()}
+  (studied,) = [p for p in sweep_lib.plan(load_sweep('isoflop_gpu.py'), '/tmp/sweep', lrs=rates) if p.name == name]
+  check = module.get_config(name)
+  points = sweep_lib.plan(check, '/tmp/sweep')
+  got = sorted(p.lr for p in points)
+  assert got == pytest.approx([studied.lr / 2, studied.lr, studied.lr * 2], rel=5e-3)
+  for p in points:
+    assert {k: v for k, v in p.overrides.items() if k != 'train.lr'} == \
+        {k: v for k, v in studied.overrides.items() if k != 'train.lr'}
+    assert (p.tokens, p.params, p.budget) == (studied.tokens, studied.params, studied.budget)
+  assert len(sweep_lib.groups(points, check.group_size)) == 1  # one vmapped step for the three
+  with pytest.raises(ValueError, match='not an IsoFLOP point'):
+    module.get_config('LR-s5-lr0.004')
