@@ -68,12 +68,12 @@ def ready(sweep, workdir: str, busy: set[str]) -> tuple[list[list[sweep_lib.Poin
   """The groups (`qwenjax.sweep.groups`) a free worker may start, in run order, with their estimated seconds: the
   lr stage's unfinished groups while the stage is unfinished (the other points need its choice), else every other
   unfinished group; none with a point in `busy` (names a worker is training)."""
+  global _choice_logged
   points = sweep_lib.plan(sweep, workdir)
   done = sweep_lib.read_done(workdir)
   if any(p.stage == 'lr' and p.name not in done for p in points):
     wanted = [p for p in points if p.stage == 'lr' and p.name not in done]
   else:
-    global _choice_logged
     verbosity = logging.get_verbosity()
     if _choice_logged:  # the lr stage's warnings, once a command
       logging.set_verbosity(logging.ERROR)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any
 
 from absl import logging
@@ -110,6 +111,8 @@ def all_finite(tree: Any) -> bool:
   """True when every floating-point array of `tree` is finite (one reduction on the devices)."""
   return bool(jax.device_get(_finite(tree)))
 
+
+SETTLE_S = 1.0  # after a failed save, how long no partial checkpoint may reappear before close() returns
 
 # Errors of the machine or the storage rather than of the checkpoint's files: never a reason to move it. Whole
 # words, so that a path such as /runs/BLOOM-7b does not read as an out-of-memory error.
@@ -261,11 +264,11 @@ class Checkpointer:
         self._manager.close()  # joins the save's threads, which may still be writing its temporary directory
       except Exception:  # pylint: disable=broad-except
         pass  # the same failure, reported once
-      self._remove_partial()  # what they wrote after the first removal
+      self._remove_partial(settle_s=SETTLE_S)  # what they wrote after the first removal
       raise
     self._manager.close()
     if self._failed:  # a failure reported earlier (an earlier wait): remove what its threads wrote since
-      self._remove_partial()
+      self._remove_partial(settle_s=SETTLE_S)
 
   def _finishing(self, operation) -> None:
     """`operation()`, which finishes the save in progress: if that save failed (orbax reports it here), its partial
@@ -283,17 +286,32 @@ class Checkpointer:
                       f'({self.all_steps() or "none"}). Free space or fix the storage, then run again to resume.'
                       ) from e
 
-  def _remove_partial(self) -> str:
-    """Removes orbax's temporary directories of unfinished saves (process 0); returns their names."""
+  def _remove_partial(self, settle_s: float = 0.0) -> str:
+    """Removes orbax's temporary directories of unfinished saves (process 0); returns their names. With
+    `settle_s`, again until none has reappeared for that long (at most 10x it): after a failed save, writes still in
+    flight in tensorstore's threads, which the manager's close does not wait for, can re-create one."""
     if jax.process_index() != 0 or not self.directory.exists():
       return ''
-    partial = [p for p in self.directory.iterdir() if '.orbax-checkpoint-tmp' in p.name]
-    for path in partial:
-      try:
-        path.rmtree()
-      except OSError as e:
-        logging.warning('could not remove the partial checkpoint %s: %s', path, e)
-    return ', '.join(p.name for p in partial)
+    removed: list[str] = []
+    quiet_since, give_up = time.monotonic(), time.monotonic() + 10 * settle_s
+    while True:
+      partial = [p for p in self.directory.iterdir() if '.orbax-checkpoint-tmp' in p.name]
+      for path in partial:
+        try:
+          path.rmtree()
+        except OSError as e:  # a file written while it is removed: the next round
+          if not settle_s:
+            logging.warning('could not remove the partial checkpoint %s: %s', path, e)
+      removed += [p.name for p in partial if p.name not in removed]
+      now = time.monotonic()
+      if partial:
+        quiet_since = now
+      if now - quiet_since >= settle_s or now >= give_up:
+        if partial and settle_s:
+          logging.warning('could not remove the partial checkpoint(s) %s: still written to after %.0f s', partial,
+                          10 * settle_s)
+        return ', '.join(removed)
+      time.sleep(min(0.1, settle_s))
 
 
 def restore_params(workdir: str, step: int | None = None,
