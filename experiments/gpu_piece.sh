@@ -9,7 +9,9 @@
 #   3. runs the sweep for at most SECONDS (SIGTERM then: the point in progress checkpoints, and resumes next time
 #      on this machine; on a fresh one it starts again); with WORKERS=K (K > 1), K points at once
 #      (experiments/sweep_workers.py, stopping its workers a minute before the limit);
-#   4. copies results.jsonl, sweep.json, lr.json and the log to $OUT/STUDY, to be committed to
+#   4. adds a line to pieces.jsonl (its seconds here, the GPU, the points finished before and after: what
+#      experiments/study_speed.py reads) and copies results.jsonl, sweep.json, lr.json, pieces.jsonl and the log to
+#      $OUT/STUDY, to be committed to
 #      experiments/results/STUDY before the next piece. sweep.json holds the code version: the sweep refuses to go
 #      on under other code, so run every piece from one commit.
 set -u
@@ -21,11 +23,14 @@ OUT=${OUT:-/tmp/qwenjax_studies_out}
 DIR=$WORK/$STUDY
 SAVED=experiments/results/$STUDY
 mkdir -p "$DIR" "$OUT/$STUDY"
+START=$(date +%s)
 export PYTHONUNBUFFERED=1
 python3 experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus || exit 1
-for name in results.jsonl sweep.json; do
+for name in results.jsonl sweep.json pieces.jsonl; do
   if [ -f "$SAVED/$name" ] && [ ! -f "$DIR/$name" ]; then cp "$SAVED/$name" "$DIR/$name"; fi
 done
+count() { (wc -l < "$DIR/results.jsonl") 2>/dev/null || echo 0; }
+BEFORE=$(count)
 WORKERS=${WORKERS:-1}
 if [ "$WORKERS" -gt 1 ]; then
   timeout -s TERM -k 30 "$LIMIT" python3 experiments/sweep_workers.py --sweep="experiments/$STUDY.py" --workdir="$DIR" \
@@ -39,9 +44,14 @@ else
     >> "$OUT/$STUDY/sweep.log" 2>&1
   status=$?
 fi
-for name in results.jsonl sweep.json lr.json; do
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+printf '{"piece": %d, "seconds": %d, "device": "%s", "workers": %d, "finished_before": %d, "finished_after": %d, '\
+'"date": "%s"}\n' \
+  $(( $( (wc -l < "$DIR/pieces.jsonl") 2>/dev/null || echo 0) + 1 )) $(( $(date +%s) - START )) "${GPU:-unknown}" \
+  "$WORKERS" "$BEFORE" "$(count)" "$(date -u +%Y-%m-%dT%H:%MZ)" >> "$DIR/pieces.jsonl"
+for name in results.jsonl sweep.json lr.json pieces.jsonl; do
   if [ -f "$DIR/$name" ]; then cp "$DIR/$name" "$OUT/$STUDY/$name"; fi
 done
 grep -h 'sweep: .* done\|sweep: .* stopped\|lr stage\|sweep_workers\|error' "$OUT/$STUDY"/*.log | tail -40
-finished=$( (wc -l < "$DIR/results.jsonl") 2>/dev/null || echo 0)
+finished=$(count)
 echo "$STUDY: exit $status (0: done, or with WORKERS its workers stopped in time; 124: the time limit stopped it; run the next piece until every point is finished); $finished points finished"

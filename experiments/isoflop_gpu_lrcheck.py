@@ -1,4 +1,4 @@
-"""Is a point's extrapolated learning rate right? One point of experiments/isoflop_gpu.py at 1/2, 1 and 2 times its rate.
+"""Is a point's extrapolated learning rate right? A point of experiments/isoflop_gpu.py at 1/2, 1 and 2x its rate.
 
     python -m qwenjax.sweep --sweep=experiments/isoflop_gpu_lrcheck.py --workdir=DIR              # C3e16-s20
     python -m qwenjax.sweep --sweep=experiments/isoflop_gpu_lrcheck.py:C3e15-s5 --workdir=DIR     # another point

@@ -1,0 +1,54 @@
+"""experiments/study_speed.py: a study's device time and MFU against issue 35's speed goals."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'experiments', 'study_speed.py')
+
+
+def load_script():
+  spec = importlib.util.spec_from_file_location('_study_speed', SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def study(peak=1e15):
+  """Two points of 4e17 and 2e17 FLOPs (one of them large) in two pieces of 1,000 and 2,000 s."""
+  results = [dict(name='big', params=20e6, flops_actual=4e17, mfu=0.35),
+             dict(name='small', params=2e6, flops_actual=2e17, mfu=0.05)]
+  pieces = [dict(piece=1, seconds=1000), dict(piece=2, seconds=2000)]
+  return results, pieces, peak
+
+
+def test_speed_against_the_goals():
+  speed = load_script().speed
+  s = speed(*study())
+  # 6e17 FLOPs in 3,000 s of a 1e15 peak: 20% MFU; at 40% they take 1,500 s, so the pieces took 2x (goal 1.5x).
+  assert s['flops'] == 6e17 and s['seconds'] == 3000
+  assert s['mfu'] == pytest.approx(0.2) and s['ratio'] == pytest.approx(2.0) and not s['ratio_passed']
+  assert [r['name'] for r in s['large']] == ['big'] and s['large_passed'] == ['big']  # 10M or more, 30% or more
+  faster = speed(study()[0], [dict(piece=1, seconds=2000)], 1e15)
+  assert faster['ratio'] == pytest.approx(4 / 3) and faster['ratio_passed']
+
+
+def test_the_command_reads_a_results_directory(tmp_path):
+  results, pieces, peak = study()
+  for name, rows in (('results.jsonl', results), ('pieces.jsonl', pieces)):
+    (tmp_path / name).write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (tmp_path / 'sweep.json').write_text(json.dumps({'sweep': {'estimate': {'peak_flops': peak}}}))
+  done = subprocess.run([sys.executable, SCRIPT, f'--dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert '20.0% MFU' in done.stdout and '= 2.00 (goal: 1.5 or less): FAIL' in done.stdout
+  assert '1 of 1' in done.stdout
+  (tmp_path / 'pieces.jsonl').unlink()
+  done = subprocess.run([sys.executable, SCRIPT, f'--dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+                        check=False)
+  assert done.returncode == 2 and 'error: --dir=' in done.stderr and 'pieces.jsonl' in done.stderr
