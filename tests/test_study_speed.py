@@ -52,3 +52,29 @@ def test_the_command_reads_a_results_directory(tmp_path):
   done = subprocess.run([sys.executable, SCRIPT, f'--dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
                         check=False)
   assert done.returncode == 2 and 'error: --dir=' in done.stderr and 'pieces.jsonl' in done.stderr
+
+
+def test_gpu_piece_records_each_piece(tmp_path):
+  """experiments/gpu_piece.sh adds a line to pieces.jsonl per piece: its number after the committed pieces, its
+  seconds, the GPU, the points finished before and after. Here python3 and nvidia-smi are stand-ins: the 'sweep'
+  finishes one point."""
+  bin_dir, work, out = tmp_path / 'bin', tmp_path / 'work', tmp_path / 'out'
+  bin_dir.mkdir()
+  results = work / 'isoflop_gpu' / 'results.jsonl'
+  (bin_dir / 'python3').write_text(f'#!/bin/sh\ncase "$*" in *qwenjax.sweep*) echo "{{}}" >> {results};; esac\n')
+  (bin_dir / 'nvidia-smi').write_text('#!/bin/sh\necho "Stand-in GPU"\n')
+  for name in ('python3', 'nvidia-smi'):
+    os.chmod(bin_dir / name, 0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', WORK=str(work), OUT=str(out),
+             WORKERS='1')
+  done = subprocess.run(['bash', 'experiments/gpu_piece.sh', 'isoflop_gpu', '60'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+  committed = os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu')
+  speed = load_script()
+  before = len(speed.read_lines(os.path.join(committed, 'results.jsonl')))
+  pieces = speed.read_lines(str(out / 'isoflop_gpu' / 'pieces.jsonl'))
+  assert pieces[:-1] == speed.read_lines(os.path.join(committed, 'pieces.jsonl'))  # the committed ones, kept
+  last = pieces[-1]
+  assert last['piece'] == len(pieces) and 0 <= last['seconds'] < 60 and last['device'] == 'Stand-in GPU'
+  assert (last['finished_before'], last['finished_after'], last['workers']) == (before, before + 1, 1)
