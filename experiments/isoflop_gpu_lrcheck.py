@@ -53,5 +53,6 @@ def get_config(name: str = 'C3e16-s20'):
   sweep.budget_sizes = ((budget, (size,)),)
   sweep.lr_sweep = {}
   sweep.lr_batch_exponent = 0.0  # the rates below are the point's own, at its batch
-  sweep.axes = ml_collections.ConfigDict(dict(train=dict(lr=tuple(float(f'{rate * m:.3g}') for m in (0.5, 1.0, 2.0)))))
+  rates = tuple(float(f'{rate * m:.3g}') for m in (0.5, 1.0, 2.0))
+  sweep.axes = ml_collections.ConfigDict(dict(train=dict(lr=rates)))
   return sweep
