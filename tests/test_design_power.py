@@ -1,6 +1,5 @@
 """experiments/design_power.py: simulated studies on a sweep's plan, scored by the fit's quality bar."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,15 +8,11 @@ import sys
 import pytest
 
 from test_sweep import load_sweep  # pylint: disable=g-bad-import-order
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import ROOT, experiment_module  # pylint: disable=g-bad-import-order
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location('design_power', os.path.join(ROOT, 'experiments', 'design_power.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module('design_power.py')
 
 
 def test_noise_widens_the_interval_and_a_clean_study_recovers_the_law():

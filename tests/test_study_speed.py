@@ -1,6 +1,5 @@
 """experiments/study_speed.py: a study's device time and MFU against issue 35's speed goals."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,15 +7,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_utils import ROOT, experiment_module  # pylint: disable=g-bad-import-order
+
 SCRIPT = os.path.join(ROOT, 'experiments', 'study_speed.py')
-
-
-def load_script():
-  spec = importlib.util.spec_from_file_location('_study_speed', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def study(peak=1e15):
@@ -28,7 +21,7 @@ def study(peak=1e15):
 
 
 def test_speed_against_the_goals():
-  speed = load_script().speed
+  speed = experiment_module('study_speed.py').speed
   s = speed(*study())
   # 6e17 FLOPs in 3,000 s of a 1e15 peak: 20% MFU; at 40% they take 1,500 s, so the pieces took 2x (goal 1.5x).
   assert s['flops'] == 6e17 and s['seconds'] == 3000
@@ -71,7 +64,7 @@ def test_gpu_piece_records_each_piece(tmp_path):
                         capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
   committed = os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu')
-  speed = load_script()
+  speed = experiment_module('study_speed.py')
   before = len(speed.read_lines(os.path.join(committed, 'results.jsonl')))
   pieces = speed.read_lines(str(out / 'isoflop_gpu' / 'pieces.jsonl'))
   assert pieces[:-1] == speed.read_lines(os.path.join(committed, 'pieces.jsonl'))  # the committed ones, kept

@@ -1,7 +1,6 @@
 """Sweeps end to end on the CPU: planning (countings, warmup, batches, the lr stage), a 6-point IsoFLOP sweep run
 in two halves, the fit, --emit and its table, code versions, and the check of a committed point."""
 
-import importlib.util
 import json
 import math
 import os
@@ -20,9 +19,9 @@ from qwenjax import scaling
 from qwenjax import sweep as sweep_lib
 from qwenjax import train
 from qwenjax.model_config import ModelConfig
+from train_utils import ROOT, experiment_module  # pylint: disable=g-bad-import-order
 
 STDLIB = sysconfig.get_paths()['stdlib']
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_sweep(prepared_dir: str) -> ml_collections.ConfigDict:
@@ -533,10 +532,7 @@ def test_plan_table_estimates_time_and_cuts_pieces_at_budgets(prepared_dir):
 
 
 def load_sweep(name: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(f'_sweep_{name[:-3]}', os.path.join(ROOT, 'experiments', name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return experiment_module(name).get_config()
 
 
 @pytest.mark.slow
@@ -593,9 +589,7 @@ def test_the_cpu_check_of_the_square_root_rule_pairs_its_points():
 def test_the_lr_check_trains_a_study_point_at_half_its_rate_and_twice_it(name):
   """experiments/isoflop_gpu_lrcheck.py: the named point of the study, planned as the study plans it (the rate from
   the committed lr stage, scaled to its batch), at 1/2, 1 and 2 times that rate, as one group."""
-  spec = importlib.util.spec_from_file_location('_lrcheck', os.path.join(ROOT, 'experiments', 'isoflop_gpu_lrcheck.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = experiment_module('isoflop_gpu_lrcheck.py')
   with open(os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu', 'lr.json')) as f:
     rates = {int(size): float(lr) for size, lr in json.load(f)['lr'].items()}
   (studied,) = [p for p in sweep_lib.plan(load_sweep('isoflop_gpu.py'), '/tmp/sweep', lrs=rates) if p.name == name]

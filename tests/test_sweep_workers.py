@@ -1,6 +1,5 @@
 """experiments/sweep_workers.py: a sweep trained by several processes at once gives what one sweep gives."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,13 @@ import pytest
 
 from qwenjax import sweep as sweep_lib
 from test_sweep import lr_staged_sweep, read_lines  # pylint: disable=g-bad-import-order
+from train_utils import ROOT, experiment_module  # pylint: disable=g-bad-import-order
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'experiments', 'sweep_workers.py')
 
 
 def load_script():
-  spec = importlib.util.spec_from_file_location('_sweep_workers', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_module('sweep_workers.py')
 
 
 def test_a_free_worker_starts_the_longest_group_its_time_left_can_finish():

@@ -1,7 +1,8 @@
 """Helpers for the tests that run the training job: a fast config, metrics, the batches a run reads, the memory
-its compiled step needs, and jax's compile events."""
+its compiled step needs, and jax's compile events; and experiments/' scripts loaded as modules."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,14 @@ from qwenjax import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny.py')
+
+
+def experiment_module(name: str):
+  """experiments/<name> (a sweep file or a script; not a package) loaded as a module."""
+  spec = importlib.util.spec_from_file_location(f'_experiment_{name[:-3]}', os.path.join(ROOT, 'experiments', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def small_config(**train_overrides):
