@@ -799,6 +799,7 @@ def _after_lr_stage(sweep: ml_collections.ConfigDict, workdir: str, points: list
     raise ValueError(f'the lr stage now chooses other rates than some finished points trained at: {", ".join(stale)}.'
                      ' Its results changed after they ran; delete those points\' lines from results.jsonl (and their '
                      'directories) to retrain them, or restore the lr stage\'s results.')
+  check_plans(points, done)
   for warning in choice['warnings']:
     logging.warning('sweep: lr stage: %s', warning)
   return points, choice
@@ -830,6 +831,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
     raise ValueError(f'--only names {unknown}, which are not points of the sweep: {[p.name for p in points]}')
   corpus_tokens = check_epochs(sweep, points)
   done = read_done(workdir)
+  check_plans(points, done)
   code = code_version()
   started = bool(done) or any((root / p.name).exists() for p in points)
   history = check_code(root, done, code, started, allow_code_change=allow_code_change)
@@ -869,6 +871,27 @@ def plan_differences(planned: Mapping[str, Any], committed: Mapping[str, Any]) -
     if key not in _MACHINE_KEYS and not same:
       out.append(f'{key}: {a!r} committed, {b!r} now')
   return out
+
+
+def check_plans(points: Sequence[Point], done: Mapping[str, Mapping[str, Any]]) -> None:
+  """Raises ValueError if a finished point trained otherwise than the sweep file now plans it (`plan_differences`;
+  the learning rate of a point the lr stage has not chosen yet left out): the sweep file changed after it ran, and
+  its result would stand for a point it is not."""
+  changed = []
+  for p in points:
+    record = done.get(p.name, {}).get('overrides')
+    if record is None:
+      continue
+    planned = p.overrides if p.stage == 'lr' or p.lr is not None else \
+        {k: v for k, v in p.overrides.items() if k != 'train.lr'}
+    differences = plan_differences(planned, record)
+    if differences:
+      changed.append(f'{p.name} ({"; ".join(differences)})')
+  if changed:
+    raise ValueError(f'{len(changed)} finished point(s) trained otherwise than the sweep file now plans them: '
+                     f'{", ".join(changed[:5])}{" ..." if len(changed) > 5 else ""}. The sweep file changed after '
+                     'they ran: move their lines out of results.jsonl (and their directories away) to retrain them, '
+                     'or give the changed sweep a new DIR.')
 
 
 @_one_listing
