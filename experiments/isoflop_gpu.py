@@ -35,9 +35,13 @@ Setup, point by point (the corrections of Porian et al. 2024, section 3):
   One rate for every size (the Kaplan setting) over-trains the small or under-trains the large models.
 * AdamW beta2 = 0.99 for every point: these batches (5k-66k tokens) are small, and Porian et al. find the
   usual 0.95 costs loss at small batch sizes while 0.99 does not at larger ones.
-* Batch by size ("sized to the GPU"), lowered to keep 4096 steps or more (`min_steps`): 64 rows of 512 tokens
-  (32,768 tokens a step) below 4M parameters, 128 rows (65,536) below 16M, 256 rows (131,072) above, or fewer rows
-  where a point's D would fill fewer than 4096 steps (10-128 rows: 37 of the 44 points train 4100-4400 steps).
+* Batch by size: each size trains at the batch its learning rate is measured at, its lr stage batch (20 tokens
+  per parameter in 4096 steps: 9 rows of 512 tokens for s4, 16 for s5, 35 for s7, 65 for s9, 110 for s11, 256 at
+  most), or at fewer rows where a point's D would fill fewer than 4096 steps (`min_steps`), its rate then scaled
+  down by the square root of the batch ratio. No point trains at a larger batch than its size's lr stage point, so
+  none takes a rate above its size's measured best: data-rich points take more steps instead. The plan before
+  (64-256 rows by size, rates scaled up too) gave the data-rich points of every budget rates of 1.1-2.7x their
+  size's best (C3e15-s5: 8e-3 at 64 rows, 0.19 nats worse than 4e-3 in a rerun; results/isoflop_gpu/README.md).
   The first attempt (experiments/results/isoflop_gpu_v1) kept the batch by size and gave the large models of each
   budget 330-650 steps: their losses were still falling steeply at the end (3.58 for 18M parameters at 1e16,
   against 1.58 for 3.7M), so each IsoFLOP curve would have measured how few updates its large models got, not N
@@ -99,7 +103,10 @@ def get_config():
                         (3e15, (5, 6, 7, 8, 9, 11)),
                         (1e16, (7, 8, 9, 11, 13, 15)),
                         (3e16, (10, 11, 13, 15, 17, 20)))
-  sweep.batch_sizes = ((4e6, 64), (16e6, 128), (1e12, 256))
+  # Each size's lr stage batch, floor(20 N / (512 x 4096)) rows (at most 256), by N with the head (s4 0.95M ...
+  # s20 55.9M); tests/test_sweep.py checks it against the plan.
+  sweep.batch_sizes = ((1.3e6, 9), (2e6, 16), (3e6, 21), (4.1e6, 35), (5.5e6, 42), (7.5e6, 65), (9.5e6, 76),
+                       (15e6, 110), (22e6, 172), (32e6, 255), (1e12, 256))
   sweep.min_steps = 4096
   sweep.lr_batch_exponent = 0.5
   sweep.warmup_fraction = 0.0

@@ -5,10 +5,11 @@
 
 The study's lr stage measures the best rate at four sizes (N 1.8M-11.6M, at their own batches); every other point
 takes lr = k N^gamma fitted through them, clipped to the grid, times the square root of its batch over its size's
-lr-stage batch. The points furthest from what was measured are the ends of the ladder: size 20 (55.9M, 5x the
-largest size measured, 40 rows where its size's lr-stage point would take 533) and sizes 4-5 (their rate clipped
-at the grid's top, then doubled or more for their larger batches). A wrong rate there tilts the IsoFLOP curves at
-their ends, and so the fitted exponents.
+lr-stage batch where it trains at fewer rows. The points furthest from what was measured are the ends of the
+ladder: size 20 (55.9M, 5x the largest size measured, 40 rows where its size's lr-stage point would take 256) and
+sizes 4-5 (their rate clipped at the grid's top, trained 10-30k steps). A wrong rate there tilts the IsoFLOP
+curves at their ends, and so the fitted exponents. (Under the study's first batches, C3e15-s5 trained at 64 rows
+and 8e-3; this check found 4e-3 0.19 nats better: results/isoflop_gpu/README.md.)
 
 This file trains the named point (default C3e16-s20) exactly as the study plans it (shape, batch, steps, warmup,
 corpus, evaluation), at the rate the study gives it (from the committed results/isoflop_gpu/lr.json) and at half
