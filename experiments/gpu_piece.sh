@@ -3,6 +3,7 @@
 #   bash experiments/gpu_piece.sh STUDY SECONDS [sweep flags, e.g. --only=NAME,NAME]
 # STUDY is a sweep file of experiments/ (isoflop_gpu, isoflop_gpu_kaplan). Run from the repository's root with
 # qwenjax importable (PYTHONPATH=$PWD, after installing the wheels the GPU image lacks). It
+#   0. stops at once if a package setup.py requires is missing (experiments/preflight.py);
 #   1. writes the extra corpus (experiments/gpu_corpus.py) unless this machine has it;
 #   2. starts the sweep's directory from the committed experiments/results/STUDY/{results.jsonl,sweep.json} unless
 #      this machine already has one (a fresh machine has none of the points finished so far);
@@ -25,6 +26,7 @@ SAVED=experiments/results/$STUDY
 mkdir -p "$DIR" "$OUT/$STUDY"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
+python3 experiments/preflight.py setup.py || exit 1  # a missing package fails here, not in every worker
 python3 experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus || exit 1
 for name in results.jsonl sweep.json pieces.jsonl; do
   if [ -f "$SAVED/$name" ] && [ ! -f "$DIR/$name" ]; then cp "$SAVED/$name" "$DIR/$name"; fi

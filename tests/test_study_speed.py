@@ -71,3 +71,20 @@ def test_gpu_piece_records_each_piece(tmp_path):
   last = pieces[-1]
   assert last['piece'] == len(pieces) and 0 <= last['seconds'] < 60 and last['device'] == 'Stand-in GPU'
   assert (last['finished_before'], last['finished_after'], last['workers']) == (before, before + 1, 1)
+
+
+def test_preflight_names_the_packages_setup_py_requires_and_this_python_lacks(tmp_path):
+  """experiments/preflight.py, gpu_piece.sh's first step: one error line naming what is missing (exit 1), before
+  a piece's workers each fail on it after their setup; nothing when all are there."""
+  script = os.path.join(ROOT, 'experiments', 'preflight.py')
+  setup = tmp_path / 'setup.py'
+  setup.write_text("setup(name='x', install_requires=['numpy>=1', 'pytest',  # a comment\n"
+                   "    'surely-not-installed-qwenjax-dep[extra]>=2; python_version >= \"3\"'])\n")
+  run = lambda *args: subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False)
+  result = run(str(setup))
+  assert result.returncode == 1 and result.stderr.count('\n') == 1
+  assert result.stderr.startswith('error: this Python lacks surely-not-installed-qwenjax-dep (')
+  assert 'numpy' not in result.stderr
+  setup.write_text("setup(name='x', install_requires=['numpy', 'pytest'])\n")
+  assert run(str(setup)).returncode == 0
+  assert run(str(setup), 'extra').returncode == 2
