@@ -11,8 +11,9 @@
 #      on this machine; on a fresh one it starts again); with WORKERS=K (K > 1), K points at once
 #      (experiments/sweep_workers.py, stopping its workers a minute before the limit);
 #   4. adds a line to pieces.jsonl (its seconds here, the GPU, the points finished before and after: what
-#      experiments/study_speed.py reads) and copies results.jsonl, sweep.json, lr.json, pieces.jsonl and the log to
-#      $OUT/STUDY, to be committed to
+#      experiments/study_speed.py reads) and copies results.jsonl, sweep.json, lr.json, pieces.jsonl, the log and
+#      the workers' logs (workers.log: every worker's since this machine started, no step lines) to $OUT/STUDY,
+#      six files, to be committed to
 #      experiments/results/STUDY before the next piece. sweep.json holds the code version: the sweep refuses to go
 #      on under other code, so run every piece from one commit.
 set -u
@@ -38,9 +39,9 @@ if [ "$WORKERS" -gt 1 ]; then
   timeout -s TERM -k 30 "$LIMIT" python3 experiments/sweep_workers.py --sweep="experiments/$STUDY.py" --workdir="$DIR" \
     --workers="$WORKERS" --seconds=$((LIMIT > 120 ? LIMIT - 60 : LIMIT / 2)) "$@" >> "$OUT/$STUDY/sweep.log" 2>&1
   status=$?
-  for log in "$DIR"/workers/*/sweep.log; do
-    [ -f "$log" ] && cp "$log" "$OUT/$STUDY/worker$(basename "$(dirname "$log")").log"
-  done
+  for log in "$DIR"/workers/*/sweep.log; do  # one file (a device call returns few): each worker's, step lines left out
+    [ -f "$log" ] && { echo "== worker $(basename "$(dirname "$log")")"; grep -v ' step [0-9]*/[0-9]* |' "$log"; }
+  done > "$OUT/$STUDY/workers.log"
 else
   timeout -s TERM -k 30 "$LIMIT" python3 -m qwenjax.sweep --sweep="experiments/$STUDY.py" --workdir="$DIR" "$@" \
     >> "$OUT/$STUDY/sweep.log" 2>&1

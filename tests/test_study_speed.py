@@ -47,19 +47,24 @@ def test_the_command_reads_a_results_directory(tmp_path):
   assert done.returncode == 2 and 'error: --dir=' in done.stderr and 'pieces.jsonl' in done.stderr
 
 
-def test_gpu_piece_records_each_piece(tmp_path):
+@pytest.mark.parametrize('workers', [1, 3])
+def test_gpu_piece_records_each_piece(tmp_path, workers):
   """experiments/gpu_piece.sh adds a line to pieces.jsonl per piece: its number after the committed pieces, its
   seconds, the GPU, the points finished before and after. Here python3 and nvidia-smi are stand-ins: the 'sweep'
-  finishes one point."""
+  (or with workers, sweep_workers.py, whose two workers each leave a log) finishes one point. What comes back fits
+  a device call's 8 files: the workers' logs in one, without step lines."""
   bin_dir, work, out = tmp_path / 'bin', tmp_path / 'work', tmp_path / 'out'
   bin_dir.mkdir()
   results = work / 'isoflop_gpu' / 'results.jsonl'
-  (bin_dir / 'python3').write_text(f'#!/bin/sh\ncase "$*" in *qwenjax.sweep*) echo "{{}}" >> {results};; esac\n')
+  logs = ''.join(f'mkdir -p {work}/isoflop_gpu/workers/{i}; printf "I0 step 5/10 | loss 2\\nsweep: p{i} done\\n" '
+                 f'> {work}/isoflop_gpu/workers/{i}/sweep.log; ' for i in (0, 1))
+  (bin_dir / 'python3').write_text(f'#!/bin/sh\ncase "$*" in *qwenjax.sweep*) echo "{{}}" >> {results};;\n'
+                                   f'  *sweep_workers*) echo "{{}}" >> {results}; {logs};; esac\n')
   (bin_dir / 'nvidia-smi').write_text('#!/bin/sh\necho "Stand-in GPU"\n')
   for name in ('python3', 'nvidia-smi'):
     os.chmod(bin_dir / name, 0o755)
   env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', WORK=str(work), OUT=str(out),
-             WORKERS='1')
+             WORKERS=str(workers))
   done = subprocess.run(['bash', 'experiments/gpu_piece.sh', 'isoflop_gpu', '60'], cwd=ROOT, env=env,
                         capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -70,7 +75,13 @@ def test_gpu_piece_records_each_piece(tmp_path):
   assert pieces[:-1] == speed.read_lines(os.path.join(committed, 'pieces.jsonl'))  # the committed ones, kept
   last = pieces[-1]
   assert last['piece'] == len(pieces) and 0 <= last['seconds'] < 60 and last['device'] == 'Stand-in GPU'
-  assert (last['finished_before'], last['finished_after'], last['workers']) == (before, before + 1, 1)
+  assert (last['finished_before'], last['finished_after'], last['workers']) == (before, before + 1, workers)
+  back = sorted(os.listdir(out / 'isoflop_gpu'))
+  assert len(back) <= 8 and 'results.jsonl' in back and 'sweep.log' in back
+  if workers > 1:
+    assert 'workers.log' in back and not any(name.startswith('worker') and name != 'workers.log' for name in back)
+    text = (out / 'isoflop_gpu' / 'workers.log').read_text()
+    assert text.splitlines() == ['== worker 0', 'sweep: p0 done', '== worker 1', 'sweep: p1 done']
 
 
 def test_preflight_names_the_packages_setup_py_requires_and_this_python_lacks(tmp_path):
