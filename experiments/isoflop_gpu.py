@@ -40,7 +40,7 @@ Setup, point by point (the corrections of Porian et al. 2024, section 3):
   most), or at fewer rows where a point's D would fill fewer than 4096 steps (`min_steps`), its rate then scaled
   down by the square root of the batch ratio. No point trains at a larger batch than its size's lr stage point, so
   none takes a rate above its size's measured best: data-rich points take more steps instead. The plan before
-  (64-256 rows by size, rates scaled up too) gave the data-rich points of every budget rates of 1.1-2.7x their
+  (64-256 rows by size, rates scaled up too) gave the data-rich points of every budget rates of 1.08-2.7x their
   size's best (C3e15-s5: 8e-3 at 64 rows, 0.19 nats worse than 4e-3 in a rerun; results/isoflop_gpu/README.md).
   The first attempt (experiments/results/isoflop_gpu_v1) kept the batch by size and gave the large models of each
   budget 330-650 steps: their losses were still falling steeply at the end (3.58 for 18M parameters at 1e16,

@@ -821,7 +821,8 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
   records of all finished points. The lr stage's points run first; their results then choose the others' learning
   rates (DIR/lr.json). A point whose loss stops being finite is recorded as diverged (eval_loss null, `diverged`,
   `error`) and the sweep goes on; the fits leave it out. A sweep started by other code raises CodeVersionError
-  (`check_code`) unless `allow_code_change`."""
+  (`check_code`) unless `allow_code_change`; a finished point the sweep file now plans otherwise, ValueError
+  (`check_plans`)."""
   workdir = workdir_lib.resolve(workdir)
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
@@ -855,9 +856,10 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...]
   return list(done.values())
 
 
-# Config values that name this machine's files, not the experiment: left out when a point is compared with its
-# committed record (the corpus is compared by its token count instead).
-_MACHINE_KEYS = ('data.prepared_dir', 'train.compilation_cache_dir', 'data.train_files', 'data.eval_files')
+# Config values that name this machine's files or say how a run goes, not what it computes: left out when a point
+# is compared with its record (the corpus is compared by its token count instead).
+_MACHINE_KEYS = ('data.prepared_dir', 'train.compilation_cache_dir', 'data.train_files', 'data.eval_files',
+                 'data.read_threads', 'train.log_every', 'train.checkpoint_every')
 
 
 def plan_differences(planned: Mapping[str, Any], committed: Mapping[str, Any]) -> list[str]:

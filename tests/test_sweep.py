@@ -347,7 +347,7 @@ def test_a_finished_point_that_the_sweep_file_now_plans_otherwise_is_an_error(pr
   workdir.mkdir()
   points = sweep_lib.plan(sweep, str(workdir))
   record = dict(name=points[0].name, eval_loss=5.0, overrides=dict(points[0].overrides, **{
-      'data.prepared_dir': '/elsewhere'}))  # machine paths are not the experiment
+      'data.prepared_dir': '/elsewhere', 'train.log_every': 1}))  # machine paths and logging are not the experiment
   (workdir / 'results.jsonl').write_text(json.dumps(record) + '\n')
   sweep_lib.check_plans(points, sweep_lib.read_done(str(workdir)))  # planned as it trained
   sweep.overrides.train.batch_size = 4
@@ -580,15 +580,15 @@ def test_gpu_studies_meet_the_issue(name):
     assert sweep.lr_sweep.sizes and len(sweep.lr_sweep.lrs) >= 4 and sweep.overrides.train.adam_b2 == 0.99
     assert all(p.lr is None for p in isoflop) and {p.overrides['train.lr'] for p in points if p.stage == 'lr'}
     assert all(p.overrides['train.warmup_steps'] <= 0.1 * p.overrides['train.steps'] + 1 for p in isoflop)
-    # Each size trains at its lr stage's batch (20 N tokens in min_steps steps, 256 rows at most) or fewer rows,
-    # so that no point takes a rate above its size's measured best; the committed points are this plan's.
+    # Each size trains at its lr stage's batch (its tokens in min_steps steps, 256 rows at most) or fewer rows, so
+    # that no point takes a rate above its size's measured best; the committed points are this plan's.
     results = os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu')
     with open(os.path.join(results, 'lr.json')) as f:
       rates = {int(size): float(lr) for size, lr in json.load(f)['lr'].items()}
     chosen = sweep_lib.plan(sweep, '/tmp/sweep', lrs=rates)
     seq_len = sweep.overrides.data.seq_len
     for p in chosen:
-      lr_rows = min(256, int(20 * p.params // (seq_len * sweep.min_steps)))
+      lr_rows = min(256, int(sweep.lr_sweep.tokens_per_param * p.params // (seq_len * sweep.min_steps)))
       assert sweep_lib._batch_size(sweep, p.params_with_head) == lr_rows, p.name  # pylint: disable=protected-access
       assert p.overrides['train.batch_size'] <= lr_rows, p.name
       assert p.stage == 'lr' or p.lr <= rates[p.size] * (1 + 1e-9), p.name
