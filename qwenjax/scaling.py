@@ -171,8 +171,17 @@ def isoflop_minima(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray,
     low, high = float(params[at].min()), float(params[at].max())
     minima.append(dict(budget=float(budget), N_opt=by_n.argmin, D_opt=by_d.argmin, loss_opt=by_n.min_loss,
                        parabola_N=dataclasses.asdict(by_n), parabola_D=dataclasses.asdict(by_d),
-                       points=int(at.sum()), N_range=[low, high], inside=bool(low <= by_n.argmin <= high)))
+                       points=int(at.sum()), N_range=[low, high], inside=bool(low <= by_n.argmin <= high),
+                       residual_ss=float(np.sum((losses[at] - by_n(params[at])) ** 2)), dof=int(at.sum()) - 3))
   return minima, skipped
+
+
+def scatter(minima: Sequence[Mapping[str, Any]]) -> float | None:
+  """How far the losses lie from their budgets' parabolas in log N: the root of the residual sum of squares over
+  the degrees of freedom left (points - 3 a budget), pooled over budgets; None with none left. Run-to-run noise
+  plus any bend a parabola misses: an upper bound on the noise, the figure a design-power simulation needs."""
+  dof = sum(m['dof'] for m in minima)
+  return float(np.sqrt(sum(m['residual_ss'] for m in minima) / dof)) if dof > 0 else None
 
 
 def approach2(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray, losses: np.ndarray) -> dict[str, Any]:
@@ -188,7 +197,7 @@ def approach2(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray, losse
   c = np.array([m['budget'] for m in minima])
   a, k_n = _power_law(c, np.array([m['N_opt'] for m in minima]))
   b, k_d = _power_law(c, np.array([m['D_opt'] for m in minima]))
-  return dict(a=a, b=b, k_N=k_n, k_D=k_d, minima=minima, skipped=skipped)
+  return dict(a=a, b=b, k_N=k_n, k_D=k_d, minima=minima, skipped=skipped, scatter=scatter(minima))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -658,6 +667,10 @@ def summary(fitted: Mapping[str, Any]) -> str:
       parts.append(f'{k}=' + ('none' if value is None else f'{value:.4g}')
                    + (f' [{interval[0]:.4g}, {interval[1]:.4g}]' if interval else ''))
     lines.append(f'{approach}: ' + ', '.join(parts))
+    if approach == 'approach2' and fitted[approach].get('scatter') is not None:
+      dof = sum(m['dof'] for m in fitted[approach]['minima'])
+      lines.append(f'approach2: the losses lie {fitted[approach]["scatter"]:.3g} nats (root mean square, {dof} degrees '
+                   'of freedom) from their budgets\' parabolas: noise, plus any bend a parabola misses')
     if fitted[approach].get('at_bounds'):
       lines.append(f'{approach}: {", ".join(fitted[approach]["at_bounds"])} ended on the edge of the search '
                    '(scaling.BOUNDS): these points do not determine the fit; sweep more sizes and budgets')

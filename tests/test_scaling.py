@@ -110,6 +110,30 @@ def test_approach2_skips_budgets_it_cannot_fit_and_names_the_problem():
     scaling.approach2(*columns(falling + [r for r in rows if r['budget'] == budgets[2]]))
 
 
+def test_approach2_reports_how_far_the_losses_lie_from_their_parabolas():
+  """`scatter`: the residuals' root mean square around each budget's parabola in log N, pooled over budgets with
+  points - 3 degrees of freedom each; on average the noise added to a law's losses (over 10 draws), and the
+  summary says it. None where no budget has more than 3 points."""
+  ratios = []
+  for seed in range(10):
+    rows = isoflop_points(CHINCHILLA, (1e18, 1e21), noise=0.01, seed=seed)
+    fitted = scaling.approach2(*columns(rows))
+    losses = np.array([r['eval_loss'] for r in rows])
+    assert sum(m['dof'] for m in fitted['minima']) == len(rows) - 3 * 5
+    ratios.append(fitted['scatter'] / (0.01 * np.sqrt(np.mean(losses ** 2))))
+  assert 0.85 < np.mean(ratios) < 1.15 and min(ratios) > 0.5
+  budget = rows[0]['budget']
+  at = [r for r in rows if r['budget'] == budget]
+  log_n, loss = np.log([r['params'] for r in at]), np.array([r['eval_loss'] for r in at])
+  residuals = loss - np.polyval(np.polyfit(log_n, loss, 2), log_n)
+  assert fitted['minima'][0]['residual_ss'] == pytest.approx(np.sum(residuals ** 2), rel=1e-6)
+  summary = scaling.summary(dict(approach2=dict(fitted, ci={})))
+  assert f'the losses lie {fitted["scatter"]:.3g} nats (root mean square, 30 degrees of freedom)' in summary
+  three = [r for r in rows if sorted({q['params'] for q in rows if q['budget'] == r['budget']}).index(r['params'])
+           in (3, 4, 5)]
+  assert scaling.approach2(*columns(three))['scatter'] is None
+
+
 @pytest.mark.slow
 def test_points_without_a_law_give_a_finite_fit_that_says_so(tmp_path):
   """Losses that do not fall with N (here they grow) or do not depend on N and D at all: the fit stays finite
