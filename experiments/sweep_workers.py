@@ -17,9 +17,9 @@ not yet trained (`pick`, by the plan's estimate). While the lr stage is unfinish
 need its choice); then the rest, in the same command if time is left.
 
 `--seconds`: stop the workers (SIGTERM: each checkpoints its point) this long after the start; run the command again
-to go on. With it, a worker starts only a group whose estimate (the sweep's `estimate`, times SLOWDOWN for sharing
-the GPU) fits in the time left: a fresh machine keeps no checkpoint of a point cut short, and a worker idles rather
-than start what cannot finish. Flags `--sweep.*` go to every worker as given. Ctrl-C or SIGTERM stops the workers
+to go on. With it, a worker starts only a group whose estimate (the sweep's `estimate`, times how much longer the
+groups finished so far took, SLOWDOWN at least: sharing the GPU slows each) fits in the time left: a fresh machine
+keeps no checkpoint of a point cut short, and a worker idles rather than start what cannot finish. Flags `--sweep.*` go to every worker as given. Ctrl-C or SIGTERM stops the workers
 the same way.
 """
 
@@ -29,6 +29,7 @@ import json
 import os
 import pathlib
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -48,17 +49,24 @@ from qwenjax import workdir as workdir_lib
 SHARED = ('prepared', 'compilation_cache')  # the sweep's shared directories, linked into each worker's
 COPIED = ('results.jsonl', 'sweep.json', 'lr.json')  # DIR's files a worker starts from
 STOP_GRACE_S = 90  # how long a stopped worker may take to checkpoint before it is killed
-SLOWDOWN = 1.25  # a point among others on one GPU may take this much longer than its estimate
+SLOWDOWN = 1.25  # a point among others on one GPU takes at least this much longer than its estimate (`slowdown`)
 _choice_logged = False  # whether the lr stage's warnings were logged by this command
 
 
-def pick(seconds: list[float], left: float | None, started: bool) -> int | None:
+def slowdown(ratios: list[float]) -> float:
+  """How much longer than its estimate a unit takes here: the median of this command's finished units (their
+  seconds over their estimates), SLOWDOWN at least. Three workers on one H100 took 1.5-2x (the GPU study's
+  pieces 5-8): a fixed guess starts units that the deadline then cuts."""
+  return max(SLOWDOWN, statistics.median(ratios)) if ratios else SLOWDOWN
+
+
+def pick(seconds: list[float], left: float | None, started: bool, slow: float = SLOWDOWN) -> int | None:
   """The unit (index) a free worker starts with `left` seconds to go (None: no deadline): the longest whose
-  estimate, times SLOWDOWN, fits. A unit cut at the deadline resumes only on the machine that holds its
+  estimate, times `slow` (`slowdown`), fits. A unit cut at the deadline resumes only on the machine that holds its
   checkpoint, so on a fresh machine its work would be lost. When none fits: the shortest, so that a unit longer
   than any piece still runs, unless this command has started one already (then none)."""
   order = sorted(range(len(seconds)), key=lambda u: (-seconds[u], u))
-  fits = [u for u in order if left is None or seconds[u] * SLOWDOWN <= left]
+  fits = [u for u in order if left is None or seconds[u] * slow <= left]
   if fits:
     return fits[0]
   return order[-1] if order and not started else None
@@ -137,20 +145,25 @@ def merge(root: pathlib.Path, homes: list[pathlib.Path]) -> list[str]:
 def run_workers(argv_sweep: list[str], sweep, root: pathlib.Path, workers: int,
                 deadline: float | None) -> list[str]:
   """Keeps `workers` processes busy, each `python -m qwenjax.sweep --only=<one group>`: whenever one ends, its points
-  are merged into DIR and the worker starts the group `pick` chooses among those `ready`. At `deadline` (or on a
-  signal to this process) stops them with SIGTERM. Returns the workers that failed, described."""
+  are merged into DIR and the worker starts the group `pick` chooses among those `ready`, its estimates scaled by
+  how much longer the groups finished so far took (`slowdown`). At `deadline` (or on a signal to this process) stops
+  them with SIGTERM. Returns the workers that failed, described."""
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
   if _PLATFORMS is not None:
     env['JAX_PLATFORMS'] = _PLATFORMS
   env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / workers:.2f}')
   running: dict[int, tuple[subprocess.Popen, pathlib.Path, list[str]]] = {}
-  failed, started, stopped = [], False, None
+  began: dict[int, tuple[float, float]] = {}  # worker -> (its group's start, its estimate)
+  failed, started, stopped, ratios = [], False, None, []
   try:
     while True:
       for i, (proc, home, names) in list(running.items()):
         if proc.poll() is None:
           continue
         del running[i]
+        t0, estimate = began.pop(i)
+        if proc.returncode == 0 and estimate > 0:
+          ratios.append((time.time() - t0) / estimate)
         added = merge(root, [home])
         logging.info('sweep_workers: worker %d ended (exit %d); finished: %s', i, proc.returncode,
                      ', '.join(added) or '-')
@@ -163,15 +176,16 @@ def run_workers(argv_sweep: list[str], sweep, root: pathlib.Path, workers: int,
           continue
         busy = {name for _, _, names in running.values() for name in names}
         units, seconds = ready(sweep, str(root), busy)
-        u = pick(seconds, None if deadline is None else deadline - time.time(), started)
+        u = pick(seconds, None if deadline is None else deadline - time.time(), started, slowdown(ratios))
         if u is None:
           break
         names = [p.name for p in units[u]]
         home = prepare_worker(root, i, names)
         log = open(home / 'sweep.log', 'ab')  # pylint: disable=consider-using-with
         command = [sys.executable, '-m', 'qwenjax.sweep', *argv_sweep, f'--workdir={home}', f'--only={",".join(names)}']
-        logging.info('sweep_workers: worker %d trains %s (%.0f s by the estimate; log: %s)', i, ', '.join(names),
-                     seconds[u], home / 'sweep.log')
+        logging.info('sweep_workers: worker %d trains %s (%.0f s by the estimate, x%.2f here; log: %s)', i,
+                     ', '.join(names), seconds[u], slowdown(ratios), home / 'sweep.log')
+        began[i] = (time.time(), seconds[u])
         running[i] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), home, names)
         log.close()
         started = True

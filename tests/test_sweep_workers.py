@@ -56,9 +56,11 @@ class FakeWorker:
     self.returncode = -9
 
 
-def fake_workers(monkeypatch, tmp_path, seconds):
-  """sweep_workers with its processes, plan and DIR replaced: groups of one point each, `seconds` apiece (the
-  estimate and the real time alike); returns (the script, the clock, the log of starts, the names finished)."""
+def fake_workers(monkeypatch, tmp_path, seconds, real=None):
+  """sweep_workers with its processes, plan and DIR replaced: groups of one point each, estimated at `seconds`
+  apiece and taking as long (or `real`'s seconds); returns (the script, the clock, the log of starts, the names
+  finished)."""
+  real = real or seconds
   script, clock, starts, done = load_script(), [0.0], [], []
   homes = {}
 
@@ -78,7 +80,7 @@ def fake_workers(monkeypatch, tmp_path, seconds):
     del kwargs
     names = command[-1].removeprefix('--only=').split(',')
     starts.append((clock[0], names))
-    processes[names[0]] = FakeWorker(clock, names[0], seconds[names[0]])
+    processes[names[0]] = FakeWorker(clock, names[0], real[names[0]])
     return processes[names[0]]
 
   def merge(root, finished):  # a stopped worker's point is unfinished
@@ -115,6 +117,19 @@ def test_at_the_deadline_the_workers_stop_and_nothing_new_starts(monkeypatch, tm
   script, clock, starts, done = fake_workers(monkeypatch, tmp_path, {'a': 10.0})
   assert script.run_workers([], None, tmp_path, 2, deadline=5.0) == []  # nothing fits: the shortest, stopped
   assert [names for _, names in starts] == [['a']] and done == [] and 5.0 <= clock[0] <= 7.0
+
+
+def test_groups_that_take_longer_than_estimated_make_the_next_estimates_longer(monkeypatch, tmp_path):
+  """b, estimated at 4 s, takes 8: with 4 s left, a (estimated 3 s) would take 6, so it does not start (at
+  SLOWDOWN alone it would, and the deadline would cut it)."""
+  script = load_script()
+  assert script.slowdown([]) == script.SLOWDOWN and script.slowdown([2.0, 1.0, 3.0]) == 2.0
+  assert script.slowdown([0.5]) == script.SLOWDOWN  # faster than estimated: the floor
+  assert 3.0 * script.SLOWDOWN <= 4.0 < 3.0 * 2.0
+  script, clock, starts, done = fake_workers(monkeypatch, tmp_path, {'a': 3.0, 'b': 4.0},
+                                             real={'a': 6.0, 'b': 8.0})
+  assert script.run_workers([], None, tmp_path, 1, deadline=12.0) == []
+  assert starts == [(0.0, ['b'])] and done == ['b'] and clock[0] < 12.0
 
 
 @pytest.mark.slow
