@@ -59,7 +59,7 @@ def measure(config, workdir: str, batch_size: int, batches: int, block: int = 0,
   config.data.prepared_dir = os.path.join(workdir, 'prepared')  # tokenize afresh: that is measured too
   start = time.perf_counter()
   run = config_lib.settings(config)
-  tokenizer = data.get_tokenizer(run.data, workdir, model_vocab_size=run.model.vocab_size, seed=run.seed)
+  tokenizer = data.get_tokenizer(run.data, workdir, model_vocab_size=run.model.vocab_size)
   tokenizer_s = time.perf_counter() - start
   start = time.perf_counter()
   corpus, _ = data.prepared_corpora(run.data, tokenizer)

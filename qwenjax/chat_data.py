@@ -357,7 +357,7 @@ def check_settings(settings: RunConfig) -> None:
     raise ValueError(f'data.format={data.format!r} needs the tokenizer (and chat template) of the model it '
                      'fine-tunes: set --config.init_from_hf=DIR (a Hugging Face checkpoint with its tokenizer) or '
                      '--config.data.tokenizer=PATH')
-  if data_lib.tokenizer_source(data, seed=0, init_from_hf=settings.init_from_hf)['kind'] == 'train':
+  if data_lib.tokenizer_source(data, init_from_hf=settings.init_from_hf)['kind'] == 'train':
     raise ValueError(f'data.format={data.format!r} needs the tokenizer (and chat template) of the model it '
                      f'fine-tunes, but init_from_hf={settings.init_from_hf!r} holds no tokenizer.json or '
                      'tokenizer.model: set --config.data.tokenizer=PATH')

@@ -96,6 +96,9 @@ class DataConfig:
   tokenizer: str = 'train'
   vocab_size: int = 32000  # pieces of the tokenizer trained when tokenizer='train'
   tokenizer_sentences: int = 200_000  # at most this many lines feed tokenizer training (keeps it to seconds)
+  # Which lines a trained BPE learns from. Not train.seed: runs of other seeds (a sweep's repeats) share one
+  # tokenizer, so their losses count the same pieces.
+  tokenizer_seed: int = 0
   # Tokenized corpora (and trained tokenizers), kept and shared by every run: '' is $QWENJAX_CACHE or
   # ~/.cache/qwenjax/prepared. On several hosts it must be a filesystem they all see.
   prepared_dir: str = ''

@@ -98,12 +98,12 @@ def _broadcast_files(files: dict[str, bytes] | None) -> dict[str, bytes]:
   return {k: bytes.fromhex(v) for k, v in json.loads(received).items()}
 
 
-def tokenizer_source(data: DataConfig, *, seed: int, init_from_hf: str = '') -> dict[str, Any]:
+def tokenizer_source(data: DataConfig, *, init_from_hf: str = '') -> dict[str, Any]:
   """What the run's tokenizer is to be, as recorded in WORKDIR/tokenizer/source.json.
 
-  `data.tokenizer`: 'train' (default) trains a BPE on the training files (their lines sampled with `seed`, the
-  run's train.seed), except with `init_from_hf=PATH` where PATH holds a tokenizer: the checkpoint's own is used.
-  Anything else is a path for `qwenjax.tokenizer.load`.
+  `data.tokenizer`: 'train' (default) trains a BPE on the training files (their lines sampled with
+  `data.tokenizer_seed`, whatever the run's train.seed), except with `init_from_hf=PATH` where PATH holds a
+  tokenizer: the checkpoint's own is used. Anything else is a path for `qwenjax.tokenizer.load`.
   """
   choice = data.tokenizer or 'train'
   if choice == 'train' and init_from_hf and _holds_tokenizer(init_from_hf):
@@ -112,7 +112,7 @@ def tokenizer_source(data: DataConfig, *, seed: int, init_from_hf: str = '') -> 
     return {'kind': 'file', 'path': os.path.abspath(os.path.expanduser(choice))}
   train_files, _ = documents.sources(data.train_files, data.eval_files)
   return {'kind': 'train', 'vocab_size': data.vocab_size, 'tokenizer_sentences': data.tokenizer_sentences,
-          'seed': seed, 'train_files': data.train_files or '(built-in corpus)',
+          'seed': data.tokenizer_seed, 'train_files': data.train_files or '(built-in corpus)',
           'files': [os.path.abspath(f) for f in train_files]}
 
 
@@ -120,8 +120,9 @@ def _describe_change(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str
   if saved.get('kind') != wanted.get('kind'):
     return f'it was {_describe(saved)}, this run asks for {_describe(wanted)}'
   names = {'vocab_size': 'data.vocab_size', 'tokenizer_sentences': 'data.tokenizer_sentences',
-           'seed': 'train.seed', 'train_files': 'data.train_files', 'files': 'the files data.train_files matches',
-           'path': 'data.tokenizer', 'fingerprint': 'the contents of data.tokenizer'}
+           'seed': 'data.tokenizer_seed', 'train_files': 'data.train_files',
+           'files': 'the files data.train_files matches', 'path': 'data.tokenizer',
+           'fingerprint': 'the contents of data.tokenizer'}
   changed = [f'{names.get(k, k)} was {saved.get(k)!r}, now {wanted.get(k)!r}' if k != 'files' else
              f'{names[k]} changed' for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
   return '; '.join(changed)
@@ -177,7 +178,7 @@ def _readable_texts(source: documents.DocumentSource, seed: int) -> Iterator[str
                      'files with text.')
 
 
-def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: int, seed: int,
+def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: int,
                   init_from_hf: str = '') -> tokenizer_lib.Tokenizer:
   """The run's tokenizer (`tokenizer_source`), checked to fit a model of `model_vocab_size` embedding rows.
 
@@ -191,15 +192,15 @@ def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: in
           'init_from_hf=%s holds no tokenizer.json or tokenizer.model, so a new tokenizer is trained: the checkpoint '
           'was trained on another tokenizer\'s ids, which its embeddings encode. Set --config.data.tokenizer to '
           'the tokenizer it was trained with.', init_from_hf)
-  wanted = tokenizer_source(data, seed=seed, init_from_hf=init_from_hf)
+  wanted = tokenizer_source(data, init_from_hf=init_from_hf)
   if wanted['kind'] == 'file':
     found = tokenizer_lib.load(wanted['path'])
     wanted['fingerprint'] = found.fingerprint
   kept = epath.Path(workdir) / 'tokenizer' if workdir else None
   if kept and (kept / 'source.json').exists():
     saved = files_lib.read_json(kept / 'source.json')
-    # train.seed picked the sentences a trained tokenizer learned from; the kept copy is what the run trained
-    # with, so a resumed run with another seed keeps it (its data stream changes, as train.py warns).
+    # The seed picked the sentences a trained tokenizer learned from (train.seed in workdirs written before
+    # data.tokenizer_seed); the kept copy is what the run trained with, so a resumed run keeps it.
     if {k: v for k, v in saved.items() if k != 'seed'} != {k: v for k, v in wanted.items() if k != 'seed'}:
       raise ValueError(
           f'the workdir\'s tokenizer ({kept}) does not match this run: {_describe_change(saved, wanted)}. A model '
@@ -213,14 +214,14 @@ def get_tokenizer(data: DataConfig, workdir: str | None, *, model_vocab_size: in
   return tokenizer
 
 
-def keep_tokenizer(workdir: str, tokenizer: tokenizer_lib.Tokenizer, data: DataConfig, *, seed: int,
+def keep_tokenizer(workdir: str, tokenizer: tokenizer_lib.Tokenizer, data: DataConfig, *,
                    init_from_hf: str = '') -> None:
   """Writes the run's tokenizer (from `get_tokenizer` with the same settings) into WORKDIR/tokenizer/, with
   source.json saying what it was made from, unless the workdir holds it already. The training job calls it once
   its train state exists, so a run that fails before adds nothing to its workdir. Every process calls it."""
   kept = epath.Path(workdir) / 'tokenizer'
   if jax.process_index() == 0 and not (kept / 'source.json').exists():
-    wanted = tokenizer_source(data, seed=seed, init_from_hf=init_from_hf)
+    wanted = tokenizer_source(data, init_from_hf=init_from_hf)
     if wanted['kind'] == 'file':
       wanted['fingerprint'] = tokenizer.fingerprint
     kept.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,7 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv  # cli.run: no positional arguments
   run = config_lib.settings(flags.FLAGS.config)
-  tokenizer = data.get_tokenizer(run.data, None, model_vocab_size=run.model.vocab_size, seed=run.seed,
-                                 init_from_hf=run.init_from_hf)
+  tokenizer = data.get_tokenizer(run.data, None, model_vocab_size=run.model.vocab_size, init_from_hf=run.init_from_hf)
   train, held_out = data.prepared_corpora(run.data, tokenizer)
   for name, corpus in (('train', train), ('eval', held_out)):
     if corpus is not None:

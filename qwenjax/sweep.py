@@ -469,8 +469,7 @@ def check_epochs(sweep: ml_collections.ConfigDict, points: list[Point]) -> int:
   if a point would see the corpus more than `max_epochs` times. Returns the corpus's token count."""
   config = point_config(sweep, points[0])
   run = config_lib.settings(config)
-  tokenizer = data.get_tokenizer(run.data, None, model_vocab_size=run.model.vocab_size, seed=run.seed,
-                                 init_from_hf=run.init_from_hf)
+  tokenizer = data.get_tokenizer(run.data, None, model_vocab_size=run.model.vocab_size, init_from_hf=run.init_from_hf)
   corpus, held_out = data.prepared_corpora(run.data, tokenizer)
   if held_out is None or int(config.train.eval_steps) < 1:
     raise ValueError('the fits need each point\'s final eval loss: set train.eval_steps > 0 and data.eval_files in '

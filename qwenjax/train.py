@@ -263,7 +263,7 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
 
   setup_start = time.time()
   chat_data.check_settings(settings)
-  tokenizer = data.get_tokenizer(data_config, workdir, model_vocab_size=model_config.vocab_size, seed=settings.seed,
+  tokenizer = data.get_tokenizer(data_config, workdir, model_vocab_size=model_config.vocab_size,
                                  init_from_hf=settings.init_from_hf)
   if data_config.format == 'text':
     corpus, held_out = data.prepared_corpora(data_config, tokenizer)
@@ -360,7 +360,7 @@ def _start_member(settings, config, workdir, tx, shardings, stream, tokenizer) -
   checkpointer = checkpoint.Checkpointer(workdir, settings.checkpoint)
   state, start = _restore_or_init(settings, config, workdir, tx, shardings, checkpointer, stream)
   state = jax.block_until_ready(state)
-  data.keep_tokenizer(workdir, tokenizer, settings.data, seed=settings.seed, init_from_hf=settings.init_from_hf)
+  data.keep_tokenizer(workdir, tokenizer, settings.data, init_from_hf=settings.init_from_hf)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, start)
   return Member(settings, config, workdir, checkpointer), state, start

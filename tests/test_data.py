@@ -1,5 +1,6 @@
 """The input pipeline: documents, bad input, prepared corpora, and the packed rows of each step."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ from qwenjax import config as config_lib
 from qwenjax import corpus as corpus_lib
 from qwenjax import data
 from qwenjax import documents
+
+from train_utils import small_config  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,11 +142,31 @@ def test_documents_left_out_are_counted_and_warned_about_once(tmp_path, caplog):
   (tmp_path / 'empty.txt').write_text('')
   settings = config_lib.DataConfig(train_files=str(tmp_path / '*.txt'), vocab_size=300,
                                    prepared_dir=str(tmp_path / 'prepared'))
-  tokenizer = data.get_tokenizer(settings, None, model_vocab_size=512, seed=0)  # a BPE trained on the files
+  tokenizer = data.get_tokenizer(settings, None, model_vocab_size=512)  # a BPE trained on the files
   train, _ = data.prepared_corpora(settings, tokenizer)
   assert (train.meta['documents'], train.meta['skipped'], train.meta['empty']) == (3, 1, 1)
   assert '3 documents of the 5 read (1 not UTF-8 text, 1 empty)' in caplog.text
   assert caplog.text.count('image.txt: binary data') == 1, caplog.text
+
+
+def test_the_trained_tokenizer_follows_data_tokenizer_seed_not_train_seed(tmp_path):
+  """Runs of other train.seeds (a sweep's repeats) share one tokenizer, so their losses count the same pieces:
+  data.tokenizer_seed alone picks the lines a BPE learns from. A workdir keeps the tokenizer it started with."""
+  rng = np.random.default_rng(0)
+  words = [''.join(rng.choice(list('abcdefghijklmnop'), size=int(rng.integers(2, 9)))) for _ in range(400)]
+  (tmp_path / 'docs.jsonl').write_text(''.join(
+      json.dumps({'text': ' '.join(rng.choice(words, size=12))}) + '\n' for _ in range(300)))
+  first = config_lib.DataConfig(train_files=str(tmp_path / 'docs.jsonl'), vocab_size=300, tokenizer_sentences=20,
+                                prepared_dir=str(tmp_path / 'prepared'))
+  runs = [config_lib.settings(small_config(seed=seed)) for seed in (0, 1)]
+  assert data.tokenizer_source(runs[0].data) == data.tokenizer_source(runs[1].data)  # train.seed plays no part
+  tokenizer = data.get_tokenizer(first, None, model_vocab_size=512)
+  assert data.get_tokenizer(first, None, model_vocab_size=512).fingerprint == tokenizer.fingerprint
+  other = dataclasses.replace(first, tokenizer_seed=1)
+  assert data.tokenizer_source(other)['seed'] == 1
+  assert data.get_tokenizer(other, None, model_vocab_size=512).fingerprint != tokenizer.fingerprint  # other lines
+  data.keep_tokenizer(str(tmp_path / 'run'), tokenizer, first)
+  assert data.get_tokenizer(other, str(tmp_path / 'run'), model_vocab_size=512).fingerprint == tokenizer.fingerprint
 
 
 @pytest.mark.slow
