@@ -19,8 +19,8 @@ need its choice); then the rest, in the same command if time is left.
 `--seconds`: stop the workers (SIGTERM: each checkpoints its point) this long after the start; run the command again
 to go on. With it, a worker starts only a group whose estimate (the sweep's `estimate`, times how much longer the
 groups finished so far took, SLOWDOWN at least: sharing the GPU slows each) fits in the time left: a fresh machine
-keeps no checkpoint of a point cut short, and a worker idles rather than start what cannot finish. Flags `--sweep.*` go to every worker as given. Ctrl-C or SIGTERM stops the workers
-the same way.
+keeps no checkpoint of a point cut short, and a worker idles rather than start what cannot finish. Flags `--sweep.*`
+go to every worker as given. Ctrl-C or SIGTERM stops the workers the same way.
 """
 
 from __future__ import annotations
