@@ -371,13 +371,14 @@ def record(config: ml_collections.ConfigDict, choice: Choice) -> ml_collections.
 
 def fit_step(settings: RunConfig, *, mesh: jax.sharding.Mesh, rules: sharding.Rules, tx: Any, shardings: Any,
              batch: Mapping[str, jax.ShapeDtypeStruct], jit_step: Callable[[RunConfig], Any],
-             frozen: tuple = (), members: int = 1) -> tuple[RunConfig, Any, Choice]:
+             frozen: tuple = (), members: int = 1, member_batches: bool = False) -> tuple[RunConfig, Any, Choice]:
   """(settings with 'auto' resolved, the compiled train step, the choice), logged.
 
   `batch`: the global batch as ShapeDtypeStructs with their sharding; `jit_step(settings)`: the train step jitted
   as the run calls it, `(state, batch, horizon, *frozen) -> (state, metrics)`; `frozen`: the step's read-only
   inputs as ShapeDtypeStructs (LoRA's base parameters); `members` > 1: a group's step, vmapped over that many
-  stacked train states (`qwenjax.group`), so the program fitted is the one the group runs.
+  stacked train states (`qwenjax.group`), so the program fitted is the one the group runs; `member_batches`: the
+  batch holds each member's own, stacked in front.
   """
   batch_shards = sharding.batch_shards(mesh, rules)
   limit = device_memory(settings.fit, mesh.devices)
@@ -400,7 +401,8 @@ def fit_step(settings: RunConfig, *, mesh: jax.sharding.Mesh, rules: sharding.Ru
 
   def saved_bytes(s: RunConfig) -> int:
     rows = settings.loop.batch_size // s.loss.grad_accum_steps
-    micro = {k: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype) for k, x in batch.items()}
+    first = 2 if member_batches else 1  # the rows' axis, then what follows it
+    micro = {k: jax.ShapeDtypeStruct((rows,) + x.shape[first:], x.dtype) for k, x in batch.items()}
     try:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         residuals = train_step.saved_bytes(s.model, s.loss, params, micro)

@@ -1,10 +1,12 @@
 """Groups of training runs of one shape, trained as one step vmapped over a leading member axis.
 
 A small model cannot fill a GPU: its matmuls are too small and its kernels too short. K runs that differ only in
-values the compiled step takes as inputs (`MEMBER_KEYS`: the learning rate and its schedule) can share everything
-else: the model shape, the batch of each step (one data stream) and the step count. `qwenjax.train.train_group`
-then stacks their train states along a new leading axis and runs `jax.vmap` of the ordinary train step over it:
-one program, K times the work per kernel, the same batch read once. Each member keeps its own workdir, written as
+values the compiled step takes as inputs (`MEMBER_KEYS`: the learning rate and its schedule) or in `train.seed` can
+share everything else: the model shape and the step count. `qwenjax.train.train_group` then stacks their train
+states along a new leading axis and runs `jax.vmap` of the ordinary train step over it: one program, K times the
+work per kernel. Members of one seed read one data stream, each step's batch read once; members of other seeds
+(other initial parameters, another order of the data) each read their own, stacked along the member axis
+(`member_batches`). Each member keeps its own workdir, written as
 a run of its own would write it (metrics.jsonl, checkpoints of its own unstacked state, config.json with its own
 values), so evaluation, export and resuming it alone work as for any run.
 
@@ -25,8 +27,9 @@ import numpy as np
 from qwenjax import config as config_lib
 from qwenjax import train_step
 
-# Config values the members of a group may set differently: inputs of the compiled step (`schedule_horizon`).
-MEMBER_KEYS = ('train.lr', 'train.lr_final_fraction', 'train.warmup_steps')
+# Config values the members of a group may set differently: inputs of the compiled step (`schedule_horizon`), and
+# the seed (each member's initial parameters and data stream).
+MEMBER_KEYS = ('train.lr', 'train.lr_final_fraction', 'train.warmup_steps', 'train.seed')
 
 
 class GroupError(ValueError):
@@ -56,7 +59,12 @@ def check(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str])
     if differ:
       raise GroupError(f'the run in {workdir} differs from the one in {workdirs[0]} in {", ".join(differ)}: the '
                        f'members of a group may differ only in {", ".join(MEMBER_KEYS)} (one model shape, one data '
-                       'stream, one step count)')
+                       'source, one step count)')
+
+
+def member_batches(seeds: Sequence[int]) -> bool:
+  """Whether the members read their own data streams (stacked batches): when their seeds differ."""
+  return len(set(seeds)) > 1
 
 
 def horizon(optimizers: Sequence[config_lib.OptimizerConfig]) -> dict[str, np.ndarray]:

@@ -49,8 +49,9 @@ A sweep file's `get_config()` returns an ml-collections config with
 * `axes`: any other config values to sweep (`axes.train.lr = (1e-3, 3e-3)`): every combination is a point.
 * `max_epochs`: a point that would see the training corpus more often than this is an error at planning time.
 * `group_size`: train up to this many points at once, as one step vmapped over them (`qwenjax.train.train_group`):
-  within a stage and budget, points that differ only in `qwenjax.group.MEMBER_KEYS` (learning rate and schedule),
-  e.g. the lr stage's points of one size (`groups`). 0 (default): one point at a time.
+  within a stage and budget, points that differ only in `qwenjax.group.MEMBER_KEYS` (learning rate, schedule and
+  seed), e.g. the lr stage's points of one size, or a point's repeats (`axes.train.seed`) (`groups`). 0 (default):
+  one point at a time.
 * `estimate`: the plan's GPU-time assumptions (`ESTIMATE`'s keys), for `plan_table` and `pieces`.
 
 Every point is trained by `qwenjax.train.train_and_evaluate` (the code of `python -m qwenjax.train`) in

@@ -187,16 +187,21 @@ def evaluate(eval_fn, params, batches: list[dict[str, np.ndarray]], batch_shardi
   return values(nll, count) if np.ndim(nll) == 0 else [values(n, c) for n, c in zip(nll, count)]
 
 
-def _global_batch(batch: dict[str, np.ndarray], batch_sharding, rows: list[int], batch_size: int
-                  ) -> dict[str, jax.Array]:
+def _global_batch(batch: dict[str, np.ndarray], batch_sharding, rows: list[int], batch_size: int,
+                  members: int = 0) -> dict[str, jax.Array]:
   """This process's rows (`rows` of the global batch, in that order) -> global arrays sharded over the batch axes
-  of the mesh; each device takes its rows from them."""
+  of the mesh; each device takes its rows from them. `members` > 0: the arrays are `[members, rows, ...]`, each
+  member's batch of a group (`member_batches`), and so are the global ones (the member axis whole on every device:
+  `batch_sharding` is then the stacked sharding)."""
   where = {row: i for i, row in enumerate(rows)}
+  lead = (slice(None),) if members else ()
+  global_rows = (members, batch_size) if members else (batch_size,)
 
   def global_array(local: np.ndarray) -> jax.Array:
     def shard(index):
-      return local[[where[r] for r in range(batch_size)[index[0]]]][(slice(None),) + tuple(index[1:])]
-    return jax.make_array_from_callback((batch_size,) + local.shape[1:], batch_sharding, shard)
+      picked = [where[r] for r in range(batch_size)[index[len(lead)]]]
+      return local[lead + (picked,)][(slice(None),) * (len(lead) + 1) + tuple(index[len(lead) + 1:])]
+    return jax.make_array_from_callback(global_rows + local.shape[len(lead) + 1:], batch_sharding, shard)
 
   return {k: global_array(v) for k, v in batch.items()}
 
@@ -219,6 +224,7 @@ class Member:
   config: ml_collections.ConfigDict
   workdir: str
   checkpointer: checkpoint.Checkpointer
+  stream: dict[str, Any]  # what fixes its data stream, saved with each checkpoint
 
 
 @dataclasses.dataclass
@@ -247,12 +253,14 @@ class Run:
   frozen_shardings: tuple = ()
   tokenizer: Any = None
   members: list[Member] = dataclasses.field(default_factory=list)  # a group's: the state is stacked over them
+  member_batches: bool = False  # a group whose members read their own data streams (their seeds differ)
 
 
-def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str, members: int = 1) -> Run:
+def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, workdir: str, members: int = 1,
+          member_batches: bool = False) -> Run:
   """Mesh, tokenizer and prepared data, then the train state: restored, or new. Only then does the workdir record
   the run's tokenizer and `config` (config.json). `members` > 1: the step is fitted and compiled for a group of that
-  many runs (`setup_group` adds the others)."""
+  many runs (`setup_group` adds the others), with `member_batches` each member's own batch."""
   model_config, loop, data_config = settings.model, settings.loop, settings.data
   mesh = sharding.make_mesh(settings.mesh)
   rules = sharding.logical_axis_rules(settings.mesh.rules, mesh, model_config)
@@ -294,9 +302,11 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
     raise group_lib.GroupError('a group trains runs of the whole model (no LoRA, no DPO): train them one at a time')
   # The step fitted to the device's memory ('auto' resolved) and compiled: the program the loop runs.
   settings, step_fn, choice = fit.fit_step(
-      settings, mesh=mesh, rules=rules, tx=tx, shardings=shardings, batch=abstract_batch(settings, batch_sharding),
-      jit_step=lambda s: jitted_steps(s, mesh, rules, members)[0],
-      frozen=tuple(train_step.abstract_params(model_config, sh) for sh in frozen_shardings), members=members)
+      settings, mesh=mesh, rules=rules, tx=tx, shardings=shardings,
+      batch=abstract_batch(settings, batch_sharding, members if member_batches else 0),
+      jit_step=lambda s: jitted_steps(s, mesh, rules, members, member_batches)[0],
+      frozen=tuple(train_step.abstract_params(model_config, sh) for sh in frozen_shardings), members=members,
+      member_batches=member_batches)
   config = fit.record(config, choice)
   if data_config.format == 'text':
     stream = data.stream_record(data_config, corpus, seed=settings.seed, batch_size=loop.batch_size)
@@ -316,14 +326,18 @@ def setup(settings: config_lib.RunConfig, config: ml_collections.ConfigDict, wor
                  f'{trained:,}', 100 * trained / base_size, f'{base_size:,}', time.time() - setup_start)
   return Run(settings, config, workdir, mesh, rules, batch_sharding, shardings, tx, corpus, rows, eval_data,
              member.checkpointer, state, start, stream, step_fn, choice, frozen, frozen_shardings, tokenizer,
-             [member])
+             [member], member_batches)
 
 
-def abstract_batch(settings: config_lib.RunConfig, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch a step takes, as ShapeDtypeStructs: the keys and dtypes of the data pipeline's batches."""
+def abstract_batch(settings: config_lib.RunConfig, batch_sharding, members: int = 0
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch a step takes, as ShapeDtypeStructs: the keys and dtypes of the data pipeline's batches;
+  `members` > 0: a group's members' own batches, stacked in front."""
   rows, seq_len = settings.loop.batch_size, settings.data.seq_len
   packed = {k: np.zeros((1, seq_len + 1), np.int32) for k in ('tokens', 'segment_ids', 'positions')}
-  return {k: jax.ShapeDtypeStruct((rows, seq_len), v.dtype, sharding=batch_sharding)
+  lead = (members,) if members else ()
+  where = group_lib.stacked_shardings(batch_sharding) if members else batch_sharding
+  return {k: jax.ShapeDtypeStruct(lead + (rows, seq_len), v.dtype, sharding=where)
           for k, v in data.to_model_batch(packed).items()}
 
 
@@ -363,17 +377,23 @@ def _start_member(settings, config, workdir, tx, shardings, stream, tokenizer) -
   data.keep_tokenizer(workdir, tokenizer, settings.data, init_from_hf=settings.init_from_hf)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, start)
-  return Member(settings, config, workdir, checkpointer), state, start
+  return Member(settings, config, workdir, checkpointer, stream), state, start
 
 
 def setup_group(points: list[tuple[config_lib.RunConfig, ml_collections.ConfigDict, str]]) -> Run:
   """`setup` of the first member, then the others' train states, each restored from its own workdir or new, all
   stacked along a leading member axis. Every member must resume from the same step (GroupError otherwise)."""
-  run = setup(*points[0], members=len(points))
+  own = group_lib.member_batches([s.seed for s, _, _ in points])
+  if own and points[0][0].data.format != 'text':
+    raise group_lib.GroupError('members of other train.seed read their own data streams, which only '
+                               "data.format='text' gives: train them one at a time")
+  run = setup(*points[0], members=len(points), member_batches=own)
   # Each member takes the first one's memory settings ('auto' resolved once: the members have one shape).
   a, p = run.settings.loss.grad_accum_steps, run.settings.model.remat_policy
-  others = [_start_member(fit.resolved(s, a, p), fit.record(c, run.fit), w, run.tx, run.shardings, run.stream,
-                          run.tokenizer) for s, c, w in points[1:]]
+  streams = [data.stream_record(s.data, run.corpus, seed=s.seed, batch_size=s.loop.batch_size) if own
+             else run.stream for s, _, _ in points[1:]]
+  others = [_start_member(fit.resolved(s, a, p), fit.record(c, run.fit), w, run.tx, run.shardings, stream,
+                          run.tokenizer) for (s, c, w), stream in zip(points[1:], streams)]
   starts = [run.start] + [start for _, _, start in others]
   if len(set(starts)) > 1:
     for member in run.members + [m for m, _, _ in others]:
@@ -449,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], *, stop_after: int | None = None
                 ) -> list[dict[str, float] | checkpoint.NonFiniteError]:
   """Trains (or resumes) several runs of one shape at once, as one step vmapped over them (`qwenjax.group`): the
-  configs may differ only in `group.MEMBER_KEYS` (learning rate and schedule). Each member's workdir is written as
+  configs may differ only in `group.MEMBER_KEYS` (learning rate, schedule, seed). Each member's workdir is written as
   `train_and_evaluate` would write it, and each member computes what it would alone.
 
   Returns each member's last logged metrics, or the NonFiniteError that stopped it (a diverging member stops
@@ -482,16 +502,18 @@ def _train(configs, workdirs, *, stop_after):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def jitted_steps(settings: config_lib.RunConfig, mesh: jax.sharding.Mesh, rules: Any, members: int = 1
-                 ) -> tuple[Any, Any]:
+def jitted_steps(settings: config_lib.RunConfig, mesh: jax.sharding.Mesh, rules: Any, members: int = 1,
+                 member_batches: bool = False) -> tuple[Any, Any]:
   """(train step, eval step) as the loop calls them, `(state, batch, horizon, *frozen) -> (state, metrics)` and
   `(params, batch, *frozen) -> sums`: jitted with explicit shardings, the state donated, the frozen inputs (LoRA's
   base, DPO's reference) never. Lowered and compiled under the mesh and the logical axis rules.
 
   Kept for later runs of this process with the same shape, optimizer settings and group size: the points of one
   shape in a sweep reuse the compiled programs, whatever their learning rate and schedule (inputs of the step,
-  zeroed in the key). `members` > 1: vmapped over a group's stacked state (the batch is the members' one)."""
-  return _jitted_steps(settings.model, _static_optimizer(settings), settings.loss, settings.lora, mesh, rules, members)
+  zeroed in the key). `members` > 1: vmapped over a group's stacked state; the batch is the members' one, or with
+  `member_batches` each member's own (stacked in front). Evaluation reads one batch for all."""
+  return _jitted_steps(settings.model, _static_optimizer(settings), settings.loss, settings.lora, mesh, rules, members,
+                       member_batches)
 
 
 def _static_optimizer(settings: config_lib.RunConfig) -> config_lib.OptimizerConfig:
@@ -502,16 +524,21 @@ def _static_optimizer(settings: config_lib.RunConfig) -> config_lib.OptimizerCon
 
 @functools.lru_cache(maxsize=16)
 def _jitted_steps(model_config: ModelConfig, optimizer: config_lib.OptimizerConfig, loss: config_lib.LossConfig,
-                  lora: config_lib.LoraConfig, mesh: jax.sharding.Mesh, rules: Any, members: int):
+                  lora: config_lib.LoraConfig, mesh: jax.sharding.Mesh, rules: Any, members: int,
+                  member_batches: bool = False):
   shardings = train_step.state_shardings(model_config, train_step.make_optimizer(optimizer), mesh, rules, lora)
   frozen = (train_step.param_shardings(model_config, mesh, rules),) * train_step.frozen_inputs(loss, lora)
   batch_sharding, replicated = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
   step = train_step.make_train_step(model_config, optimizer, loss, lora)
   evaluate_step = train_step.make_eval_step(model_config, loss, lora)
+  train_batch_sharding = batch_sharding
   if members > 1:  # a group: whole models only (`setup_group`), no frozen inputs
-    step, evaluate_step = jax.vmap(step, in_axes=(0, None, 0)), jax.vmap(evaluate_step, in_axes=(0, None))
+    step = jax.vmap(step, in_axes=(0, 0 if member_batches else None, 0))
+    evaluate_step = jax.vmap(evaluate_step, in_axes=(0, None))
     shardings = group_lib.stacked_shardings(shardings)
-  step_fn = jax.jit(step, in_shardings=(shardings, batch_sharding, replicated) + frozen,
+    if member_batches:
+      train_batch_sharding = group_lib.stacked_shardings(batch_sharding)
+  step_fn = jax.jit(step, in_shardings=(shardings, train_batch_sharding, replicated) + frozen,
                     out_shardings=(shardings, None), donate_argnums=(0,))
   eval_fn = jax.jit(evaluate_step, in_shardings=(shardings.params, batch_sharding) + frozen)
   return step_fn, eval_fn
@@ -528,9 +555,15 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
   if run.start >= steps:
     logging.info('already trained to step %d of train.steps=%d: nothing to do', run.start, steps)
   if settings.data.format == 'text':
-    batches = data.train_batches(run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=settings.seed,
-                                 shuffle_window=settings.data.shuffle_window, local_rows=run.rows,
-                                 start=run.start, steps=steps, read_threads=settings.data.read_threads)
+    text_batches = lambda seed: data.train_batches(
+        run.corpus, seq_len=seq_len, batch_size=loop.batch_size, seed=seed,
+        shuffle_window=settings.data.shuffle_window, local_rows=run.rows, start=run.start, steps=steps,
+        read_threads=settings.data.read_threads)
+    if run.member_batches:  # each member's own stream, stacked: `[members, rows, ...]`
+      batches = (({k: np.stack([b[k] for b in each]) for k in each[0]}) for each in
+                 zip(*[text_batches(m.settings.seed) for m in members]))
+    else:
+      batches = text_batches(settings.seed)
   else:
     batches = chat_data.train_batches(run.corpus, batch_size=loop.batch_size, local_rows=run.rows, start=run.start,
                                       steps=steps, read_threads=settings.data.read_threads)
@@ -576,13 +609,16 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
         where[0] = f'train step {step + 1}'
         profiler.before(step)
         host_batch = next(batches)
-        state, step_metrics = step_fn(state, _global_batch(host_batch, run.batch_sharding, run.rows,
-                                                           loop.batch_size), horizon, *frozen)
+        stacked = len(members) if run.member_batches else 0
+        state, step_metrics = step_fn(state, _global_batch(
+            host_batch, group_lib.stacked_shardings(run.batch_sharding) if stacked else run.batch_sharding,
+            run.rows, loop.batch_size, stacked), horizon, *frozen)
         done = step + 1
         # The FLOPs MFU counts: each document's own attention band (this process's rows scaled to the global
         # batch; a group's: all its members').
-        work = (metrics_lib.batch_flops(settings.model, host_batch['segment_ids']) * loop.batch_size
-                / len(run.rows) * len(members)) if peak else 0.0
+        segments = host_batch['segment_ids']
+        work = (metrics_lib.batch_flops(settings.model, segments.reshape(-1, segments.shape[-1])) * loop.batch_size
+                / len(run.rows) * (1 if stacked else len(members))) if peak else 0.0
         timer.queued(step_metrics, work)  # waits for the previous step: the host runs one step ahead
         diverged(nonfinite.check(timer.previous, done - 1))
         profiler.after(done, step_metrics)
@@ -623,7 +659,7 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
               if done == steps or done == stop_after:  # the run ends without its final state: a failure
                 unsaved_end[k] = done
             else:
-              _save(member, run.stream, done, take(state, k))
+              _save(member, member.stream, done, take(state, k))
         if not any(isinstance(o, dict) for o in outcomes):
           break  # every member of the group stopped on non-finite steps
         if stopping:

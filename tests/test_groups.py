@@ -3,6 +3,7 @@ the same results as each run alone, member workdirs like a run's own, resume, a 
 for every learning rate, and the GPU attention kernels folding the member axis into the batch."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -71,6 +72,33 @@ def test_a_group_computes_what_each_member_computes_alone(tmp_path, tokenizer_fi
 
 
 @pytest.mark.slow
+def test_members_of_other_seeds_read_their_own_data_and_compute_what_they_compute_alone(tmp_path, tokenizer_file,
+                                                                                        caplog):
+  """Repeats of one point (train.seed 0, 1, 2 at two rates) as one group: each member its own initial parameters
+  and data stream (the batches stacked along the member axis), and the losses it gets alone; a member's
+  checkpoint records its own stream, so it resumes alone too."""
+  members = ((0, 3e-3), (1, 3e-3), (2, 1e-3))
+  configs = [member_config(tokenizer_file, lr, 1, seed=seed) for seed, lr in members]
+  by_itself = []
+  for (seed, lr), config in zip(members, configs):
+    by_itself.append(str(tmp_path / f'alone-{seed}'))
+    train.train_and_evaluate(config, by_itself[-1])
+  workdirs = [str(tmp_path / f'seed{seed}') for seed, _ in members]
+  train.train_group(configs, workdirs, stop_after=3)
+  train.train_group(configs, workdirs)  # resumed from step 3: each member's stream from there
+  got = [losses(read_metrics(w)) for w in workdirs]
+  for workdir, expected, got_k in zip(workdirs, by_itself, got):
+    expected = losses(read_metrics(expected))
+    assert sorted(got_k) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got_k[s] for s in got_k], [expected[s] for s in got_k], rtol=1e-5)
+    np.testing.assert_allclose(eval_loss(workdir), eval_loss(by_itself[workdirs.index(workdir)]), rtol=1e-5)
+  assert abs(got[0][1] - got[1][1]) > 1e-4  # other seeds: other losses (else the test would show nothing)
+  caplog.set_level(logging.INFO)
+  train.train_and_evaluate(configs[1], workdirs[1])  # resumes alone: its checkpoint's stream is its own
+  assert 'resumed from' in caplog.text and 'different data stream' not in caplog.text
+
+
+@pytest.mark.slow
 def test_a_stopped_group_resumes_and_a_member_resumes_alone(tmp_path, tokenizer_file, alone):
   """Stopped after step 3 (checkpoints at 2 and 3), the group resumes to the end as if never stopped; a member's
   workdir also resumes alone, like any run's."""
@@ -110,7 +138,7 @@ def test_a_diverging_member_stops_alone(tmp_path, tokenizer_file):
 
 def test_only_runs_of_one_shape_and_stream_form_a_group(tmp_path, tokenizer_file):
   one = member_config(tokenizer_file, 1e-3, 2)
-  for change, key in ((lambda c: c.train.update(seed=1), 'train.seed'),
+  for change, key in ((lambda c: c.train.update(batch_size=8), 'train.batch_size'),
                       (lambda c: c.model.update(hidden_size=128), 'model.hidden_size'),
                       (lambda c: c.train.update(steps=5), 'train.steps')):
     other = one.copy_and_resolve_references()

@@ -339,6 +339,20 @@ def lr_staged_sweep(prepared_dir):
   return sweep
 
 
+def test_repeats_of_a_point_with_other_seeds_form_one_group(prepared_dir):
+  """`axes.train.seed`: each point's repeats differ only in their seed, a member key, so `group_size` trains them
+  as one vmapped step (each member with its own data stream: tests/test_groups.py)."""
+  sweep = tiny_sweep(prepared_dir)
+  sweep.axes = ml_collections.ConfigDict(dict(train=dict(seed=(0, 1, 2))))
+  sweep.group_size = 3
+  points = sweep_lib.plan(sweep, '/tmp/sweep')
+  grouped = sweep_lib.groups(points, sweep.group_size)
+  assert len(points) == 18 and [len(g) for g in grouped] == [3] * 6
+  for members in grouped:
+    assert sorted(p.overrides['train.seed'] for p in members) == [0, 1, 2]
+    assert len({(p.size, p.budget, p.overrides['train.steps']) for p in members}) == 1
+
+
 def test_a_finished_point_that_the_sweep_file_now_plans_otherwise_is_an_error(prepared_dir, tmp_path):
   """A sweep file changed after some of its points ran: their results would stand for other points, so the sweep
   refuses to go on until they are moved out (or the sweep gets a new DIR)."""
