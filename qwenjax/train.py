@@ -194,14 +194,14 @@ def _global_batch(batch: dict[str, np.ndarray], batch_sharding, rows: list[int],
   member's batch of a group (`member_batches`), and so are the global ones (the member axis whole on every device:
   `batch_sharding` is then the stacked sharding)."""
   where = {row: i for i, row in enumerate(rows)}
-  lead = (slice(None),) if members else ()
+  n = 1 if members else 0  # axes before the rows'
   global_rows = (members, batch_size) if members else (batch_size,)
 
   def global_array(local: np.ndarray) -> jax.Array:
     def shard(index):
-      picked = [where[r] for r in range(batch_size)[index[len(lead)]]]
-      return local[lead + (picked,)][(slice(None),) * (len(lead) + 1) + tuple(index[len(lead) + 1:])]
-    return jax.make_array_from_callback(global_rows + local.shape[len(lead) + 1:], batch_sharding, shard)
+      picked = [where[r] for r in range(batch_size)[index[n]]]
+      return local[tuple(index[:n]) + (picked,)][(slice(None),) * (n + 1) + tuple(index[n + 1:])]
+    return jax.make_array_from_callback(global_rows + local.shape[n + 1:], batch_sharding, shard)
 
   return {k: global_array(v) for k, v in batch.items()}
 
