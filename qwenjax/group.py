@@ -6,9 +6,9 @@ share everything else: the model shape and the step count. `qwenjax.train.train_
 states along a new leading axis and runs `jax.vmap` of the ordinary train step over it: one program, K times the
 work per kernel. Members of one seed read one data stream, each step's batch read once; members of other seeds
 (other initial parameters, another order of the data) each read their own, stacked along the member axis
-(`member_batches`). Each member keeps its own workdir, written as
-a run of its own would write it (metrics.jsonl, checkpoints of its own unstacked state, config.json with its own
-values), so evaluation, export and resuming it alone work as for any run.
+(`member_batches`). Each member keeps its own workdir, written as a run of its own would write it (metrics.jsonl,
+checkpoints of its own unstacked state, config.json with its own values), so evaluation, export and resuming it
+alone work as for any run.
 
 This module holds what the loop needs to know about the member axis: which configs may form a group, the stacked
 shardings, stacking and taking states apart, and the members' schedule inputs.

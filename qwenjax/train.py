@@ -385,7 +385,7 @@ def setup_group(points: list[tuple[config_lib.RunConfig, ml_collections.ConfigDi
   stacked along a leading member axis. Every member must resume from the same step (GroupError otherwise)."""
   own = group_lib.member_batches([s.seed for s, _, _ in points])
   if own and points[0][0].data.format != 'text':
-    raise group_lib.GroupError('members of other train.seed read their own data streams, which only '
+    raise group_lib.GroupError('members with other train.seed values read their own data streams, which only '
                                "data.format='text' gives: train them one at a time")
   run = setup(*points[0], members=len(points), member_batches=own)
   # Each member takes the first one's memory settings ('auto' resolved once: the members have one shape).
