@@ -147,6 +147,11 @@ def test_only_runs_of_one_shape_and_stream_form_a_group(tmp_path, tokenizer_file
       train.train_group([one, other], [str(tmp_path / 'a'), str(tmp_path / 'b')])
   with pytest.raises(group_lib.GroupError, match='workdirs of their own'):
     train.train_group([one, one], [str(tmp_path / 'a'), str(tmp_path / 'a')])
+  chat = [member_config(tokenizer_file, 1e-3, 2, seed=seed) for seed in (0, 1)]
+  for c in chat:
+    c.data.format = 'chat'
+  with pytest.raises(group_lib.GroupError, match="only data.format='text'"):  # other seeds: a stream each
+    train.train_group(chat, [str(tmp_path / 'a'), str(tmp_path / 'b')])
   assert not os.path.exists(tmp_path / 'a')
 
 
