@@ -21,13 +21,9 @@ from typing import Any, Sequence
 from absl import flags
 
 from qwenjax import cli
+from qwenjax import scaling
 
 GOALS = dict(mfu=0.4, within=1.5, point_mfu=0.3, point_params=10e6)  # issue 35, "Small models at speed"
-
-
-def read_lines(path: str) -> list[dict[str, Any]]:
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def speed(results: Sequence[dict[str, Any]], pieces: Sequence[dict[str, Any]], peak_flops: float) -> dict[str, Any]:
@@ -69,8 +65,8 @@ def main(argv: list[str]) -> None:
                            'with experiments/gpu_piece.sh')
   with open(os.path.join(directory, 'sweep.json'), encoding='utf-8') as f:
     peak = float(json.load(f)['sweep']['estimate']['peak_flops'])
-  s = speed(read_lines(os.path.join(directory, 'results.jsonl')), read_lines(os.path.join(directory, 'pieces.jsonl')),
-            peak)
+  pieces = scaling.read_jsonl(os.path.join(directory, 'pieces.jsonl'), {'seconds': (int, float)})
+  s = speed(scaling.read_results(directory), pieces, peak)
   print(report(s, peak))
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from qwenjax import scaling
 from train_utils import ROOT, experiment_module  # pylint: disable=g-bad-import-order
 
 SCRIPT = os.path.join(ROOT, 'experiments', 'study_speed.py')
@@ -69,10 +70,9 @@ def test_gpu_piece_records_each_piece(tmp_path, workers):
                         capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
   committed = os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu')
-  speed = experiment_module('study_speed.py')
-  before = len(speed.read_lines(os.path.join(committed, 'results.jsonl')))
-  pieces = speed.read_lines(str(out / 'isoflop_gpu' / 'pieces.jsonl'))
-  assert pieces[:-1] == speed.read_lines(os.path.join(committed, 'pieces.jsonl'))  # the committed ones, kept
+  before = len(scaling.read_jsonl(os.path.join(committed, 'results.jsonl')))
+  pieces = scaling.read_jsonl(str(out / 'isoflop_gpu' / 'pieces.jsonl'))
+  assert pieces[:-1] == scaling.read_jsonl(os.path.join(committed, 'pieces.jsonl'))  # the committed ones, kept
   last = pieces[-1]
   assert last['piece'] == len(pieces) and 0 <= last['seconds'] < 60 and last['device'] == 'Stand-in GPU'
   assert (last['finished_before'], last['finished_after'], last['workers']) == (before, before + 1, workers)
