@@ -605,14 +605,14 @@ def train_loop(run: Run, *, stop_after: int | None = None) -> list[dict[str, flo
       horizon = jax.device_put(group_lib.horizon(optimizers) if grouped
                                else train_step.schedule_horizon(optimizers[0]), sharding.replicated(run.mesh))
       timer = _StepTimer(run.start)
+      stacked = len(members) if run.member_batches else 0  # members' own batches, stacked in front
+      train_sharding = group_lib.stacked_shardings(run.batch_sharding) if stacked else run.batch_sharding
       for step in range(run.start, steps):
         where[0] = f'train step {step + 1}'
         profiler.before(step)
         host_batch = next(batches)
-        stacked = len(members) if run.member_batches else 0
-        state, step_metrics = step_fn(state, _global_batch(
-            host_batch, group_lib.stacked_shardings(run.batch_sharding) if stacked else run.batch_sharding,
-            run.rows, loop.batch_size, stacked), horizon, *frozen)
+        state, step_metrics = step_fn(state, _global_batch(host_batch, train_sharding, run.rows, loop.batch_size,
+                                                           stacked), horizon, *frozen)
         done = step + 1
         # The FLOPs MFU counts: each document's own attention band (this process's rows scaled to the global
         # batch; a group's: all its members').
