@@ -19,8 +19,8 @@ IsoFLOP point (`budget`), L the final eval loss (`eval_loss`). The points of a s
   replacement (within each budget, so every budget keeps its number of points).
 * Quality (`quality` in fit.json, `quality()`): whether the fit can be trusted, criterion by criterion: approach
   2's a known to within a 95% interval no wider than 0.2, a + b within 0.05 of 1, approaches 2 and 3 within 0.1 on
-  a, no approach-3 parameter on its search bound, every budget's minimum inside the sizes it tried, every point
-  trained by one code version.
+  a, no approach-3 parameter on its search bound, every budget's minimum inside the sizes it tried and bracketed by
+  them (a size on each side measured a higher loss), every point trained by one code version.
 
 `python -m qwenjax.scaling plot DIR1 DIR2 ... --out=FILE.png` puts several sweeps on one figure: loss against
 compute by default, or against any result field with `--x=lr --group=width` (a learning-rate sweep across
@@ -150,7 +150,9 @@ def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def isoflop_minima(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray,
                    losses: np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """(minima, skipped): per budget, the vertices of the parabolas in log N and log D through its losses, with the
-  range of N it tried (`N_range`) and whether the vertex lies inside it (`inside`: else it is extrapolated); or,
+  range of N it tried (`N_range`), whether the vertex lies inside it (`inside`: else it is extrapolated) and
+  whether a size on each side measured a higher loss than the best (`bracketed`: else the lowest loss is at the
+  smallest or largest size, and the vertex leans on the parabola's shape, not on points past it); or,
   under `skipped`, why a budget has none: fewer than 3 distinct sizes or token counts, or a parabola that opens
   downward (the optimum is outside the sizes tried)."""
   minima, skipped = [], []
@@ -169,9 +171,12 @@ def isoflop_minima(budgets: np.ndarray, params: np.ndarray, tokens: np.ndarray,
       skipped.append(dict(budget=float(budget), reason='the parabola has no minimum (opens downward)'))
       continue
     low, high = float(params[at].min()), float(params[at].max())
+    sizes_tried = np.unique(params[at])  # repeats of a size count by their mean loss
+    best = int(np.argmin([losses[at][params[at] == n].mean() for n in sizes_tried]))
     minima.append(dict(budget=float(budget), N_opt=by_n.argmin, D_opt=by_d.argmin, loss_opt=by_n.min_loss,
                        parabola_N=dataclasses.asdict(by_n), parabola_D=dataclasses.asdict(by_d),
                        points=int(at.sum()), N_range=[low, high], inside=bool(low <= by_n.argmin <= high),
+                       bracketed=0 < best < len(sizes_tried) - 1,
                        residual_ss=float(np.sum((losses[at] - by_n(params[at])) ** 2)), dof=int(at.sum()) - 3))
   return minima, skipped
 
@@ -403,7 +408,7 @@ def quality(fitted: Mapping[str, Any]) -> dict[str, Any]:
   a_interval: approach 2's a has a 95% bootstrap interval no wider than 0.2. a_plus_b: approach 2's a + b within
   0.05 of 1 (N_opt D_opt grows as C). approaches_agree: approaches 2 and 3 within 0.1 on a. no_bounds: no
   approach-3 parameter on the edge of its search box. minima_inside: every budget has a minimum, inside the sizes
-  it tried. one_code_version: every point was trained by one recorded code version.
+  it tried and bracketed by them (`isoflop_minima`'s `bracketed`). one_code_version: every point was trained by one recorded code version.
   """
   fit2 = fitted.get('approach2') or {'error': 'no IsoFLOP budgets'}
   fit3 = fitted.get('approach3') or {'error': 'not fitted'}
@@ -429,8 +434,11 @@ def quality(fitted: Mapping[str, Any]) -> dict[str, Any]:
             + ('' if bounds is not None else ': approach 3 not fitted'))
   skipped = [x['budget'] for x in fit2.get('skipped', [])]
   outside = [m['budget'] for m in fit2.get('minima', []) if not m.get('inside', True)]
-  criterion('minima_inside', ok2 and not skipped and not outside, dict(skipped=skipped, outside=outside),
-            'budgets without a minimum, or whose minimum lies outside the sizes they tried'
+  unbracketed = [m['budget'] for m in fit2.get('minima', []) if not m.get('bracketed', True)]
+  criterion('minima_inside', ok2 and not skipped and not outside and not unbracketed,
+            dict(skipped=skipped, outside=outside, unbracketed=unbracketed),
+            'budgets without a minimum, whose minimum lies outside the sizes they tried, or whose lowest loss is '
+            'at their smallest or largest size'
             + ('' if ok2 else ' (approach 2 not fitted)'))
   versions = fitted.get('code_versions', [])
   criterion('one_code_version', len(versions) == 1 and versions[0]['code'] is not None, len(versions),
@@ -495,10 +503,11 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
         ax.scatter(params[at], losses[at], color=colors[budget], label=_budget_label(budget))
         grid = np.geomspace(params[at].min() / 1.5, params[at].max() * 1.5, 100)
         ax.plot(grid, Parabola(**m['parabola_N'])(grid), color=colors[budget], lw=1)
-        inside = m.get('inside', True)
+        inside = m.get('inside', True) and m.get('bracketed', True)
+        why = 'outside the sizes tried' if not m.get('inside', True) else 'not bracketed (lowest loss at an end)'
         ax.scatter([m['N_opt']], [m['loss_opt']], marker='*', s=180, zorder=3,
                    color=colors[budget] if inside else 'none', edgecolor='k' if inside else colors[budget],
-                   label=None if inside else f'{_budget_label(budget)}: minimum outside the sizes tried')
+                   label=None if inside else f'{_budget_label(budget)}: minimum {why}')
       else:
         reason = skipped.get(budget, 'no minimum')
         ax.scatter(params[at], losses[at], facecolor='none', edgecolor=colors[budget],

@@ -331,3 +331,19 @@ def test_the_summary_names_points_left_out_and_counts_the_learning_rate_stage_ap
   lines = scaling.summary(fitted).splitlines()
   assert lines[0] == "left out the 4 point(s) of the learning-rate stage (they chose the others' rates)"
   assert lines[1] == 'left out 1 point(s): C-big (diverged: loss nan at step 3)'
+
+
+def test_a_budget_whose_lowest_loss_is_at_its_smallest_size_is_not_bracketed():
+  """A budget that tried only sizes from its optimum up has its best loss at an end: its parabola's vertex may
+  still fall inside the sizes (fitted by the shape alone), but the quality check names the budget."""
+  rows = isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3, noise=0.0)
+  budgets = sorted({r['budget'] for r in rows})
+  last = [r for r in rows if r['budget'] == budgets[-1]]
+  rows = [r for r in rows if r['budget'] != budgets[-1]] + sorted(last, key=lambda r: r['params'])[4:]
+  fitted = scaling.fit(rows, bootstrap=0)
+  assert [m['bracketed'] for m in fitted['approach2']['minima']] == [True, True, False]
+  quality = fitted['quality']['minima_inside']
+  assert not quality['passed'] and quality['value']['unbracketed'] == [budgets[-1]]
+  # Its smallest size measured the lowest loss: with one size below the optimum added back, it is bracketed.
+  fixed = rows + [sorted(last, key=lambda r: r['params'])[3]]
+  assert scaling.fit(fixed, bootstrap=0)['quality']['minima_inside']['value']['unbracketed'] == []
