@@ -1,7 +1,8 @@
-"""Is a point's extrapolated learning rate right? A point of experiments/isoflop_gpu.py at 1/2, 1 and 2x its rate.
+"""Is a point's extrapolated learning rate right? A point of experiments/isoflop_gpu.py at 1/2, 1, 2 and 4x its rate.
 
     python -m qwenjax.sweep --sweep=experiments/isoflop_gpu_lrcheck.py --workdir=DIR              # C3e16-s20
     python -m qwenjax.sweep --sweep=experiments/isoflop_gpu_lrcheck.py:C3e15-s5 --workdir=DIR     # another point
+    WORKERS=1 bash experiments/gpu_piece.sh isoflop_gpu_lrcheck:C1e16-s15 SECONDS   # a device call's piece
 
 The study's lr stage measures the best rate at four sizes (N 1.8M-11.6M, at their own batches); every other point
 takes lr = k N^gamma fitted through them, clipped to the grid, times the square root of its batch over its size's
@@ -12,9 +13,10 @@ curves at their ends, and so the fitted exponents. (Under the study's first batc
 and 8e-3; this check found 4e-3 0.19 nats better: results/isoflop_gpu/README.md.)
 
 This file trains the named point (default C3e16-s20) exactly as the study plans it (shape, batch, steps, warmup,
-corpus, evaluation), at the rate the study gives it (from the committed results/isoflop_gpu/lr.json) and at half
-and twice that, as one group of three (`group_size`: one vmapped step). The rate is right if the middle one is
-best or within the study's noise of the best; its loss is also a rerun of the study's own point (the study's
+corpus, evaluation), at the rate the study gives it (from the committed results/isoflop_gpu/lr.json) and at half,
+twice and four times that, as one group (`group_size`: one vmapped step). The rate is right if it is the best or
+within the study's noise of the best (twice and four times: the finished study's large models lie above its
+IsoFLOP parabolas, as a rate set too low would leave them); its loss is also a rerun of the study's own point (the study's
 `--check` reads it the same way: within 0.02). Run it under the study's pinned code, as the study's pieces.
 """
 
@@ -27,6 +29,7 @@ import ml_collections
 from qwenjax import sweep as sweep_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)  # of the study's rate for the point
 
 
 def study():
@@ -54,6 +57,7 @@ def get_config(name: str = 'C3e16-s20'):
   sweep.budget_sizes = ((budget, (size,)),)
   sweep.lr_sweep = {}
   sweep.lr_batch_exponent = 0.0  # the rates below are the point's own, at its batch
-  rates = tuple(float(f'{rate * m:.3g}') for m in (0.5, 1.0, 2.0))
+  rates = tuple(float(f'{rate * m:.3g}') for m in MULTIPLIERS)
   sweep.axes = ml_collections.ConfigDict(dict(train=dict(lr=rates)))
+  sweep.group_size = len(rates)  # one vmapped step for all of them
   return sweep
