@@ -16,8 +16,9 @@ This file trains the named point (default C3e16-s20) exactly as the study plans 
 corpus, evaluation), at the rate the study gives it (from the committed results/isoflop_gpu/lr.json) and at half,
 twice and four times that, as one group (`group_size`: one vmapped step). The rate is right if it is the best or
 within the study's noise of the best (twice and four times: the finished study's large models lie above its
-IsoFLOP parabolas, as a rate set too low would leave them); its loss is also a rerun of the study's own point (the study's
-`--check` reads it the same way: within 0.02). Run it under the study's pinned code, as the study's pieces.
+IsoFLOP parabolas, as a rate set too low would leave them); its loss is also a rerun of the study's own point
+(the study's `--check` reads it the same way: within 0.02). Run it under the study's pinned code, as the study's
+pieces.
 """
 
 import importlib.util

@@ -408,7 +408,8 @@ def quality(fitted: Mapping[str, Any]) -> dict[str, Any]:
   a_interval: approach 2's a has a 95% bootstrap interval no wider than 0.2. a_plus_b: approach 2's a + b within
   0.05 of 1 (N_opt D_opt grows as C). approaches_agree: approaches 2 and 3 within 0.1 on a. no_bounds: no
   approach-3 parameter on the edge of its search box. minima_inside: every budget has a minimum, inside the sizes
-  it tried and bracketed by them (`isoflop_minima`'s `bracketed`). one_code_version: every point was trained by one recorded code version.
+  it tried and bracketed by them (`isoflop_minima`'s `bracketed`). one_code_version: every point was trained by
+  one recorded code version.
   """
   fit2 = fitted.get('approach2') or {'error': 'no IsoFLOP budgets'}
   fit3 = fitted.get('approach3') or {'error': 'not fitted'}
