@@ -26,6 +26,7 @@ def experiment_module(name: str):
   """experiments/<name> (a sweep file or a script; not a package) loaded as a module."""
   spec = importlib.util.spec_from_file_location(f'_experiment_{name[:-3]}', os.path.join(ROOT, 'experiments', name))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
