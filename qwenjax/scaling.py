@@ -84,8 +84,8 @@ LR_STAGE = 'learning-rate stage: it chose the other points\' rates'  # why its p
 
 def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
   """(points with a finite, positive eval loss, [{name, reason}] of the others): diverged points, points
-  without eval data, the points of a learning-rate stage. The fits and plots use the first; fit.json lists the
-  second under `excluded`."""
+  without eval data, the points of a learning-rate stage, and the worse rates of a point trained at several
+  (`best_rates`). The fits and plots use the first; fit.json lists the second under `excluded`."""
   kept, excluded = [], []
   for r in results:
     loss = r.get('eval_loss')
@@ -102,7 +102,29 @@ def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[st
                                                       'must be positive finite numbers'))
     else:
       kept.append(r)
-  return kept, excluded
+  return best_rates(kept, excluded)
+
+
+def best_rates(points: Sequence[Mapping[str, Any]], excluded: list[dict[str, str]]
+               ) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
+  """A point (one budget, N and D) trained at several learning rates (`lr`) is a point tuned by a rate sweep: it
+  counts at the rate with the lowest mean eval loss (every point at that rate: repeats of other seeds stay), and
+  its other rates go to `excluded`, naming the rate that won."""
+  same = {}
+  for r in points:
+    same.setdefault((r.get('budget'), r['params'], r['tokens']), {}).setdefault(r.get('lr'), []).append(r)
+  worse = {}
+  for rates in same.values():
+    if len(rates) < 2 or None in rates:
+      continue
+    mean = {lr: float(np.mean([r['eval_loss'] for r in rs])) for lr, rs in rates.items()}
+    best = min(mean, key=mean.get)
+    for lr, rs in rates.items():
+      for r in rs if lr != best else ():
+        worse[id(r)] = (f'another rate of the same point did better: lr {best:.3g} (eval loss {mean[best]:.4f}) '
+                        f'against {lr:.3g} ({mean[lr]:.4f})')
+  excluded.extend(dict(name=r.get('name'), reason=worse[id(r)]) for r in points if id(r) in worse)
+  return [r for r in points if id(r) not in worse], excluded
 
 
 def _positive(value: Any) -> bool:

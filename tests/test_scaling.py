@@ -347,3 +347,24 @@ def test_a_budget_whose_lowest_loss_is_at_its_smallest_size_is_not_bracketed():
   # Its smallest size measured the lowest loss: with one size below the optimum added back, it is bracketed.
   fixed = rows + [sorted(last, key=lambda r: r['params'])[3]]
   assert scaling.fit(fixed, bootstrap=0)['quality']['minima_inside']['value']['unbracketed'] == []
+
+
+def test_a_point_trained_at_several_rates_counts_at_its_best():
+  """An IsoFLOP point rerun at other learning rates (a rate check) is one point, at the rate whose mean eval loss
+  is lowest, its repeats at that rate all kept; the other rates are left out, naming the rate that won. Points of
+  one rate, or without a recorded rate, are untouched."""
+  rows = [dict(r, lr=1e-3) for r in isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3, sizes=5)]
+  point = rows[2]
+  worse = dict(point, name='worse', lr=5e-4, eval_loss=point['eval_loss'] + 0.1)
+  better = [dict(point, name=f'better-{seed}', lr=2e-3, eval_loss=point['eval_loss'] - d)
+            for seed, d in enumerate((0.01, 0.03))]
+  kept, excluded = scaling.usable_points(rows + [worse] + better)
+  assert [r['name'] for r in kept] == [r['name'] for r in rows if r is not point] + ['better-0', 'better-1']
+  reasons = {x['name']: x['reason'] for x in excluded}
+  assert set(reasons) == {point['name'], 'worse'}
+  assert reasons['worse'].startswith('another rate of the same point did better: lr 0.002 (eval loss ')
+  assert scaling.usable_points(rows)[0] == rows  # one rate a point: nothing left out
+  unrecorded = [{k: v for k, v in r.items() if k != 'lr'} for r in rows]
+  assert len(scaling.usable_points(unrecorded + [dict(unrecorded[2], name='again')])[0]) == len(rows) + 1
+  fitted = scaling.fit(rows + [worse] + better, bootstrap=0)
+  assert fitted['points'] == len(rows) + 1 and {x['name'] for x in fitted['excluded']} == {point['name'], 'worse'}
