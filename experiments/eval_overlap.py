@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 
 from absl import flags
 from ml_collections import config_flags
@@ -30,13 +29,9 @@ from qwenjax import cli
 from qwenjax import documents
 
 
-def _key(line: str) -> bytes:
-  return hashlib.blake2b(line.encode('utf-8', 'surrogatepass'), digest_size=12).digest()
-
-
-def counted_lines(text: str, min_chars: int) -> set[bytes]:
-  """The distinct lines of a document that count (stripped, `min_chars` long or more), as hashes."""
-  return {_key(s) for s in (line.strip() for line in text.splitlines()) if len(s) >= min_chars}
+def counted_lines(text: str, min_chars: int) -> set[str]:
+  """The distinct lines of a document that count (stripped, `min_chars` long or more)."""
+  return {s for s in (line.strip() for line in text.splitlines()) if len(s) >= min_chars}
 
 
 @dataclasses.dataclass

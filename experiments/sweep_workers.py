@@ -176,7 +176,8 @@ def run_workers(argv_sweep: list[str], sweep, root: pathlib.Path, workers: int,
           continue
         busy = {name for _, _, names in running.values() for name in names}
         units, seconds = ready(sweep, str(root), busy)
-        u = pick(seconds, None if deadline is None else deadline - time.time(), started, slowdown(ratios))
+        slow = slowdown(ratios)
+        u = pick(seconds, None if deadline is None else deadline - time.time(), started, slow)
         if u is None:
           break
         names = [p.name for p in units[u]]
@@ -184,7 +185,7 @@ def run_workers(argv_sweep: list[str], sweep, root: pathlib.Path, workers: int,
         log = open(home / 'sweep.log', 'ab')  # pylint: disable=consider-using-with
         command = [sys.executable, '-m', 'qwenjax.sweep', *argv_sweep, f'--workdir={home}', f'--only={",".join(names)}']
         logging.info('sweep_workers: worker %d trains %s (%.0f s by the estimate, x%.2f here; log: %s)', i,
-                     ', '.join(names), seconds[u], slowdown(ratios), home / 'sweep.log')
+                     ', '.join(names), seconds[u], slow, home / 'sweep.log')
         began[i] = (time.time(), seconds[u])
         running[i] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), home, names)
         log.close()

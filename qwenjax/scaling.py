@@ -495,8 +495,9 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   2) into `directory`.
 
   isoflop.png marks what approach 2 could not use: a budget without a minimum draws its points hollow and says
-  why in the legend; a minimum outside the sizes its budget tried is a hollow star. An approach-3 fit with a
-  parameter on its search bound is drawn dashed and labelled so. Fitted lines span the budgets measured, not more.
+  why in the legend; a minimum outside the sizes its budget tried, or not bracketed by them, is a hollow star. An
+  approach-3 fit with a parameter on its search bound is drawn dashed and labelled so. Fitted lines span the
+  budgets measured, not more.
   """
   plt = _pyplot()
   results = usable_points(results)[0]
@@ -526,11 +527,11 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
         ax.scatter(params[at], losses[at], color=colors[budget], label=_budget_label(budget))
         grid = np.geomspace(params[at].min() / 1.5, params[at].max() * 1.5, 100)
         ax.plot(grid, Parabola(**m['parabola_N'])(grid), color=colors[budget], lw=1)
-        inside = m.get('inside', True) and m.get('bracketed', True)
+        sure = m.get('inside', True) and m.get('bracketed', True)  # else a hollow star, saying why
         why = 'outside the sizes tried' if not m.get('inside', True) else 'not bracketed (lowest loss at an end)'
         ax.scatter([m['N_opt']], [m['loss_opt']], marker='*', s=180, zorder=3,
-                   color=colors[budget] if inside else 'none', edgecolor='k' if inside else colors[budget],
-                   label=None if inside else f'{_budget_label(budget)}: minimum {why}')
+                   color=colors[budget] if sure else 'none', edgecolor='k' if sure else colors[budget],
+                   label=None if sure else f'{_budget_label(budget)}: minimum {why}')
       else:
         reason = skipped.get(budget, 'no minimum')
         ax.scatter(params[at], losses[at], facecolor='none', edgecolor=colors[budget],
