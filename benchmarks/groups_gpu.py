@@ -5,13 +5,15 @@ dtypes, attention and loss kernels), the train step `python -m qwenjax.train` an
 (`qwenjax.train`'s jitted step, vmapped over K members for K > 1), on synthetic packed rows (random tokens,
 documents of ~300 tokens). Per (size, K) it records the compile time, the step time with steps issued back to
 back (`device`), the step time as the training loop issues them (`loop`: each batch placed from host arrays, the
-previous step's metrics awaited, as `train_loop` does), tokens per second and MFU of the whole group (K x batch x
+previous step's metrics awaited, as `train_loop` does), the step time of `--scan` steps in one call (`scan`: the
+same step under `jax.lax.scan` over stacked batches: what dispatching several steps at once would buy a small
+model, whose steps are short next to their launch and host costs), tokens per second and MFU of the whole group (K x batch x
 seq_len tokens a step; `qwenjax.metrics.flops_per_token` against 989 TFLOP/s), peak memory, and for K > 1 the
 largest relative difference between each member's losses over 3 steps and those of the same member alone
 (different learning rates, one batch: what a group must reproduce).
 
     python benchmarks/groups_gpu.py --out $OUT                      # sizes and K as below, within --budget_s
-    python benchmarks/groups_gpu.py --sizes 5,11 --groups 1,2,4 --out /tmp/g
+    python benchmarks/groups_gpu.py --plan '8:1;11:1;15:1;20:1' --scan 8 --out /tmp/g  # sizes alone, + scans
 
 Stops starting new (size, K) pairs once `--budget_s` has passed. Results: OUT/groups_gpu.jsonl, a table on stdout.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -72,7 +75,7 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int) -> dict[str,
           'segment_ids': segments[:, :-1], 'weights': same.astype(np.float32)}
 
 
-def measure(config, size: int, members: int, steps_s: float) -> dict:
+def measure(config, size: int, members: int, steps_s: float, scan: int = 0) -> dict:
   settings = config_lib.settings(config)
   model, loop = settings.model, settings.loop
   mesh = sharding.make_mesh(settings.mesh)
@@ -122,14 +125,32 @@ def measure(config, size: int, members: int, steps_s: float) -> dict:
       previous = out
     jax.block_until_ready(out)
     loop_s = (time.perf_counter() - start) / n
+    scan_s = None
+    if scan > 1:  # `scan` steps per call, the batches already on the device
+      stacked = jax.tree.map(lambda *x: np.stack(x), *[host_batches[i % 4] for i in range(scan)])
+
+      @functools.partial(jax.jit, donate_argnums=(0,))
+      def steps(state, stacked, horizon):
+        return jax.lax.scan(lambda s, b: step_fn(s, b, horizon), state, stacked)
+
+      stacked = jax.device_put(stacked)
+      state, out = steps(state, stacked, horizon)
+      jax.block_until_ready(out)
+      calls = max(1, n // scan)
+      start = time.perf_counter()
+      for _ in range(calls):
+        state, out = steps(state, stacked, horizon)
+      jax.block_until_ready(out)
+      scan_s = (time.perf_counter() - start) / (calls * scan)
     del state
     record = dict(size=size, members=members, params_with_head=params,
                   batch=rows, seq_len=seq_len, compile_s=round(compile_s, 1), steps_timed=n,
-                  device_step_s=device_s, loop_step_s=loop_s)
+                  device_step_s=device_s, loop_step_s=loop_s, scan=scan, scan_step_s=scan_s)
     tokens = members * rows * seq_len
     peak = metrics.peak_flops_per_device() or 989e12
     record.update(tokens_per_s=tokens / loop_s, mfu_device=tokens * flops / device_s / peak,
-                  mfu_loop=tokens * flops / loop_s / peak)
+                  mfu_loop=tokens * flops / loop_s / peak,
+                  mfu_scan=tokens * flops / scan_s / peak if scan_s else None)
     stats = jax.devices()[0].memory_stats() or {}
     record['process_peak_gib'] = round(stats.get('peak_bytes_in_use', 0) / 2**30, 2)  # so far, not reset
     if members > 1:  # each member's losses over 3 steps, grouped and alone
@@ -157,6 +178,7 @@ def main() -> None:
   parser.add_argument('--plan', default=DEFAULT_PLAN, help='size:K,K;size:K,... (K: members of a group)')
   parser.add_argument('--budget_s', type=float, default=420.0)
   parser.add_argument('--steps_s', type=float, default=2.0, help='seconds of steps timed per (size, K)')
+  parser.add_argument('--scan', type=int, default=0, help='also time this many steps per call (0: not)')
   parser.add_argument('--out', default='/tmp/groups_gpu')
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location('_sweep', args.sweep)
@@ -167,7 +189,7 @@ def main() -> None:
   path = os.path.join(args.out, 'groups_gpu.jsonl')
   begin, records = time.time(), []
   print(f'{"size":>4} {"K":>2} {"N":>7} {"batch":>5} {"compile s":>9} {"ms/step":>8} {"loop ms":>8} '
-        f'{"MFU":>6} {"loop MFU":>8} {"tok/s":>10} {"GiB":>6} {"loss diff":>9}', flush=True)
+        f'{"MFU":>6} {"loop MFU":>8} {"scan MFU":>8} {"tok/s":>10} {"GiB":>6} {"loss diff":>9}', flush=True)
   for entry in args.plan.split(';'):
     size, groups = entry.split(':')
     for members in map(int, groups.split(',')):
@@ -175,15 +197,18 @@ def main() -> None:
         print(f'budget of {args.budget_s:.0f} s spent: stopping before size {size} K={members}', flush=True)
         break
       try:
-        r = measure(size_config(sweep, int(size)), int(size), members, args.steps_s)
+        r = measure(size_config(sweep, int(size)), int(size), members, args.steps_s, args.scan)
       except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: recorded, the rest go on)
         r = dict(size=int(size), members=members, error=f'{type(e).__name__}: {str(e)[:300]}')
         print(f'{size:>4} {members:>2} error: {r["error"]}', flush=True)
       else:
         diff = r.get('max_rel_loss_diff')
+        scan_mfu = '-' if r['mfu_scan'] is None else f'{100 * r["mfu_scan"]:.1f}%'
         print(f'{r["size"]:>4} {members:>2} {r["params_with_head"] / 1e6:>6.1f}M {r["batch"]:>5} '
               f'{r["compile_s"]:>9.1f} {1e3 * r["device_step_s"]:>8.2f} {1e3 * r["loop_step_s"]:>8.2f} '
-              f'{100 * r["mfu_device"]:>5.1f}% {100 * r["mfu_loop"]:>7.1f}% {r["tokens_per_s"]:>10,.0f} '
+              f'{100 * r["mfu_device"]:>5.1f}% {100 * r["mfu_loop"]:>7.1f}% '
+              f'{scan_mfu:>8} '
+              f'{r["tokens_per_s"]:>10,.0f} '
               f'{r["process_peak_gib"]:>6.1f} {"" if diff is None else f"{diff:.1e}":>9}', flush=True)
       r.update(device=jax.devices()[0].device_kind, jax=jax.__version__, xla_flags=os.environ.get('XLA_FLAGS', ''))
       records.append(r)
