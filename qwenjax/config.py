@@ -107,11 +107,18 @@ class DataConfig:
   # 'text': documents (text_key); 'chat': {"messages": [...]} conversations, trained on the assistant's tokens;
   # 'preference': {"prompt", "chosen", "rejected"} pairs for train.objective='dpo' (qwenjax.chat_data).
   format: str = 'text'
+  # > 0: leave out of the eval set each document with this share or more of its lines (40+ characters) found in
+  # some training document (`qwenjax.overlap`), e.g. 0.2; 0: every eval document counts.
+  decontaminate: float = 0.0
 
   def __post_init__(self):
     if self.format not in DATA_FORMATS:
       raise ValueError(f'unknown data.format {self.format!r}; choose one of {", ".join(DATA_FORMATS)}')
-    _check_ranges(self, 'data', seq_len=1, vocab_size=1, tokenizer_sentences=1, shuffle_window=0, read_threads=0)
+    _check_ranges(self, 'data', seq_len=1, vocab_size=1, tokenizer_sentences=1, shuffle_window=0, read_threads=0,
+                  decontaminate=0)
+    if self.decontaminate > 1:
+      raise ValueError(f'data.decontaminate={self.decontaminate} is a share of lines: give one in (0, 1], e.g. 0.2, '
+                       'or 0 to keep every eval document')
 
 
 @dataclasses.dataclass(frozen=True)

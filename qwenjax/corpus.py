@@ -42,10 +42,13 @@ def default_dir() -> str:
   return os.path.join(root, 'prepared')
 
 
-def corpus_key(identity: Sequence[tuple[str, int, int]], text_key: str, tokenizer_fingerprint: str) -> str:
-  blob = json.dumps({'files': [list(f) for f in identity], 'text_key': text_key,
-                     'tokenizer': tokenizer_fingerprint, 'docs_per_shard': DOCS_PER_SHARD, 'version': _VERSION})
-  return hashlib.sha256(blob.encode()).hexdigest()[:20]
+def corpus_key(identity: Sequence[tuple[str, int, int]], text_key: str, tokenizer_fingerprint: str,
+               exclude: Sequence[int] = ()) -> str:
+  key = {'files': [list(f) for f in identity], 'text_key': text_key,
+         'tokenizer': tokenizer_fingerprint, 'docs_per_shard': DOCS_PER_SHARD, 'version': _VERSION}
+  if exclude:  # only then: corpora prepared before `exclude` existed keep their keys
+    key['exclude'] = sorted(int(i) for i in exclude)
+  return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -59,11 +62,15 @@ def _save_json(path: str, value: Any) -> None:
   files_lib.write_json(path, value)
 
 
-def _tokenize_shard(source: documents.DocumentSource, tokenizer, shard: int, directory: str) -> dict[str, Any]:
-  """Tokenizes documents [shard * DOCS_PER_SHARD, ...) into the shard's files; returns its counts."""
+def _tokenize_shard(source: documents.DocumentSource, tokenizer, shard: int, directory: str,
+                    exclude: frozenset[int] = frozenset()) -> dict[str, Any]:
+  """Tokenizes documents [shard * DOCS_PER_SHARD, ...) but `exclude` into the shard's files; returns its counts."""
   lo, hi = shard * DOCS_PER_SHARD, min((shard + 1) * DOCS_PER_SHARD, len(source))
-  texts, skipped, empty = [], [], 0
+  texts, skipped, empty, excluded = [], [], 0, 0
   for i in range(lo, hi):
+    if i in exclude:
+      excluded += 1
+      continue
     try:
       text = source[i]
     except documents.BadDocument as e:
@@ -85,16 +92,17 @@ def _tokenize_shard(source: documents.DocumentSource, tokenizer, shard: int, dir
   _save_npy(f'{prefix}.tokens.npy', tokens)
   _save_npy(f'{prefix}.offsets.npy', offsets)
   info = {'documents': len(ids), 'tokens': int(offsets[-1]), 'bytes': sum(len(t.encode()) for t in texts),
-          'skipped': len(skipped), 'skipped_where': skipped[:20], 'empty': empty}
+          'skipped': len(skipped), 'skipped_where': skipped[:20], 'empty': empty, 'excluded': excluded}
   _save_json(f'{prefix}.json', info)
   return info
 
 
 def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: str = 'data.train_files',
-            process_index: int = 0, process_count: int = 1) -> 'Corpus':
-  """The prepared corpus of `files` under `root`, tokenizing it first unless an unchanged one is there."""
+            process_index: int = 0, process_count: int = 1, exclude: Sequence[int] = ()) -> 'Corpus':
+  """The prepared corpus of `files` under `root`, tokenizing it first unless an unchanged one is there. The
+  documents `exclude` (indices in file order) are left out (`data.decontaminate`)."""
   identity = documents.file_identity(files)  # without reading the files: a prepared corpus needs no more
-  directory = os.path.join(os.path.expanduser(root), corpus_key(identity, text_key, tokenizer.fingerprint))
+  directory = os.path.join(os.path.expanduser(root), corpus_key(identity, text_key, tokenizer.fingerprint, exclude))
   if os.path.exists(os.path.join(directory, 'meta.json')):
     corpus = Corpus(directory)
     logging.info('data: %s already tokenized in %s: %s', what, directory, describe(corpus.meta))
@@ -108,7 +116,7 @@ def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: 
                directory)
   for shard in mine:
     if not os.path.exists(os.path.join(directory, f'shard-{shard:05d}.json')):  # done by an interrupted run
-      _tokenize_shard(source, tokenizer, shard, directory)
+      _tokenize_shard(source, tokenizer, shard, directory, frozenset(exclude))
   if process_count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'qwenjax prepared {directory} shards')
@@ -122,7 +130,7 @@ def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: 
             'documents': sum(i['documents'] for i in infos), 'tokens': sum(i['tokens'] for i in infos),
             'bytes': sum(i['bytes'] for i in infos), 'skipped': sum(i['skipped'] for i in infos),
             'skipped_where': [w for i in infos for w in i['skipped_where']][:20],
-            'empty': sum(i.get('empty', 0) for i in infos),
+            'empty': sum(i.get('empty', 0) for i in infos), 'excluded': sum(i.get('excluded', 0) for i in infos),
             'seconds': round(time.time() - start, 2)}
     _check(meta, what)
     _save_json(os.path.join(directory, 'meta.json'), meta)
@@ -135,8 +143,9 @@ def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: 
 def describe(meta: dict[str, Any]) -> str:
   """What a prepared corpus holds, its counts adding up: '1,712 documents of the 1,743 read (4 not UTF-8 text,
   27 empty), 2,345,678 tokens'."""
-  read = meta['documents'] + meta['skipped'] + meta.get('empty', 0)
-  dropped = [f'{n:,} {why}' for n, why in ((meta['skipped'], 'not UTF-8 text'), (meta.get('empty', 0), 'empty')) if n]
+  read = meta['documents'] + meta['skipped'] + meta.get('empty', 0) + meta.get('excluded', 0)
+  dropped = [f'{n:,} {why}' for n, why in ((meta['skipped'], 'not UTF-8 text'), (meta.get('empty', 0), 'empty'),
+                                           (meta.get('excluded', 0), 'left out as found in training')) if n]
   of = f' of the {read:,} read ({", ".join(dropped)})' if dropped else ''
   return f'{meta["documents"]:,} documents{of}, {meta["tokens"]:,} tokens'
 

@@ -38,6 +38,7 @@ import numpy as np
 from qwenjax import corpus as corpus_lib
 from qwenjax import documents
 from qwenjax import files as files_lib
+from qwenjax import overlap
 from qwenjax import tokenizer as tokenizer_lib
 from qwenjax.config import DataConfig
 
@@ -251,9 +252,23 @@ def prepared_corpora(data: DataConfig, tokenizer: tokenizer_lib.Tokenizer
   kwargs = (dict(process_index=jax.process_index(), process_count=jax.process_count())
             if shared_by_all_processes(root) else {})
   train = corpus_lib.prepare(train_files, data.text_key, tokenizer, root, what='data.train_files', **kwargs)
-  held_out = (corpus_lib.prepare(eval_files, data.text_key, tokenizer, root, what='data.eval_files', **kwargs)
-              if eval_files else None)
+  exclude = decontaminated(data, train_files, eval_files, root) if eval_files and data.decontaminate else []
+  held_out = (corpus_lib.prepare(eval_files, data.text_key, tokenizer, root, what='data.eval_files', exclude=exclude,
+                                 **kwargs) if eval_files else None)
   return train, held_out
+
+
+def decontaminated(data: DataConfig, train_files: Sequence[str], eval_files: Sequence[str], root: str) -> list[int]:
+  """The eval documents `data.decontaminate` leaves out (`qwenjax.overlap`), logged; an error if that is all."""
+  shares = overlap.shares(train_files, eval_files, data.text_key, cache_dir=root)
+  out = [i for i, share in enumerate(shares) if share >= data.decontaminate]
+  logging.info('data: data.decontaminate=%g leaves out %d of %d eval document(s), which have that share or more of '
+               'their lines in the training documents', data.decontaminate, len(out), len(shares))
+  if len(out) == len(shares):
+    raise ValueError(f'data.decontaminate={data.decontaminate} leaves out every one of the {len(shares)} eval '
+                     f'document(s): the training files hold {min(shares):.0%} or more of each one\'s lines. Give eval '
+                     'files the training files do not contain (data.eval_files), or a larger data.decontaminate.')
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------------

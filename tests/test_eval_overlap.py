@@ -11,19 +11,6 @@ SCRIPT = os.path.join(ROOT, 'experiments', 'eval_overlap.py')
 LONG = [f'value_{i} = compute_something_long(argument_{i}, another_argument)' for i in range(6)]
 
 
-def test_overlap_counts_lines_found_and_the_nearest_training_document():
-  module = experiment_module('eval_overlap.py')
-  eval_docs = [('copied', '\n'.join(LONG[:4] + ['x = 1'])), ('fresh', f'  {LONG[5]}  \n'), ('empty', 'pass')]
-  train_docs = [('a', '\n'.join(LONG[:3])), ('b', f'    {LONG[3]}\n{LONG[0]}'), ('c', 'x = 1')]
-  rows = {r.name: r for r in module.overlap(eval_docs, iter(train_docs), min_chars=40)}
-  # 'x = 1' is too short to count; indentation does not matter; each line counts once however often it is found.
-  assert (rows['copied'].lines, rows['copied'].found, rows['copied'].share) == (4, 4, 1.0)
-  assert (rows['copied'].nearest, rows['copied'].nearest_lines) == ('a', 3)
-  assert (rows['fresh'].lines, rows['fresh'].found, rows['fresh'].nearest) == (1, 0, None)
-  assert (rows['empty'].lines, rows['empty'].share) == (0, 0.0)
-  assert module.overlap(eval_docs, iter(train_docs), min_chars=5)[0].lines == 5  # now 'x = 1' counts
-
-
 def test_the_command_reads_the_sweeps_files(tmp_path):
   (tmp_path / 'train.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in (LONG[0], LONG[1])))
   (tmp_path / 'held.py').write_text('\n'.join(LONG[:2] + LONG[4:]))
