@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from train_utils import ROOT, experiment_module  # pylint: disable=g-bad-import-order
+from train_utils import ROOT  # pylint: disable=g-bad-import-order
 
 SCRIPT = os.path.join(ROOT, 'experiments', 'eval_overlap.py')
 LONG = [f'value_{i} = compute_something_long(argument_{i}, another_argument)' for i in range(6)]
