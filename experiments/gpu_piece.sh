@@ -3,7 +3,9 @@
 #   bash experiments/gpu_piece.sh STUDY SECONDS [sweep flags, e.g. --only=NAME,NAME]
 # STUDY is a sweep file of experiments/ (isoflop_gpu, isoflop_gpu_kaplan), or FILE:ARG for a file that takes an
 # argument (isoflop_gpu_lrcheck:C1e16-s15: its directories are then FILE/ARG). Run from the repository's root with
-# qwenjax importable (PYTHONPATH=$PWD, after installing the wheels the GPU image lacks). It
+# qwenjax importable (PYTHONPATH=$PWD, after installing the wheels the GPU image lacks). Two pieces side by side
+# in one call need XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 each: a jax process takes 75% of the GPU when it starts, so
+# the second one's kernels fail to autotune (the rate checks' first call lost 571 s so). It
 #   0. stops at once if a package setup.py requires is missing (experiments/preflight.py);
 #   1. writes the extra corpus (experiments/gpu_corpus.py) unless this machine has it;
 #   2. starts the sweep's directory from the committed experiments/results/STUDY/{results.jsonl,sweep.json} unless

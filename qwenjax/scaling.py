@@ -127,6 +127,27 @@ def best_rates(points: Sequence[Mapping[str, Any]], excluded: list[dict[str, str
   return [r for r in points if id(r) not in worse], excluded
 
 
+def rates_at_edge(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Points tuned by a rate sweep (three rates or more of one budget, N and D) whose best rate is the lowest or
+  highest tried: the sweep did not bracket it, so a better rate may lie beyond. A diverged rate counts as tried
+  and worst. [{name, lr, tried}], the best rate's point named."""
+  same = {}
+  for r in results:
+    if r.get('stage') == 'lr' or r.get('lr') is None or not (_positive(r.get('params')) and _positive(r.get('tokens'))):
+      continue
+    loss = r.get('eval_loss') if _positive(r.get('eval_loss')) else math.inf
+    same.setdefault((r.get('budget'), r['params'], r['tokens']), {}).setdefault(r['lr'], []).append((loss, r))
+  out = []
+  for rates in same.values():
+    if len(rates) < 3:
+      continue
+    mean = {lr: float(np.mean([loss for loss, _ in rs])) for lr, rs in rates.items()}
+    best = min(mean, key=mean.get)
+    if math.isfinite(mean[best]) and best in (min(rates), max(rates)):
+      out.append(dict(name=rates[best][0][1].get('name'), lr=best, tried=sorted(rates)))
+  return out
+
+
 def _positive(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
@@ -350,6 +371,7 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
   under `ci` (`[low, high]`, or None when fewer than 2 resamples could be fitted). An approach the points
   cannot support is `{'error': why}`. Points without a finite eval loss (diverged, no eval data) are left out
   and listed under `excluded`."""
+  edges = rates_at_edge(results)
   results, excluded = usable_points(results)
   if not results:
     raise ValueError(f'no point has a finite eval loss to fit: {excluded[:5]}')
@@ -358,7 +380,7 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
   countings = sorted({r.get('counting', 'unrecorded') for r in results})
   out: dict[str, Any] = dict(points=len(losses), excluded=excluded, bootstrap=bootstrap,
                              flops_per_nd=float(np.median(flops / (params * tokens))), counting=countings,
-                             code_versions=code_versions(results),
+                             code_versions=code_versions(results), rates_at_edge=edges,
                              notes=f'N: parameters as counted by {"/".join(countings)} (qwenjax.sweep\'s counting: '
                                    'porian counts the output head, not the input embedding; kaplan neither); D: '
                                    'training tokens; C: IsoFLOP budget in FLOPs')
@@ -431,7 +453,8 @@ def quality(fitted: Mapping[str, Any]) -> dict[str, Any]:
   0.05 of 1 (N_opt D_opt grows as C). approaches_agree: approaches 2 and 3 within 0.1 on a. no_bounds: no
   approach-3 parameter on the edge of its search box. minima_inside: every budget has a minimum, inside the sizes
   it tried and bracketed by them (`isoflop_minima`'s `bracketed`). one_code_version: every point was trained by
-  one recorded code version.
+  one recorded code version. rates_inside: no point tuned by a rate sweep has its best rate at the sweep's end
+  (`rates_at_edge`).
   """
   fit2 = fitted.get('approach2') or {'error': 'no IsoFLOP budgets'}
   fit3 = fitted.get('approach3') or {'error': 'not fitted'}
@@ -467,6 +490,10 @@ def quality(fitted: Mapping[str, Any]) -> dict[str, Any]:
   criterion('one_code_version', len(versions) == 1 and versions[0]['code'] is not None, len(versions),
             'code versions the points were trained by' + (' (some unrecorded)' if any(v['code'] is None
                                                                                     for v in versions) else ''))
+  edges = fitted.get('rates_at_edge', [])
+  criterion('rates_inside', not edges, [f'{e["name"]} (best of {len(e["tried"])} rates: the '
+                                        f'{"lowest" if e["lr"] == e["tried"][0] else "highest"})' for e in edges],
+            'points whose best rate is the lowest or highest of the rates they were trained at')
   out['passed'] = all(v['passed'] for v in out.values())
   return out
 

@@ -46,6 +46,12 @@ A sweep file's `get_config()` returns an ml-collections config with
   point's train.lr (`choose_lrs`, written to DIR/lr.json): per size the best rate (the vertex of a parabola in
   log lr through the lowest loss and its neighbours), then lr = k N^gamma by least squares over the sizes, so that
   sizes between and beyond them get a rate too (within the grid's range). No `lr_sweep.sizes`: train.lr.
+* `lr_rule = (k, gamma)`: without an lr stage, each size's rate is k N^gamma (N as `counting` counts it), to 3
+  significant digits: e.g. an earlier study's lr.json `coefficient` and `exponent`.
+* `lr_factors = (f, ...)`: every point but the lr stage's trains at each factor times its size's rate (the lr
+  stage's, `lr_rule`'s, or train.lr), named `...-lrx<f>`: a rate sweep per point, one vmapped group with
+  `group_size` >= len(lr_factors). The fit counts each point at its best rate (`qwenjax.scaling.best_rates`), and
+  its quality bar fails a point whose best rate is the lowest or highest tried (`rates_inside`).
 * `axes`: any other config values to sweep (`axes.train.lr = (1e-3, 3e-3)`): every combination is a point.
 * `max_epochs`: a point that would see the training corpus more often than this is an error at planning time.
 * `group_size`: train up to this many points at once, as one step vmapped over them (`qwenjax.train.train_group`):
@@ -249,7 +255,7 @@ def _axis_values(axes: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
 SWEEP_KEYS = ('base', 'overrides', 'ladder', 'budgets', 'tokens', 'tokens_per_param', 'budget_sizes', 'axes',
               'counting', 'warmup_fraction', 'warmup_tokens_per_param', 'warmup_tokens', 'warmup_max_fraction',
               'warmup_min_steps', 'batch_sizes', 'min_steps', 'lr_batch_exponent', 'lr_sweep', 'max_epochs',
-              'estimate', 'group_size')
+              'estimate', 'group_size', 'lr_rule', 'lr_factors')
 LADDER_KEYS = ('sizes', 'width_per_size', 'depth', 'depth_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
 LR_SWEEP_KEYS = ('sizes', 'lrs', 'tokens_per_param')
 _LADDER_NEEDED = ('sizes', 'width_per_size', 'head_dim', 'q_per_kv', 'mlp_ratio')
@@ -324,6 +330,18 @@ def check_sweep(sweep: ml_collections.ConfigDict) -> None:
       raise ValueError('lr_sweep.tokens_per_param must be positive: each lr point trains on that many tokens per N')
     if 'train.lr' in flatten(sweep.get('axes', {})):
       raise ValueError('axes.train.lr and lr_sweep both set learning rates: keep one')
+  rule, factors = tuple(sweep.get('lr_rule', ())), tuple(sweep.get('lr_factors', ()))
+  if rule:
+    if (len(rule) != 2 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in rule)
+        or not rule[0] > 0):
+      raise ValueError(f'lr_rule is (k, gamma), lr = k N^gamma with k > 0, e.g. (187.0, -0.744); got {rule!r}')
+    if lr_sweep.get('sizes'):
+      raise ValueError('lr_rule and lr_sweep both choose each size\'s rate: keep one')
+  if factors:
+    if not _positive_numbers(factors) or len(set(factors)) != len(factors):
+      raise ValueError(f'lr_factors must be distinct positive numbers, e.g. (0.5, 1.0, 2.0); got {factors!r}')
+  if (rule or factors) and 'train.lr' in flatten(sweep.get('axes', {})):
+    raise ValueError(f'axes.train.lr and {"lr_rule" if rule else "lr_factors"} both set learning rates: keep one')
   group_size = sweep.get('group_size', 0)
   if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
     raise ValueError(f'group_size must be a whole number >= 0 (the most points trained at once), got {group_size!r}')
@@ -394,8 +412,9 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str, *, lrs: Mapping[int, fl
   counting = sweep.get('counting', 'porian')
   lr_sweep = sweep.get('lr_sweep', {})
   staged = bool(lr_sweep.get('sizes'))
+  rule, factors = tuple(sweep.get('lr_rule', ())), tuple(float(f) for f in sweep.get('lr_factors', ()))
 
-  def point(size, axis, *, stage, wanted, budget, name, lr=None):
+  def point(size, axis, *, stage, wanted, budget, name, lr=None, factor=None):
     """The point of ladder size `size` training on about `wanted` tokens (or `wanted(N, C per token)`)."""
     overrides = dict(common)
     overrides.update({f'model.{k}': v for k, v in ladder_shape(size, sweep.ladder).items()})
@@ -416,7 +435,12 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str, *, lrs: Mapping[int, fl
     if staged and stage != 'lr' and lr is not None and exponent:  # the size's rate is for its lr stage's batch
       lr_rows = rows_for(sweep, batch, float(lr_sweep.tokens_per_param) * n, seq_len)
       lr = float(f'{lr * (rows / lr_rows) ** exponent:.3g}') if rows != lr_rows else lr
-    if staged:
+    if rule and stage != 'lr':
+      lr = float(f'{rule[0] * n ** rule[1]:.3g}')
+    if factor is not None:
+      centre = lr if staged or rule else float(config.train.lr)
+      lr = None if centre is None else float(f'{centre * factor:.3g}')
+    if staged or rule or factor is not None:
       overrides['train.lr'] = lr
     if rows != batch:
       overrides['train.batch_size'] = batch = rows
@@ -439,15 +463,18 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str, *, lrs: Mapping[int, fl
     suffix = [f'{k.rsplit(".", 1)[-1]}{_number(v) if isinstance(v, float) else v}' for k, v in axis.items()]
     for size in sizes:
       lr = (lrs or {}).get(int(size))
-      for budget in budgets or token_budgets:
-        if budget_sizes and int(size) not in budget_sizes[float(budget)]:
-          continue
-        name = '-'.join([f'C{_number(budget)}' if budgets else f'D{_number(budget)}', f's{size}'] + suffix)
-        p = point(size, axis, stage='isoflop' if budgets else 'tokens', budget=float(budget) if budgets else None,
-                  name=name, lr=lr, wanted=(lambda _, c, b=budget: b / c) if budgets else (lambda *_, b=budget: b))
-        if budgets and not ratio[0] <= p.tokens / p.params <= ratio[1]:
-          continue
-        points.append(p)
+      for factor in factors or (None,):
+        for budget in budgets or token_budgets:
+          if budget_sizes and int(size) not in budget_sizes[float(budget)]:
+            continue
+          name = '-'.join([f'C{_number(budget)}' if budgets else f'D{_number(budget)}', f's{size}'] + suffix
+                          + ([f'lrx{_number(factor)}'] if factor is not None else []))
+          p = point(size, axis, stage='isoflop' if budgets else 'tokens', budget=float(budget) if budgets else None,
+                    name=name, lr=lr, factor=factor,
+                    wanted=(lambda _, c, b=budget: b / c) if budgets else (lambda *_, b=budget: b))
+          if budgets and not ratio[0] <= p.tokens / p.params <= ratio[1]:
+            continue
+          points.append(p)
   order = {'lr': -1.0}
   points.sort(key=lambda p: order.get(p.stage, p.budget if p.budget is not None else 0.0))
   names = [p.name for p in points]

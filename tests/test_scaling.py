@@ -368,3 +368,23 @@ def test_a_point_trained_at_several_rates_counts_at_its_best():
   assert len(scaling.usable_points(unrecorded + [dict(unrecorded[2], name='again')])[0]) == len(rows) + 1
   fitted = scaling.fit(rows + [worse] + better, bootstrap=0)
   assert fitted['points'] == len(rows) + 1 and {x['name'] for x in fitted['excluded']} == {point['name'], 'worse'}
+
+
+def test_a_point_whose_best_rate_is_the_lowest_or_highest_tried_fails_the_bar():
+  """Three rates or more of one point: the best at either end means the rate sweep did not bracket it (a diverged
+  rate counts as tried and worst); two rates, or the best between others, pass."""
+  rows = [dict(r, lr=1e-3) for r in isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3, sizes=5)]
+  point = rows[2]
+  inside = [dict(point, name='low', lr=5e-4, eval_loss=point['eval_loss'] + 0.1),
+            dict(point, name='high', lr=2e-3, eval_loss=point['eval_loss'] + 0.05)]
+  assert scaling.rates_at_edge(rows + inside) == []
+  edge = [dict(point, name='low', lr=5e-4, eval_loss=point['eval_loss'] + 0.1),
+          dict(point, name='high', lr=2e-3, eval_loss=point['eval_loss'] - 0.05)]
+  assert scaling.rates_at_edge(rows + edge) == [dict(name='high', lr=2e-3, tried=[5e-4, 1e-3, 2e-3])]
+  diverged = [inside[0], dict(point, name='high', lr=2e-3, eval_loss=None, diverged=True)]
+  assert scaling.rates_at_edge(rows + diverged) == []  # the highest rate diverged: 1e-3 is inside
+  assert scaling.rates_at_edge(rows + edge[1:]) == []  # two rates: no bracket to ask for
+  checks = scaling.quality(scaling.fit(rows + edge, bootstrap=0))
+  assert not checks['rates_inside']['passed'] and checks['rates_inside']['value'] == [
+      'high (best of 3 rates: the highest)']
+  assert scaling.quality(scaling.fit(rows + inside, bootstrap=0))['rates_inside']['passed']

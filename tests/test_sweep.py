@@ -649,3 +649,74 @@ def test_the_lr_check_trains_a_study_point_at_half_its_rate_to_four_times_it(nam
   assert len(sweep_lib.groups(points, check.group_size)) == 1  # one vmapped step for the four
   with pytest.raises(ValueError, match='not an IsoFLOP point'):
     module.get_config('LR-s5-lr0.004')
+
+
+def test_lr_rule_and_factors_train_each_point_at_several_rates_in_one_group(prepared_dir):
+  """lr_rule gives each size k N^gamma; lr_factors trains every point at each factor times that, named -lrx<f>,
+  the factors of a point one group; the checks name conflicting or malformed settings."""
+  sweep = tiny_sweep(prepared_dir)
+  sweep.lr_rule = (2.0, -0.5)
+  plain = sweep_lib.plan(sweep, '/tmp/sweep')
+  for p in plain:
+    assert p.lr == float(f'{2.0 * p.params ** -0.5:.3g}'), p.name
+  sweep.lr_factors = (0.5, 1.0, 2.0)
+  sweep.group_size = 3
+  points = sweep_lib.plan(sweep, '/tmp/sweep')
+  assert len(points) == 3 * len(plain)
+  by_name = {p.name: p for p in points}
+  for p in plain:
+    rates = [by_name[f'{p.name}-lrx{f}'].lr for f in ('0.5', '1', '2')]
+    assert rates == [float(f'{p.lr * f:.3g}') for f in (0.5, 1.0, 2.0)], p.name
+    for f in ('0.5', '1', '2'):
+      q = by_name[f'{p.name}-lrx{f}']
+      assert (q.tokens, q.params, q.budget) == (p.tokens, p.params, p.budget)
+  groups = sweep_lib.groups(points, sweep.group_size)
+  assert len(groups) == len(plain) and all(len({p.tokens for p in g}) == 1 and len(g) == 3 for g in groups)
+  no_rule = tiny_sweep(prepared_dir)
+  no_rule.lr_factors = (1.0, 3.0)  # without a rule: train.lr (1e-2) times each factor
+  assert sorted({p.lr for p in sweep_lib.plan(no_rule, '/tmp/sweep')}) == [1e-2, 3e-2]
+  for key, value, message in (('lr_rule', (2.0,), r'lr_rule is \(k, gamma\)'),
+                              ('lr_rule', (-1.0, -0.5), r'lr_rule is \(k, gamma\)'),
+                              ('lr_factors', (1.0, 1.0), 'lr_factors must be distinct positive numbers'),
+                              ('lr_factors', (0.0, 1.0), 'lr_factors must be distinct positive numbers')):
+    bad = tiny_sweep(prepared_dir)
+    bad[key] = value
+    with pytest.raises(ValueError, match=message):
+      sweep_lib.plan(bad, '/tmp/sweep')
+  bad = lr_staged_sweep(prepared_dir)
+  bad.lr_rule = (2.0, -0.5)
+  with pytest.raises(ValueError, match='lr_rule and lr_sweep both choose'):
+    sweep_lib.plan(bad, '/tmp/sweep')
+  bad = tiny_sweep(prepared_dir)
+  bad.lr_factors = (1.0, 2.0)
+  bad.axes = ml_collections.ConfigDict(dict(train=dict(lr=(1e-3, 1e-2))))
+  with pytest.raises(ValueError, match='axes.train.lr and lr_factors both set'):
+    sweep_lib.plan(bad, '/tmp/sweep')
+
+
+@pytest.mark.slow
+def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_eval_set():
+  """experiments/isoflop_gpu2.py: the first study's IsoFLOP points (same shapes, batches, steps, warmups, data),
+  each at 1/2, 1 and 2x the first lr stage's rule without the batch scaling, as one group of three that fits a
+  570-second piece alone at the file's estimate; eval documents with a fifth of their lines in training left out."""
+  first, second = load_sweep('isoflop_gpu.py'), load_sweep('isoflop_gpu2.py')
+  with open(os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu', 'lr.json')) as f:
+    stage = json.load(f)
+  assert second.lr_rule == pytest.approx((stage['coefficient'], stage['exponent']), rel=1e-3)
+  before = {p.name: p for p in sweep_lib.plan(first, '/tmp/sweep', lrs={int(k): v for k, v in stage['lr'].items()})
+            if p.stage == 'isoflop'}
+  points = sweep_lib.plan(second, '/tmp/sweep')
+  assert len(points) == 3 * len(before) and all(p.stage == 'isoflop' for p in points)
+  for p in points:
+    name, factor = p.name.rsplit('-lrx', 1)
+    old = before[name]
+    assert p.lr == pytest.approx(float(factor) * second.lr_rule[0] * p.params ** second.lr_rule[1], rel=1e-2)
+    same = lambda o: {k: v for k, v in o.items() if k not in ('train.lr', 'data.decontaminate')}
+    assert same(p.overrides) == same(old.overrides), p.name
+    assert p.overrides['data.decontaminate'] == 0.2
+  groups = sweep_lib.groups(points, second.group_size)
+  assert len(groups) == len(before) and all(sorted(p.lr for p in g)[-1] > sorted(p.lr for p in g)[0] for g in groups)
+  timed = sweep_lib.schedule(points, second.estimate, group_size=second.group_size)
+  seconds = {p.name: t for p, (_, t) in zip(points, timed)}
+  for g in groups:
+    assert sum(seconds[p.name] for p in g) <= 570.0, [p.name for p in g]

@@ -1,0 +1,51 @@
+"""The GPU IsoFLOP study again, with every point's learning rate tuned and an eval set free of near-copies.
+
+    PYTHONPATH=. python experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus     # the extra corpus, once a machine
+    python -m qwenjax.sweep --sweep=experiments/isoflop_gpu2.py --workdir=DIR   # resumes; --emit: the plan
+    python -m qwenjax.scaling fit DIR
+    WORKERS=2 bash experiments/gpu_piece.sh isoflop_gpu2 570                    # one device call's piece
+
+experiments/isoflop_gpu.py's first study (results/isoflop_gpu) gave a = 0.33 [-0.61, 0.51], lopsided curves and
+an unbracketed top budget. Two of its faults are measured and fixed here; the rest (ladder, budgets and sizes,
+batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies differ only in these:
+
+* **Every point at three rates.** The first study took each point's rate from its lr stage's rule,
+  lr = 187 N^-0.744 (sizes 5-11 at 20 tokens per parameter), scaled by the square root of its batch over its
+  size's lr-stage batch. Retrained at 1/2-4x that rate, C1e16-s13 was 0.10 nats better at 2x and C1e16-s15 0.31
+  at 4x (results/isoflop_gpu_lrcheck): the batch rule had cut their rates 2-3x, and the rule is extrapolated past
+  s11. Here each point trains at 1/2, 1 and 2x the rule without the batch scaling (`lr_rule`, `lr_factors`,
+  `lr_batch_exponent = 0`), the three as one vmapped group, and the fit counts it at its best rate
+  (`scaling.best_rates`). The quality bar fails a point whose best is the lowest or highest of the three
+  (`rates_inside`): it needs a fourth. The rule's constants are the first study's lr stage's (its lr.json), so
+  that stage is not rerun.
+* **Eval documents without near-copies in training.** A quarter of the first study's eval text were codec files
+  whose siblings are in the training split (62-90% of their lines), and multiprocessing's resource_tracker has a
+  vendored copy in site-packages (`experiments/eval_overlap.py`: 31% of the eval lines on the GPU machine). The
+  data-rich points read the corpus up to 3.9 times and could learn them. `data.decontaminate = 0.2` leaves out
+  every eval document with a fifth or more of its lines in the training files (8 of 17 on the GPU image).
+
+72 runs in 24 groups: 7.9e17 FLOPs, three times the first study's IsoFLOP points, about 98 minutes of one H100 at
+`estimate` (20% MFU) in one process. Run pieces back to back on one machine with `WORKERS=2` (two groups at
+once); a 3e16 group (up to 8.4 minutes alone at `estimate`) must start at the beginning of a piece.
+"""
+
+import importlib.util
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The first study's lr stage (results/isoflop_gpu/lr.json): lr = k N^gamma over sizes 5-11 at their best rates.
+LR_RULE = (186.6, -0.7441)
+
+
+def get_config():
+  spec = importlib.util.spec_from_file_location('_isoflop_gpu', os.path.join(HERE, 'isoflop_gpu.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = module.get_config()
+  sweep.lr_sweep = {}
+  sweep.lr_batch_exponent = 0.0
+  sweep.lr_rule = LR_RULE
+  sweep.lr_factors = (0.5, 1.0, 2.0)
+  sweep.group_size = 3
+  sweep.overrides.data.decontaminate = 0.2
+  return sweep
