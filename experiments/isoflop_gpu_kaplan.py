@@ -4,8 +4,9 @@
     python -m qwenjax.sweep --sweep=experiments/isoflop_gpu_kaplan.py --workdir=DIR
     python -m qwenjax.scaling fit DIR
 
-The same ladder, corpus, eval set, batches and budgets as the main study; three things differ, the three Porian et
-al. trace Kaplan et al.'s a ~ 0.73 to:
+The same ladder, corpus, batches and budgets as the main study, and the eval set of its second run
+(isoflop_gpu2.py: documents with near-copies in training left out); three things differ, the three Porian et al.
+trace Kaplan et al.'s a ~ 0.73 to:
 * the head left out of compute and size (`counting='kaplan'`): N is the non-embedding parameters without the
   head, and a budget buys D = C / (6 N) tokens, attention's matmuls left out too. A point then trains longer than
   the main study's point of the same size and budget, and spends more than its budget (up to 1.9x for the
@@ -39,6 +40,7 @@ def get_config():
   sweep.lr_batch_exponent = 0.0  # one rate at every batch
   sweep.overrides.train.lr = 2e-3
   sweep.overrides.train.adam_b2 = 0.95
+  sweep.overrides.data.decontaminate = 0.2  # the eval set of isoflop_gpu2.py, the study it is compared with
   sweep.ladder.sizes = tuple(sweep.ladder.sizes) + (22,)
   sweep.budget_sizes = ((1e15, (5, 6, 7, 8, 9, 11)),
                         (3e15, (6, 7, 8, 9, 11, 13)),
