@@ -107,8 +107,3 @@ def shares(train_files: Sequence[str], eval_files: Sequence[str], text_key: str 
                                     text_key=text_key, min_chars=min_chars, shares=result), indent=None)
   return result
 
-
-def contaminated(train_files: Sequence[str], eval_files: Sequence[str], max_share: float, text_key: str = 'text',
-                 cache_dir: str | None = None) -> list[int]:
-  """The eval documents (indices in corpus order) whose share of lines found in training is `max_share` or more."""
-  return [i for i, share in enumerate(shares(train_files, eval_files, text_key, cache_dir)) if share >= max_share]

@@ -89,24 +89,24 @@ def test_gpu_piece_runs_a_sweep_file_with_an_argument_in_its_own_directories(tmp
   under FILE/ARG: its directory, the committed one it starts from, and what comes back."""
   bin_dir, work, out = tmp_path / 'bin', tmp_path / 'work', tmp_path / 'out'
   bin_dir.mkdir()
-  results = work / 'isoflop_gpu_lrcheck' / 'C1e16-s15' / 'results.jsonl'
+  results = work / 'isoflop_gpu_lrcheck' / 'C3e15-s5' / 'results.jsonl'
   (bin_dir / 'python3').write_text(f'#!/bin/sh\ncase "$*" in *qwenjax.sweep*) echo "$*" > {tmp_path}/args; '
                                    f'echo "{{}}" >> {results};; esac\n')
   (bin_dir / 'nvidia-smi').write_text('#!/bin/sh\necho "Stand-in GPU"\n')
   for name in ('python3', 'nvidia-smi'):
     os.chmod(bin_dir / name, 0o755)
   env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', WORK=str(work), OUT=str(out))
-  done = subprocess.run(['bash', 'experiments/gpu_piece.sh', 'isoflop_gpu_lrcheck:C1e16-s15', '60', '--only=x'],
+  done = subprocess.run(['bash', 'experiments/gpu_piece.sh', 'isoflop_gpu_lrcheck:C3e15-s5', '60', '--only=x'],
                         cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
   args = (tmp_path / 'args').read_text().split()
-  assert '--sweep=experiments/isoflop_gpu_lrcheck.py:C1e16-s15' in args and '--only=x' in args
-  assert f'--workdir={work}/isoflop_gpu_lrcheck/C1e16-s15' in args
-  back = out / 'isoflop_gpu_lrcheck' / 'C1e16-s15'
+  assert '--sweep=experiments/isoflop_gpu_lrcheck.py:C3e15-s5' in args and '--only=x' in args
+  assert f'--workdir={work}/isoflop_gpu_lrcheck/C3e15-s5' in args
+  back = out / 'isoflop_gpu_lrcheck' / 'C3e15-s5'
   assert sorted(os.listdir(back)) == ['pieces.jsonl', 'results.jsonl', 'sweep.log']
   (piece,) = scaling.read_jsonl(str(back / 'pieces.jsonl'))
   assert (piece['piece'], piece['finished_before'], piece['finished_after']) == (1, 0, 1)
-  assert 'isoflop_gpu_lrcheck:C1e16-s15: exit 0' in done.stdout
+  assert 'isoflop_gpu_lrcheck:C3e15-s5: exit 0' in done.stdout
 
 
 def test_preflight_names_the_packages_setup_py_requires_and_this_python_lacks(tmp_path):
