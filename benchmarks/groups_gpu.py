@@ -6,9 +6,9 @@ dtypes, attention and loss kernels), the train step `python -m qwenjax.train` an
 documents of ~300 tokens). Per (size, K) it records the compile time, the step time with steps issued back to
 back (`device`), the step time as the training loop issues them (`loop`: each batch placed from host arrays, the
 previous step's metrics awaited, as `train_loop` does), the step time of `--scan` steps in one call (`scan`: the
-same step under `jax.lax.scan` over stacked batches: what dispatching several steps at once would buy a small
-model, whose steps are short next to their launch and host costs), tokens per second and MFU of the whole group (K x batch x
-seq_len tokens a step; `qwenjax.metrics.flops_per_token` against 989 TFLOP/s), peak memory, and for K > 1 the
+same step under `jax.lax.scan` over stacked batches, what dispatching several steps at once would buy if host
+and launch costs mattered), tokens per second and MFU of the whole group (K x batch x seq_len tokens a step;
+`qwenjax.metrics.flops_per_token` against 989 TFLOP/s), peak memory, and for K > 1 the
 largest relative difference between each member's losses over 3 steps and those of the same member alone
 (different learning rates, one batch: what a group must reproduce).
 
