@@ -39,7 +39,8 @@ def report(rows: list[overlap.Overlap]) -> str:
 def _define_flags() -> None:
   config_flags.DEFINE_config_file('sweep', None, 'the sweep file whose data is read, e.g. experiments/isoflop_gpu.py',
                                   lock_config=False)
-  flags.DEFINE_integer('min_chars', overlap.MIN_CHARS, 'a line counts when it has this many characters or more, stripped')
+  flags.DEFINE_integer('min_chars', overlap.MIN_CHARS,
+                       'a line counts when it has this many characters or more, stripped')
 
 
 def main(argv: list[str]) -> None:
