@@ -14,6 +14,7 @@ largest relative difference between each member's losses over 3 steps and those 
 
     python benchmarks/groups_gpu.py --out $OUT                      # sizes and K as below, within --budget_s
     python benchmarks/groups_gpu.py --plan '8:1;11:1;15:1;20:1' --scan 8 --out /tmp/g  # sizes alone, + scans
+    python benchmarks/groups_gpu.py --plan '4:1;8:1' --profile --out /tmp/g  # + where the GPU time goes
 
 Stops starting new (size, K) pairs once `--budget_s` has passed. Results: OUT/groups_gpu.jsonl, a table on stdout.
 """
@@ -40,6 +41,7 @@ from qwenjax import sweep as sweep_lib
 from qwenjax import train
 from qwenjax import train_step
 from qwenjax.model_config import ModelConfig
+import profile_summary  # benchmarks/, next to this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The lr stage's sizes first (grouped in the study), then the large sizes, then the other small ones.
@@ -75,7 +77,7 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int) -> dict[str,
           'segment_ids': segments[:, :-1], 'weights': same.astype(np.float32)}
 
 
-def measure(config, size: int, members: int, steps_s: float, scan: int = 0) -> dict:
+def measure(config, size: int, members: int, steps_s: float, scan: int = 0, profile: bool = False) -> dict:
   settings = config_lib.settings(config)
   model, loop = settings.model, settings.loop
   mesh = sharding.make_mesh(settings.mesh)
@@ -142,10 +144,22 @@ def measure(config, size: int, members: int, steps_s: float, scan: int = 0) -> d
         state, out = steps(state, stacked, horizon)
       jax.block_until_ready(out)
       scan_s = (time.perf_counter() - start) / (calls * scan)
+    summary = None
+    if profile:  # where 4 steps' GPU time goes: kernels by category, and the idle gaps between them
+
+      def four_steps(state=state):
+        for i in range(4):
+          state, out = step_fn(state, batches[i % 4], horizon)
+        return out
+
+      summary = profile_summary.trace(four_steps, f'/tmp/trace_groups_s{size}_k{members}', steps=4, top=15)
+      print(f'size {size}, K={members}:\n{profile_summary.format_summary(summary)}', flush=True)
     del state
     record = dict(size=size, members=members, params_with_head=params,
                   batch=rows, seq_len=seq_len, compile_s=round(compile_s, 1), steps_timed=n,
-                  device_step_s=device_s, loop_step_s=loop_s, scan=scan, scan_step_s=scan_s)
+                  device_step_s=device_s, loop_step_s=loop_s, scan=scan, scan_step_s=scan_s,
+                  gpu_busy_ms_per_step=summary and summary['busy_ms_per_step'],
+                  gpu_ms_per_step_by_category=summary and summary['categories_ms_per_step'])
     tokens = members * rows * seq_len
     peak = metrics.peak_flops_per_device() or 989e12
     record.update(tokens_per_s=tokens / loop_s, mfu_device=tokens * flops / device_s / peak,
@@ -179,6 +193,7 @@ def main() -> None:
   parser.add_argument('--budget_s', type=float, default=420.0)
   parser.add_argument('--steps_s', type=float, default=2.0, help='seconds of steps timed per (size, K)')
   parser.add_argument('--scan', type=int, default=0, help='also time this many steps per call (0: not)')
+  parser.add_argument('--profile', action='store_true', help='also trace 4 steps and print where their GPU time goes')
   parser.add_argument('--out', default='/tmp/groups_gpu')
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location('_sweep', args.sweep)
@@ -197,7 +212,7 @@ def main() -> None:
         print(f'budget of {args.budget_s:.0f} s spent: stopping before size {size} K={members}', flush=True)
         break
       try:
-        r = measure(size_config(sweep, int(size)), int(size), members, args.steps_s, args.scan)
+        r = measure(size_config(sweep, int(size)), int(size), members, args.steps_s, args.scan, args.profile)
       except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: recorded, the rest go on)
         r = dict(size=int(size), members=members, error=f'{type(e).__name__}: {str(e)[:300]}')
         print(f'{size:>4} {members:>2} error: {r["error"]}', flush=True)
