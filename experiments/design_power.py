@@ -44,12 +44,16 @@ def law_from_fit(path: str) -> dict[str, float]:
 
 
 def isoflop_points(sweep) -> list[dict[str, float]]:
-  """The sweep's planned IsoFLOP points (its lr stage left out: the fits leave it out too)."""
-  points = [p for p in sweep_lib.plan(sweep, '') if p.stage != 'lr' and p.budget]
+  """The sweep's planned IsoFLOP points (its lr stage left out: the fits leave it out too), each (budget, N, D)
+  once: a point trained at several rates (`lr_factors`) counts once in a fit, at its best rate."""
+  points = {}
+  for p in sweep_lib.plan(sweep, ''):
+    if p.stage != 'lr' and p.budget:
+      points.setdefault((p.budget, p.params, p.tokens), p)
   if not points:
     raise ValueError('the sweep plans no IsoFLOP points (no `budgets`): nothing for approach 2 to fit')
   return [dict(name=p.name, params=p.params, tokens=p.tokens, budget=p.budget, flops=p.flops, stage=p.stage)
-          for p in points]
+          for p in points.values()]
 
 
 def simulate(points: list[dict[str, float]], law: dict[str, float], noise: float, trials: int, *,
