@@ -3,7 +3,7 @@
     PYTHONPATH=. python experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus     # the extra corpus, once a machine
     python -m qwenjax.sweep --sweep=experiments/isoflop_gpu2.py --workdir=DIR   # resumes; --emit: the plan
     python -m qwenjax.scaling fit DIR
-    WORKERS=2 bash experiments/gpu_piece.sh isoflop_gpu2 570                    # one device call's piece
+    WORKERS=2 bash experiments/gpu_piece.sh isoflop_gpu2 585                    # one device call's piece
 
 experiments/isoflop_gpu.py's first study (results/isoflop_gpu) gave a = 0.33 [-0.61, 0.51], lopsided curves and
 an unbracketed top budget. Two of its faults are measured and fixed here; the rest (ladder, budgets and sizes,
@@ -24,9 +24,10 @@ batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies
   data-rich points read the corpus up to 3.9 times and could learn them. `data.decontaminate = 0.2` leaves out
   every eval document with a fifth or more of its lines in the training files (8 of 17 on the GPU image).
 
-72 runs in 24 groups: 7.9e17 FLOPs, three times the first study's IsoFLOP points, about 98 minutes of one H100 at
-`estimate` (20% MFU) in one process. Run pieces back to back on one machine with `WORKERS=2` (two groups at
-once); a 3e16 group (up to 8.4 minutes alone at `estimate`) must start at the beginning of a piece.
+72 runs in 24 groups: 7.9e17 FLOPs, three times the first study's IsoFLOP points, about 86 minutes of one H100 at
+`estimate` (25% MFU) in one process. Run pieces back to back on one machine with `WORKERS=2` (two groups at
+once). A 3e16 group (up to 7 minutes alone at `estimate`, 1.25 times that for a worker's margin) starts only at
+the beginning of a piece of 585 seconds (the workers stop a minute before).
 """
 
 import importlib.util
@@ -48,4 +49,7 @@ def get_config():
   sweep.lr_factors = (0.5, 1.0, 2.0)
   sweep.group_size = 3
   sweep.overrides.data.decontaminate = 0.2
+  # Groups of a few rates keep the GPU busier than one point: the rate checks' groups of 4 (C1e16-s13, -s15) trained
+  # at 25-30% MFU once compiled (results/isoflop_gpu_lrcheck), so that a 3e16 group fits a piece at the estimate.
+  sweep.estimate.mfu = 0.25
   return sweep

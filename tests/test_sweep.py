@@ -697,8 +697,8 @@ def test_lr_rule_and_factors_train_each_point_at_several_rates_in_one_group(prep
 @pytest.mark.slow
 def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_eval_set():
   """experiments/isoflop_gpu2.py: the first study's IsoFLOP points (same shapes, batches, steps, warmups, data),
-  each at 1/2, 1 and 2x the first lr stage's rule without the batch scaling, as one group of three that fits a
-  570-second piece alone at the file's estimate; eval documents with a fifth of their lines in training left out."""
+  each at 1/2, 1 and 2x the first lr stage's rule without the batch scaling, as one group of three that a fresh
+  585-second piece starts at the file's estimate; eval documents with a fifth of their lines in training left out."""
   first, second = load_sweep('isoflop_gpu.py'), load_sweep('isoflop_gpu2.py')
   with open(os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu', 'lr.json')) as f:
     stage = json.load(f)
@@ -718,5 +718,6 @@ def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_
   assert len(groups) == len(before) and all(sorted(p.lr for p in g)[-1] > sorted(p.lr for p in g)[0] for g in groups)
   timed = sweep_lib.schedule(points, second.estimate, group_size=second.group_size)
   seconds = {p.name: t for p, (_, t) in zip(points, timed)}
-  for g in groups:
-    assert sum(seconds[p.name] for p in g) <= 570.0, [p.name for p in g]
+  margin = experiment_module('sweep_workers.py').SLOWDOWN
+  for g in groups:  # the workers of a fresh 585-second piece start it: its estimate x margin within 525 seconds
+    assert sum(seconds[p.name] for p in g) * margin <= 525.0, [p.name for p in g]
