@@ -6,8 +6,9 @@
     WORKERS=2 bash experiments/gpu_piece.sh isoflop_gpu2 585                    # one device call's piece
 
 experiments/isoflop_gpu.py's first study (results/isoflop_gpu) gave a = 0.33 [-0.61, 0.51], lopsided curves and
-an unbracketed top budget. Two of its faults are measured and fixed here; the rest (ladder, budgets and sizes,
-batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies differ only in these:
+an unbracketed top budget. Two of its faults are fixed here: the rates, whose cost was measured, and the eval
+set's overlap with training, whose effect was not. The rest (ladder, budgets and sizes, batches, steps, warmup,
+counting, beta2, corpus) is the same, so the two studies differ only in these:
 
 * **Every point at three rates.** The first study took each point's rate from its lr stage's rule,
   lr = 187 N^-0.744 (sizes 5-11 at 20 tokens per parameter), scaled by the square root of its batch over its
