@@ -102,6 +102,7 @@ def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: 
   """The prepared corpus of `files` under `root`, tokenizing it first unless an unchanged one is there. The
   documents `exclude` (indices in file order) are left out (`data.decontaminate`)."""
   identity = documents.file_identity(files)  # without reading the files: a prepared corpus needs no more
+  exclude = frozenset(exclude)
   directory = os.path.join(os.path.expanduser(root), corpus_key(identity, text_key, tokenizer.fingerprint, exclude))
   if os.path.exists(os.path.join(directory, 'meta.json')):
     corpus = Corpus(directory)
@@ -116,7 +117,7 @@ def prepare(files: Sequence[str], text_key: str, tokenizer, root: str, *, what: 
                directory)
   for shard in mine:
     if not os.path.exists(os.path.join(directory, f'shard-{shard:05d}.json')):  # done by an interrupted run
-      _tokenize_shard(source, tokenizer, shard, directory, frozenset(exclude))
+      _tokenize_shard(source, tokenizer, shard, directory, exclude)
   if process_count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'qwenjax prepared {directory} shards')

@@ -34,7 +34,7 @@ import itertools
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
 import numpy as np
@@ -105,24 +105,28 @@ def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[st
   return best_rates(kept, excluded)
 
 
+def _rate_sweeps(points: Sequence[Mapping[str, Any]], loss: Callable[[Mapping[str, Any]], float]
+                 ) -> list[dict[float, tuple[float, list[Mapping[str, Any]]]]]:
+  """Per point (one budget, N and D) trained at two recorded rates or more: {lr: (mean `loss`, its records)}."""
+  same = {}
+  for r in points:
+    same.setdefault((r.get('budget'), r['params'], r['tokens']), {}).setdefault(r.get('lr'), []).append(r)
+  return [{lr: (float(np.mean([loss(r) for r in rs])), rs) for lr, rs in rates.items()}
+          for rates in same.values() if len(rates) >= 2 and None not in rates]
+
+
 def best_rates(points: Sequence[Mapping[str, Any]], excluded: list[dict[str, str]]
                ) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
   """A point (one budget, N and D) trained at several learning rates (`lr`) is a point tuned by a rate sweep: it
   counts at the rate with the lowest mean eval loss (every point at that rate: repeats of other seeds stay), and
   its other rates go to `excluded`, naming the rate that won."""
-  same = {}
-  for r in points:
-    same.setdefault((r.get('budget'), r['params'], r['tokens']), {}).setdefault(r.get('lr'), []).append(r)
   worse = {}
-  for rates in same.values():
-    if len(rates) < 2 or None in rates:
-      continue
-    mean = {lr: float(np.mean([r['eval_loss'] for r in rs])) for lr, rs in rates.items()}
-    best = min(mean, key=mean.get)
-    for lr, rs in rates.items():
+  for rates in _rate_sweeps(points, lambda r: r['eval_loss']):
+    best = min(rates, key=lambda lr: rates[lr][0])
+    for lr, (mean, rs) in rates.items():
       for r in rs if lr != best else ():
-        worse[id(r)] = (f'another rate of the same point did better: lr {best:.3g} (eval loss {mean[best]:.4f}) '
-                        f'against {lr:.3g} ({mean[lr]:.4f})')
+        worse[id(r)] = (f'another rate of the same point did better: lr {best:.3g} (eval loss {rates[best][0]:.4f}) '
+                        f'against {lr:.3g} ({mean:.4f})')
   excluded.extend(dict(name=r.get('name'), reason=worse[id(r)]) for r in points if id(r) in worse)
   return [r for r in points if id(r) not in worse], excluded
 
@@ -131,20 +135,13 @@ def rates_at_edge(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Points tuned by a rate sweep (three rates or more of one budget, N and D) whose best rate is the lowest or
   highest tried: the sweep did not bracket it, so a better rate may lie beyond. A diverged rate counts as tried
   and worst. [{name, lr, tried}], the best rate's point named."""
-  same = {}
-  for r in results:
-    if r.get('stage') == 'lr' or r.get('lr') is None or not (_positive(r.get('params')) and _positive(r.get('tokens'))):
-      continue
-    loss = r.get('eval_loss') if _positive(r.get('eval_loss')) else math.inf
-    same.setdefault((r.get('budget'), r['params'], r['tokens']), {}).setdefault(r['lr'], []).append((loss, r))
+  tuned = [r for r in results if r.get('stage') != 'lr' and r.get('lr') is not None
+           and _positive(r.get('params')) and _positive(r.get('tokens'))]
   out = []
-  for rates in same.values():
-    if len(rates) < 3:
-      continue
-    mean = {lr: float(np.mean([loss for loss, _ in rs])) for lr, rs in rates.items()}
-    best = min(mean, key=mean.get)
-    if math.isfinite(mean[best]) and best in (min(rates), max(rates)):
-      out.append(dict(name=rates[best][0][1].get('name'), lr=best, tried=sorted(rates)))
+  for rates in _rate_sweeps(tuned, lambda r: r['eval_loss'] if _positive(r.get('eval_loss')) else math.inf):
+    best = min(rates, key=lambda lr: rates[lr][0])
+    if len(rates) >= 3 and math.isfinite(rates[best][0]) and best in (min(rates), max(rates)):
+      out.append(dict(name=rates[best][1][0].get('name'), lr=best, tried=sorted(rates)))
   return out
 
 
