@@ -31,8 +31,9 @@ once). A 3e16 group (up to 7 minutes alone at `estimate`, 1.25 times that for a 
 the beginning of a piece of 585 seconds (the workers stop a minute before).
 """
 
-import importlib.util
 import os
+
+from qwenjax import config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The first study's lr stage (results/isoflop_gpu/lr.json): lr = k N^gamma over sizes 5-11 at their best rates.
@@ -40,10 +41,7 @@ LR_RULE = (186.6, -0.7441)
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location('_isoflop_gpu', os.path.join(HERE, 'isoflop_gpu.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = module.get_config()
+  sweep = config.load(os.path.join(HERE, 'isoflop_gpu.py'))
   sweep.lr_sweep = {}
   sweep.lr_batch_exponent = 0.0
   sweep.lr_rule = LR_RULE

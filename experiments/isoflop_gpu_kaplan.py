@@ -22,16 +22,13 @@ to the data-rich side, and the smallest of 1e16 and 3e16 would read the corpus m
 sizes are the main study's shifted one to three ladder steps up (to s22, 70.9M non-embedding parameters).
 """
 
-import importlib.util
 import os
+
+from qwenjax import config
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'isoflop_gpu.py')
-  spec = importlib.util.spec_from_file_location('_isoflop_gpu', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = module.get_config()
+  sweep = config.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'isoflop_gpu.py'))
   sweep.counting = 'kaplan'
   sweep.warmup_tokens_per_param = 0.0
   sweep.warmup_tokens = 50e6

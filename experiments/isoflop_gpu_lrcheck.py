@@ -21,12 +21,12 @@ IsoFLOP parabolas, as a rate set too low would leave them); its loss is also a r
 pieces.
 """
 
-import importlib.util
 import json
 import os
 
 import ml_collections
 
+from qwenjax import config
 from qwenjax import sweep as sweep_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,10 +35,7 @@ MULTIPLIERS = (0.5, 1.0, 2.0, 4.0)  # of the study's rate for the point
 
 def study():
   """experiments/isoflop_gpu.py's sweep."""
-  spec = importlib.util.spec_from_file_location('_isoflop_gpu', os.path.join(HERE, 'isoflop_gpu.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config.load(os.path.join(HERE, 'isoflop_gpu.py'))
 
 
 def studied_rate(name: str) -> tuple[float, int, float]:

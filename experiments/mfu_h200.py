@@ -7,16 +7,13 @@ The ladder rules and training settings of experiments/isoflop_h200.py, sizes 48,
 results.jsonl's `mfu` is the median over the logged windows after the first (compiling) step.
 """
 
-import importlib.util
 import os
+
+from qwenjax import config
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'isoflop_h200.py')
-  spec = importlib.util.spec_from_file_location('_isoflop_h200', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = module.get_config()
+  sweep = config.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'isoflop_h200.py'))
   sweep.ladder.sizes = (48, 56, 64)
   sweep.budgets = ()
   sweep.tokens = (2e6,)

@@ -8,18 +8,15 @@ Widths 128, 256 and 512 at 4 layers (head_dim 64, untied embeddings, as μP need
 as experiments/isoflop_h200.py.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from qwenjax import config
+
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'isoflop_h200.py')
-  spec = importlib.util.spec_from_file_location('_isoflop_h200', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = module.get_config()
+  sweep = config.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'isoflop_h200.py'))
   sweep.overrides.model.tie_word_embeddings = False
   sweep.ladder.sizes = (8, 16, 32)  # width 16 x size
   sweep.ladder.depth = 4
