@@ -82,10 +82,12 @@ def read_jsonl(path: str, required: Mapping[str, Any] | None = None) -> list[dic
 LR_STAGE = 'learning-rate stage: it chose the other points\' rates'  # why its points are left out of the fits
 
 
-def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
+def usable_points(results: Sequence[Mapping[str, Any]], rate_loss: str = 'best'
+                  ) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
   """(points with a finite, positive eval loss, [{name, reason}] of the others): diverged points, points
   without eval data, the points of a learning-rate stage, and the worse rates of a point trained at several
-  (`best_rates`). The fits and plots use the first; fit.json lists the second under `excluded`."""
+  (`best_rates`, with `rate_loss`). The fits and plots use the first; fit.json lists the second under
+  `excluded`."""
   kept, excluded = [], []
   for r in results:
     loss = r.get('eval_loss')
@@ -102,7 +104,7 @@ def usable_points(results: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[st
                                                       'must be positive finite numbers'))
     else:
       kept.append(r)
-  return best_rates(kept, excluded)
+  return best_rates(kept, excluded, rate_loss)
 
 
 def _rate_sweeps(points: Sequence[Mapping[str, Any]], loss: Callable[[Mapping[str, Any]], float]
@@ -115,20 +117,56 @@ def _rate_sweeps(points: Sequence[Mapping[str, Any]], loss: Callable[[Mapping[st
           for rates in same.values() if len(rates) >= 2 and None not in rates]
 
 
-def best_rates(points: Sequence[Mapping[str, Any]], excluded: list[dict[str, str]]
+def rate_vertex(lrs: Sequence[float], losses: Sequence[float | None]) -> tuple[float, float, bool]:
+  """(the best learning rate of a grid, the loss there, whether it is at the grid's edge). Between two others,
+  the vertex of the parabola in log lr through the lowest loss and its neighbours, and the parabola's loss
+  there; at the edge (or next to a diverged rate), the lowest loss measured. A diverged rate (None, NaN) counts
+  as worse than any."""
+  order = np.argsort(lrs)
+  grid = np.asarray(lrs, float)[order]
+  x = np.log(grid)
+  y = np.array([v if v is not None and math.isfinite(v) else math.inf for v in np.asarray(losses, object)[order]])
+  if not np.isfinite(y).any():
+    raise ValueError(f'every learning rate of {sorted(lrs)} diverged or has no eval loss: lower the rates')
+  i = int(np.argmin(y))
+  if i == 0 or i == len(y) - 1 or not np.isfinite(y[i - 1:i + 2]).all():
+    return float(grid[i]), float(y[i]), i in (0, len(y) - 1)
+  c2, c1, c0 = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+  if c2 <= 0:
+    return float(grid[i]), float(y[i]), False
+  vertex = float(np.clip(-c1 / (2 * c2), x[i - 1], x[i + 1]))
+  return float(np.exp(vertex)), float(min(y[i], c2 * vertex**2 + c1 * vertex + c0)), False
+
+
+RATE_LOSSES = ('best', 'parabola')
+
+
+def best_rates(points: Sequence[Mapping[str, Any]], excluded: list[dict[str, str]], rate_loss: str = 'best'
                ) -> tuple[list[Mapping[str, Any]], list[dict[str, str]]]:
   """A point (one budget, N and D) trained at several learning rates (`lr`) is a point tuned by a rate sweep: it
   counts at the rate with the lowest mean eval loss (every point at that rate: repeats of other seeds stay), and
-  its other rates go to `excluded`, naming the rate that won."""
-  worse = {}
+  its other rates go to `excluded`, naming the rate that won.
+
+  `rate_loss='parabola'` counts it at the loss of `rate_vertex` instead, where the best rate has a neighbour on
+  each side: a grid of factor-2 rates misses the best rate by up to a factor of 1.4, a loss that varies from point
+  to point like noise. Its records at the best rate then carry that loss as `eval_loss` (their own, minus the
+  mean's distance to the vertex), the measured one as `eval_loss_measured` and the vertex's rate as `lr_vertex`."""
+  if rate_loss not in RATE_LOSSES:
+    raise ValueError(f'rate_loss={rate_loss!r}: use one of {", ".join(RATE_LOSSES)}')
+  worse, vertices = {}, {}
   for rates in _rate_sweeps(points, lambda r: r['eval_loss']):
     best = min(rates, key=lambda lr: rates[lr][0])
     for lr, (mean, rs) in rates.items():
       for r in rs if lr != best else ():
         worse[id(r)] = (f'another rate of the same point did better: lr {best:.3g} (eval loss {rates[best][0]:.4f}) '
                         f'against {lr:.3g} ({mean:.4f})')
+    if rate_loss == 'parabola':
+      lr, loss, _ = rate_vertex(list(rates), [mean for mean, _ in rates.values()])
+      for r in rates[best][1]:
+        vertices[id(r)] = dict(eval_loss=r['eval_loss'] + loss - rates[best][0], eval_loss_measured=r['eval_loss'],
+                               lr_vertex=lr)
   excluded.extend(dict(name=r.get('name'), reason=worse[id(r)]) for r in points if id(r) in worse)
-  return [r for r in points if id(r) not in worse], excluded
+  return [dict(r, **vertices[id(r)]) if id(r) in vertices else r for r in points if id(r) not in worse], excluded
 
 
 def rates_at_edge(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -363,13 +401,14 @@ def _interval(values: list[float]) -> list[float] | None:
   return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
-def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int = 0,
+        rate_loss: str = 'best') -> dict[str, Any]:
   """Approaches 2 (when the points have IsoFLOP budgets) and 3, each key with a 95% bootstrap interval
   under `ci` (`[low, high]`, or None when fewer than 2 resamples could be fitted). An approach the points
   cannot support is `{'error': why}`. Points without a finite eval loss (diverged, no eval data) are left out
-  and listed under `excluded`."""
+  and listed under `excluded`; a point trained at several rates counts as `best_rates` says (`rate_loss`)."""
   edges = rates_at_edge(results)
-  results, excluded = usable_points(results)
+  results, excluded = usable_points(results, rate_loss)
   if not results:
     raise ValueError(f'no point has a finite eval loss to fit: {excluded[:5]}')
   params, tokens, losses, budgets = _columns(results)
@@ -377,10 +416,14 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
   countings = sorted({r.get('counting', 'unrecorded') for r in results})
   out: dict[str, Any] = dict(points=len(losses), excluded=excluded, bootstrap=bootstrap,
                              flops_per_nd=float(np.median(flops / (params * tokens))), counting=countings,
-                             code_versions=code_versions(results), rates_at_edge=edges,
+                             code_versions=code_versions(results), rates_at_edge=edges, rate_loss=rate_loss,
                              notes=f'N: parameters as counted by {"/".join(countings)} (qwenjax.sweep\'s counting: '
                                    'porian counts the output head, not the input embedding; kaplan neither); D: '
                                    'training tokens; C: IsoFLOP budget in FLOPs')
+  if rate_loss != 'best':
+    out['interpolated'] = [dict(name=r.get('name'), lr=r['lr'], lr_vertex=r['lr_vertex'],
+                                eval_loss_measured=r['eval_loss_measured'], eval_loss=r['eval_loss'])
+                           for r in results if r.get('eval_loss_measured', r['eval_loss']) != r['eval_loss']]
   isoflop = bool(np.all(np.isfinite(budgets)))
   rng = np.random.default_rng(seed)
   # A sweep too small or too noisy for one approach still gets the other; fit.json says why one is missing.
@@ -524,7 +567,7 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   budgets measured, not more.
   """
   plt = _pyplot()
-  results = usable_points(results)[0]
+  results = usable_points(results, fitted.get('rate_loss', 'best'))[0]
   params, tokens, losses, budgets = _columns(results)
   flops = np.array([r.get('flops', 6 * r['params'] * r['tokens']) for r in results], float)
   written = []
@@ -691,10 +734,11 @@ def plot_compare(directories: Sequence[str], out: str, *, x: str = 'flops', y: s
   return out
 
 
-def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0, rate_loss: str = 'best'
+                  ) -> dict[str, Any]:
   """Fits `DIR/results.jsonl`, writes `DIR/fit.json` and the plots; returns the fit."""
   results = read_results(directory)
-  fitted = fit(results, bootstrap=bootstrap, seed=seed)
+  fitted = fit(results, bootstrap=bootstrap, seed=seed, rate_loss=rate_loss)
   fitted['plots'] = [os.path.basename(p) for p in plot_fit(results, fitted, directory)]
   files.write_json(os.path.join(directory, 'fit.json'), fitted)  # whole or not at all; strict JSON (NaN: null)
   return fitted
@@ -711,6 +755,11 @@ def summary(fitted: Mapping[str, Any]) -> str:
     if others:
       lines.append(f'left out {len(others)} point(s): ' + '; '.join(f'{x["name"]} ({x["reason"]})' for x in others[:5])
                    + ('; ...' if len(others) > 5 else ''))
+  if fitted.get('interpolated'):
+    shifts = [x['eval_loss_measured'] - x['eval_loss'] for x in fitted['interpolated']]
+    lines.append(f'{len(shifts)} point(s) counted at the vertex of the parabola in log lr through their best rate and '
+                 f'its neighbours (--rate_loss=parabola): {np.mean(shifts):.4f} nats below the best measured on '
+                 f'average, {max(shifts):.4f} at most')
   for approach, keys in (('approach2', APPROACH2_KEYS[:2]), ('approach3', APPROACH3_KEYS)):
     if approach not in fitted:
       continue
@@ -758,6 +807,8 @@ def _define_flags() -> None:
   """The command line's flags (defined when it runs: the sweep imports this module and adds none of them)."""
   flags.DEFINE_integer('bootstrap', 200, 'fit: bootstrap resamples for the confidence intervals (0: none).')
   flags.DEFINE_integer('seed', 0, 'fit: seed of the bootstrap resampling.')
+  flags.DEFINE_enum('rate_loss', 'best', RATE_LOSSES, 'fit: the loss of a point trained at several rates: the best '
+                    'measured, or the vertex of the parabola in log lr through the best and its neighbours.')
   flags.DEFINE_string('out', 'compare.png', 'plot: the PNG file to write.')
   flags.DEFINE_string('x', 'flops', 'plot: result field (or config override, e.g. lr) on the x axis.')
   flags.DEFINE_string('y', 'eval_loss', 'plot: result field on the y axis.')
@@ -776,7 +827,7 @@ def main(argv: list[str]) -> None:
   if argv[0] == 'fit':
     if len(argv) != 2:
       raise cli.UsageError(f'fit takes one sweep directory, got {len(argv) - 1}: python -m qwenjax.scaling fit DIR')
-    fitted = fit_directory(argv[1], bootstrap=f.bootstrap, seed=f.seed)
+    fitted = fit_directory(argv[1], bootstrap=f.bootstrap, seed=f.seed, rate_loss=f.rate_loss)
     print(summary(fitted))
     print(f'wrote {os.path.join(argv[1], "fit.json")} and {", ".join(fitted["plots"])}')
   else:

@@ -519,21 +519,9 @@ def check_epochs(sweep: ml_collections.ConfigDict, points: list[Point]) -> int:
 # The lr stage's choice.
 
 def best_lr(lrs: Sequence[float], losses: Sequence[float | None]) -> tuple[float, bool]:
-  """(the best learning rate of a grid, whether it is at the grid's edge). Between two others, the vertex of the
-  parabola in log lr through the lowest loss and its neighbours (kept between those neighbours); a diverged point
-  (None, NaN) counts as worse than any."""
-  order = np.argsort(lrs)
-  grid = np.asarray(lrs, float)[order]
-  x = np.log(grid)
-  y = np.array([v if v is not None and math.isfinite(v) else math.inf for v in np.asarray(losses, object)[order]])
-  if not np.isfinite(y).any():
-    raise ValueError(f'every learning rate of {sorted(lrs)} diverged or has no eval loss: lower the rates')
-  i = int(np.argmin(y))
-  if i == 0 or i == len(y) - 1 or not np.isfinite(y[i - 1:i + 2]).all():
-    return float(grid[i]), i in (0, len(y) - 1)
-  c2, c1, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
-  vertex = -c1 / (2 * c2) if c2 > 0 else x[i]
-  return float(np.exp(np.clip(vertex, x[i - 1], x[i + 1]))), False
+  """(the best learning rate of a grid, whether it is at the grid's edge): `scaling.rate_vertex`'s rate."""
+  lr, _, at_edge = scaling.rate_vertex(lrs, losses)
+  return lr, at_edge
 
 
 def choose_lrs(records: Mapping[str, Mapping[str, Any]], points: Sequence[Point]) -> dict[str, Any] | None:

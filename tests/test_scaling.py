@@ -1,6 +1,7 @@
 """The scaling-law fitter on synthetic IsoFLOP data drawn from known laws with 0.5% noise; its quality bar and plots."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -389,3 +390,32 @@ def test_a_point_whose_best_rate_is_the_lowest_or_highest_tried_fails_the_bar():
   assert not checks['rates_inside']['passed'] and checks['rates_inside']['value'] == [
       'high (best of 3 rates: the highest)']
   assert scaling.quality(scaling.fit(rows + inside, bootstrap=0))['rates_inside']['passed']
+
+
+def test_a_point_trained_at_several_rates_can_count_at_the_vertex_of_its_rates():
+  """`rate_loss='parabola'`: a tuned point counts at the vertex of the parabola in log lr through its best rate and
+  its neighbours (an exact parabola's own minimum, between the grid's rates); its best measured loss is kept
+  beside it. A best rate at the grid's edge keeps its measured loss; 'best' (the default) counts the measured."""
+  rows = [dict(r, lr=1e-3) for r in isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3, sizes=5)]
+  point, floor = rows[2], rows[2]['eval_loss'] - 0.05
+  curve = lambda lr: floor + 0.1 * math.log(lr / 1.5e-3) ** 2  # best rate 1.5e-3, between the grid's 1e-3 and 2e-3
+  rates = [dict(point, name=f'{point["name"]}-{lr:g}', lr=lr, eval_loss=curve(lr)) for lr in (5e-4, 1e-3, 2e-3, 4e-3)]
+  others = [r for r in rows if r is not point]
+  assert scaling.rate_vertex([r['lr'] for r in rates], [r['eval_loss'] for r in rates]) == (
+      pytest.approx(1.5e-3, rel=1e-6), pytest.approx(floor, abs=1e-9), False)
+  kept = scaling.usable_points(others + rates, rate_loss='parabola')[0]
+  tuned = [r for r in kept if r['params'] == point['params'] and r['tokens'] == point['tokens']]
+  assert len(kept) == len(rows) and len(tuned) == 1 and tuned[0]['lr'] == 2e-3
+  assert tuned[0]['eval_loss'] == pytest.approx(floor, abs=1e-9)
+  assert tuned[0]['eval_loss_measured'] == curve(2e-3) > floor and tuned[0]['lr_vertex'] == pytest.approx(1.5e-3)
+  assert [r['eval_loss'] for r in scaling.usable_points(others + rates)[0] if r['lr'] == 2e-3] == [curve(2e-3)]
+  fitted = scaling.fit(others + rates, bootstrap=0, rate_loss='parabola')
+  assert fitted['rate_loss'] == 'parabola' and [x['name'] for x in fitted['interpolated']] == [tuned[0]['name']]
+  assert 'vertex of the parabola' in scaling.summary(fitted)
+  # Still falling at the highest rate: the edge's measured loss stays, as does a point of one rate.
+  edge = [dict(r, eval_loss=curve(r['lr'] / 8)) for r in rates]
+  kept = scaling.usable_points(others + edge, rate_loss='parabola')[0]
+  assert [r['eval_loss'] for r in kept if r['lr'] == 4e-3] == [curve(5e-4)]
+  assert scaling.usable_points(rows, rate_loss='parabola')[0] == rows
+  with pytest.raises(ValueError, match="rate_loss='mean': use one of best, parabola"):
+    scaling.usable_points(rows, rate_loss='mean')
