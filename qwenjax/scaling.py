@@ -564,7 +564,8 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
   isoflop.png marks what approach 2 could not use: a budget without a minimum draws its points hollow and says
   why in the legend; a minimum outside the sizes its budget tried, or not bracketed by them, is a hollow star. An
   approach-3 fit with a parameter on its search bound is drawn dashed and labelled so. Fitted lines span the
-  budgets measured, not more.
+  budgets measured, not more. A point counted at its rates' vertex (`rate_loss='parabola'`) is drawn there, a grey
+  line up to its best rate's measured loss.
   """
   plt = _pyplot()
   results = usable_points(results, fitted.get('rate_loss', 'best'))[0]
@@ -603,6 +604,12 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
         reason = skipped.get(budget, 'no minimum')
         ax.scatter(params[at], losses[at], facecolor='none', edgecolor=colors[budget],
                    label=f'{_budget_label(budget)}: no minimum ({reason})')
+    moved = [(p, r['eval_loss_measured'], r['eval_loss']) for p, r in zip(params, results)
+             if np.isfinite(r.get('budget', np.nan)) and r.get('eval_loss_measured', r['eval_loss']) != r['eval_loss']]
+    if moved:  # --rate_loss=parabola: from the best rate's measured loss down to its parabola's vertex
+      n, measured_loss, counted = (np.array(x) for x in zip(*moved))
+      ax.vlines(n, counted, measured_loss, color='0.5', lw=1)
+      ax.scatter(n, measured_loss, marker='_', color='0.5', label='best rate measured (counted at its vertex)')
     failed = f' (approach 2 not fitted: {isoflop["error"][:60]}...)' if 'error' in isoflop else ''
     ax.set(xscale='log', xlabel='parameters N', ylabel='final eval loss',
            title=f'IsoFLOP curves (stars: parabola minima){failed}')

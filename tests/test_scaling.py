@@ -392,7 +392,7 @@ def test_a_point_whose_best_rate_is_the_lowest_or_highest_tried_fails_the_bar():
   assert scaling.quality(scaling.fit(rows + inside, bootstrap=0))['rates_inside']['passed']
 
 
-def test_a_point_trained_at_several_rates_can_count_at_the_vertex_of_its_rates():
+def test_a_point_trained_at_several_rates_can_count_at_the_vertex_of_its_rates(tmp_path):
   """`rate_loss='parabola'`: a tuned point counts at the vertex of the parabola in log lr through its best rate and
   its neighbours (an exact parabola's own minimum, between the grid's rates); its best measured loss is kept
   beside it. A best rate at the grid's edge keeps its measured loss; 'best' (the default) counts the measured."""
@@ -412,6 +412,7 @@ def test_a_point_trained_at_several_rates_can_count_at_the_vertex_of_its_rates()
   fitted = scaling.fit(others + rates, bootstrap=0, rate_loss='parabola')
   assert fitted['rate_loss'] == 'parabola' and [x['name'] for x in fitted['interpolated']] == [tuned[0]['name']]
   assert 'vertex of the parabola' in scaling.summary(fitted)
+  assert str(tmp_path / 'isoflop.png') in scaling.plot_fit(others + rates, fitted, str(tmp_path))  # at the vertex
   # Still falling at the highest rate: the edge's measured loss stays, as does a point of one rate.
   edge = [dict(r, eval_loss=curve(r['lr'] / 8)) for r in rates]
   kept = scaling.usable_points(others + edge, rate_loss='parabola')[0]
