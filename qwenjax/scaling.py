@@ -604,8 +604,8 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
         reason = skipped.get(budget, 'no minimum')
         ax.scatter(params[at], losses[at], facecolor='none', edgecolor=colors[budget],
                    label=f'{_budget_label(budget)}: no minimum ({reason})')
-    moved = [(p, r['eval_loss_measured'], r['eval_loss']) for p, r in zip(params, results)
-             if np.isfinite(r.get('budget', np.nan)) and r.get('eval_loss_measured', r['eval_loss']) != r['eval_loss']]
+    moved = [(n, r['eval_loss_measured'], r['eval_loss']) for n, b, r in zip(params, budgets, results)
+             if np.isfinite(b) and r.get('eval_loss_measured', r['eval_loss']) != r['eval_loss']]
     if moved:  # --rate_loss=parabola: from the best rate's measured loss down to its parabola's vertex
       n, measured_loss, counted = (np.array(x) for x in zip(*moved))
       ax.vlines(n, counted, measured_loss, color='0.5', lw=1)
