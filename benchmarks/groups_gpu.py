@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import time
@@ -196,10 +195,7 @@ def main() -> None:
   parser.add_argument('--profile', action='store_true', help='also trace 4 steps and print where their GPU time goes')
   parser.add_argument('--out', default='/tmp/groups_gpu')
   args = parser.parse_args()
-  spec = importlib.util.spec_from_file_location('_sweep', args.sweep)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = module.get_config()
+  sweep = config_lib.load(args.sweep)
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, 'groups_gpu.jsonl')
   begin, records = time.time(), []

@@ -95,8 +95,7 @@ def shares(train_files: Sequence[str], eval_files: Sequence[str], text_key: str 
   key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:20]
   path = os.path.join(os.path.expanduser(cache_dir), f'overlap-{key}.json') if cache_dir else None
   if path and os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)['shares']
+    return files_lib.read_json(path, 'delete it, and the next run reads the training files again')['shares']
   logging.info('data: reading %d training file(s) for the lines of %d eval file(s) (data.decontaminate)',
                len(train_files), len(eval_files))
   rows = overlap(list(read_documents(eval_files, text_key)), read_documents(train_files, text_key), min_chars)
