@@ -1,7 +1,7 @@
-r"""Scaling-law fits of a sweep's results, with plots: `python -m qwenjax.scaling fit DIR`.
+r"""Scaling-law fits of a sweep's results, with plots: `python -m qwenjax.scaling fit DIR [DIR ...]`.
 
-Reads `DIR/results.jsonl` (one JSON object per finished point, written by `qwenjax.sweep`) and writes
-`DIR/fit.json` and PNG plots into `DIR`. N is the parameter count the sweep's `counting` names (`params`: with the
+Reads `DIR/results.jsonl` (one JSON object per finished point, written by `qwenjax.sweep`; with more directories,
+theirs too, e.g. a follow-up sweep's further rates) and writes `DIR/fit.json` and PNG plots into `DIR`. N is the parameter count the sweep's `counting` names (`params`: with the
 output head and without the input embedding by default, as Porian et al. 2024 count it; Kaplan et al.'s
 non-embedding count for `counting='kaplan'`), D the tokens trained on (`tokens`), C the compute budget of an
 IsoFLOP point (`budget`), L the final eval loss (`eval_loss`). The points of a sweep's learning-rate stage
@@ -741,11 +741,21 @@ def plot_compare(directories: Sequence[str], out: str, *, x: str = 'flops', y: s
   return out
 
 
-def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0, rate_loss: str = 'best'
-                  ) -> dict[str, Any]:
-  """Fits `DIR/results.jsonl`, writes `DIR/fit.json` and the plots; returns the fit."""
-  results = read_results(directory)
+def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0, rate_loss: str = 'best',
+                  more: Sequence[str] = ()) -> dict[str, Any]:
+  """Fits `DIR/results.jsonl`, with the points of the `more` directories (a follow-up sweep's, e.g. further rates
+  of points whose best rate was at their grid's edge), writes `DIR/fit.json` and the plots; returns the fit."""
+  results, seen = read_results(directory), {}
+  for source in [directory, *more]:
+    for r in results if source == directory else read_results(source):
+      if r['name'] in seen:
+        raise ValueError(f'{r["name"]} is in both {seen[r["name"]]} and {source}: give each point\'s directory once')
+      seen[r['name']] = source
+      if source != directory:
+        results.append(r)
   fitted = fit(results, bootstrap=bootstrap, seed=seed, rate_loss=rate_loss)
+  if more:
+    fitted['more'] = list(more)
   fitted['plots'] = [os.path.basename(p) for p in plot_fit(results, fitted, directory)]
   files.write_json(os.path.join(directory, 'fit.json'), fitted)  # whole or not at all; strict JSON (NaN: null)
   return fitted
@@ -823,7 +833,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('panel', '', 'plot: one panel per value of this field (e.g. mup_base_width).')
 
 
-_ARGS = 'fit DIR | plot DIR [DIR ...] --out=FILE.png'
+_ARGS = 'fit DIR [DIR ...] | plot DIR [DIR ...] --out=FILE.png'
 
 
 def main(argv: list[str]) -> None:
@@ -832,9 +842,10 @@ def main(argv: list[str]) -> None:
                          + (f' (got {argv[0]!r})' if argv else ''))
   f = flags.FLAGS
   if argv[0] == 'fit':
-    if len(argv) != 2:
-      raise cli.UsageError(f'fit takes one sweep directory, got {len(argv) - 1}: python -m qwenjax.scaling fit DIR')
-    fitted = fit_directory(argv[1], bootstrap=f.bootstrap, seed=f.seed, rate_loss=f.rate_loss)
+    if len(argv) < 2:
+      raise cli.UsageError('fit takes a sweep directory (and any follow-up sweeps\' after it): '
+                           'python -m qwenjax.scaling fit DIR [DIR ...]')
+    fitted = fit_directory(argv[1], bootstrap=f.bootstrap, seed=f.seed, rate_loss=f.rate_loss, more=argv[2:])
     print(summary(fitted))
     print(f'wrote {os.path.join(argv[1], "fit.json")} and {", ".join(fitted["plots"])}')
   else:

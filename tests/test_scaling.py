@@ -392,6 +392,30 @@ def test_a_point_whose_best_rate_is_the_lowest_or_highest_tried_fails_the_bar():
   assert scaling.quality(scaling.fit(rows + inside, bootstrap=0))['rates_inside']['passed']
 
 
+def test_a_follow_up_sweeps_rates_join_the_study_they_follow(tmp_path):
+  """`fit DIR MORE`: a point whose best rate was the highest of its grid, trained at a further rate in another
+  directory, is bracketed there; the fit counts both directories, writes into the first, names the second, and
+  refuses a point that is in both."""
+  rows = [dict(r, lr=1e-3) for r in isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3, sizes=5)]
+  point = rows[2]
+  grid = [dict(point, name='p-low', lr=5e-4, eval_loss=point['eval_loss'] + 0.1),
+          dict(point, name='p-high', lr=2e-3, eval_loss=point['eval_loss'] - 0.05)]
+  study, more = str(tmp_path / 'study'), str(tmp_path / 'more')
+  write_results(study, rows + grid)
+  write_results(more, [dict(point, name='p-higher', lr=4e-3, eval_loss=point['eval_loss'])])
+  alone = scaling.fit_directory(study, bootstrap=0)
+  assert alone['quality']['rates_inside']['value'] == ['p-high (best of 3 rates: the highest)'] and 'more' not in alone
+  joined = scaling.fit_directory(study, bootstrap=0, more=[more])
+  assert joined['quality']['rates_inside']['passed'] and joined['more'] == [more]
+  assert joined['points'] == alone['points'] and 'p-higher' in {x['name'] for x in joined['excluded']}
+  with open(os.path.join(study, 'fit.json')) as f:
+    assert json.load(f)['more'] == [more]
+  assert not os.path.exists(os.path.join(more, 'fit.json'))
+  write_results(more, [dict(point, name='p-high', lr=4e-3, eval_loss=point['eval_loss'])])
+  with pytest.raises(ValueError, match=f'p-high is in both {study} and {more}'):
+    scaling.fit_directory(study, bootstrap=0, more=[more])
+
+
 def test_a_point_trained_at_several_rates_can_count_at_the_vertex_of_its_rates(tmp_path):
   """`rate_loss='parabola'`: a tuned point counts at the vertex of the parabola in log lr through its best rate and
   its neighbours (an exact parabola's own minimum, between the grid's rates); its best measured loss is kept
