@@ -651,6 +651,43 @@ def test_the_lr_check_trains_a_study_point_at_half_its_rate_to_four_times_it(nam
     module.get_config('LR-s5-lr0.004')
 
 
+@pytest.mark.slow
+def test_the_second_studys_edges_train_the_next_rate_out_of_each_unbracketed_point(tmp_path, monkeypatch):
+  """experiments/isoflop_gpu2_edges.py:F: every point of the study whose best rate so far is its grid's lowest
+  (highest) and whose next rate out, half the lowest (twice the highest) tried, is F x the rule's, planned as the
+  study plans it but for the rate; a round's results move the next rate out; a factor no point needs is an error
+  naming the factors that are."""
+  module = experiment_module('isoflop_gpu2_edges.py')
+  study = {p.name: p for p in sweep_lib.plan(load_sweep('isoflop_gpu2.py'), '/tmp/sweep')}
+  losses = {'C1e15-s4': (2.5, 2.6, 3.2), 'C1e16-s15': (2.2, 2.1, 2.05), 'C1e16-s8': (2.0, 1.96, 2.0)}
+
+  def record(name, loss):
+    p = study[name]
+    return dict(name=name, stage=p.stage, budget=p.budget, params=p.params, tokens=p.tokens, lr=p.lr, eval_loss=loss)
+
+  def put(directory, records):
+    directory.mkdir(parents=True)
+    (directory / 'results.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+  rows = [record(f'{point}-lrx{f}', loss) for point, ls in losses.items() for f, loss in zip(('0.5', '1', '2'), ls)]
+  monkeypatch.setattr(module, 'STUDY', str(tmp_path / 'study'))
+  monkeypatch.setattr(module, 'ROUNDS', str(tmp_path / 'rounds'))
+  put(tmp_path / 'study', rows)
+  low = sweep_lib.plan(module.get_config('0.25'), '/tmp/sweep')
+  assert [p.name for p in low] == ['C1e15-s4-lrx0.25']
+  same = lambda p: ({k: v for k, v in p.overrides.items() if k != 'train.lr'}, p.tokens, p.params, p.budget)
+  assert same(low[0]) == same(study['C1e15-s4-lrx0.5'])
+  assert low[0].lr == pytest.approx(study['C1e15-s4-lrx1'].lr / 4, rel=5e-3)
+  (high,) = sweep_lib.plan(module.get_config('4'), '/tmp/sweep')
+  assert high.name == 'C1e16-s15-lrx4' and same(high) == same(study['C1e16-s15-lrx2'])
+  with pytest.raises(ValueError, match=r'needs the rate factor 8; .* need: 0.25 \(C1e15-s4\), 4 \(C1e16-s15\)'):
+    module.get_config('8')
+  put(tmp_path / 'rounds' / '4', [dict(record('C1e16-s15-lrx2', 2.04), name=high.name, lr=high.lr)])
+  assert [p.name for p in sweep_lib.plan(module.get_config('8'), '/tmp/sweep')] == ['C1e16-s15-lrx8']
+  with pytest.raises(ValueError, match='takes the rate factor to train'):
+    module.get_config('')
+
+
 def test_lr_rule_and_factors_train_each_point_at_several_rates_in_one_group(prepared_dir):
   """lr_rule gives each size k N^gamma; lr_factors trains every point at each factor times that, named -lrx<f>,
   the factors of a point one group; the checks name conflicting or malformed settings."""
