@@ -3,7 +3,7 @@
     PYTHONPATH=. python experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus     # the extra corpus, once a machine
     python -m qwenjax.sweep --sweep=experiments/isoflop_gpu2.py --workdir=DIR   # resumes; --emit: the plan
     python -m qwenjax.scaling fit DIR
-    WORKERS=2 bash experiments/gpu_piece.sh isoflop_gpu2 585                    # one device call's piece
+    bash experiments/gpu_piece.sh isoflop_gpu2 585                              # one device call's piece
 
 experiments/isoflop_gpu.py's first study (results/isoflop_gpu) gave a = 0.33 [-0.61, 0.51], lopsided curves and
 an unbracketed top budget. Two of its faults are fixed here: the rates, whose cost was measured, and the eval
@@ -26,9 +26,10 @@ counting, beta2, corpus) is the same, so the two studies differ only in these:
   every eval document with a fifth or more of its lines in the training files (8 of 17 on the GPU image).
 
 72 runs in 24 groups: 7.9e17 FLOPs, three times the first study's IsoFLOP points, about 86 minutes of one H100 at
-`estimate` (25% MFU) in one process. Run pieces back to back on one machine with `WORKERS=2` (two groups at
-once). A 3e16 group (up to 7 minutes alone at `estimate`, 1.25 times that for a worker's margin) starts only at
-the beginning of a piece of 585 seconds (the workers stop a minute before).
+`estimate` (25% MFU) in one process. Run pieces back to back on one machine. Its first three ran `WORKERS=2` (two
+groups at once, each started only when its estimate fits the piece); sharing the GPU, each group took about twice
+as long as alone (docs/performance.md), so the rest run one process: a group the time limit cuts checkpoints and
+the next piece on that machine resumes it.
 """
 
 import os
