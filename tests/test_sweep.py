@@ -743,16 +743,22 @@ def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_
   before = {p.name: p for p in sweep_lib.plan(first, '/tmp/sweep', lrs={int(k): v for k, v in stage['lr'].items()})
             if p.stage == 'isoflop'}
   points = sweep_lib.plan(second, '/tmp/sweep')
-  assert len(points) == 3 * len(before) and all(p.stage == 'isoflop' for p in points)
+  added = {p.name.rsplit('-lrx', 1)[0] for p in points} - set(before)
+  assert added == {'C3e16-s9'}  # a size below the first study's minimum at 3e16
+  assert len(points) == 3 * (len(before) + 1) and all(p.stage == 'isoflop' for p in points)
+  ladder = {p.size: p for p in before.values()}
   for p in points:
     name, factor = p.name.rsplit('-lrx', 1)
-    old = before[name]
+    old = before.get(name)
     assert p.lr == pytest.approx(float(factor) * second.lr_rule[0] * p.params ** second.lr_rule[1], rel=1e-2)
     same = lambda o: {k: v for k, v in o.items() if k not in ('train.lr', 'data.decontaminate')}
+    if old is None:  # an added size: the first study's shape of that size, within the corpus's 4 epochs
+      assert p.params == ladder[p.size].params and p.tokens <= 4 * 190.7e6, p.name
+      continue
     assert same(p.overrides) == same(old.overrides), p.name
     assert p.overrides['data.decontaminate'] == 0.2
   groups = sweep_lib.groups(points, second.group_size)
-  assert len(groups) == len(before) and all(sorted(p.lr for p in g)[-1] > sorted(p.lr for p in g)[0] for g in groups)
+  assert len(groups) == len(before) + 1 and all(sorted(p.lr for p in g)[-1] > sorted(p.lr for p in g)[0] for g in groups)
   timed = sweep_lib.schedule(points, second.estimate, group_size=second.group_size)
   seconds = {p.name: t for p, (_, t) in zip(points, timed)}
   margin = experiment_module('sweep_workers.py').SLOWDOWN
