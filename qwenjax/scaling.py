@@ -744,7 +744,8 @@ def plot_compare(directories: Sequence[str], out: str, *, x: str = 'flops', y: s
 def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0, rate_loss: str = 'best',
                   more: Sequence[str] = ()) -> dict[str, Any]:
   """Fits `DIR/results.jsonl`, with the points of the `more` directories (a follow-up sweep's, e.g. further rates
-  of points whose best rate was at their grid's edge), writes `DIR/fit.json` and the plots; returns the fit."""
+  of points whose best rate was at their grid's edge; fit.json lists them under `more`, relative to DIR), writes
+  `DIR/fit.json` and the plots; returns the fit."""
   results, seen = read_results(directory), {}
   for source in [directory, *more]:
     for r in results if source == directory else read_results(source):
@@ -754,8 +755,8 @@ def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0, rate_l
       if source != directory:
         results.append(r)
   fitted = fit(results, bootstrap=bootstrap, seed=seed, rate_loss=rate_loss)
-  if more:
-    fitted['more'] = list(more)
+  if more:  # relative to DIR, so that a clone elsewhere (the scaling notebook) can refit the same points
+    fitted['more'] = [m if '://' in m else os.path.relpath(m, directory) for m in more]
   fitted['plots'] = [os.path.basename(p) for p in plot_fit(results, fitted, directory)]
   files.write_json(os.path.join(directory, 'fit.json'), fitted)  # whole or not at all; strict JSON (NaN: null)
   return fitted

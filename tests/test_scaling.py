@@ -394,8 +394,8 @@ def test_a_point_whose_best_rate_is_the_lowest_or_highest_tried_fails_the_bar():
 
 def test_a_follow_up_sweeps_rates_join_the_study_they_follow(tmp_path):
   """`fit DIR MORE`: a point whose best rate was the highest of its grid, trained at a further rate in another
-  directory, is bracketed there; the fit counts both directories, writes into the first, names the second, and
-  refuses a point that is in both."""
+  directory, is bracketed there; the fit counts both directories, writes into the first, names the second
+  (relative to the first), and refuses a point that is in both."""
   rows = [dict(r, lr=1e-3) for r in isoflop_points(CHINCHILLA, (1e18, 1e21), budgets=3, sizes=5)]
   point = rows[2]
   grid = [dict(point, name='p-low', lr=5e-4, eval_loss=point['eval_loss'] + 0.1),
@@ -406,10 +406,10 @@ def test_a_follow_up_sweeps_rates_join_the_study_they_follow(tmp_path):
   alone = scaling.fit_directory(study, bootstrap=0)
   assert alone['quality']['rates_inside']['value'] == ['p-high (best of 3 rates: the highest)'] and 'more' not in alone
   joined = scaling.fit_directory(study, bootstrap=0, more=[more])
-  assert joined['quality']['rates_inside']['passed'] and joined['more'] == [more]
+  assert joined['quality']['rates_inside']['passed'] and joined['more'] == [os.path.join('..', 'more')]
   assert joined['points'] == alone['points'] and 'p-higher' in {x['name'] for x in joined['excluded']}
   with open(os.path.join(study, 'fit.json')) as f:
-    assert json.load(f)['more'] == [more]
+    assert json.load(f)['more'] == ['../more']  # relative to the study's directory
   assert not os.path.exists(os.path.join(more, 'fit.json'))
   write_results(more, [dict(point, name='p-high', lr=4e-3, eval_loss=point['eval_loss'])])
   with pytest.raises(ValueError, match=f'p-high is in both {study} and {more}'):
