@@ -1,11 +1,12 @@
 r"""Scaling-law fits of a sweep's results, with plots: `python -m qwenjax.scaling fit DIR [DIR ...]`.
 
 Reads `DIR/results.jsonl` (one JSON object per finished point, written by `qwenjax.sweep`; with more directories,
-theirs too, e.g. a follow-up sweep's further rates) and writes `DIR/fit.json` and PNG plots into `DIR`. N is the parameter count the sweep's `counting` names (`params`: with the
-output head and without the input embedding by default, as Porian et al. 2024 count it; Kaplan et al.'s
-non-embedding count for `counting='kaplan'`), D the tokens trained on (`tokens`), C the compute budget of an
-IsoFLOP point (`budget`), L the final eval loss (`eval_loss`). The points of a sweep's learning-rate stage
-(`stage` 'lr') are left out: they only chose the others' learning rates.
+theirs too, e.g. a follow-up sweep's further rates) and writes `DIR/fit.json` and PNG plots into `DIR`. N is the
+parameter count the sweep's `counting` names (`params`: with the output head and without the input embedding by
+default, as Porian et al. 2024 count it; Kaplan et al.'s non-embedding count for `counting='kaplan'`), D the
+tokens trained on (`tokens`), C the compute budget of an IsoFLOP point (`budget`), L the final eval loss
+(`eval_loss`). The points of a sweep's learning-rate stage (`stage` 'lr') are left out: they only chose the
+others' learning rates.
 
 * Approach 2 (Hoffmann et al. 2022): for each IsoFLOP budget a parabola in log N through the losses; its
   vertex is N_opt(C) (and a parabola in log D gives D_opt(C)); then power laws N_opt = k_N C^a and
@@ -746,14 +747,14 @@ def fit_directory(directory: str, *, bootstrap: int = 200, seed: int = 0, rate_l
   """Fits `DIR/results.jsonl`, with the points of the `more` directories (a follow-up sweep's, e.g. further rates
   of points whose best rate was at their grid's edge; fit.json lists them under `more`, relative to DIR), writes
   `DIR/fit.json` and the plots; returns the fit."""
-  results, seen = read_results(directory), {}
-  for source in [directory, *more]:
-    for r in results if source == directory else read_results(source):
+  results = read_results(directory)
+  seen = {r['name']: directory for r in results}
+  for source in more:
+    for r in read_results(source):
       if r['name'] in seen:
         raise ValueError(f'{r["name"]} is in both {seen[r["name"]]} and {source}: give each point\'s directory once')
       seen[r['name']] = source
-      if source != directory:
-        results.append(r)
+      results.append(r)
   fitted = fit(results, bootstrap=bootstrap, seed=seed, rate_loss=rate_loss)
   if more:  # relative to DIR, so that a clone elsewhere (the scaling notebook) can refit the same points
     fitted['more'] = [m if '://' in m else os.path.relpath(m, directory) for m in more]

@@ -758,7 +758,8 @@ def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_
     assert same(p.overrides) == same(old.overrides), p.name
     assert p.overrides['data.decontaminate'] == 0.2
   groups = sweep_lib.groups(points, second.group_size)
-  assert len(groups) == len(before) + 1 and all(sorted(p.lr for p in g)[-1] > sorted(p.lr for p in g)[0] for g in groups)
+  assert len(groups) == len(before) + 1
+  assert all(sorted(p.lr for p in g)[-1] > sorted(p.lr for p in g)[0] for g in groups)
   timed = sweep_lib.schedule(points, second.estimate, group_size=second.group_size)
   seconds = {p.name: t for p, (_, t) in zip(points, timed)}
   margin = experiment_module('sweep_workers.py').SLOWDOWN
