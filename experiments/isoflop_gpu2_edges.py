@@ -5,7 +5,7 @@
     python -m qwenjax.scaling fit experiments/results/isoflop_gpu2 experiments/results/isoflop_gpu2_edges/*
 
 experiments/isoflop_gpu2.py trains every point at 1/2, 1 and 2x one rule's rate, lr = 187 N^-0.744. The best rate
-moves with the run's length as well as with N: in its first 30 runs the small, data-rich points (18-33k steps)
+moves with the run's length as well as with N: in its first 30 runs the small, data-rich points (10-33k steps)
 were best at 1/2x and C1e16-s15 (4k steps) at 2x (results/isoflop_gpu2). A best rate at the grid's end may not
 be the best rate, and the quality bar fails it (`rates_inside`).
 
