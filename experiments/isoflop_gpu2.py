@@ -3,7 +3,7 @@
     PYTHONPATH=. python experiments/gpu_corpus.py /tmp/qwenjax_gpu_corpus     # the extra corpus, once a machine
     python -m qwenjax.sweep --sweep=experiments/isoflop_gpu2.py --workdir=DIR   # resumes; --emit: the plan
     python -m qwenjax.scaling fit DIR
-    bash experiments/gpu_piece.sh isoflop_gpu2 585                              # one device call's piece
+    bash experiments/gpu_piece.sh isoflop_gpu2 555                              # a 600-s device call's piece
 
 experiments/isoflop_gpu.py's first study (results/isoflop_gpu) gave a = 0.33 [-0.61, 0.51], lopsided curves and
 an unbracketed top budget. Two of its faults are fixed here: the rates, whose cost was measured, and the eval
@@ -33,7 +33,8 @@ batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies
 pieces back to back on one machine. Its first three ran `WORKERS=2` (two groups at once, each started only when
 its estimate fits the piece); sharing the GPU, each group took about twice as long as alone
 (docs/performance.md), so the rest run one process: a group the time limit cuts checkpoints and the next piece
-on that machine resumes it.
+on that machine resumes it. One process saves its checkpoint after the limit (up to 30 s), so a 600-second device
+call runs a piece of 555.
 """
 
 import os
