@@ -1,7 +1,7 @@
 """A further rate for each point of the second GPU study whose best rate was the lowest or highest of its grid.
 
-    python -m qwenjax.sweep --sweep=experiments/isoflop_gpu2_edges.py:0.25 --workdir=DIR   # or :4; then :0.125, :8
-    bash experiments/gpu_piece.sh isoflop_gpu2_edges:0.25 555                              # a 600-s device call's piece
+    python -m qwenjax.sweep --sweep=experiments/isoflop_gpu2_edges.py:0.25 --workdir=DIR  # or :4; then :0.125, :8
+    bash experiments/gpu_piece.sh isoflop_gpu2_edges:0.25 555                          # a 600-s device call's piece
     python -m qwenjax.scaling fit experiments/results/isoflop_gpu2 experiments/results/isoflop_gpu2_edges/*
 
 experiments/isoflop_gpu2.py trains every point at 1/2, 1 and 2x one rule's rate, lr = 187 N^-0.744. The best rate
