@@ -7,7 +7,7 @@
 
 experiments/isoflop_gpu.py's first study (results/isoflop_gpu) gave a = 0.33 [-0.61, 0.51], lopsided curves and
 an unbracketed top budget. Two of its faults are fixed here: the rates, whose cost was measured, and the eval
-set's overlap with training, whose effect was not; and 3e16 gains a size. The rest (ladder, budgets and sizes,
+set's overlap with training, whose effect was not; and two budgets gain a size. The rest (ladder, budgets and sizes,
 batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies differ only in these:
 
 * **Every point at three rates.** The first study took each point's rate from its lr stage's rule,
@@ -24,12 +24,14 @@ batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies
   vendored copy in site-packages (`experiments/eval_overlap.py`: 31% of the eval lines on the GPU machine). The
   data-rich points read the corpus up to 3.9 times and could learn them. `data.decontaminate = 0.2` leaves out
   every eval document with a fifth or more of its lines in the training files (8 of 17 on the GPU image).
-* **A size below 3e16's minimum.** The first study's 3e16 minimum was at its smallest size (s10, 1.389 against
-  1.439 at s11), and both studies' 1e16 minimum is at s8 (4.5M; the second's: 1.964 against 1.979 at s7 and
-  1.988 at s9). N_opt grows by 3^a from 1e16 to 3e16, to about s9-s10 (6.9-8.0M) for a in 0.3-0.5, so 3e16
-  adds s9 (6.9M, 647M tokens, 3.4 epochs), planned after 1e16 ran and before any 3e16 point did.
+* **A size more below two minima.** The first study's 3e16 minimum was at its smallest size (s10, 1.389 against
+  1.439 at s11), and both studies' 1e16 minimum is at s8 (4.5M) with one size below it (the second's: s7 1.979,
+  s8 1.964, s9 1.988; a parabola through its six sizes puts N_opt at 4.6M, through its five smallest at 3.5M).
+  N_opt grows by 3^a from 1e16 to 3e16, to about s9-s10 (6.9-8.0M) for a in 0.3-0.5. So 3e16 adds s9 (6.9M,
+  647M tokens, 3.4 epochs; s8 would read the corpus 5.9 times) and 1e16 adds s6 (2.2M, 661M tokens, 3.5
+  epochs), planned after 1e16's other sizes ran and before any 3e16 point did.
 
-75 runs in 25 groups: 8.8e17 FLOPs, about 93 minutes of one H100 at `estimate` (25% MFU) in one process. Run
+78 runs in 26 groups: 9.1e17 FLOPs, about 101 minutes of one H100 at `estimate` (25% MFU) in one process. Run
 pieces back to back on one machine. Its first three ran `WORKERS=2` (two groups at once, each started only when
 its estimate fits the piece); sharing the GPU, each group took about twice as long as alone
 (docs/performance.md), so the rest run one process: a group the time limit cuts checkpoints and the next piece
@@ -44,7 +46,7 @@ from qwenjax import config
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The first study's lr stage (results/isoflop_gpu/lr.json): lr = k N^gamma over sizes 5-11 at their best rates.
 LR_RULE = (186.6, -0.7441)
-ADDED = {3e16: (9,)}  # a size below the first study's minimum at this budget (the docstring)
+ADDED = {1e16: (6,), 3e16: (9,)}  # a size below the minima at these budgets (the docstring)
 
 
 def get_config():

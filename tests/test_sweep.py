@@ -733,9 +733,10 @@ def test_lr_rule_and_factors_train_each_point_at_several_rates_in_one_group(prep
 
 @pytest.mark.slow
 def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_eval_set():
-  """experiments/isoflop_gpu2.py: the first study's IsoFLOP points (same shapes, batches, steps, warmups, data),
-  each at 1/2, 1 and 2x the first lr stage's rule without the batch scaling, as one group of three that a fresh
-  585-second piece starts at the file's estimate; eval documents with a fifth of their lines in training left out."""
+  """experiments/isoflop_gpu2.py: the first study's IsoFLOP points (same shapes, batches, steps, warmups, data) and
+  a size more at 1e16 and 3e16, each at 1/2, 1 and 2x the first lr stage's rule without the batch scaling, as one
+  group of three that a one-process piece of 555 seconds covers at the file's estimate; eval documents with a fifth
+  of their lines in training left out."""
   first, second = load_sweep('isoflop_gpu.py'), load_sweep('isoflop_gpu2.py')
   with open(os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu', 'lr.json')) as f:
     stage = json.load(f)
@@ -744,8 +745,8 @@ def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_
             if p.stage == 'isoflop'}
   points = sweep_lib.plan(second, '/tmp/sweep')
   added = {p.name.rsplit('-lrx', 1)[0] for p in points} - set(before)
-  assert added == {'C3e16-s9'}  # a size below the first study's minimum at 3e16
-  assert len(points) == 3 * (len(before) + 1) and all(p.stage == 'isoflop' for p in points)
+  assert added == {'C1e16-s6', 'C3e16-s9'}  # a size below the minima at 1e16 and 3e16
+  assert len(points) == 3 * (len(before) + 2) and all(p.stage == 'isoflop' for p in points)
   ladder = {p.size: p for p in before.values()}
   for p in points:
     name, factor = p.name.rsplit('-lrx', 1)
@@ -758,10 +759,9 @@ def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_
     assert same(p.overrides) == same(old.overrides), p.name
     assert p.overrides['data.decontaminate'] == 0.2
   groups = sweep_lib.groups(points, second.group_size)
-  assert len(groups) == len(before) + 1
+  assert len(groups) == len(before) + 2
   assert all(sorted(p.lr for p in g)[-1] > sorted(p.lr for p in g)[0] for g in groups)
   timed = sweep_lib.schedule(points, second.estimate, group_size=second.group_size)
   seconds = {p.name: t for p, (_, t) in zip(points, timed)}
-  margin = experiment_module('sweep_workers.py').SLOWDOWN
-  for g in groups:  # the workers of a fresh 585-second piece start it: its estimate x margin within 525 seconds
-    assert sum(seconds[p.name] for p in g) * margin <= 525.0, [p.name for p in g]
+  for g in groups:  # a one-process piece of a 600-second device call (555 s) covers it at the file's estimate
+    assert sum(seconds[p.name] for p in g) <= 555.0, [p.name for p in g]
