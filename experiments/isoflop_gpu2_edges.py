@@ -38,16 +38,12 @@ def next_rates(directories: list[str]) -> dict[str, tuple[float, int, float]]:
   """{point: (budget, size, the factor to try next)} for the points of `directories`' results whose best rate is
   the lowest or highest they were trained at (`scaling.rates_at_edge`); point names drop the -lrx suffix."""
   results = [r for d in directories for r in scaling.read_results(d)]
-  tried = {}
-  for r in results:
-    tried.setdefault(r['name'].rsplit('-lrx', 1)[0], set()).add(factor(r['name']))
   by_name = {r['name']: r for r in results}
   out = {}
-  for edge in scaling.rates_at_edge(results):
+  for edge in scaling.rates_at_edge(results):  # the best rate is the lowest or the highest tried
     point, best = edge['name'].rsplit('-lrx', 1)[0], factor(edge['name'])
-    size = int(point.rsplit('-s', 1)[1])
-    out[point] = (by_name[edge['name']]['budget'], size,
-                  min(tried[point]) / 2 if best == min(tried[point]) else max(tried[point]) * 2)
+    out[point] = (by_name[edge['name']]['budget'], int(point.rsplit('-s', 1)[1]),
+                  best / 2 if edge['lr'] == min(edge['tried']) else best * 2)
   return out
 
 

@@ -170,6 +170,11 @@ def best_rates(points: Sequence[Mapping[str, Any]], excluded: list[dict[str, str
   return [dict(r, **vertices[id(r)]) if id(r) in vertices else r for r in points if id(r) not in worse], excluded
 
 
+def _at_vertex(point: Mapping[str, Any]) -> bool:
+  """Whether `best_rates` (rate_loss='parabola') moved this point's loss from its measured one to its vertex's."""
+  return point.get('eval_loss_measured', point['eval_loss']) != point['eval_loss']
+
+
 def rates_at_edge(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Points tuned by a rate sweep (three rates or more of one budget, N and D) whose best rate is the lowest or
   highest tried: the sweep did not bracket it, so a better rate may lie beyond. A diverged rate counts as tried
@@ -424,7 +429,7 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
   if rate_loss != 'best':
     out['interpolated'] = [dict(name=r.get('name'), lr=r['lr'], lr_vertex=r['lr_vertex'],
                                 eval_loss_measured=r['eval_loss_measured'], eval_loss=r['eval_loss'])
-                           for r in results if r.get('eval_loss_measured', r['eval_loss']) != r['eval_loss']]
+                           for r in results if _at_vertex(r)]
   isoflop = bool(np.all(np.isfinite(budgets)))
   rng = np.random.default_rng(seed)
   # A sweep too small or too noisy for one approach still gets the other; fit.json says why one is missing.
@@ -606,7 +611,7 @@ def plot_fit(results: Sequence[Mapping[str, Any]], fitted: Mapping[str, Any], di
         ax.scatter(params[at], losses[at], facecolor='none', edgecolor=colors[budget],
                    label=f'{_budget_label(budget)}: no minimum ({reason})')
     moved = [(n, r['eval_loss_measured'], r['eval_loss']) for n, b, r in zip(params, budgets, results)
-             if np.isfinite(b) and r.get('eval_loss_measured', r['eval_loss']) != r['eval_loss']]
+             if np.isfinite(b) and _at_vertex(r)]
     if moved:  # --rate_loss=parabola: from the best rate's measured loss down to its parabola's vertex
       n, measured_loss, counted = (np.array(x) for x in zip(*moved))
       ax.vlines(n, counted, measured_loss, color='0.5', lw=1)
