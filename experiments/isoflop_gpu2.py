@@ -30,8 +30,17 @@ batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies
   N_opt grows by 3^a from 1e16 to 3e16, to about s9-s10 (6.9-8.0M) for a in 0.3-0.5. So 3e16 adds s9 (6.9M,
   647M tokens, 3.4 epochs; s8 would read the corpus 5.9 times) and 1e16 adds s6 (2.2M, 661M tokens, 3.5
   epochs), planned after 1e16's other sizes ran and before any 3e16 point did.
+* **A fifth budget, 3e14 (sizes 3-8, 0.68-4.5M), planned after 54 runs and before any 3e14 point ran.** The
+  budgets' curves flatten as they grow (1e16's rises 0.02 nats from s8 to s7 and s9), so their parabolas' vertices
+  move with small noise, and the span of budgets is what pins a down. Simulated studies of the plan
+  (`experiments/design_power.py --trials=12`) under the law the first 54 runs fit (approach 3 with
+  `--rate_loss=parabola`, a = 0.33: results/isoflop_gpu2/fit_54runs.json) pass a's interval of 0.2 in 25% of
+  studies at 0.006 nats of noise (the first study's reruns spread 0.006; median width 0.26) and in none at 0.01
+  (0.40) with four budgets; with 3e14, in 50% (0.17) and 42% (0.33). Its 18 runs take about 7 minutes; size 3
+  (width 96, 2 layers) is the ladder's next step down. A 1e14 budget as well would pass in 75% and 50%, but
+  `min_steps` leaves its larger sizes 1-3 rows a step, so it is left out.
 
-78 runs in 26 groups: 9.1e17 FLOPs, about 101 minutes of one H100 at `estimate` (25% MFU) in one process. Run
+96 runs in 32 groups: 9.2e17 FLOPs, about 111 minutes of one H100 at `estimate` (25% MFU) in one process. Run
 pieces back to back on one machine. Its first three ran `WORKERS=2` (two groups at once, each started only when
 its estimate fits the piece); sharing the GPU, each group took about twice as long as alone
 (docs/performance.md), so the rest run one process: a group the time limit cuts checkpoints and the next piece
@@ -47,6 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The first study's lr stage (results/isoflop_gpu/lr.json): lr = k N^gamma over sizes 5-11 at their best rates.
 LR_RULE = (186.6, -0.7441)
 ADDED = {1e16: (6,), 3e16: (9,)}  # a size below the minima at these budgets (the docstring)
+BELOW = (3e14, (3, 4, 5, 6, 7, 8))  # a fifth budget below the others (the docstring)
 
 
 def get_config():
@@ -56,7 +66,10 @@ def get_config():
   sweep.lr_rule = LR_RULE
   sweep.lr_factors = (0.5, 1.0, 2.0)
   sweep.group_size = 3
-  sweep.budget_sizes = tuple((b, tuple(sorted(set(sizes) | set(ADDED.get(b, ()))))) for b, sizes in sweep.budget_sizes)
+  sweep.budget_sizes = (BELOW,) + tuple((b, tuple(sorted(set(sizes) | set(ADDED.get(b, ())))))
+                                        for b, sizes in sweep.budget_sizes)
+  sweep.budgets = (BELOW[0],) + tuple(sweep.budgets)
+  sweep.ladder.sizes = tuple(sorted(set(sweep.ladder.sizes) | set(BELOW[1])))
   sweep.overrides.data.decontaminate = 0.2
   # Groups of a few rates keep the GPU busier than one point: the rate checks' groups of 4 (C1e16-s13, -s15) trained
   # at 25-30% MFU once compiled (results/isoflop_gpu_lrcheck), so that a 3e16 group fits a piece at the estimate.

@@ -19,11 +19,11 @@ def test_noise_widens_the_interval_and_a_clean_study_recovers_the_law():
   power = _module()
   points = power.isoflop_points(load_sweep('isoflop_gpu.py'))
   assert len(points) == 24 and all(p['budget'] and p['stage'] == 'isoflop' for p in points)
-  # The second study trains each of the same points, and a size more at 1e16 and 3e16, at three rates: each counts
-  # once, as in its fit.
+  # The second study trains each of the same points, a size more at 1e16 and 3e16 and six at 3e14, at three rates:
+  # each counts once, as in its fit.
   tuned = power.isoflop_points(load_sweep('isoflop_gpu2.py'))
   first = {(p['budget'], p['params'], p['tokens']) for p in points}
-  assert len(tuned) == 26 and first < {(p['budget'], p['params'], p['tokens']) for p in tuned}
+  assert len(tuned) == 32 and first < {(p['budget'], p['params'], p['tokens']) for p in tuned}
   clean = power.simulate(points, power.BESIROGLU, 0.0, 1, bootstrap=20)
   noisy = power.simulate(points, power.BESIROGLU, 0.05, 3, bootstrap=20)
   assert clean['true_a'] == pytest.approx(0.3658 / (0.3478 + 0.3658))

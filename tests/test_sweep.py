@@ -733,10 +733,10 @@ def test_lr_rule_and_factors_train_each_point_at_several_rates_in_one_group(prep
 
 @pytest.mark.slow
 def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_eval_set():
-  """experiments/isoflop_gpu2.py: the first study's IsoFLOP points (same shapes, batches, steps, warmups, data) and
-  a size more at 1e16 and 3e16, each at 1/2, 1 and 2x the first lr stage's rule without the batch scaling, as one
-  group of three that a one-process piece of 555 seconds covers at the file's estimate; eval documents with a fifth
-  of their lines in training left out."""
+  """experiments/isoflop_gpu2.py: the first study's IsoFLOP points (same shapes, batches, steps, warmups, data), a
+  size more at 1e16 and 3e16 and a budget more below them (3e14, sizes 3-8), each at 1/2, 1 and 2x the first lr
+  stage's rule without the batch scaling, as one group of three that a one-process piece of 555 seconds covers at
+  the file's estimate; eval documents with a fifth of their lines in training left out."""
   first, second = load_sweep('isoflop_gpu.py'), load_sweep('isoflop_gpu2.py')
   with open(os.path.join(ROOT, 'experiments', 'results', 'isoflop_gpu', 'lr.json')) as f:
     stage = json.load(f)
@@ -745,21 +745,25 @@ def test_the_second_gpu_study_is_the_first_with_three_rates_a_point_and_a_clean_
             if p.stage == 'isoflop'}
   points = sweep_lib.plan(second, '/tmp/sweep')
   added = {p.name.rsplit('-lrx', 1)[0] for p in points} - set(before)
-  assert added == {'C1e16-s6', 'C3e16-s9'}  # a size below the minima at 1e16 and 3e16
-  assert len(points) == 3 * (len(before) + 2) and all(p.stage == 'isoflop' for p in points)
+  below = {f'C3e14-s{s}' for s in range(3, 9)}  # a budget below the others
+  assert added == {'C1e16-s6', 'C3e16-s9'} | below  # and a size below the minima at 1e16 and 3e16
+  assert len(points) == 3 * (len(before) + 8) and all(p.stage == 'isoflop' for p in points)
   ladder = {p.size: p for p in before.values()}
   for p in points:
     name, factor = p.name.rsplit('-lrx', 1)
     old = before.get(name)
     assert p.lr == pytest.approx(float(factor) * second.lr_rule[0] * p.params ** second.lr_rule[1], rel=1e-2)
     same = lambda o: {k: v for k, v in o.items() if k not in ('train.lr', 'data.decontaminate')}
-    if old is None:  # an added size: the first study's shape of that size, within the corpus's 4 epochs
+    if old is None and p.size in ladder:  # an added size: the first study's shape of that size, within 4 epochs
       assert p.params == ladder[p.size].params and p.tokens <= 4 * 190.7e6, p.name
+      continue
+    if old is None:  # the ladder's next size down, 2 layers of width 96
+      assert name == 'C3e14-s3' and p.overrides['model.hidden_size'] == 96 and p.params < ladder[4].params
       continue
     assert same(p.overrides) == same(old.overrides), p.name
     assert p.overrides['data.decontaminate'] == 0.2
   groups = sweep_lib.groups(points, second.group_size)
-  assert len(groups) == len(before) + 2
+  assert len(groups) == len(before) + 8
   assert all(sorted(p.lr for p in g)[-1] > sorted(p.lr for p in g)[0] for g in groups)
   timed = sweep_lib.schedule(points, second.estimate, group_size=second.group_size)
   seconds = {p.name: t for p, (_, t) in zip(points, timed)}
