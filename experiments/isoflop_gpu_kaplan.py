@@ -19,7 +19,10 @@ trace Kaplan et al.'s a ~ 0.73 to:
   rate a Kaplan-style study could pick from the same sweep.
 Kaplan's counting buys a model more tokens than the main study's (1.1-1.9x), so the same sizes would sit further
 to the data-rich side, and the smallest of 1e16 and 3e16 would read the corpus more than 4 times: each budget's
-sizes are the main study's shifted one to three ladder steps up (to s22, 70.9M non-embedding parameters).
+sizes are the main study's shifted one to three ladder steps up (to s22, 70.9M non-embedding parameters). It has
+the second study's fifth budget, 3e14 (sizes 4-9), so that both fit the same budgets. Run from the smallest
+budget up, its first four budgets (a third of its FLOPs) already give an a to set beside the main
+study's for the same budgets (`qwenjax.scaling.fit` of its results at those budgets).
 """
 
 import os
@@ -39,7 +42,9 @@ def get_config():
   sweep.overrides.train.adam_b2 = 0.95
   sweep.overrides.data.decontaminate = 0.2  # the eval set of isoflop_gpu2.py, the study it is compared with
   sweep.ladder.sizes = tuple(sweep.ladder.sizes) + (22,)
-  sweep.budget_sizes = ((1e15, (5, 6, 7, 8, 9, 11)),
+  sweep.budgets = (3e14,) + tuple(sweep.budgets)  # isoflop_gpu2.py's fifth budget
+  sweep.budget_sizes = ((3e14, (4, 5, 6, 7, 8, 9)),
+                        (1e15, (5, 6, 7, 8, 9, 11)),
                         (3e15, (6, 7, 8, 9, 11, 13)),
                         (1e16, (8, 9, 11, 13, 15, 17)),
                         (3e16, (11, 13, 15, 17, 20, 22)))
