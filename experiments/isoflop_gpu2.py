@@ -40,8 +40,10 @@ batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies
   (width 96, 2 layers) is the ladder's next step down. A 1e14 budget as well would pass in 75% and 50%, but
   `min_steps` leaves its larger sizes 1-3 rows a step, so it is left out.
 
-96 runs in 32 groups: 9.2e17 FLOPs, about 111 minutes of one H100 at `estimate` (25% MFU) in one process. Run
-pieces back to back on one machine. Its first three ran `WORKERS=2` (two groups at once, each started only when
+96 runs in 32 groups: 9.2e17 FLOPs, about 148 minutes of one H100 at `estimate` in one process (the 42 left
+after piece 5: 96 minutes). The estimate is what pieces 4 and 5 measured: 45-60 s a group before its first step
+(`overhead_s` + `compile_s`), 9 ms or more a step (`step_s`), and 13-16% MFU while training the groups of 3e15;
+3e16's groups then take about 11 minutes each, two pieces. Run pieces back to back on one machine. Its first three ran `WORKERS=2` (two groups at once, each started only when
 its estimate fits the piece); sharing the GPU, each group took about twice as long as alone
 (docs/performance.md), so the rest run one process: a group the time limit cuts checkpoints and the next piece
 on that machine resumes it. One process saves its checkpoint after the limit (up to 30 s), so a 600-second device
@@ -71,7 +73,6 @@ def get_config():
   sweep.budgets = (BELOW[0],) + tuple(sweep.budgets)
   sweep.ladder.sizes = tuple(sorted(set(sweep.ladder.sizes) | set(BELOW[1])))
   sweep.overrides.data.decontaminate = 0.2
-  # Groups of a few rates keep the GPU busier than one point: the rate checks' groups of 4 (C1e16-s13, -s15) trained
-  # at 25-30% MFU once compiled (results/isoflop_gpu_lrcheck), so that a 3e16 group fits a piece at the estimate.
-  sweep.estimate.mfu = 0.25
+  # Measured in pieces 4-5 (one process, H100): 13-16% MFU for groups of 3e15 while training (the docstring).
+  sweep.estimate.mfu = 0.15
   return sweep
