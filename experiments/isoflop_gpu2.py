@@ -36,18 +36,18 @@ batches, steps, warmup, counting, beta2, corpus) is the same, so the two studies
   (`experiments/design_power.py --trials=12`) under the law the first 54 runs fit (approach 3 with
   `--rate_loss=parabola`, a = 0.33: results/isoflop_gpu2/fit_54runs.json) pass a's interval of 0.2 in 25% of
   studies at 0.006 nats of noise (the first study's reruns spread 0.006; median width 0.26) and in none at 0.01
-  (0.40) with four budgets; with 3e14, in 50% (0.17) and 42% (0.33). Its 18 runs take about 7 minutes; size 3
+  (0.40) with four budgets; with 3e14, in 50% (0.17) and 42% (0.33). Its 18 runs take about 11 minutes; size 3
   (width 96, 2 layers) is the ladder's next step down. A 1e14 budget as well would pass in 75% and 50%, but
   `min_steps` leaves its larger sizes 1-3 rows a step, so it is left out.
 
 96 runs in 32 groups: 9.2e17 FLOPs, about 148 minutes of one H100 at `estimate` in one process (the 42 left
 after piece 5: 96 minutes). The estimate is what pieces 4 and 5 measured: 45-60 s a group before its first step
 (`overhead_s` + `compile_s`), 9 ms or more a step (`step_s`), and 13-16% MFU while training the groups of 3e15;
-3e16's groups then take about 11 minutes each, two pieces. Run pieces back to back on one machine. Its first three ran `WORKERS=2` (two groups at once, each started only when
-its estimate fits the piece); sharing the GPU, each group took about twice as long as alone
-(docs/performance.md), so the rest run one process: a group the time limit cuts checkpoints and the next piece
-on that machine resumes it. One process saves its checkpoint after the limit (up to 30 s), so a 600-second device
-call runs a piece of 555.
+3e16's groups then take about 11 minutes each, two pieces. Run pieces back to back on one machine. Its first
+three ran `WORKERS=2` (two groups at once, each started only when its estimate fits the piece); sharing the GPU,
+each group took about twice as long as alone (docs/performance.md), so the rest run one process: a group the time
+limit cuts checkpoints and the next piece on that machine resumes it. One process saves its checkpoint after the
+limit (up to 30 s), so a 600-second device call runs a piece of 555.
 """
 
 import os
