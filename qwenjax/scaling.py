@@ -22,6 +22,8 @@ others' learning rates.
   2's a known to within a 95% interval no wider than 0.2, a + b within 0.05 of 1, approaches 2 and 3 within 0.1 on
   a, no approach-3 parameter on its search bound, every budget's minimum inside the sizes it tried and bracketed by
   them (a size on each side measured a higher loss), every point trained by one code version.
+* Shift (`exponent_shift`): an ablation's approach-2 a against its study's, both fitted on the budgets they
+  share, with a bootstrap interval for the difference.
 
 `python -m qwenjax.scaling plot DIR1 DIR2 ... --out=FILE.png` puts several sweeps on one figure: loss against
 compute by default, or against any result field with `--x=lr --group=width` (a learning-rate sweep across
@@ -407,6 +409,15 @@ def _interval(values: list[float]) -> list[float] | None:
   return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
+def _budget_groups(budgets: np.ndarray) -> list[np.ndarray]:
+  return [np.flatnonzero(budgets == b) for b in np.unique(budgets)]
+
+
+def _resample(groups: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+  """Indices of a bootstrap resample: each group's points drawn with replacement, as many as it has."""
+  return np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+
+
 def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int = 0,
         rate_loss: str = 'best') -> dict[str, Any]:
   """Approaches 2 (when the points have IsoFLOP budgets) and 3, each key with a 95% bootstrap interval
@@ -448,13 +459,13 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
     out['quality'] = quality(out)
     return out
   if bootstrap:
-    groups = [np.flatnonzero(budgets == b) for b in np.unique(budgets)] if isoflop else [np.arange(len(losses))]
+    groups = _budget_groups(budgets) if isoflop else [np.arange(len(losses))]
     samples2 = {k: [] for k in APPROACH2_KEYS}
     samples3 = {k: [] for k in APPROACH3_KEYS}
     theta = np.array(out['approach3']['theta'])
     best = [theta, theta + np.array([1.0, 1.0, 0.0, 0.1, 0.1]), theta - np.array([1.0, 1.0, 0.0, 0.1, 0.1])]
     for _ in range(bootstrap):
-      idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+      idx = _resample(groups, rng)
       if isoflop:
         try:
           fit2 = approach2(budgets[idx], params[idx], tokens[idx], losses[idx])
@@ -471,6 +482,39 @@ def fit(results: Sequence[Mapping[str, Any]], *, bootstrap: int = 200, seed: int
     out['approach3']['ci'] = {k: _interval(v) for k, v in samples3.items()}
   out['quality'] = quality(out)
   return out
+
+
+def exponent_shift(results: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]], *,
+                   bootstrap: int = 200, seed: int = 0, rate_loss: str = 'best') -> dict[str, Any]:
+  """How far approach 2's a of `results` (an ablation's) lies from that of `reference` (the study it ablates),
+  both fitted on the budgets they share: {budgets, a, a_reference, shift = a - a_reference, ci: the shift's 95%
+  interval from bootstrap refits of each (points resampled within budgets, the two independently; None with
+  fewer than 2 that fit), bootstrap_fits}. A study's a depends on its budgets' span, so an a fitted on other
+  budgets is no comparison."""
+  columns = []
+  for points in (results, reference):
+    kept, _ = usable_points(points, rate_loss)
+    columns.append([r for r in kept if r.get('budget')])
+  shared = sorted(set(r['budget'] for r in columns[0]) & set(r['budget'] for r in columns[1]))
+  if len(shared) < 2:
+    raise ValueError(f'the two studies share {len(shared)} IsoFLOP budget(s) ({shared}); comparing their a needs '
+                     '2 or more, each with 3 sizes or more in both')
+  arrays = [_columns([r for r in points if r['budget'] in shared]) for points in columns]
+  fits = [approach2(budgets, params, tokens, losses) for params, tokens, losses, budgets in arrays]
+  rng = np.random.default_rng(seed)
+  shifts = []
+  for _ in range(bootstrap):
+    refits = []
+    for params, tokens, losses, budgets in arrays:
+      idx = _resample(_budget_groups(budgets), rng)
+      try:
+        refits.append(approach2(budgets[idx], params[idx], tokens[idx], losses[idx])['a'])
+      except (ValueError, np.linalg.LinAlgError):
+        break  # a resample with too few distinct sizes at a budget: no parabola
+    if len(refits) == 2:
+      shifts.append(refits[0] - refits[1])
+  return dict(budgets=shared, a=fits[0]['a'], a_reference=fits[1]['a'], shift=fits[0]['a'] - fits[1]['a'],
+              ci=_interval(shifts), bootstrap_fits=len(shifts))
 
 
 def code_versions(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

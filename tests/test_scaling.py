@@ -72,6 +72,26 @@ def test_bootstrap_intervals_contain_the_truth():
   assert fitted['approach2']['bootstrap_fits'] == 40
 
 
+def test_an_ablations_shift_in_a_is_measured_on_the_budgets_both_studies_share():
+  """scaling.exponent_shift: approach 2's a of an ablation against its study's, on their common budgets only (an a
+  depends on the span it is fitted over), with a bootstrap interval for the difference."""
+  data_hungry = (1.82, 482.0, 2085.4, 0.25, 0.6)  # a = 0.6 / 0.85 = 0.71, about Kaplan et al.'s
+  at = lambda law, budgets, seed: [row for i, c in enumerate(budgets)
+                                   for row in isoflop_points(law, (c, c), budgets=1, seed=seed + i)]
+  study = at(BESIROGLU, (1e18, 1e19, 1e20, 1e21), seed=0)  # one budget more than the ablation
+  ablation = at(data_hungry, (1e18, 1e19, 1e20), seed=10)
+  shift = scaling.exponent_shift(ablation, study, bootstrap=40, seed=0)
+  truth = true_a(data_hungry) - true_a(BESIROGLU)
+  assert shift['budgets'] == [1e18, 1e19, 1e20]
+  assert shift['a'] == pytest.approx(true_a(data_hungry), abs=0.03)
+  assert shift['a_reference'] == pytest.approx(true_a(BESIROGLU), abs=0.03)
+  assert shift['shift'] == pytest.approx(shift['a'] - shift['a_reference'])
+  low, high = shift['ci']
+  assert low <= truth <= high and high - low < 0.25 and shift['bootstrap_fits'] >= 30
+  with pytest.raises(ValueError, match='share 1 IsoFLOP budget'):
+    scaling.exponent_shift(at(data_hungry, (1e21, 1e22), seed=20), study, bootstrap=0)
+
+
 def test_parabola_vertex_is_exact():
   n = np.geomspace(1e6, 1e9, 7)
   loss = 0.05 * (np.log(n) - np.log(3e7))**2 + 2.5
