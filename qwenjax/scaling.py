@@ -501,12 +501,13 @@ def exponent_shift(results: Sequence[Mapping[str, Any]], reference: Sequence[Map
                      '2 or more, each with 3 sizes or more in both')
   arrays = [_columns([r for r in points if r['budget'] in shared]) for points in columns]
   fits = [approach2(budgets, params, tokens, losses) for params, tokens, losses, budgets in arrays]
+  groups = [_budget_groups(budgets) for *_, budgets in arrays]
   rng = np.random.default_rng(seed)
   shifts = []
   for _ in range(bootstrap):
     refits = []
-    for params, tokens, losses, budgets in arrays:
-      idx = _resample(_budget_groups(budgets), rng)
+    for (params, tokens, losses, budgets), by_budget in zip(arrays, groups):
+      idx = _resample(by_budget, rng)
       try:
         refits.append(approach2(budgets[idx], params[idx], tokens[idx], losses[idx])['a'])
       except (ValueError, np.linalg.LinAlgError):
